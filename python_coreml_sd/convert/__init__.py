@@ -1,0 +1,1 @@
+"""Converters, one per Stable Diffusion component, over the shared steps in `common`."""

@@ -1,0 +1,122 @@
+"""`--model-version` -> a model source: a local diffusers folder, a registry name, or a hub repo id.
+
+Every source ends up as a local diffusers folder that is loaded by the same code, component by
+component, so a full-size conversion never holds more than it needs in memory.
+"""
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import registry
+from .errors import UserError
+
+COMPONENT_FOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "safety_checker", "scheduler", "feature_extractor")
+SUPPORTED_CLASSES = {
+    "unet": {"UNet2DConditionModel"},
+    "text_encoder": {"CLIPTextModel"},
+    "vae": {"AutoencoderKL"},
+    "safety_checker": {"StableDiffusionSafetyChecker"},
+}
+
+
+@dataclass
+class ModelSource:
+    name: str  # what the user passed; names the outputs
+    root: Path  # the diffusers folder
+
+    @property
+    def index(self) -> dict:
+        return json.loads((self.root / "model_index.json").read_text())
+
+    def has(self, component: str) -> bool:
+        entry = self.index.get(component)
+        return bool(entry and entry[0] is not None and (self.root / component).is_dir())
+
+    def require(self, component: str) -> None:
+        if not self.has(component):
+            raise UserError(f"model {self.name!r} has no {component} (no '{component}' folder in {self.root} "
+                            f"or no entry in its model_index.json); drop --convert-{component.replace('_', '-')} "
+                            "or use a model that has one")
+        cls = self.index[component][1]
+        if component in SUPPORTED_CLASSES and cls not in SUPPORTED_CLASSES[component]:
+            raise UserError(f"unsupported {component} class {cls!r} in {self.name!r}; supported: "
+                            f"{', '.join(sorted(SUPPORTED_CLASSES[component]))}")
+
+    def _load(self, component: str, loader):
+        self.require(component)
+        try:
+            module = loader(str(self.root / component))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot load {component} of {self.name!r} from {self.root / component}: "
+                            f"{str(exc).splitlines()[0]}") from exc
+        return module.eval() if hasattr(module, "eval") else module
+
+    def load_unet(self):
+        from diffusers import UNet2DConditionModel
+        return self._load("unet", UNet2DConditionModel.from_pretrained)
+
+    def load_text_encoder(self):
+        from transformers import CLIPTextModel
+        return self._load("text_encoder", CLIPTextModel.from_pretrained)
+
+    def load_vae(self):
+        from diffusers import AutoencoderKL
+        return self._load("vae", AutoencoderKL.from_pretrained)
+
+    def load_safety_checker(self):
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        return self._load("safety_checker", StableDiffusionSafetyChecker.from_pretrained)
+
+    def load_feature_extractor(self):
+        from transformers import CLIPImageProcessor
+        return self._load("feature_extractor", CLIPImageProcessor.from_pretrained)
+
+    def load_tokenizer(self):
+        from transformers import CLIPTokenizer
+        return self._load("tokenizer", CLIPTokenizer.from_pretrained)
+
+    def load_scheduler(self):
+        from diffusers import PNDMScheduler
+        return self._load("scheduler", PNDMScheduler.from_pretrained)
+
+    def config(self, component: str) -> dict:
+        """A component's config.json without loading weights."""
+        self.require(component)
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return json.loads((self.root / component / name).read_text())
+
+
+def resolve(model_version: str) -> ModelSource:
+    """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix."""
+    path = Path(model_version).expanduser()
+    if path.exists() or model_version.startswith((".", "/", "~")):
+        return _from_folder(model_version, path)
+    entry = registry.named_model(model_version)
+    if entry and entry["source"] == "embedded":
+        from .random_models import materialized_model_dir
+        return ModelSource(model_version, materialized_model_dir(entry["family"], entry.get("seed", 0)))
+    if "/" in model_version and model_version.count("/") == 1:
+        return ModelSource(model_version, _download_from_hub(model_version))
+    raise UserError(f"model {model_version!r} is neither a folder nor a known name; use a diffusers folder, "
+                    f"a Hugging Face repo id, or one of: {', '.join(registry.model_names())}")
+
+
+def _from_folder(name: str, path: Path) -> ModelSource:
+    if not path.is_dir():
+        raise UserError(f"model folder {path} does not exist; pass a diffusers folder with model_index.json")
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers model folder (no model_index.json); save the model with "
+                        "StableDiffusionPipeline.save_pretrained() or pass a hub repo id")
+    return ModelSource(name, path.resolve())
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        logging.getLogger(__name__).info("fetching %s from the Hugging Face hub", repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as exc:  # the hub client raises many kinds: offline, auth, not found
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {cause}); "
+                        "check the network and HF_TOKEN, or download the model and pass its folder") from exc

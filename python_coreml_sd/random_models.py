@@ -1,0 +1,104 @@
+"""Random-weight Stable Diffusion models of a registry family: the embedded `tiny`, and full-size
+architectures for benchmarks. Real component classes, deterministic weights, no network."""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import registry
+from ._version import __version__
+
+
+def build_components(family_name: str, seed: int = 0) -> dict:
+    """Instantiate every component of a family with weights drawn from `seed`."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = registry.family(family_name)["architecture"]
+    torch.manual_seed(seed)
+    components = {
+        "unet": UNet2DConditionModel(**arch["unet"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
+        "vae": AutoencoderKL(**arch["vae"]),
+        "scheduler": PNDMScheduler(**registry.scheduler_config(),
+                                   prediction_type=registry.family(family_name)["prediction_type"]),
+        "tokenizer": load_clip_tokenizer(arch["tokenizer"]["pad_token"]),
+    }
+    if "safety_checker" in arch:
+        components["safety_checker"], components["feature_extractor"] = _build_safety_checker(
+            arch["safety_checker"], arch["text_encoder"])
+    for name in ("unet", "text_encoder", "vae", "safety_checker"):
+        if name in components:
+            components[name].eval()
+    return components
+
+
+def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(registry.TOKENIZER_DIR / "vocab.json"), str(registry.TOKENIZER_DIR / "merges.txt"),
+                         pad_token=pad_token, model_max_length=77)
+
+
+def _build_safety_checker(arch: dict, text_arch: dict):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={k: text_arch[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "vocab_size")},
+        vision_config=arch["vision_config"], projection_dim=arch["projection_dim"])
+    checker = StableDiffusionSafetyChecker(config)
+    # The class initialises its concept embeddings to ones; draw them so that scores vary with the image.
+    with torch.no_grad():
+        for name in ("concept_embeds", "special_care_embeds"):
+            getattr(checker, name).copy_(torch.randn_like(getattr(checker, name)))
+        checker.concept_embeds_weights.fill_(0.5)
+        checker.special_care_embeds_weights.fill_(0.5)
+    size = arch["vision_config"]["image_size"]
+    extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return checker, extractor
+
+
+def save_diffusers_folder(components: dict, dest: Path) -> None:
+    """Write components as a diffusers StableDiffusionPipeline folder (safetensors weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        safety_checker=components.get("safety_checker"), feature_extractor=components.get("feature_extractor"),
+        requires_safety_checker="safety_checker" in components,
+        **{k: components[k] for k in ("unet", "text_encoder", "vae", "scheduler", "tokenizer")})
+    pipe.save_pretrained(str(dest), safe_serialization=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PYTHON_COREML_SD_CACHE", Path.home() / ".cache" / "python_coreml_sd"))
+
+
+def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
+    """The diffusers folder of a random-weight model, built once into the cache and reused.
+
+    The folder name hashes the architecture and converter version, so a changed registry entry
+    builds a fresh folder instead of reusing a stale one. Built in a temp folder, then renamed.
+    """
+    spec = json.dumps({"family": registry.family(family_name), "seed": seed, "version": __version__},
+                      sort_keys=True)
+    dest = cache_root() / f"{family_name}-seed{seed}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    if (dest / "model_index.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        save_diffusers_folder(build_components(family_name, seed), tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first: keep theirs
+            if not (dest / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
