@@ -2,6 +2,7 @@
 check against PyTorch."""
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -77,7 +78,7 @@ def to_mlprogram(traced, sample_inputs: "OrderedDict[str, torch.Tensor]", output
               for name, value in sample_inputs.items()]
     precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
     return ct.convert(traced, convert_to="mlprogram", inputs=inputs,
-                      outputs=[ct.TensorType(name=name) for name in output_names],
+                      outputs=[ct.TensorType(name=name, dtype=np.float32) for name in output_names],
                       compute_precision=precision,
                       minimum_deployment_target=_deployment_target(options.min_deployment_target),
                       skip_model_load=True)
@@ -136,7 +137,7 @@ def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold:
     """Run the converted model (Core ML on macOS, the MIL runtime elsewhere) on `inputs` and compare each
     output with the PyTorch `reference`. Prints PSNR per output; raises CheckFailed under `threshold`."""
     from ..metrics import psnr
-    from ..runtime import default_backend, load_model
+    from ..runtime import load_model
 
     model = load_model(mlpackage, backend=default_backend())
     outputs = model.predict({k: np.asarray(v) for k, v in inputs.items()})
@@ -148,6 +149,11 @@ def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold:
         raise CheckFailed(f"{mlpackage.name}: PSNR under {threshold} dB for "
                           + ", ".join(f"{k} ({v:.1f} dB)" for k, v in failing.items()))
     return results
+
+
+def default_backend() -> str:
+    """Core ML where it exists (macOS), our MIL runtime everywhere else."""
+    return "coreml" if platform.system() == "Darwin" else "mil"
 
 
 class Timer:

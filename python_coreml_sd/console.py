@@ -1,0 +1,46 @@
+"""Console set-up shared by the CLIs: one-line errors, quiet third-party chatter."""
+import functools
+import logging
+import os
+import sys
+import warnings
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Hide the warnings and per-pass progress bars of torch tracing and coremltools.
+
+    Users see our own per-component progress instead; `--verbose` shows everything.
+    """
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("coremltools", "transformers", "diffusers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        import transformers
+        import diffusers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    _silence_coremltools_progress()
+
+
+def _silence_coremltools_progress() -> None:
+    # coremltools draws a progress bar per graph pass with no switch to turn it off.
+    from tqdm import tqdm
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+    ops._tqdm = functools.partial(tqdm, disable=True)
+    pass_pipeline.tqdm = functools.partial(tqdm, disable=True)
+
+
+def fail(prog: str, message: str, code: int) -> "NoReturn":
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)

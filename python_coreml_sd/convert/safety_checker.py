@@ -1,0 +1,68 @@
+"""Safety checker -> Core ML: `clip_input`, `images`, `adjustment` -> `filtered_images`,
+`has_nsfw_concepts`, `concept_scores` (Apple's names).
+
+diffusers' forward loops over images in Python and branches on scores; this module computes the
+same decision with tensor ops only, so it traces into one static graph.
+"""
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import check_correctness, describe, log, output_path, save, to_mlprogram, trace
+from .vae import latent_size
+
+DESCRIPTIONS = {
+    "clip_input": "The decoded image resized and normalized for CLIP (NCHW, the checker's image size)",
+    "images": "The decoded images, NHWC, in [0, 1]",
+    "adjustment": "Bias added to the special-care scores: higher flags more images",
+    "filtered_images": "`images` with every flagged image replaced by black",
+    "has_nsfw_concepts": "1 where an image was flagged, else 0",
+    "concept_scores": "Scores before thresholding at 0; a score > 0 flags the image",
+}
+
+
+class SafetyChecker(torch.nn.Module):
+    def __init__(self, checker):
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input, images, adjustment):
+        c = self.checker
+        embeds = F.normalize(c.visual_projection(c.vision_model(clip_input)[1]))
+        special_scores = embeds @ F.normalize(c.special_care_embeds).T - c.special_care_embeds_weights + adjustment
+        special_adjustment = (special_scores > 0).any(dim=1, keepdim=True).float() * 0.01
+        concept_scores = embeds @ F.normalize(c.concept_embeds).T - c.concept_embeds_weights + special_adjustment
+        flagged = (concept_scores > 0).any(dim=1).float()
+        keep = (1.0 - flagged)[:, None, None, None]
+        return images * keep, flagged, concept_scores
+
+
+def sample_inputs(checker, h, w):
+    generator = torch.Generator().manual_seed(0)
+    size = checker.config.vision_config.image_size
+    return OrderedDict(
+        clip_input=torch.randn(1, 3, size, size, generator=generator),
+        images=torch.rand(1, 8 * h, 8 * w, 3, generator=generator),
+        adjustment=torch.tensor([0.0]),
+    )
+
+
+def convert_safety_checker(source, options) -> list:
+    out = output_path(options, "safety_checker")
+    if out.exists() and not options.overwrite:
+        log.info("safety_checker: %s exists, skipping (pass --overwrite to replace it)", out)
+        return [out]
+    module = SafetyChecker(source.load_safety_checker()).eval()
+    inputs = sample_inputs(module.checker, *latent_size(source, options))
+    output_names = ["filtered_images", "has_nsfw_concepts", "concept_scores"]
+    mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
+    describe(mlmodel, options, "safety_checker", DESCRIPTIONS)
+    save(mlmodel, out, options.overwrite)
+    if options.check_output_correctness:
+        with torch.no_grad():
+            reference = {"concept_scores": module(*inputs.values())[2].numpy()}
+        check_correctness(reference, out, {k: v.numpy().astype(np.float32) for k, v in inputs.items()},
+                          options.psnr_threshold)
+    return [out]

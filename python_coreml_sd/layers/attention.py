@@ -1,0 +1,77 @@
+"""Multi-head attention on (B, C, 1, S) activations in three layouts.
+
+ORIGINAL: one batched matmul over all heads (what GPUs like).
+SPLIT_EINSUM: one small einsum per head, keys laid out (B, S_k, 1, C) so that no op needs a transpose
+    of a rank-4 tensor whose last axis is large (what the Neural Engine of iOS 16 / macOS 13 likes).
+SPLIT_EINSUM_V2: SPLIT_EINSUM with the query sequence also cut into chunks, which keeps each softmax
+    and its attention-weight tensor small enough for the Neural Engine of iOS 17 / macOS 14 to keep
+    on chip for large latents.
+"""
+import math
+
+import torch
+from torch import nn
+
+ATTENTION_IMPLEMENTATIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
+DEFAULT_QUERY_CHUNK = 512
+
+
+def batched_attention(q, k, v, heads: int):
+    b, c, _, sq = q.shape
+    dh = c // heads
+    mh_q = q.view(b, heads, dh, sq)
+    mh_k = k.view(b, heads, dh, -1)
+    mh_v = v.view(b, heads, dh, -1)
+    weights = torch.matmul(mh_q.transpose(2, 3), mh_k).softmax(dim=3)  # (b, h, sq, sk)
+    out = torch.matmul(mh_v, weights.transpose(2, 3))  # (b, h, dh, sq)
+    return out.reshape(b, c, 1, sq)
+
+
+def _one_head(q_h, k_h, v_h):
+    # q_h (b, dh, 1, sq), k_h (b, sk, 1, dh), v_h (b, dh, 1, sk)
+    weights = torch.einsum("bchq,bkhc->bkhq", q_h, k_h).softmax(dim=1)
+    return torch.einsum("bkhq,bchk->bchq", weights, v_h)
+
+
+def split_einsum_attention(q, k, v, heads: int, query_chunk: int = None):
+    dh = q.shape[1] // heads
+    k_t = k.transpose(1, 3)  # (b, sk, 1, c): one transpose shared by all heads
+    outputs = []
+    for h in range(heads):
+        channels = slice(h * dh, (h + 1) * dh)
+        q_h, k_h, v_h = q[:, channels], k_t[:, :, :, channels], v[:, channels]
+        if query_chunk and q.shape[3] > query_chunk:
+            outputs.append(torch.cat([_one_head(q_c, k_h, v_h) for q_c in q_h.split(query_chunk, dim=3)], dim=3))
+        else:
+            outputs.append(_one_head(q_h, k_h, v_h))
+    return torch.cat(outputs, dim=1)
+
+
+class CrossAttention(nn.Module):
+    """diffusers' Attention (to_q/to_k/to_v without bias, to_out.0 with bias) as 1x1 convolutions; loads
+    its state_dict once linear weights are reshaped (see unet.reshape_linear_weights)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int,
+                 implementation: str = "SPLIT_EINSUM", query_chunk: int = DEFAULT_QUERY_CHUNK):
+        super().__init__()
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {implementation!r}")
+        inner = heads * dim_head
+        self.heads, self.implementation, self.query_chunk = heads, implementation, query_chunk
+        self.scale = 1.0 / math.sqrt(dim_head)
+        self.to_q = nn.Conv2d(query_dim, inner, 1, bias=False)
+        self.to_k = nn.Conv2d(context_dim, inner, 1, bias=False)
+        self.to_v = nn.Conv2d(context_dim, inner, 1, bias=False)
+        self.to_out = nn.ModuleList([nn.Conv2d(inner, query_dim, 1), nn.Identity()])
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        # Scaling q (S x d values) is cheaper than scaling the S x S_k weights and identical in exact math.
+        q = self.to_q(x) * self.scale
+        k, v = self.to_k(context), self.to_v(context)
+        if self.implementation == "ORIGINAL":
+            out = batched_attention(q, k, v, self.heads)
+        else:
+            chunk = self.query_chunk if self.implementation == "SPLIT_EINSUM_V2" else None
+            out = split_einsum_attention(q, k, v, self.heads, chunk)
+        return self.to_out[0](out)

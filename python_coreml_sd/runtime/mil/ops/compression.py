@@ -1,0 +1,168 @@
+"""Compile-time decompression (constexpr_*) and iOS17 quantize/dequantize.
+
+constexpr ops have constant inputs only, so their builders take no runtime tensors: the plan
+evaluates them once at load and keeps the dense weight on the device.
+"""
+import numpy as np
+import torch
+
+from .registry import op
+
+
+def unpack_bits(packed, nbits, count):
+    """Elements packed LSB-first into bytes (the Core ML layout of iOS16 constexpr ops)."""
+    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), bitorder="little")
+    bits = bits[: count * nbits].reshape(count, nbits).astype(np.uint16)
+    return (bits << np.arange(nbits, dtype=np.uint16)).sum(axis=1)
+
+
+def _const(a, value):
+    t = a.tensor(value, a.out_mil_dtype())
+    return (lambda: t), []
+
+
+def lut_iOS16(indices, lut, shape):
+    nbits = int(np.log2(len(lut)))
+    count = int(np.prod(shape))
+    return np.asarray(lut)[unpack_bits(indices, nbits, count)].reshape(tuple(int(s) for s in shape))
+
+
+def lut_iOS18(indices, lut, vector_axis=None):
+    indices = np.asarray(indices).astype(np.int64)
+    lut = np.asarray(lut)
+    rank = indices.ndim
+    vsize = lut.shape[-1]
+    # Which palette serves each element: element position // block size along every axis.
+    blocks = [i // l for i, l in zip(indices.shape, lut.shape[:rank])]
+    grids = np.meshgrid(*[np.arange(n) // b for n, b in zip(indices.shape, blocks)], indexing="ij")
+    vectors = lut[tuple(grids) + (indices,)]  # indices.shape + (vsize,)
+    if vsize == 1:
+        return vectors[..., 0]
+    axis = vector_axis + rank if vector_axis < 0 else vector_axis
+    moved = np.moveaxis(vectors, -1, axis + 1)  # put each vector right after its axis element
+    shape = list(indices.shape)
+    shape[axis] *= vsize
+    return moved.reshape(shape)
+
+
+@op("constexpr_lut_to_dense")
+def _lut_to_dense(a):
+    if a.has("shape"):
+        dense = lut_iOS16(a.const("indices"), a.const("lut"), a.const("shape"))
+    else:
+        dense = lut_iOS18(a.const("indices"), a.const("lut"), a.scalar("vector_axis"))
+    return _const(a, dense)
+
+
+def _along_axis(param, rank, axis):
+    param = np.asarray(param)
+    if param.ndim == 0 or param.size == 1:
+        return param.reshape(())
+    shape = [1] * rank
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def affine_dequantize(data, zero_point, scale, axis):
+    data = np.asarray(data)
+    rank = data.ndim
+    axis = axis + rank if axis < 0 else axis
+    zp = _along_axis(zero_point, rank, axis).astype(np.float32)
+    sc = _along_axis(scale, rank, axis).astype(np.float32)
+    return ((data.astype(np.float32) - zp) * sc).astype(np.asarray(scale).dtype)
+
+
+@op("constexpr_affine_dequantize")
+def _affine_dequantize(a):
+    dense = affine_dequantize(
+        a.const("quantized_data"), a.const("zero_point"), a.const("scale"), int(a.scalar("axis"))
+    )
+    return _const(a, dense)
+
+
+def _expand_blocks(param, shape):
+    param = np.asarray(param)
+    for axis, (n, p) in enumerate(zip(shape, param.shape)):
+        if n != p:
+            param = np.repeat(param, n // p, axis)
+    return param
+
+
+def blockwise_shift_scale(data, scale, offset=None):
+    data = np.asarray(data).astype(np.float32)
+    if offset is not None:
+        data = data - _expand_blocks(offset, data.shape).astype(np.float32)
+    out = data * _expand_blocks(scale, data.shape).astype(np.float32)
+    return out.astype(np.asarray(scale).dtype)
+
+
+@op("constexpr_blockwise_shift_scale")
+def _blockwise_shift_scale(a):
+    dense = blockwise_shift_scale(a.const("data"), a.const("scale"), a.const("offset"))
+    return _const(a, dense)
+
+
+@op("constexpr_cast")
+def _constexpr_cast(a):
+    return _const(a, np.asarray(a.const("source_val")))
+
+
+@op("constexpr_sparse_to_dense")
+def _sparse_to_dense(a):
+    values = np.asarray(a.const("nonzero_data"))
+    mask = np.asarray(a.const("mask"))
+    if a.has("shape"):  # iOS16: flat bit mask, LSB first
+        shape = tuple(int(s) for s in a.const("shape"))
+        bits = unpack_bits(mask, 1, int(np.prod(shape))).astype(bool)
+    else:  # iOS18: uint1 mask tensor of the output's shape
+        shape = mask.shape
+        bits = mask.reshape(-1).astype(bool)
+    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+    dense[bits] = values.reshape(-1)
+    return _const(a, dense.reshape(shape))
+
+
+def _quant_params(a, rank):
+    axis = a.scalar("axis")
+    axis = None if axis is None else (axis + rank if axis < 0 else axis)
+
+    def view(t):
+        if t is None or t.dim() == 0 or axis is None:
+            return t
+        shape = [1] * rank
+        shape[axis] = -1
+        return t.reshape(shape)
+
+    return view
+
+
+@op("dequantize")
+def _dequantize(a):
+    view = _quant_params(a, len(a.in_shape("input")))
+    ins = [a.var("input"), a.var("scale")] + ([a.var("zero_point")] if a.has("zero_point") else [])
+    dt = a.out_torch_dtype()
+
+    def fn(x, scale, zp=None):
+        x = x.to(torch.float32)
+        if zp is not None:
+            x = x - view(zp).to(torch.float32)
+        return (x * view(scale).to(torch.float32)).to(dt)
+
+    return fn, ins
+
+
+@op("quantize")
+def _quantize(a):
+    view = _quant_params(a, len(a.in_shape("input")))
+    ins = [a.var("input"), a.var("scale")] + ([a.var("zero_point")] if a.has("zero_point") else [])
+    dt = a.out_torch_dtype()
+    info = torch.iinfo(dt)
+
+    def fn(x, scale, zp=None):
+        q = x.to(torch.float32) / view(scale).to(torch.float32)
+        q = torch.sign(q) * torch.floor(torch.abs(q) + 0.5)
+        if zp is not None:
+            q = q + view(zp).to(torch.float32)
+        return torch.clamp(q, info.min, info.max).to(dt)
+
+    return fn, ins

@@ -1,0 +1,302 @@
+"""Linear algebra, convolution, pooling, normalization, reductions, attention."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import norm_axes, op
+
+
+@op("linear")
+def _linear(a):
+    ins = [a.var("x"), a.var("weight")] + ([a.var("bias")] if a.has("bias") else [])
+    return (lambda x, w, b=None: F.linear(x, w, b)), ins
+
+
+@op("matmul")
+def _matmul(a):
+    tx, ty = bool(a.scalar("transpose_x", False)), bool(a.scalar("transpose_y", False))
+
+    def fn(x, y):
+        if tx and x.dim() > 1:
+            x = x.transpose(-1, -2)
+        if ty and y.dim() > 1:
+            y = y.transpose(-1, -2)
+        return torch.matmul(x, y)
+
+    return fn, [a.var("x"), a.var("y")]
+
+
+@op("einsum")
+def _einsum(a):
+    equation = a.const("equation")
+    return (lambda *xs: torch.einsum(equation, *xs)), list(a.var("values"))
+
+
+def _same_pads(in_sizes, kernel, strides, dilations, lower):
+    pads = []
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        pads += [total - small, small] if lower else [small, total - small]
+    return pads
+
+
+def _conv_pads(a, kernel, strides, dilations):
+    spatial = a.in_shape("x")[2:]
+    pad_type = a.const("pad_type", "valid")
+    if pad_type == "valid":
+        return [0] * (2 * len(spatial))
+    if pad_type == "custom":
+        return a.ints("pad")
+    if pad_type in ("same", "same_lower"):
+        return _same_pads(spatial, kernel, strides, dilations, pad_type == "same_lower")
+    raise ValueError(f"pad_type {pad_type!r} is not in the MIL op reference")
+
+
+def _torch_pad(pads):
+    """MIL [b0, e0, b1, e1, ...] (first spatial axis first) -> F.pad order (last axis first)."""
+    out = []
+    for i in reversed(range(len(pads) // 2)):
+        out += [pads[2 * i], pads[2 * i + 1]]
+    return out
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@op("conv")
+def _conv(a):
+    w = a.var("weight")
+    nd = len(w.shape) - 2
+    kernel = w.shape[2:]
+    strides = a.ints("strides", [1] * nd)
+    dilations = a.ints("dilations", [1] * nd)
+    groups = int(a.scalar("groups", 1))
+    pads = _conv_pads(a, kernel, strides, dilations)
+    conv = _CONV[nd]
+    symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
+    padding = [pads[2 * i] for i in range(nd)] if symmetric else 0
+    pre = None if symmetric else _torch_pad(pads)
+
+    def fn(x, w, b=None):
+        if pre is not None:
+            x = F.pad(x, pre)
+        return conv(x, w, b, strides, padding, dilations, groups)
+
+    return fn, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
+
+
+@op("conv_transpose")
+def _conv_transpose(a):
+    w = a.var("weight")
+    nd = len(w.shape) - 2
+    strides = a.ints("strides", [1] * nd)
+    dilations = a.ints("dilations", [1] * nd)
+    groups = int(a.scalar("groups", 1))
+    pad_type = a.const("pad_type", "valid")
+    out_sizes = a.out_shape[2:]
+    full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(a.in_shape("x")[2:], strides, w.shape[2:], dilations)]
+    if pad_type == "custom":
+        begins = a.ints("pad")[0::2]
+    elif pad_type == "same":
+        begins = [max(f - o, 0) // 2 for f, o in zip(full, out_sizes)]
+    else:
+        begins = [0] * nd
+    conv = _CONV_T[nd]
+
+    def fn(x, w, b=None):
+        y = conv(x, w, None, strides, 0, 0, groups, dilations)
+        index = [slice(None), slice(None)] + [slice(bg, bg + o) for bg, o in zip(begins, out_sizes)]
+        y = y[tuple(index)]
+        short = [o - s for o, s in zip(out_sizes, y.shape[2:])]
+        if any(short):  # output_shape larger than the transposed conv: zeros at the end
+            y = F.pad(y, _torch_pad([v for s in short for v in (0, s)]))
+        if b is not None:
+            y = y + b.reshape((1, -1) + (1,) * nd)
+        return y
+
+    return fn, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
+
+
+def _pool_setup(a):
+    kernel = a.ints("kernel_sizes")
+    nd = len(kernel)
+    strides = a.ints("strides", [1] * nd)
+    pads = _conv_pads(a, kernel, strides, [1] * nd)
+    return kernel, strides, pads, bool(a.scalar("ceil_mode", False))
+
+
+@op("max_pool")
+def _max_pool(a):
+    kernel, strides, pads, ceil_mode = _pool_setup(a)
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
+    tp = _torch_pad(pads)
+
+    def fn(x):
+        return pool(F.pad(x, tp, value=-math.inf), kernel, strides, 0, 1, ceil_mode)
+
+    return fn, [a.var("x")]
+
+
+@op("avg_pool")
+def _avg_pool(a):
+    kernel, strides, pads, ceil_mode = _pool_setup(a)
+    exclude = bool(a.scalar("exclude_padding_from_average", False))
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel)]
+    tp = _torch_pad(pads)
+
+    def fn(x):
+        total = pool(F.pad(x, tp), kernel, strides, 0, ceil_mode, True)
+        if not exclude:
+            return total
+        ones = F.pad(torch.ones_like(x[:1, :1]), tp)
+        return total / pool(ones, kernel, strides, 0, ceil_mode, True)
+
+    return fn, [a.var("x")]
+
+
+def _param_view(t, rank, axes):
+    shape = [1] * rank
+    for ax, size in zip(axes, t.shape):
+        shape[ax] = size
+    return t.reshape(shape)
+
+
+@op("layer_norm")
+def _layer_norm(a):
+    rank = len(a.in_shape())
+    axes = sorted(norm_axes(a.ints("axes", list(range(rank))), rank))
+    eps = a.scalar("epsilon", 1e-5)
+    trailing = axes == list(range(rank - len(axes), rank))
+    norm_shape = [a.in_shape()[i] for i in axes]
+    ins = [a.var("x")] + [a.var(n) for n in ("gamma", "beta") if a.has(n)]
+    has_g, has_b = a.has("gamma"), a.has("beta")
+
+    def split(params):
+        g = params[0] if has_g else None
+        b = params[-1] if has_b else None
+        return g, b
+
+    if trailing:
+        def fn(x, *params):
+            g, b = split(params)
+            return F.layer_norm(x, norm_shape, g, b, eps)
+    else:
+        def fn(x, *params):
+            g, b = split(params)
+            mean = x.mean(axes, keepdim=True)
+            var = (x - mean).square().mean(axes, keepdim=True)
+            y = (x - mean) * torch.rsqrt(var + eps)
+            if g is not None:
+                y = y * _param_view(g, rank, axes)
+            if b is not None:
+                y = y + _param_view(b, rank, axes)
+            return y
+
+    return fn, ins
+
+
+@op("instance_norm")
+def _instance_norm(a):
+    eps = a.scalar("epsilon", 1e-5)
+    ins = [a.var("x")] + [a.var(n) for n in ("gamma", "beta") if a.has(n)]
+    has_g, has_b = a.has("gamma"), a.has("beta")
+
+    def fn(x, *params):
+        g = params[0] if has_g else None
+        b = params[-1] if has_b else None
+        return F.instance_norm(x, weight=g, bias=b, eps=eps)
+
+    return fn, ins
+
+
+@op("batch_norm")
+def _batch_norm(a):
+    eps = a.scalar("epsilon", 1e-5)
+    ins = [a.var("x"), a.var("mean"), a.var("variance")]
+    ins += [a.var(n) for n in ("gamma", "beta") if a.has(n)]
+    has_g, has_b = a.has("gamma"), a.has("beta")
+
+    def fn(x, mean, var, *params):
+        g = params[0] if has_g else None
+        b = params[-1] if has_b else None
+        return F.batch_norm(x, mean, var, g, b, False, 0.0, eps)
+
+    return fn, ins
+
+
+@op("l2_norm")
+def _l2_norm(a):
+    rank = len(a.in_shape())
+    eps = a.scalar("epsilon", 1e-6)
+    # iOS15 semantics: normalise over the last 3 axes (all non-batch axes for rank < 3).
+    axes = list(range(max(rank - 3, 1 if rank > 1 else 0), rank))
+
+    def fn(x):
+        return x / torch.sqrt(torch.clamp(x.square().sum(axes, keepdim=True), min=eps))
+
+    return fn, [a.var("x")]
+
+
+_REDUCE = {
+    "reduce_mean": lambda x, ax, k: x.mean(ax, keepdim=k),
+    "reduce_sum": lambda x, ax, k: x.sum(ax, keepdim=k),
+    "reduce_prod": lambda x, ax, k: _reduce_each(torch.prod, x, ax, k),
+    "reduce_max": lambda x, ax, k: torch.amax(x, ax, keepdim=k),
+    "reduce_min": lambda x, ax, k: torch.amin(x, ax, keepdim=k),
+    "reduce_sum_square": lambda x, ax, k: x.square().sum(ax, keepdim=k),
+    "reduce_l1_norm": lambda x, ax, k: x.abs().sum(ax, keepdim=k),
+    "reduce_l2_norm": lambda x, ax, k: x.square().sum(ax, keepdim=k).sqrt(),
+    "reduce_log_sum": lambda x, ax, k: x.sum(ax, keepdim=k).log(),
+    "reduce_log_sum_exp": lambda x, ax, k: torch.logsumexp(x, ax, keepdim=k),
+}
+
+
+def _reduce_each(fn, x, axes, keep):
+    for ax in sorted(axes, reverse=True):
+        x = fn(x, ax, keepdim=keep) if keep else fn(x, ax)
+    return x
+
+
+def _reduction(name):
+    red = _REDUCE[name]
+
+    @op(name)
+    def build(a):
+        rank = len(a.in_shape())
+        axes = a.ints("axes")
+        axes = list(range(rank)) if axes is None else norm_axes(axes, rank)
+        keep = bool(a.scalar("keep_dims", False))
+        out_shape = a.out_shape
+        if not axes:  # empty axes in MIL reduces nothing
+            return (lambda x: x), [a.var("x")]
+        return (lambda x: red(x, axes, keep).reshape(out_shape)), [a.var("x")]
+
+
+for _n in _REDUCE:
+    _reduction(_n)
+
+
+@op("reduce_argmax", "reduce_argmin")
+def _reduce_arg(a):
+    axis = int(a.scalar("axis", -1))
+    keep = bool(a.scalar("keep_dims", False))
+    fn = torch.argmax if a.type == "reduce_argmax" else torch.argmin
+    return (lambda x: fn(x, axis, keepdim=keep)), [a.var("x")]
+
+
+@op("scaled_dot_product_attention")
+def _sdpa(a):
+    ins = [a.var("query"), a.var("key"), a.var("value")]
+    if a.has("attn_mask"):
+        ins.append(a.var("attn_mask"))
+
+    def fn(q, k, v, mask=None):
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return fn, ins

@@ -1,0 +1,95 @@
+"""Op builders: one function per MIL op type, turning a PyMIL operation into a kernel.
+
+A builder receives an `OpArgs` and returns `(fn, input_vars)`: `fn(*tensors)` computes the op's
+output(s) from the runtime tensors of `input_vars`. Everything that is constant in the program
+(attributes, axes, pad amounts, equations) is read once here and baked into `fn`, so the hot
+loop does no lookups.
+"""
+import numpy as np
+import torch
+
+from ..dtypes import mil_name, storage_dtype
+
+BUILDERS = {}
+
+
+def op(*names):
+    def register(fn):
+        for name in names:
+            BUILDERS[name] = fn
+        return fn
+
+    return register
+
+
+class NotConstant(Exception):
+    """An attribute the runtime needs at build time is computed at run time."""
+
+
+class OpArgs:
+    def __init__(self, operation, device):
+        self.op = operation
+        self.device = device
+        self.type = operation.op_type
+        self.name = operation.name
+
+    def var(self, name):
+        return getattr(self.op, name, None)
+
+    def has(self, name):
+        return self.var(name) is not None
+
+    def const(self, name, default=None):
+        """Compile-time value of an input (numpy array, scalar or str)."""
+        v = self.var(name)
+        if v is None:
+            return default
+        if isinstance(v, (tuple, list)):
+            vals = [x.val for x in v]
+            if any(x is None for x in vals):
+                raise NotConstant(name)
+            return vals
+        if v.val is None:
+            raise NotConstant(name)
+        return v.val
+
+    def ints(self, name, default=None):
+        val = self.const(name, None)
+        if val is None:
+            return default
+        return [int(i) for i in np.asarray(val).reshape(-1)]
+
+    def scalar(self, name, default=None):
+        val = self.const(name, None)
+        if val is None:
+            return default
+        return np.asarray(val).reshape(-1)[0].item()
+
+    @property
+    def out_shape(self):
+        return tuple(self.op.outputs[0].shape)
+
+    def out_shapes(self):
+        return [tuple(o.shape) for o in self.op.outputs]
+
+    def in_shape(self, name="x"):
+        return tuple(self.var(name).shape)
+
+    def out_mil_dtype(self, i=0):
+        return mil_name(self.op.outputs[i].dtype)
+
+    def out_torch_dtype(self, i=0):
+        return storage_dtype(self.out_mil_dtype(i), self.device)
+
+    def tensor(self, value, mil_dtype):
+        """A constant on the device, held in the storage dtype of `mil_dtype`."""
+        arr = np.ascontiguousarray(value)
+        return torch.as_tensor(arr).to(self.device, storage_dtype(mil_dtype, self.device))
+
+
+def static(shape):
+    return all(isinstance(d, (int, np.integer)) for d in shape)
+
+
+def norm_axes(axes, rank):
+    return [a + rank if a < 0 else a for a in axes]

@@ -1,0 +1,407 @@
+"""Shape, indexing, concatenation, padding, gather and resampling ops."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .registry import norm_axes, op, static
+
+
+def _to_declared_shape(a):
+    shape = a.out_shape
+    if not static(shape):
+        raise ValueError(f"{a.type} {a.name!r}: output shape {shape} is not static")
+    return (lambda x: x.reshape(shape)), [a.var("x")]
+
+
+@op("reshape", "expand_dims", "squeeze", "flatten2d", "reshape_like")
+def _reshape(a):
+    return _to_declared_shape(a)
+
+
+@op("transpose")
+def _transpose(a):
+    perm = a.ints("perm")
+    return (lambda x: x.permute(perm)), [a.var("x")]
+
+
+def _axis_slice(begin, end, stride, size):
+    """Python slice or index list for one axis (torch has no negative strides)."""
+    if stride > 0:
+        return slice(begin, end, stride)
+    idx = list(range(size))[slice(begin, end, stride)]
+    return idx
+
+
+@op("slice_by_index")
+def _slice_by_index(a):
+    shape = a.in_shape()
+    rank = len(shape)
+    begin = a.ints("begin")
+    end = a.ints("end")
+    stride = a.ints("stride", [1] * rank)
+    bmask = a.ints("begin_mask", [0] * rank)
+    emask = a.ints("end_mask", [0] * rank)
+    smask = a.ints("squeeze_mask", [0] * rank)
+    plan = []
+    for i in range(rank):
+        if smask[i]:
+            plan.append(begin[i])
+            continue
+        b = None if bmask[i] else begin[i]
+        e = None if emask[i] else end[i]
+        plan.append(_axis_slice(b, e, stride[i], shape[i]))
+    return _indexer(plan), [a.var("x")]
+
+
+def _indexer(plan):
+    lists = [(ax, torch.tensor(p)) for ax, p in enumerate(plan) if isinstance(p, list)]
+    basic = tuple(slice(None) if isinstance(p, list) else p for p in plan)
+    if not lists:
+        return lambda x: x[basic]
+
+    def fn(x):
+        # Index lists first, while every axis is still where `plan` says.
+        for ax, idx in lists:
+            x = x.index_select(ax, idx.to(x.device))
+        return x[basic]
+
+    return fn
+
+
+@op("slice_by_size")
+def _slice_by_size(a):
+    shape = a.in_shape()
+    begin = a.ints("begin")
+    size = a.ints("size")
+    plan = []
+    for b, s, dim in zip(begin, size, shape):
+        b = b + dim if b < 0 else b
+        plan.append(slice(b, None if s == -1 else b + s))
+    basic = tuple(plan)
+    return (lambda x: x[basic]), [a.var("x")]
+
+
+@op("concat")
+def _concat(a):
+    axis = int(a.scalar("axis"))
+    values = list(a.var("values"))
+    if not a.scalar("interleave", False):
+        return (lambda *xs: torch.cat(xs, axis)), values
+    out_shape = a.out_shape
+    rank = len(out_shape)
+    axis = axis + rank if axis < 0 else axis
+    return (lambda *xs: torch.stack(xs, axis + 1).reshape(out_shape)), values
+
+
+@op("split")
+def _split(a):
+    rank = len(a.in_shape())
+    axis = int(a.scalar("axis"))
+    axis = axis + rank if axis < 0 else axis
+    sizes = [s[axis] for s in a.out_shapes()]
+    return (lambda x: torch.split(x, sizes, axis)), [a.var("x")]
+
+
+@op("stack")
+def _stack(a):
+    axis = int(a.scalar("axis"))
+    return (lambda *xs: torch.stack(xs, axis)), list(a.var("values"))
+
+
+@op("tile")
+def _tile(a):
+    reps = a.ints("reps")
+    return (lambda x: x.repeat(reps)), [a.var("x")]
+
+
+@op("reverse")
+def _reverse(a):
+    rank = len(a.in_shape())
+    axes = a.ints("axes")
+    axes = list(range(rank)) if axes is None else norm_axes(axes, rank)
+    return (lambda x: torch.flip(x, axes)), [a.var("x")]
+
+
+@op("pad")
+def _pad(a):
+    pads = a.ints("pad")
+    mode = a.const("mode", "constant")
+    value = a.scalar("constant_val", 0.0)
+    rank = len(a.in_shape())
+    n = len(pads) // 2
+    tp = []
+    for i in reversed(range(n)):
+        tp += [pads[2 * i], pads[2 * i + 1]]
+    if mode == "constant":
+        return (lambda x: F.pad(x, tp, value=value)), [a.var("x")]
+    tmode = {"reflect": "reflect", "replicate": "replicate"}.get(mode)
+    if tmode is None:
+        raise ValueError(f"pad mode {mode!r} is not in the MIL op reference")
+    # torch pads non-constant modes only on trailing axes after (N, C); drop zero leading pads.
+    while len(tp) > 2 and tp[-1] == 0 and tp[-2] == 0:
+        tp = tp[:-2]
+    lead = rank - len(tp) // 2
+
+    def fn(x):
+        shape = x.shape
+        y = x.reshape((1, -1) + tuple(shape[lead:]))
+        y = F.pad(y, tp, mode=tmode)
+        return y.reshape(tuple(shape[:lead]) + tuple(y.shape[2:]))
+
+    return fn, [a.var("x")]
+
+
+def _wrap(idx, size):
+    idx = idx.long()
+    return torch.where(idx < 0, idx + size, idx)
+
+
+@op("gather")
+def _gather(a):
+    x_shape = a.in_shape()
+    axis = int(a.scalar("axis", 0))
+    axis = axis + len(x_shape) if axis < 0 else axis
+    batch_dims = int(a.scalar("batch_dims", 0))
+    size = x_shape[axis]
+    out_shape = a.out_shape
+
+    def flat(x, idx):
+        idx = _wrap(idx, size)
+        return x.index_select(axis, idx.reshape(-1)).reshape(out_shape)
+
+    if batch_dims == 0:
+        return flat, [a.var("x"), a.var("indices")]
+
+    def batched(x, idx):
+        idx = _wrap(idx, size)
+        lead = x.shape[:batch_dims]
+        xb = x.reshape((-1,) + tuple(x.shape[batch_dims:]))
+        ib = idx.reshape((-1,) + tuple(idx.shape[batch_dims:]))
+        ax = axis - batch_dims
+        parts = [
+            xb[i].index_select(ax, ib[i].reshape(-1)).reshape(
+                tuple(xb.shape[1 : ax + 1]) + tuple(ib.shape[1:]) + tuple(xb.shape[ax + 2 :])
+            )
+            for i in range(xb.shape[0])
+        ]
+        return torch.stack(parts).reshape(out_shape)
+
+    return batched, [a.var("x"), a.var("indices")]
+
+
+@op("gather_along_axis")
+def _gather_along_axis(a):
+    rank = len(a.in_shape())
+    axis = int(a.scalar("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    size = a.in_shape()[axis]
+    return (lambda x, idx: torch.gather(x, axis, _wrap(idx, size))), [a.var("x"), a.var("indices")]
+
+
+@op("gather_nd")
+def _gather_nd(a):
+    batch_dims = int(a.scalar("batch_dims", 0))
+    if batch_dims:
+        raise ValueError("gather_nd with batch_dims > 0 is not supported")
+    x_shape = a.in_shape()
+
+    def fn(x, idx):
+        idx = idx.long()
+        k = idx.shape[-1]
+        cols = tuple(_wrap(idx[..., i], x_shape[i]) for i in range(k))
+        return x[cols]
+
+    return fn, [a.var("x"), a.var("indices")]
+
+
+@op("shape")
+def _shape(a):
+    return (lambda x: torch.tensor(tuple(x.shape), dtype=torch.int32, device=x.device)), [a.var("x")]
+
+
+@op("fill")
+def _fill(a):
+    shape = tuple(a.ints("shape"))
+    value = a.scalar("value", 0.0)
+    dt = a.out_torch_dtype()
+    dev = a.device
+    return (lambda: torch.full(shape, value, dtype=dt, device=dev)), []
+
+
+@op("fill_like")
+def _fill_like(a):
+    value = a.scalar("value", 0.0)
+    dt = a.out_torch_dtype()
+    return (lambda x: torch.full(x.shape, value, dtype=dt, device=x.device)), [a.var("ref_tensor")]
+
+
+@op("range_1d")
+def _range_1d(a):
+    def fn(end, start, step):
+        return torch.arange(start.item(), end.item(), step.item(), device=end.device)
+
+    return fn, [a.var("end"), a.var("start"), a.var("step")]
+
+
+@op("band_part")
+def _band_part(a):
+    lower, upper = int(a.scalar("lower", -1)), int(a.scalar("upper", -1))
+
+    def fn(x):
+        rows, cols = x.shape[-2], x.shape[-1]
+        i = torch.arange(rows, device=x.device).reshape(-1, 1)
+        j = torch.arange(cols, device=x.device).reshape(1, -1)
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=x.device)
+        if lower >= 0:
+            keep &= (i - j) <= lower
+        if upper >= 0:
+            keep &= (j - i) <= upper
+        return torch.where(keep, x, torch.zeros_like(x))
+
+    return fn, [a.var("x")]
+
+
+@op("cumsum")
+def _cumsum(a):
+    axis = int(a.scalar("axis", 0))
+    exclusive = bool(a.scalar("exclusive", False))
+    reverse = bool(a.scalar("reverse", False))
+
+    def fn(x):
+        y = torch.flip(x, [axis]) if reverse else x
+        out = torch.cumsum(y, axis)
+        if exclusive:
+            out = out - y
+        return torch.flip(out, [axis]) if reverse else out
+
+    return fn, [a.var("x")]
+
+
+@op("depth_to_space", "pixel_shuffle")
+def _depth_to_space(a):
+    r = int(a.scalar("block_size" if a.type == "depth_to_space" else "upscale_factor"))
+    return (lambda x: F.pixel_shuffle(x, r)), [a.var("x")]
+
+
+@op("pixel_unshuffle")
+def _pixel_unshuffle(a):
+    r = int(a.scalar("downscale_factor"))
+    return (lambda x: F.pixel_unshuffle(x, r)), [a.var("x")]
+
+
+@op("space_to_depth")
+def _space_to_depth(a):
+    r = int(a.scalar("block_size"))
+    return (lambda x: F.pixel_unshuffle(x, r)), [a.var("x")]
+
+
+@op("argsort")
+def _argsort(a):
+    axis = int(a.scalar("axis", -1))
+    asc = bool(a.scalar("ascending", False))
+    return (lambda x: torch.argsort(x, axis, descending=not asc, stable=True)), [a.var("x")]
+
+
+@op("topk")
+def _topk(a):
+    k = int(a.scalar("k", 1))
+    axis = int(a.scalar("axis", -1))
+    asc = bool(a.scalar("ascending", False))
+    return (lambda x: torch.topk(x, k, axis, largest=not asc, sorted=True)), [a.var("x")]
+
+
+@op("crop")
+def _crop(a):
+    ch, cw = a.ints("crop_height"), a.ints("crop_width")
+    h, w = a.in_shape()[-2:]
+    idx = (Ellipsis, slice(ch[0], h - ch[1]), slice(cw[0], w - cw[1]))
+    return (lambda x: x[idx]), [a.var("x")]
+
+
+def _nearest_index(in_size, out_size, scale):
+    idx = np.minimum(np.floor(np.arange(out_size) / scale), in_size - 1).astype(np.int64)
+    return idx
+
+
+def _nearest(a, scales):
+    in_hw = a.in_shape()[-2:]
+    out_hw = a.out_shape[-2:]
+    if all(float(s).is_integer() and o == i * s for s, i, o in zip(scales, in_hw, out_hw)):
+        sh, sw = int(scales[0]), int(scales[1])
+        return (lambda x: x.repeat_interleave(sh, -2).repeat_interleave(sw, -1)), [a.var("x")]
+    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0], scales[0]))
+    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1], scales[1]))
+    return (lambda x: x.index_select(-2, ih.to(x.device)).index_select(-1, iw.to(x.device))), [a.var("x")]
+
+
+@op("upsample_nearest_neighbor")
+def _upsample_nearest(a):
+    return _nearest(a, [a.scalar("scale_factor_height", 1), a.scalar("scale_factor_width", 1)])
+
+
+@op("resize_nearest_neighbor")
+def _resize_nearest(a):
+    in_hw, out_hw = a.in_shape()[-2:], a.out_shape[-2:]
+    return _nearest(a, [o / i for o, i in zip(out_hw, in_hw)])
+
+
+def _grid(mode, xin, xout, scale=None):
+    """Sample positions along one axis, as the MIL reference defines each sampling mode."""
+    i = np.arange(xout, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if xout == 1:
+            g = np.array([(xin - 1) / 2.0 if mode == "ALIGN_CORNERS" else 0.0])
+        else:
+            g = i * (xin - 1) / (xout - 1)
+    elif mode == "DEFAULT":
+        g = i * (xin - xin / xout) / (xout - 1) if xout > 1 else np.zeros(1)
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, xin - 1) / xout
+        g = 0.5 * delta + i * delta
+    elif mode == "UNALIGN_CORNERS":
+        s = xin / xout if scale is None else 1.0 / scale
+        g = i * s + 0.5 * s - 0.5
+    elif mode == "ASYMMETRIC":
+        g = i * (xin / xout if scale is None else 1.0 / scale)
+    else:
+        raise ValueError(f"sampling mode {mode!r} is not in the MIL op reference")
+    return np.clip(g, 0, xin - 1)
+
+
+def _lerp_axis(x, axis, grid):
+    lo = np.floor(grid).astype(np.int64)
+    hi = np.minimum(lo + 1, int(x.shape[axis]) - 1)
+    frac = (grid - lo).astype(np.float32)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    w = torch.from_numpy(frac).to(x.device, x.dtype).reshape(shape)
+    a = x.index_select(axis, torch.from_numpy(lo).to(x.device))
+    b = x.index_select(axis, torch.from_numpy(hi).to(x.device))
+    return a + (b - a) * w
+
+
+def _bilinear(a, grid_h, grid_w):
+    def fn(x):
+        return _lerp_axis(_lerp_axis(x, x.dim() - 2, grid_h), x.dim() - 1, grid_w)
+
+    return fn, [a.var("x")]
+
+
+@op("upsample_bilinear")
+def _upsample_bilinear(a):
+    align = bool(a.scalar("align_corners", True))
+    half = bool(a.scalar("half_pixel_centers", not align))
+    scales = [a.scalar("scale_factor_height", 1), a.scalar("scale_factor_width", 1)]
+    mode = "ALIGN_CORNERS" if align else ("UNALIGN_CORNERS" if half else "ASYMMETRIC")
+    grids = [_grid(mode, i, o, s) for i, o, s in zip(a.in_shape()[-2:], a.out_shape[-2:], scales)]
+    return _bilinear(a, *grids)
+
+
+@op("resize_bilinear")
+def _resize_bilinear(a):
+    mode = a.const("sampling_mode", "DEFAULT")
+    grids = [_grid(mode, i, o) for i, o in zip(a.in_shape()[-2:], a.out_shape[-2:])]
+    return _bilinear(a, *grids)
+
+

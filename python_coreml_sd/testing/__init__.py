@@ -1,0 +1,1 @@
+"""Deterministic stand-ins for the models, shared by Python tests and the Swift golden vectors."""

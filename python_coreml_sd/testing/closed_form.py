@@ -1,0 +1,164 @@
+"""Closed-form stand-ins for the text encoder, UNet, VAE and safety checker, and the generation loop.
+
+The Swift package (`swift/Sources/StableDiffusion/Testing/ClosedFormModels.swift`) implements the same
+formulas. Both sides run the same loop (tokenize, encode, guidance, scheduler steps, decode, safety
+check, img2img start) around them, so comparing final latents checks the loop logic of each side
+without any real weights. Every formula rounds to float32 at the same points on both sides:
+scalars are computed in float64 and rounded once, tensors are float32.
+"""
+from dataclasses import dataclass, field
+import math
+
+import numpy as np
+import torch
+
+LATENT_SCALE = 0.18215
+HIDDEN_SIZE = 8
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+)
+
+
+def make_scheduler(name: str, prediction_type: str = "epsilon"):
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+    if name == "pndm":
+        return PNDMScheduler(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    if name == "dpmpp":
+        config = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+        return DPMSolverMultistepScheduler(**config, prediction_type=prediction_type)
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+def random_normal(rng: str, seed: int, shape) -> np.ndarray:
+    """The pipeline's random source: NumPy's legacy RandomState by default, PyTorch CPU as the alternative."""
+    if rng == "numpy":
+        return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+    if rng == "torch":
+        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).numpy()
+    raise ValueError(f"unknown rng {rng!r}")
+
+
+def encode_text(ids) -> np.ndarray:
+    """Fake text encoder: (77,) token ids -> (77, HIDDEN_SIZE) float32."""
+    out = np.empty((len(ids), HIDDEN_SIZE), dtype=np.float32)
+    for i, token in enumerate(ids):
+        for j in range(HIDDEN_SIZE):
+            out[i, j] = np.float32(math.sin(0.001 * token * (j + 1) + 0.1 * i))
+    return out
+
+
+def embedding_mean(hidden: np.ndarray) -> float:
+    """Mean in float64 over the sequence order, so both languages sum in the same order."""
+    total = 0.0
+    for value in hidden.reshape(-1):
+        total += float(value)
+    return total / hidden.size
+
+
+def denoise(sample: np.ndarray, timestep: int, hidden: np.ndarray) -> np.ndarray:
+    """Fake UNet for one batch item: 0.1*sample + per-channel constant from timestep and text."""
+    mean = embedding_mean(hidden)
+    out = np.empty_like(sample)
+    for c in range(sample.shape[0]):
+        bias = np.float32(0.01 * math.cos(timestep / 100.0) + 0.05 * (c + 1) * mean)
+        out[c] = np.float32(0.1) * sample[c] + bias
+    return out
+
+
+def decode(latents: np.ndarray) -> np.ndarray:
+    """Fake VAE decoder: (4, h, w) scaled latents -> (3, 8h, 8w) in [-1, 1]."""
+    z = (latents * np.float32(1.0 / LATENT_SCALE)).astype(np.float32)
+    small = np.tanh(z[:3].astype(np.float64) * 0.02).astype(np.float32)
+    return np.repeat(np.repeat(small, 8, axis=1), 8, axis=2)
+
+
+def encode_image(image: np.ndarray) -> np.ndarray:
+    """Fake VAE encoder mean: (3, 8h, 8w) in [-1, 1] -> (4, h, w) latents already scaled by 0.18215."""
+    c, height, width = image.shape
+    pooled = image.reshape(c, height // 8, 8, width // 8, 8)[:, :, 0, :, 0]
+    fourth = pooled.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
+    latents = np.concatenate([pooled, fourth]).astype(np.float32)
+    return (latents * np.float32(LATENT_SCALE)).astype(np.float32)
+
+
+def is_unsafe(image: np.ndarray) -> bool:
+    """Fake safety checker: flags images whose mean brightness exceeds 0.9."""
+    return float(image.astype(np.float64).mean()) > 0.9
+
+
+def to_rgb8(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, as diffusers' numpy postprocessing does."""
+    scaled = np.clip(image / np.float32(2) + np.float32(0.5), 0, 1) * np.float32(255)
+    return np.round(scaled).astype(np.uint8).transpose(1, 2, 0)
+
+
+def test_image(height: int, width: int) -> np.ndarray:
+    """A deterministic (3, H, W) input image in [-1, 1] for img2img."""
+    y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    planes = [np.sin(0.05 * x + 0.3 * c) * np.cos(0.07 * y) for c in range(3)]
+    return np.stack(planes).astype(np.float32)
+
+
+@dataclass
+class LoopConfig:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 10
+    guidance_scale: float = 7.5
+    scheduler: str = "pndm"
+    prediction_type: str = "epsilon"
+    rng: str = "numpy"
+    latent_size: int = 8
+    strength: float | None = None  # set for img2img from test_image
+    disable_safety: bool = False
+
+
+@dataclass
+class LoopResult:
+    latents: np.ndarray
+    rgb: np.ndarray
+    unsafe: bool
+    timesteps: list = field(default_factory=list)
+
+
+def img2img_start(scheduler, steps: int, strength: float):
+    """Index of the first timestep to run, as diffusers' img2img pipelines pick it."""
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0) * scheduler.order
+
+
+def run_loop(config: LoopConfig, tokenize) -> LoopResult:
+    """Text-to-image (or img2img) with the closed-form models; `tokenize(text) -> 77 ids`."""
+    scheduler = make_scheduler(config.scheduler, config.prediction_type)
+    scheduler.set_timesteps(config.steps)
+    hidden = [encode_text(tokenize(config.negative_prompt)), encode_text(tokenize(config.prompt))]
+    shape = (4, config.latent_size, config.latent_size)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    if config.strength is None:
+        latents = random_normal(config.rng, config.seed, (1,) + shape)[0]
+    else:
+        start = img2img_start(scheduler, config.steps, config.strength)
+        timesteps = timesteps[start:]
+        if hasattr(type(scheduler), "set_begin_index"):  # PNDM counts its own steps instead
+            scheduler.set_begin_index(start)
+        clean = encode_image(test_image(8 * config.latent_size, 8 * config.latent_size))
+        noise = random_normal(config.rng, config.seed, (1,) + shape)[0]
+        t = torch.tensor([timesteps[0]])
+        latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
+    for t in timesteps:
+        uncond = denoise(latents, t, hidden[0])
+        cond = denoise(latents, t, hidden[1])
+        guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
+        out = scheduler.step(torch.from_numpy(guided)[None], t, torch.from_numpy(latents)[None])
+        latents = out.prev_sample[0].numpy().astype(np.float32)
+    image = decode(latents)
+    unsafe = not config.disable_safety and is_unsafe(image)
+    rgb = to_rgb8(np.zeros_like(image) - 1 if unsafe else image)
+    return LoopResult(latents=latents, rgb=rgb, unsafe=unsafe, timesteps=timesteps)

@@ -1,0 +1,153 @@
+"""Convert Stable Diffusion components (PyTorch / diffusers) to Core ML ML Programs (.mlpackage).
+
+    python -m python_coreml_sd.torch2coreml --convert-text-encoder --convert-vae-decoder \\
+        --convert-vae-encoder --convert-unet --convert-safety-checker --model-version tiny -o out/
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import registry
+from ._version import __version__
+from .console import fail, quiet_third_party
+from .convert.common import ATTENTION_IMPLEMENTATIONS, DEPLOYMENT_TARGETS, ConversionOptions
+from .errors import CheckFailed, UserError
+
+PROG = "torch2coreml"
+# Order matters for memory: the small components first, the UNet last but one.
+COMPONENTS = ("text_encoder", "vae_decoder", "vae_encoder", "unet", "safety_checker")
+SOURCE_FOLDER = {"text_encoder": "text_encoder", "vae_decoder": "vae", "vae_encoder": "vae", "unet": "unet",
+                 "safety_checker": "safety_checker"}
+
+
+def converter(component: str):
+    if component == "text_encoder":
+        from .convert.text_encoder import convert_text_encoder as fn
+    elif component == "vae_decoder":
+        from .convert.vae import convert_vae_decoder as fn
+    elif component == "vae_encoder":
+        from .convert.vae import convert_vae_encoder as fn
+    elif component == "unet":
+        from .convert.unet import convert_unet as fn
+    else:
+        from .convert.safety_checker import convert_safety_checker as fn
+    return fn
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(self.prog, f"{message} (see --help)", 2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def parser_spec() -> argparse.ArgumentParser:
+    p = _OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to convert (at least one)")
+    for component in COMPONENTS:
+        what.add_argument(f"--convert-{component.replace('_', '-')}", action="store_true",
+                          help=f"convert the {component.replace('_', ' ')}")
+    p.add_argument("--model-version", default="tiny",
+                   help="a diffusers model folder, a Hugging Face repo id (needs the hub), or a registry name: "
+                        f"{', '.join(registry.model_names())} (default: tiny, the embedded toy model)")
+    p.add_argument("-o", default=".", type=Path, help="output folder for the .mlpackage files (default: .)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    shape = p.add_argument_group("shapes")
+    shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
+    shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")
+    shape.add_argument("--text-token-sequence-length", type=positive_int,
+                       help="token sequence length of the text encoder (default: its max_position_embeddings, 77)")
+    prog = p.add_argument_group("program")
+    prog.add_argument("--compute-precision", choices=("float16", "float32"), default="float16",
+                      help="precision of weights and compute in the ML Program (default: float16)")
+    prog.add_argument("--min-deployment-target", choices=DEPLOYMENT_TARGETS, default="macOS13",
+                      help="oldest OS the models must run on (default: macOS13; iOS16 is its iOS twin)")
+    unet = p.add_argument_group("UNet")
+    unet.add_argument("--attention-implementation", choices=ATTENTION_IMPLEMENTATIONS, default="SPLIT_EINSUM",
+                      help="ORIGINAL for the GPU, SPLIT_EINSUM for the Neural Engine, SPLIT_EINSUM_V2 for the "
+                           "Neural Engine of iOS 17 / macOS 14 and newer (default: SPLIT_EINSUM)")
+    unet.add_argument("--unet-batch-one", action="store_true",
+                      help="batch 1 UNet (two calls per step) instead of batch 2 (classifier-free guidance)")
+    unet.add_argument("--chunk-unet", action="store_true",
+                      help="also split the UNet into two mlpackages of about equal weight size (for iOS)")
+    check = p.add_argument_group("verification")
+    check.add_argument("--check-output-correctness", action="store_true",
+                       help="run PyTorch and the converted model (Core ML on macOS, the MIL runtime elsewhere) "
+                            "on the same random inputs, print PSNR per output, exit 1 under the threshold")
+    check.add_argument("--psnr-threshold", type=float, default=35.0, help="PSNR floor in dB (default: 35)")
+    p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def options_from_args(args) -> ConversionOptions:
+    return ConversionOptions(
+        model_version=args.model_version, output_dir=args.o, compute_precision=args.compute_precision,
+        min_deployment_target=args.min_deployment_target, latent_h=args.latent_h, latent_w=args.latent_w,
+        text_token_sequence_length=args.text_token_sequence_length,
+        attention_implementation=args.attention_implementation, unet_batch_one=args.unet_batch_one,
+        chunk_unet=args.chunk_unet, overwrite=args.overwrite,
+        check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold)
+
+
+def requested_components(args) -> list:
+    return [c for c in COMPONENTS if getattr(args, f"convert_{c}")]
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {path}: {exc.strerror}; pass a writable -o")
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {path} is not writable; pass a writable -o")
+
+
+def convert(options: ConversionOptions, components: list) -> list:
+    """Library entry point: convert `components` of `options.model_version`; returns the written paths."""
+    from .model_sources import resolve
+
+    if not components:
+        raise UserError("nothing to convert; pass at least one --convert-* flag")
+    prepare_output_dir(Path(options.output_dir))
+    source = resolve(options.model_version)
+    for component in components:  # fail before any work, not after the first component
+        source.require(SOURCE_FOLDER[component])
+    written = []
+    for index, component in enumerate(components, 1):
+        print(f"[{index}/{len(components)}] {component}: converting...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        paths = converter(component)(source, options)
+        written += paths
+        print(f"[{index}/{len(components)}] {component}: {', '.join(p.name for p in paths)} "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parser_spec().parse_args(argv)
+    if not requested_components(args):
+        fail(PROG, "nothing to convert; pass at least one --convert-* flag (see --help)", 2)
+    quiet_third_party(args.verbose)
+    try:
+        paths = convert(options_from_args(args), requested_components(args))
+    except (UserError, CheckFailed) as exc:
+        fail(PROG, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail(PROG, "interrupted; no partial output was kept", 130)
+    print(f"done: {len(paths)} package(s) in {args.o}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
