@@ -1,0 +1,37 @@
+"""Model execution backends: Core ML itself (macOS) and the MIL-on-PyTorch runtime (anywhere)."""
+import platform
+
+from ..errors import UserError
+
+BACKENDS = ("mil", "coreml")
+
+
+def load_model(path, backend="mil", device="cpu", compute_unit="ALL"):
+    """A model with `predict({name: array}) -> {name: array}`.
+
+    backend "coreml": coremltools.models.MLModel (macOS only), compute_unit one of
+    coremltools.ComputeUnit's names. backend "mil": MILModel on `device` ("cpu" or "cuda").
+    """
+    if backend == "mil":
+        from .mil import MILModel
+
+        return MILModel(path, device=device)
+    if backend == "coreml":
+        return _load_coreml(path, compute_unit)
+    raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _load_coreml(path, compute_unit):
+    if platform.system() != "Darwin":
+        raise UserError(
+            f"backend 'coreml' needs macOS (Core ML runs only on Apple systems); "
+            f"this is {platform.system()}: use backend 'mil'"
+        )
+    import coremltools as ct
+
+    try:
+        unit = ct.ComputeUnit[compute_unit]
+    except KeyError:
+        names = ", ".join(u.name for u in ct.ComputeUnit)
+        raise UserError(f"unknown compute unit {compute_unit!r}; choose one of {names}") from None
+    return ct.models.MLModel(str(path), compute_units=unit)

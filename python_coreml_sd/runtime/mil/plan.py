@@ -1,0 +1,185 @@
+"""Compile a PyMIL function into a flat execution plan.
+
+Every runtime value lives in a slot of a list (`env`). A step is `(fn, input_slots, output_slot(s),
+slots_to_free)`; constants sit pre-filled in `env` on the device. Ops whose inputs are all constant
+(constexpr decompression, shape arithmetic) are evaluated once here and become constants, so the
+hot loop only runs ops that depend on the model inputs. Slots are released right after their last
+reader so peak memory stays close to what the live activations need.
+"""
+import numpy as np
+import torch
+
+from ...errors import UserError
+from .dtypes import mil_name, storage_dtype
+from .ops import BUILDERS, NotConstant, OpArgs
+
+# Ops whose fp16 output equals an fp16 input element (or a copy), so CPU fp32 compute needs no
+# rounding back to fp16.
+EXACT_OPS = frozenset(
+    "reshape transpose expand_dims squeeze flatten2d reshape_like slice_by_index slice_by_size "
+    "concat split stack tile pad gather gather_along_axis gather_nd identity reverse crop relu "
+    "maximum minimum reduce_max reduce_min select upsample_nearest_neighbor "
+    "resize_nearest_neighbor depth_to_space pixel_shuffle space_to_depth pixel_unshuffle abs "
+    "sign threshold".split()
+)
+
+
+class UnsupportedOpError(UserError):
+    """The program holds an op this runtime cannot execute."""
+
+
+class _Slots:
+    def __init__(self, device):
+        self.device = device
+        self.index = {}
+        self.env = []
+        self.constant = set()
+        self.values = {}  # id(var) -> constant tensor (folded or const op)
+
+    def runtime(self, var):
+        key = id(var)
+        if key not in self.index:
+            self.index[key] = len(self.env)
+            self.env.append(None)
+        return self.index[key]
+
+    def is_constant(self, var):
+        return id(var) in self.values or (var.op is not None and var.op.op_type == "const")
+
+    def constant_tensor(self, var):
+        key = id(var)
+        if key not in self.values:
+            self.values[key] = _const_to_tensor(var, self.device)
+        return self.values[key]
+
+    def slot(self, var):
+        if self.is_constant(var):
+            key = id(var)
+            if key not in self.index:
+                self.index[key] = len(self.env)
+                self.env.append(self.constant_tensor(var))
+                self.constant.add(self.index[key])
+            return self.index[key]
+        return self.runtime(var)
+
+    def known(self, var):
+        """Numpy value of a var folded by this plan (coremltools' .val may not know it)."""
+        t = self.values.get(id(var))
+        return None if t is None else t.detach().cpu().numpy()
+
+
+def _const_to_tensor(var, device):
+    val = var.val
+    arr = np.ascontiguousarray(np.asarray(val))
+    return torch.as_tensor(arr).to(device, storage_dtype(mil_name(var.dtype), device))
+
+
+class _Args(OpArgs):
+    def __init__(self, operation, device, slots):
+        super().__init__(operation, device)
+        self._slots = slots
+
+    def const(self, name, default=None):
+        try:
+            return super().const(name, default)
+        except NotConstant:
+            v = self.var(name)
+            vals = [self._slots.known(x) for x in (v if isinstance(v, (tuple, list)) else [v])]
+            if any(x is None for x in vals):
+                raise
+            return vals if isinstance(v, (tuple, list)) else vals[0]
+
+
+def _finisher(fn, op, device):
+    """Casts each output to its declared dtype; on CPU rounds fp16 results through half precision."""
+    specs = []
+    for out in op.outputs:
+        name = mil_name(out.dtype)
+        rounds = device.type == "cpu" and name == "fp16" and op.op_type not in EXACT_OPS
+        specs.append((storage_dtype(name, device), rounds))
+
+    def finish(y, dt, rounds):
+        if rounds:
+            return y.to(torch.float16).to(torch.float32)
+        return y if y.dtype == dt else y.to(dt)
+
+    if len(specs) == 1:
+        dt, rounds = specs[0]
+        return lambda *xs: finish(fn(*xs), dt, rounds)
+    return lambda *xs: tuple(finish(y, dt, r) for y, (dt, r) in zip(fn(*xs), specs))
+
+
+def _build(op, device, slots):
+    builder = BUILDERS.get(op.op_type)
+    if builder is None:
+        raise UnsupportedOpError(f"op {op.name!r} of type {op.op_type!r} is not supported by the MIL runtime")
+    try:
+        fn, ins = builder(_Args(op, device, slots))
+    except NotConstant as e:
+        raise UnsupportedOpError(
+            f"op {op.name!r} of type {op.op_type!r}: input {e} is computed at run time; "
+            "the MIL runtime needs it constant"
+        ) from None
+    return _finisher(fn, op, device), list(ins)
+
+
+class Plan:
+    def __init__(self, function, device):
+        self.device = torch.device(device)
+        slots = _Slots(self.device)
+        self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
+        steps = []
+        with torch.no_grad():
+            for op in function.operations:
+                if op.op_type == "const":
+                    continue
+                steps.extend(self._compile_op(op, slots))
+        self.output_names = [v.name for v in function.outputs]
+        self.output_slots = [slots.slot(v) for v in function.outputs]
+        self.output_mil_dtypes = [mil_name(v.dtype) for v in function.outputs]
+        self.env_init = slots.env
+        self.steps = self._with_frees(steps)
+        self.num_constants = len(slots.constant)
+
+    @staticmethod
+    def _compile_op(op, slots):
+        fn, ins = _build(op, slots.device, slots)
+        if all(slots.is_constant(v) for v in ins):
+            result = fn(*[slots.constant_tensor(v) for v in ins])
+            results = result if len(op.outputs) > 1 else (result,)
+            for var, value in zip(op.outputs, results):
+                slots.values[id(var)] = value
+            return []
+        in_slots = tuple(slots.slot(v) for v in ins)
+        outs = [slots.runtime(v) for v in op.outputs]
+        return [(fn, in_slots, outs[0] if len(outs) == 1 else tuple(outs))]
+
+    def _with_frees(self, steps):
+        keep = set(self.output_slots) | set(self.input_slots.values()) | self.constant_slots
+        last = {}
+        for i, (_, ins, out, *_rest) in enumerate(steps):
+            for s in (out,) if isinstance(out, int) else out:
+                last[s] = i
+            for s in ins:
+                last[s] = i
+        frees = [[] for _ in steps]
+        for s, i in last.items():
+            if s not in keep:
+                frees[i].append(s)
+        return [(fn, ins, out, tuple(f)) for (fn, ins, out), f in zip(steps, frees)]
+
+    @property
+    def constant_slots(self):
+        return {i for i, v in enumerate(self.env_init) if v is not None}
+
+    def run(self, env):
+        for fn, ins, out, free in self.steps:
+            r = fn(*[env[i] for i in ins])
+            if out.__class__ is int:
+                env[out] = r
+            else:
+                for o, v in zip(out, r):
+                    env[o] = v
+            for s in free:
+                env[s] = None
+        return [env[s] for s in self.output_slots]
