@@ -23,6 +23,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40",
         "safetensors",
+        "accelerate",  # low-memory weight loading for full-size models
         "scikit-learn",  # coremltools' k-means palettizer (the reference we compare with)
         "tqdm",
         "Pillow",

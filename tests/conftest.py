@@ -15,3 +15,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to PyTorch"))
         if "macos" in item.keywords and not on_macos:
             item.add_marker(pytest.mark.skip(reason="needs macOS: Core ML prediction and compilation exist only there"))
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    from python_coreml_sd.model_sources import resolve
+    return resolve("tiny")
+
+
+@pytest.fixture(scope="session")
+def sd2_source():
+    """An SD 2.x-like test model saved as a diffusers folder: 1024-d text encoder, linear projections."""
+    from python_coreml_sd.model_sources import resolve
+    from python_coreml_sd.random_models import materialized_model_dir
+    return resolve(str(materialized_model_dir("tiny-sd2")))
+
+
+def _convert_all(source, out_dir, components, **options):
+    from python_coreml_sd.convert.common import ConversionOptions
+    from python_coreml_sd.torch2coreml import convert
+    opts = ConversionOptions(model_version=source.name, output_dir=out_dir, **options)
+    return {path.name: path for path in convert(opts, components)}
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_packages(tmp_path_factory):
+    """text encoder, VAE decoder/encoder and safety checker of `tiny`, fp16, converted once per session."""
+    out = tmp_path_factory.mktemp("tiny_fp16")
+    return _convert_all(__import__("python_coreml_sd.model_sources", fromlist=["resolve"]).resolve("tiny"), out,
+                        ["text_encoder", "vae_decoder", "vae_encoder", "safety_checker"])
+
+
+@pytest.fixture(scope="session")
+def sd2_fp16_packages(tmp_path_factory, sd2_source):
+    out = tmp_path_factory.mktemp("sd2_fp16")
+    return _convert_all(sd2_source, out, ["text_encoder", "vae_decoder", "vae_encoder"])

@@ -1,0 +1,109 @@
+"""torch2coreml's command line: bad input ends with one line and exit code 2, outputs are atomic."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from python_coreml_sd import torch2coreml
+
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("torch2coreml: error:"), err
+    assert fragment in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "nothing to convert"),
+    (["--convert-unet", "--latent-h", "0"], "--latent-h: 0 must be at least 1"),
+    (["--convert-unet", "--latent-w", "abc"], "'abc' is not a whole number"),
+    (["--convert-text-encoder", "--compute-precision", "float8"], "invalid choice: 'float8'"),
+    (["--convert-unet", "--attention-implementation", "FAST"], "invalid choice: 'FAST'"),
+    (["--convert-text-encoder", "--min-deployment-target", "iOS15"], "invalid choice: 'iOS15'"),
+    (["--convert-text-encoder", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags(capsys, argv, fragment):
+    assert_one_line_error(*run_main(capsys, *argv), fragment)
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    code, err = run_main(capsys, "--convert-text-encoder", "--model-version", str(tmp_path / "nope"), "-o",
+                         str(tmp_path / "out"))
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_folder_without_requested_component(capsys, tmp_path, sd2_source):
+    code, err = run_main(capsys, "--convert-text-encoder", "--convert-safety-checker", "--model-version",
+                         str(sd2_source.root), "-o", str(tmp_path))
+    assert_one_line_error(code, err, "has no safety_checker")
+    assert list(tmp_path.iterdir()) == []  # checked before converting anything
+
+
+def test_unsupported_model_class(capsys, tmp_path, tiny_source):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_source.root, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "T5EncoderModel"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    code, err = run_main(capsys, "--convert-text-encoder", "--model-version", str(model), "-o", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "unsupported text_encoder class 'T5EncoderModel'")
+
+
+def test_unwritable_output(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = run_main(capsys, "--convert-text-encoder", "-o", str(blocker / "sub"))
+    assert_one_line_error(code, err, "cannot create output folder")
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in torch2coreml.parser_spec()._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        assert action.help, action.option_strings
+
+
+def test_existing_output_is_skipped_then_replaced_with_overwrite(capsys, tmp_path):
+    assert torch2coreml.main(["--convert-vae-decoder", "-o", str(tmp_path)]) == 0
+    package = tmp_path / "Stable_Diffusion_version_tiny_vae_decoder.mlpackage"
+    marker = package / "marker"
+    marker.write_text("kept")
+    assert torch2coreml.main(["--convert-vae-decoder", "-o", str(tmp_path)]) == 0
+    assert marker.exists()  # skipped
+    assert torch2coreml.main(["--convert-vae-decoder", "-o", str(tmp_path), "--overwrite"]) == 0
+    assert not marker.exists() and (package / "Manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [package.name]  # no temp or .old leftovers
+
+
+def test_interrupted_conversion_leaves_nothing(monkeypatch, capsys, tmp_path):
+    import coremltools as ct
+
+    def interrupted_save(self, path):
+        (__import__("pathlib").Path(path) / "partial").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ct.models.MLModel, "save", interrupted_save)
+    code, err = run_main(capsys, "--convert-vae-decoder", "-o", str(tmp_path))
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_module_entry_point_runs_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "python_coreml_sd.torch2coreml", "--convert-text-encoder",
+                             "--model-version", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("torch2coreml: error:")
