@@ -1,0 +1,164 @@
+"""The models one generation needs, behind one face: `predict({name: array}) -> {name: array}`.
+
+Backends differ only here. `coreml` and `mil` run converted .mlpackage files; `torch` runs the
+original diffusers modules through the very wrappers the converters trace, so all three take and
+return the same names, shapes and layouts.
+"""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+COMPONENTS = ("text_encoder", "unet", "unet_chunk1", "unet_chunk2", "vae_decoder", "vae_encoder", "safety_checker")
+# Apple's Resources names for the same components (bundles, issue 7).
+RESOURCE_NAMES = {"TextEncoder": "text_encoder", "Unet": "unet", "UnetChunk1": "unet_chunk1",
+                  "UnetChunk2": "unet_chunk2", "VAEDecoder": "vae_decoder", "VAEEncoder": "vae_encoder",
+                  "SafetyChecker": "safety_checker"}
+
+
+@dataclass
+class Component:
+    model: object  # has predict(dict) -> dict
+    input_shapes: dict  # name -> tuple
+
+    def predict(self, inputs: dict) -> dict:
+        return self.model.predict(inputs)
+
+
+@dataclass
+class ModelSet:
+    components: dict = field(default_factory=dict)  # name -> Component
+
+    def __contains__(self, name):
+        return name in self.components
+
+    def __getitem__(self, name) -> Component:
+        return self.components[name]
+
+    @property
+    def has_unet(self) -> bool:
+        return "unet" in self or ("unet_chunk1" in self and "unet_chunk2" in self)
+
+    def unet_input_shapes(self) -> dict:
+        if "unet" in self:
+            return self["unet"].input_shapes
+        first, second = self["unet_chunk1"].input_shapes, self["unet_chunk2"].input_shapes
+        return {k: v for k, v in {**second, **first}.items() if k in ("sample", "timestep", "encoder_hidden_states")}
+
+    def run_unet(self, inputs: dict) -> np.ndarray:
+        if "unet" in self:
+            return self["unet"].predict(inputs)["noise_pred"]
+        # Chunk 2 reads chunk 1's outputs and whichever original inputs it still needs, by name.
+        hidden = self["unet_chunk1"].predict(inputs)
+        second = {k: v for k, v in {**inputs, **hidden}.items() if k in self["unet_chunk2"].input_shapes}
+        return self["unet_chunk2"].predict(second)["noise_pred"]
+
+
+def find_packages(folder: Path) -> dict:
+    """Map component -> package path in a folder of converted models (our names or Apple's Resources names)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"models folder {folder} does not exist; pass -i with the folder of converted models")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".mlpackage", ".mlmodelc"):
+            continue
+        match = re.search(r"_(" + "|".join(sorted(COMPONENTS, key=len, reverse=True)) + r")$", path.stem)
+        name = match.group(1) if match else RESOURCE_NAMES.get(path.stem)
+        if name:
+            found[name] = path
+    return found
+
+
+def _package_input_shapes(path: Path) -> dict:
+    import coremltools as ct
+    if path.suffix == ".mlmodelc":
+        return {}  # compiled models carry no readable spec here; Core ML checks shapes itself
+    try:
+        spec = ct.utils.load_spec(str(path))
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable Core ML package ({type(exc).__name__})") from exc
+    return {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
+
+
+def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit: str = "ALL",
+                   needed=()) -> ModelSet:
+    from ..runtime import load_model
+    found = find_packages(folder)
+    missing = [name for name in needed if name not in found and not (name == "unet" and "unet_chunk1" in found)]
+    if missing:
+        raise UserError(f"models folder {folder} has no {', '.join(missing)} package; convert it with "
+                        f"python -m python_coreml_sd.torch2coreml --convert-{missing[0].replace('_', '-')}")
+    if "unet" in found:  # prefer the whole UNet over its chunks
+        found.pop("unet_chunk1", None), found.pop("unet_chunk2", None)
+    return ModelSet({name: Component(load_model(path, backend=backend, device=device, compute_unit=compute_unit),
+                                     _package_input_shapes(path)) for name, path in found.items()})
+
+
+class TorchModel:
+    """Runs a PyTorch module with the converted model's names: numpy in, numpy (fp32) out."""
+
+    def __init__(self, module, input_names, output_names, device="cpu", dtype=torch.float32):
+        self.module = module.to(device=device, dtype=dtype).eval()
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def predict(self, inputs: dict) -> dict:
+        args = [torch.as_tensor(np.asarray(inputs[n]), device=self.device).to(self.dtype) for n in self.input_names]
+        outputs = self.module(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outputs)}
+
+
+class DiffusersUNet(torch.nn.Module):
+    """The original UNet with the converted UNet's input layout: encoder_hidden_states as (B, C, 1, S)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        states = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
+
+
+def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True) -> ModelSet:
+    """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them."""
+    from ..convert.safety_checker import SafetyChecker
+    from ..convert.text_encoder import TextEncoderWrapper
+    from ..convert.vae import VAEDecoder, VAEEncoder
+
+    text_encoder, unet, vae = source.load_text_encoder(), source.load_unet(), source.load_vae()
+    h, w = latent_hw
+    batch = 2
+    hidden = text_encoder.config.hidden_size
+    seq = text_encoder.config.max_position_embeddings
+    channels = unet.config.in_channels
+    components = {
+        "text_encoder": Component(TorchModel(TextEncoderWrapper(text_encoder), ["input_ids"],
+                                             ["last_hidden_state", "pooled_outputs"], device, dtype),
+                                  {"input_ids": (1, seq)}),
+        "unet": Component(TorchModel(DiffusersUNet(unet), ["sample", "timestep", "encoder_hidden_states"],
+                                     ["noise_pred"], device, dtype),
+                          {"sample": (batch, channels, h, w), "timestep": (batch,),
+                           "encoder_hidden_states": (batch, hidden, 1, seq)}),
+        "vae_decoder": Component(TorchModel(VAEDecoder(vae), ["z"], ["image"], device, dtype),
+                                 {"z": (1, vae.config.latent_channels, h, w)}),
+        "vae_encoder": Component(TorchModel(VAEEncoder(vae), ["sample", "diagonal_noise", "noise", "sqrt_alphas_cumprod",
+                                                              "sqrt_one_minus_alphas_cumprod"], ["latent_dist"],
+                                            device, dtype),
+                                 {"sample": (1, 3, 8 * h, 8 * w)}),
+    }
+    if with_safety_checker and source.has("safety_checker"):
+        checker = source.load_safety_checker()
+        size = checker.config.vision_config.image_size
+        components["safety_checker"] = Component(
+            TorchModel(SafetyChecker(checker), ["clip_input", "images", "adjustment"],
+                       ["filtered_images", "has_nsfw_concepts", "concept_scores"], device, dtype),
+            {"clip_input": (1, 3, size, size), "images": (1, 8 * h, 8 * w, 3), "adjustment": (1,)})
+    return ModelSet(components)

@@ -1,0 +1,50 @@
+"""PNG outputs: names from prompt and seed, generation parameters in text metadata, atomic writes."""
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..errors import UserError
+
+
+def output_name(prompt: str, seed: int, index: int = 0) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:80] or "image"
+    return f"{slug}.seed{seed}" + (f".{index}" if index else "") + ".png"
+
+
+def save_png(image: Image.Image, path: Path, parameters: dict, overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it or choose another -o")
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    for key, value in parameters.items():
+        info.add_text(key, str(value))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_image(path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read --image {path}: {exc}") from exc

@@ -1,0 +1,177 @@
+"""The Stable Diffusion generation loop, written once for every backend (see components.py)."""
+import inspect
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from .components import ModelSet
+from .random_source import RandomSource
+from .schedulers import make_scheduler
+
+
+def _takes_generator(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "PNDM"
+    image: Image.Image = None  # img2img start image
+    strength: float = 0.75
+
+    def validate(self):
+        if not self.prompt or not self.prompt.strip():
+            raise UserError("the prompt is empty; pass --prompt TEXT")
+        if self.num_inference_steps < 1:
+            raise UserError(f"--num-inference-steps must be at least 1, got {self.num_inference_steps}")
+        if self.image is not None and not 0 < self.strength <= 1:
+            raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    flagged: bool  # the safety checker replaced the image
+    seconds_per_step: float
+    seconds_total: float
+    intermediates: dict = field(default_factory=dict)  # named arrays for parity reports
+
+
+class StableDiffusionPipeline:
+    def __init__(self, models: ModelSet, tokenizer, scheduler_config: dict, vae_scaling_factor: float = 0.18215,
+                 progress: bool = True):
+        if not models.has_unet or "text_encoder" not in models or "vae_decoder" not in models:
+            raise UserError("generation needs a text encoder, a UNet and a VAE decoder")
+        self.models, self.tokenizer = models, tokenizer
+        self.scheduler_config, self.vae_scaling_factor = dict(scheduler_config), vae_scaling_factor
+        self.progress = progress
+        shapes = models.unet_input_shapes()
+        self.unet_batch, self.latent_channels, self.latent_h, self.latent_w = shapes["sample"]
+        self.sequence_length = models["text_encoder"].input_shapes.get("input_ids", (1, 77))[1]
+        self._check_sizes()
+
+    def _check_sizes(self):
+        z = self.models["vae_decoder"].input_shapes.get("z")
+        if z and tuple(z[2:]) != (self.latent_h, self.latent_w):
+            raise UserError(f"the VAE decoder was converted for {z[2]}x{z[3]} latents but the UNet for "
+                            f"{self.latent_h}x{self.latent_w}; convert both with the same --latent-h/--latent-w")
+        if "vae_encoder" in self.models:
+            sample = self.models["vae_encoder"].input_shapes.get("sample")
+            if sample and tuple(sample[2:]) != (8 * self.latent_h, 8 * self.latent_w):
+                raise UserError(f"the VAE encoder was converted for {sample[2]}x{sample[3]} images but the UNet for "
+                                f"{8 * self.latent_h}x{8 * self.latent_w}; reconvert it with the same latent size")
+
+    @property
+    def image_size(self) -> tuple:
+        return 8 * self.latent_h, 8 * self.latent_w
+
+    def tokenize(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text, padding="max_length", max_length=self.sequence_length, truncation=True).input_ids
+        if len(self.tokenizer(text).input_ids) > self.sequence_length:
+            warnings.warn(f"prompt is longer than {self.sequence_length} tokens and was truncated", UserWarning)
+        return np.asarray([ids], dtype=np.float32)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout."""
+        hidden = self.models["text_encoder"].predict({"input_ids": self.tokenize(text)})["last_hidden_state"]
+        return np.transpose(hidden, (0, 2, 1))[:, :, None, :].astype(np.float32)
+
+    def predict_noise(self, latents, t, embeddings, guidance_scale) -> np.ndarray:
+        """Classifier-free guidance; embeddings are [unconditional, conditional]."""
+        timestep = np.full((2,), float(t), dtype=np.float32)
+        if self.unet_batch == 2:
+            out = self.models.run_unet({"sample": np.concatenate([latents, latents]), "timestep": timestep,
+                                        "encoder_hidden_states": embeddings})
+            uncond, cond = out[0:1], out[1:2]
+        else:
+            uncond, cond = (self.models.run_unet({"sample": latents, "timestep": timestep[:1],
+                                                  "encoder_hidden_states": embeddings[i:i + 1]}) for i in (0, 1))
+        return uncond + guidance_scale * (cond - uncond)
+
+    def initial_latents(self, request, scheduler, rng: RandomSource):
+        shape = (1, self.latent_channels, self.latent_h, self.latent_w)
+        scheduler.set_timesteps(request.num_inference_steps)
+        timesteps = scheduler.timesteps
+        if request.image is None:
+            return rng.normal(shape) * float(scheduler.init_noise_sigma), timesteps
+        if "vae_encoder" not in self.models:
+            raise UserError("img2img needs a VAE encoder; convert it with --convert-vae-encoder")
+        start = min(int(request.num_inference_steps * request.strength), request.num_inference_steps)
+        timesteps = timesteps[request.num_inference_steps - start:]
+        if len(timesteps) == 0:
+            raise UserError("--strength is too small for this many steps: no denoising step would run")
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(request.num_inference_steps - start)
+        signal, noise_scale = self._noise_coefficients(scheduler, timesteps[0])
+        inputs = {"sample": self.preprocess(request.image), "diagonal_noise": rng.normal(shape),
+                  "noise": rng.normal(shape), "sqrt_alphas_cumprod": np.array([[signal]], np.float32),
+                  "sqrt_one_minus_alphas_cumprod": np.array([[noise_scale]], np.float32)}
+        return self.models["vae_encoder"].predict(inputs)["latent_dist"], timesteps
+
+    @staticmethod
+    def _noise_coefficients(scheduler, t):
+        """add_noise(x, n, t) = a*x + b*n for every diffusers scheduler: read a and b off it, so the
+        encoder's sqrt_alphas_cumprod inputs also serve sigma-based schedulers (Euler, LMS)."""
+        one, zero, step = torch.ones(1), torch.zeros(1), torch.as_tensor([t])
+        return float(scheduler.add_noise(one, zero, step)), float(scheduler.add_noise(zero, one, step))
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        h, w = self.image_size
+        array = np.asarray(image.convert("RGB").resize((w, h), Image.LANCZOS), dtype=np.float32) / 127.5 - 1
+        return array.transpose(2, 0, 1)[None]
+
+    def decode(self, latents) -> np.ndarray:
+        """NCHW image in [0, 1]."""
+        image = self.models["vae_decoder"].predict({"z": latents / self.vae_scaling_factor})["image"]
+        return np.clip(image / 2 + 0.5, 0, 1)
+
+    def safety_check(self, image: np.ndarray):
+        if "safety_checker" not in self.models:
+            return image, False
+        from transformers import CLIPImageProcessor
+        size = self.models["safety_checker"].input_shapes["clip_input"][-1]
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        pil = Image.fromarray((image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
+        clip_input = processor(pil, return_tensors="np").pixel_values.astype(np.float32)
+        out = self.models["safety_checker"].predict({"clip_input": clip_input,
+                                                     "images": image.transpose(0, 2, 3, 1).astype(np.float32),
+                                                     "adjustment": np.zeros((1,), np.float32)})
+        flagged = bool(np.asarray(out["has_nsfw_concepts"]).ravel()[0] > 0.5)
+        return out["filtered_images"].transpose(0, 3, 1, 2), flagged
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        from tqdm import tqdm
+        request.validate()
+        start = time.perf_counter()
+        rng = RandomSource(request.seed)
+        scheduler = make_scheduler(request.scheduler, self.scheduler_config)
+        cond = self.encode_text(request.prompt)
+        embeddings = np.concatenate([self.encode_text(request.negative_prompt), cond])
+        latents, timesteps = self.initial_latents(request, scheduler, rng)
+        step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
+        intermediates = {"text_embeddings": cond}
+        loop_start = time.perf_counter()
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not self.progress)):
+            model_input = scheduler.scale_model_input(torch.from_numpy(latents), t).numpy()
+            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale)
+            if i == 0:
+                intermediates["first_noise_pred"] = noise
+            latents = scheduler.step(torch.from_numpy(noise), t, torch.from_numpy(latents),
+                                     **step_kwargs).prev_sample.numpy().astype(np.float32)
+        per_step = (time.perf_counter() - loop_start) / max(len(timesteps), 1)
+        intermediates["final_latents"] = latents
+        decoded = self.decode(latents)
+        intermediates["decoded_image"] = decoded
+        checked, flagged = self.safety_check(decoded)
+        pil = Image.fromarray((checked[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
+        return GenerationResult(pil, flagged, per_step, time.perf_counter() - start, intermediates)

@@ -1,0 +1,21 @@
+"""The one random source every backend shares, so a seed gives the same picture everywhere.
+
+Initial latents and img2img noise come from NumPy's legacy Mersenne Twister,
+`np.random.RandomState(seed).randn(...)`, drawn in this order: latents (text-to-image) or
+diagonal_noise then noise (img2img). The Swift package reproduces this stream bit for bit.
+Ancestral schedulers draw their per-step noise from `torch.Generator().manual_seed(seed)` on the CPU.
+"""
+import numpy as np
+import torch
+
+
+class RandomSource:
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._state = np.random.RandomState(seed)
+
+    def normal(self, shape) -> np.ndarray:
+        return self._state.randn(*shape).astype(np.float32)
+
+    def torch_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,64 @@
+"""Assemble a pipeline for a backend from the user's flags (shared by the pipeline and parity CLIs)."""
+import platform
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..model_sources import resolve
+from .components import ModelSet, load_converted, load_torch
+from .pipeline import StableDiffusionPipeline
+
+BACKENDS = ("coreml", "mil", "torch")
+
+
+def default_backend() -> str:
+    return "coreml" if platform.system() == "Darwin" else "mil"
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda needs a CUDA GPU and a CUDA build of PyTorch; none is visible, use --device cpu")
+
+
+def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False) -> ModelSet:
+    if models_dir is None:
+        raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
+    needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
+    return load_converted(Path(models_dir), backend, device, compute_unit, needed)
+
+
+def reference_models(source, latent_hw, device="cpu", precision="float32") -> ModelSet:
+    dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
+    return load_torch(source, latent_hw, device=device, dtype=dtype)
+
+
+def build_pipeline(models: ModelSet, source, progress=True) -> StableDiffusionPipeline:
+    vae_config = source.config("vae")
+    return StableDiffusionPipeline(models, source.load_tokenizer(), source.config("scheduler"),
+                                   vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress)
+
+
+def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
+                  img2img=False, torch_precision="float32", progress=True) -> StableDiffusionPipeline:
+    """Library entry point behind `python -m python_coreml_sd.pipeline`."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_device(device)
+    source = resolve(model_version)
+    if backend == "torch":
+        latent_hw = _latent_size_of(models_dir) if models_dir else (source.config("unet")["sample_size"],) * 2
+        models = reference_models(source, latent_hw, device, torch_precision)
+    else:
+        models = converted_models(models_dir, backend, device, compute_unit, img2img)
+    return build_pipeline(models, source, progress)
+
+
+def _latent_size_of(models_dir) -> tuple:
+    """Latent size of converted models, so the reference path generates at the same size."""
+    from .components import _package_input_shapes, find_packages
+    found = find_packages(Path(models_dir))
+    unet = found.get("unet") or found.get("unet_chunk1")
+    if unet is None:
+        raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
+    return tuple(_package_input_shapes(unet)["sample"][2:])

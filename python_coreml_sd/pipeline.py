@@ -1,0 +1,123 @@
+"""Generate images with Stable Diffusion from converted Core ML models (or the original PyTorch modules).
+
+    python -m python_coreml_sd.pipeline --prompt "a photo of an astronaut riding a horse" -i MODELS -o OUT
+
+Backends: `coreml` (Core ML, macOS only), `mil` (our MIL runtime on PyTorch, CPU or CUDA: runs the
+very .mlpackage files that ship), `torch` (the original diffusers modules: the reference).
+"""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from . import registry
+from .console import fail, quiet_third_party
+from .errors import CheckFailed, UserError
+from .generation.schedulers import SCHEDULERS
+from .generation.setup import BACKENDS, default_backend
+
+PROG = "pipeline"
+COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(self.prog, f"{message} (see --help)", 2)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared with the parity CLI."""
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
+    p.add_argument("-i", dest="models_dir", type=Path,
+                   help="folder of converted models (.mlpackage, or .mlmodelc with --backend coreml); "
+                        "required except for --backend torch")
+    p.add_argument("-o", dest="output_dir", type=Path, default=Path("."), help="folder for the PNG files (default: .)")
+    p.add_argument("--seed", type=int, default=93, help="random seed of the initial latents (default: 93)")
+    p.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps (default: 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="PNDM", help="diffusers scheduler (default: PNDM)")
+    p.add_argument("--image", type=Path, help="img2img: start from this image (needs a converted VAE encoder)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: how much to change --image, in (0, 1] (default: 0.75)")
+    p.add_argument("--model-version", default="tiny",
+                   help="model whose tokenizer, scheduler config (and, for --backend torch, weights) to use: a "
+                        f"diffusers folder, hub id or one of {', '.join(registry.model_names())} (default: tiny)")
+    p.add_argument("--compute-unit", choices=COMPUTE_UNITS, default="ALL",
+                   help="Core ML compute units for --backend coreml (default: ALL)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device of the mil and torch backends (default: cpu)")
+    p.add_argument("--torch-precision", choices=("float32", "float16"), default="float32",
+                   help="precision of the torch backend (default: float32; float16 wants --device cuda)")
+    p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
+
+
+def parser_spec() -> argparse.ArgumentParser:
+    p = _OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_arguments(p)
+    p.add_argument("--backend", choices=BACKENDS, default=default_backend(),
+                   help=f"coreml (macOS), mil (anywhere) or torch (reference) (default here: {default_backend()})")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate, seeds seed, seed+1, ... (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing PNG files (default: refuse)")
+    return p
+
+
+def request_from_args(args, seed=None):
+    from .generation.images import load_image
+    from .generation.pipeline import GenerationRequest
+    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                             seed=args.seed if seed is None else seed, num_inference_steps=args.num_inference_steps,
+                             guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                             image=load_image(args.image) if args.image else None, strength=args.strength)
+
+
+def parameters(args, request, backend) -> dict:
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+            "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+            "scheduler": request.scheduler, "backend": backend, "device": args.device,
+            "model_version": args.model_version, "strength": request.strength if request.image else None,
+            "generator": "python_coreml_sd"}
+
+
+def generate(args) -> list:
+    from .generation.images import output_name, save_png
+    from .generation.setup import open_pipeline
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    requests = [request_from_args(args, args.seed + k) for k in range(args.num_images)]
+    for request in requests:
+        request.validate()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    targets = [args.output_dir / output_name(r.prompt, r.seed) for r in requests]
+    for target in targets:  # refuse before generating, not after
+        if target.exists() and not args.overwrite:
+            raise UserError(f"{target} exists; pass --overwrite to replace it or choose another -o")
+    pipe = open_pipeline(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
+                         img2img=args.image is not None, torch_precision=args.torch_precision)
+    written = []
+    for request, target in zip(requests, targets):
+        result = pipe.generate(request)
+        if result.flagged:
+            print(f"{PROG}: the safety checker flagged seed {request.seed}; the image was replaced by a black one",
+                  file=sys.stderr)
+        written.append(save_png(result.image, target, parameters(args, request, args.backend), args.overwrite))
+        print(f"{target} ({result.seconds_per_step:.3f} s/step, {result.seconds_total:.1f} s total)", file=sys.stderr)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parser_spec().parse_args(argv)
+    quiet_third_party(args.verbose)
+    warnings.simplefilter("always", UserWarning)
+    warnings.showwarning = lambda message, *a, **k: print(f"{PROG}: warning: {message}", file=sys.stderr)
+    try:
+        generate(args)
+    except (UserError, CheckFailed) as exc:
+        fail(PROG, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail(PROG, "interrupted", 130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
