@@ -141,7 +141,7 @@ class MILModel:
         if tuple(arr.shape) != desc.shape:
             raise UserError(f"input {desc.name!r} has shape {tuple(arr.shape)}; expected {desc.shape} ({desc.dtype})")
         want_float = is_float(self._input_mil[desc.name])
-        ok = arr.dtype.kind in ("f", "i", "u") if want_float else arr.dtype.kind in ("i", "u", "b")
+        ok = arr.dtype.kind in ("f", "i", "u", "b") if want_float else arr.dtype.kind in ("i", "u", "b")
         if not ok:
             raise UserError(f"input {desc.name!r} has dtype {arr.dtype}; expected {desc.dtype} (shape {desc.shape})")
 
