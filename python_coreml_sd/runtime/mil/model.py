@@ -1,6 +1,6 @@
 """MILModel: open an .mlpackage with coremltools' loaders and run its ML Program with PyTorch."""
 import os
-from collections import namedtuple
+from collections import Counter, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,9 @@ class MILModel:
             if not all(isinstance(d, int) for d in desc.shape):
                 raise UserError(f"{path}: input {desc.name!r} has a flexible shape {desc.shape}; the MIL runtime needs fixed shapes")
         self._input_mil = {n: mil_name(v.dtype) for n, v in function.inputs.items()}
+        # Op type -> count in the program; the PyMIL function itself is dropped after compiling so
+        # its host copies of the weights are freed.
+        self.op_types = Counter(op.op_type for op in function.operations)
         try:
             self.plan = Plan(function, self.device)
         except UnsupportedOpError as e:
