@@ -38,12 +38,18 @@ def _convert_all(source, out_dir, components, **options):
     return {path.name: path for path in convert(opts, components)}
 
 
+TINY_COMPONENTS = ["text_encoder", "vae_decoder", "vae_encoder", "unet", "safety_checker"]
+
+
 @pytest.fixture(scope="session")
-def tiny_fp16_packages(tmp_path_factory):
-    """text encoder, VAE decoder/encoder and safety checker of `tiny`, fp16, converted once per session."""
-    out = tmp_path_factory.mktemp("tiny_fp16")
-    return _convert_all(__import__("python_coreml_sd.model_sources", fromlist=["resolve"]).resolve("tiny"), out,
-                        ["text_encoder", "vae_decoder", "vae_encoder", "safety_checker"])
+def tiny_fp16_packages(tmp_path_factory, tiny_source):
+    """Every component of `tiny`, fp16 (the default), converted once per session into one folder."""
+    return _convert_all(tiny_source, tmp_path_factory.mktemp("tiny_fp16"), TINY_COMPONENTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tiny_fp16_packages):
+    return next(iter(tiny_fp16_packages.values())).parent
 
 
 @pytest.fixture(scope="session")

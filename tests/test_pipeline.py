@@ -1,0 +1,152 @@
+"""Generation on the mil and torch backends for `tiny`, and the CLI's handling of bad input."""
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from python_coreml_sd import pipeline as pipeline_cli
+from python_coreml_sd.errors import UserError
+from python_coreml_sd.generation.pipeline import GenerationRequest
+from python_coreml_sd.generation.schedulers import SCHEDULERS
+from python_coreml_sd.generation.setup import open_pipeline
+from python_coreml_sd.metrics import psnr
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_models_dir):
+    return {backend: open_pipeline(backend, tiny_models_dir, progress=False) for backend in ("mil", "torch")}
+
+
+@pytest.fixture(scope="module")
+def start_image():
+    gradient = np.linspace(0, 255, 128, dtype=np.float32)
+    rgb = np.stack([np.add.outer(gradient, gradient) / 2, np.tile(gradient, (128, 1)), 255 - np.add.outer(
+        gradient, 0 * gradient)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def image_psnr(a, b):
+    return psnr(np.asarray(a.image, np.float32), np.asarray(b.image, np.float32))
+
+
+# Every scheduler, text-to-image with a negative prompt and img2img without one.
+CASES = [(name, mode) for name in SCHEDULERS for mode in ("txt2img", "img2img")]
+
+
+@pytest.mark.parametrize("scheduler, mode", CASES)
+def test_mil_matches_torch(pipes, start_image, scheduler, mode):
+    request = GenerationRequest(prompt="a lighthouse at dusk, oil painting", seed=7, num_inference_steps=STEPS,
+                                scheduler=scheduler,
+                                negative_prompt="blurry" if mode == "txt2img" else "",
+                                image=start_image if mode == "img2img" else None, strength=0.6)
+    mil, reference = pipes["mil"].generate(request), pipes["torch"].generate(request)
+    assert mil.image.size == reference.image.size == (128, 128)
+    assert image_psnr(reference, mil) >= 30
+    assert psnr(reference.intermediates["final_latents"], mil.intermediates["final_latents"]) >= 30
+
+
+def test_negative_prompt_and_img2img_change_the_result(pipes, start_image):
+    base = GenerationRequest(prompt="a red fox", seed=3, num_inference_steps=STEPS)
+    plain = pipes["torch"].generate(base).intermediates["final_latents"]
+    negative = pipes["torch"].generate(GenerationRequest(prompt="a red fox", seed=3, num_inference_steps=STEPS,
+                                                         negative_prompt="snow")).intermediates["final_latents"]
+    img2img = pipes["torch"].generate(GenerationRequest(prompt="a red fox", seed=3, num_inference_steps=STEPS,
+                                                        image=start_image)).intermediates["final_latents"]
+    assert not np.allclose(plain, negative) and not np.allclose(plain, img2img)
+
+
+def test_same_seed_same_image_other_seed_other_image(pipes):
+    request = GenerationRequest(prompt="a red fox", seed=11, num_inference_steps=STEPS, scheduler="EulerAncestralDiscrete")
+    first, second = pipes["mil"].generate(request), pipes["mil"].generate(request)
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+    request.seed = 12
+    assert not np.array_equal(np.asarray(first.image), np.asarray(pipes["mil"].generate(request).image))
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipes):
+    with pytest.warns(UserWarning, match="longer than 77 tokens"):
+        pipes["mil"].tokenize("word " * 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipes["mil"].tokenize("short").shape == (1, 77)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt="  "), "prompt is empty"),
+    (dict(num_inference_steps=0), "must be at least 1"),
+    (dict(strength=0.0), r"--strength must be in \(0, 1\]"),
+    (dict(strength=1.5), r"--strength must be in \(0, 1\]"),
+])
+def test_bad_requests(pipes, start_image, change, message):
+    request = GenerationRequest(prompt="a red fox", image=start_image)
+    for key, value in change.items():
+        setattr(request, key, value)
+    with pytest.raises(UserError, match=message):
+        pipes["mil"].generate(request)
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_cli.main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def test_cli_writes_png_with_metadata_and_refuses_to_clobber(capsys, tmp_path, tiny_models_dir):
+    argv = ["--prompt", "A red fox!", "-i", str(tiny_models_dir), "-o", str(tmp_path), "--num-inference-steps", "2",
+            "--backend", "mil", "--seed", "5"]
+    assert pipeline_cli.main(argv) == 0
+    png = tmp_path / "a_red_fox.seed5.png"
+    with Image.open(png) as image:
+        assert image.size == (128, 128)
+        assert image.text["prompt"] == "A red fox!" and image.text["seed"] == "5"
+        assert image.text["scheduler"] == "PNDM" and image.text["backend"] == "mil"
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and "exists; pass --overwrite" in err
+    assert pipeline_cli.main(argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [png.name]
+
+
+def test_cli_bad_inputs(capsys, tmp_path, tiny_models_dir):
+    base = ["--prompt", "a fox", "-o", str(tmp_path / "o"), "--backend", "mil"]
+    cases = [
+        (["-i", str(tmp_path / "missing")], "does not exist"),
+        (["-i", str(tiny_models_dir), "--num-inference-steps", "0"], "must be at least 1"),
+        (["-i", str(tiny_models_dir), "--image", str(tmp_path / "nope.png")], "cannot read --image"),
+        (["-i", str(tiny_models_dir), "--prompt", ""], "prompt is empty"),
+        (["-i", str(tiny_models_dir), "--backend", "coreml"] if not _on_macos() else None, "needs macOS"),
+        (["-i", str(tiny_models_dir), "--scheduler", "Magic"], "invalid choice: 'Magic'"),
+    ]
+    for extra, message in cases:
+        if extra is None:
+            continue
+        code, err = run_cli(capsys, *(base + extra))
+        assert code == 2, (extra, err)
+        assert message in err and err.count("\n") == 0, err
+        assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_incomplete_model_folder(capsys, tmp_path, tiny_models_dir):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_models_dir, partial)
+    shutil.rmtree(next(partial.glob("*_unet.mlpackage")))
+    code, err = run_cli(capsys, "--prompt", "a fox", "-i", str(partial), "-o", str(tmp_path / "o"), "--backend", "mil")
+    assert code == 2 and "has no unet package" in err
+
+
+def test_component_converted_at_another_latent_size(capsys, tmp_path, tiny_models_dir):
+    from python_coreml_sd.convert.common import ConversionOptions
+    from python_coreml_sd.torch2coreml import convert
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_models_dir, mixed)
+    convert(ConversionOptions("tiny", mixed, latent_h=8, latent_w=8, overwrite=True), ["vae_decoder"])
+    code, err = run_cli(capsys, "--prompt", "a fox", "-i", str(mixed), "-o", str(tmp_path / "o"), "--backend", "mil")
+    assert code == 2 and "VAE decoder was converted for 8x8 latents but the UNet for 16x16" in err
+
+
+def _on_macos():
+    import platform
+    return platform.system() == "Darwin"
