@@ -71,10 +71,13 @@ def denoise(sample: np.ndarray, timestep: int, hidden: np.ndarray) -> np.ndarray
     return out
 
 
-def decode(latents: np.ndarray) -> np.ndarray:
-    """Fake VAE decoder: (4, h, w) scaled latents -> (3, 8h, 8w) in [-1, 1]."""
-    z = (latents * np.float32(1.0 / LATENT_SCALE)).astype(np.float32)
-    small = np.tanh(z[:3].astype(np.float64) * 0.02).astype(np.float32)
+def decode(z: np.ndarray) -> np.ndarray:
+    """Fake VAE decoder: (4, h, w) latents already divided by 0.18215 -> (3, 8h, 8w) in [-1, 1].
+
+    Scalar libm calls (not NumPy's SIMD loops) so Swift's libm gives the same float32 values."""
+    small = np.empty((3,) + z.shape[1:], dtype=np.float32)
+    for index in np.ndindex(small.shape):
+        small[index] = np.float32(math.tanh(float(z[index]) * 0.02))
     return np.repeat(np.repeat(small, 8, axis=1), 8, axis=2)
 
 
@@ -100,9 +103,10 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
 
 def test_image(height: int, width: int) -> np.ndarray:
     """A deterministic (3, H, W) input image in [-1, 1] for img2img."""
-    y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    planes = [np.sin(0.05 * x + 0.3 * c) * np.cos(0.07 * y) for c in range(3)]
-    return np.stack(planes).astype(np.float32)
+    image = np.empty((3, height, width), dtype=np.float32)
+    for c, y, x in np.ndindex(image.shape):
+        image[c, y, x] = np.float32(math.sin(0.05 * x + 0.3 * c) * math.cos(0.07 * y))
+    return image
 
 
 @dataclass
@@ -152,13 +156,17 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
         noise = random_normal(config.rng, config.seed, (1,) + shape)[0]
         t = torch.tensor([timesteps[0]])
         latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
+    guided_run = config.guidance_scale > 1  # diffusers skips the unconditional pass otherwise
     for t in timesteps:
-        uncond = denoise(latents, t, hidden[0])
         cond = denoise(latents, t, hidden[1])
-        guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
+        if guided_run:
+            uncond = denoise(latents, t, hidden[0])
+            guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
+        else:
+            guided = cond
         out = scheduler.step(torch.from_numpy(guided)[None], t, torch.from_numpy(latents)[None])
         latents = out.prev_sample[0].numpy().astype(np.float32)
-    image = decode(latents)
+    image = decode(latents / np.float32(LATENT_SCALE))
     unsafe = not config.disable_safety and is_unsafe(image)
     rgb = to_rgb8(np.zeros_like(image) - 1 if unsafe else image)
     return LoopResult(latents=latents, rgb=rgb, unsafe=unsafe, timesteps=timesteps)

@@ -1,0 +1,151 @@
+import Foundation
+
+/// The CLI's options, parsed without outside packages. Lives in the library so tests can call it.
+public struct CommandLineOptions: Equatable {
+    public var resourcePath = ""
+    public var prompt = ""
+    public var negativePrompt = ""
+    public var imageCount = 1
+    public var stepCount = 50
+    public var seed: UInt32 = 93
+    public var guidanceScale: Float = 7.5
+    public var scheduler: SchedulerKind = .pndm
+    public var predictionType: PredictionType = .epsilon
+    public var rng: RandomSourceKind = .numpy
+    public var computeUnits: ComputeUnitChoice = .all
+    public var outputPath = "."
+    public var imagePath: String?
+    public var strength = 0.5
+    public var disableSafety = false
+    public var reduceMemory = false
+    public var help = false
+
+    public init() {}
+
+    public static let usage = """
+    USAGE: StableDiffusionCLI --resource-path <dir> --prompt <text> [options]
+
+    Generates images with a Resources folder from python_coreml_sd's converter (needs Core ML:
+    macOS 13+ / iOS 16+). Elsewhere it checks the arguments and the folder, then stops.
+
+    OPTIONS:
+      --resource-path <dir>     TextEncoder.mlmodelc, Unet.mlmodelc (or UnetChunk1/2.mlmodelc),
+                                VAEDecoder.mlmodelc, optional VAEEncoder.mlmodelc and
+                                SafetyChecker.mlmodelc, vocab.json, merges.txt
+      --prompt <text>           what to draw
+      --negative-prompt <text>  what to steer away from (default: empty)
+      --image-count <n>         images to generate; image i uses seed + i (default: 1)
+      --step-count <n>          inference steps (default: 50)
+      --seed <n>                0 ... 4294967295 (default: 93)
+      --guidance-scale <x>      classifier-free guidance; <= 1 turns it off (default: 7.5)
+      --scheduler <name>        pndm | dpmpp (default: pndm)
+      --prediction-type <name>  epsilon | v_prediction (default: epsilon)
+      --rng <name>              numpy (the Python pipeline's source) | torch (default: numpy)
+      --compute-units <name>    all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default: all)
+      --output-path <dir>       where PNGs go (default: .)
+      --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
+      --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.5)
+      --disable-safety          skip the safety checker
+      --reduce-memory           load each model only while it runs
+      --help                    show this text
+    """
+
+    public static func parse(_ arguments: [String]) throws -> CommandLineOptions {
+        var options = CommandLineOptions()
+        var queue = ArraySlice(arguments)
+        while let argument = queue.popFirst() {
+            guard argument.hasPrefix("--") else { throw UsageError("unexpected argument '\(argument)'") }
+            let (name, inlineValue) = split(argument)
+            try options.apply(name, value: { try inlineValue ?? nextValue(name, &queue) }, hasInline: inlineValue != nil)
+        }
+        if !options.help { try options.validate() }
+        return options
+    }
+
+    private static func split(_ argument: String) -> (String, String?) {
+        guard let equals = argument.firstIndex(of: "=") else { return (argument, nil) }
+        return (String(argument[..<equals]), String(argument[argument.index(after: equals)...]))
+    }
+
+    private static func nextValue(_ name: String, _ queue: inout ArraySlice<String>) throws -> String {
+        guard let value = queue.popFirst() else { throw UsageError("\(name) needs a value") }
+        return value
+    }
+
+    private mutating func apply(_ name: String, value: () throws -> String, hasInline: Bool) throws {
+        if let flag = Self.flags[name] {
+            if hasInline { throw UsageError("\(name) takes no value") }
+            self[keyPath: flag] = true
+            return
+        }
+        let text = try value()
+        switch name {
+        case "--resource-path": resourcePath = text
+        case "--prompt": prompt = text
+        case "--negative-prompt": negativePrompt = text
+        case "--output-path": outputPath = text
+        case "--image": imagePath = text
+        case "--image-count": imageCount = try Self.number(name, text, in: 1...1000)
+        case "--step-count": stepCount = try Self.number(name, text, in: 1...1000)
+        case "--seed": seed = try Self.number(name, text, in: 0...UInt32.max)
+        case "--guidance-scale": guidanceScale = try Self.number(name, text, in: 0...100)
+        case "--strength": strength = try Self.number(name, text, in: 0...1)
+        case "--scheduler": scheduler = try Self.choice(name, text)
+        case "--prediction-type": predictionType = try Self.choice(name, text)
+        case "--rng": rng = try Self.choice(name, text)
+        case "--compute-units": computeUnits = try Self.choice(name, text)
+        default: throw UsageError("unknown option '\(name)' (see --help)")
+        }
+    }
+
+    private static let flags: [String: WritableKeyPath<CommandLineOptions, Bool>] = [
+        "--disable-safety": \.disableSafety, "--reduce-memory": \.reduceMemory, "--help": \.help, "-h": \.help,
+    ]
+
+    private static func number<T: LosslessStringConvertible & Comparable>(_ name: String, _ text: String,
+                                                                         in range: ClosedRange<T>) throws -> T {
+        guard let value = T(text), range.contains(value) else {
+            throw UsageError("\(name) must be a number in \(range.lowerBound) ... \(range.upperBound), got '\(text)'")
+        }
+        return value
+    }
+
+    private static func choice<T: RawRepresentable & CaseIterable>(_ name: String, _ text: String) throws -> T
+    where T.RawValue == String {
+        guard let value = T(rawValue: text) else {
+            let names = T.allCases.map(\.rawValue).joined(separator: ", ")
+            throw UsageError("\(name) must be one of \(names), got '\(text)'")
+        }
+        return value
+    }
+
+    private func validate() throws {
+        if resourcePath.isEmpty { throw UsageError("--resource-path is required") }
+        if prompt.isEmpty { throw UsageError("--prompt is required") }
+    }
+
+    public func generationConfig() -> GenerationConfig {
+        var config = GenerationConfig(prompt: prompt)
+        config.negativePrompt = negativePrompt
+        config.seed = seed
+        config.imageCount = imageCount
+        config.stepCount = stepCount
+        config.guidanceScale = guidanceScale
+        config.scheduler = scheduler
+        config.predictionType = predictionType
+        config.rng = rng
+        config.strength = strength
+        config.disableSafety = disableSafety
+        return config
+    }
+}
+
+/// Core ML compute units by the names Apple's CLI uses.
+public enum ComputeUnitChoice: String, CaseIterable, Sendable {
+    case all, cpuOnly, cpuAndGPU, cpuAndNeuralEngine
+}
+
+public struct UsageError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

@@ -1,0 +1,90 @@
+import Foundation
+
+/// CRC-32 (ISO 3309, the one PNG and zlib use), table driven.
+public enum CRC32 {
+    static let table: [UInt32] = (0..<256).map { n in
+        var c = UInt32(n)
+        for _ in 0..<8 { c = c & 1 != 0 ? 0xEDB8_8320 ^ (c >> 1) : c >> 1 }
+        return c
+    }
+
+    public static func checksum<S: Sequence>(_ bytes: S, initial: UInt32 = 0) -> UInt32 where S.Element == UInt8 {
+        var crc = ~initial
+        for byte in bytes { crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8) }
+        return ~crc
+    }
+}
+
+enum Adler32 {
+    static func checksum(_ bytes: [UInt8]) -> UInt32 {
+        var a: UInt32 = 1, b: UInt32 = 0
+        // 5552 is the longest run before the sums can overflow 32 bits (zlib's NMAX).
+        var index = 0
+        while index < bytes.count {
+            let end = min(index + 5552, bytes.count)
+            for byte in bytes[index..<end] {
+                a += UInt32(byte)
+                b += a
+            }
+            a %= 65521
+            b %= 65521
+            index = end
+        }
+        return (b << 16) | a
+    }
+}
+
+/// A zlib stream of stored (uncompressed) deflate blocks: no compressor needed, any decoder reads it.
+enum ZlibStored {
+    static let maxBlock = 65535
+
+    static func wrap(_ data: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = [0x78, 0x01]  // deflate, 32K window, no preset dictionary, check bits valid
+        var offset = 0
+        repeat {
+            let length = min(maxBlock, data.count - offset)
+            let isFinal = offset + length == data.count
+            out.append(isFinal ? 1 : 0)
+            out += littleEndian16(UInt16(length)) + littleEndian16(~UInt16(length))
+            out += data[offset..<(offset + length)]
+            offset += length
+        } while offset < data.count
+        return out + bigEndian32(Adler32.checksum(data))
+    }
+}
+
+func littleEndian16(_ value: UInt16) -> [UInt8] { [UInt8(value & 0xFF), UInt8(value >> 8)] }
+
+func bigEndian32(_ value: UInt32) -> [UInt8] { (0..<4).map { UInt8((value >> (24 - 8 * $0)) & 0xFF) } }
+
+/// Writes 8-bit RGB PNGs with only the standard library and Foundation, so it works on Linux too.
+public enum PNGWriter {
+    public static let signature: [UInt8] = [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]
+
+    public static func encode(_ image: RGBImage) -> [UInt8] {
+        var header = bigEndian32(UInt32(image.width)) + bigEndian32(UInt32(image.height))
+        header += [8, 2, 0, 0, 0]  // 8 bits, truecolour, deflate, adaptive filtering, no interlace
+        return signature + chunk("IHDR", header) + chunk("IDAT", ZlibStored.wrap(scanlines(image))) + chunk("IEND", [])
+    }
+
+    public static func write(_ image: RGBImage, to url: URL) throws {
+        try Data(encode(image)).write(to: url)
+    }
+
+    /// Each row prefixed by filter type 0 (none).
+    static func scanlines(_ image: RGBImage) -> [UInt8] {
+        let stride = image.width * 3
+        var out: [UInt8] = []
+        out.reserveCapacity((stride + 1) * image.height)
+        for row in 0..<image.height {
+            out.append(0)
+            out += image.bytes[(row * stride)..<((row + 1) * stride)]
+        }
+        return out
+    }
+
+    static func chunk(_ type: String, _ data: [UInt8]) -> [UInt8] {
+        let typeBytes = Array(type.utf8)
+        return bigEndian32(UInt32(data.count)) + typeBytes + data + bigEndian32(CRC32.checksum(typeBytes + data))
+    }
+}

@@ -1,0 +1,138 @@
+import Foundation
+
+public struct GenerationConfig: Sendable {
+    public var prompt: String
+    public var negativePrompt = ""
+    /// Image i of a run uses seed + i, so any single image can be regenerated on its own.
+    public var seed: UInt32 = 0
+    public var imageCount = 1
+    public var stepCount = 50
+    public var guidanceScale: Float = 7.5
+    public var scheduler: SchedulerKind = .pndm
+    public var predictionType: PredictionType = .epsilon
+    public var rng: RandomSourceKind = .numpy
+    /// (1, 4, height / 8, width / 8).
+    public var latentShape = [1, 4, 64, 64]
+    /// img2img: (1, 3, H, W) in [-1, 1], and how much of the schedule to run on it (0...1).
+    public var startImage: Tensor?
+    public var strength = 0.8
+    public var disableSafety = false
+
+    public init(prompt: String) {
+        self.prompt = prompt
+    }
+}
+
+public struct GeneratedImage {
+    public var latents: Tensor
+    /// Decoded (1, 3, H, W) in [-1, 1]; all -1 (black) when the safety checker flagged it.
+    public var image: Tensor
+    public var isUnsafe: Bool
+    public var timesteps: [Int]
+}
+
+public enum PipelineError: Error, CustomStringConvertible {
+    case missingImageEncoder
+    case badStrength(Double)
+    case cancelled
+
+    public var description: String {
+        switch self {
+        case .missingImageEncoder: return "img2img needs an image encoder (VAEEncoder.mlmodelc)"
+        case .badStrength(let value): return "strength must be in 0...1, got \(value)"
+        case .cancelled: return "generation cancelled"
+        }
+    }
+}
+
+/// The Stable Diffusion loop over any model backend.
+public struct StableDiffusionPipeline {
+    public static let latentScale: Float = 0.18215
+
+    public let tokenizer: BPETokenizer
+    public let models: PipelineModels
+    public let sequenceLength: Int
+
+    public init(tokenizer: BPETokenizer, models: PipelineModels, sequenceLength: Int = 77) {
+        self.tokenizer = tokenizer
+        self.models = models
+        self.sequenceLength = sequenceLength
+    }
+
+    /// `progress(step, stepCount)` runs after each step; returning false cancels.
+    public func generate(_ config: GenerationConfig, progress: (Int, Int) -> Bool = { _, _ in true }) throws -> [GeneratedImage] {
+        let hidden = try textEmbeddings(config)
+        return try (0..<config.imageCount).map { index in
+            try generateOne(config, seed: config.seed &+ UInt32(index), hidden: hidden, progress: progress)
+        }
+    }
+
+    /// [negative/unconditional, conditional] embeddings; the conditional one alone without guidance.
+    func textEmbeddings(_ config: GenerationConfig) throws -> Tensor {
+        let conditional = try models.textEncoder.encode(tokenIds: tokenizer.encode(config.prompt, length: sequenceLength))
+        guard usesGuidance(config) else { return conditional }
+        let negative = try models.textEncoder.encode(tokenIds: tokenizer.encode(config.negativePrompt, length: sequenceLength))
+        return Tensor.concatenateBatch([negative, conditional])
+    }
+
+    func usesGuidance(_ config: GenerationConfig) -> Bool { config.guidanceScale > 1 }
+
+    private func generateOne(_ config: GenerationConfig, seed: UInt32, hidden: Tensor,
+                             progress: (Int, Int) -> Bool) throws -> GeneratedImage {
+        var scheduler = config.scheduler.make(stepCount: config.stepCount, predictionType: config.predictionType)
+        var random = config.rng.makeSource(seed: seed)
+        var timesteps = scheduler.timesteps
+        var latents: Tensor
+        if let image = config.startImage {
+            let start = try Self.img2imgStart(stepCount: config.stepCount, strength: config.strength, order: scheduler.order)
+            scheduler.startIndex = start
+            timesteps = Array(timesteps[start...])
+            latents = try startLatents(image, timestep: timesteps.first ?? 0, scheduler: scheduler, random: &random, shape: config.latentShape)
+        } else {
+            latents = random.normalTensor(shape: config.latentShape)
+        }
+        for (index, t) in timesteps.enumerated() {
+            let output = try guidedOutput(latents, timestep: t, hidden: hidden, config: config)
+            latents = scheduler.step(output: output, timestep: t, sample: latents)
+            if !progress(index + 1, timesteps.count) { throw PipelineError.cancelled }
+        }
+        return try finish(latents, config: config, timesteps: timesteps)
+    }
+
+    /// Index of the first timestep img2img runs, as diffusers picks it.
+    public static func img2imgStart(stepCount: Int, strength: Double, order: Int) throws -> Int {
+        guard (0...1).contains(strength) else { throw PipelineError.badStrength(strength) }
+        let initSteps = min(Int(Double(stepCount) * strength), stepCount)
+        return max(stepCount - initSteps, 0) * order
+    }
+
+    private func startLatents(_ image: Tensor, timestep: Int, scheduler: any Scheduler,
+                              random: inout any RandomSource, shape: [Int]) throws -> Tensor {
+        guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
+        let noise = random.normalTensor(shape: shape)
+        let diagonalNoise = random.normalTensor(shape: shape)
+        let (signal, noiseScale) = scheduler.noiseCoefficients(timestep: timestep)
+        return try encoder.encode(image: image, diagonalNoise: diagonalNoise, noise: noise, signal: signal, noiseScale: noiseScale)
+    }
+
+    /// Classifier-free guidance: uncond + g * (cond - uncond) from one batch-2 UNet call.
+    func guidedOutput(_ latents: Tensor, timestep: Int, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
+        guard usesGuidance(config) else {
+            return try models.unet.predictNoise(latents: latents, timestep: timestep, hiddenStates: hidden)
+        }
+        let batch = Tensor.concatenateBatch([latents, latents])
+        let output = try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden)
+        let g = config.guidanceScale
+        return output.batchItem(0).zip(output.batchItem(1)) { uncond, cond in uncond + g * (cond - uncond) }
+    }
+
+    private func finish(_ latents: Tensor, config: GenerationConfig, timesteps: [Int]) throws -> GeneratedImage {
+        let image = try models.decoder.decode(latents.map { $0 / Self.latentScale })
+        var unsafe = false
+        if !config.disableSafety, let checker = models.safetyChecker {
+            unsafe = try checker.isUnsafe(image: image)
+        }
+        let shown = unsafe ? image.map { _ in -1 } : image
+        return GeneratedImage(latents: latents, image: shown, isUnsafe: unsafe, timesteps: timesteps)
+    }
+}

@@ -1,0 +1,89 @@
+import Foundation
+
+/// diffusers' `PNDMScheduler` with `skip_prk_steps=True` (pseudo linear multistep only), "leading"
+/// spacing, `steps_offset=1`, `set_alpha_to_one=False`: the SD 1.x default sampler.
+public struct PNDMScheduler: Scheduler {
+    public let schedule: NoiseSchedule
+    public let predictionType: PredictionType
+    public let stepCount: Int
+    public let timesteps: [Int]
+    public let order = 1
+    public var startIndex = 0
+
+    private var history: [Tensor] = []  // diffusers' `ets`: past model outputs, newest last
+    private var counter = 0
+    private var firstSample: Tensor?  // diffusers' `cur_sample`
+
+    public init(stepCount: Int, predictionType: PredictionType = .epsilon,
+                schedule: NoiseSchedule = .stableDiffusion, stepsOffset: Int = 1) {
+        self.schedule = schedule
+        self.predictionType = predictionType
+        self.stepCount = stepCount
+        let ratio = schedule.trainStepCount / stepCount
+        let leading = (0..<stepCount).map { $0 * ratio + stepsOffset }
+        // The second-to-last timestep repeats: PLMS's warm-up evaluates it twice.
+        let plms = Array(leading.dropLast()) + Array(leading.suffix(2).prefix(leading.count > 1 ? 1 : 0)) + [leading.last!]
+        timesteps = plms.reversed()
+    }
+
+    private var stride: Int { schedule.trainStepCount / stepCount }
+
+    public mutating func step(output: Tensor, timestep: Int, sample: Tensor) -> Tensor {
+        var current = timestep
+        var previous = timestep - stride
+        if counter != 1 {
+            history = Array(history.suffix(3)) + [output]
+        } else {
+            previous = timestep
+            current = timestep + stride
+        }
+        let (combined, base) = combinedOutput(output, sample: sample)
+        counter += 1
+        return previousSample(base, from: current, to: previous, output: combined)
+    }
+
+    /// The linear multistep combination of past outputs, and the sample to step from.
+    private mutating func combinedOutput(_ output: Tensor, sample: Tensor) -> (Tensor, Tensor) {
+        let e = history
+        switch (e.count, counter) {
+        case (1, 0):
+            firstSample = sample
+            return (output, sample)
+        case (1, 1):
+            defer { firstSample = nil }
+            return (output.zip(e[0]) { ($0 + $1) / 2 }, firstSample ?? sample)
+        case (2, _):
+            return (e[1].zip(e[0]) { (3 * $0 - $1) / 2 }, sample)
+        case (3, _):
+            let partial = e[2].zip(e[1]) { 23 * $0 - 16 * $1 }
+            return (partial.zip(e[0]) { ($0 + 5 * $1) / 12 }, sample)
+        default:
+            let partial = e[3].zip(e[2]) { 55 * $0 - 59 * $1 }.zip(e[1]) { $0 + 37 * $1 }
+            return (partial.zip(e[0]) { Float(1.0 / 24.0) * ($0 - 9 * $1) }, sample)
+        }
+    }
+
+    private func alphaProduct(_ timestep: Int) -> Float {
+        timestep >= 0 ? schedule.alphasCumprod[timestep] : schedule.alphasCumprod[0]
+    }
+
+    private func previousSample(_ sample: Tensor, from t: Int, to previous: Int, output: Tensor) -> Tensor {
+        let alpha = alphaProduct(t), alphaPrev = alphaProduct(previous)
+        let beta = 1 - alpha, betaPrev = 1 - alphaPrev
+        let epsilon = predictionType == .vPrediction ? output.scaledSum(alpha.squareRoot(), sample, beta.squareRoot()) : output
+        let sampleCoefficient = (alphaPrev / alpha).squareRoot()
+        let denominator = alpha * betaPrev.squareRoot() + (alpha * beta * alphaPrev).squareRoot()
+        let difference = alphaPrev - alpha
+        return sample.zip(epsilon) { sampleCoefficient * $0 - difference * $1 / denominator }
+    }
+
+    public func addNoise(original: Tensor, noise: Tensor, timestep: Int) -> Tensor {
+        let (signal, noiseScale) = noiseCoefficients(timestep: timestep)
+        return original.scaledSum(signal, noise, noiseScale)
+    }
+
+    public func noiseCoefficients(timestep: Int) -> (signal: Float, noise: Float) {
+        let alpha = schedule.alphasCumprod[timestep]
+        return (alpha.squareRoot(), (1 - alpha).squareRoot())
+    }
+}

@@ -1,0 +1,120 @@
+import Foundation
+
+/// Deterministic stand-ins for the models, the same formulas as
+/// `python_coreml_sd/testing/closed_form.py`, so the whole loop runs without weights or Core ML and
+/// both languages can be compared. Scalars are computed in Double and rounded once; tensors are Float.
+public enum ClosedForm {
+    public static let hiddenSize = 8
+
+    public static func models(unsafeAbove threshold: Double = 0.9) -> PipelineModels {
+        PipelineModels(textEncoder: TextEncoder(), unet: Denoiser(), decoder: Decoder(), encoder: Encoder(),
+                       safetyChecker: SafetyChecker(threshold: threshold))
+    }
+
+    public struct TextEncoder: TextEncoding {
+        public init() {}
+
+        public func encode(tokenIds: [Int]) throws -> Tensor {
+            var scalars: [Float] = []
+            for (i, token) in tokenIds.enumerated() {
+                for j in 0..<hiddenSize {
+                    scalars.append(Float(sin(0.001 * Double(token) * Double(j + 1) + 0.1 * Double(i))))
+                }
+            }
+            return Tensor(shape: [1, tokenIds.count, hiddenSize], scalars: scalars)
+        }
+    }
+
+    /// 0.1 * sample + (0.01 cos(t / 100) + 0.05 (c + 1) mean(text)) per channel c.
+    public struct Denoiser: NoisePredicting {
+        public init() {}
+
+        public func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+            let items = (0..<latents.shape[0]).map { b in
+                denoise(latents.batchItem(b), timestep: timestep, mean: mean(hiddenStates.batchItem(b)))
+            }
+            return Tensor.concatenateBatch(items)
+        }
+
+        func mean(_ hidden: Tensor) -> Double {
+            hidden.scalars.reduce(0.0) { $0 + Double($1) } / Double(hidden.count)
+        }
+
+        func denoise(_ sample: Tensor, timestep: Int, mean: Double) -> Tensor {
+            let plane = sample.count / sample.shape[1]
+            var out = sample.scalars
+            for c in 0..<sample.shape[1] {
+                let bias = Float(0.01 * cos(Double(timestep) / 100.0) + 0.05 * Double(c + 1) * mean)
+                for i in (c * plane)..<((c + 1) * plane) { out[i] = Float(0.1) * out[i] + bias }
+            }
+            return Tensor(shape: sample.shape, scalars: out)
+        }
+    }
+
+    /// tanh(0.02 z) of the first three channels, each latent pixel repeated 8 x 8.
+    public struct Decoder: LatentDecoding {
+        public init() {}
+
+        public func decode(_ latents: Tensor) throws -> Tensor {
+            let h = latents.shape[2], w = latents.shape[3]
+            var scalars = [Float](repeating: 0, count: 3 * 64 * h * w)
+            for c in 0..<3 {
+                for y in 0..<(8 * h) {
+                    for x in 0..<(8 * w) {
+                        let z = latents.scalars[(c * h + y / 8) * w + x / 8]
+                        scalars[(c * 8 * h + y) * 8 * w + x] = Float(tanh(Double(z) * 0.02))
+                    }
+                }
+            }
+            return Tensor(shape: [1, 3, 8 * h, 8 * w], scalars: scalars)
+        }
+    }
+
+    /// Top-left pixel of each 8 x 8 block per channel, plus their channel mean, times the latent scale.
+    public struct Encoder: ImageEncoding {
+        public init() {}
+
+        public func encode(image: Tensor, diagonalNoise: Tensor, noise: Tensor, signal: Float, noiseScale: Float) throws -> Tensor {
+            let latents = clean(image)
+            return latents.zip(noise) { signal * $0 + noiseScale * $1 }
+        }
+
+        func clean(_ image: Tensor) -> Tensor {
+            let height = image.shape[2], width = image.shape[3]
+            let h = height / 8, w = width / 8
+            var scalars = [Float](repeating: 0, count: 4 * h * w)
+            for y in 0..<h {
+                for x in 0..<w {
+                    let pixels = (0..<3).map { image.scalars[($0 * height + 8 * y) * width + 8 * x] }
+                    let fourth = Float(pixels.reduce(0.0) { $0 + Double($1) } / 3)
+                    for (c, value) in (pixels + [fourth]).enumerated() {
+                        scalars[(c * h + y) * w + x] = value * StableDiffusionPipeline.latentScale
+                    }
+                }
+            }
+            return Tensor(shape: [1, 4, h, w], scalars: scalars)
+        }
+    }
+
+    /// Flags images whose mean brightness exceeds the threshold.
+    public struct SafetyChecker: SafetyChecking {
+        public let threshold: Double
+
+        public func isUnsafe(image: Tensor) throws -> Bool {
+            image.scalars.reduce(0.0) { $0 + Double($1) } / Double(image.count) > threshold
+        }
+    }
+
+    /// The deterministic img2img input image (1, 3, H, W).
+    public static func testImage(height: Int, width: Int) -> Tensor {
+        var scalars: [Float] = []
+        for c in 0..<3 {
+            for y in 0..<height {
+                for x in 0..<width {
+                    scalars.append(Float(sin(0.05 * Double(x) + 0.3 * Double(c)) * cos(0.07 * Double(y))))
+                }
+            }
+        }
+        return Tensor(shape: [1, 3, height, width], scalars: scalars)
+    }
+}

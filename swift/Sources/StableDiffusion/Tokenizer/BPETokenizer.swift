@@ -1,0 +1,142 @@
+import Foundation
+
+/// CLIP's byte-level BPE tokenizer, matching Hugging Face's `CLIPTokenizer` (tokenizers backend)
+/// on `vocab.json` + `merges.txt`: NFC, whitespace runs to one space, lower-casing, CLIP's split
+/// pattern, byte-to-unicode mapping, `</w>` word ends, start/end tokens, end-token padding.
+public struct BPETokenizer: Sendable {
+    public static let startText = "<|startoftext|>"
+    public static let endText = "<|endoftext|>"
+
+    let vocab: [String: Int]
+    let ranks: [MergePair: Int]
+    public let startId: Int
+    public let endId: Int
+    /// SD 1.x pads with the end token.
+    public let padId: Int
+
+    public init(vocab: [String: Int], merges: [(String, String)]) throws {
+        guard let start = vocab[Self.startText], let end = vocab[Self.endText] else {
+            throw TokenizerError.missingSpecialTokens
+        }
+        self.vocab = vocab
+        var ranks = [MergePair: Int](minimumCapacity: merges.count)
+        for (rank, pair) in merges.enumerated() where ranks[MergePair(pair.0, pair.1)] == nil {
+            ranks[MergePair(pair.0, pair.1)] = rank
+        }
+        self.ranks = ranks
+        startId = start
+        endId = end
+        padId = end
+    }
+
+    public init(vocabURL: URL, mergesURL: URL) throws {
+        try self.init(vocab: try Self.readVocab(vocabURL), merges: try Self.readMerges(mergesURL))
+    }
+
+    /// Ids for `text`: start token, up to `length - 2` text tokens, end token, end-token padding.
+    public func encode(_ text: String, length: Int = 77) -> [Int] {
+        let body = tokenize(text).prefix(max(length - 2, 0))
+        let ids = [startId] + body + [endId]
+        return ids + Array(repeating: padId, count: max(length - ids.count, 0))
+    }
+
+    /// Text token ids without start/end tokens or padding. Literal special-token strings in the
+    /// text become their ids, as Hugging Face's added-token matching does before normalising.
+    public func tokenize(_ text: String) -> [Int] {
+        var ids: [Int] = []
+        var rest = Substring(text)
+        while let (range, id) = firstSpecial(in: rest) {
+            ids += tokenizeOrdinary(String(rest[..<range.lowerBound]))
+            ids.append(id)
+            rest = rest[range.upperBound...]
+        }
+        return ids + tokenizeOrdinary(String(rest))
+    }
+
+    private func firstSpecial(in text: Substring) -> (Range<Substring.Index>, Int)? {
+        let hits = [(Self.startText, startId), (Self.endText, endId)].compactMap { special, id in
+            text.range(of: special).map { ($0, id) }
+        }
+        return hits.min { $0.0.lowerBound < $1.0.lowerBound }
+    }
+
+    private func tokenizeOrdinary(_ text: String) -> [Int] {
+        let pieces = CLIPPreTokenizer.split(CLIPPreTokenizer.normalize(text))
+        return pieces.flatMap { piece in bpe(ByteEncoder.encode(piece)).map { vocab[$0] ?? endId } }
+    }
+
+    /// Merges the lowest-ranked adjacent pair everywhere it occurs until no ranked pair is left.
+    func bpe(_ word: [String]) -> [String] {
+        guard var symbols = Optional(word), !symbols.isEmpty else { return [] }
+        symbols[symbols.count - 1] += "</w>"
+        while symbols.count > 1, let best = lowestRankedPair(symbols) {
+            symbols = merging(best, in: symbols)
+        }
+        return symbols
+    }
+
+    private func lowestRankedPair(_ symbols: [String]) -> MergePair? {
+        var best: (pair: MergePair, rank: Int)?
+        for i in 0..<(symbols.count - 1) {
+            let pair = MergePair(symbols[i], symbols[i + 1])
+            if let rank = ranks[pair], rank < best?.rank ?? Int.max { best = (pair, rank) }
+        }
+        return best?.pair
+    }
+
+    private func merging(_ pair: MergePair, in symbols: [String]) -> [String] {
+        var merged: [String] = []
+        var i = 0
+        while i < symbols.count {
+            if i + 1 < symbols.count, symbols[i] == pair.first, symbols[i + 1] == pair.second {
+                merged.append(pair.first + pair.second)
+                i += 2
+            } else {
+                merged.append(symbols[i])
+                i += 1
+            }
+        }
+        return merged
+    }
+
+    static func readVocab(_ url: URL) throws -> [String: Int] {
+        let data = try Data(contentsOf: url)
+        guard let vocab = try JSONSerialization.jsonObject(with: data) as? [String: Int] else {
+            throw TokenizerError.badVocab(url.path)
+        }
+        return vocab
+    }
+
+    static func readMerges(_ url: URL) throws -> [(String, String)] {
+        let text = try String(contentsOf: url, encoding: .utf8)
+        return try text.split(separator: "\n", omittingEmptySubsequences: true).compactMap { line in
+            if line.hasPrefix("#version") { return nil }
+            let parts = line.split(separator: " ")
+            guard parts.count == 2 else { throw TokenizerError.badMerges(url.path) }
+            return (String(parts[0]), String(parts[1]))
+        }
+    }
+}
+
+struct MergePair: Hashable, Sendable {
+    let first: String
+    let second: String
+    init(_ first: String, _ second: String) {
+        self.first = first
+        self.second = second
+    }
+}
+
+public enum TokenizerError: Error, CustomStringConvertible {
+    case missingSpecialTokens
+    case badVocab(String)
+    case badMerges(String)
+
+    public var description: String {
+        switch self {
+        case .missingSpecialTokens: return "vocab.json lacks <|startoftext|> or <|endoftext|>"
+        case .badVocab(let path): return "\(path) is not a JSON object of token -> id"
+        case .badMerges(let path): return "\(path) has a line that is not two space-separated symbols"
+        }
+    }
+}

@@ -1,0 +1,37 @@
+import Foundation
+import StableDiffusion
+
+/// One line on stderr and a non-zero exit, so scripts can tell what went wrong.
+func fail(_ message: String, code: Int32) -> Never {
+    FileHandle.standardError.write(Data("StableDiffusionCLI: error: \(message)\n".utf8))
+    exit(code)
+}
+
+let options: CommandLineOptions
+do {
+    options = try CommandLineOptions.parse(Array(CommandLine.arguments.dropFirst()))
+} catch {
+    fail("\(error)", code: 2)
+}
+if options.help {
+    print(CommandLineOptions.usage)
+    exit(0)
+}
+
+do {
+    let resources = try ResourceFolder(path: options.resourcePath, needsEncoder: options.imagePath != nil)
+    let tokenizer = try resources.tokenizer()
+    if let image = options.imagePath, !FileManager.default.fileExists(atPath: image) {
+        throw UsageError("--image \(image) does not exist")
+    }
+    if tokenizer.tokenize(options.prompt).count > 75 {
+        FileHandle.standardError.write(Data("StableDiffusionCLI: note: the prompt is longer than 75 tokens and is truncated\n".utf8))
+    }
+    try CLIRunner.run(options, resources: resources, tokenizer: tokenizer)
+} catch let error as UsageError {
+    fail(error.description, code: 2)
+} catch let error as CLIRunner.Unavailable {
+    fail(error.description, code: 3)
+} catch {
+    fail("\(error)", code: 1)
+}
