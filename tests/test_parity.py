@@ -1,0 +1,32 @@
+import json
+
+import pytest
+from PIL import Image
+
+from python_coreml_sd import parity
+
+
+def test_parity_report_on_tiny(capsys, tmp_path, tiny_models_dir):
+    out = tmp_path / "report"
+    assert parity.main(["--prompt", "a red fox", "-i", str(tiny_models_dir), "-o", str(out), "--seeds", "1", "2",
+                        "--num-inference-steps", "3", "--scheduler", "DDIM"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["threshold_db"] == 30.0 and len(report["results"]) == 2
+    for entry in report["results"]:
+        values = entry["psnr_db"]
+        assert set(values) == {"text_embeddings", "first_noise_pred", "final_latents", "decoded_image", "final_image"}
+        # fp16 conversion against the fp32 reference: well above the floor, yet not identical.
+        assert all(35 <= v < 150 for v in values.values()), values
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (3 * 128, 2 * 128)
+    printed = capsys.readouterr().out
+    assert "final_image" in printed and "ok" in printed
+
+
+def test_parity_fails_with_exit_1_under_the_threshold(capsys, tmp_path, tiny_models_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        parity.main(["--prompt", "a red fox", "-i", str(tiny_models_dir), "-o", str(tmp_path),
+                     "--num-inference-steps", "2", "--psnr-threshold", "200"])
+    assert exit_info.value.code == 1
+    assert "PSNR under 200.0 dB" in capsys.readouterr().err
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
