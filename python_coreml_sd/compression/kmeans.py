@@ -23,6 +23,12 @@ SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
 # Distinct values up to which the DP runs on every value (exact); above it, on coarse atoms.
 EXACT_LIMIT = 512
 MAX_LLOYD_ITERS = 300
+# Atoms for the coarse DP above the exact limit: finer finds better basins, cost grows as m^2 k.
+COARSE_ATOMS = 512
+KMEANSPP_STARTS = 1
+# How far (in distinct values) the windowed DP may move each cut per pass.
+WINDOW_RADIUS = 32
+FAR_CANDIDATES = 64
 
 
 def kmeans_1d(values, k: int, weights=None, exact_limit: int = EXACT_LIMIT):
@@ -51,8 +57,10 @@ def kmeans_sorted(xs: np.ndarray, ws: np.ndarray, k: int, exact_limit: int = EXA
     cuts = _optimal_cuts(prefix, edges, k)
     if len(edges) == len(xs) + 1:
         return _means(prefix, cuts) + shift
-    centroids = _lloyd(xs - shift, prefix, _means(prefix, cuts))
-    return centroids + shift
+    # The k-means cost has many near-equal basins; keep the best of a few distinct starts.
+    starts = [cuts] + [_kmeanspp_cuts(xs - shift, ws, k, seed) for seed in range(KMEANSPP_STARTS)]
+    best = min((_refine(xs - shift, prefix, c) for c in starts), key=lambda c: sse(xs - shift, c, ws))
+    return best + shift
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -98,7 +106,7 @@ def _atom_edges(xs, p0, k, exact_limit):
     n = len(xs)
     if n <= exact_limit:
         return np.arange(n + 1)
-    m = min(max(exact_limit // 2, 4 * k), 2 * k + exact_limit // 2)
+    m = min(max(COARSE_ATOMS, 4 * k), 2 * k + COARSE_ATOMS // 2)
     by_mass = np.searchsorted(p0[1:], np.linspace(0, p0[-1], m // 2 + 1)[1:-1], side="right")
     by_value = np.searchsorted(xs, np.linspace(xs[0], xs[-1], m // 2 + 1)[1:-1], side="left")
     # Even steps in rank guarantee enough distinct atoms when mass and range both bunch up.
@@ -130,6 +138,10 @@ def _optimal_cuts(prefix, edges, k):
     """
     cost = _run_cost_matrix(prefix, edges)
     m = len(edges) - 1
+    if m > EXACT_LIMIT:
+        # Coarse atoms only steer the refinement that follows, so float32 (half the memory
+        # traffic of this memory-bound loop) is precise enough here.
+        cost = (cost / max(float(cost[np.isfinite(cost)].max()), 1e-300)).astype(np.float32)
     k = min(k, m)
     best = cost[:, 0].copy()
     back = np.zeros((k, m + 1), dtype=np.int64)
@@ -138,7 +150,7 @@ def _optimal_cuts(prefix, edges, k):
         total = cost[lo : hi + 1, j:hi] + best[None, j:hi]
         arg = np.argmin(total, axis=1)
         back[j, lo : hi + 1] = arg + j
-        new_best = np.full(m + 1, np.inf)
+        new_best = np.full(m + 1, np.inf, dtype=cost.dtype)
         new_best[lo : hi + 1] = total[np.arange(len(arg)), arg]
         best = new_best
     cuts = [m]
@@ -153,21 +165,141 @@ def _means(prefix, cuts):
     return (p1[cuts[1:]] - p1[cuts[:-1]]) / (p0[cuts[1:]] - p0[cuts[:-1]])
 
 
-def _lloyd(xs, prefix, centroids):
-    """Lloyd to a fixed point, all in the sorted domain: O(k log n) per step."""
-    p0, p1, _ = prefix
-    cuts = None
+def _kmeanspp_cuts(xs, ws, k, seed):
+    """Cuts from a k-means++ seeding (greedy, as scikit-learn does it) with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(np.log(k))
+    centers = [xs[rng.choice(len(xs), p=ws / ws.sum())]]
+    d2 = (xs - centers[0]) ** 2
+    for _ in range(1, k):
+        pot = ws * d2
+        cand = np.searchsorted(np.cumsum(pot), rng.random(trials) * pot.sum())
+        cand = np.minimum(cand, len(xs) - 1)
+        new_d2 = np.minimum(d2[None, :], (xs[None, :] - xs[cand][:, None]) ** 2)
+        pick = int(np.argmin((new_d2 * ws).sum(axis=1)))
+        centers.append(xs[cand[pick]])
+        d2 = new_d2[pick]
+    return _cuts_for(xs, np.unique(centers))
+
+
+def _refine(xs, prefix, cuts):
+    """Local search from the coarse optimum until no move helps.
+
+    Alternates Lloyd steps (cheap, O(k log n)), exact re-splits of adjacent pairs, and a DP that
+    moves every cut at once within a window of its current position at full resolution.
+    """
+    centroids = _means(prefix, cuts)
     for _ in range(MAX_LLOYD_ITERS):
-        mids = (centroids[1:] + centroids[:-1]) / 2
-        new_cuts = np.concatenate(([0], np.searchsorted(xs, mids, side="right"), [len(xs)]))
-        if cuts is not None and np.array_equal(new_cuts, cuts):
+        centroids = _cell_means(prefix, cuts, centroids)
+        moved = _cuts_for(xs, centroids)
+        if np.array_equal(moved, cuts):
+            moved = _resplit_pairs(prefix, cuts)
+        if np.array_equal(moved, cuts):
+            moved = _windowed_dp(prefix, cuts)
+        if np.array_equal(moved, cuts):
             break
-        cuts = new_cuts
-        mass = p0[cuts[1:]] - p0[cuts[:-1]]
-        # An empty cell keeps its centroid: harmless to the cost, and keeps the order.
+        cuts = moved
+    return _cell_means(prefix, cuts, centroids)
+
+
+def _windowed_dp(prefix, cuts, radius: int = WINDOW_RADIUS):
+    """Exact DP over cut positions restricted to +-radius values around each current cut.
+
+    Returns the old cuts unless the new partition is strictly cheaper.
+    """
+    n = len(prefix[0]) - 1
+    inner = cuts[1:-1]
+    if len(inner) == 0:
+        return cuts
+    near = inner[:, None] + np.arange(-radius, radius + 1)[None, :]
+    # fp16 values crowd near zero, so +-radius values can be a tiny move there; also offer cuts
+    # spread evenly over the span of the two runs each cut separates.
+    frac = np.linspace(0.0, 1.0, FAR_CANDIDATES)[None, :]
+    far = (cuts[:-2, None] + frac * (cuts[2:, None] - cuts[:-2, None])).astype(np.int64)
+    win = np.clip(np.sort(np.concatenate([near, far], axis=1), axis=1), 1, n - 1)
+    best = _run_cost(prefix, np.zeros_like(win[0]), win[0])
+    back = []
+    for j in range(1, len(inner)):
+        t, e = win[j - 1][None, :], win[j][:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
-            centroids = np.where(mass > 0, (p1[cuts[1:]] - p1[cuts[:-1]]) / mass, centroids)
-    return centroids
+            total = np.where(t < e, best[None, :] + _run_cost(prefix, t, e), np.inf)
+        arg = np.argmin(total, axis=1)
+        back.append(arg)
+        best = total[np.arange(len(arg)), arg]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best = np.where(win[-1] < n, best + _run_cost(prefix, win[-1], np.full_like(win[-1], n)), np.inf)
+    pos = int(np.argmin(best))
+    new_inner = [win[-1][pos]]
+    for j in range(len(inner) - 1, 0, -1):
+        pos = back[j - 1][pos]
+        new_inner.append(win[j - 1][pos])
+    new = np.concatenate(([0], new_inner[::-1], [n]))
+    old_cost = _partition_cost(prefix, cuts)
+    if best.min() < old_cost - 1e-12 * old_cost:
+        return new
+    return cuts
+
+
+def _cuts_for(xs, centroids):
+    mids = (centroids[1:] + centroids[:-1]) / 2
+    return np.concatenate(([0], np.searchsorted(xs, mids, side="right"), [len(xs)]))
+
+
+def _cell_means(prefix, cuts, fallback):
+    """Mean of each cell; an empty cell keeps its old centroid (harmless, keeps the order)."""
+    p0, p1, _ = prefix
+    mass = p0[cuts[1:]] - p0[cuts[:-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mass > 0, (p1[cuts[1:]] - p1[cuts[:-1]]) / mass, fallback)
+
+
+def _run_cost(prefix, lo, hi):
+    """SSE of runs [lo, hi); callers guarantee lo < hi (hot path: no guards)."""
+    p0, p1, p2 = prefix
+    s1 = p1[hi] - p1[lo]
+    return p2[hi] - p2[lo] - s1 * s1 / (p0[hi] - p0[lo])
+
+
+def _cost_or_zero(prefix, lo, hi):
+    """SSE of runs [lo, hi), 0 for empty ones."""
+    full = hi > lo
+    out = np.zeros(len(lo))
+    out[full] = _run_cost(prefix, lo[full], hi[full])
+    return out
+
+
+def _partition_cost(prefix, cuts):
+    return float(_cost_or_zero(prefix, cuts[:-1], cuts[1:]).sum())
+
+
+def _resplit_pairs(prefix, cuts):
+    """Best cut inside each adjacent pair of runs, even pairs then odd ones (they don't overlap).
+
+    All candidate cuts of all pairs are scored in one vectorised pass: O(n) per sweep.
+    """
+    cuts = cuts.copy()
+    for parity in (0, 1):
+        j = np.arange(parity, len(cuts) - 2, 2)
+        if len(j) == 0:
+            continue
+        lo, hi = cuts[j], cuts[j + 2]
+        span = np.maximum(hi - lo - 1, 0)  # candidate cuts strictly inside keep both runs non-empty
+        keep = span > 0
+        j, lo, hi, span = j[keep], lo[keep], hi[keep], span[keep]
+        if len(j) == 0:
+            continue
+        owner = np.repeat(np.arange(len(j)), span)
+        cand = lo[owner] + 1 + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
+        score = _run_cost(prefix, lo[owner], cand) + _run_cost(prefix, cand, hi[owner])
+        starts = np.cumsum(span) - span
+        best = np.minimum.reduceat(score, starts)
+        current = _cost_or_zero(prefix, lo, cuts[j + 1]) + _cost_or_zero(prefix, cuts[j + 1], hi)
+        first = np.flatnonzero(score == best[owner])
+        pick = cand[first[np.unique(owner[first], return_index=True)[1]]]
+        # Move only on a clear gain, so rounding noise cannot make the sweep cycle.
+        better = best < current - 1e-12 * np.maximum(current, 1e-300)
+        cuts[j[better] + 1] = pick[better]
+    return cuts
 
 
 def distinct_with_counts(w: np.ndarray):
