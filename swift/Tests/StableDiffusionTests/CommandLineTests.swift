@@ -1,0 +1,79 @@
+import Foundation
+import XCTest
+@testable import StableDiffusion
+
+final class CommandLineTests: XCTestCase {
+    func testParsesEveryFlag() throws {
+        let options = try CommandLineOptions.parse([
+            "--resource-path", "/r", "--prompt", "a cat", "--negative-prompt=blurry", "--image-count", "2",
+            "--step-count", "25", "--seed", "4294967295", "--guidance-scale", "5.5", "--scheduler", "dpmpp",
+            "--rng", "torch", "--compute-units", "cpuAndNeuralEngine", "--output-path", "out", "--image", "in.png",
+            "--strength", "0.7", "--disable-safety", "--reduce-memory", "--prediction-type", "v_prediction",
+        ])
+        XCTAssertEqual(options.resourcePath, "/r")
+        XCTAssertEqual(options.negativePrompt, "blurry")
+        XCTAssertEqual(options.imageCount, 2)
+        XCTAssertEqual(options.stepCount, 25)
+        XCTAssertEqual(options.seed, .max)
+        XCTAssertEqual(options.guidanceScale, 5.5)
+        XCTAssertEqual(options.scheduler, .dpmpp)
+        XCTAssertEqual(options.rng, .torch)
+        XCTAssertEqual(options.computeUnits, .cpuAndNeuralEngine)
+        XCTAssertEqual(options.imagePath, "in.png")
+        XCTAssertEqual(options.strength, 0.7)
+        XCTAssertTrue(options.disableSafety && options.reduceMemory)
+        XCTAssertEqual(options.predictionType, .vPrediction)
+    }
+
+    func testDefaultsMatchThePythonPipeline() throws {
+        let options = try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p"])
+        XCTAssertEqual(options.rng, .numpy)
+        XCTAssertEqual(options.scheduler, .pndm)
+        XCTAssertEqual(options.generationConfig().guidanceScale, 7.5)
+    }
+
+    func testHelpNeedsNothingElse() throws {
+        XCTAssertTrue(try CommandLineOptions.parse(["--help"]).help)
+    }
+
+    func testBadInputIsOneClearLine() {
+        let cases: [([String], String)] = [
+            (["--prompt", "p"], "--resource-path is required"),
+            (["--resource-path", "r"], "--prompt is required"),
+            (["--resource-path", "r", "--prompt", "p", "--steps", "3"], "unknown option '--steps' (see --help)"),
+            (["--resource-path", "r", "--prompt"], "--prompt needs a value"),
+            (["--resource-path", "r", "--prompt", "p", "--seed", "-1"], "--seed must be a number in 0 ... 4294967295, got '-1'"),
+            (["--resource-path", "r", "--prompt", "p", "--strength", "2"], "--strength must be a number in 0.0 ... 1.0, got '2'"),
+            (["--resource-path", "r", "--prompt", "p", "--rng", "philox"], "--rng must be one of numpy, torch, got 'philox'"),
+            (["--resource-path", "r", "--prompt", "p", "extra"], "unexpected argument 'extra'"),
+            (["--resource-path", "r", "--prompt", "p", "--disable-safety=yes"], "--disable-safety takes no value"),
+        ]
+        for (arguments, message) in cases {
+            XCTAssertThrowsError(try CommandLineOptions.parse(arguments)) { error in
+                XCTAssertEqual((error as? UsageError)?.description, message)
+                XCTAssertFalse(message.contains("\n"))
+            }
+        }
+    }
+
+    func testResourceFolderValidation() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("sd-resources-\(UUID())")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: folder) }
+        XCTAssertThrowsError(try ResourceFolder(path: folder.path)) { error in
+            XCTAssertTrue("\(error)".contains("TextEncoder.mlmodelc, VAEDecoder.mlmodelc, vocab.json, merges.txt, Unet.mlmodelc"))
+        }
+        for name in ["TextEncoder.mlmodelc", "VAEDecoder.mlmodelc", "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"] {
+            try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
+        }
+        for name in ["vocab.json", "merges.txt"] {
+            try FileManager.default.copyItem(at: Golden.repositoryRoot.appendingPathComponent("models/tokenizer/\(name)"),
+                                             to: folder.appendingPathComponent(name))
+        }
+        let resources = try ResourceFolder(path: folder.path)
+        XCTAssertTrue(resources.chunkedUnet)
+        XCTAssertFalse(resources.hasSafetyChecker)
+        XCTAssertEqual(try resources.tokenizer().encode("a").prefix(3), [49406, 320, 49407])
+        XCTAssertThrowsError(try ResourceFolder(path: folder.path, needsEncoder: true))
+    }
+}

@@ -1,0 +1,84 @@
+"""The golden vectors the Swift package tests against still match what the Python side computes.
+
+scripts/make_golden_vectors.py writes swift/Tests/StableDiffusionTests/Resources/golden.json; the
+Swift tests compare the tokenizer, random sources, schedulers and the closed-form generation loop
+with it. Regenerating here catches drift on the Python side (a diffusers, transformers, torch or
+closed_form.py change) before it shows up as a Swift failure on a Mac.
+"""
+import importlib.util
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "swift" / "Tests" / "StableDiffusionTests" / "Resources" / "golden.json"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("make_golden_vectors", ROOT / "scripts" / "make_golden_vectors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return json.loads(GOLDEN.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def regenerated(script):
+    return json.loads(script.dumps(script.build()))
+
+
+@pytest.mark.parametrize("section", ["tokenizer", "random", "schedulers", "loop"])
+def test_committed_golden_matches_python_now(committed, regenerated, section):
+    assert regenerated[section] == committed[section], (
+        f"golden.json's {section!r} section drifted from the Python side; "
+        "run `python scripts/make_golden_vectors.py` and check the Swift tests")
+
+
+def test_golden_file_is_small_and_varied(committed):
+    assert GOLDEN.stat().st_size < 2_000_000
+    prompts = [case["prompt"] for case in committed["tokenizer"]["cases"]]
+    assert len(prompts) >= 300
+    assert "" in prompts and any(len(p) > 300 for p in prompts)
+    assert any(ord(ch) > 0x3000 for p in prompts for ch in p)  # CJK
+    truncated = [case for case in committed["tokenizer"]["cases"] if len(case["ids"]) == 77]
+    assert truncated and all(case["ids"][-1] == 49407 for case in truncated)
+    sizes = {case["count"] for case in committed["random"]["torch"]}
+    assert {1, 15, 16, 17, 16384} <= sizes  # both torch code paths and the 16-block remainder
+
+
+def test_numpy_is_the_pipeline_random_source():
+    from python_coreml_sd.testing.closed_form import random_normal
+    expected = np.random.RandomState(3).randn(1, 4, 8, 8).astype(np.float32)
+    np.testing.assert_array_equal(random_normal("numpy", 3, (1, 4, 8, 8)), expected)
+
+
+def test_random_crc_covers_every_value(committed):
+    from python_coreml_sd.testing.closed_form import random_normal
+    case = next(c for c in committed["random"]["numpy"] if c["count"] == 16384)
+    values = random_normal("numpy", case["seed"], case["shape"])
+    assert zlib.crc32(values.astype("<f4").tobytes()) == case["crc32"]
+
+
+def test_closed_form_loop_guidance_and_scaling():
+    """The Python loop itself: guidance changes the result, img2img starts late, decode sees z / 0.18215."""
+    from python_coreml_sd.testing import closed_form as cf
+    tokenize = load_script().make_tokenizer()
+    base = cf.run_loop(cf.LoopConfig("a cat", steps=5, seed=1), tokenize)
+    unguided = cf.run_loop(cf.LoopConfig("a cat", steps=5, seed=1, guidance_scale=1.0), tokenize)
+    assert not np.array_equal(base.latents, unguided.latents)
+    img2img = cf.run_loop(cf.LoopConfig("a cat", steps=10, seed=1, strength=0.3), tokenize)
+    assert img2img.timesteps == [301, 201, 101, 1]  # PNDM lists 11 timesteps for 10 steps; skip 7
+    decoded = cf.decode(base.latents / np.float32(cf.LATENT_SCALE))
+    assert np.array_equal(cf.to_rgb8(decoded), base.rgb)
