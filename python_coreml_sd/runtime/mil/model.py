@@ -1,5 +1,6 @@
 """MILModel: open an .mlpackage with coremltools' loaders and run its ML Program with PyTorch."""
 import os
+import warnings
 from collections import Counter, namedtuple
 from pathlib import Path
 
@@ -96,11 +97,13 @@ class MILModel:
     """Runs a Core ML ML Program with PyTorch; `predict` mirrors coremltools.models.MLModel.
 
     device: "cpu" or "cuda" (or any torch device string). Weights are moved to it once here.
-    cuda_graph: on CUDA, capture the whole program in a CUDA graph after the first call and replay
-    it (removes the per-op launch overhead; inputs are copied into static buffers).
+    cuda_graph: on CUDA, capture the whole program in a CUDA graph at the first call and replay it
+    (removes the per-op launch overhead; inputs are copied into static buffers).
+    fuse: run attention and group-norm op chains as single fused kernels (see fusion.py); default
+    on for CUDA, off for CPU, where each fp16 op's result is rounded exactly as the program says.
     """
 
-    def __init__(self, path, device="cpu", function_name=None, cuda_graph=False):
+    def __init__(self, path, device="cpu", function_name=None, cuda_graph=False, fuse=None):
         self.path = str(path)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -116,7 +119,8 @@ class MILModel:
         # its host copies of the weights are freed.
         self.op_types = Counter(op.op_type for op in function.operations)
         try:
-            self.plan = Plan(function, self.device)
+            fuse = self.device.type == "cuda" if fuse is None else bool(fuse)
+            self.plan = Plan(function, self.device, fuse=fuse)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"{path}: {e}") from None
         self._graph = None
@@ -171,7 +175,12 @@ class MILModel:
 
     def _run_graph(self, tensors):
         if self._graph is None:
-            self._capture(tensors)
+            try:
+                self._capture(tensors)
+            except Exception as e:  # an op that cannot be captured: keep running eagerly
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running op by op")
+                self._use_graph, self._graph = False, None
+                return self._run(tensors)
         for name, t in tensors.items():
             self._static_in[name].copy_(t)
         self._graph.replay()

@@ -11,6 +11,7 @@ import torch
 
 from ...errors import UserError
 from .dtypes import mil_name, storage_dtype
+from .fusion import find_fusions
 from .ops import BUILDERS, NotConstant, OpArgs
 
 # Ops whose fp16 output equals an fp16 input element (or a copy), so CPU fp32 compute needs no
@@ -124,16 +125,23 @@ def _build(op, device, slots):
 
 
 class Plan:
-    def __init__(self, function, device):
+    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels (fusion.py)."""
+
+    def __init__(self, function, device, fuse=False):
         self.device = torch.device(device)
         slots = _Slots(self.device)
         self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
+        fused, absorbed = find_fusions(function) if fuse else ({}, set())
+        self.num_fused = len(fused)
         steps = []
         with torch.no_grad():
             for op in function.operations:
-                if op.op_type == "const":
+                if op.op_type == "const" or (id(op) in absorbed and id(op) not in fused):
                     continue
-                steps.extend(self._compile_op(op, slots))
+                kernel = fused.get(id(op))
+                if kernel is not None:
+                    kernel = (_finisher(kernel[0], op, self.device), list(kernel[1]))
+                steps.extend(self._compile_op(op, slots, kernel))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
         self.output_mil_dtypes = [mil_name(v.dtype) for v in function.outputs]
@@ -142,8 +150,8 @@ class Plan:
         self.num_constants = len(slots.constant)
 
     @staticmethod
-    def _compile_op(op, slots):
-        fn, ins = _build(op, slots.device, slots)
+    def _compile_op(op, slots, kernel=None):
+        fn, ins = kernel or _build(op, slots.device, slots)
         if all(slots.is_constant(v) for v in ins):
             result = fn(*[slots.constant_tensor(v) for v in ins])
             results = result if len(op.outputs) > 1 else (result,)

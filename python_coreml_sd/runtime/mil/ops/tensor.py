@@ -51,11 +51,12 @@ def _slice_by_index(a):
         b = None if bmask[i] else begin[i]
         e = None if emask[i] else end[i]
         plan.append(_axis_slice(b, e, stride[i], shape[i]))
-    return _indexer(plan), [a.var("x")]
+    return _indexer(plan, a.device), [a.var("x")]
 
 
-def _indexer(plan):
-    lists = [(ax, torch.tensor(p)) for ax, p in enumerate(plan) if isinstance(p, list)]
+def _indexer(plan, device):
+    # Index tensors live on the device from the start: no host copies while running (or capturing).
+    lists = [(ax, torch.tensor(p, device=device)) for ax, p in enumerate(plan) if isinstance(p, list)]
     basic = tuple(slice(None) if isinstance(p, list) else p for p in plan)
     if not lists:
         return lambda x: x[basic]
@@ -63,7 +64,7 @@ def _indexer(plan):
     def fn(x):
         # Index lists first, while every axis is still where `plan` says.
         for ax, idx in lists:
-            x = x.index_select(ax, idx.to(x.device))
+            x = x.index_select(ax, idx)
         return x[basic]
 
     return fn
@@ -330,9 +331,9 @@ def _nearest(a, scales):
     if all(float(s).is_integer() and o == i * s for s, i, o in zip(scales, in_hw, out_hw)):
         sh, sw = int(scales[0]), int(scales[1])
         return (lambda x: x.repeat_interleave(sh, -2).repeat_interleave(sw, -1)), [a.var("x")]
-    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0], scales[0]))
-    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1], scales[1]))
-    return (lambda x: x.index_select(-2, ih.to(x.device)).index_select(-1, iw.to(x.device))), [a.var("x")]
+    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0], scales[0])).to(a.device)
+    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1], scales[1])).to(a.device)
+    return (lambda x: x.index_select(-2, ih).index_select(-1, iw)), [a.var("x")]
 
 
 @op("upsample_nearest_neighbor")
@@ -369,21 +370,30 @@ def _grid(mode, xin, xout, scale=None):
     return np.clip(g, 0, xin - 1)
 
 
-def _lerp_axis(x, axis, grid):
+def _lerp_weights(grid, size, rank, axis, device):
+    """Device tensors (lo, hi, frac) for linear interpolation at `grid` along `axis`."""
     lo = np.floor(grid).astype(np.int64)
-    hi = np.minimum(lo + 1, int(x.shape[axis]) - 1)
-    frac = (grid - lo).astype(np.float32)
-    shape = [1] * x.dim()
+    hi = np.minimum(lo + 1, size - 1)
+    shape = [1] * rank
     shape[axis] = -1
-    w = torch.from_numpy(frac).to(x.device, x.dtype).reshape(shape)
-    a = x.index_select(axis, torch.from_numpy(lo).to(x.device))
-    b = x.index_select(axis, torch.from_numpy(hi).to(x.device))
-    return a + (b - a) * w
+    frac = torch.from_numpy((grid - lo).astype(np.float32)).reshape(shape).to(device)
+    return torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device), frac
+
+
+def _lerp_axis(x, axis, lo, hi, frac):
+    a = x.index_select(axis, lo)
+    b = x.index_select(axis, hi)
+    return a + (b - a) * frac.to(x.dtype)
 
 
 def _bilinear(a, grid_h, grid_w):
+    shape = a.in_shape()
+    rank = len(shape)
+    wh = _lerp_weights(grid_h, shape[-2], rank, rank - 2, a.device)
+    ww = _lerp_weights(grid_w, shape[-1], rank, rank - 1, a.device)
+
     def fn(x):
-        return _lerp_axis(_lerp_axis(x, x.dim() - 2, grid_h), x.dim() - 1, grid_w)
+        return _lerp_axis(_lerp_axis(x, rank - 2, *wh), rank - 1, *ww)
 
     return fn, [a.var("x")]
 

@@ -1,0 +1,69 @@
+"""Attention / group-norm fusion gives the per-op program's results (fp32 exactly up to rounding
+order; fp16 within fp16 precision) and removes the op chains it replaces."""
+import numpy as np
+import pytest
+import torch
+
+from mil_test_utils import convert, numpy_inputs, reference
+from python_coreml_sd.metrics import psnr
+from python_coreml_sd.runtime.mil import MILModel
+from test_mil_models import UNet, tiny_unet, unet_inputs
+
+NAMES = ["sample", "timestep", "encoder_hidden_states"]
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def unet_package(request, tmp_path_factory):
+    module = UNet(tiny_unet())
+    inputs = unet_inputs(32)
+    path = tmp_path_factory.mktemp("fusion") / f"unet_{request.param}.mlpackage"
+    return request.param, convert(module, inputs, NAMES, path, request.param), module, inputs
+
+
+def test_fused_plan_matches_per_op_plan(unet_package):
+    precision, path, module, inputs = unet_package
+    per_op, fused = MILModel(path, fuse=False), MILModel(path, fuse=True)
+    assert per_op.plan.num_fused == 0
+    assert fused.plan.num_fused >= 4  # 2 attention layers x 2 attentions (+ group norms)
+    assert len(fused.plan.steps) < len(per_op.plan.steps)
+    feed = numpy_inputs(NAMES, inputs)
+    a = list(per_op.predict(feed).values())[0].astype(np.float32)
+    b = list(fused.predict(feed).values())[0].astype(np.float32)
+    ref = reference(module, inputs)[0]
+    assert psnr(a, b) > (100 if precision == "fp32" else 45)
+    assert psnr(ref, b) > (60 if precision == "fp32" else 40)
+
+
+def test_attention_fusion_uses_sdpa_semantics(tmp_path):
+    """softmax(q k^T) v with a key transposed in the graph (transpose_y=False form)."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import run_mil
+
+    rng = np.random.default_rng(0)
+    q, kt, v = (rng.normal(size=s).astype(np.float32) for s in [(2, 3, 5, 4), (2, 3, 4, 6), (2, 3, 6, 4)])
+
+    def build(q, kt, v):
+        return mb.matmul(x=mb.softmax(x=mb.matmul(x=q, y=kt), axis=-1), y=v)
+
+    out = run_mil(build, {"q": q, "kt": kt, "v": v}, tmp_path)[0]
+    s = q @ kt
+    e = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(out, (e / e.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
+    model = MILModel(next(tmp_path.glob("*.mlpackage")), fuse=True)
+    assert model.plan.num_fused == 1
+    fused = list(model.predict({"q": q, "kt": kt, "v": v}).values())[0]
+    np.testing.assert_allclose(fused, out, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_fusion_with_real_affine(tmp_path):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, 5, 5) * 3 + 1
+    path = convert(torch.nn.Sequential(norm, torch.nn.SiLU()), (x,), ["x"], tmp_path / "gn.mlpackage", "fp32")
+    model = MILModel(path, fuse=True)
+    assert model.plan.num_fused == 1
+    out = list(model.predict({"x": x.numpy()}).values())[0]
+    assert psnr(torch.nn.functional.silu(norm(x)).detach().numpy(), out) > 100
