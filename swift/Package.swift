@@ -16,7 +16,8 @@ let package = Package(
             path: "Sources/StableDiffusionCLI"),
         .testTarget(
             name: "StableDiffusionTests",
-            dependencies: ["StableDiffusion"],
+            // The CLI is a dependency so `swift test` builds the binary that CLITests run.
+            dependencies: ["StableDiffusion", "StableDiffusionCLI"],
             path: "Tests/StableDiffusionTests",
             // Tests read golden.json by file path (see GoldenVectors.swift), so no resource bundle is needed.
             exclude: ["Resources"]),

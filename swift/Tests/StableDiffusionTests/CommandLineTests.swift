@@ -42,6 +42,7 @@ final class CommandLineTests: XCTestCase {
             (["--resource-path", "r"], "--prompt is required"),
             (["--resource-path", "r", "--prompt", "p", "--steps", "3"], "unknown option '--steps' (see --help)"),
             (["--resource-path", "r", "--prompt"], "--prompt needs a value"),
+            (["--resource-path", "r", "--prompt", "p", "--bogus"], "unknown option '--bogus' (see --help)"),
             (["--resource-path", "r", "--prompt", "p", "--seed", "-1"], "--seed must be a number in 0 ... 4294967295, got '-1'"),
             (["--resource-path", "r", "--prompt", "p", "--strength", "2"], "--strength must be a number in 0.0 ... 1.0, got '2'"),
             (["--resource-path", "r", "--prompt", "p", "--rng", "philox"], "--rng must be one of numpy, torch, got 'philox'"),

@@ -78,6 +78,7 @@ public struct CommandLineOptions: Equatable {
             self[keyPath: flag] = true
             return
         }
+        guard Self.valueOptions.contains(name) else { throw UsageError("unknown option '\(name)' (see --help)") }
         let text = try value()
         switch name {
         case "--resource-path": resourcePath = text
@@ -97,6 +98,11 @@ public struct CommandLineOptions: Equatable {
         default: throw UsageError("unknown option '\(name)' (see --help)")
         }
     }
+
+    private static let valueOptions: Set<String> = [
+        "--resource-path", "--prompt", "--negative-prompt", "--output-path", "--image", "--image-count", "--step-count",
+        "--seed", "--guidance-scale", "--strength", "--scheduler", "--prediction-type", "--rng", "--compute-units",
+    ]
 
     private static let flags: [String: WritableKeyPath<CommandLineOptions, Bool>] = [
         "--disable-safety": \.disableSafety, "--reduce-memory": \.reduceMemory, "--help": \.help, "-h": \.help,

@@ -1,0 +1,206 @@
+#if canImport(CoreML)
+import CoreML
+import Foundation
+
+/// `input_ids` float32 (1, 77) -> `last_hidden_state` (1, 77, C).
+public struct CoreMLTextEncoder: TextEncoding {
+    public let model: ManagedModel
+
+    public init(model: ManagedModel) { self.model = model }
+
+    public func encode(tokenIds: [Int]) throws -> Tensor {
+        let ids = Tensor(shape: [1, tokenIds.count], scalars: tokenIds.map { Float($0) })
+        return try model.predict(["input_ids": ids], outputs: ["last_hidden_state"])["last_hidden_state"]!
+    }
+}
+
+/// `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77) -> `noise_pred`, as one model or as
+/// UnetChunk1 + UnetChunk2 where the second chunk takes the first chunk's outputs by name.
+public struct CoreMLUnet: NoisePredicting {
+    public let chunks: [ManagedModel]
+
+    public init(chunks: [ManagedModel]) {
+        precondition(!chunks.isEmpty, "a UNet needs at least one model")
+        self.chunks = chunks
+    }
+
+    public func sampleShape() throws -> [Int] { try chunks[0].inputShape("sample") }
+
+    public func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+        let modelBatch = try sampleShape()[0]
+        let batch = latents.shape[0]
+        if batch == modelBatch {
+            return try run(latents, timestep: timestep, hidden: Self.unetLayout(hiddenStates))
+        }
+        // A batch-1 model runs guidance item by item; a batch-2 model without guidance runs the
+        // single item twice and keeps one answer.
+        let outputs = try (0..<batch).map { b -> Tensor in
+            let sample = Tensor.concatenateBatch(Array(repeating: latents.batchItem(b), count: modelBatch))
+            let hidden = Tensor.concatenateBatch(Array(repeating: hiddenStates.batchItem(b), count: modelBatch))
+            return try run(sample, timestep: timestep, hidden: Self.unetLayout(hidden)).batchItem(0)
+        }
+        return Tensor.concatenateBatch(outputs)
+    }
+
+    private func run(_ sample: Tensor, timestep: Int, hidden: Tensor) throws -> Tensor {
+        let batch = sample.shape[0]
+        var features: [String: Tensor] = [
+            "sample": sample,
+            "timestep": Tensor(shape: [batch], scalars: Array(repeating: Float(timestep), count: batch)),
+            "encoder_hidden_states": hidden,
+        ]
+        for (index, chunk) in chunks.enumerated() {
+            let outputs = index == chunks.count - 1 ? ["noise_pred"] : try chunkOutputNames(chunk)
+            let inputNames = try chunk.perform { Set($0.modelDescription.inputDescriptionsByName.keys) }
+            let inputs = features.filter { inputNames.contains($0.key) }
+            features.merge(try chunk.predict(inputs, outputs: outputs)) { _, new in new }
+        }
+        guard let prediction = features["noise_pred"] else {
+            throw CoreMLModelError.missingFeature(chunks[chunks.count - 1].url.lastPathComponent, "noise_pred")
+        }
+        return prediction
+    }
+
+    private func chunkOutputNames(_ chunk: ManagedModel) throws -> [String] {
+        try chunk.perform { Array($0.modelDescription.outputDescriptionsByName.keys) }
+    }
+
+    /// (B, 77, C) text embeddings -> the (B, C, 1, 77) layout the Neural Engine UNet takes.
+    static func unetLayout(_ hidden: Tensor) -> Tensor {
+        let (batch, length, channels) = (hidden.shape[0], hidden.shape[1], hidden.shape[2])
+        var scalars = [Float](repeating: 0, count: hidden.count)
+        for b in 0..<batch {
+            for s in 0..<length {
+                for c in 0..<channels {
+                    scalars[(b * channels + c) * length + s] = hidden.scalars[(b * length + s) * channels + c]
+                }
+            }
+        }
+        return Tensor(shape: [batch, channels, 1, length], scalars: scalars)
+    }
+}
+
+/// `z` (latents / 0.18215) -> `image` (1, 3, H, W) in [-1, 1].
+public struct CoreMLDecoder: LatentDecoding {
+    public let model: ManagedModel
+
+    public init(model: ManagedModel) { self.model = model }
+
+    public func decode(_ latents: Tensor) throws -> Tensor {
+        try model.predict(["z": latents], outputs: ["image"])["image"]!
+    }
+}
+
+/// `sample`, `diagonal_noise`, `noise`, `sqrt_alphas_cumprod`, `sqrt_one_minus_alphas_cumprod`
+/// -> `latent_dist`: encoding, posterior sampling, scaling and noising in one model.
+public struct CoreMLEncoder: ImageEncoding {
+    public let model: ManagedModel
+
+    public init(model: ManagedModel) { self.model = model }
+
+    public func encode(image: Tensor, diagonalNoise: Tensor, noise: Tensor, signal: Float, noiseScale: Float) throws -> Tensor {
+        let inputs = [
+            "sample": image,
+            "diagonal_noise": diagonalNoise,
+            "noise": noise,
+            "sqrt_alphas_cumprod": try scalar(signal, for: "sqrt_alphas_cumprod"),
+            "sqrt_one_minus_alphas_cumprod": try scalar(noiseScale, for: "sqrt_one_minus_alphas_cumprod"),
+        ]
+        return try model.predict(inputs, outputs: ["latent_dist"])["latent_dist"]!
+    }
+
+    private func scalar(_ value: Float, for name: String) throws -> Tensor {
+        let shape = try model.inputShape(name)
+        return Tensor(shape: shape, scalars: Array(repeating: value, count: shape.reduce(1, *)))
+    }
+}
+
+/// `clip_input`, `images`, `adjustment` -> `has_nsfw_concepts`.
+public struct CoreMLSafetyChecker: SafetyChecking {
+    public let model: ManagedModel
+    /// CLIP's image normalisation.
+    static let mean: [Float] = [0.48145466, 0.4578275, 0.40821073]
+    static let std: [Float] = [0.26862954, 0.26130258, 0.27577711]
+
+    public init(model: ManagedModel) { self.model = model }
+
+    public func isUnsafe(image: Tensor) throws -> Bool {
+        let clipShape = try model.inputShape("clip_input")
+        let imagesShape = try model.inputShape("images")
+        let unit = image.map { min(max($0 / 2 + 0.5, 0), 1) }
+        let inputs = [
+            "clip_input": Self.clipInput(unit, size: clipShape[2]),
+            "images": Self.channelsLast(unit).reshaped(imagesShape),
+            "adjustment": Tensor(shape: try model.inputShape("adjustment"), scalars: [0]),
+        ]
+        let flags = try model.predict(inputs, outputs: ["has_nsfw_concepts"])["has_nsfw_concepts"]!
+        return flags.scalars.contains { $0 > 0.5 }
+    }
+
+    /// Bilinear resize of a (1, 3, H, W) image in [0, 1] to size x size, then CLIP normalisation.
+    static func clipInput(_ image: Tensor, size: Int) -> Tensor {
+        let height = image.shape[2], width = image.shape[3]
+        var scalars = [Float](repeating: 0, count: 3 * size * size)
+        for c in 0..<3 {
+            for y in 0..<size {
+                for x in 0..<size {
+                    let value = bilinear(image, channel: c, y: (Float(y) + 0.5) * Float(height) / Float(size) - 0.5,
+                                         x: (Float(x) + 0.5) * Float(width) / Float(size) - 0.5)
+                    scalars[(c * size + y) * size + x] = (value - mean[c]) / std[c]
+                }
+            }
+        }
+        return Tensor(shape: [1, 3, size, size], scalars: scalars)
+    }
+
+    static func bilinear(_ image: Tensor, channel: Int, y: Float, x: Float) -> Float {
+        let height = image.shape[2], width = image.shape[3]
+        let y0 = min(max(Int(y.rounded(.down)), 0), height - 1), x0 = min(max(Int(x.rounded(.down)), 0), width - 1)
+        let y1 = min(y0 + 1, height - 1), x1 = min(x0 + 1, width - 1)
+        let fy = min(max(y - Float(y0), 0), 1), fx = min(max(x - Float(x0), 0), 1)
+        let at = { (yy: Int, xx: Int) in image.scalars[(channel * height + yy) * width + xx] }
+        let top = at(y0, x0) * (1 - fx) + at(y0, x1) * fx
+        let bottom = at(y1, x0) * (1 - fx) + at(y1, x1) * fx
+        return top * (1 - fy) + bottom * fy
+    }
+
+    /// (1, 3, H, W) -> (1, H, W, 3).
+    static func channelsLast(_ image: Tensor) -> Tensor {
+        let plane = image.shape[2] * image.shape[3]
+        var scalars = [Float](repeating: 0, count: image.count)
+        for c in 0..<3 {
+            for p in 0..<plane { scalars[p * 3 + c] = image.scalars[c * plane + p] }
+        }
+        return Tensor(shape: [1, image.shape[2], image.shape[3], 3], scalars: scalars)
+    }
+}
+
+/// The pipeline over a Resources folder: the models it finds, the chosen compute units, and
+/// --reduce-memory's load-per-use.
+public struct CoreMLPipeline {
+    public let pipeline: StableDiffusionPipeline
+    public let unet: CoreMLUnet
+
+    public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool) throws {
+        let model = { (name: String) in
+            ManagedModel(url: resources.file(name), computeUnits: computeUnits, keepLoaded: !reduceMemory)
+        }
+        let unetNames = resources.chunkedUnet ? ["UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"] : ["Unet.mlmodelc"]
+        unet = CoreMLUnet(chunks: unetNames.map(model))
+        let models = PipelineModels(
+            textEncoder: CoreMLTextEncoder(model: model("TextEncoder.mlmodelc")),
+            unet: unet,
+            decoder: CoreMLDecoder(model: model("VAEDecoder.mlmodelc")),
+            encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder.mlmodelc")) : nil,
+            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker.mlmodelc")) : nil)
+        pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models)
+    }
+
+    /// (1, 4, h, w) as the UNet declares its `sample` input.
+    public func latentShape() throws -> [Int] {
+        let shape = try unet.sampleShape()
+        guard shape.count == 4 else { throw CoreMLModelError.badShape("UNet sample", shape) }
+        return [1] + shape.dropFirst()
+    }
+}
+#endif

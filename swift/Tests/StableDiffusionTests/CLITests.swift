@@ -1,0 +1,79 @@
+import Foundation
+import XCTest
+@testable import StableDiffusion
+
+/// Runs the built StableDiffusionCLI binary the way users do.
+final class CLITests: XCTestCase {
+    struct Run { let status: Int32; let stdout: String; let stderr: String }
+
+    static func binary() throws -> URL {
+        let candidates = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent(),
+                          Bundle.main.bundleURL.deletingLastPathComponent(),
+                          Bundle(for: CLITests.self).bundleURL.deletingLastPathComponent()]
+        for folder in candidates {
+            for url in [folder.appendingPathComponent("StableDiffusionCLI"),
+                        folder.deletingLastPathComponent().appendingPathComponent("StableDiffusionCLI")]
+            where FileManager.default.isExecutableFile(atPath: url.path) {
+                return url
+            }
+        }
+        throw XCTSkip("StableDiffusionCLI binary not found next to the test bundle (\(candidates.map(\.path)))")
+    }
+
+    func run(_ arguments: [String]) throws -> Run {
+        let process = Process()
+        process.executableURL = try Self.binary()
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Run(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+                   stderr: String(decoding: stderr, as: UTF8.self))
+    }
+
+    func testHelp() throws {
+        let result = try run(["--help"])
+        XCTAssertEqual(result.status, 0)
+        XCTAssertTrue(result.stdout.contains("--resource-path"))
+        XCTAssertTrue(result.stdout.contains("--reduce-memory"))
+    }
+
+    func testBadFlagIsOneLineAndExitTwo() throws {
+        let result = try run(["--resource-path", "/tmp", "--prompt", "p", "--bogus"])
+        XCTAssertEqual(result.status, 2)
+        XCTAssertEqual(result.stderr, "StableDiffusionCLI: error: unknown option '--bogus' (see --help)\n")
+    }
+
+    func testMissingResourceFolder() throws {
+        let result = try run(["--resource-path", "/nonexistent/sd", "--prompt", "p"])
+        XCTAssertEqual(result.status, 2)
+        XCTAssertEqual(result.stderr, "StableDiffusionCLI: error: resource folder /nonexistent/sd does not exist\n")
+    }
+
+    func testValidFolderWithoutCoreMLSaysSo() throws {
+        #if canImport(CoreML)
+        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
+        #else
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("sd-cli-\(UUID())")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        for name in ["TextEncoder.mlmodelc", "VAEDecoder.mlmodelc", "Unet.mlmodelc"] {
+            try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
+        }
+        for name in ["vocab.json", "merges.txt"] {
+            try FileManager.default.copyItem(at: Golden.repositoryRoot.appendingPathComponent("models/tokenizer/\(name)"),
+                                             to: folder.appendingPathComponent(name))
+        }
+        let result = try run(["--resource-path", folder.path, "--prompt", "a cat", "--scheduler", "dpmpp"])
+        XCTAssertEqual(result.status, 3)
+        XCTAssertTrue(result.stderr.contains("needs Core ML"), result.stderr)
+        XCTAssertEqual(result.stderr.filter { $0 == "\n" }.count, 1)
+        let withImage = try run(["--resource-path", folder.path, "--prompt", "a cat", "--image", "in.png"])
+        XCTAssertEqual(withImage.status, 2)
+        XCTAssertTrue(withImage.stderr.contains("VAEEncoder.mlmodelc"), withImage.stderr)
+        #endif
+    }
+}
