@@ -82,3 +82,15 @@ def test_closed_form_loop_guidance_and_scaling():
     assert img2img.timesteps == [301, 201, 101, 1]  # PNDM lists 11 timesteps for 10 steps; skip 7
     decoded = cf.decode(base.latents / np.float32(cf.LATENT_SCALE))
     assert np.array_equal(cf.to_rgb8(decoded), base.rgb)
+
+
+def test_swift_png_writer_output_decodes_with_pillow():
+    """swift/.../gradient_33x17.png is written by the Swift PNGWriter (PNGTests checks it still is)."""
+    from PIL import Image
+    with Image.open(GOLDEN.parent / "gradient_33x17.png") as image:
+        image.load()
+        assert image.mode == "RGB" and image.size == (33, 17)
+        pixels = np.asarray(image)
+    y, x = np.meshgrid(np.arange(17), np.arange(33), indexing="ij")
+    expected = np.stack([x % 256, y % 256, (x * y) % 256], axis=-1).astype(np.uint8)
+    np.testing.assert_array_equal(pixels, expected)

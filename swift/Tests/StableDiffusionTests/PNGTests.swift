@@ -25,6 +25,18 @@ final class PNGTests: XCTestCase {
         XCTAssertEqual(Self.unfilter(raw, width: 200, height: 120), image.bytes)
     }
 
+    /// The committed file is what tests/test_golden_vectors.py decodes with Pillow, so a real PNG
+    /// decoder checks this writer too.
+    func testMatchesCommittedFixture() throws {
+        let url = Golden.testsFolder.appendingPathComponent("Resources/gradient_33x17.png")
+        let encoded = PNGWriter.encode(Self.gradient(width: 33, height: 17))
+        guard FileManager.default.fileExists(atPath: url.path) else {
+            try Data(encoded).write(to: url)
+            return XCTFail("wrote the missing fixture \(url.path); commit it")
+        }
+        XCTAssertEqual(Array(try Data(contentsOf: url)), encoded)
+    }
+
     func testWritesFile() throws {
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("sd-png-test-\(UUID()).png")
         defer { try? FileManager.default.removeItem(at: url) }
