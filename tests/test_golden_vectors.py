@@ -7,6 +7,7 @@ closed_form.py change) before it shows up as a Swift failure on a Mac.
 """
 import importlib.util
 import json
+import platform
 import zlib
 from pathlib import Path
 
@@ -39,11 +40,44 @@ def regenerated(script):
     return json.loads(script.dumps(script.build()))
 
 
-@pytest.mark.parametrize("section", ["tokenizer", "random", "schedulers", "loop"])
-def test_committed_golden_matches_python_now(committed, regenerated, section):
-    assert regenerated[section] == committed[section], (
-        f"golden.json's {section!r} section drifted from the Python side; "
-        "run `python scripts/make_golden_vectors.py` and check the Swift tests")
+def assert_close(actual, expected, path="", rtol=1e-6):
+    """Exact for ids, timesteps, flags and checksums; float lists within rtol of their largest value,
+    since another CPU's torch kernels may round scheduler arithmetic differently."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{path}.{key}", rtol)
+    elif isinstance(expected, list) and expected and all(isinstance(v, float) for v in expected):
+        a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+        assert a.shape == e.shape, path
+        assert np.abs(a - e).max() <= rtol * max(np.abs(e).max(), 1e-30), path
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, f"{path}[{i}]", rtol)
+    else:
+        assert actual == expected, path
+
+
+DRIFT_HINT = "run `python scripts/make_golden_vectors.py` and check the Swift tests"
+
+
+@pytest.mark.parametrize("section", ["tokenizer", "random"])
+def test_committed_ids_and_samples_match_python_exactly(committed, regenerated, section):
+    expected = dict(committed[section])
+    actual = dict(regenerated[section])
+    if section == "random" and platform.machine().lower() not in ("x86_64", "amd64"):
+        # Arm torch builds use the scalar kernel for >= 16 samples: compare those with torch_scalar.
+        expected.pop("torch"), actual.pop("torch")
+    assert actual == expected, f"golden.json's {section!r} section drifted from the Python side; {DRIFT_HINT}"
+
+
+@pytest.mark.parametrize("section", ["schedulers", "loop"])
+def test_committed_schedulers_and_loop_match_python(committed, regenerated, section):
+    try:
+        assert_close(regenerated[section], committed[section])
+    except AssertionError as error:
+        raise AssertionError(f"golden.json's {section!r} section drifted at {error}; {DRIFT_HINT}") from None
 
 
 def test_golden_file_is_small_and_varied(committed):
