@@ -564,3 +564,23 @@ def test_fp16_conv_matches_fp32_within_fp16_precision(tmp_path):
     ref = _ref_conv(x.astype(np.float32), w.astype(np.float32), None, [1, 1], [1, 1], 1, [(1, 1), (1, 1)])
     assert out.dtype == np.float16
     close(out, ref.astype(np.float16).astype(np.float64), 2e-2)
+
+
+def test_topk_argsort_l2_norm(tmp_path):
+    x = rand(2, 3, 4, 5)
+    outs = run_mil(lambda x: (*mb.topk(x=x, k=2, axis=-1, ascending=False), mb.argsort(x=x, axis=1, ascending=True),
+                              mb.l2_norm(x=x, epsilon=1e-3)), {"x": x}, tmp_path)
+    order = np.argsort(-x, axis=-1, kind="stable")[..., :2]
+    close(outs[0], np.take_along_axis(x, order, -1))
+    np.testing.assert_array_equal(outs[1], order)
+    np.testing.assert_array_equal(outs[2], np.argsort(x, axis=1, kind="stable"))
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=(1, 2, 3), keepdims=True) + 1e-3)
+    close(outs[3], x / norm)
+
+
+def test_range_fill_shape(tmp_path):
+    x = rand(2, 3)
+    outs = run_mil(lambda x: (mb.fill_like(ref_tensor=x, value=np.float32(2.5)), mb.add(x=x, y=mb.fill(shape=[2, 3], value=1.0))),
+                   {"x": x}, tmp_path)
+    close(outs[0], np.full((2, 3), 2.5))
+    close(outs[1], x + 1)

@@ -114,13 +114,21 @@ def _build(op, device, slots):
     builder = BUILDERS.get(op.op_type)
     if builder is None:
         raise UnsupportedOpError(f"op {op.name!r} of type {op.op_type!r} is not supported by the MIL runtime")
+    args = _Args(op, device, slots)
     try:
-        fn, ins = builder(_Args(op, device, slots))
+        fn, ins = builder(args)
     except NotConstant as e:
         raise UnsupportedOpError(
             f"op {op.name!r} of type {op.op_type!r}: input {e} is computed at run time; "
             "the MIL runtime needs it constant"
         ) from None
+    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as e:
+        raise UnsupportedOpError(f"op {op.name!r} of type {op.op_type!r}: {e}") from None
+    ignored = args.ignored_inputs()
+    if ignored:
+        raise UnsupportedOpError(
+            f"op {op.name!r} of type {op.op_type!r}: the MIL runtime does not implement input(s) {ignored}"
+        )
     return _finisher(fn, op, device), list(ins)
 
 

@@ -104,6 +104,7 @@ def _blockwise_shift_scale(a):
 
 @op("constexpr_cast")
 def _constexpr_cast(a):
+    a.covers("output_dtype")
     return _const(a, np.asarray(a.const("source_val")))
 
 
@@ -155,6 +156,7 @@ def _dequantize(a):
 def _quantize(a):
     view = _quant_params(a, len(a.in_shape("input")))
     ins = [a.var("input"), a.var("scale")] + ([a.var("zero_point")] if a.has("zero_point") else [])
+    a.covers("output_dtype")
     dt = a.out_torch_dtype()
     info = torch.iinfo(dt)
 

@@ -110,6 +110,7 @@ def _rsqrt(a):
 
 @op("cast")
 def _cast(a):
+    a.covers("dtype")  # the declared output dtype
     dt = a.out_torch_dtype()
     return (lambda x: x.to(dt)), [a.var("x")]
 

@@ -46,6 +46,7 @@ def _same_pads(in_sizes, kernel, strides, dilations, lower):
 def _conv_pads(a, kernel, strides, dilations):
     spatial = a.in_shape("x")[2:]
     pad_type = a.const("pad_type", "valid")
+    a.covers("pad")  # meaningful only for pad_type custom
     if pad_type == "valid":
         return [0] * (2 * len(spatial))
     if pad_type == "custom":
@@ -97,6 +98,7 @@ def _conv_transpose(a):
     dilations = a.ints("dilations", [1] * nd)
     groups = int(a.scalar("groups", 1))
     pad_type = a.const("pad_type", "valid")
+    a.covers("pad", "output_shape")  # output_shape is the declared output shape, used below
     out_sizes = a.out_shape[2:]
     full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(a.in_shape("x")[2:], strides, w.shape[2:], dilations)]
     if pad_type == "custom":
@@ -232,11 +234,10 @@ def _batch_norm(a):
 def _l2_norm(a):
     rank = len(a.in_shape())
     eps = a.scalar("epsilon", 1e-6)
-    # iOS15 semantics: normalise over the last 3 axes (all non-batch axes for rank < 3).
-    axes = list(range(max(rank - 3, 1 if rank > 1 else 0), rank))
+    axes = list(range(rank - 3, rank))  # the reference: rank >= 3, the last 3 axes normalised together
 
     def fn(x):
-        return x / torch.sqrt(torch.clamp(x.square().sum(axes, keepdim=True), min=eps))
+        return x / torch.sqrt(x.square().sum(axes, keepdim=True) + eps)
 
     return fn, [a.var("x")]
 
@@ -284,6 +285,7 @@ for _n in _REDUCE:
 def _reduce_arg(a):
     axis = int(a.scalar("axis", -1))
     keep = bool(a.scalar("keep_dims", False))
+    a.covers("output_dtype")  # the declared output dtype
     fn = torch.argmax if a.type == "reduce_argmax" else torch.argmin
     return (lambda x: fn(x, axis, keepdim=keep)), [a.var("x")]
 

@@ -32,9 +32,19 @@ class OpArgs:
         self.device = device
         self.type = operation.op_type
         self.name = operation.name
+        self.accessed = set()
 
     def var(self, name):
+        self.accessed.add(name)
         return getattr(self.op, name, None)
+
+    def covers(self, *names):
+        """Marks inputs whose meaning the builder takes from elsewhere (e.g. the declared shape)."""
+        self.accessed.update(names)
+
+    def ignored_inputs(self):
+        """Inputs the program sets that the builder never looked at: running would drop them."""
+        return sorted(set(self.op.inputs) - self.accessed)
 
     def has(self, name):
         return self.var(name) is not None

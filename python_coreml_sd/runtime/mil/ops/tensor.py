@@ -8,6 +8,7 @@ from .registry import norm_axes, op, static
 
 
 def _to_declared_shape(a):
+    a.covers("shape", "axes", "axis", "ref_tensors", "begins", "ends", "end_masks")  # all of them determine the declared output shape
     shape = a.out_shape
     if not static(shape):
         raise ValueError(f"{a.type} {a.name!r}: output shape {shape} is not static")
@@ -100,6 +101,7 @@ def _split(a):
     rank = len(a.in_shape())
     axis = int(a.scalar("axis"))
     axis = axis + rank if axis < 0 else axis
+    a.covers("num_splits", "split_sizes")  # both are reflected in the declared output shapes
     sizes = [s[axis] for s in a.out_shapes()]
     return (lambda x: torch.split(x, sizes, axis)), [a.var("x")]
 
@@ -164,6 +166,7 @@ def _gather(a):
     axis = int(a.scalar("axis", 0))
     axis = axis + len(x_shape) if axis < 0 else axis
     batch_dims = int(a.scalar("batch_dims", 0))
+    a.covers("validate_indices")  # a check on valid programs; results do not depend on it
     size = x_shape[axis]
     out_shape = a.out_shape
 
@@ -197,12 +200,14 @@ def _gather_along_axis(a):
     axis = int(a.scalar("axis", 0))
     axis = axis + rank if axis < 0 else axis
     size = a.in_shape()[axis]
+    a.covers("validate_indices")
     return (lambda x, idx: torch.gather(x, axis, _wrap(idx, size))), [a.var("x"), a.var("indices")]
 
 
 @op("gather_nd")
 def _gather_nd(a):
     batch_dims = int(a.scalar("batch_dims", 0))
+    a.covers("validate_indices")
     if batch_dims:
         raise ValueError("gather_nd with batch_dims > 0 is not supported")
     x_shape = a.in_shape()
@@ -301,7 +306,7 @@ def _space_to_depth(a):
 def _argsort(a):
     axis = int(a.scalar("axis", -1))
     asc = bool(a.scalar("ascending", False))
-    return (lambda x: torch.argsort(x, axis, descending=not asc, stable=True)), [a.var("x")]
+    return (lambda x: torch.argsort(x, dim=axis, descending=not asc, stable=True)), [a.var("x")]
 
 
 @op("topk")
@@ -309,6 +314,9 @@ def _topk(a):
     k = int(a.scalar("k", 1))
     axis = int(a.scalar("axis", -1))
     asc = bool(a.scalar("ascending", False))
+    a.covers("sort", "output_indices_dtype")  # sorted output is a valid answer either way
+    if not a.scalar("return_indices", True):
+        return (lambda x: torch.topk(x, k, axis, largest=not asc, sorted=True)[0]), [a.var("x")]
     return (lambda x: torch.topk(x, k, axis, largest=not asc, sorted=True)), [a.var("x")]
 
 
@@ -343,6 +351,7 @@ def _upsample_nearest(a):
 
 @op("resize_nearest_neighbor")
 def _resize_nearest(a):
+    a.covers("target_size_height", "target_size_width")  # the declared output shape
     in_hw, out_hw = a.in_shape()[-2:], a.out_shape[-2:]
     return _nearest(a, [o / i for o, i in zip(out_hw, in_hw)])
 
@@ -411,6 +420,7 @@ def _upsample_bilinear(a):
 @op("resize_bilinear")
 def _resize_bilinear(a):
     mode = a.const("sampling_mode", "DEFAULT")
+    a.covers("target_size_height", "target_size_width")
     grids = [_grid(mode, i, o) for i, o in zip(a.in_shape()[-2:], a.out_shape[-2:])]
     return _bilinear(a, *grids)
 
