@@ -35,13 +35,25 @@ def make_scheduler(name: str, prediction_type: str = "epsilon"):
     raise ValueError(f"unknown scheduler {name!r}")
 
 
+class RandomStream:
+    """Successive draws from one seeded source, like python_coreml_sd.generation.random_source:
+    NumPy's legacy RandomState (the pipeline's source) or PyTorch's CPU generator."""
+
+    def __init__(self, rng: str, seed: int):
+        if rng not in ("numpy", "torch"):
+            raise ValueError(f"unknown rng {rng!r}")
+        self.rng = rng
+        self._state = np.random.RandomState(seed) if rng == "numpy" else torch.Generator().manual_seed(seed)
+
+    def normal(self, shape) -> np.ndarray:
+        if self.rng == "numpy":
+            return self._state.randn(*shape).astype(np.float32)
+        return torch.randn(tuple(shape), generator=self._state).numpy()
+
+
 def random_normal(rng: str, seed: int, shape) -> np.ndarray:
-    """The pipeline's random source: NumPy's legacy RandomState by default, PyTorch CPU as the alternative."""
-    if rng == "numpy":
-        return np.random.RandomState(seed).randn(*shape).astype(np.float32)
-    if rng == "torch":
-        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).numpy()
-    raise ValueError(f"unknown rng {rng!r}")
+    """The first draw of a fresh source."""
+    return RandomStream(rng, seed).normal(shape)
 
 
 def encode_text(ids) -> np.ndarray:
@@ -145,25 +157,23 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
     hidden = [encode_text(tokenize(config.negative_prompt)), encode_text(tokenize(config.prompt))]
     shape = (4, config.latent_size, config.latent_size)
     timesteps = [int(t) for t in scheduler.timesteps]
+    rng = RandomStream(config.rng, config.seed)
     if config.strength is None:
-        latents = random_normal(config.rng, config.seed, (1,) + shape)[0]
+        latents = rng.normal((1,) + shape)[0]
     else:
         start = img2img_start(scheduler, config.steps, config.strength)
         timesteps = timesteps[start:]
         if hasattr(type(scheduler), "set_begin_index"):  # PNDM counts its own steps instead
             scheduler.set_begin_index(start)
         clean = encode_image(test_image(8 * config.latent_size, 8 * config.latent_size))
-        noise = random_normal(config.rng, config.seed, (1,) + shape)[0]
+        rng.normal((1,) + shape)  # diagonal_noise: drawn before noise, as the pipeline does; unused here
+        noise = rng.normal((1,) + shape)[0]
         t = torch.tensor([timesteps[0]])
         latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
-    guided_run = config.guidance_scale > 1  # diffusers skips the unconditional pass otherwise
-    for t in timesteps:
+    for t in timesteps:  # guidance at every scale, as python_coreml_sd.generation.pipeline does
+        uncond = denoise(latents, t, hidden[0])
         cond = denoise(latents, t, hidden[1])
-        if guided_run:
-            uncond = denoise(latents, t, hidden[0])
-            guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
-        else:
-            guided = cond
+        guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
         out = scheduler.step(torch.from_numpy(guided)[None], t, torch.from_numpy(latents)[None])
         latents = out.prev_sample[0].numpy().astype(np.float32)
     image = decode(latents / np.float32(LATENT_SCALE))

@@ -29,8 +29,7 @@ enum CLIRunner {
         for (index, image) in images.enumerated() {
             let seed = options.seed &+ UInt32(index)
             if image.isUnsafe {
-                print("image for seed \(seed) was flagged by the safety checker and not saved")
-                continue
+                print("the safety checker flagged seed \(seed); the image was replaced by a black one")
             }
             let url = folder.appendingPathComponent(fileName(options.prompt, seed: seed))
             try PNGWriter.write(RGBImage(decoderOutput: image.image), to: url)

@@ -60,12 +60,22 @@ final class PipelineTests: XCTestCase {
         XCTAssertEqual(Set(output.scalars), [1 + 3 * (2 - 1)])  // uncond + g (cond - uncond)
     }
 
-    func testNoGuidanceAtScaleOneRunsBatchOfOne() throws {
+    func testGuidanceRunsAtEveryScaleLikeThePythonPipeline() throws {
         let unet = RecordingUnet()
         var config = smallConfig()
         config.guidanceScale = 1
         _ = try pipeline(unet: unet).generate(config)
-        XCTAssertTrue(unet.calls.allSatisfy { $0.batch == 1 })
+        XCTAssertTrue(unet.calls.allSatisfy { $0.batch == 2 })
+    }
+
+    func testImg2ImgNeedsAtLeastOneStep() {
+        var config = smallConfig()
+        config.startImage = ClosedForm.testImage(height: 16, width: 16)
+        config.scheduler = .dpmpp  // PNDM would still run its extra final timestep
+        config.strength = 0.2  // int(3 * 0.2) == 0 steps
+        XCTAssertThrowsError(try pipeline(encoder: ClosedForm.Encoder()).generate(config)) { error in
+            XCTAssertEqual(error as? PipelineError, .strengthTooSmall(0.2, steps: 3))
+        }
     }
 
     func testDecoderGetsLatentsDividedByScale() throws {

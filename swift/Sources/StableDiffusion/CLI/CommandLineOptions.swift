@@ -15,7 +15,7 @@ public struct CommandLineOptions: Equatable {
     public var computeUnits: ComputeUnitChoice = .all
     public var outputPath = "."
     public var imagePath: String?
-    public var strength = 0.5
+    public var strength = 0.75
     public var disableSafety = false
     public var reduceMemory = false
     public var help = false
@@ -37,14 +37,14 @@ public struct CommandLineOptions: Equatable {
       --image-count <n>         images to generate; image i uses seed + i (default: 1)
       --step-count <n>          inference steps (default: 50)
       --seed <n>                0 ... 4294967295 (default: 93)
-      --guidance-scale <x>      classifier-free guidance; <= 1 turns it off (default: 7.5)
+      --guidance-scale <x>      classifier-free guidance (default: 7.5)
       --scheduler <name>        pndm | dpmpp (default: pndm)
       --prediction-type <name>  epsilon | v_prediction (default: epsilon)
       --rng <name>              numpy (the Python pipeline's source) | torch (default: numpy)
       --compute-units <name>    all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default: all)
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
-      --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.5)
+      --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75)
       --disable-safety          skip the safety checker
       --reduce-memory           load each model only while it runs
       --help                    show this text

@@ -15,7 +15,7 @@ public struct GenerationConfig: Sendable {
     public var latentShape = [1, 4, 64, 64]
     /// img2img: (1, 3, H, W) in [-1, 1], and how much of the schedule to run on it (0...1).
     public var startImage: Tensor?
-    public var strength = 0.8
+    public var strength = 0.75
     public var disableSafety = false
 
     public init(prompt: String) {
@@ -34,12 +34,15 @@ public struct GeneratedImage {
 public enum PipelineError: Error, CustomStringConvertible {
     case missingImageEncoder
     case badStrength(Double)
+    case strengthTooSmall(Double, steps: Int)
     case cancelled
 
     public var description: String {
         switch self {
         case .missingImageEncoder: return "img2img needs an image encoder (VAEEncoder.mlmodelc)"
         case .badStrength(let value): return "strength must be in 0...1, got \(value)"
+        case .strengthTooSmall(let value, let steps):
+            return "strength \(value) is too small for \(steps) steps: no denoising step would run"
         case .cancelled: return "generation cancelled"
         }
     }
@@ -67,15 +70,12 @@ public struct StableDiffusionPipeline {
         }
     }
 
-    /// [negative/unconditional, conditional] embeddings; the conditional one alone without guidance.
+    /// [negative/unconditional, conditional] embeddings.
     func textEmbeddings(_ config: GenerationConfig) throws -> Tensor {
         let conditional = try models.textEncoder.encode(tokenIds: tokenizer.encode(config.prompt, length: sequenceLength))
-        guard usesGuidance(config) else { return conditional }
         let negative = try models.textEncoder.encode(tokenIds: tokenizer.encode(config.negativePrompt, length: sequenceLength))
         return Tensor.concatenateBatch([negative, conditional])
     }
-
-    func usesGuidance(_ config: GenerationConfig) -> Bool { config.guidanceScale > 1 }
 
     private func generateOne(_ config: GenerationConfig, seed: UInt32, hidden: Tensor,
                              progress: (Int, Int) -> Bool) throws -> GeneratedImage {
@@ -87,6 +87,7 @@ public struct StableDiffusionPipeline {
             let start = try Self.img2imgStart(stepCount: config.stepCount, strength: config.strength, order: scheduler.order)
             scheduler.startIndex = start
             timesteps = Array(timesteps[start...])
+            if timesteps.isEmpty { throw PipelineError.strengthTooSmall(config.strength, steps: config.stepCount) }
             latents = try startLatents(image, timestep: timesteps.first ?? 0, scheduler: scheduler, random: &random, shape: config.latentShape)
         } else {
             latents = random.normalTensor(shape: config.latentShape)
@@ -109,17 +110,16 @@ public struct StableDiffusionPipeline {
     private func startLatents(_ image: Tensor, timestep: Int, scheduler: any Scheduler,
                               random: inout any RandomSource, shape: [Int]) throws -> Tensor {
         guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
-        let noise = random.normalTensor(shape: shape)
+        // The Python pipeline's draw order, so img2img noise matches it for a seed.
         let diagonalNoise = random.normalTensor(shape: shape)
+        let noise = random.normalTensor(shape: shape)
         let (signal, noiseScale) = scheduler.noiseCoefficients(timestep: timestep)
         return try encoder.encode(image: image, diagonalNoise: diagonalNoise, noise: noise, signal: signal, noiseScale: noiseScale)
     }
 
-    /// Classifier-free guidance: uncond + g * (cond - uncond) from one batch-2 UNet call.
+    /// Classifier-free guidance: uncond + g * (cond - uncond) from one batch-2 UNet call. It runs at
+    /// every scale (diffusers skips it at g <= 1; the Python pipeline does not, and parity wins).
     func guidedOutput(_ latents: Tensor, timestep: Int, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
-        guard usesGuidance(config) else {
-            return try models.unet.predictNoise(latents: latents, timestep: timestep, hiddenStates: hidden)
-        }
         let batch = Tensor.concatenateBatch([latents, latents])
         let output = try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden)
         let g = config.guidanceScale
