@@ -584,3 +584,30 @@ def test_range_fill_shape(tmp_path):
                    {"x": x}, tmp_path)
     close(outs[0], np.full((2, 3), 2.5))
     close(outs[1], x + 1)
+
+
+def test_small_shape_ops(tmp_path):
+    x = rand(2, 3, 4, 6)
+    outs = run_mil(lambda x: (mb.crop(x=x, crop_height=[1, 1], crop_width=[2, 0]), mb.flatten2d(x=x, axis=2),
+                              mb.identity(x=x), mb.logical_not(x=mb.greater(x=x, y=0.0)),
+                              mb.resize_nearest_neighbor(x=x, target_size_height=8, target_size_width=3),
+                              mb.shape(x=x), mb.add(x=mb.range_1d(start=1, end=7, step=2), y=0)),
+                   {"x": x}, tmp_path)
+    close(outs[0], x[:, :, 1:3, 2:])
+    close(outs[1], x.reshape(6, 24))
+    close(outs[2], x)
+    close(outs[3], (x <= 0).astype(np.float32))
+    close(outs[4], x[:, :, np.arange(8) // 2][:, :, :, np.arange(3) * 2])
+    np.testing.assert_array_equal(outs[5], [2, 3, 4, 6])
+    np.testing.assert_array_equal(outs[6], [1, 3, 5])
+
+
+def test_quantize_dequantize(tmp_path):
+    x = rand(2, 3, lo=-3, hi=3)
+    scale = np.array([0.05, 0.1, 0.02], np.float32)
+    zp = np.array([3, -2, 0], np.int8)
+    outs = run_mil(lambda x: mb.dequantize(input=mb.quantize(input=x, scale=scale, zero_point=zp, axis=1,
+                                                             output_dtype="int8"), scale=scale, zero_point=zp, axis=1),
+                   {"x": x}, tmp_path, target="iOS17")
+    q = np.clip(np.sign(x / scale) * np.floor(np.abs(x / scale) + 0.5) + zp, -128, 127)
+    close(outs[0], (q - zp) * scale, 1e-6)
