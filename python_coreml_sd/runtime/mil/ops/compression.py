@@ -162,7 +162,7 @@ def _quantize(a):
 
     def fn(x, scale, zp=None):
         q = x.to(torch.float32) / view(scale).to(torch.float32)
-        q = torch.sign(q) * torch.floor(torch.abs(q) + 0.5)
+        q = torch.round(q)  # half to even, as MIL's round
         if zp is not None:
             q = q + view(zp).to(torch.float32)
         return torch.clamp(q, info.min, info.max).to(dt)

@@ -53,6 +53,7 @@ _UNARY = {
     "softplus": F.softplus,
     "softsign": F.softsign,
     "identity": lambda x: x,
+    "round": torch.round,  # half to even: the reference says 0.5 rounds to 0
 }
 
 
@@ -70,12 +71,6 @@ for _n in _BINARY:
     _binary(_n)
 for _n in _UNARY:
     _unary(_n)
-
-
-@op("round")
-def _round(a):
-    # MIL rounds half away from zero; torch.round rounds half to even.
-    return (lambda x: torch.sign(x) * torch.floor(torch.abs(x) + 0.5)), [a.var("x")]
 
 
 @op("clip")
