@@ -128,3 +128,27 @@ def test_swift_png_writer_output_decodes_with_pillow():
     y, x = np.meshgrid(np.arange(17), np.arange(33), indexing="ij")
     expected = np.stack([x % 256, y % 256, (x * y) % 256], axis=-1).astype(np.uint8)
     np.testing.assert_array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "dpmpp"])
+@pytest.mark.parametrize("strength", [None, 0.6])
+@pytest.mark.parametrize("unet_batch", [2, 1])
+def test_real_pipeline_with_closed_form_models_matches_the_golden_loop(scheduler, strength, unet_batch):
+    """python_coreml_sd.generation's pipeline, run on the closed-form models, gives bit for bit the
+    latents and pixels of closed_form.run_loop, which the Swift loop matches: so Swift follows the
+    real pipeline (guidance order, draw order, img2img start, scaling), not just a copy of it."""
+    from PIL import Image
+    from python_coreml_sd.generation.pipeline import GenerationRequest, StableDiffusionPipeline
+    from python_coreml_sd.testing import closed_form as cf
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer(str(ROOT / "models/tokenizer/vocab.json"), str(ROOT / "models/tokenizer/merges.txt"))
+    names = {"pndm": "PNDM", "dpmpp": "DPMSolverMultistep"}
+    pipeline = StableDiffusionPipeline(cf.model_set(8, unet_batch), tokenizer, cf.SD_SCHEDULER_CONFIG, progress=False)
+    image = Image.fromarray(cf.test_image_bytes(64, 64)) if strength else None
+    request = GenerationRequest(prompt="a cat", negative_prompt="blurry", seed=4, num_inference_steps=6,
+                                scheduler=names[scheduler], image=image, strength=strength or 0.75)
+    result = pipeline.generate(request)
+    reference = cf.run_loop(cf.LoopConfig("a cat", negative_prompt="blurry", seed=4, steps=6, scheduler=scheduler,
+                                          strength=strength), load_script().make_tokenizer())
+    np.testing.assert_array_equal(result.intermediates["final_latents"][0], reference.latents)
+    np.testing.assert_array_equal(np.asarray(result.image), reference.rgb)

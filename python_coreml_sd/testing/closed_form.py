@@ -113,12 +113,17 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.uint8).transpose(1, 2, 0)
 
 
+def test_image_bytes(height: int, width: int) -> np.ndarray:
+    """The deterministic img2img start image, (H, W, 3) uint8, computed with scalar libm calls."""
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    for y, x, c in np.ndindex(pixels.shape):
+        pixels[y, x, c] = round((math.sin(0.05 * x + 0.3 * c) * math.cos(0.07 * y) + 1) * 127.5)
+    return pixels
+
+
 def test_image(height: int, width: int) -> np.ndarray:
-    """A deterministic (3, H, W) input image in [-1, 1] for img2img."""
-    image = np.empty((3, height, width), dtype=np.float32)
-    for c, y, x in np.ndindex(image.shape):
-        image[c, y, x] = np.float32(math.sin(0.05 * x + 0.3 * c) * math.cos(0.07 * y))
-    return image
+    """(3, H, W) in [-1, 1], as the pipeline preprocesses an 8-bit image: x / 127.5 - 1."""
+    return (test_image_bytes(height, width).astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)
 
 
 @dataclass
@@ -180,3 +185,43 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
     unsafe = not config.disable_safety and is_unsafe(image)
     rgb = to_rgb8(np.zeros_like(image) - 1 if unsafe else image)
     return LoopResult(latents=latents, rgb=rgb, unsafe=unsafe, timesteps=timesteps)
+
+
+class _Model:
+    def __init__(self, predict):
+        self.predict = predict
+
+
+def model_set(latent_size: int = 8, unet_batch: int = 2):
+    """The closed-form models behind python_coreml_sd.generation's component interface (names,
+    shapes and layouts of the converted models), so the real pipeline can run them."""
+    from python_coreml_sd.generation.components import Component, ModelSet
+
+    def text_encoder(inputs):
+        ids = [int(v) for v in inputs["input_ids"][0]]
+        return {"last_hidden_state": encode_text(ids)[None]}
+
+    def unet(inputs):
+        hidden = inputs["encoder_hidden_states"][:, :, 0, :].transpose(0, 2, 1)  # (B, 77, C) order for the mean
+        items = [denoise(sample, float(t), h) for sample, t, h in zip(inputs["sample"], inputs["timestep"], hidden)]
+        return {"noise_pred": np.stack(items)}
+
+    def vae_decoder(inputs):
+        return {"image": decode(inputs["z"][0])[None]}
+
+    def vae_encoder(inputs):
+        latents = encode_image(inputs["sample"][0])[None]
+        signal = np.float32(inputs["sqrt_alphas_cumprod"].reshape(-1)[0])
+        scale = np.float32(inputs["sqrt_one_minus_alphas_cumprod"].reshape(-1)[0])
+        return {"latent_dist": signal * latents + scale * inputs["noise"]}
+
+    h = w = latent_size
+    shapes = {
+        "text_encoder": {"input_ids": (1, 77)},
+        "unet": {"sample": (unet_batch, 4, h, w), "timestep": (unet_batch,),
+                 "encoder_hidden_states": (unet_batch, HIDDEN_SIZE, 1, 77)},
+        "vae_decoder": {"z": (1, 4, h, w)},
+        "vae_encoder": {"sample": (1, 3, 8 * h, 8 * w)},
+    }
+    predicts = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder, "vae_encoder": vae_encoder}
+    return ModelSet({name: Component(_Model(predicts[name]), shapes[name]) for name in predicts})

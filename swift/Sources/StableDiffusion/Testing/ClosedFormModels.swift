@@ -105,16 +105,18 @@ public enum ClosedForm {
         }
     }
 
-    /// The deterministic img2img input image (1, 3, H, W).
+    /// The deterministic img2img start image: 8-bit, then (1, 3, H, W) in [-1, 1] the way the
+    /// pipelines preprocess images (x / 127.5 - 1).
     public static func testImage(height: Int, width: Int) -> Tensor {
-        var scalars: [Float] = []
-        for c in 0..<3 {
-            for y in 0..<height {
-                for x in 0..<width {
-                    scalars.append(Float(sin(0.05 * Double(x) + 0.3 * Double(c)) * cos(0.07 * Double(y))))
+        var bytes: [UInt8] = []
+        for y in 0..<height {
+            for x in 0..<width {
+                for c in 0..<3 {
+                    let value = sin(0.05 * Double(x) + 0.3 * Double(c)) * cos(0.07 * Double(y))
+                    bytes.append(UInt8(((value + 1) * 127.5).rounded(.toNearestOrEven)))
                 }
             }
         }
-        return Tensor(shape: [1, 3, height, width], scalars: scalars)
+        return RGBImage(width: width, height: height, bytes: bytes).tensor()
     }
 }
