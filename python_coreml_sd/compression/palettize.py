@@ -1,0 +1,181 @@
+"""Palettize an ML Program's weights with our k-means, through coremltools' own compression pass.
+
+coremltools' ``palettize_weights`` pass does the graph surgery and writes ``constexpr_lut_to_dense``
+ops (the format Core ML runs on device); we only replace how each look-up table is computed, via
+its ``mode="custom"`` hook. So the file format is Apple's, byte layout included, and only the
+clustering differs (faster, and at least as accurate as its scikit-learn k-means).
+
+Library API (what the converter's ``--quantize-nbits`` / ``--mixed-bit-recipe`` call):
+``palettize_mlpackage(src, dst, nbits, ...)`` and ``palettize_model(mlmodel, nbits, ...)``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, palettize_array
+from python_coreml_sd.errors import UserError
+
+# Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
+WEIGHT_THRESHOLD = 2048
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+KEEP_FP16 = 16  # recipe value meaning "leave this layer in fp16"
+
+log = logging.getLogger(__name__)
+
+
+def lut_function(nbits: int):
+    """coremltools ``lut_function`` for ``mode="custom"``: our k-means at ``nbits``."""
+
+    def compute(weight: np.ndarray):
+        lut, indices = palettize_array(weight, nbits)
+        return lut, indices.reshape(-1)
+
+    compute.__name__ = f"kmeans_{nbits}bit"
+    return compute
+
+
+def op_config(nbits: int, granularity: str = "per_tensor", group_size: int = 32,
+              weight_threshold: int = WEIGHT_THRESHOLD):
+    import coremltools.optimize.coreml as cto
+
+    _check_args(nbits, granularity, group_size)
+    return cto.OpPalettizerConfig(
+        mode="custom", lut_function=lut_function(nbits), granularity=granularity,
+        group_size=group_size, weight_threshold=weight_threshold,
+    )
+
+
+def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor", group_size: int = 32,
+                    recipe: dict | None = None, weight_threshold: int = WEIGHT_THRESHOLD):
+    """Palettized copy of an in-memory ``ct.models.MLModel`` (ML Program).
+
+    ``nbits`` applies to every large weight; ``recipe`` (layer or const name -> bits, 16 = keep fp16)
+    overrides it per weight, and with ``nbits=None`` only the recipe's weights are palettized.
+    """
+    import coremltools.optimize.coreml as cto
+
+    if nbits is None and not recipe:
+        raise UserError("palettize: give nbits, a recipe, or both")
+    global_config = None if nbits is None else op_config(nbits, granularity, group_size, weight_threshold)
+    config = cto.OptimizationConfig(global_config=global_config)
+    if recipe:
+        from python_coreml_sd.compression.mixed_bit import recipe_to_const_names
+
+        for const, bits in recipe_to_const_names(mlmodel, recipe).items():
+            override = None if bits == KEEP_FP16 else op_config(bits, granularity, group_size, weight_threshold)
+            config.set_op_name(const, override)
+    try:
+        return cto.palettize_weights(mlmodel, config)
+    except ValueError as err:
+        if "iOS18" in str(err):
+            raise UserError(f"{err} (per_grouped_channel needs the model converted for iOS 18 or later)") from err
+        raise
+
+
+def palettize_mlpackage(src, dst, nbits: int | None, granularity: str = "per_tensor", group_size: int = 32,
+                        recipe: dict | None = None, overwrite: bool = False,
+                        weight_threshold: int = WEIGHT_THRESHOLD) -> Path:
+    """Palettize the ``.mlpackage`` at ``src`` into ``dst``; returns ``dst``.
+
+    Writes into a temporary folder beside ``dst`` and renames it into place, so an interrupted run
+    never leaves a half-written package; an existing ``dst`` is replaced only with ``overwrite``.
+    """
+    import coremltools as ct
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "Manifest.json").is_file():
+        raise UserError(f"{src} is not an .mlpackage (no Manifest.json)")
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} exists; pass overwrite=True (or choose another path) to replace it")
+    if src.resolve() == dst.resolve():
+        raise UserError("palettize: src and dst must differ (the source is read while writing)")
+    _check_args(nbits, granularity, group_size)
+    model = ct.models.MLModel(str(src), skip_model_load=True)
+    palettized = palettize_model(model, nbits, granularity, group_size, recipe, weight_threshold)
+    return _save_atomically(palettized, dst, overwrite)
+
+
+def _save_atomically(model, dst: Path, overwrite: bool) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        staged = tmp / dst.name
+        model.save(str(staged))
+        if dst.exists():
+            if not overwrite:
+                raise UserError(f"{dst} appeared while palettizing; not replacing it")
+            old = tmp / "previous"
+            os.rename(dst, old)
+        os.rename(staged, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _check_args(nbits, granularity, group_size):
+    if nbits is not None and nbits not in SUPPORTED_NBITS:
+        raise UserError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits}")
+    if granularity not in GRANULARITIES:
+        raise UserError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "per_grouped_channel" and (not isinstance(group_size, int) or group_size < 1):
+        raise UserError(f"group_size must be a positive integer, got {group_size!r}")
+
+
+def lut_weights(mlmodel) -> dict:
+    """{const name: dense fp16 values} for every ``constexpr_lut_to_dense`` op, decoded from the LUT.
+
+    Names are the original const names (coremltools appends ``_palettized``; we strip it).
+    """
+    out = {}
+    for op in _ops(mlmodel, "constexpr_lut_to_dense"):
+        name = op.name[: -len("_palettized")] if op.name.endswith("_palettized") else op.name
+        out[name] = decode_lut_op(op)
+    return out
+
+
+def decode_lut_op(op) -> np.ndarray:
+    """Dense values of a scalar ``constexpr_lut_to_dense`` op (iOS18 layout: one LUT per group).
+
+    coremltools' own decoder materialises a (size x palette) array; this one gathers directly.
+    """
+    indices = np.asarray(op.indices.val).astype(np.int64)
+    lut = np.asarray(op.lut.val)
+    if lut.ndim == 1:  # iOS16 layout: one flat table
+        return lut[indices]
+    if lut.shape[-1] != 1:
+        raise NotImplementedError("vector palettization (cluster_dim > 1) is not decoded here")
+    tables = lut[..., 0]  # [g0, ..., g_{r-1}, palette]
+    group_shape = tables.shape[:-1]
+    group = np.zeros(indices.shape, dtype=np.int64)
+    for axis, (size, groups) in enumerate(zip(indices.shape, group_shape)):
+        along = (np.arange(size) // (size // groups)).reshape([-1 if a == axis else 1 for a in range(indices.ndim)])
+        group = group * groups + along
+    return tables.reshape(-1, tables.shape[-1])[group, indices]
+
+
+def mil_program(mlmodel):
+    """The model's MIL program, parsed from its spec and weights (works on models loaded from disk)."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load
+    from coremltools.models import utils as model_utils
+
+    spec_version = mlmodel.get_spec().specificationVersion
+    return model_utils._convert_model_spec_to_pymil_prog(mlmodel, spec_version, milproto_load.load)
+
+
+def _ops(mlmodel, op_type):
+    for func in mil_program(mlmodel).functions.values():
+        yield from _walk(func, op_type)
+
+
+def _walk(block, op_type):
+    for op in block.operations:
+        if op.op_type == op_type:
+            yield op
+        for inner in op.blocks:
+            yield from _walk(inner, op_type)

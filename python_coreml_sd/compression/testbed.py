@@ -1,0 +1,98 @@
+"""Models to palettize in tests, the benchmark and the mixed-bit pre-analysis.
+
+Converts plain PyTorch modules (a small conv/linear net, a diffusers UNet) to fp16 ML Programs for
+iOS 18 (needed for per-grouped-channel LUTs) directly with coremltools, so compression can be
+measured without the full converter.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, sample_size=64)
+UNET_CONFIGS = ("tiny", "sd15")
+
+
+class SmallNet(torch.nn.Module):
+    """Large weights (palettized) next to small ones (biases, norms, a thin conv: kept fp16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(8, 64, 3, padding=1)     # 4608 weights
+        self.norm = torch.nn.GroupNorm(8, 64)
+        self.conv2 = torch.nn.Conv2d(64, 64, 3, padding=1)    # 36864 weights
+        self.thin = torch.nn.Conv2d(64, 8, 1)                 # 512 weights: stays fp16
+        self.fc = torch.nn.Linear(8 * 8 * 8, 96)              # 49152 weights
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.norm(self.conv1(x)))
+        h = self.thin(torch.nn.functional.silu(self.conv2(h)))
+        return self.fc(h.flatten(1))
+
+
+def small_net(seed: int = 0):
+    torch.manual_seed(seed)
+    net = SmallNet().eval()
+    inputs = OrderedDict(x=torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(seed + 1)))
+    return net, inputs
+
+
+class UNetWrapper(torch.nn.Module):
+    """Positional inputs and a plain tensor output, as tracing needs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def unet(config: str = "tiny", seed: int = 0):
+    """(wrapped UNet, sample inputs) with weights drawn from ``seed``: tiny's registry
+    architecture, or the full-size SD 1.5 architecture."""
+    from diffusers import UNet2DConditionModel
+
+    if config == "tiny":
+        from python_coreml_sd import registry
+
+        arch = registry.family("tiny")["architecture"]["unet"]
+    elif config == "sd15":
+        arch = SD15_UNET
+    else:
+        raise ValueError(f"unknown UNet config {config!r}; use one of {UNET_CONFIGS}")
+    torch.manual_seed(seed)
+    model = UNetWrapper(UNet2DConditionModel(**arch).eval()).eval()
+    cfg = model.unet.config
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = OrderedDict(
+        sample=torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 77 if config == "sd15" else 8, cfg.cross_attention_dim, generator=g),
+    )
+    return model, inputs
+
+
+def convert(module, inputs: "OrderedDict[str, torch.Tensor]", dest, output_name: str = "output") -> Path:
+    """Trace ``module`` and save it as an fp16 ML Program (iOS 18) at ``dest``."""
+    import coremltools as ct
+
+    with torch.no_grad():
+        traced = torch.jit.trace(module.eval(), tuple(inputs.values()), check_trace=False)
+    mlmodel = ct.convert(
+        traced, convert_to="mlprogram",
+        inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32) for n, v in inputs.items()],
+        outputs=[ct.TensorType(name=output_name, dtype=np.float32)],
+        compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS18,
+        skip_model_load=True,
+    )
+    mlmodel.save(str(dest))
+    return Path(dest)
+
+
+def numpy_inputs(inputs) -> dict:
+    return {n: v.numpy() for n, v in inputs.items()}
