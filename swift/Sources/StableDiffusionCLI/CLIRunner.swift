@@ -31,15 +31,11 @@ enum CLIRunner {
             if image.isUnsafe {
                 print("the safety checker flagged seed \(seed); the image was replaced by a black one")
             }
-            let url = folder.appendingPathComponent(fileName(options.prompt, seed: seed))
-            try PNGWriter.write(RGBImage(decoderOutput: image.image), to: url)
+            let url = folder.appendingPathComponent(OutputNaming.fileName(prompt: options.prompt, seed: seed))
+            let text = [(key: "parameters", value: OutputNaming.parameters(options, seed: seed))]
+            try PNGWriter.write(RGBImage(decoderOutput: image.image), to: url, text: text)
             print("wrote \(url.path)")
         }
-    }
-
-    static func fileName(_ prompt: String, seed: UInt32) -> String {
-        let safe = prompt.prefix(60).map { $0.isLetter || $0.isNumber ? String($0) : "_" }.joined()
-        return "\(safe).\(seed).png"
     }
     #else
     static func run(_ options: CommandLineOptions, resources: ResourceFolder, tokenizer: BPETokenizer) throws {

@@ -46,6 +46,23 @@ final class PNGTests: XCTestCase {
         XCTAssertEqual(Array(data.suffix(8)), [0x49, 0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82])
     }
 
+    func testTextChunksLatin1AndUnicode() throws {
+        let png = PNGWriter.encode(Self.gradient(width: 2, height: 2),
+                                   text: [(key: "parameters", value: "{\"seed\":1}"), (key: "prompt", value: "猫 café")])
+        let chunks = try Self.chunks(png)
+        XCTAssertEqual(chunks.map(\.type), ["IHDR", "tEXt", "iTXt", "IDAT", "IEND"])
+        XCTAssertEqual(chunks[1].data, Array("parameters".utf8) + [0] + Array("{\"seed\":1}".utf8))
+        XCTAssertEqual(chunks[2].data, Array("prompt".utf8) + [0, 0, 0, 0, 0] + Array("猫 café".utf8))
+    }
+
+    func testOutputNamesFollowThePythonCLI() {
+        XCTAssertEqual(OutputNaming.fileName(prompt: "A Photo of an Astronaut, riding!", seed: 93),
+                       "a_photo_of_an_astronaut_riding.seed93.png")
+        XCTAssertEqual(OutputNaming.fileName(prompt: "日本", seed: 1), "image.seed1.png")
+        XCTAssertEqual(OutputNaming.fileName(prompt: String(repeating: "ab ", count: 50), seed: 2).count,
+                       80 + ".seed2.png".count)
+    }
+
     func testDecoderOutputToBytes() {
         let image = Tensor(shape: [1, 3, 1, 2], scalars: [-1, 1, 0, 2, -3, 0.5])
         XCTAssertEqual(RGBImage(decoderOutput: image).bytes, [0, 128, 0, 255, 255, 191])

@@ -61,14 +61,31 @@ func bigEndian32(_ value: UInt32) -> [UInt8] { (0..<4).map { UInt8((value >> (24
 public enum PNGWriter {
     public static let signature: [UInt8] = [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]
 
-    public static func encode(_ image: RGBImage) -> [UInt8] {
+    /// `text` becomes tEXt chunks (iTXt where a value is not Latin-1), as Pillow writes them, so the
+    /// generation parameters travel with the image like the Python CLI's PNGs.
+    public static func encode(_ image: RGBImage, text: [(key: String, value: String)] = []) -> [UInt8] {
         var header = bigEndian32(UInt32(image.width)) + bigEndian32(UInt32(image.height))
         header += [8, 2, 0, 0, 0]  // 8 bits, truecolour, deflate, adaptive filtering, no interlace
-        return signature + chunk("IHDR", header) + chunk("IDAT", ZlibStored.wrap(scanlines(image))) + chunk("IEND", [])
+        let textChunks = text.flatMap { textChunk(key: $0.key, value: $0.value) }
+        return signature + chunk("IHDR", header) + textChunks + chunk("IDAT", ZlibStored.wrap(scanlines(image)))
+            + chunk("IEND", [])
     }
 
-    public static func write(_ image: RGBImage, to url: URL) throws {
-        try Data(encode(image)).write(to: url)
+    public static func write(_ image: RGBImage, to url: URL, text: [(key: String, value: String)] = []) throws {
+        try Data(encode(image, text: text)).write(to: url)
+    }
+
+    static func textChunk(key: String, value: String) -> [UInt8] {
+        let keyword = latin1(key) ?? Array(key.utf8.filter { $0 < 0x80 })
+        if let bytes = latin1(value) { return chunk("tEXt", keyword + [0] + bytes) }
+        // keyword, NUL, no compression (0, 0), empty language tag and translated keyword, UTF-8 text
+        return chunk("iTXt", keyword + [0, 0, 0, 0, 0] + Array(value.utf8))
+    }
+
+    static func latin1(_ text: String) -> [UInt8]? {
+        let scalars = text.unicodeScalars
+        guard scalars.allSatisfy({ $0.value < 256 }) else { return nil }
+        return scalars.map { UInt8($0.value) }
     }
 
     /// Each row prefixed by filter type 0 (none).
