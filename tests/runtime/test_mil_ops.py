@@ -458,15 +458,21 @@ def test_cumsum_band_part_reverse(tmp_path):
     close(outs[2], x[::-1])
 
 
-def test_depth_space_and_pixel_shuffle(tmp_path):
+def test_depth_to_space_is_dcr_and_pixel_shuffle_is_crd(tmp_path):
     x = rand(1, 8, 2, 3)
-    outs = run_mil(lambda x: (mb.depth_to_space(x=x, block_size=2), mb.space_to_depth(x=mb.depth_to_space(x=x, block_size=2), block_size=2)),
-                   {"x": x}, tmp_path)
-    ref = x.reshape(1, 2, 2, 2, 2, 3).transpose(0, 3, 4, 1, 5, 2).reshape(1, 2, 4, 6)  # DCR: c = (i*r + j)*C' + k? see below
-    ref = x.reshape(1, 2, 2, 2, 2, 3)  # CRD layout (pixel shuffle): channel = k*r*r + i*r + j
-    ref = ref.transpose(0, 1, 4, 2, 5, 3).reshape(1, 2, 4, 6)
-    close(outs[0], ref)
+    outs = run_mil(lambda x: (mb.depth_to_space(x=x, block_size=2),
+                              mb.space_to_depth(x=mb.depth_to_space(x=x, block_size=2), block_size=2),
+                              mb.pixel_shuffle(x=x, upscale_factor=2)), {"x": x}, tmp_path)
+    dcr = np.zeros((1, 2, 4, 6), np.float32)  # TensorFlow order: channel (i * r + j) * C' + c
+    crd = np.zeros((1, 2, 4, 6), np.float32)  # PyTorch order: channel c * r * r + i * r + j
+    for c in range(2):
+        for i in range(2):
+            for j in range(2):
+                dcr[0, c, i::2, j::2] = x[0, (i * 2 + j) * 2 + c]
+                crd[0, c, i::2, j::2] = x[0, c * 4 + i * 2 + j]
+    close(outs[0], dcr)
     close(outs[1], x)
+    close(outs[2], crd)
 
 
 # ---- resampling ------------------------------------------------------------------------------

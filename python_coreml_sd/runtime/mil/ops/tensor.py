@@ -284,9 +284,9 @@ def _cumsum(a):
     return fn, [a.var("x")]
 
 
-@op("depth_to_space", "pixel_shuffle")
-def _depth_to_space(a):
-    r = int(a.scalar("block_size" if a.type == "depth_to_space" else "upscale_factor"))
+@op("pixel_shuffle")
+def _pixel_shuffle(a):
+    r = int(a.scalar("upscale_factor"))
     return (lambda x: F.pixel_shuffle(x, r)), [a.var("x")]
 
 
@@ -296,10 +296,23 @@ def _pixel_unshuffle(a):
     return (lambda x: F.pixel_unshuffle(x, r)), [a.var("x")]
 
 
+# depth_to_space / space_to_depth use TensorFlow's DCR channel order (Core ML's DEPTH_TO_SPACE
+# mode): channel (i * r + j) * C' + c holds output pixel (c, h * r + i, w * r + j). pixel_shuffle is
+# PyTorch's CRD order: channel c * r * r + i * r + j.
+@op("depth_to_space")
+def _depth_to_space(a):
+    r = int(a.scalar("block_size"))
+    n, c, h, w = a.in_shape()
+    out = (n, c // (r * r), h * r, w * r)
+    return (lambda x: x.reshape(n, r, r, c // (r * r), h, w).permute(0, 3, 4, 1, 5, 2).reshape(out)), [a.var("x")]
+
+
 @op("space_to_depth")
 def _space_to_depth(a):
     r = int(a.scalar("block_size"))
-    return (lambda x: F.pixel_unshuffle(x, r)), [a.var("x")]
+    n, c, h, w = a.in_shape()
+    out = (n, c * r * r, h // r, w // r)
+    return (lambda x: x.reshape(n, c, h // r, r, w // r, r).permute(0, 3, 5, 1, 2, 4).reshape(out)), [a.var("x")]
 
 
 @op("argsort")
