@@ -128,3 +128,22 @@ final class PipelineTests: XCTestCase {
 extension PipelineError: Equatable {
     public static func == (a: PipelineError, b: PipelineError) -> Bool { a.description == b.description }
 }
+
+final class FakeResident: ResidentModel {
+    var unloads = 0
+    func unload() { unloads += 1 }
+}
+
+final class ResidencyGroupTests: XCTestCase {
+    func testLoadingAStageUnloadsOtherStagesOnly() {
+        let group = ResidencyGroup()
+        let text = FakeResident(), chunk1 = FakeResident(), chunk2 = FakeResident()
+        group.register(text, stage: "text")
+        group.register(chunk1, stage: "unet")
+        group.register(chunk2, stage: "unet")
+        group.willLoad(stage: "unet")
+        XCTAssertEqual([text.unloads, chunk1.unloads, chunk2.unloads], [1, 0, 0])
+        group.willLoad(stage: "text")
+        XCTAssertEqual([text.unloads, chunk1.unloads, chunk2.unloads], [1, 1, 1])
+    }
+}

@@ -181,18 +181,23 @@ public struct CoreMLPipeline {
     public let pipeline: StableDiffusionPipeline
     public let unet: CoreMLUnet
 
+    /// Only kept so the group outlives the models that point to it weakly.
+    public let residency: ResidencyGroup?
+
     public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool) throws {
-        let model = { (name: String) in
-            ManagedModel(url: resources.file(name), computeUnits: computeUnits, keepLoaded: !reduceMemory)
+        let group = reduceMemory ? ResidencyGroup() : nil
+        residency = group
+        let model = { (name: String, stage: String) in
+            ManagedModel(url: resources.file(name), computeUnits: computeUnits, stage: stage, group: group)
         }
         let unetNames = resources.chunkedUnet ? ["UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"] : ["Unet.mlmodelc"]
-        unet = CoreMLUnet(chunks: unetNames.map(model))
+        unet = CoreMLUnet(chunks: unetNames.map { model($0, "unet") })
         let models = PipelineModels(
-            textEncoder: CoreMLTextEncoder(model: model("TextEncoder.mlmodelc")),
+            textEncoder: CoreMLTextEncoder(model: model("TextEncoder.mlmodelc", "text")),
             unet: unet,
-            decoder: CoreMLDecoder(model: model("VAEDecoder.mlmodelc")),
-            encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder.mlmodelc")) : nil,
-            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker.mlmodelc")) : nil)
+            decoder: CoreMLDecoder(model: model("VAEDecoder.mlmodelc", "decoder")),
+            encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder.mlmodelc", "encoder")) : nil,
+            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker.mlmodelc", "safety")) : nil)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models)
     }
 

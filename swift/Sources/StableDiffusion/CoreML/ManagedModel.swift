@@ -13,29 +13,41 @@ extension ComputeUnitChoice {
     }
 }
 
-/// One compiled model, loaded on first use. With `keepLoaded == false` (the CLI's --reduce-memory)
-/// it is released after every prediction, so only one model's weights are resident at a time.
-public final class ManagedModel: @unchecked Sendable {
+/// One compiled model, loaded on first use and kept, unless a residency group unloads it.
+public final class ManagedModel: ResidentModel, @unchecked Sendable {
     public let url: URL
     let configuration: MLModelConfiguration
-    let keepLoaded: Bool
+    let stage: String
+    weak var group: ResidencyGroup?
     private var model: MLModel?
     private let lock = NSLock()
 
-    public init(url: URL, computeUnits: MLComputeUnits, keepLoaded: Bool = true) {
+    public init(url: URL, computeUnits: MLComputeUnits, stage: String = "", group: ResidencyGroup? = nil) {
         self.url = url
         let configuration = MLModelConfiguration()
         configuration.computeUnits = computeUnits
         self.configuration = configuration
-        self.keepLoaded = keepLoaded
+        self.stage = stage
+        self.group = group
+        group?.register(self, stage: stage)
     }
 
     public func perform<R>(_ body: (MLModel) throws -> R) throws -> R {
-        lock.lock()
-        defer { lock.unlock() }
-        let loaded = try model ?? MLModel(contentsOf: url, configuration: configuration)
-        model = keepLoaded ? loaded : nil
+        let loaded = try loadedModel()
         return try body(loaded)
+    }
+
+    private func loadedModel() throws -> MLModel {
+        lock.lock()
+        let current = model
+        lock.unlock()
+        if let current { return current }
+        group?.willLoad(stage: stage)
+        let loaded = try MLModel(contentsOf: url, configuration: configuration)
+        lock.lock()
+        model = loaded
+        lock.unlock()
+        return loaded
     }
 
     /// Loads now, so the first generation does not pay for compilation on the device.
