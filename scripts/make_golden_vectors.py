@@ -68,6 +68,30 @@ def generated_prompts(count: int, seed: int = 0):
     return prompts
 
 
+UNICODE_RANGES = [(0x20, 0x7F), (0xA0, 0x250), (0x300, 0x370), (0x370, 0x530), (0x590, 0x700), (0x900, 0xE00),
+                  (0x1100, 0x1200), (0x2000, 0x2070), (0x2150, 0x2190), (0x3000, 0x3100), (0x4E00, 0x4E80),
+                  (0xAC00, 0xAC80), (0xFF00, 0xFF70), (0x1D400, 0x1D480), (0x1F300, 0x1F680)]
+SPACES = [" ", "\t", "\n", "\r", "\x0b", "\x0c", "\x85", "\xa0", "\u1680", "\u2000", "\u2009", "\u200b", "\u2028",
+          "\u2029", "\u202f", "\u205f", "\u3000", "\ufeff", "\x00", "\x7f"]
+
+
+def fuzz_prompts(count: int, seed: int = 1):
+    """Random code points from many scripts, symbols, marks and every kind of space: where a
+    hand-written tokenizer tends to disagree with the reference."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            if rng.random() < 0.15:
+                chars.append(rng.choice(SPACES))
+            else:
+                low, high = rng.choice(UNICODE_RANGES)
+                chars.append(chr(rng.randrange(low, high)))
+        prompts.append("".join(chars))
+    return prompts
+
+
 def make_tokenizer():
     from transformers import CLIPTokenizer
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"))
@@ -91,9 +115,16 @@ def float_list(values) -> list:
 
 
 def tokenizer_section(tokenize):
-    prompts = BASE_PROMPTS + generated_prompts(260)
-    return {"max_length": MAX_LENGTH, "pad_id": 49407,
-            "cases": [{"prompt": p, "ids": unpadded(tokenize(p))} for p in prompts]}
+    prompts = BASE_PROMPTS + generated_prompts(260) + fuzz_prompts(120)
+    return {"max_length": MAX_LENGTH, "pad_id": 49407, "cases": [tokenizer_case(p, tokenize) for p in prompts]}
+
+
+def tokenizer_case(prompt: str, tokenize) -> dict:
+    case = {"prompt": prompt, "ids": unpadded(tokenize(prompt))}
+    if "\ufeff" in prompt:
+        # Exact code points too: Foundation's JSON parser on Linux drops a leading U+FEFF from strings.
+        case["codepoints"] = [ord(ch) for ch in prompt]
+    return case
 
 
 def random_case(rng: str, seed: int, shape) -> dict:
