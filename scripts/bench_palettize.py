@@ -1,0 +1,205 @@
+"""Palettize the same UNet with our k-means and with coremltools' k-means (scikit-learn), side by side.
+
+    python scripts/bench_palettize.py --config tiny
+    python scripts/bench_palettize.py --config sd15 --cap-minutes 15   # full-size SD 1.5, random weights
+
+Prints wall time, per-tensor weight SNR (mean / min over palettized tensors) and output PSNR
+against the fp16 model (both models run by the MIL runtime on CPU). When coremltools' full pass
+would exceed --cap-minutes (estimated by timing its k-means on a sample of tensors), its time is
+extrapolated from the sample and its weight SNR is measured on that sample only: the table says so.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from python_coreml_sd.compression import testbed  # noqa: E402
+from python_coreml_sd.compression.kmeans import palettize_array  # noqa: E402
+from python_coreml_sd.compression.palettize import (  # noqa: E402
+    WEIGHT_THRESHOLD, lut_weights, mil_program, palettize_mlpackage)
+from python_coreml_sd.metrics import psnr  # noqa: E402
+
+
+def snr_db(ref, approx):
+    ref = ref.astype(np.float64)
+    err = np.sum((approx.astype(np.float64) - ref) ** 2)
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref * ref) / err))
+
+
+def large_consts(pkg):
+    import coremltools as ct
+
+    prog = mil_program(ct.models.MLModel(str(pkg), skip_model_load=True))
+    return {op.name: op.val.val for f in prog.functions.values() for op in f.operations
+            if op.op_type == "const" and isinstance(op.val.val, np.ndarray)
+            and op.val.val.dtype == np.float16 and op.val.val.size > WEIGHT_THRESHOLD}
+
+
+def snr_stats(originals, decoded):
+    values = [snr_db(originals[n], decoded[n]) for n in decoded]
+    return {"tensors": len(values), "snr_mean_db": float(np.mean(values)), "snr_min_db": float(np.min(values))}
+
+
+def output_psnr(src, dst, inputs, how, module=None, torch_inputs=None):
+    """Palettized vs fp16 model, both run by the MIL runtime ("mil"); or ("torch") the PyTorch
+    module in fp32 with its conv/linear weights replaced by the decoded LUT values, against itself."""
+    if how == "mil":
+        from python_coreml_sd.runtime.mil import MILModel
+
+        ref = MILModel(src).predict(inputs)["output"]
+        return psnr(ref, MILModel(dst).predict(inputs)["output"])
+    from python_coreml_sd.compression.mixed_bit import _match, palettizable_layers
+
+    layers = palettizable_layers(module)
+    with torch.no_grad():
+        ref = module(*torch_inputs.values()).numpy()
+        saved = {n: m.weight.data.clone() for n, m in layers.items()}
+        for const, values in lut_weights(ct_model(dst)).items():
+            name = _match(const, layers)
+            if name is not None:
+                layers[name].weight.data = torch.from_numpy(values.astype(np.float32)).reshape(saved[name].shape)
+        out = module(*torch_inputs.values()).numpy()
+        for n, w in saved.items():
+            layers[n].weight.data = w
+    return psnr(ref, out)
+
+
+def run_ours(src, work, nbits, originals):
+    t0 = time.perf_counter()
+    dst = palettize_mlpackage(src, work / "ours.mlpackage", nbits)
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for w in originals.values():
+        palettize_array(w, nbits)
+    kmeans_only = time.perf_counter() - t0
+    decoded = lut_weights(ct_model(dst))
+    return dst, {"wall_s": wall, "kmeans_only_s": kmeans_only, **snr_stats(originals, decoded)}
+
+
+def ct_model(path):
+    import coremltools as ct
+
+    return ct.models.MLModel(str(path), skip_model_load=True)
+
+
+def coremltools_sample(originals, nbits, count, max_fraction=1.0):
+    """coremltools' own per-tensor k-means on ``count`` tensors spread over the size range."""
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    names = sorted(originals, key=lambda n: originals[n].size)
+    picks = [names[int(i)] for i in np.linspace(0, max_fraction * (len(names) - 1), count).round()]
+    seconds, snrs = 0.0, {}
+    for name in dict.fromkeys(picks):
+        w = originals[name]
+        t0 = time.perf_counter()
+        lut, labels = _get_kmeans_lookup_table_and_weight(nbits, w)
+        seconds += time.perf_counter() - t0
+        dense = lut.reshape(-1).astype(w.dtype)[labels].reshape(w.shape)
+        ours_lut, ours_idx = palettize_array(w, nbits)
+        snrs[name] = (snr_db(w, dense), snr_db(w, ours_lut[ours_idx]))
+        print(f"  sample {name} {w.shape}: coremltools {seconds:.1f}s so far, SNR ct {snrs[name][0]:.2f} dB"
+              f" / ours {snrs[name][1]:.2f} dB", flush=True)
+    elements = sum(originals[n].size for n in snrs)
+    return seconds, elements, snrs
+
+
+def run_coremltools(src, work, nbits, originals):
+    import coremltools.optimize.coreml as cto
+
+    config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
+    t0 = time.perf_counter()
+    model = cto.palettize_weights(ct_model(src), config)
+    dst = work / "coremltools.mlpackage"
+    model.save(str(dst))
+    wall = time.perf_counter() - t0
+    decoded = lut_weights(ct_model(dst))
+    return dst, {"wall_s": wall, **snr_stats(originals, decoded)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=testbed.UNET_CONFIGS, default="tiny")
+    p.add_argument("--nbits", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cap-minutes", type=float, default=15.0,
+                   help="run coremltools' full pass only if its estimated time is below this")
+    p.add_argument("--sample", type=int, default=6, help="tensors timed to estimate coremltools' full pass")
+    p.add_argument("--output-psnr", choices=("mil", "torch"), default="mil",
+                   help="mil: palettized vs fp16 model in the MIL runtime; torch: PyTorch fp32 with decoded weights")
+    p.add_argument("--max-sample-fraction", type=float, default=1.0,
+                   help="time coremltools only on tensors up to this size quantile (its largest take minutes each)")
+    p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_palettize_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"config": args.config, "nbits": args.nbits, "cpu_count": os.cpu_count()}
+    t0 = time.perf_counter()
+    model, inputs = testbed.unet(args.config, args.seed)
+    src = testbed.convert(model, inputs, work / "fp16.mlpackage")
+    x = testbed.numpy_inputs(inputs)
+    how = args.output_psnr
+    psnr_args = (x, how, model, inputs)
+    result["convert_s"] = time.perf_counter() - t0
+    originals = large_consts(src)
+    result["tensors"] = len(originals)
+    result["elements"] = int(sum(w.size for w in originals.values()))
+    print(f"converted {args.config}: {len(originals)} weights > {WEIGHT_THRESHOLD} elements,"
+          f" {result['elements'] / 1e6:.1f} M values, {result['convert_s']:.0f}s", flush=True)
+
+    ours_pkg, result["ours"] = run_ours(src, work, args.nbits, originals)
+    print("ours:", json.dumps(result["ours"]), flush=True)
+    result["output_psnr_by"] = how
+    result["ours"]["output_psnr_db"] = output_psnr(src, ours_pkg, *psnr_args)
+    print(f"ours output PSNR {result['ours']['output_psnr_db']:.2f} dB", flush=True)
+
+    seconds, elements, snrs = coremltools_sample(originals, args.nbits, args.sample, args.max_sample_fraction)
+    estimate = seconds * result["elements"] / elements
+    result["coremltools_sample"] = {"seconds": seconds, "elements": int(elements), "estimate_full_s": estimate,
+                                    "snr_db": {n: {"coremltools": a, "ours": b} for n, (a, b) in snrs.items()}}
+    print(f"coremltools k-means estimate for the whole model: {estimate:.0f}s", flush=True)
+    if estimate <= args.cap_minutes * 60:
+        ct_pkg, result["coremltools"] = run_coremltools(src, work, args.nbits, originals)
+        result["coremltools"]["output_psnr_db"] = output_psnr(src, ct_pkg, *psnr_args)
+    else:
+        result["coremltools"] = {"wall_s_estimated": estimate, "capped": True}
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def print_table(r):
+    ours, ct_ = r["ours"], r["coremltools"]
+    sample = r["coremltools_sample"]["snr_db"]
+    print(f"\n{r['config']} UNet, {r['nbits']}-bit, {r['tensors']} tensors, {r['elements'] / 1e6:.1f} M weights,"
+          f" {r['cpu_count']} CPUs")
+    print("| | ours | coremltools kmeans |\n| --- | --- | --- |")
+    if ct_.get("capped"):
+        print(f"| wall time | {ours['wall_s']:.1f} s | ~{ct_['wall_s_estimated']:.0f} s (extrapolated from "
+              f"{len(sample)} tensors, not run) |")
+        ct_snr = [v["coremltools"] for v in sample.values()]
+        our_snr = [v["ours"] for v in sample.values()]
+        print(f"| weight SNR mean / min (sampled tensors) | {np.mean(our_snr):.2f} / {np.min(our_snr):.2f} dB |"
+              f" {np.mean(ct_snr):.2f} / {np.min(ct_snr):.2f} dB |")
+        print(f"| weight SNR mean / min (all tensors) | {ours['snr_mean_db']:.2f} / {ours['snr_min_db']:.2f} dB | n/a |")
+        print(f"| output PSNR vs fp16 | {ours['output_psnr_db']:.2f} dB | not measured (not run) |")
+    else:
+        print(f"| wall time | {ours['wall_s']:.1f} s | {ct_['wall_s']:.1f} s |")
+        print(f"| speed-up | {ct_['wall_s'] / ours['wall_s']:.1f}x | 1x |")
+        print(f"| weight SNR mean / min | {ours['snr_mean_db']:.2f} / {ours['snr_min_db']:.2f} dB |"
+              f" {ct_['snr_mean_db']:.2f} / {ct_['snr_min_db']:.2f} dB |")
+        print(f"| output PSNR vs fp16 | {ours['output_psnr_db']:.2f} dB | {ct_['output_psnr_db']:.2f} dB |")
+    print(f"(ours: k-means alone {ours['kmeans_only_s']:.1f} s of the wall time; output PSNR by {r['output_psnr_by']})")
+
+
+if __name__ == "__main__":
+    main()

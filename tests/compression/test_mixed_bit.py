@@ -1,0 +1,96 @@
+"""Mixed-bit: sensitivity analysis, recipe choice, name mapping to MIL consts, applying a recipe."""
+import json
+
+import numpy as np
+import pytest
+
+from python_coreml_sd.compression import mixed_bit, testbed
+from python_coreml_sd.compression.palettize import lut_weights, mil_program
+from python_coreml_sd.errors import UserError
+
+ct = pytest.importorskip("coremltools")
+
+
+@pytest.fixture(scope="module")
+def net():
+    return testbed.small_net()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, net):
+    module, inputs = net
+    return testbed.convert(module, inputs, tmp_path_factory.mktemp("src") / "small.mlpackage")
+
+
+@pytest.fixture(scope="module")
+def analysis(net):
+    module, inputs = net
+    return mixed_bit.layer_sensitivity(module, inputs, log=None)
+
+
+def test_sensitivity_covers_large_layers_and_grows_with_bits(analysis):
+    assert set(analysis["layers"]) == {"conv1", "conv2", "fc"}  # "thin" (512 weights) stays fp16
+    for layer in analysis["layers"].values():
+        scores = [layer["psnr"][b] for b in (1, 2, 4, 6, 8)]
+        assert scores == sorted(scores)
+
+
+def test_recipe_hits_target_bits(analysis):
+    for target in (8, 6, 4, 3, 2):
+        recipe = mixed_bit.choose_recipe(analysis, target_bits=target)
+        assert mixed_bit.average_bits(analysis, recipe) <= target
+    assert set(mixed_bit.choose_recipe(analysis, target_bits=16).values()) == {16}
+
+
+def test_recipe_for_target_psnr(net, analysis):
+    module, inputs = net
+    recipe = mixed_bit.choose_recipe(analysis, target_psnr=30)
+    assert mixed_bit.predicted_psnr(analysis, recipe) >= 30
+    assert mixed_bit.average_bits(analysis, recipe) < 16
+    # The additive-noise prediction is an estimate; the real figure lands close to it.
+    assert abs(mixed_bit.measure_recipe(module, inputs, recipe) - mixed_bit.predicted_psnr(analysis, recipe)) < 3
+
+
+def test_measure_recipe_restores_weights(net):
+    module, inputs = net
+    before = {n: p.clone() for n, p in module.named_parameters()}
+    mixed_bit.measure_recipe(module, inputs, {"conv2": 1, "fc": 2})
+    for n, p in module.named_parameters():
+        assert (p == before[n]).all()
+
+
+def test_name_mapping():
+    layers = {"down_blocks.0.resnets.0.conv1": 4, "resnets.0.conv1": 2}
+    # Wrapper prefixes and cast suffixes are ignored; the longest (most specific) key wins.
+    assert mixed_bit._match("unet_down_blocks_0_resnets_0_conv1_weight_to_fp16", layers) == "down_blocks.0.resnets.0.conv1"
+    assert mixed_bit._match("up_blocks_1_resnets_0_conv1_weight_to_fp16", layers) == "resnets.0.conv1"
+    assert mixed_bit._match("down_blocks_0_resnets_0_conv1_bias_to_fp16", layers) is None
+    assert mixed_bit._match("xconv1_weight", {"conv1": 1}) is None  # only whole path components match
+
+
+def test_apply_recipe(source, tmp_path):
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps({"layers": {"conv2": 4, "fc": 2, "conv1": 16}}))
+    dst = mixed_bit.apply_recipe(source, tmp_path / "mixed.mlpackage", recipe_file)
+    model = ct.models.MLModel(str(dst), skip_model_load=True)
+    luts = {op.name: op.lut.val.shape[-2] for f in mil_program(model).functions.values()
+            for op in f.operations if op.op_type == "constexpr_lut_to_dense"}
+    assert luts == {"conv2_weight_to_fp16_palettized": 16, "fc_weight_to_fp16_palettized": 4}
+    assert len(np.unique(lut_weights(model)["fc_weight_to_fp16"])) <= 4
+
+
+def test_recipe_errors(source, tmp_path):
+    with pytest.raises(UserError, match="not in the model"):
+        mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"no_such_layer": 4})
+    with pytest.raises(UserError, match="JSON object"):
+        mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"conv2": "four"})
+
+
+def test_plot_writes_png(tmp_path):
+    from PIL import Image
+
+    curve = [{"megabytes": m, "measured_psnr": p} for m, p in ((1.0, 50), (0.6, 40), (0.3, 25))]
+    uniform = [{"megabytes": m, "measured_psnr": p} for m, p in ((0.75, 52), (0.5, 38), (0.25, 20))]
+    path = mixed_bit.plot(curve, uniform, tmp_path / "plot.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 300
