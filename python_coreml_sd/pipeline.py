@@ -30,7 +30,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("-i", dest="models_dir", type=Path,
-                   help="folder of converted models (.mlpackage, or .mlmodelc with --backend coreml); "
+                   help="folder of converted models (.mlpackage, or .mlmodelc with --backend coreml), a "
+                        "Resources folder, or a bundle .zip (checked, extracted once into the cache); "
                         "required except for --backend torch")
     p.add_argument("-o", dest="output_dir", type=Path, default=Path("."), help="folder for the PNG files (default: .)")
     p.add_argument("--seed", type=int, default=93, help="random seed of the initial latents (default: 93)")

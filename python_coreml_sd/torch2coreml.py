@@ -85,6 +85,18 @@ def parser_spec() -> argparse.ArgumentParser:
                        help="run PyTorch and the converted model (Core ML on macOS, the MIL runtime elsewhere) "
                             "on the same random inputs, print PSNR per output, exit 1 under the threshold")
     check.add_argument("--psnr-threshold", type=float, default=35.0, help="PSNR floor in dB (default: 35)")
+    bundle = p.add_argument_group("bundles for apps (after converting; see docs/bundles.md)")
+    kind = bundle.add_mutually_exclusive_group()
+    kind.add_argument("--bundle-resources-for-swift-cli", action="store_true",
+                      help="compile the packages with xcrun coremlcompiler (macOS only) into OUT/Resources as Apple's "
+                           "Swift pipeline loads them: TextEncoder.mlmodelc, Unet.mlmodelc (or UnetChunk1/2), "
+                           "VAEDecoder, VAEEncoder, SafetyChecker, plus vocab.json and merges.txt")
+    kind.add_argument("--bundle-packages", action="store_true",
+                      help="any OS: OUT/Resources with the .mlpackage files under the same names (TextEncoder.mlpackage, "
+                           "Unet.mlpackage, ...) plus vocab.json and merges.txt; a Mac compiles them at first load")
+    bundle.add_argument("--zip", action="store_true",
+                        help="also archive the bundle as OUT/coreml-<model>[-palettized]_<attention>_<compiled|packages>"
+                             ".zip: reproducible (same inputs, same sha256), with manifest.json (sha256 of every file)")
     p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -140,7 +152,12 @@ def main(argv=None) -> int:
         fail(PROG, "nothing to convert; pass at least one --convert-* flag (see --help)", 2)
     quiet_third_party(args.verbose)
     try:
-        paths = convert(options_from_args(args), requested_components(args))
+        from .bundle import plan_bundle
+        options = options_from_args(args)
+        plan = plan_bundle(options, args.bundle_resources_for_swift_cli, args.bundle_packages, args.zip)  # fail fast
+        paths = convert(options, requested_components(args))
+        if plan:
+            plan.build(paths)
     except (UserError, CheckFailed) as exc:
         fail(PROG, str(exc), exc.exit_code)
     except KeyboardInterrupt:

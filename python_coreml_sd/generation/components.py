@@ -65,13 +65,19 @@ def find_packages(folder: Path) -> dict:
         raise UserError(f"models folder {folder} does not exist; pass -i with the folder of converted models")
     found = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix not in (".mlpackage", ".mlmodelc"):
-            continue
-        match = re.search(r"_(" + "|".join(sorted(COMPONENTS, key=len, reverse=True)) + r")$", path.stem)
-        name = match.group(1) if match else RESOURCE_NAMES.get(path.stem)
+        name = component_of(path)
         if name:
             found[name] = path
     return found
+
+
+def component_of(path: Path):
+    """The component a package or compiled model holds, by its name (ours or Apple's); None if neither."""
+    path = Path(path)
+    if path.suffix not in (".mlpackage", ".mlmodelc"):
+        return None
+    match = re.search(r"_(" + "|".join(sorted(COMPONENTS, key=len, reverse=True)) + r")$", path.stem)
+    return match.group(1) if match else RESOURCE_NAMES.get(path.stem)
 
 
 def _package_input_shapes(path: Path) -> dict:

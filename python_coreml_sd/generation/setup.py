@@ -45,6 +45,9 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     check_device(device)
+    if models_dir is not None:  # a .zip bundle is extracted (checked, once) into the cache
+        from ..bundle import models_folder
+        models_dir = models_folder(models_dir)
     source = resolve(model_version)
     if backend == "torch":
         latent_hw = _latent_size_of(models_dir) if models_dir else (source.config("unet")["sample_size"],) * 2
