@@ -127,7 +127,7 @@ public struct CommandLineOptions: Equatable {
 
     private func validate() throws {
         if resourcePath.isEmpty { throw UsageError("--resource-path is required") }
-        if prompt.isEmpty { throw UsageError("--prompt is required") }
+        if prompt.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { throw UsageError("--prompt is required") }
     }
 
     public func generationConfig() -> GenerationConfig {

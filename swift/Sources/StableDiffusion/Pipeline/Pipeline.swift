@@ -50,13 +50,17 @@ public enum PipelineError: Error, CustomStringConvertible {
 
 /// The Stable Diffusion loop over any model backend.
 public struct StableDiffusionPipeline {
-    public static let latentScale: Float = 0.18215
+    /// SD 1.x and 2.x VAEs' `scaling_factor`; other families set theirs in the initializer.
+    public static let defaultLatentScale: Float = 0.18215
 
     public let tokenizer: BPETokenizer
     public let models: PipelineModels
     public let sequenceLength: Int
+    public let latentScale: Float
 
-    public init(tokenizer: BPETokenizer, models: PipelineModels, sequenceLength: Int = 77) {
+    public init(tokenizer: BPETokenizer, models: PipelineModels, sequenceLength: Int = 77,
+                latentScale: Float = defaultLatentScale) {
+        self.latentScale = latentScale
         self.tokenizer = tokenizer
         self.models = models
         self.sequenceLength = sequenceLength
@@ -127,7 +131,7 @@ public struct StableDiffusionPipeline {
     }
 
     private func finish(_ latents: Tensor, config: GenerationConfig, timesteps: [Int]) throws -> GeneratedImage {
-        let image = try models.decoder.decode(latents.map { $0 / Self.latentScale })
+        let image = try models.decoder.decode(latents.map { $0 / latentScale })
         var unsafe = false
         if !config.disableSafety, let checker = models.safetyChecker {
             unsafe = try checker.isUnsafe(image: image)

@@ -88,7 +88,7 @@ public enum ClosedForm {
                     let pixels = (0..<3).map { image.scalars[($0 * height + 8 * y) * width + 8 * x] }
                     let fourth = Float(pixels.reduce(0.0) { $0 + Double($1) } / 3)
                     for (c, value) in (pixels + [fourth]).enumerated() {
-                        scalars[(c * h + y) * w + x] = value * StableDiffusionPipeline.latentScale
+                        scalars[(c * h + y) * w + x] = value * StableDiffusionPipeline.defaultLatentScale
                     }
                 }
             }
