@@ -6,16 +6,17 @@ from ..errors import UserError
 BACKENDS = ("mil", "coreml")
 
 
-def load_model(path, backend="mil", device="cpu", compute_unit="ALL"):
+def load_model(path, backend="mil", device="cpu", compute_unit="ALL", **mil_options):
     """A model with `predict({name: array}) -> {name: array}`.
 
     backend "coreml": coremltools.models.MLModel (macOS only), compute_unit one of
-    coremltools.ComputeUnit's names. backend "mil": MILModel on `device` ("cpu" or "cuda").
+    coremltools.ComputeUnit's names. backend "mil": MILModel on `device` ("cpu" or "cuda");
+    mil_options go to MILModel (cuda_graph=True pays off for repeated calls such as UNet steps).
     """
     if backend == "mil":
         from .mil import MILModel
 
-        return MILModel(path, device=device)
+        return MILModel(path, device=device, **mil_options)
     if backend == "coreml":
         return _load_coreml(path, compute_unit)
     raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
