@@ -62,7 +62,7 @@ final class CommandLineTests: XCTestCase {
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: folder) }
         XCTAssertThrowsError(try ResourceFolder(path: folder.path)) { error in
-            XCTAssertTrue("\(error)".contains("TextEncoder.mlmodelc, VAEDecoder.mlmodelc, vocab.json, merges.txt, Unet.mlmodelc"))
+            XCTAssertTrue("\(error)".contains("TextEncoder.mlmodelc, VAEDecoder.mlmodelc, vocab.json, merges.txt, Unet.mlmodelc"), "\(error)")
         }
         for name in ["TextEncoder.mlmodelc", "VAEDecoder.mlmodelc", "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"] {
             try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
@@ -76,5 +76,13 @@ final class CommandLineTests: XCTestCase {
         XCTAssertFalse(resources.hasSafetyChecker)
         XCTAssertEqual(try resources.tokenizer().encode("a").prefix(3), [49406, 320, 49407])
         XCTAssertThrowsError(try ResourceFolder(path: folder.path, needsEncoder: true))
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("VAEEncoder.mlpackage"),
+                                                withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("TextEncoder.mlpackage"),
+                                                withIntermediateDirectories: true)
+        let withPackages = try ResourceFolder(path: folder.path, needsEncoder: true)
+        XCTAssertEqual(withPackages.model("VAEEncoder")?.lastPathComponent, "VAEEncoder.mlpackage")
+        XCTAssertEqual(withPackages.model("TextEncoder")?.lastPathComponent, "TextEncoder.mlmodelc")
+        XCTAssertNil(withPackages.model("SafetyChecker"))
     }
 }

@@ -188,16 +188,17 @@ public struct CoreMLPipeline {
         let group = reduceMemory ? ResidencyGroup() : nil
         residency = group
         let model = { (name: String, stage: String) in
-            ManagedModel(url: resources.file(name), computeUnits: computeUnits, stage: stage, group: group)
+            ManagedModel(url: resources.model(name) ?? resources.file("\(name).mlmodelc"), computeUnits: computeUnits,
+                         stage: stage, group: group)
         }
-        let unetNames = resources.chunkedUnet ? ["UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"] : ["Unet.mlmodelc"]
+        let unetNames = resources.chunkedUnet ? ["UnetChunk1", "UnetChunk2"] : ["Unet"]
         unet = CoreMLUnet(chunks: unetNames.map { model($0, "unet") })
         let models = PipelineModels(
-            textEncoder: CoreMLTextEncoder(model: model("TextEncoder.mlmodelc", "text")),
+            textEncoder: CoreMLTextEncoder(model: model("TextEncoder", "text")),
             unet: unet,
-            decoder: CoreMLDecoder(model: model("VAEDecoder.mlmodelc", "decoder")),
-            encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder.mlmodelc", "encoder")) : nil,
-            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker.mlmodelc", "safety")) : nil)
+            decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
+            encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
+            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models)
     }
 

@@ -37,21 +37,28 @@ public final class ManagedModel: ResidentModel, @unchecked Sendable {
         return try body(loaded)
     }
 
+    /// Other models of the group are unloaded under this model's lock; the pipeline drives models
+    /// from one thread, so the locks only guard against concurrent use of one model.
     private func loadedModel() throws -> MLModel {
         lock.lock()
-        let current = model
-        lock.unlock()
-        if let current { return current }
+        defer { lock.unlock() }
+        if let model { return model }
         group?.willLoad(stage: stage)
-        let loaded = try MLModel(contentsOf: url, configuration: configuration)
-        lock.lock()
+        let loaded = try MLModel(contentsOf: try compiledURL(), configuration: configuration)
         model = loaded
-        lock.unlock()
         return loaded
     }
 
-    /// Loads now, so the first generation does not pay for compilation on the device.
-    public func load() throws { try perform { _ in } }
+    private var compiled: URL?
+
+    /// Packages are compiled once per run into a temporary folder; compiled models load as they are.
+    private func compiledURL() throws -> URL {
+        guard url.pathExtension == "mlpackage" else { return url }
+        if let compiled { return compiled }
+        let result = try MLModel.compileModel(at: url)
+        compiled = result
+        return result
+    }
 
     public func unload() {
         lock.lock()

@@ -1,7 +1,12 @@
 import Foundation
 
-/// The files of a Resources folder produced by the converter, checked before anything loads.
+/// The files of a Resources folder produced by the converter, checked before anything loads. Each
+/// model may be compiled (`.mlmodelc`, `--bundle-resources-for-swift-cli`) or a package
+/// (`.mlpackage`, `--bundle-packages`, the only kind Linux converters can make), which Core ML
+/// compiles on first load.
 public struct ResourceFolder {
+    public static let modelExtensions = ["mlmodelc", "mlpackage"]
+
     public let url: URL
     public let chunkedUnet: Bool
     public let hasEncoder: Bool
@@ -14,17 +19,27 @@ public struct ResourceFolder {
         guard FileManager.default.fileExists(atPath: url.path, isDirectory: &isDirectory), isDirectory.boolValue else {
             throw UsageError("resource folder \(path) does not exist")
         }
-        let exists = { (name: String) in FileManager.default.fileExists(atPath: url.appendingPathComponent(name).path) }
-        chunkedUnet = !exists("Unet.mlmodelc") && exists("UnetChunk1.mlmodelc") && exists("UnetChunk2.mlmodelc")
-        hasEncoder = exists("VAEEncoder.mlmodelc")
-        hasSafetyChecker = exists("SafetyChecker.mlmodelc")
-        var missing = ["TextEncoder.mlmodelc", "VAEDecoder.mlmodelc", "vocab.json", "merges.txt"].filter { !exists($0) }
-        if !chunkedUnet && !exists("Unet.mlmodelc") { missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)") }
+        let has = { (name: String) in Self.modelURL(in: url, name) != nil }
+        chunkedUnet = !has("Unet") && has("UnetChunk1") && has("UnetChunk2")
+        hasEncoder = has("VAEEncoder")
+        hasSafetyChecker = has("SafetyChecker")
+        var missing = ["TextEncoder", "VAEDecoder"].filter { !has($0) }.map { "\($0).mlmodelc" }
+        missing += ["vocab.json", "merges.txt"].filter { !FileManager.default.fileExists(atPath: url.appendingPathComponent($0).path) }
+        if !chunkedUnet && !has("Unet") { missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)") }
         if needsEncoder && !hasEncoder { missing.append("VAEEncoder.mlmodelc (needed by --image)") }
         guard missing.isEmpty else {
-            throw UsageError("resource folder \(path) lacks \(missing.joined(separator: ", "))")
+            throw UsageError("resource folder \(path) lacks \(missing.joined(separator: ", ")) (.mlpackage also works)")
         }
     }
+
+    /// `name.mlmodelc` if present, else `name.mlpackage`.
+    static func modelURL(in folder: URL, _ name: String) -> URL? {
+        modelExtensions.lazy.map { folder.appendingPathComponent("\(name).\($0)") }
+            .first { FileManager.default.fileExists(atPath: $0.path) }
+    }
+
+    /// The model file for a component base name such as "TextEncoder"; nil when absent.
+    public func model(_ name: String) -> URL? { Self.modelURL(in: url, name) }
 
     public func file(_ name: String) -> URL { url.appendingPathComponent(name) }
 
