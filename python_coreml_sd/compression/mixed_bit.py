@@ -56,7 +56,8 @@ def _forward(module, inputs) -> np.ndarray:
         return module(*inputs.values()).float().numpy()
 
 
-def layer_sensitivity(module, inputs, bits=CANDIDATE_BITS, threshold: int = WEIGHT_THRESHOLD, log=print) -> dict:
+def layer_sensitivity(module, inputs, bits=CANDIDATE_BITS, threshold: int = WEIGHT_THRESHOLD, log=print,
+                      cache: dict | None = None) -> dict:
     """{"reference_peak": .., "layers": {name: {"params": n, "psnr": {bits: dB}}}}, one layer at a time."""
     reference = _forward(module, inputs)
     layers = {}
@@ -65,6 +66,8 @@ def layer_sensitivity(module, inputs, bits=CANDIDATE_BITS, threshold: int = WEIG
         scores = {}
         for b in bits:
             layer.weight.data = fake_palettized(original, b)
+            if cache is not None:
+                cache[(name, b)] = layer.weight.data
             scores[b] = psnr(reference, _forward(module, inputs))
         layer.weight.data = original
         layers[name] = {"params": int(original.numel()), "psnr": scores}
@@ -124,20 +127,26 @@ def _cheapest_step(layers, peak, recipe, noise, steps):
     return None if best is None else best[1:]
 
 
-def apply_to_module(module, recipe):
-    """Replace each recipe layer's weight by its palettized values, in place (for measuring)."""
+def apply_to_module(module, recipe, cache: dict | None = None):
+    """Replace each recipe layer's weight by its palettized values, in place (for measuring).
+
+    ``cache`` ((name, bits) -> tensor) spares re-clustering when many recipes are measured.
+    """
     layers = dict(module.named_modules())
+    cache = {} if cache is None else cache
     for name, bits in recipe.items():
         if bits != KEEP_FP16:
-            layers[name].weight.data = fake_palettized(layers[name].weight.data, bits)
+            if (name, bits) not in cache:
+                cache[(name, bits)] = fake_palettized(layers[name].weight.data, bits)
+            layers[name].weight.data = cache[(name, bits)]
 
 
-def measure_recipe(module, inputs, recipe) -> float:
+def measure_recipe(module, inputs, recipe, cache: dict | None = None) -> float:
     """Output PSNR of the whole recipe at once, against the untouched module."""
     reference = _forward(module, inputs)
     saved = {n: m.weight.data.clone() for n, m in palettizable_layers(module).items()}
     try:
-        apply_to_module(module, recipe)
+        apply_to_module(module, recipe, cache)
         return psnr(reference, _forward(module, inputs))
     finally:
         layers = dict(module.named_modules())
@@ -212,24 +221,25 @@ def apply_recipe(src, dst, recipe, overwrite: bool = False, granularity: str = "
     return palettize_mlpackage(src, dst, None, granularity, group_size, recipe=layers, overwrite=overwrite)
 
 
-def tradeoff_curve(module, inputs, analysis, targets=(16, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1)) -> list:
+def tradeoff_curve(module, inputs, analysis, targets=(16, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1),
+                   cache: dict | None = None) -> list:
     """(target bits, avg bits, MB, measured PSNR) for greedy recipes over a range of targets."""
-    points = []
+    points, cache = [], {} if cache is None else cache
     for t in targets:
         recipe = choose_recipe(analysis, target_bits=t)
         points.append({"target_bits": t, "average_bits": average_bits(analysis, recipe),
                        "megabytes": model_bytes(module, recipe) / 1e6,
-                       "measured_psnr": measure_recipe(module, inputs, recipe),
+                       "measured_psnr": measure_recipe(module, inputs, recipe, cache),
                        "predicted_psnr": predicted_psnr(analysis, recipe)})
     return points
 
 
-def uniform_points(module, inputs, analysis, bits=CANDIDATE_BITS) -> list:
+def uniform_points(module, inputs, analysis, bits=CANDIDATE_BITS, cache: dict | None = None) -> list:
     points = []
     for b in bits:
         recipe = {n: b for n in analysis["layers"]}
         points.append({"bits": b, "megabytes": model_bytes(module, recipe) / 1e6,
-                       "measured_psnr": measure_recipe(module, inputs, recipe)})
+                       "measured_psnr": measure_recipe(module, inputs, recipe, cache)})
     return points
 
 
@@ -334,10 +344,11 @@ def main(argv=None):
 
 def run(args):
     module, inputs = _module_for(args)
-    analysis = layer_sensitivity(module, inputs)
+    cache = {}
+    analysis = layer_sensitivity(module, inputs, cache=cache)
     recipe = choose_recipe(analysis, args.target_bits, args.target_psnr)
     doc = {"layers": recipe, "average_bits": average_bits(analysis, recipe),
-           "predicted_psnr": predicted_psnr(analysis, recipe), "measured_psnr": measure_recipe(module, inputs, recipe),
+           "predicted_psnr": predicted_psnr(analysis, recipe), "measured_psnr": measure_recipe(module, inputs, recipe, cache),
            "megabytes": model_bytes(module, recipe) / 1e6, "fp16_megabytes": model_bytes(module, {}) / 1e6,
            "target_bits": args.target_bits, "target_psnr": args.target_psnr,
            "sensitivity": {n: {str(b): v for b, v in l["psnr"].items()} for n, l in analysis["layers"].items()}}
@@ -346,8 +357,11 @@ def run(args):
           f"(fp16 {doc['fp16_megabytes']:.2f} MB), PSNR predicted {doc['predicted_psnr']:.1f} / "
           f"measured {doc['measured_psnr']:.1f} dB -> {args.out}")
     if args.plot:
-        curve = tradeoff_curve(module, inputs, analysis)
-        plot(curve, uniform_points(module, inputs, analysis), args.plot,
+        curve = tradeoff_curve(module, inputs, analysis, cache=cache)
+        uniform = uniform_points(module, inputs, analysis, cache=cache)
+        doc["curve"], doc["uniform"] = curve, uniform
+        args.out.write_text(json.dumps(doc, indent=2, default=float))
+        plot(curve, uniform, args.plot,
              title=f"{args.unet_dir or args.config} UNet: output PSNR vs weight size")
         print(f"plot -> {args.plot}")
     if args.apply:

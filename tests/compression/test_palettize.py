@@ -131,3 +131,25 @@ def test_bad_arguments(source, tmp_path):
         palettize_mlpackage(src, tmp_path / "x.mlpackage", 4, granularity="per_block")
     with pytest.raises(UserError, match="not an .mlpackage"):
         palettize_mlpackage(tmp_path, tmp_path / "x.mlpackage", 4)
+
+
+def test_same_bytes_as_coremltools_own_entry_point(source, tmp_path):
+    """We skip re-running the default pipeline; the package must not change because of it."""
+    import coremltools.optimize.coreml as cto
+
+    from python_coreml_sd.compression.palettize import op_config
+
+    src, _ = source
+    ours = palettize_mlpackage(src, tmp_path / "ours.mlpackage", 4)
+    config = cto.OptimizationConfig(global_config=op_config(4))
+    theirs = tmp_path / "theirs.mlpackage"
+    cto.palettize_weights(load(src), config).save(str(theirs))
+    weights = "Data/com.apple.CoreML/weights/weight.bin"
+    assert (ours / weights).read_bytes() == (theirs / weights).read_bytes()
+
+    # Auto-generated op names (cast_0 / cast_1) follow a per-process counter; compare the rest.
+    def structure(pkg):
+        return [(op.op_type, [v.shape for v in op.outputs]) for f in mil_program(load(pkg)).functions.values()
+                for op in f.operations]
+
+    assert structure(ours) == structure(theirs)
