@@ -1,0 +1,229 @@
+"""UNet -> Core ML (ML Program) through the Neural-Engine-friendly UNet of `layers.unet`.
+
+Inputs `sample` (B, 4, H, W), `timestep` (B,), `encoder_hidden_states` (B, C, 1, S); output
+`noise_pred`. B is 2 (classifier-free guidance: unconditional and conditional in one call) unless
+options.unet_batch_one.
+
+Memory and time (see docs/unet.md): the weights exist once in PyTorch (the Neural-Engine UNet is built
+on the meta device and takes the diffusers tensors by assignment), the diffusers module is dropped
+before tracing, the MIL program is built with no passes, the PyTorch side is freed, and only then do a
+trimmed pass pipeline and the fp16 cast run.
+"""
+import gc
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..layers.unet import UNet2DConditionModelANE, check_supported
+from .common import _deployment_target, check_correctness, describe, log, output_path, save, trace
+
+DESCRIPTIONS = {
+    "sample": "The low resolution latent feature maps being denoised through reverse diffusion",
+    "timestep": "A value emitted by the associated scheduler object to condition the model on a given noise "
+                "schedule",
+    "encoder_hidden_states": "Output embeddings from the associated text_encoder model to condition the generated "
+                             "image on text. A maximum of 77 tokens (~40 words) are allowed. Longer text is "
+                             "truncated. Shorter text does not reduce computation. Layout (B, C, 1, S)",
+    "noise_pred": "Same shape and dtype as the `sample` input. The predicted noise to facilitate the reverse "
+                  "diffusion (denoising) process",
+}
+OUTPUT_NAMES = ["noise_pred"]
+
+# The default pipeline minus passes that cannot fire on this graph (quantization, loops, images, padding,
+# batchnorm/prelu/relu fusions) and minus const_deduplication, which hashes every weight three times for
+# a UNet that shares none. add_fp16_cast edits the op list in place, which costs time quadratic in the
+# number of ops: dead-code elimination right before it halves the ops it walks (10x faster on a UNet).
+UNET_PASSES = [
+    "common::lower_complex_dialect_ops", "common::update_output_dtypes", "common::cast_optimization",
+    "common::noop_elimination", "common::const_elimination", "common::dead_code_elimination",
+    "common::sanitize_input_output_names",
+    "common::divide_to_multiply", "common::select_optimization", "common::remove_symbolic_reshape",
+    "common::noop_elimination", "common::fuse_gelu_exact", "common::fuse_squeeze_expand_dims",
+    "common::fuse_conv_bias", "common::fuse_layernorm_or_instancenorm", "common::fuse_reduce_mean",
+    "common::merge_consecutive_reshapes", "common::merge_consecutive_transposes", "common::reduce_transposes",
+    "common::remove_redundant_ops", "common::dedup_op_and_var_names", "common::dead_code_elimination",
+    "common::add_fp16_cast", "common::update_output_dtypes", "common::const_elimination",
+    "common::dead_code_elimination", "common::cast_optimization", "common::const_elimination",
+    "common::dead_code_elimination", "common::noop_elimination", "common::dedup_op_and_var_names",
+    "common::topological_reorder", "common::dead_code_elimination",
+]
+
+
+def latent_size(config: dict, options) -> tuple:
+    return options.latent_h or config["sample_size"], options.latent_w or config["sample_size"]
+
+
+def text_sequence_length(source, options) -> int:
+    if options.text_token_sequence_length:
+        return options.text_token_sequence_length
+    if source.has("text_encoder"):
+        return source.config("text_encoder").get("max_position_embeddings", 77)
+    return 77
+
+
+def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int) -> "OrderedDict[str, torch.Tensor]":
+    generator = torch.Generator().manual_seed(0)
+    return OrderedDict(
+        sample=torch.randn(batch, config.get("in_channels", 4), h, w, generator=generator),
+        timestep=torch.tensor([999.0, 10.0][:batch] if batch <= 2 else [500.0] * batch),
+        encoder_hidden_states=torch.randn(batch, config["cross_attention_dim"], 1, seq_len, generator=generator),
+    )
+
+
+def ane_unet_from(unet, attention_implementation: str) -> UNet2DConditionModelANE:
+    """The Neural-Engine UNet holding the diffusers UNet's own tensors (no copy, no random init)."""
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(dict(unet.config), attention_implementation)
+    model.load_state_dict(unet.state_dict(), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def diffusers_reference(unet, inputs: dict) -> np.ndarray:
+    """noise_pred of the diffusers UNet for our (B, C, 1, S) inputs."""
+    context = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)
+    with torch.no_grad():
+        return unet(inputs["sample"], inputs["timestep"], context).sample.numpy()
+
+
+def unet_pass_pipeline(compute_precision: str):
+    import coremltools as ct
+    _register_streaming_fp16_pass()
+    fp16 = {"common::add_fp16_cast": [STREAMING_FP16_PASS] if compute_precision == "float16" else []}
+    passes = [name for p in UNET_PASSES for name in fp16.get(p, [p])]
+    return ct.PassPipeline(passes, pipeline_name="python_coreml_sd_unet")
+
+
+def traced_to_mlprogram(traced, inputs: dict, options, release=None):
+    """ct.convert in two steps so that PyTorch's copy of the weights can go (`release()`) before the
+    MIL passes and the fp16 cast allocate theirs."""
+    import coremltools as ct
+    target = _deployment_target(options.min_deployment_target)
+    prog = ct.convert(traced, convert_to="milinternal", source="pytorch",
+                      inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
+                      outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
+                      compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
+                      pass_pipeline=ct.PassPipeline.EMPTY)
+    del traced
+    if release is not None:
+        release()
+    gc.collect()
+    log_memory("MIL program built, PyTorch released")
+    precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
+    return ct.convert(prog, convert_to="mlprogram", source="milinternal", compute_precision=precision,
+                      minimum_deployment_target=target, pass_pipeline=unet_pass_pipeline(options.compute_precision),
+                      skip_model_load=True)
+
+
+def unet_output_paths(options) -> list:
+    from .chunk import chunk_paths
+    out = output_path(options, "unet")
+    return list(chunk_paths(out)) if options.chunk_unet else [out]
+
+
+def convert_unet(source, options) -> list:
+    outputs = unet_output_paths(options)
+    if all(p.exists() for p in outputs) and not options.overwrite:
+        log.info("unet: %s exist(s), skipping (pass --overwrite to replace)", ", ".join(map(str, outputs)))
+        return outputs
+    config = source.config("unet")
+    check_supported(config)
+    batch = 1 if options.unet_batch_one else 2
+    inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options))
+    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options)
+    out = save(mlmodel, output_path(options, "unet"), options.overwrite)
+    del mlmodel
+    if options.check_output_correctness:
+        check_correctness({"noise_pred": reference}, out, _as_numpy(inputs), options.psnr_threshold)
+    if not options.chunk_unet:
+        return [out]
+    from .chunk import chunk_mlpackage
+    return chunk_mlpackage(out, options)
+
+
+def build_mlprogram(load_unet, inputs: dict, options):
+    """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
+
+    `load_unet()` returns the diffusers UNet; taking a loader rather than the module lets this function
+    hold the only reference, so that the module's memory can go once its weights are in MIL.
+    """
+    unet = load_unet()
+    reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
+    holder = {"model": ane_unet_from(unet, options.attention_implementation)}
+    del unet  # the Neural-Engine UNet now holds the only reference to the weights
+    log_memory("Neural-Engine UNet built")
+    traced = trace(holder["model"], tuple(inputs.values()))
+    log_memory("traced")
+    mlmodel = traced_to_mlprogram(traced, inputs, options, release=holder.clear)
+    del traced
+    log_memory("converted")
+    describe(mlmodel, options, "unet", DESCRIPTIONS)
+    meta = mlmodel.user_defined_metadata
+    meta["com.python_coreml_sd.batch_size"] = str(inputs["sample"].shape[0])
+    meta["com.python_coreml_sd.latent_size"] = "x".join(map(str, inputs["sample"].shape[2:]))
+    return mlmodel, reference
+
+
+def log_memory(stage: str) -> None:
+    import resource
+    rss = _current_rss_gib()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    log.info("unet: %s (RSS %.2f GiB, peak %.2f GiB)", stage, rss, peak)
+
+
+def _current_rss_gib() -> float:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:  # not Linux
+        return float("nan")
+
+
+def _as_numpy(inputs: dict) -> dict:
+    return {k: v.numpy().astype(np.float32) for k, v in inputs.items()}
+
+
+def _register_streaming_fp16_pass():
+    """`python_coreml_sd::add_fp16_cast`: coremltools' add_fp16_cast that replaces each large fp32 weight by
+    its fp16 copy as soon as the op using it is converted. The stock pass keeps every fp32 weight alive
+    until a later dead-code pass, so fp32 and fp16 copies of all weights coexist (+50% peak memory)."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
+
+    if STREAMING_FP16_PASS in PASS_REGISTRY:
+        return
+
+    def large_fp32_weights(op) -> list:
+        vars_ = [v for value in op.inputs.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+        return [v for v in vars_ if v.op is not None and v.op.op_type == "const" and v.dtype == types.fp32
+                and v.val is not None and np.size(v.val) >= LARGE_WEIGHT_ELEMENTS]
+
+    def fold_casts(weight) -> None:
+        block = weight.op.enclosing_block
+        for cast in list(weight.child_ops):
+            folded = mb.const(val=cast.outputs[0].val, name=cast.outputs[0].name, before_op=cast)
+            block.replace_uses_of_var_after_op(anchor_op=folded.op, old_var=cast.outputs[0], new_var=folded)
+            block.remove_ops([cast])
+        const_op = weight.op
+        block.remove_ops([const_op])
+        # The op and its vars form reference cycles: drop the array now rather than at the next gc.
+        weight._sym_val = None
+        const_op.val._sym_val = None
+
+    @register_pass(namespace="python_coreml_sd")
+    class streaming_add_fp16_cast(add_fp16_cast):  # noqa: N801 (pass names are snake_case)
+        def transform_op(self, op) -> None:
+            weights = large_fp32_weights(op)
+            super().transform_op(op)
+            for weight in weights:
+                if weight.child_ops and all(c.op_type == "cast" and c.outputs[0].val is not None
+                                            for c in weight.child_ops):
+                    fold_casts(weight)
+
+
+LARGE_WEIGHT_ELEMENTS = 4096
+STREAMING_FP16_PASS = "python_coreml_sd::streaming_add_fp16_cast"

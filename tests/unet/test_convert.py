@@ -1,0 +1,116 @@
+"""convert_unet for each attention implementation: package interface, metadata, batch one, skipping, and
+(when the MIL runtime is there) the fp16 program's agreement with the diffusers UNet in fp32."""
+import coremltools as ct
+import numpy as np
+import pytest
+import torch
+
+from python_coreml_sd.convert.common import ConversionOptions
+from python_coreml_sd.convert.unet import convert_unet, diffusers_reference, sample_inputs
+from python_coreml_sd.layers import ATTENTION_IMPLEMENTATIONS
+from python_coreml_sd.metrics import psnr
+
+from .conftest import MILModel, needs_mil_runtime
+
+FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+
+
+def _convert(source, out_dir, **options):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = ConversionOptions(source.name, out_dir, **options)
+    return options, convert_unet(source, options)
+
+
+@pytest.fixture(scope="module", params=ATTENTION_IMPLEMENTATIONS)
+def tiny_package(request, sources, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp(f"unet_{request.param}")
+    options, paths = _convert(sources["tiny"], out_dir, attention_implementation=request.param)
+    return options, paths
+
+
+@pytest.fixture(scope="module")
+def sd2_package(sources, tmp_path_factory):
+    return _convert(sources["sd2_like"], tmp_path_factory.mktemp("unet_sd2"), attention_implementation="SPLIT_EINSUM_V2")
+
+
+def features(package):
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+
+    def describe(items):
+        return {f.name: (tuple(f.type.multiArrayType.shape), f.type.multiArrayType.dataType, f.shortDescription)
+                for f in items}
+    return describe(spec.description.input), describe(spec.description.output)
+
+
+def test_interface_names_shapes_dtypes_and_descriptions(tiny_package, unets):
+    options, paths = tiny_package
+    assert [p.name for p in paths] == ["Stable_Diffusion_version_tiny_unet.mlpackage"]
+    inputs, outputs = features(paths[0])
+    assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert inputs["sample"][:2] == ((2, 4, 16, 16), FLOAT32)
+    assert inputs["timestep"][:2] == ((2,), FLOAT32)
+    assert inputs["encoder_hidden_states"][:2] == ((2, 32, 1, 77), FLOAT32)
+    assert outputs["noise_pred"][:2] == ((2, 4, 16, 16), FLOAT32)
+    assert all(description for _, _, description in [*inputs.values(), *outputs.values()])
+
+
+def test_metadata(tiny_package):
+    options, paths = tiny_package
+    meta = ct.models.MLModel(str(paths[0]), skip_model_load=True).user_defined_metadata
+    assert meta["com.python_coreml_sd.component"] == "unet"
+    assert meta["com.python_coreml_sd.attention_implementation"] == options.attention_implementation
+    assert meta["com.python_coreml_sd.batch_size"] == "2"
+    assert meta["com.python_coreml_sd.latent_size"] == "16x16"
+    assert meta["com.python_coreml_sd.compute_precision"] == "float16"
+
+
+def test_weights_are_stored_in_fp16(tiny_package, unets):
+    _, paths = tiny_package
+    weight_bin = next(paths[0].rglob("weight.bin"))
+    parameters = sum(p.numel() for p in unets["tiny"].parameters())
+    assert 2 * parameters <= weight_bin.stat().st_size < 2.2 * parameters
+
+
+def test_existing_output_is_skipped(tiny_package, sources):
+    options, paths = tiny_package
+    before = paths[0].stat().st_mtime_ns
+    assert convert_unet(sources["tiny"], options) == paths
+    assert paths[0].stat().st_mtime_ns == before
+
+
+def test_sd2_like_converts_with_its_context_width(sd2_package):
+    _, paths = sd2_package
+    inputs, outputs = features(paths[0])
+    assert inputs["encoder_hidden_states"][0] == (2, 48, 1, 77)
+    assert outputs["noise_pred"][0] == (2, 4, 16, 16)
+
+
+def test_batch_one_and_latent_size(sources, tmp_path):
+    _, paths = _convert(sources["tiny"], tmp_path, attention_implementation="ORIGINAL", unet_batch_one=True,
+                        latent_h=8, latent_w=24, text_token_sequence_length=5)
+    inputs, outputs = features(paths[0])
+    assert inputs["sample"][0] == (1, 4, 8, 24)
+    assert inputs["timestep"][0] == (1,)
+    assert inputs["encoder_hidden_states"][0] == (1, 32, 1, 5)
+    assert outputs["noise_pred"][0] == (1, 4, 8, 24)
+
+
+def run_against_diffusers(package, unet) -> float:
+    config = dict(unet.config)
+    inputs = sample_inputs(config, 2, 16, 16, 77)
+    reference = diffusers_reference(unet, inputs)
+    result = MILModel(str(package)).predict({k: v.numpy() for k, v in inputs.items()})
+    assert result["noise_pred"].shape == reference.shape
+    return psnr(reference, result["noise_pred"])
+
+
+@needs_mil_runtime
+def test_fp16_program_agrees_with_diffusers_fp32(tiny_package, unets):
+    _, paths = tiny_package
+    assert run_against_diffusers(paths[0], unets["tiny"]) >= 40
+
+
+@needs_mil_runtime
+def test_sd2_like_fp16_program_agrees_with_diffusers_fp32(sd2_package, unets):
+    _, paths = sd2_package
+    assert run_against_diffusers(paths[0], unets["sd2_like"]) >= 40
