@@ -67,3 +67,24 @@ def test_group_norm_fusion_with_real_affine(tmp_path):
     assert model.plan.num_fused == 1
     out = list(model.predict({"x": x.numpy()}).values())[0]
     assert psnr(torch.nn.functional.silu(norm(x)).detach().numpy(), out) > 100
+
+
+def test_attention_fusion_channels_first_layout(tmp_path):
+    """The ORIGINAL layout of python_coreml_sd.layers: softmax(q^T k) with q, k, v as (B, H, d, L),
+    output v @ softmax^T."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import run_mil
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 3, 4, n)).astype(np.float32) for n in (5, 6, 6))
+
+    def build(q, k, v):
+        return mb.matmul(x=v, y=mb.softmax(x=mb.matmul(x=q, y=k, transpose_x=True), axis=-1), transpose_y=True)
+
+    out = run_mil(build, {"q": q, "k": k, "v": v}, tmp_path)[0]
+    s = np.swapaxes(q, -1, -2) @ k
+    e = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(out, v @ np.swapaxes(e / e.sum(-1, keepdims=True), -1, -2), rtol=1e-5, atol=1e-5)
+    model = MILModel(next(tmp_path.glob("*.mlpackage")), fuse=True)
+    assert model.plan.num_fused == 1
+    np.testing.assert_allclose(list(model.predict({"q": q, "k": k, "v": v}).values())[0], out, rtol=1e-5, atol=1e-5)

@@ -26,27 +26,41 @@ def _scalar(var):
     return var.val.item() if hasattr(var.val, "item") else var.val
 
 
+def _t(x):
+    return x.transpose(-1, -2)
+
+
 def _attention(softmax, outputs):
+    """S = softmax(Q K^T) then S V (diffusers) or V' S^T (channels-first layouts), any transposes."""
     if _scalar(softmax.axis) not in (-1, len(softmax.x.shape) - 1):
         return None
     scores = softmax.x.op
-    if scores is None or scores.op_type != "matmul" or _scalar(scores.transpose_x):
+    if scores is None or scores.op_type != "matmul" or len(scores.x.shape) < 3:
         return None
     if _only_consumer(scores.outputs[0], outputs) is not softmax:
         return None
     out = _only_consumer(softmax.outputs[0], outputs)
-    if out is None or out.op_type != "matmul" or out.x is not softmax.outputs[0]:
+    if out is None or out.op_type != "matmul":
         return None
-    if _scalar(out.transpose_x) or _scalar(out.transpose_y) or len(scores.x.shape) < 3:
+    probs = softmax.outputs[0]
+    q_t, k_t = bool(_scalar(scores.transpose_x)), bool(_scalar(scores.transpose_y))
+    o_tx, o_ty = bool(_scalar(out.transpose_x)), bool(_scalar(out.transpose_y))
+    if out.x is probs and out.y is not probs and not o_tx:
+        values, flip = out.y, False  # S @ V (V^T if transpose_y)
+        v_t = o_ty
+    elif out.y is probs and out.x is not probs and o_ty:
+        values, flip = out.x, True  # V' @ S^T = (S @ V'^T)^T, V' = V^T if transpose_x
+        v_t = not o_tx
+    else:
         return None
-    k_transposed = bool(_scalar(scores.transpose_y))
 
-    def fn(q, k, v):
-        if not k_transposed:
-            k = k.transpose(-1, -2)
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    def fn(a, b, v):
+        q = _t(a) if q_t else a
+        k = b if k_t else _t(b)
+        y = F.scaled_dot_product_attention(q, k, _t(v) if v_t else v, scale=1.0)
+        return _t(y) if flip else y
 
-    return out, [scores, softmax, out], fn, [scores.x, scores.y, out.y]
+    return out, [scores, softmax, out], fn, [scores.x, scores.y, values]
 
 
 def _chain(var, outputs, *types):
