@@ -120,7 +120,8 @@ def traced_to_mlprogram(traced, inputs: dict, options, release=None):
 def unet_output_paths(options) -> list:
     from .chunk import chunk_paths
     out = output_path(options, "unet")
-    return list(chunk_paths(out)) if options.chunk_unet else [out]
+    # The unchunked package stays beside the chunks: macOS apps load it, iOS apps the chunks.
+    return [out, *chunk_paths(out)] if options.chunk_unet else [out]
 
 
 def convert_unet(source, options) -> list:
@@ -140,7 +141,7 @@ def convert_unet(source, options) -> list:
     if not options.chunk_unet:
         return [out]
     from .chunk import chunk_mlpackage
-    return chunk_mlpackage(out, options)
+    return [out, *chunk_mlpackage(out, options)]
 
 
 def build_mlprogram(load_unet, inputs: dict, options):
