@@ -51,11 +51,11 @@ def tiny_clip_text():
     return CLIPTextModel(config).eval()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_clip_text_model(precision, tmp_path):
+@pytest.mark.parametrize("precision,target", [("fp32", "macOS13"), ("fp16", "macOS13"), ("fp16", "iOS18")])
+def test_clip_text_model(precision, target, tmp_path):
     ids = torch.randint(0, 999, (1, 16))
     ids[0, 10] = 999  # the pooled output reads the position of the highest id (EOS)
-    check(TextEncoder(tiny_clip_text()), (ids,), ["input_ids"], tmp_path, precision)
+    check(TextEncoder(tiny_clip_text()), (ids,), ["input_ids"], tmp_path, precision, target)
 
 
 # ---- VAE -------------------------------------------------------------------------------------
@@ -87,9 +87,10 @@ class Encoder(torch.nn.Module):
         return self.vae.encode(x).latent_dist.mean
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_vae_decoder(precision, tmp_path):
-    check(Decoder(tiny_vae()), (torch.randn(1, 4, 16, 16),), ["z"], tmp_path, precision)
+@pytest.mark.parametrize("precision,target", [("fp32", "macOS13"), ("fp16", "macOS13"), ("fp16", "iOS18")])
+def test_vae_decoder(precision, target, tmp_path):
+    # iOS18: the mid-block attention becomes one scaled_dot_product_attention op
+    check(Decoder(tiny_vae()), (torch.randn(1, 4, 16, 16),), ["z"], tmp_path, precision, target)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
