@@ -85,9 +85,14 @@ def test_sd2_like_converts_with_its_context_width(sd2_package):
     assert outputs["noise_pred"][0] == (2, 4, 16, 16)
 
 
-def test_batch_one_and_latent_size(sources, tmp_path):
+def test_batch_one_and_latent_size(sources, tmp_path, capsys):
+    # with a runtime, --check-output-correctness runs the fp16 program against the diffusers UNet too
+    check = MILModel is not None
     _, paths = _convert(sources["tiny"], tmp_path, attention_implementation="ORIGINAL", unet_batch_one=True,
-                        latent_h=8, latent_w=24, text_token_sequence_length=5)
+                        latent_h=8, latent_w=24, text_token_sequence_length=5,
+                        check_output_correctness=check, psnr_threshold=40.0)
+    if check:
+        assert "noise_pred PSNR" in capsys.readouterr().out
     inputs, outputs = features(paths[0])
     assert inputs["sample"][0] == (1, 4, 8, 24)
     assert inputs["timestep"][0] == (1,)
