@@ -10,7 +10,6 @@ takes minutes (12 min on 2 CPU cores) and is cached under --cache-dir; under a p
 limit run it once with --convert-only, then again without.
 """
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from python_coreml_sd.convert.common import save  # noqa: E402
 from python_coreml_sd.metrics import psnr  # noqa: E402
 from python_coreml_sd.runtime.mil import MILModel  # noqa: E402
 
@@ -78,10 +78,7 @@ def convert(unet, inputs, path, target):
         inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32) for n, x in zip(NAMES, inputs)],
         minimum_deployment_target=getattr(ct.target, target),
     )
-    partial = path.with_name(path.name + ".partial")  # a cut-off run must not leave a package behind
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save(str(partial))
-    partial.rename(path)
+    save(model, path, overwrite=True)  # temp name, then rename: a cut-off run leaves no package behind
 
 
 def timed(fn, device, warmup, iters):
