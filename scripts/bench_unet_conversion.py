@@ -73,6 +73,7 @@ def child_ours(args, out: Path) -> dict:
     from python_coreml_sd.convert.unet import build_mlprogram, sample_inputs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("python_coreml_sd").setLevel(logging.DEBUG)  # stage-by-stage memory
     phases, start = {}, time.perf_counter()
     options = ConversionOptions(args.family, out.parent, attention_implementation=args.attention_implementation)
     config = registry.family(args.family)["architecture"]["unet"]

@@ -171,7 +171,7 @@ def log_memory(stage: str) -> None:
     import resource
     rss = _current_rss_gib()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    log.info("unet: %s (RSS %.2f GiB, peak %.2f GiB)", stage, rss, peak)
+    log.debug("unet: %s (RSS %.2f GiB, peak %.2f GiB)", stage, rss, peak)
 
 
 def _current_rss_gib() -> float:
