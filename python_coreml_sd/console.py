@@ -37,8 +37,10 @@ def _silence_coremltools_progress() -> None:
     from tqdm import tqdm
     from coremltools.converters.mil.frontend.torch import ops
     from coremltools.converters.mil.mil.passes import pass_pipeline
+    from coremltools.optimize.coreml import _quantization_passes
     ops._tqdm = functools.partial(tqdm, disable=True)
     pass_pipeline.tqdm = functools.partial(tqdm, disable=True)
+    _quantization_passes.tqdm = functools.partial(tqdm, disable=True)
 
 
 def fail(prog: str, message: str, code: int) -> "NoReturn":

@@ -80,6 +80,18 @@ def parser_spec() -> argparse.ArgumentParser:
                       help="batch 1 UNet (two calls per step) instead of batch 2 (classifier-free guidance)")
     unet.add_argument("--chunk-unet", action="store_true",
                       help="also split the UNet into two mlpackages of about equal weight size (for iOS)")
+    compression = p.add_argument_group("weight compression (palettization; see docs/compression.md)")
+    compression.add_argument("--quantize-nbits", type=int, choices=(1, 2, 4, 6, 8),
+                             help="palettize every weight of more than 2,048 values to a look-up table of 2^N "
+                                  "fp16 entries (constexpr_lut_to_dense); 6 keeps images close to fp16")
+    compression.add_argument("--palettize-granularity", choices=("per_tensor", "per_grouped_channel"),
+                             default="per_tensor", help="one table per tensor (default) or per group of output "
+                                                        "channels (needs --min-deployment-target iOS18 or macOS15)")
+    compression.add_argument("--palettize-group-size", type=positive_int, default=32,
+                             help="output channels per table with per_grouped_channel (default: 32)")
+    compression.add_argument("--mixed-bit-recipe", type=Path,
+                             help="JSON recipe (UNet layer -> bits) from python -m python_coreml_sd.compression."
+                                  "mixed_bit; applied to the UNet, unlisted layers keep --quantize-nbits or fp16")
     check = p.add_argument_group("verification")
     check.add_argument("--check-output-correctness", action="store_true",
                        help="run PyTorch and the converted model (Core ML on macOS, the MIL runtime elsewhere) "
@@ -108,7 +120,9 @@ def options_from_args(args) -> ConversionOptions:
         min_deployment_target=args.min_deployment_target, latent_h=args.latent_h, latent_w=args.latent_w,
         text_token_sequence_length=args.text_token_sequence_length,
         attention_implementation=args.attention_implementation, unet_batch_one=args.unet_batch_one,
-        chunk_unet=args.chunk_unet, overwrite=args.overwrite,
+        chunk_unet=args.chunk_unet, overwrite=args.overwrite, quantize_nbits=args.quantize_nbits,
+        mixed_bit_recipe=str(args.mixed_bit_recipe) if args.mixed_bit_recipe else None,
+        palettize_granularity=args.palettize_granularity, palettize_group_size=args.palettize_group_size,
         check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold)
 
 
@@ -125,12 +139,23 @@ def prepare_output_dir(path: Path) -> None:
         raise UserError(f"output folder {path} is not writable; pass a writable -o")
 
 
+def check_compression(options: ConversionOptions) -> None:
+    """Compression flags that cannot work fail before any conversion."""
+    if options.palettize_granularity == "per_grouped_channel" and options.min_deployment_target not in (
+            "iOS18", "macOS15"):
+        raise UserError("--palettize-granularity per_grouped_channel needs --min-deployment-target iOS18 or macOS15")
+    if options.mixed_bit_recipe:
+        from .compression.mixed_bit import load_recipe
+        load_recipe(options.mixed_bit_recipe)
+
+
 def convert(options: ConversionOptions, components: list) -> list:
     """Library entry point: convert `components` of `options.model_version`; returns the written paths."""
     from .model_sources import resolve
 
     if not components:
         raise UserError("nothing to convert; pass at least one --convert-* flag")
+    check_compression(options)
     prepare_output_dir(Path(options.output_dir))
     source = resolve(options.model_version)
     for component in components:  # fail before any work, not after the first component

@@ -164,10 +164,10 @@ def decode_lut_op(op) -> np.ndarray:
 
     coremltools' own decoder materialises a (size x palette) array; this one gathers directly.
     """
-    indices = np.asarray(op.indices.val).astype(np.int64)
     lut = np.asarray(op.lut.val)
-    if lut.ndim == 1:  # iOS16 layout: one flat table
-        return lut[indices]
+    if lut.ndim == 1:  # iOS16 layout: one flat table, indices bit-packed into bytes; coremltools unpacks
+        return np.asarray(op.materialized_val_inference())
+    indices = np.asarray(op.indices.val).astype(np.int64)
     if lut.shape[-1] != 1:
         raise NotImplementedError("vector palettization (cluster_dim > 1) is not decoded here")
     tables = lut[..., 0]  # [g0, ..., g_{r-1}, palette]

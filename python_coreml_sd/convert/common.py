@@ -40,7 +40,10 @@ class ConversionOptions:
     overwrite: bool = False
     check_output_correctness: bool = False
     psnr_threshold: float = 35.0
-    quantize_nbits: int = None
+    quantize_nbits: int = None  # palettize every large weight of every component to this many bits
+    mixed_bit_recipe: str = None  # JSON recipe (layer -> bits) for the UNet
+    palettize_granularity: str = "per_tensor"  # or "per_grouped_channel" (iOS18 targets)
+    palettize_group_size: int = 32
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -103,8 +106,24 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
     meta["com.python_coreml_sd.min_deployment_target"] = options.min_deployment_target
     if component.startswith("unet"):
         meta["com.python_coreml_sd.attention_implementation"] = options.attention_implementation
+    if options.quantize_nbits:
+        meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
+    if options.mixed_bit_recipe and component.startswith("unet"):
+        meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
     for key, value in options.extra_metadata.items():
         meta[f"com.python_coreml_sd.{key}"] = str(value)
+
+
+def compress(mlmodel, options: ConversionOptions, component: str):
+    """Palettize the converted program when asked: `--quantize-nbits` for every component, a mixed-bit
+    recipe for the UNet (its layer names are the UNet's). Returns the model to save."""
+    recipe = options.mixed_bit_recipe if component.startswith("unet") else None
+    if not options.quantize_nbits and not recipe:
+        return mlmodel
+    from ..compression.mixed_bit import load_recipe
+    from ..compression.palettize import palettize_model
+    return palettize_model(mlmodel, options.quantize_nbits, options.palettize_granularity,
+                           options.palettize_group_size, recipe=load_recipe(recipe) if recipe else None)
 
 
 def replace_atomically(build, dest: Path, overwrite: bool) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import check_correctness, describe, log, output_path, save, to_mlprogram, trace
+from .common import check_correctness, compress, describe, log, output_path, save, to_mlprogram, trace
 from .vae import latent_size
 
 DESCRIPTIONS = {
@@ -59,7 +59,7 @@ def convert_safety_checker(source, options) -> list:
     output_names = ["filtered_images", "has_nsfw_concepts", "concept_scores"]
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
     describe(mlmodel, options, "safety_checker", DESCRIPTIONS)
-    save(mlmodel, out, options.overwrite)
+    save(compress(mlmodel, options, "safety_checker"), out, options.overwrite)
     if options.check_output_correctness:
         with torch.no_grad():
             reference = {"concept_scores": module(*inputs.values())[2].numpy()}

@@ -4,7 +4,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .common import check_correctness, describe, log, output_path, save, to_mlprogram, trace
+from .common import check_correctness, compress, describe, log, output_path, save, to_mlprogram, trace
 
 DESCRIPTIONS = {
     "input_ids": "Token ids of the prompt from the CLIP tokenizer, padded or truncated to the sequence length",
@@ -43,7 +43,7 @@ def convert_text_encoder(source, options) -> list:
     traced = trace(wrapper, tuple(inputs.values()))
     mlmodel = to_mlprogram(traced, inputs, list(DESCRIPTIONS)[1:], options)
     describe(mlmodel, options, "text_encoder", DESCRIPTIONS)
-    save(mlmodel, out, options.overwrite)
+    save(compress(mlmodel, options, "text_encoder"), out, options.overwrite)
     if options.check_output_correctness:
         with torch.no_grad():
             reference = dict(zip(list(DESCRIPTIONS)[1:], (t.numpy() for t in wrapper(*inputs.values()))))

@@ -18,17 +18,14 @@ import numpy as np
 import torch
 
 from ..layers.unet import UNet2DConditionModelANE, check_supported
-from .common import _deployment_target, check_correctness, describe, log, output_path, save, trace
+from .common import _deployment_target, check_correctness, compress, describe, log, output_path, save, trace
 
 DESCRIPTIONS = {
-    "sample": "The low resolution latent feature maps being denoised through reverse diffusion",
-    "timestep": "A value emitted by the associated scheduler object to condition the model on a given noise "
-                "schedule",
-    "encoder_hidden_states": "Output embeddings from the associated text_encoder model to condition the generated "
-                             "image on text. A maximum of 77 tokens (~40 words) are allowed. Longer text is "
-                             "truncated. Shorter text does not reduce computation. Layout (B, C, 1, S)",
-    "noise_pred": "Same shape and dtype as the `sample` input. The predicted noise to facilitate the reverse "
-                  "diffusion (denoising) process",
+    "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
+    "timestep": "The scheduler's current timestep, one value per batch entry",
+    "encoder_hidden_states": "Text embeddings from the text encoder in (B, C, 1, S) layout: batch entry 0 is the "
+                             "negative/unconditional prompt, 1 the prompt (S tokens; longer prompts are truncated)",
+    "noise_pred": "The model's prediction (noise, or v for v-prediction models), shaped like `sample`",
 }
 OUTPUT_NAMES = ["noise_pred"]
 
@@ -134,7 +131,7 @@ def convert_unet(source, options) -> list:
     batch = 1 if options.unet_batch_one else 2
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options))
     mlmodel, reference = build_mlprogram(source.load_unet, inputs, options)
-    out = save(mlmodel, output_path(options, "unet"), options.overwrite)
+    out = save(compress(mlmodel, options, "unet"), output_path(options, "unet"), options.overwrite)
     del mlmodel
     if options.check_output_correctness:
         check_correctness({"noise_pred": reference}, out, _as_numpy(inputs), options.psnr_threshold)

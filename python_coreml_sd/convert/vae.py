@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .common import check_correctness, describe, log, output_path, save, to_mlprogram, trace
+from .common import check_correctness, compress, describe, log, output_path, save, to_mlprogram, trace
 
 DECODER_DESCRIPTIONS = {
     "z": "Denoised latents from the last diffusion step, divided by the VAE scaling factor",
@@ -85,7 +85,7 @@ def _convert(source, options, component, make_module, make_inputs, descriptions)
     output_names = [name for name in descriptions if name not in inputs]
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
     describe(mlmodel, options, component, descriptions)
-    save(mlmodel, out, options.overwrite)
+    save(compress(mlmodel, options, component), out, options.overwrite)
     if options.check_output_correctness:
         with torch.no_grad():
             reference = {output_names[0]: module(*inputs.values()).numpy()}
