@@ -20,18 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from python_coreml_sd import registry  # noqa: E402
 from python_coreml_sd.convert.common import save  # noqa: E402
 from python_coreml_sd.metrics import psnr  # noqa: E402
 from python_coreml_sd.runtime.mil import MILModel  # noqa: E402
 
+# sd15: SD 1.5's UNet from the registry; tiny: a smaller toy than the registry's `tiny`, for quick runs.
 CONFIGS = {
-    "sd15": dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8,
-    ),
+    "sd15": registry.family("sd1")["architecture"]["unet"],
     "tiny": dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
