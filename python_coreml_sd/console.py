@@ -1,9 +1,11 @@
 """Console set-up shared by the CLIs: one-line errors, quiet third-party chatter."""
+import argparse
 import functools
 import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 
 def quiet_third_party(verbose: bool = False) -> None:
@@ -43,6 +45,13 @@ def _silence_coremltools_progress() -> None:
     _quantization_passes.tqdm = functools.partial(tqdm, disable=True)
 
 
-def fail(prog: str, message: str, code: int) -> "NoReturn":
+def fail(prog: str, message: str, code: int) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (not usage + error) and exits 2."""
+
+    def error(self, message):
+        fail(self.prog, f"{message} (see --help)", 2)

@@ -7,17 +7,16 @@ exit 1 when any PSNR is under the threshold.
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .console import fail, quiet_third_party
+from .console import OneLineErrorParser, fail, quiet_third_party
 from .errors import CheckFailed, UserError
-from .pipeline import _OneLineErrorParser, add_generation_arguments
+from .pipeline import add_generation_arguments
 
 PROG = "parity"
 
 
 def parser_spec() -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(p)
     p.add_argument("--backend", choices=("mil", "coreml"), default="mil",
                    help="backend of the converted models under test (default: mil)")

@@ -11,18 +11,14 @@ import warnings
 from pathlib import Path
 
 from . import registry
-from .console import fail, quiet_third_party
+from .console import OneLineErrorParser, fail, quiet_third_party
 from .errors import CheckFailed, UserError
 from .generation.schedulers import SCHEDULERS
-from .generation.setup import BACKENDS, default_backend
+from .generation.setup import BACKENDS
+from .runtime import default_backend
 
 PROG = "pipeline"
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(self.prog, f"{message} (see --help)", 2)
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +50,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parser_spec() -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(p)
     p.add_argument("--backend", choices=BACKENDS, default=default_backend(),
                    help=f"coreml (macOS), mil (anywhere) or torch (reference) (default here: {default_backend()})")

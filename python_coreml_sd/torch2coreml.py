@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import registry
 from ._version import __version__
-from .console import fail, quiet_third_party
+from .console import OneLineErrorParser, fail, quiet_third_party
 from .convert.common import ATTENTION_IMPLEMENTATIONS, DEPLOYMENT_TARGETS, ConversionOptions
 from .errors import CheckFailed, UserError
 
@@ -36,11 +36,6 @@ def converter(component: str):
     return fn
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(self.prog, f"{message} (see --help)", 2)
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -52,7 +47,7 @@ def positive_int(text: str) -> int:
 
 
 def parser_spec() -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to convert (at least one)")
     for component in COMPONENTS:
         what.add_argument(f"--convert-{component.replace('_', '-')}", action="store_true",

@@ -73,8 +73,8 @@ def main():
     size = results["torch"].image.size
     print(f"\n{args.family}, {size[0]}x{size[1]}, {args.steps} steps, PNDM, {args.device}, torch {precision}, "
           f"converted fp16 ({args.attention})")
-    print(f"| backend | s / image | s / step | vs torch |")
-    print(f"| --- | --- | --- | --- |")
+    print("| backend | s / image | s / step | vs torch |")
+    print("| --- | --- | --- | --- |")
     for backend, total, per_step in rows:
         print(f"| {backend} | {total:.2f} | {per_step:.4f} | {total / rows[0][1]:.2f}x |")
     print(f"final image PSNR mil vs torch: {agreement:.1f} dB")

@@ -7,7 +7,6 @@ positions whose weight balance is within `BALANCE_WINDOW` of half, as the one wi
 tensors, so the pair moves as little data between the two as the graph allows.
 """
 import gc
-import logging
 from pathlib import Path
 
 import numpy as np

@@ -2,12 +2,10 @@
 check against PyTorch."""
 import logging
 import os
-import platform
 import shutil
 import tempfile
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +42,6 @@ class ConversionOptions:
     mixed_bit_recipe: str = None  # JSON recipe (layer -> bits) for the UNet
     palettize_granularity: str = "per_tensor"  # or "per_grouped_channel" (iOS18 targets)
     palettize_group_size: int = 32
-    extra_metadata: dict = field(default_factory=dict)
 
 
 def model_slug(model_version: str) -> str:
@@ -110,8 +107,6 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
     if options.mixed_bit_recipe and component.startswith("unet"):
         meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
-    for key, value in options.extra_metadata.items():
-        meta[f"com.python_coreml_sd.{key}"] = str(value)
 
 
 def compress(mlmodel, options: ConversionOptions, component: str):
@@ -156,7 +151,7 @@ def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold:
     """Run the converted model (Core ML on macOS, the MIL runtime elsewhere) on `inputs` and compare each
     output with the PyTorch `reference`. Prints PSNR per output; raises CheckFailed under `threshold`."""
     from ..metrics import psnr
-    from ..runtime import load_model
+    from ..runtime import default_backend, load_model
 
     model = load_model(mlpackage, backend=default_backend())
     outputs = model.predict({k: np.asarray(v) for k, v in inputs.items()})
@@ -170,15 +165,28 @@ def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold:
     return results
 
 
-def default_backend() -> str:
-    """Core ML where it exists (macOS), our MIL runtime everywhere else."""
-    return "coreml" if platform.system() == "Darwin" else "mil"
+def kept_existing(paths: list, options: ConversionOptions, component: str) -> bool:
+    """True (and says so) when every output of `component` exists and --overwrite was not given."""
+    if options.overwrite or not all(Path(p).exists() for p in paths):
+        return False
+    log.info("%s: %s exist(s), skipping (pass --overwrite to replace)", component, ", ".join(map(str, paths)))
+    return True
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.elapsed = time.perf_counter() - self.start
+def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
+                             options: ConversionOptions, component: str, descriptions: dict,
+                             checked_outputs: list = None) -> list:
+    """Trace `module`, convert, describe, palettize if asked, save atomically, and with
+    --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
+    out = output_path(options, component)
+    mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
+    describe(mlmodel, options, component, descriptions)
+    save(compress(mlmodel, options, component), out, options.overwrite)
+    if options.check_output_correctness:
+        with torch.no_grad():
+            outputs = module(*inputs.values())
+        outputs = dict(zip(output_names, outputs if isinstance(outputs, tuple) else (outputs,)))
+        reference = {name: outputs[name].numpy() for name in (checked_outputs or output_names)}
+        check_correctness(reference, out, {k: v.numpy().astype(np.float32) for k, v in inputs.items()},
+                          options.psnr_threshold)
+    return [out]

@@ -1,10 +1,9 @@
 """CLIP text encoder -> Core ML: `input_ids` (1, S) -> `last_hidden_state` (1, S, D), `pooled_outputs` (1, D)."""
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
-from .common import check_correctness, compress, describe, log, output_path, save, to_mlprogram, trace
+from .common import convert_traced_component, kept_existing, output_path
 
 DESCRIPTIONS = {
     "input_ids": "Token ids of the prompt from the CLIP tokenizer, padded or truncated to the sequence length",
@@ -33,20 +32,9 @@ def sample_inputs(text_encoder, sequence_length: int) -> "OrderedDict[str, torch
 
 
 def convert_text_encoder(source, options) -> list:
-    out = output_path(options, "text_encoder")
-    if out.exists() and not options.overwrite:
-        log.info("text_encoder: %s exists, skipping (pass --overwrite to replace it)", out)
-        return [out]
+    if kept_existing([output_path(options, "text_encoder")], options, "text_encoder"):
+        return [output_path(options, "text_encoder")]
     wrapper = TextEncoderWrapper(source.load_text_encoder()).eval()
     length = options.text_token_sequence_length or wrapper.text_encoder.config.max_position_embeddings
-    inputs = sample_inputs(wrapper.text_encoder, length)
-    traced = trace(wrapper, tuple(inputs.values()))
-    mlmodel = to_mlprogram(traced, inputs, list(DESCRIPTIONS)[1:], options)
-    describe(mlmodel, options, "text_encoder", DESCRIPTIONS)
-    save(compress(mlmodel, options, "text_encoder"), out, options.overwrite)
-    if options.check_output_correctness:
-        with torch.no_grad():
-            reference = dict(zip(list(DESCRIPTIONS)[1:], (t.numpy() for t in wrapper(*inputs.values()))))
-        check_correctness(reference, out, {k: v.numpy().astype(np.float32) for k, v in inputs.items()},
-                          options.psnr_threshold)
-    return [out]
+    return convert_traced_component(wrapper, sample_inputs(wrapper.text_encoder, length), list(DESCRIPTIONS)[1:],
+                                    options, "text_encoder", DESCRIPTIONS)

@@ -12,13 +12,13 @@ trimmed pass pipeline and the fp16 cast run.
 import gc
 import os
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..layers.unet import UNet2DConditionModelANE, check_supported
-from .common import _deployment_target, check_correctness, compress, describe, log, output_path, save, trace
+from .common import (_deployment_target, check_correctness, compress, describe, kept_existing, log, output_path,
+                     save, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
@@ -123,8 +123,7 @@ def unet_output_paths(options) -> list:
 
 def convert_unet(source, options) -> list:
     outputs = unet_output_paths(options)
-    if all(p.exists() for p in outputs) and not options.overwrite:
-        log.info("unet: %s exist(s), skipping (pass --overwrite to replace)", ", ".join(map(str, outputs)))
+    if kept_existing(outputs, options, "unet"):
         return outputs
     config = source.config("unet")
     check_supported(config)

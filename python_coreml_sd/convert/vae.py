@@ -9,10 +9,9 @@ random op, so all noise comes in as inputs.
 """
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
-from .common import check_correctness, compress, describe, log, output_path, save, to_mlprogram, trace
+from .common import convert_traced_component, kept_existing, output_path
 
 DECODER_DESCRIPTIONS = {
     "z": "Denoised latents from the last diffusion step, divided by the VAE scaling factor",
@@ -75,23 +74,12 @@ def encoder_inputs(vae, h, w):
 
 
 def _convert(source, options, component, make_module, make_inputs, descriptions) -> list:
-    out = output_path(options, component)
-    if out.exists() and not options.overwrite:
-        log.info("%s: %s exists, skipping (pass --overwrite to replace it)", component, out)
-        return [out]
+    if kept_existing([output_path(options, component)], options, component):
+        return [output_path(options, component)]
     vae = source.load_vae()
-    module = make_module(vae).eval()
     inputs = make_inputs(vae, *latent_size(source, options))
     output_names = [name for name in descriptions if name not in inputs]
-    mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
-    describe(mlmodel, options, component, descriptions)
-    save(compress(mlmodel, options, component), out, options.overwrite)
-    if options.check_output_correctness:
-        with torch.no_grad():
-            reference = {output_names[0]: module(*inputs.values()).numpy()}
-        check_correctness(reference, out, {k: v.numpy().astype(np.float32) for k, v in inputs.items()},
-                          options.psnr_threshold)
-    return [out]
+    return convert_traced_component(make_module(vae).eval(), inputs, output_names, options, component, descriptions)
 
 
 def convert_vae_decoder(source, options) -> list:

@@ -14,6 +14,13 @@ from .random_source import RandomSource
 from .schedulers import make_scheduler
 
 
+def _clip_processor(models: ModelSet):
+    """CLIP's resize/crop/normalise at the safety checker's input size."""
+    from transformers import CLIPImageProcessor
+    size = models["safety_checker"].input_shapes["clip_input"][-1]
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def _takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
@@ -59,6 +66,7 @@ class StableDiffusionPipeline:
         self.unet_batch, self.latent_channels, self.latent_h, self.latent_w = shapes["sample"]
         self.sequence_length = models["text_encoder"].input_shapes.get("input_ids", (1, 77))[1]
         self._check_sizes()
+        self._clip_processor = _clip_processor(models) if "safety_checker" in models else None
 
     def _check_sizes(self):
         z = self.models["vae_decoder"].input_shapes.get("z")
@@ -138,11 +146,8 @@ class StableDiffusionPipeline:
     def safety_check(self, image: np.ndarray):
         if "safety_checker" not in self.models:
             return image, False
-        from transformers import CLIPImageProcessor
-        size = self.models["safety_checker"].input_shapes["clip_input"][-1]
-        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         pil = Image.fromarray((image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
-        clip_input = processor(pil, return_tensors="np").pixel_values.astype(np.float32)
+        clip_input = self._clip_processor(pil, return_tensors="np").pixel_values.astype(np.float32)
         out = self.models["safety_checker"].predict({"clip_input": clip_input,
                                                      "images": image.transpose(0, 2, 3, 1).astype(np.float32),
                                                      "adjustment": np.zeros((1,), np.float32)})

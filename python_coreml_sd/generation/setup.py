@@ -1,5 +1,4 @@
 """Assemble a pipeline for a backend from the user's flags (shared by the pipeline and parity CLIs)."""
-import platform
 from pathlib import Path
 
 import torch
@@ -10,10 +9,6 @@ from .components import ModelSet, load_converted, load_torch
 from .pipeline import StableDiffusionPipeline
 
 BACKENDS = ("coreml", "mil", "torch")
-
-
-def default_backend() -> str:
-    return "coreml" if platform.system() == "Darwin" else "mil"
 
 
 def check_device(device: str) -> None:

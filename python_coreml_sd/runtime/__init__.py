@@ -6,6 +6,11 @@ from ..errors import UserError
 BACKENDS = ("mil", "coreml")
 
 
+def default_backend() -> str:
+    """Core ML where it exists (macOS), our MIL runtime everywhere else."""
+    return "coreml" if platform.system() == "Darwin" else "mil"
+
+
 def load_model(path, backend="mil", device="cpu", compute_unit="ALL", **mil_options):
     """A model with `predict({name: array}) -> {name: array}`.
 

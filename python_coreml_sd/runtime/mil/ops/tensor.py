@@ -179,7 +179,6 @@ def _gather(a):
 
     def batched(x, idx):
         idx = _wrap(idx, size)
-        lead = x.shape[:batch_dims]
         xb = x.reshape((-1,) + tuple(x.shape[batch_dims:]))
         ib = idx.reshape((-1,) + tuple(idx.shape[batch_dims:]))
         ax = axis - batch_dims
