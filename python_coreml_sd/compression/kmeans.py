@@ -1,17 +1,20 @@
-"""Fast, deterministic 1-D k-means for weight palettization.
+"""Fast, deterministic, exact-in-practice 1-D k-means for weight palettization.
 
 Why it is fast: an fp16 tensor has at most 65,536 distinct values, so we cluster the sorted distinct
 values weighted by their counts (n <= 65,536 however big the tensor is). In one dimension every
 optimal cluster is a contiguous run of the sorted values, so a clustering is a list of k-1 cut
 points, and the exact cost of any run comes from three prefix sums (count, sum, sum of squares).
 
-- Small problems (n distinct values <= ``exact_limit``): exact dynamic programming over cut points;
-  the result is the global optimum.
-- Larger ones: the same exact DP over ``m`` coarse "atoms" (runs of values, cut at weighted
-  quantiles and at even steps of the value range so both the mass and the tails get resolution),
-  then Lloyd iterations on the full distinct values. A Lloyd step in the sorted domain is a
-  ``searchsorted`` of the k-1 midpoints plus prefix-sum lookups: O(k log n), independent of the
-  tensor size, so we iterate to an exact fixed point.
+- Small problems (n <= ``EXACT_LIMIT``): exact dynamic programming over every cut point.
+- Larger ones, in three steps:
+  1. the same exact DP over about 8 coarse "atoms" per cluster (runs of values, cut at weighted
+     quantiles, at even steps of the value range and at even ranks) finds the right basin;
+  2. Lloyd steps (a ``searchsorted`` of the k-1 midpoints plus prefix sums: O(k log n)) settle it;
+  3. an exact DP at full resolution over cut positions within ``BAND`` centroid gaps of each cut,
+     made O(n log n) by divide and conquer (the best previous cut is monotone in the current one).
+  Step 3 is what makes the result match the global optimum: on flat cost landscapes (weights drawn
+  from a uniform distribution) Lloyd and local moves stop at fixed points up to ~0.8 gaps away
+  from it, which scikit-learn's k-means often reaches and a windowed search does not.
 
 No randomness anywhere, so results are reproducible bit for bit.
 """
@@ -20,15 +23,19 @@ from __future__ import annotations
 import numpy as np
 
 SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
-# Distinct values up to which the DP runs on every value (exact); above it, on coarse atoms.
+# Distinct values up to which the DP runs on every value (exact); above it, on coarse atoms first.
 EXACT_LIMIT = 512
-MAX_LLOYD_ITERS = 300
-# Atoms for the coarse DP above the exact limit: finer finds better basins, cost grows as m^2 k.
-COARSE_ATOMS = 512
-KMEANSPP_STARTS = 1
-# How far (in distinct values) the windowed DP may move each cut per pass.
-WINDOW_RADIUS = 32
-FAR_CANDIDATES = 64
+# Coarse atoms: about 8 per cluster, so the coarse optimum lands within a gap or so of the true one
+# (with 2 per cluster it can be 2-4x worse and no local search recovers). At least COARSE_ATOMS.
+COARSE_ATOMS = 256
+ATOMS_PER_CLUSTER = 8
+LLOYD_STEPS = 50
+# Half-width of each cut's band in the final DP, in gaps between the centroids either side of it,
+# and how many times the bands may be re-centred.
+BAND = 1.5
+BAND_ROUNDS = 4
+# Below this many (row, column) pairs the banded DP scores every pair instead of recursing further.
+LEAF_PAIRS = 1024
 
 
 def kmeans_1d(values, k: int, weights=None, exact_limit: int = EXACT_LIMIT):
@@ -46,21 +53,145 @@ def kmeans_1d(values, k: int, weights=None, exact_limit: int = EXACT_LIMIT):
 
 
 def kmeans_sorted(xs: np.ndarray, ws: np.ndarray, k: int, exact_limit: int = EXACT_LIMIT) -> np.ndarray:
-    """Centroids (ascending) for ascending values ``xs`` with positive weights ``ws``."""
-    distinct = np.unique(xs)
-    if len(distinct) <= k:
-        return distinct
+    """Centroids (ascending) for ascending distinct values ``xs`` with positive weights ``ws``."""
+    if len(xs) <= k:
+        return np.asarray(xs, dtype=np.float64)
     # Centering keeps the sum-of-squares prefix sums well conditioned.
     shift = float(np.average(xs, weights=ws))
-    prefix = _prefix_sums(xs - shift, ws)
-    edges = _atom_edges(xs - shift, prefix[0], k, exact_limit)
+    x = xs - shift
+    prefix = _prefix_sums(x, ws)
+    edges = _atom_edges(x, prefix[0], k, exact_limit)
     cuts = _optimal_cuts(prefix, edges, k)
-    if len(edges) == len(xs) + 1:
-        return _means(prefix, cuts) + shift
-    # The k-means cost has many near-equal basins; keep the best of a few distinct starts.
-    starts = [cuts] + [_kmeanspp_cuts(xs - shift, ws, k, seed) for seed in range(KMEANSPP_STARTS)]
-    best = min((_refine(xs - shift, prefix, c) for c in starts), key=lambda c: sse(xs - shift, c, ws))
-    return best + shift
+    if len(edges) < len(xs) + 1:
+        cuts = _lloyd(x, prefix, cuts)
+        cuts = _band_descent(x, prefix, cuts)
+    return _means(prefix, cuts) + shift
+
+
+def exact_kmeans_sorted(xs: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
+    """Centroids of the global optimum, every value a candidate cut: O(k n log n).
+
+    Too slow to run on every tensor (~0.5 s for n = 17,000, k = 64); the tests hold ``kmeans_sorted``
+    to it.
+    """
+    n = len(xs)
+    if n <= k:
+        return np.asarray(xs, dtype=np.float64)
+    shift = float(np.average(xs, weights=ws))
+    prefix = _prefix_sums(xs - shift, ws)
+    cuts = banded_optimal_cuts(prefix, [np.arange(j, n - k + j + 1) for j in range(1, k)])
+    return _means(prefix, cuts) + shift
+
+
+def banded_optimal_cuts(prefix, bands: list) -> np.ndarray:
+    """The partition of least SSE whose j-th inner cut lies in ``bands[j]`` (ascending positions).
+
+    Layer by layer: best[i] = min over the previous cut t of best_prev[t] + cost(t, i). The best t
+    never decreases as i grows (the run cost is Monge), so divide and conquer finds all of them in
+    O((rows + columns) log rows) per layer instead of rows x columns.
+    """
+    n = len(prefix[0]) - 1
+    pos = bands[0]
+    best = _run_cost(prefix, np.zeros_like(pos), pos)
+    choices = []
+    for band in bands[1:]:
+        best, arg = _best_previous(prefix, pos, best, band)
+        choices.append(arg)
+        pos = band
+    _, arg = _best_previous(prefix, pos, best, np.array([n]))
+    picked = [int(arg[0])]
+    for arg in choices[::-1]:
+        picked.append(int(arg[picked[-1]]))
+    inner = [band[i] for band, i in zip(bands, picked[::-1])]
+    return np.array([0, *inner, n], dtype=np.int64)
+
+
+def _best_previous(prefix, prev_pos, prev_best, pos, leaf_pairs: int = LEAF_PAIRS):
+    """For each cut in ``pos``: min over earlier cuts t of prev_best[t] + cost(prev_pos[t], cut), and
+    its argmin. Divide and conquer over all open row ranges at once, one vectorised step per level,
+    until the remaining (row, column) pairs are few enough to score them all in one step."""
+    prev = (prev_pos, prev_best, *(p[prev_pos] for p in prefix))
+    best = np.empty(len(pos))
+    arg = np.empty(len(pos), dtype=np.int64)
+    # Open ranges, one column each: first row, last row, first and last candidate column.
+    ranges = np.array([[0], [len(pos) - 1], [0], [len(prev_pos) - 1]])
+    while ranges.shape[1]:
+        lo, hi, t_lo, t_hi = ranges
+        rows = hi - lo + 1
+        if int((rows * (t_hi - t_lo + 1)).sum()) <= leaf_pairs:
+            every = np.repeat(np.arange(len(lo)), rows)
+            row = lo[every] + np.arange(len(every)) - np.repeat(np.cumsum(rows) - rows, rows)
+            best[row], arg[row] = _row_minima(prefix, prev, pos[row], t_lo[every], t_hi[every])
+            break
+        mid = (lo + hi) >> 1
+        best[mid], arg[mid] = low_choice = _row_minima(prefix, prev, pos[mid], t_lo, t_hi)
+        choice = low_choice[1]
+        ranges = np.concatenate((np.stack((lo, mid - 1, t_lo, choice)), np.stack((mid + 1, hi, choice, t_hi))), axis=1)
+        ranges = ranges[:, ranges[0] <= ranges[1]]
+    return best, arg
+
+
+def _row_minima(prefix, prev, ends, t_lo, t_hi):
+    """For each end position, the least prev_best[t] + cost(prev_pos[t], end) over t in [t_lo, t_hi]
+    and the first t reaching it. ``prev``: (positions, best, and the three prefix sums at them)."""
+    prev_pos, prev_best, q0, q1, q2 = prev
+    count = t_hi - t_lo + 1
+    start = np.cumsum(count) - count
+    owner = np.repeat(np.arange(len(ends)), count)
+    offset = np.arange(len(owner)) - start[owner]
+    t = t_lo[owner] + offset
+    end = ends[owner]
+    s0 = prefix[0][end] - q0[t]
+    s1 = prefix[1][end] - q1[t]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = prev_best[t] + (prefix[2][end] - q2[t] - s1 * s1 / s0)
+    total[prev_pos[t] >= end] = np.inf
+    low = np.minimum.reduceat(total, start)
+    first = np.minimum.reduceat(np.where(total == low[owner], offset, count[owner]), start)
+    return low, t_lo + np.minimum(first, count - 1)
+
+
+def _lloyd(xs, prefix, cuts, steps: int = LLOYD_STEPS):
+    """Lloyd steps in the sorted domain until a fixed point (or ``steps``); never empties a cell."""
+    for _ in range(steps):
+        moved = _cuts_for(xs, _means(prefix, cuts))
+        if np.array_equal(moved, cuts) or np.any(np.diff(moved) <= 0):
+            break
+        cuts = moved
+    return cuts
+
+
+def _band_descent(xs, prefix, cuts, width: float = BAND, rounds: int = BAND_ROUNDS):
+    """Exact DP within bands around the cuts, re-centred until no cut ends on a band's edge.
+
+    A cut on an edge may want to go further; a solution strictly inside its bands is the best of
+    every partition within ``width`` gaps of it. Flat cost landscapes need this: there the optimum
+    can sit more than a gap away from the Lloyd fixed point, along a smooth mode no local move finds.
+    """
+    for _ in range(rounds):
+        bands, lo_free, hi_free = _bands(xs, prefix, cuts, width)
+        cuts = banded_optimal_cuts(prefix, bands)
+        inner = cuts[1:-1]
+        first, last = np.array([b[0] for b in bands]), np.array([b[-1] for b in bands])
+        if not np.any((lo_free & (inner == first)) | (hi_free & (inner == last))):
+            break
+    return cuts
+
+
+def _bands(xs, prefix, cuts, width: float):
+    """Cut positions within ``width`` centroid gaps either side of each inner cut, and whether each
+    band's low / high edge is its own (True) or the bound every partition must respect (False)."""
+    n, k = len(xs), len(cuts) - 1
+    gap = np.diff(_means(prefix, cuts))
+    at = xs[cuts[1:-1]]
+    lo = np.searchsorted(xs, at - width * gap, side="left")
+    hi = np.searchsorted(xs, at + width * gap, side="right")
+    # Every run must stay non-empty: cut j sits in [j, n - k + j].
+    j = np.arange(1, k)
+    floor, ceiling = np.maximum(j, 1), np.minimum(n - k + j, n - 1)
+    lo_free, hi_free = lo > floor, hi < ceiling
+    lo, hi = np.clip(lo, floor, ceiling), np.clip(hi, floor, ceiling)
+    return [np.arange(a, b + 1) for a, b in zip(lo, hi)], lo_free, hi_free
 
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -106,7 +237,7 @@ def _atom_edges(xs, p0, k, exact_limit):
     n = len(xs)
     if n <= exact_limit:
         return np.arange(n + 1)
-    m = min(max(COARSE_ATOMS, 4 * k), 2 * k + COARSE_ATOMS // 2)
+    m = min(max(COARSE_ATOMS, ATOMS_PER_CLUSTER * k), n)
     by_mass = np.searchsorted(p0[1:], np.linspace(0, p0[-1], m // 2 + 1)[1:-1], side="right")
     by_value = np.searchsorted(xs, np.linspace(xs[0], xs[-1], m // 2 + 1)[1:-1], side="left")
     # Even steps in rank guarantee enough distinct atoms when mass and range both bunch up.
@@ -165,180 +296,97 @@ def _means(prefix, cuts):
     return (p1[cuts[1:]] - p1[cuts[:-1]]) / (p0[cuts[1:]] - p0[cuts[:-1]])
 
 
-def _kmeanspp_cuts(xs, ws, k, seed):
-    """Cuts from a k-means++ seeding (greedy, as scikit-learn does it) with a fixed seed."""
-    rng = np.random.default_rng(seed)
-    trials = 2 + int(np.log(k))
-    centers = [xs[rng.choice(len(xs), p=ws / ws.sum())]]
-    d2 = (xs - centers[0]) ** 2
-    for _ in range(1, k):
-        pot = ws * d2
-        cand = np.searchsorted(np.cumsum(pot), rng.random(trials) * pot.sum())
-        cand = np.minimum(cand, len(xs) - 1)
-        new_d2 = np.minimum(d2[None, :], (xs[None, :] - xs[cand][:, None]) ** 2)
-        pick = int(np.argmin((new_d2 * ws).sum(axis=1)))
-        centers.append(xs[cand[pick]])
-        d2 = new_d2[pick]
-    return _cuts_for(xs, np.unique(centers))
-
-
-def _refine(xs, prefix, cuts):
-    """Local search from the coarse optimum until no move helps.
-
-    Alternates Lloyd steps (cheap, O(k log n)), exact re-splits of adjacent pairs, and a DP that
-    moves every cut at once within a window of its current position at full resolution.
-    """
-    centroids = _means(prefix, cuts)
-    for _ in range(MAX_LLOYD_ITERS):
-        centroids = _cell_means(prefix, cuts, centroids)
-        moved = _cuts_for(xs, centroids)
-        if np.array_equal(moved, cuts):
-            moved = _resplit_pairs(prefix, cuts)
-        if np.array_equal(moved, cuts):
-            moved = _windowed_dp(prefix, cuts)
-        if np.array_equal(moved, cuts):
-            break
-        cuts = moved
-    return _cell_means(prefix, cuts, centroids)
-
-
-def _windowed_dp(prefix, cuts, radius: int = WINDOW_RADIUS):
-    """Exact DP over cut positions restricted to +-radius values around each current cut.
-
-    Returns the old cuts unless the new partition is strictly cheaper.
-    """
-    n = len(prefix[0]) - 1
-    inner = cuts[1:-1]
-    if len(inner) == 0:
-        return cuts
-    near = inner[:, None] + np.arange(-radius, radius + 1)[None, :]
-    # fp16 values crowd near zero, so +-radius values can be a tiny move there; also offer cuts
-    # spread evenly over the span of the two runs each cut separates.
-    frac = np.linspace(0.0, 1.0, FAR_CANDIDATES)[None, :]
-    far = (cuts[:-2, None] + frac * (cuts[2:, None] - cuts[:-2, None])).astype(np.int64)
-    win = np.clip(np.sort(np.concatenate([near, far], axis=1), axis=1), 1, n - 1)
-    best = _run_cost(prefix, np.zeros_like(win[0]), win[0])
-    back = []
-    for j in range(1, len(inner)):
-        t, e = win[j - 1][None, :], win[j][:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            total = np.where(t < e, best[None, :] + _run_cost(prefix, t, e), np.inf)
-        arg = np.argmin(total, axis=1)
-        back.append(arg)
-        best = total[np.arange(len(arg)), arg]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        best = np.where(win[-1] < n, best + _run_cost(prefix, win[-1], np.full_like(win[-1], n)), np.inf)
-    pos = int(np.argmin(best))
-    new_inner = [win[-1][pos]]
-    for j in range(len(inner) - 1, 0, -1):
-        pos = back[j - 1][pos]
-        new_inner.append(win[j - 1][pos])
-    new = np.concatenate(([0], new_inner[::-1], [n]))
-    old_cost = _partition_cost(prefix, cuts)
-    if best.min() < old_cost - 1e-12 * old_cost:
-        return new
-    return cuts
-
-
 def _cuts_for(xs, centroids):
     mids = (centroids[1:] + centroids[:-1]) / 2
     return np.concatenate(([0], np.searchsorted(xs, mids, side="right"), [len(xs)]))
 
 
-def _cell_means(prefix, cuts, fallback):
-    """Mean of each cell; an empty cell keeps its old centroid (harmless, keeps the order)."""
-    p0, p1, _ = prefix
-    mass = p0[cuts[1:]] - p0[cuts[:-1]]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(mass > 0, (p1[cuts[1:]] - p1[cuts[:-1]]) / mass, fallback)
-
-
 def _run_cost(prefix, lo, hi):
-    """SSE of runs [lo, hi); callers guarantee lo < hi (hot path: no guards)."""
+    """SSE of runs [lo, hi); callers guarantee lo < hi or discard the result (hot path: no guards)."""
     p0, p1, p2 = prefix
     s1 = p1[hi] - p1[lo]
     return p2[hi] - p2[lo] - s1 * s1 / (p0[hi] - p0[lo])
 
 
-def _cost_or_zero(prefix, lo, hi):
-    """SSE of runs [lo, hi), 0 for empty ones."""
-    full = hi > lo
-    out = np.zeros(len(lo))
-    out[full] = _run_cost(prefix, lo[full], hi[full])
-    return out
-
-
-def _partition_cost(prefix, cuts):
-    return float(_cost_or_zero(prefix, cuts[:-1], cuts[1:]).sum())
-
-
-def _resplit_pairs(prefix, cuts):
-    """Best cut inside each adjacent pair of runs, even pairs then odd ones (they don't overlap).
-
-    All candidate cuts of all pairs are scored in one vectorised pass: O(n) per sweep.
-    """
-    cuts = cuts.copy()
-    for parity in (0, 1):
-        j = np.arange(parity, len(cuts) - 2, 2)
-        if len(j) == 0:
-            continue
-        lo, hi = cuts[j], cuts[j + 2]
-        span = np.maximum(hi - lo - 1, 0)  # candidate cuts strictly inside keep both runs non-empty
-        keep = span > 0
-        j, lo, hi, span = j[keep], lo[keep], hi[keep], span[keep]
-        if len(j) == 0:
-            continue
-        owner = np.repeat(np.arange(len(j)), span)
-        cand = lo[owner] + 1 + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
-        score = _run_cost(prefix, lo[owner], cand) + _run_cost(prefix, cand, hi[owner])
-        starts = np.cumsum(span) - span
-        best = np.minimum.reduceat(score, starts)
-        current = _cost_or_zero(prefix, lo, cuts[j + 1]) + _cost_or_zero(prefix, cuts[j + 1], hi)
-        first = np.flatnonzero(score == best[owner])
-        pick = cand[first[np.unique(owner[first], return_index=True)[1]]]
-        # Move only on a clear gain, so rounding noise cannot make the sweep cycle.
-        better = best < current - 1e-12 * np.maximum(current, 1e-300)
-        cuts[j[better] + 1] = pick[better]
-    return cuts
-
-
-def distinct_with_counts(w: np.ndarray):
-    """(sorted distinct values as float64, counts, inverse index per element) for a weight tensor.
+class Histogram:
+    """A weight tensor as sorted distinct values (float64) with counts, plus what maps elements to them.
 
     fp16 takes the fast path: a 65,536-bin histogram of the bit patterns, O(size), no sort of the
-    tensor itself.
+    tensor; other dtypes go through ``np.unique``.
     """
-    w = np.asarray(w)
-    if w.dtype == np.float16:
-        bits = w.reshape(-1).view(np.uint16)
-        counts = np.bincount(bits, minlength=1 << 16)
-        present = np.flatnonzero(counts)
-        values = present.astype(np.uint16).view(np.float16).astype(np.float64)
-        order = np.argsort(values, kind="stable")
-        rank = np.zeros(1 << 16, dtype=np.int64)
-        rank[present[order]] = np.arange(len(present))
-        return values[order], counts[present[order]].astype(np.float64), (bits, rank)
-    values, inverse, counts = np.unique(w.reshape(-1), return_inverse=True, return_counts=True)
-    return values.astype(np.float64), counts.astype(np.float64), (inverse, None)
+
+    def __init__(self, w: np.ndarray):
+        w = np.asarray(w)
+        self.shape, self.dtype = w.shape, w.dtype
+        if w.dtype == np.float16:
+            self._codes = w.reshape(-1).view(np.uint16)
+            counts = _bincount_u16(self._codes)
+            if counts[_FP16_NON_FINITE].any():
+                raise ValueError("cannot palettize a tensor holding NaN or infinite values")
+            present = np.flatnonzero(counts)
+            values = present.astype(np.uint16).view(np.float16).astype(np.float64)
+            order = np.argsort(values, kind="stable")
+            self._slot_of_code = np.zeros(1 << 16, dtype=np.int64)
+            self._slot_of_code[present[order]] = np.arange(len(present))
+            self.values, self.counts = values[order], counts[present[order]].astype(np.float64)
+        else:
+            if not np.all(np.isfinite(w)):
+                raise ValueError("cannot palettize a tensor holding NaN or infinite values")
+            values, self._codes, counts = np.unique(w.reshape(-1), return_inverse=True, return_counts=True)
+            self._slot_of_code = None
+            self.values, self.counts = values.astype(np.float64), counts.astype(np.float64)
+
+    def key(self) -> bytes:
+        """Identifies the clustering problem: equal histograms have equal optimal LUTs."""
+        import hashlib
+
+        digest = hashlib.blake2b(self.values.tobytes(), digest_size=16)
+        digest.update(self.counts.tobytes())
+        return digest.digest()
+
+    def gather(self, label_of_value: np.ndarray) -> np.ndarray:
+        """Per-element labels, shaped like the tensor, from one label per distinct value."""
+        table = label_of_value[self._slot_of_code] if self._slot_of_code is not None else label_of_value
+        return _take_chunked(table, self._codes).reshape(self.shape)
 
 
-def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT):
+def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT, clusterer=None):
     """Palettize one tensor: (lut of 2**nbits entries in w's dtype, uint8 indices shaped like w).
 
     Indices point at the nearest LUT entry *after* rounding the LUT to w's dtype, so the stored
     model dequantizes to the closest palette value. Unused LUT slots repeat the last entry.
+    ``clusterer(histogram, k)`` may supply the centroids (e.g. computed ahead in another process).
     """
     if nbits not in SUPPORTED_NBITS:
         raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits}")
-    w = np.asarray(w)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("cannot palettize a tensor holding NaN or infinite values")
-    values, counts, (codes, rank) = distinct_with_counts(w)
-    centroids = kmeans_sorted(values, counts, 1 << nbits, exact_limit)
-    lut_values = np.unique(centroids.astype(w.dtype).astype(np.float64))
-    labels = assign(values, lut_values).astype(np.uint8)
-    # One gather from a small table: the per-element work is O(size) and cache friendly.
-    indices = labels[rank][codes] if rank is not None else labels[codes]
-    lut = np.full(1 << nbits, lut_values[-1], dtype=w.dtype)
+    hist = Histogram(w)
+    k = 1 << nbits
+    if clusterer is not None:
+        centroids = clusterer(hist, k)
+    else:
+        centroids = kmeans_sorted(hist.values, hist.counts, k, exact_limit)
+    lut_values = np.unique(centroids.astype(hist.dtype).astype(np.float64))
+    indices = hist.gather(assign(hist.values, lut_values).astype(np.uint8))
+    lut = np.full(k, lut_values[-1], dtype=hist.dtype)
     lut[: len(lut_values)] = lut_values
-    return lut, indices.reshape(w.shape)
+    return lut, indices
+
+
+# fp16 bit patterns with an all-ones exponent: infinities and NaNs, either sign.
+_FP16_NON_FINITE = np.r_[0x7C00:0x8000, 0xFC00:0x10000]
+# Elements per step of the O(size) loops: the int64 copies numpy makes of uint16 indices stay in cache.
+_CHUNK = 1 << 20
+
+
+def _bincount_u16(codes: np.ndarray) -> np.ndarray:
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for start in range(0, len(codes), _CHUNK):
+        counts += np.bincount(codes[start : start + _CHUNK], minlength=1 << 16)
+    return counts
+
+
+def _take_chunked(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    out = np.empty(len(codes), dtype=table.dtype)
+    for start in range(0, len(codes), _CHUNK):
+        np.take(table, codes[start : start + _CHUNK], out=out[start : start + _CHUNK])
+    return out

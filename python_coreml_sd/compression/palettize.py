@@ -5,20 +5,26 @@ ops (the format Core ML runs on device); we only replace how each look-up table 
 its ``mode="custom"`` hook. So the file format is Apple's, byte layout included, and only the
 clustering differs (faster, and at least as accurate as its scikit-learn k-means).
 
+The pass asks for one LUT at a time. For a large model we cluster every weight ahead of it instead,
+in a pool of worker processes (``LutPlan``), and the pass picks each result up by its histogram.
+
 Library API (what the converter's ``--quantize-nbits`` / ``--mixed-bit-recipe`` call):
 ``palettize_mlpackage(src, dst, nbits, ...)`` and ``palettize_model(mlmodel, nbits, ...)``.
 """
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, palettize_array
+from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, Histogram, kmeans_sorted, palettize_array
 from python_coreml_sd.errors import UserError
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
@@ -26,15 +32,56 @@ WEIGHT_THRESHOLD = 2048
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 KEEP_FP16 = 16  # recipe value meaning "leave this layer in fp16"
 IOS16_SPEC_VERSION = 7  # the floor coremltools' own compression entry points use
+# Clustering ahead in worker processes pays off above this many weight values (SD 1.5's UNet: 859 M;
+# `tiny`'s whole UNet, 1.4 M, is done in-process before a worker would have started).
+PARALLEL_MIN_VALUES = 20_000_000
 
 log = logging.getLogger(__name__)
 
 
-def lut_function(nbits: int):
+class LutPlan:
+    """Centroids for the weights the pass is about to palettize, computed ahead in worker processes.
+
+    Keyed by (k, histogram): equal histograms have equal optimal LUTs, so the pass's look-up needs no
+    op names, and a weight that was not planned is simply clustered on the spot.
+    """
+
+    def __init__(self):
+        self._pool = None
+        self._futures = {}
+
+    def start(self, weights_and_bits, workers: int) -> None:
+        # fork: workers need nothing but numpy and start at once; spawn would re-import the caller's
+        # __main__, which breaks scripts without a main guard. Workers only run kmeans_sorted.
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        for weight, nbits in weights_and_bits:
+            hist = Histogram(weight)
+            key = (1 << nbits, hist.key())
+            if key not in self._futures:
+                self._futures[key] = self._pool.submit(kmeans_sorted, hist.values, hist.counts, 1 << nbits)
+
+    def centroids(self, hist: Histogram, k: int) -> np.ndarray:
+        future = self._futures.get((k, hist.key())) if self._futures else None
+        if future is not None:
+            try:
+                return future.result()
+            except BrokenProcessPool as err:  # a worker died: same result, computed here
+                log.warning("palettize: worker pool failed (%s); clustering in-process", err)
+                self._futures.clear()
+        return kmeans_sorted(hist.values, hist.counts, k)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        self._pool, self._futures = None, {}
+
+
+def lut_function(nbits: int, plan: LutPlan | None = None):
     """coremltools ``lut_function`` for ``mode="custom"``: our k-means at ``nbits``."""
 
     def compute(weight: np.ndarray):
-        lut, indices = palettize_array(weight, nbits)
+        lut, indices = palettize_array(weight, nbits, clusterer=plan.centroids if plan else None)
         return lut, indices.reshape(-1)
 
     compute.__name__ = f"kmeans_{nbits}bit"
@@ -42,12 +89,12 @@ def lut_function(nbits: int):
 
 
 def op_config(nbits: int, granularity: str = "per_tensor", group_size: int = 32,
-              weight_threshold: int = WEIGHT_THRESHOLD):
+              weight_threshold: int = WEIGHT_THRESHOLD, plan: LutPlan | None = None):
     import coremltools.optimize.coreml as cto
 
     _check_args(nbits, granularity, group_size)
     return cto.OpPalettizerConfig(
-        mode="custom", lut_function=lut_function(nbits), granularity=granularity,
+        mode="custom", lut_function=lut_function(nbits, plan), granularity=granularity,
         group_size=group_size, weight_threshold=weight_threshold,
     )
 
@@ -63,39 +110,73 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
 
     if nbits is None and not recipe:
         raise UserError("palettize: give nbits, a recipe, or both")
-    global_config = None if nbits is None else op_config(nbits, granularity, group_size, weight_threshold)
-    config = cto.OptimizationConfig(global_config=global_config)
+    plan = LutPlan()
+    bits_of = {} if nbits is None else {None: nbits}
+
+    def config_for(bits):
+        return op_config(bits, granularity, group_size, weight_threshold, plan)
+
+    config = cto.OptimizationConfig(global_config=None if nbits is None else config_for(nbits))
     if recipe:
         from python_coreml_sd.compression.mixed_bit import recipe_to_const_names
 
         for const, bits in recipe_to_const_names(mlmodel, recipe).items():
-            override = None if bits == KEEP_FP16 else op_config(bits, granularity, group_size, weight_threshold)
-            config.set_op_name(const, override)
+            config.set_op_name(const, None if bits == KEEP_FP16 else config_for(bits))
+            bits_of[const] = None if bits == KEEP_FP16 else bits
     try:
-        return _apply_palettizer(mlmodel, config)
+        return _apply_palettizer(mlmodel, config, plan, bits_of if granularity == "per_tensor" else {})
     except ValueError as err:
         if "iOS18" in str(err):
             raise UserError(f"{err} (per_grouped_channel needs the model converted for iOS 18 or later)") from err
         raise
+    finally:
+        plan.close()
 
 
-def _apply_palettizer(mlmodel, config):
+def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
     """What ``cto.palettize_weights`` does, minus re-running the default optimization pipeline on
-    the already-optimized program: the saved package is byte-identical and 3-4x faster to make."""
+    the already-optimized program (the saved package is byte-identical and 3-4x faster to make), plus
+    clustering the weights ahead in parallel (``bits_of``: const name or None (every other) -> bits)."""
     from coremltools.converters.mil.converter import mil_convert
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-    from coremltools.models import utils as model_utils
 
     palettizer = PASS_REGISTRY["compression::palettize_weights"]
     palettizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
-    prog = model_utils._apply_graph_pass(mlmodel, palettizer, return_pymil_prog=True)
     spec = mlmodel.get_spec()
-    return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal",
-                       specification_version=max(spec.specificationVersion, IOS16_SPEC_VERSION),
+    version = max(spec.specificationVersion, IOS16_SPEC_VERSION)
+    prog = mil_program(mlmodel, version)
+    planned = list(_planned_weights(prog, palettizer, bits_of))
+    workers = worker_count()
+    if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
+        plan.start(planned, workers)
+    palettizer.apply(prog)
+    return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
                        compute_units=mlmodel.compute_unit, model_description=spec.description,
                        skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
+
+
+def worker_count() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _planned_weights(prog, palettizer, bits_of: dict):
+    """(weight, bits) for each const the pass will palettize, by the pass's own selection rules."""
+    if not bits_of:
+        return
+    for func in prog.functions.values():
+        with func:  # the pass's checks read the opset of the enclosing block
+            for op in func.operations:  # weights are top-level consts
+                if not palettizer.is_valid_op(op):
+                    continue
+                cfg = palettizer.config._get_const_op_config(op)
+                if cfg is None or not palettizer.need_compress_const(op, False, cfg.weight_threshold):
+                    continue
+                bits = bits_of.get(op.name, bits_of.get(None))
+                if bits is not None:
+                    yield op.outputs[0].val, bits
 
 
 def palettize_mlpackage(src, dst, nbits: int | None, granularity: str = "per_tensor", group_size: int = 32,
@@ -179,12 +260,12 @@ def decode_lut_op(op) -> np.ndarray:
     return tables.reshape(-1, tables.shape[-1])[group, indices]
 
 
-def mil_program(mlmodel):
+def mil_program(mlmodel, spec_version: int | None = None):
     """The model's MIL program, parsed from its spec and weights (works on models loaded from disk)."""
     from coremltools.converters.mil.frontend.milproto import load as milproto_load
     from coremltools.models import utils as model_utils
 
-    spec_version = mlmodel.get_spec().specificationVersion
+    spec_version = spec_version or mlmodel.get_spec().specificationVersion
     return model_utils._convert_model_spec_to_pymil_prog(mlmodel, spec_version, milproto_load.load)
 
 

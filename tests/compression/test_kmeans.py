@@ -4,7 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from python_coreml_sd.compression.kmeans import assign, kmeans_1d, palettize_array, sse
+from python_coreml_sd.compression.kmeans import (Histogram, assign, exact_kmeans_sorted, kmeans_1d, kmeans_sorted,
+                                                 palettize_array, sse)
 
 
 def brute_force_sse(x, w, k):
@@ -66,6 +67,20 @@ def test_coarse_path_optimal_on_well_separated_clusters():
     np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], 400))
 
 
+@pytest.mark.parametrize("kind, shape, nbits", [
+    ("uniform", (320, 320), 6),  # SD 1.5's random init: a flat landscape, optimum up to ~1.4 gaps from Lloyd's
+    ("uniform", (1280, 90), 6),
+    ("laplace", (320, 320), 6),
+    ("outliers", (96, 64), 8),  # 256 clusters on 4,540 values: the coarse DP needs ~8 atoms per cluster
+])
+def test_matches_the_exact_optimum(kind, shape, nbits):
+    rng = np.random.default_rng(len(kind) + shape[1])
+    hist = Histogram(random_weight(rng, kind, shape))
+    ours = kmeans_sorted(hist.values, hist.counts, 1 << nbits)
+    exact = exact_kmeans_sorted(hist.values, hist.counts, 1 << nbits)
+    assert sse(hist.values, ours, hist.counts) == pytest.approx(sse(hist.values, exact, hist.counts), rel=1e-12)
+
+
 def sklearn_mse(w, nbits):
     """coremltools' own k-means LUT (scikit-learn), scored as coremltools stores it: fp16 LUT."""
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
@@ -123,7 +138,10 @@ def test_fp32_input_uses_the_generic_path():
 
 
 def test_rejects_bad_input():
-    with pytest.raises(ValueError):
-        palettize_array(np.array([1.0, np.nan], dtype=np.float16), 2)
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            palettize_array(np.array([1.0, bad], dtype=np.float16), 2)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            palettize_array(np.array([1.0, bad], dtype=np.float32), 2)
     with pytest.raises(ValueError):
         palettize_array(np.ones(10, dtype=np.float16), 5)

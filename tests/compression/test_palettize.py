@@ -153,3 +153,27 @@ def test_same_bytes_as_coremltools_own_entry_point(source, tmp_path):
                 for op in f.operations]
 
     assert structure(ours) == structure(theirs)
+
+
+def test_parallel_plan_gives_the_same_bytes(source, tmp_path, monkeypatch):
+    """Large models cluster every weight ahead in worker processes; the package must not change."""
+    from python_coreml_sd.compression import palettize
+
+    src, _ = source
+    serial = palettize_mlpackage(src, tmp_path / "serial.mlpackage", 6)
+    started = []
+    monkeypatch.setattr(palettize, "PARALLEL_MIN_VALUES", 0)
+    monkeypatch.setattr(palettize, "worker_count", lambda: 2)
+    monkeypatch.setattr(palettize.LutPlan, "start", _spy(palettize.LutPlan.start, started))
+    parallel = palettize_mlpackage(src, tmp_path / "parallel.mlpackage", 6)
+    assert started and len(started[0]) == len(LARGE)  # every large weight was planned, nothing else
+    weights = "Data/com.apple.CoreML/weights/weight.bin"
+    assert (serial / weights).read_bytes() == (parallel / weights).read_bytes()
+
+
+def _spy(start, calls):
+    def wrapped(self, weights_and_bits, workers):
+        weights_and_bits = list(weights_and_bits)
+        calls.append(weights_and_bits)
+        return start(self, weights_and_bits, workers)
+    return wrapped
