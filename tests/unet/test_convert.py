@@ -119,3 +119,27 @@ def test_fp16_program_agrees_with_diffusers_fp32(tiny_package, unets):
 def test_sd2_like_fp16_program_agrees_with_diffusers_fp32(sd2_package, unets):
     _, paths = sd2_package
     assert run_against_diffusers(paths[0], unets["sd2_like"]) >= 40
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, -2.0], [70000.0], [-70000.0, 1.0], [-1e39, 3.0], [float("nan"), 1.0], [float("inf"), -7e4],
+    [float("-inf"), 5e37], [float("nan"), 1e5], 5.0,
+])
+def test_fast_fp16_overflow_check_agrees_with_coremltools(values):
+    """Our fp16 cast pass replaces coremltools' overflow check (slow on large weights) with an equivalent."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    from python_coreml_sd.convert.unet import STREAMING_FP16_PASS, _register_streaming_fp16_pass
+
+    _register_streaming_fp16_pass()
+    const = np.array(values, dtype=np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=const.shape or (1,))])
+    def prog(x):
+        return mb.add(x=x, y=const)
+
+    add = next(op for op in prog.functions["main"].operations if op.op_type == "add")
+    ours = type(PASS_REGISTRY[STREAMING_FP16_PASS]).fp16_overflow(add)
+    assert ours == add_fp16_cast.fp16_overflow(add)
