@@ -312,15 +312,18 @@ class Histogram:
     """A weight tensor as sorted distinct values (float64) with counts, plus what maps elements to them.
 
     fp16 takes the fast path: a 65,536-bin histogram of the bit patterns, O(size), no sort of the
-    tensor; other dtypes go through ``np.unique``.
+    tensor; with ``device="cuda"`` the histogram and the per-element gather run in PyTorch on the GPU
+    (the clustering itself works on <= 65,536 values and stays on the CPU). Other dtypes go through
+    ``np.unique``.
     """
 
-    def __init__(self, w: np.ndarray):
+    def __init__(self, w: np.ndarray, device: str | None = None):
         w = np.asarray(w)
         self.shape, self.dtype = w.shape, w.dtype
         if w.dtype == np.float16:
-            self._codes = w.reshape(-1).view(np.uint16)
-            counts = _bincount_u16(self._codes)
+            codes = w.reshape(-1).view(np.uint16)
+            self._codes = _TorchCodes(codes, device) if device and device != "cpu" else codes
+            counts = self._codes.bincount() if device and device != "cpu" else _bincount_u16(codes)
             if counts[_FP16_NON_FINITE].any():
                 raise ValueError("cannot palettize a tensor holding NaN or infinite values")
             present = np.flatnonzero(counts)
@@ -347,19 +350,41 @@ class Histogram:
     def gather(self, label_of_value: np.ndarray) -> np.ndarray:
         """Per-element labels, shaped like the tensor, from one label per distinct value."""
         table = label_of_value[self._slot_of_code] if self._slot_of_code is not None else label_of_value
+        if isinstance(self._codes, _TorchCodes):
+            return self._codes.take(table).reshape(self.shape)
         return _take_chunked(table, self._codes).reshape(self.shape)
 
 
-def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT, clusterer=None):
+class _TorchCodes:
+    """fp16 bit patterns on a PyTorch device, copied there once for both O(size) passes."""
+
+    def __init__(self, codes: np.ndarray, device: str):
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        # torch has no uint16 arithmetic: widen the int16 view and mask back to 0..65535.
+        self._codes = torch.from_numpy(codes.view(np.int16)).to(self.device).to(torch.int32) & 0xFFFF
+
+    def bincount(self) -> np.ndarray:
+        return self._torch.bincount(self._codes, minlength=1 << 16).cpu().numpy()
+
+    def take(self, table: np.ndarray) -> np.ndarray:
+        return self._torch.from_numpy(table).to(self.device)[self._codes].cpu().numpy()
+
+
+def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT, clusterer=None,
+                    device: str | None = None):
     """Palettize one tensor: (lut of 2**nbits entries in w's dtype, uint8 indices shaped like w).
 
     Indices point at the nearest LUT entry *after* rounding the LUT to w's dtype, so the stored
     model dequantizes to the closest palette value. Unused LUT slots repeat the last entry.
-    ``clusterer(histogram, k)`` may supply the centroids (e.g. computed ahead in another process).
+    ``clusterer(histogram, k)`` may supply the centroids (e.g. computed ahead in another process);
+    ``device`` ("cuda") runs the O(size) histogram and gather in PyTorch there.
     """
     if nbits not in SUPPORTED_NBITS:
         raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits}")
-    hist = Histogram(w)
+    hist = Histogram(w, device)
     k = 1 << nbits
     if clusterer is not None:
         centroids = clusterer(hist, k)

@@ -50,13 +50,13 @@ class LutPlan:
         self._pool = None
         self._futures = {}
 
-    def start(self, weights_and_bits, workers: int) -> None:
+    def start(self, weights_and_bits, workers: int, device: str | None = None) -> None:
         # fork: workers need nothing but numpy and start at once; spawn would re-import the caller's
         # __main__, which breaks scripts without a main guard. Workers only run kmeans_sorted.
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         for weight, nbits in weights_and_bits:
-            hist = Histogram(weight)
+            hist = Histogram(weight, device)
             key = (1 << nbits, hist.key())
             if key not in self._futures:
                 self._futures[key] = self._pool.submit(kmeans_sorted, hist.values, hist.counts, 1 << nbits)
@@ -77,11 +77,11 @@ class LutPlan:
         self._pool, self._futures = None, {}
 
 
-def lut_function(nbits: int, plan: LutPlan | None = None):
+def lut_function(nbits: int, plan: LutPlan | None = None, device: str | None = None):
     """coremltools ``lut_function`` for ``mode="custom"``: our k-means at ``nbits``."""
 
     def compute(weight: np.ndarray):
-        lut, indices = palettize_array(weight, nbits, clusterer=plan.centroids if plan else None)
+        lut, indices = palettize_array(weight, nbits, clusterer=plan.centroids if plan else None, device=device)
         return lut, indices.reshape(-1)
 
     compute.__name__ = f"kmeans_{nbits}bit"
@@ -89,32 +89,35 @@ def lut_function(nbits: int, plan: LutPlan | None = None):
 
 
 def op_config(nbits: int, granularity: str = "per_tensor", group_size: int = 32,
-              weight_threshold: int = WEIGHT_THRESHOLD, plan: LutPlan | None = None):
+              weight_threshold: int = WEIGHT_THRESHOLD, plan: LutPlan | None = None, device: str | None = None):
     import coremltools.optimize.coreml as cto
 
     _check_args(nbits, granularity, group_size)
     return cto.OpPalettizerConfig(
-        mode="custom", lut_function=lut_function(nbits, plan), granularity=granularity,
+        mode="custom", lut_function=lut_function(nbits, plan, device), granularity=granularity,
         group_size=group_size, weight_threshold=weight_threshold,
     )
 
 
 def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor", group_size: int = 32,
-                    recipe: dict | None = None, weight_threshold: int = WEIGHT_THRESHOLD):
+                    recipe: dict | None = None, weight_threshold: int = WEIGHT_THRESHOLD, device: str = "auto"):
     """Palettized copy of an in-memory ``ct.models.MLModel`` (ML Program).
 
     ``nbits`` applies to every large weight; ``recipe`` (layer or const name -> bits, 16 = keep fp16)
     overrides it per weight, and with ``nbits=None`` only the recipe's weights are palettized.
+    ``device``: where the O(size) histogram and gather run ("cpu", "cuda"; "auto": CUDA when PyTorch
+    sees a GPU). The LUTs are the same either way.
     """
     import coremltools.optimize.coreml as cto
 
     if nbits is None and not recipe:
         raise UserError("palettize: give nbits, a recipe, or both")
+    device = _resolve_device(device)
     plan = LutPlan()
     bits_of = {} if nbits is None else {None: nbits}
 
     def config_for(bits):
-        return op_config(bits, granularity, group_size, weight_threshold, plan)
+        return op_config(bits, granularity, group_size, weight_threshold, plan, device)
 
     config = cto.OptimizationConfig(global_config=None if nbits is None else config_for(nbits))
     if recipe:
@@ -124,7 +127,7 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
             config.set_op_name(const, None if bits == KEEP_FP16 else config_for(bits))
             bits_of[const] = None if bits == KEEP_FP16 else bits
     try:
-        return _apply_palettizer(mlmodel, config, plan, bits_of if granularity == "per_tensor" else {})
+        return _apply_palettizer(mlmodel, config, plan, bits_of if granularity == "per_tensor" else {}, device)
     except ValueError as err:
         if "iOS18" in str(err):
             raise UserError(f"{err} (per_grouped_channel needs the model converted for iOS 18 or later)") from err
@@ -133,7 +136,7 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
         plan.close()
 
 
-def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
+def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict, device: str | None = None):
     """What ``cto.palettize_weights`` does, minus re-running the default optimization pipeline on
     the already-optimized program (the saved package is byte-identical and 3-4x faster to make), plus
     clustering the weights ahead in parallel (``bits_of``: const name or None (every other) -> bits)."""
@@ -150,11 +153,26 @@ def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
     planned = list(_planned_weights(prog, palettizer, bits_of))
     workers = worker_count()
     if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
-        plan.start(planned, workers)
+        plan.start(planned, workers, device)
     palettizer.apply(prog)
     return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
                        compute_units=mlmodel.compute_unit, model_description=spec.description,
                        skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
+
+
+def _resolve_device(device: str) -> str | None:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"palettize: device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("palettize: device='cuda' but PyTorch sees no CUDA GPU; use 'cpu' or 'auto'")
+    return None if device == "cpu" else device
 
 
 def worker_count() -> int:
@@ -181,7 +199,7 @@ def _planned_weights(prog, palettizer, bits_of: dict):
 
 def palettize_mlpackage(src, dst, nbits: int | None, granularity: str = "per_tensor", group_size: int = 32,
                         recipe: dict | None = None, overwrite: bool = False,
-                        weight_threshold: int = WEIGHT_THRESHOLD) -> Path:
+                        weight_threshold: int = WEIGHT_THRESHOLD, device: str = "auto") -> Path:
     """Palettize the ``.mlpackage`` at ``src`` into ``dst``; returns ``dst``.
 
     Writes into a temporary folder beside ``dst`` and renames it into place, so an interrupted run
@@ -198,7 +216,7 @@ def palettize_mlpackage(src, dst, nbits: int | None, granularity: str = "per_ten
         raise UserError("palettize: src and dst must differ (the source is read while writing)")
     _check_args(nbits, granularity, group_size)
     model = ct.models.MLModel(str(src), skip_model_load=True)
-    palettized = palettize_model(model, nbits, granularity, group_size, recipe, weight_threshold)
+    palettized = palettize_model(model, nbits, granularity, group_size, recipe, weight_threshold, device)
     return _save_atomically(palettized, dst, overwrite)
 
 

@@ -123,6 +123,19 @@ def test_palettize_array_contract(nbits):
     np.testing.assert_array_equal(again[1], indices)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("nbits", [2, 6])
+def test_cuda_histogram_and_gather_match_the_cpu(nbits):
+    rng = np.random.default_rng(nbits)
+    w = np.concatenate([rng.normal(0, 0.02, 3_000_000), [0.0, -0.0, 65504.0, -65504.0]]).astype(np.float16)
+    lut_cpu, idx_cpu = palettize_array(w, nbits)
+    lut_gpu, idx_gpu = palettize_array(w, nbits, device="cuda")
+    np.testing.assert_array_equal(lut_gpu, lut_cpu)
+    np.testing.assert_array_equal(idx_gpu, idx_cpu)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        palettize_array(np.array([1.0, np.inf], dtype=np.float16), nbits, device="cuda")
+
+
 def test_lattice_weights_are_reproduced_exactly():
     w = np.array([0.5, -0.25, 0.5, 0.125, -0.25] * 1000, dtype=np.float16)
     lut, indices = palettize_array(w, 2)

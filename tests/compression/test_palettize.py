@@ -172,8 +172,29 @@ def test_parallel_plan_gives_the_same_bytes(source, tmp_path, monkeypatch):
 
 
 def _spy(start, calls):
-    def wrapped(self, weights_and_bits, workers):
+    def wrapped(self, weights_and_bits, *args):
         weights_and_bits = list(weights_and_bits)
         calls.append(weights_and_bits)
-        return start(self, weights_and_bits, workers)
+        return start(self, weights_and_bits, *args)
     return wrapped
+
+
+@pytest.mark.cuda
+def test_cuda_histograms_give_the_same_bytes(source, tmp_path):
+    src, _ = source
+    cpu = palettize_mlpackage(src, tmp_path / "cpu.mlpackage", 4, device="cpu")
+    gpu = palettize_mlpackage(src, tmp_path / "gpu.mlpackage", 4, device="cuda")
+    weights = "Data/com.apple.CoreML/weights/weight.bin"
+    assert (cpu / weights).read_bytes() == (gpu / weights).read_bytes()
+
+
+def test_device_is_checked(source, tmp_path):
+    import torch
+
+    src, _ = source
+    with pytest.raises(UserError, match="device must be"):
+        palettize_mlpackage(src, tmp_path / "x.mlpackage", 4, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            palettize_mlpackage(src, tmp_path / "x.mlpackage", 4, device="cuda")
+    assert not (tmp_path / "x.mlpackage").exists()
