@@ -1,6 +1,5 @@
 """Each converted component loads back with coremltools and has the documented interface."""
 import coremltools as ct
-import pytest
 
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
 

@@ -313,25 +313,22 @@ class Histogram:
 
     fp16 takes the fast path: a 65,536-bin histogram of the bit patterns, O(size), no sort of the
     tensor; with ``device="cuda"`` the histogram and the per-element gather run in PyTorch on the GPU
-    (the clustering itself works on <= 65,536 values and stays on the CPU). Other dtypes go through
-    ``np.unique``.
+    (the clustering itself works on <= 65,536 values and stays on the CPU). ``distinct``: the
+    (sorted bit patterns, counts) of an fp16 ``w`` already taken elsewhere, e.g. in a worker process.
+    Other dtypes go through ``np.unique``.
     """
 
-    def __init__(self, w: np.ndarray, device: str | None = None):
+    def __init__(self, w: np.ndarray, device: str | None = None, distinct: tuple | None = None):
         w = np.asarray(w)
         self.shape, self.dtype = w.shape, w.dtype
         if w.dtype == np.float16:
             codes = w.reshape(-1).view(np.uint16)
             self._codes = _TorchCodes(codes, device) if device and device != "cpu" else codes
-            counts = self._codes.bincount() if device and device != "cpu" else _bincount_u16(codes)
-            if counts[_FP16_NON_FINITE].any():
-                raise ValueError("cannot palettize a tensor holding NaN or infinite values")
-            present = np.flatnonzero(counts)
-            values = present.astype(np.uint16).view(np.float16).astype(np.float64)
-            order = np.argsort(values, kind="stable")
+            self.distinct_codes, counts = distinct if distinct is not None else self._count()
             self._slot_of_code = np.zeros(1 << 16, dtype=np.int64)
-            self._slot_of_code[present[order]] = np.arange(len(present))
-            self.values, self.counts = values[order], counts[present[order]].astype(np.float64)
+            self._slot_of_code[self.distinct_codes] = np.arange(len(self.distinct_codes))
+            self.values = self.distinct_codes.view(np.float16).astype(np.float64)
+            self.counts = np.asarray(counts, dtype=np.float64)
         else:
             if not np.all(np.isfinite(w)):
                 raise ValueError("cannot palettize a tensor holding NaN or infinite values")
@@ -339,13 +336,14 @@ class Histogram:
             self._slot_of_code = None
             self.values, self.counts = values.astype(np.float64), counts.astype(np.float64)
 
-    def key(self) -> bytes:
-        """Identifies the clustering problem: equal histograms have equal optimal LUTs."""
-        import hashlib
-
-        digest = hashlib.blake2b(self.values.tobytes(), digest_size=16)
-        digest.update(self.counts.tobytes())
-        return digest.digest()
+    def _count(self):
+        """(fp16 bit patterns present, sorted by value; their counts)."""
+        counts = self._codes.bincount() if isinstance(self._codes, _TorchCodes) else _bincount_u16(self._codes)
+        if counts[_FP16_NON_FINITE].any():
+            raise ValueError("cannot palettize a tensor holding NaN or infinite values")
+        present = np.flatnonzero(counts).astype(np.uint16)
+        present = present[np.argsort(present.view(np.float16), kind="stable")]
+        return present, counts[present]
 
     def gather(self, label_of_value: np.ndarray) -> np.ndarray:
         """Per-element labels, shaped like the tensor, from one label per distinct value."""
@@ -353,6 +351,13 @@ class Histogram:
         if isinstance(self._codes, _TorchCodes):
             return self._codes.take(table).reshape(self.shape)
         return _take_chunked(table, self._codes).reshape(self.shape)
+
+
+def cluster_fp16(w: np.ndarray, k: int):
+    """(sorted distinct bit patterns, counts, centroids) of an fp16 tensor: all the clustering needs
+    from the tensor, in a form small enough to send back from a worker process."""
+    hist = Histogram(w)
+    return hist.distinct_codes, hist.counts, kmeans_sorted(hist.values, hist.counts, k)
 
 
 class _TorchCodes:
@@ -373,22 +378,23 @@ class _TorchCodes:
         return self._torch.from_numpy(table).to(self.device)[self._codes].cpu().numpy()
 
 
-def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT, clusterer=None,
-                    device: str | None = None):
+def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT, device: str | None = None,
+                    clustering: tuple | None = None):
     """Palettize one tensor: (lut of 2**nbits entries in w's dtype, uint8 indices shaped like w).
 
     Indices point at the nearest LUT entry *after* rounding the LUT to w's dtype, so the stored
     model dequantizes to the closest palette value. Unused LUT slots repeat the last entry.
-    ``clusterer(histogram, k)`` may supply the centroids (e.g. computed ahead in another process);
-    ``device`` ("cuda") runs the O(size) histogram and gather in PyTorch there.
+    ``device`` ("cuda") runs the O(size) histogram and gather in PyTorch there; ``clustering`` is
+    ``cluster_fp16(w, 2**nbits)`` computed elsewhere (e.g. ahead, in a worker process).
     """
     if nbits not in SUPPORTED_NBITS:
         raise ValueError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits}")
-    hist = Histogram(w, device)
     k = 1 << nbits
-    if clusterer is not None:
-        centroids = clusterer(hist, k)
+    if clustering is not None:
+        distinct_codes, counts, centroids = clustering
+        hist = Histogram(w, device, distinct=(distinct_codes, counts))
     else:
+        hist = Histogram(w, device)
         centroids = kmeans_sorted(hist.values, hist.counts, k, exact_limit)
     lut_values = np.unique(centroids.astype(hist.dtype).astype(np.float64))
     indices = hist.gather(assign(hist.values, lut_values).astype(np.uint8))

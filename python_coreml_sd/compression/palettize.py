@@ -6,7 +6,7 @@ its ``mode="custom"`` hook. So the file format is Apple's, byte layout included,
 clustering differs (faster, and at least as accurate as its scikit-learn k-means).
 
 The pass asks for one LUT at a time. For a large model we cluster every weight ahead of it instead,
-in a pool of worker processes (``LutPlan``), and the pass picks each result up by its histogram.
+in a pool of worker processes (``LutPlan``), and the pass picks each result up.
 
 Library API (what the converter's ``--quantize-nbits`` / ``--mixed-bit-recipe`` call):
 ``palettize_mlpackage(src, dst, nbits, ...)`` and ``palettize_model(mlmodel, nbits, ...)``.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, Histogram, kmeans_sorted, palettize_array
+from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, palettize_array
 from python_coreml_sd.errors import UserError
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
@@ -40,48 +40,67 @@ log = logging.getLogger(__name__)
 
 
 class LutPlan:
-    """Centroids for the weights the pass is about to palettize, computed ahead in worker processes.
+    """Clusterings of the weights the pass is about to palettize, computed ahead in worker processes.
 
-    Keyed by (k, histogram): equal histograms have equal optimal LUTs, so the pass's look-up needs no
-    op names, and a weight that was not planned is simply clustered on the spot.
+    Workers are forked after the program is loaded and read the weights from the memory they share
+    with us (nothing O(size) is pickled); each returns the tensor's distinct values, counts and
+    centroids. The pass's look-up is by array identity (the pass hands us a view of the same const),
+    and a weight that was not planned is clustered on the spot.
     """
 
     def __init__(self):
         self._pool = None
         self._futures = {}
 
-    def start(self, weights_and_bits, workers: int, device: str | None = None) -> None:
-        # fork: workers need nothing but numpy and start at once; spawn would re-import the caller's
-        # __main__, which breaks scripts without a main guard. Workers only run kmeans_sorted.
+    def start(self, weights_and_bits, workers: int) -> None:
+        global _PLANNED
+        planned = [(w, bits) for w, bits in weights_and_bits if w.dtype == np.float16]
+        _PLANNED = [w for w, _ in planned]  # read by the forked workers
+        # fork: workers start at once and see _PLANNED; spawn would re-import the caller's __main__,
+        # which breaks scripts without a main guard. Workers only run numpy code.
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        if context.get_start_method() != "fork":
+            return  # without fork the workers could not see the weights; cluster in-process
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-        for weight, nbits in weights_and_bits:
-            hist = Histogram(weight, device)
-            key = (1 << nbits, hist.key())
-            if key not in self._futures:
-                self._futures[key] = self._pool.submit(kmeans_sorted, hist.values, hist.counts, 1 << nbits)
+        for index, (weight, bits) in enumerate(planned):
+            self._futures[_identity(weight), 1 << bits] = self._pool.submit(_cluster_planned, index, 1 << bits)
 
-    def centroids(self, hist: Histogram, k: int) -> np.ndarray:
-        future = self._futures.get((k, hist.key())) if self._futures else None
-        if future is not None:
-            try:
-                return future.result()
-            except BrokenProcessPool as err:  # a worker died: same result, computed here
-                log.warning("palettize: worker pool failed (%s); clustering in-process", err)
-                self._futures.clear()
-        return kmeans_sorted(hist.values, hist.counts, k)
+    def clustering(self, weight: np.ndarray, k: int):
+        """``cluster_fp16(weight, k)`` if it was planned (waiting for it if needed), else None."""
+        future = self._futures.get((_identity(weight), k)) if self._futures else None
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except BrokenProcessPool as err:  # a worker died: the caller computes the same result itself
+            log.warning("palettize: worker pool failed (%s); clustering in-process", err)
+            self._futures.clear()
+            return None
 
     def close(self) -> None:
+        global _PLANNED
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
-        self._pool, self._futures = None, {}
+        self._pool, self._futures, _PLANNED = None, {}, []
+
+
+_PLANNED: list = []
+
+
+def _cluster_planned(index: int, k: int):
+    return cluster_fp16(_PLANNED[index], k)
+
+
+def _identity(w: np.ndarray) -> tuple:
+    return w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str
 
 
 def lut_function(nbits: int, plan: LutPlan | None = None, device: str | None = None):
     """coremltools ``lut_function`` for ``mode="custom"``: our k-means at ``nbits``."""
 
     def compute(weight: np.ndarray):
-        lut, indices = palettize_array(weight, nbits, clusterer=plan.centroids if plan else None, device=device)
+        clustering = plan.clustering(weight, 1 << nbits) if plan else None
+        lut, indices = palettize_array(weight, nbits, device=device, clustering=clustering)
         return lut, indices.reshape(-1)
 
     compute.__name__ = f"kmeans_{nbits}bit"
@@ -153,7 +172,7 @@ def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict, device: str
     planned = list(_planned_weights(prog, palettizer, bits_of))
     workers = worker_count()
     if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
-        plan.start(planned, workers, device)
+        plan.start(planned, workers)
     palettizer.apply(prog)
     return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
                        compute_units=mlmodel.compute_unit, model_description=spec.description,

@@ -3,7 +3,6 @@
 import coremltools as ct
 import numpy as np
 import pytest
-import torch
 
 from python_coreml_sd.convert.common import ConversionOptions
 from python_coreml_sd.convert.unet import convert_unet, diffusers_reference, sample_inputs
