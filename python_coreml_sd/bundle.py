@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from ._version import __version__
-from .convert.common import replace_atomically
+from .package_io import replace_atomically
 from .errors import UserError
 from .generation.components import RESOURCE_NAMES, component_of
 

@@ -12,6 +12,7 @@ extrapolated from the sample and its weight SNR is measured on that sample only:
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,7 @@ def palettize_in_child(which: str, src: Path, dst: Path, nbits: int) -> float:
         with open(blob, "rb") as f:
             while f.read(1 << 24):
                 pass
+    shutil.rmtree(dst, ignore_errors=True)  # a previous run's output in a reused --work-dir
     cmd = [sys.executable, __file__, "--child", which, "--src", str(src), "--dst", str(dst), "--nbits", str(nbits)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["wall_s"]

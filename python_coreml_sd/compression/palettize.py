@@ -20,14 +20,13 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, palettize_array
 from python_coreml_sd.errors import UserError
+from python_coreml_sd.package_io import save_mlmodel
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
 WEIGHT_THRESHOLD = 2048
@@ -260,24 +259,7 @@ def palettize_mlpackage(src, dst, nbits: int | None, granularity: str = "per_ten
     _check_args(nbits, granularity, group_size)
     model = ct.models.MLModel(str(src), skip_model_load=True)
     palettized = palettize_model(model, nbits, granularity, group_size, recipe, weight_threshold, device)
-    return _save_atomically(palettized, dst, overwrite)
-
-
-def _save_atomically(model, dst: Path, overwrite: bool) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        staged = tmp / dst.name
-        model.save(str(staged))
-        if dst.exists():
-            if not overwrite:
-                raise UserError(f"{dst} appeared while palettizing; not replacing it")
-            old = tmp / "previous"
-            os.rename(dst, old)
-        os.rename(staged, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+    return save_mlmodel(palettized, dst, overwrite)
 
 
 def _check_args(nbits, granularity, group_size):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import _deployment_target, log, replace_atomically
+from ..package_io import replace_atomically
+from .common import _deployment_target, log
 
 BALANCE_WINDOW = 0.05  # accept cuts whose chunk-1 weight share is within 45%..55%
 

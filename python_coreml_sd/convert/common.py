@@ -1,9 +1,6 @@
 """Steps every component converter shares: trace, convert to an ML Program, describe, save atomically,
 check against PyTorch."""
 import logging
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +9,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
 
 log = logging.getLogger("python_coreml_sd")
@@ -121,30 +119,8 @@ def compress(mlmodel, options: ConversionOptions, component: str):
                            options.palettize_group_size, recipe=load_recipe(recipe) if recipe else None)
 
 
-def replace_atomically(build, dest: Path, overwrite: bool) -> Path:
-    """Run build(tmp_path) to write `dest`'s content at a temporary name beside it, then rename.
-
-    An interrupted run leaves no half-written `dest`; an existing `dest` is replaced only with
-    overwrite=True (callers skip existing outputs before doing any work).
-    """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise UserError(f"{dest} exists; pass --overwrite to replace it")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tmp = tmp_dir / dest.name
-        build(tmp)
-        if dest.exists():
-            old = tmp_dir / (dest.name + ".old")
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return dest
-
-
 def save(mlmodel, dest: Path, overwrite: bool) -> Path:
-    return replace_atomically(lambda tmp: mlmodel.save(str(tmp)), dest, overwrite)
+    return save_mlmodel(mlmodel, dest, overwrite)
 
 
 def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold: float) -> dict:

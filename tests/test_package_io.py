@@ -1,0 +1,40 @@
+"""Saving converted models: atomic, never clobbering, and a fresh package is moved rather than copied."""
+import os
+
+import coremltools as ct
+import pytest
+
+from python_coreml_sd.compression import testbed
+from python_coreml_sd.errors import UserError
+from python_coreml_sd.package_io import save_mlmodel
+
+
+def fresh_model(tmp_path):
+    net, inputs = testbed.small_net()
+    return ct.models.MLModel(str(testbed.convert(net, inputs, tmp_path / "src.mlpackage")), skip_model_load=True)
+
+
+def test_fresh_package_is_moved_with_the_in_memory_spec(tmp_path):
+    import coremltools.optimize.coreml as cto
+
+    # A compressed model lives in a temporary package, as a fresh conversion does.
+    model = cto.palettize_weights(fresh_model(tmp_path), cto.OptimizationConfig(
+        global_config=cto.OpPalettizerConfig(mode="uniform", nbits=4)))
+    temp_package = model.package_path
+    model.user_defined_metadata["com.example.note"] = "set after conversion"
+    model.short_description = "described after conversion"
+    out = save_mlmodel(model, tmp_path / "out.mlpackage", overwrite=False)
+    assert not os.path.exists(temp_package)  # moved, not copied
+    saved = ct.models.MLModel(str(out), skip_model_load=True)
+    assert saved.user_defined_metadata["com.example.note"] == "set after conversion"
+    assert saved.short_description == "described after conversion"
+    assert (out / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mlpackage", "src.mlpackage"]
+
+
+def test_loaded_package_is_copied_and_existing_output_kept(tmp_path):
+    model = fresh_model(tmp_path)  # loaded from disk: its package is the user's, never moved
+    out = save_mlmodel(model, tmp_path / "out.mlpackage", overwrite=False)
+    assert (tmp_path / "src.mlpackage").is_dir() and out.is_dir()
+    with pytest.raises(UserError, match="exists"):
+        save_mlmodel(model, out, overwrite=False)
