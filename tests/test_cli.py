@@ -89,13 +89,13 @@ def test_existing_output_is_skipped_then_replaced_with_overwrite(capsys, tmp_pat
 
 
 def test_interrupted_conversion_leaves_nothing(monkeypatch, capsys, tmp_path):
-    import coremltools as ct
+    from python_coreml_sd import package_io
 
-    def interrupted_save(self, path):
+    def interrupted_write(mlmodel, path):
         (__import__("pathlib").Path(path) / "partial").mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ct.models.MLModel, "save", interrupted_save)
+    monkeypatch.setattr(package_io, "_write_package", interrupted_write)
     code, err = run_main(capsys, "--convert-vae-decoder", "-o", str(tmp_path))
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
