@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from python_coreml_sd import registry  # noqa: E402
+from python_coreml_sd.compression.testbed import UNetWrapper  # noqa: E402
 from python_coreml_sd.convert.common import save  # noqa: E402
 from python_coreml_sd.metrics import psnr  # noqa: E402
 from python_coreml_sd.runtime.mil import MILModel  # noqa: E402
@@ -35,15 +36,6 @@ CONFIGS = {
     ),
 }
 NAMES = ["sample", "timestep", "encoder_hidden_states"]
-
-
-class Wrapped(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
 def build_unet(config):
@@ -68,7 +60,7 @@ def convert(unet, inputs, path, target):
     import coremltools as ct
 
     with torch.no_grad():
-        traced = torch.jit.trace(Wrapped(unet).eval(), inputs, check_trace=False)
+        traced = torch.jit.trace(UNetWrapper(unet).eval(), inputs, check_trace=False)
     model = ct.convert(
         traced, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
         inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32) for n, x in zip(NAMES, inputs)],

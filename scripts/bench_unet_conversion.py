@@ -39,13 +39,7 @@ def child_plain(args, out: Path) -> dict:
     import numpy as np
     import torch
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    from python_coreml_sd.compression.testbed import UNetWrapper
 
     phases, start = {}, time.perf_counter()
     unet = build_diffusers_unet(args.family, args.seed)
@@ -53,7 +47,7 @@ def child_plain(args, out: Path) -> dict:
     inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2).contiguous()
     phases["build"] = time.perf_counter() - start
     with torch.no_grad():
-        traced = torch.jit.trace(Wrapper(unet).eval(), tuple(inputs.values()), check_trace=args.plain_check_trace)
+        traced = torch.jit.trace(UNetWrapper(unet).eval(), tuple(inputs.values()), check_trace=args.plain_check_trace)
     phases["trace"] = time.perf_counter() - start - sum(phases.values())
     mlmodel = ct.convert(traced, convert_to="mlprogram",
                          inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],

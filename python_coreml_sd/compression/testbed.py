@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-                 attention_head_dim=8, sample_size=64)
 UNET_CONFIGS = ("tiny", "sd15")
 
 
@@ -57,14 +55,11 @@ def unet(config: str = "tiny", seed: int = 0):
     architecture, or the full-size SD 1.5 architecture."""
     from diffusers import UNet2DConditionModel
 
-    if config == "tiny":
-        from python_coreml_sd import registry
+    from python_coreml_sd import registry
 
-        arch = registry.family("tiny")["architecture"]["unet"]
-    elif config == "sd15":
-        arch = SD15_UNET
-    else:
+    if config not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet config {config!r}; use one of {UNET_CONFIGS}")
+    arch = registry.family({"tiny": "tiny", "sd15": "sd1"}[config])["architecture"]["unet"]
     torch.manual_seed(seed)
     model = UNetWrapper(UNet2DConditionModel(**arch).eval()).eval()
     cfg = model.unet.config

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mil_test_utils import convert, numpy_inputs, reference
+from python_coreml_sd.compression.testbed import UNetWrapper
 from python_coreml_sd.metrics import psnr
 from python_coreml_sd.runtime.mil import MILModel
 
@@ -100,13 +101,7 @@ def test_vae_encoder(precision, tmp_path):
 
 # ---- UNet ------------------------------------------------------------------------------------
 
-class UNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+UNet = UNetWrapper  # positional inputs, tensor output: what tracing needs
 
 
 def tiny_unet(sd2=False):
