@@ -323,7 +323,7 @@ class Histogram:
         self.shape, self.dtype = w.shape, w.dtype
         if w.dtype == np.float16:
             codes = w.reshape(-1).view(np.uint16)
-            self._codes = _TorchCodes(codes, device) if device and device != "cpu" else codes
+            self._codes = _TorchCodes(codes, device) if device not in (None, "cpu") else codes
             self.distinct_codes, counts = distinct if distinct is not None else self._count()
             self._slot_of_code = np.zeros(1 << 16, dtype=np.int64)
             self._slot_of_code[self.distinct_codes] = np.arange(len(self.distinct_codes))

@@ -55,14 +55,14 @@ class LutPlan:
 
     def start(self, weights_and_bits, workers: int) -> None:
         global _PLANNED
+        # fork: workers start at once and see _PLANNED; spawn would re-import the caller's __main__,
+        # which breaks scripts without a main guard, and could not see the weights. Without fork,
+        # everything is clustered in-process. Workers only run numpy code.
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return
         planned = [(w, bits) for w, bits in weights_and_bits if w.dtype == np.float16]
         _PLANNED = [w for w, _ in planned]  # read by the forked workers
-        # fork: workers start at once and see _PLANNED; spawn would re-import the caller's __main__,
-        # which breaks scripts without a main guard. Workers only run numpy code.
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        if context.get_start_method() != "fork":
-            return  # without fork the workers could not see the weights; cluster in-process
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
         for index, (weight, bits) in enumerate(planned):
             self._futures[_identity(weight), 1 << bits] = self._pool.submit(_cluster_planned, index, 1 << bits)
 
@@ -203,18 +203,18 @@ def _palettize_program(mlmodel, palettizer, plan: LutPlan, bits_of: dict):
 
 
 def _resolve_device(device: str) -> str | None:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else None
-    if device not in ("cpu", "cuda"):
+    """"cuda" or None (the CPU) for a user's "auto" / "cpu" / "cuda"."""
+    if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"palettize: device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda":
-        import torch
+    if device == "cpu":
+        return None
+    import torch
 
-        if not torch.cuda.is_available():
-            raise UserError("palettize: device='cuda' but PyTorch sees no CUDA GPU; use 'cpu' or 'auto'")
-    return None if device == "cpu" else device
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise UserError("palettize: device='cuda' but PyTorch sees no CUDA GPU; use 'cpu' or 'auto'")
+    return None
 
 
 def worker_count() -> int:

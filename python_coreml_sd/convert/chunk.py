@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..package_io import replace_atomically
+from ..package_io import save_mlmodel
 from .common import _deployment_target, log
 
 BALANCE_WINDOW = 0.05  # accept cuts whose chunk-1 weight share is within 45%..55%
@@ -183,7 +183,7 @@ def _write_chunk(package: Path, dest: Path, chunk: int, cut: int, options) -> li
     mlmodel = program_to_mlmodel(prog, options.min_deployment_target)
     del prog
     _copy_description(source, mlmodel, chunk, crossing)
-    replace_atomically(lambda tmp: mlmodel.save(str(tmp)), dest, overwrite=True)
+    save_mlmodel(mlmodel, dest, overwrite=True)
     return crossing
 
 
