@@ -173,6 +173,20 @@ def scheduler_case(name: str, prediction_type: str, steps: int) -> dict:
     return case
 
 
+def replay_scheduler_case(case: dict) -> list:
+    """Each step of a committed case run again from the committed sample before it (teacher forcing):
+    the scheduler's state then holds committed values only, so another CPU's rounding stays a
+    per-step error instead of compounding over the chain. Returns the step outputs as float32 arrays."""
+    scheduler = closed_form.make_scheduler(case["scheduler"], case["prediction_type"])
+    scheduler.set_timesteps(case["steps"])
+    outputs = []
+    for k, t in enumerate(case["timesteps"]):
+        sample = torch.tensor(case["samples"][k], dtype=torch.float32).reshape(SCHEDULER_SHAPE)
+        model_output = torch.tensor(case["model_outputs"][k], dtype=torch.float32).reshape(SCHEDULER_SHAPE)
+        outputs.append(scheduler.step(model_output, t, sample).prev_sample.numpy().reshape(-1))
+    return outputs
+
+
 def scheduler_section():
     cases = [scheduler_case(name, prediction, steps) for name in ("pndm", "dpmpp")
              for prediction in ("epsilon", "v_prediction") for steps in (1, 2, 5, 20, 50)]
