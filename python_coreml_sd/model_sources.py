@@ -90,9 +90,11 @@ class ModelSource:
 def resolve(model_version: str) -> ModelSource:
     """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix."""
     path = Path(model_version).expanduser()
-    if path.exists() or model_version.startswith((".", "/", "~")):
-        return _from_folder(model_version, path)
     entry = registry.named_model(model_version)
+    explicit_path = model_version.startswith((".", "/", "~"))
+    # A registry name wins over a same-named folder that holds no model (`-o tiny` for `tiny`).
+    if explicit_path or (path.exists() and not (entry and not (path / "model_index.json").is_file())):
+        return _from_folder(model_version, path)
     if entry and entry["source"] == "embedded":
         from .random_models import materialized_model_dir
         return ModelSource(model_version, materialized_model_dir(entry["family"], entry.get("seed", 0)))

@@ -151,10 +151,10 @@ def convert(options: ConversionOptions, components: list) -> list:
     if not components:
         raise UserError("nothing to convert; pass at least one --convert-* flag")
     check_compression(options)
-    prepare_output_dir(Path(options.output_dir))
     source = resolve(options.model_version)
     for component in components:  # fail before any work, not after the first component
         source.require(SOURCE_FOLDER[component])
+    prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good
     written = []
     for index, component in enumerate(components, 1):
         print(f"[{index}/{len(components)}] {component}: converting...", file=sys.stderr, flush=True)

@@ -39,6 +39,20 @@ def test_missing_model_folder(capsys, tmp_path):
     code, err = run_main(capsys, "--convert-text-encoder", "--model-version", str(tmp_path / "nope"), "-o",
                          str(tmp_path / "out"))
     assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "out").exists()  # bad input creates nothing
+
+
+def test_output_folder_named_like_the_registry_model(capsys, tmp_path, monkeypatch):
+    """`-o tiny` for `--model-version tiny`: the (new, then existing) output folder does not shadow the
+    registry name, on the first run and on a rerun that keeps the existing package."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert torch2coreml.main(["--model-version", "tiny", "--convert-text-encoder", "-o", "tiny"]) == 0
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["Stable_Diffusion_version_tiny_text_encoder.mlpackage"]
+    capsys.readouterr()
+    code, err = run_main(capsys, "--model-version", "./tiny", "--convert-text-encoder", "-o", "elsewhere")
+    assert_one_line_error(code, err, "is not a diffusers model folder")  # an explicit path stays a path
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_folder_without_requested_component(capsys, tmp_path, sd2_source):
