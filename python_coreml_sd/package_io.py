@@ -3,10 +3,16 @@
 Every output (packages, bundles, zips, extracted archives) goes through `replace_atomically`: written
 at a temporary name beside the destination, then renamed, so an interrupted run never leaves a
 half-written file, and an existing output is replaced only when the caller allows it.
+
+Every package is also made reproducible (`make_reproducible`): the same inputs and flags give
+byte-identical files, on another day too when SOURCE_DATE_EPOCH is set.
 """
+import datetime
+import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import UserError
@@ -51,10 +57,53 @@ def _write_package(mlmodel, path: Path) -> None:
                and source and os.path.isdir(source) and not _has_exir_debug_handles(mlmodel))
     if not movable:
         mlmodel.save(str(path))
-        return
-    shutil.move(source, path)
-    mlmodel.is_temp_package = False
-    save_spec(mlmodel._spec, _get_model_spec_path(str(path)))
+    else:
+        shutil.move(source, path)
+        mlmodel.is_temp_package = False
+        save_spec(mlmodel._spec, _get_model_spec_path(str(path)))
+    make_reproducible(path)
+
+
+CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+# Any fixed namespace will do: identifiers only need to be unique within a package and stable.
+MANIFEST_NAMESPACE = uuid.UUID("6f1d3c1e-8a52-5a8e-9d1b-2f0c6a7e4b39")
+
+
+def make_reproducible(package: Path) -> None:
+    """Rewrite the two files of a package that coremltools writes differently on every run:
+    Manifest.json (random item UUIDs: ours are derived from each item's entry) and the model spec
+    (protobuf map order, e.g. of the user metadata: serialized deterministically). The conversion
+    date coremltools records is SOURCE_DATE_EPOCH's day where that is set (reproducible builds)."""
+    package = Path(package)
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest["itemInfoEntries"]
+    renamed = {old: str(uuid.uuid5(MANIFEST_NAMESPACE, json.dumps(entry, sort_keys=True)))
+               for old, entry in entries.items()}
+    root_entry = entries[manifest["rootModelIdentifier"]]
+    _rewrite_spec(package / "Data" / root_entry["path"])
+    manifest["itemInfoEntries"] = {renamed[old]: entry for old, entry in entries.items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
+def _rewrite_spec(spec_path: Path) -> None:
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    metadata = spec.description.metadata.userDefined
+    if epoch and CONVERSION_DATE_KEY in metadata:
+        metadata[CONVERSION_DATE_KEY] = str(_epoch_date(epoch))
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+
+
+def _epoch_date(epoch: str) -> datetime.date:
+    try:
+        return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).date()
+    except (ValueError, OverflowError, OSError):
+        raise UserError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds; unset it or fix it")
 
 
 def _has_exir_debug_handles(mlmodel) -> bool:
