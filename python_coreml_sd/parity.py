@@ -11,6 +11,7 @@ import sys
 from .console import OneLineErrorParser, fail, quiet_third_party
 from .errors import CheckFailed, UserError
 from .pipeline import add_generation_arguments
+from .runtime import RUNTIME_BACKENDS
 
 PROG = "parity"
 
@@ -18,7 +19,7 @@ PROG = "parity"
 def parser_spec() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(p)
-    p.add_argument("--backend", choices=("mil", "coreml"), default="mil",
+    p.add_argument("--backend", choices=RUNTIME_BACKENDS, default="mil",
                    help="backend of the converted models under test (default: mil)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to compare (default: --seed)")
     p.add_argument("--psnr-threshold", type=float, default=30.0,

@@ -14,7 +14,7 @@ from . import registry
 from .console import OneLineErrorParser, fail, quiet_third_party
 from .errors import CheckFailed, UserError
 from .generation.schedulers import SCHEDULERS
-from .generation.setup import BACKENDS
+from .generation.setup import PIPELINE_BACKENDS
 from .runtime import default_backend
 
 PROG = "pipeline"
@@ -52,7 +52,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 def parser_spec() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_arguments(p)
-    p.add_argument("--backend", choices=BACKENDS, default=default_backend(),
+    p.add_argument("--backend", choices=PIPELINE_BACKENDS, default=default_backend(),
                    help=f"coreml (macOS), mil (anywhere) or torch (reference) (default here: {default_backend()})")
     p.add_argument("--num-images", type=int, default=1, help="images to generate, seeds seed, seed+1, ... (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNG files (default: refuse)")

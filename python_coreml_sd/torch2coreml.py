@@ -12,10 +12,13 @@ from pathlib import Path
 from . import registry
 from ._version import __version__
 from .console import OneLineErrorParser, fail, quiet_third_party
-from .convert.common import ATTENTION_IMPLEMENTATIONS, DEPLOYMENT_TARGETS, ConversionOptions
+from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
+from .convert.common import DEPLOYMENT_TARGETS, ConversionOptions
 from .errors import CheckFailed, UserError
+from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
+IOS18_TARGETS = ("iOS18", "macOS15")  # 3-bit and per-grouped-channel look-up tables start here
 # Order matters for memory: the small components first, the UNet last but one.
 COMPONENTS = ("text_encoder", "vae_decoder", "vae_encoder", "unet", "safety_checker")
 SOURCE_FOLDER = {"text_encoder": "text_encoder", "vae_decoder": "vae", "vae_encoder": "vae", "unet": "unet",
@@ -76,10 +79,11 @@ def parser_spec() -> argparse.ArgumentParser:
     unet.add_argument("--chunk-unet", action="store_true",
                       help="also split the UNet into two mlpackages of about equal weight size (for iOS)")
     compression = p.add_argument_group("weight compression (palettization; see docs/compression.md)")
-    compression.add_argument("--quantize-nbits", type=int, choices=(1, 2, 4, 6, 8),
+    compression.add_argument("--quantize-nbits", type=int, choices=SUPPORTED_NBITS,
                              help="palettize every weight of more than 2,048 values to a look-up table of 2^N "
-                                  "fp16 entries (constexpr_lut_to_dense); 6 keeps images close to fp16")
-    compression.add_argument("--palettize-granularity", choices=("per_tensor", "per_grouped_channel"),
+                                  "fp16 entries (constexpr_lut_to_dense); 6 keeps images close to fp16; 3 needs "
+                                  "--min-deployment-target iOS18 or macOS15")
+    compression.add_argument("--palettize-granularity", choices=GRANULARITIES,
                              default="per_tensor", help="one table per tensor (default) or per group of output "
                                                         "channels (needs --min-deployment-target iOS18 or macOS15)")
     compression.add_argument("--palettize-group-size", type=positive_int, default=32,
@@ -136,9 +140,12 @@ def prepare_output_dir(path: Path) -> None:
 
 def check_compression(options: ConversionOptions) -> None:
     """Compression flags that cannot work fail before any conversion."""
-    if options.palettize_granularity == "per_grouped_channel" and options.min_deployment_target not in (
-            "iOS18", "macOS15"):
+    before_ios18 = options.min_deployment_target not in IOS18_TARGETS
+    if options.palettize_granularity == "per_grouped_channel" and before_ios18:
         raise UserError("--palettize-granularity per_grouped_channel needs --min-deployment-target iOS18 or macOS15")
+    if options.quantize_nbits == 3 and before_ios18:
+        raise UserError("--quantize-nbits 3 needs --min-deployment-target iOS18 or macOS15 (before iOS 18, Core ML's "
+                        "look-up tables hold 2, 4, 16, 64 or 256 entries)")
     if options.mixed_bit_recipe:
         from .compression.mixed_bit import load_recipe
         load_recipe(options.mixed_bit_recipe)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from python_coreml_sd import bundle, pipeline as pipeline_cli, registry, torch2coreml
+from python_coreml_sd.compression.palettize import palettize_mlpackage
 from python_coreml_sd.convert.common import ConversionOptions
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.generation.components import find_packages
@@ -47,14 +48,10 @@ def built(tiny_packages, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def palettized_packages(tiny_packages, tmp_path_factory):
-    palettize = pytest.importorskip("python_coreml_sd.compression.palettize",
-                                    reason="6-bit variant needs python_coreml_sd.compression.palettize")
-    if not hasattr(palettize, "palettize_mlpackage"):
-        pytest.skip("python_coreml_sd.compression.palettize has no palettize_mlpackage yet")
     out = tmp_path_factory.mktemp("tiny_6bit")
     for package in tiny_packages:  # what --quantize-nbits 6 writes: the large weights as 6-bit LUTs
         if package.name.endswith(("_unet.mlpackage", "_text_encoder.mlpackage")):
-            palettize.palettize_mlpackage(package, out / package.name, 6)
+            palettize_mlpackage(package, out / package.name, 6)
         else:
             shutil.copytree(package, out / package.name)
     return sorted(out.iterdir())

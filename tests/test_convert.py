@@ -47,12 +47,30 @@ def test_tiny_safety_checker_interface(tiny_fp16_packages):
                        "concept_scores": ((1, 17), FLOAT32)}
 
 
+def program_dtypes(path):
+    """Dtypes in the package's MIL program: of its tensor weights (non-scalar float consts), of the
+    conv/linear weights and biases, of the compute ops' outputs, and its casts as (from, to)."""
+    from coremltools.converters.mil.mil import types
+
+    from python_coreml_sd.compression.palettize import mil_program
+    name = types.builtin_to_string
+    ops = list(mil_program(ct.models.MLModel(str(path), skip_model_load=True)).functions["main"].operations)
+    weights = {name(op.outputs[0].dtype) for op in ops if op.op_type == "const"
+               and types.is_float(op.outputs[0].dtype) and op.outputs[0].rank > 0}
+    layer_weights = {name(op.inputs[key].dtype) for op in ops if op.op_type in ("conv", "linear")
+                     for key in ("weight", "bias") if key in op.inputs}
+    compute = {name(out.dtype) for op in ops if op.op_type not in ("const", "cast") for out in op.outputs}
+    casts = sorted((name(op.x.dtype), name(op.outputs[0].dtype)) for op in ops if op.op_type == "cast")
+    return weights, layer_weights, compute, casts
+
+
 def test_fp16_weights_by_default(tiny_fp16_packages):
-    model = ct.models.MLModel(str(package(tiny_fp16_packages, "vae_decoder")), skip_model_load=True)
-    spec = model.get_spec()
-    text = str(spec.mlProgram)
-    assert "fp16" in text.lower() or "FLOAT16" in text
-    assert spec.description.metadata.userDefined["com.python_coreml_sd.compute_precision"] == "float16"
+    path = package(tiny_fp16_packages, "vae_decoder")
+    weights, layer_weights, compute, casts = program_dtypes(path)
+    assert weights == layer_weights == compute == {"fp16"}
+    assert casts == [("fp16", "fp32"), ("fp32", "fp16")]  # only at the fp32 interface: z in, image out
+    meta = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description.metadata
+    assert meta.userDefined["com.python_coreml_sd.compute_precision"] == "float16"
 
 
 def test_sd2_like_model_converts_with_its_own_shapes(sd2_fp16_packages, sd2_source):
@@ -74,6 +92,8 @@ def test_shape_flags_and_fp32_precision(tmp_path, tiny_source):
     inputs, _, meta = interface(package(paths, "vae_decoder"))
     assert inputs == {"z": ((1, 4, 8, 12), FLOAT32)}
     assert meta.userDefined["com.python_coreml_sd.compute_precision"] == "float32"
+    weights, layer_weights, compute, casts = program_dtypes(package(paths, "vae_decoder"))
+    assert weights == layer_weights == compute == {"fp32"} and casts == []
     inputs, outputs, _ = interface(package(paths, "text_encoder"))
     assert inputs == {"input_ids": ((1, 16), FLOAT32)}
     assert ct.models.MLModel(str(package(paths, "text_encoder")), skip_model_load=True).get_spec().specificationVersion >= 8

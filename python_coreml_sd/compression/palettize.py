@@ -33,6 +33,7 @@ WEIGHT_THRESHOLD = 2048
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 KEEP_FP16 = 16  # recipe value meaning "leave this layer in fp16"
 IOS16_SPEC_VERSION = 7  # the floor coremltools' own compression entry points use
+IOS18_SPEC_VERSION = 9  # 3-bit LUTs and per_grouped_channel need the iOS 18 constexpr_lut_to_dense
 # Clustering ahead in worker processes pays off above this many weight values: on `tiny`'s UNet
 # (1.4 M) 3.4-3.8 s instead of 6.1 s on 2 cores; the unit tests' 0.1 M-value nets stay in-process.
 PARALLEL_MIN_VALUES = 1_000_000
@@ -146,6 +147,9 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
         for const, bits in recipe_to_const_names(mlmodel, recipe).items():
             config.set_op_name(const, None if bits == KEEP_FP16 else config_for(bits))
             bits_of[const] = None if bits == KEEP_FP16 else bits
+    if 3 in bits_of.values() and mlmodel.get_spec().specificationVersion < IOS18_SPEC_VERSION:
+        raise UserError("palettize: 3 bits needs the model converted for iOS 18 / macOS 15 or later "
+                        "(before that Core ML's look-up tables hold 2, 4, 16, 64 or 256 entries)")
     try:
         return _apply_palettizer(mlmodel, config, plan, bits_of if granularity == "per_tensor" else {})
     except ValueError as err:

@@ -15,7 +15,6 @@ from ..errors import CheckFailed, UserError
 log = logging.getLogger("python_coreml_sd")
 
 DEPLOYMENT_TARGETS = ("macOS13", "iOS16", "macOS14", "iOS17", "macOS15", "iOS18")
-ATTENTION_IMPLEMENTATIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
 LICENSE = "CreativeML OpenRAIL-M (https://huggingface.co/spaces/CompVis/stable-diffusion-license)"
 SHORT_DESCRIPTION = ("Stable Diffusion generates images conditioned on text or other images through the diffusion "
                      "process (https://arxiv.org/abs/2112.10752). Converted by python_coreml_sd.")

@@ -5,10 +5,13 @@ import torch
 
 from ..errors import UserError
 from ..model_sources import resolve
+from ..runtime import RUNTIME_BACKENDS
 from .components import ModelSet, load_converted, load_torch
 from .pipeline import StableDiffusionPipeline
 
-BACKENDS = ("coreml", "mil", "torch")
+# What the pipeline runs (--backend): converted models in a runtime, or "torch", the original
+# diffusers modules (the reference).
+PIPELINE_BACKENDS = (*RUNTIME_BACKENDS, "torch")
 
 
 def check_device(device: str) -> None:
@@ -37,8 +40,8 @@ def build_pipeline(models: ModelSet, source, progress=True) -> StableDiffusionPi
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
                   img2img=False, torch_precision="float32", progress=True) -> StableDiffusionPipeline:
     """Library entry point behind `python -m python_coreml_sd.pipeline`."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in PIPELINE_BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
     if models_dir is not None:  # a .zip bundle is extracted (checked, once) into the cache
         from ..bundle import models_folder

@@ -3,7 +3,8 @@ import platform
 
 from ..errors import UserError
 
-BACKENDS = ("mil", "coreml")
+# What runs a converted .mlpackage (load_model's `backend`): Core ML itself, or our MIL runtime.
+RUNTIME_BACKENDS = ("coreml", "mil")
 
 
 def default_backend() -> str:
@@ -24,7 +25,7 @@ def load_model(path, backend="mil", device="cpu", compute_unit="ALL", **mil_opti
         return MILModel(path, device=device, **mil_options)
     if backend == "coreml":
         return _load_coreml(path, compute_unit)
-    raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIME_BACKENDS)}")
 
 
 def _load_coreml(path, compute_unit):

@@ -1,5 +1,6 @@
 """Mixed-bit: sensitivity analysis, recipe choice, name mapping to MIL consts, applying a recipe."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -86,11 +87,23 @@ def test_recipe_errors(source, tmp_path):
         mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"conv2": "four"})
 
 
-def test_plot_writes_png(tmp_path):
+def test_plot_writes_png(tmp_path, monkeypatch):
     from PIL import Image
 
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the Pillow drawing, whether or not matplotlib is here
     curve = [{"megabytes": m, "measured_psnr": p} for m, p in ((1.0, 50), (0.6, 40), (0.3, 25))]
     uniform = [{"megabytes": m, "measured_psnr": p} for m, p in ((0.75, 52), (0.5, 38), (0.25, 20))]
     path = mixed_bit.plot(curve, uniform, tmp_path / "plot.png")
     with Image.open(path) as img:
-        assert img.format == "PNG" and img.size[0] > 300
+        assert img.format == "PNG" and img.size == (720, 460)
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) >= 4  # not blank: axes, text, series
+    # each point is a dot of its series' colour where the data puts it (plot frame: 60 px margins,
+    # x from the smallest to the largest size, y from the lowest PSNR - 2 dB to the highest + 2 dB)
+    x0, x1, y0, y1 = 0.25, 1.0, 20 - 2, 52 + 2
+    for series, colour in ((curve, (0, 0, 255)), (uniform, (255, 0, 0))):
+        for p in series:
+            x = round(60 + (p["megabytes"] - x0) / (x1 - x0) * (720 - 120))
+            y = round(460 - 60 - (p["measured_psnr"] - y0) / (y1 - y0) * (460 - 120))
+            assert (pixels[y - 1:y + 2, x - 1:x + 2] == colour).all(axis=-1).any(), (p, colour)
+    assert (pixels[100:130, 100:130] == 255).all()  # and white where there is no data

@@ -7,16 +7,6 @@ import torch
 from python_coreml_sd import registry
 from python_coreml_sd.model_sources import ModelSource
 
-try:
-    from python_coreml_sd.runtime.mil import MILModel
-except ImportError as exc:  # the MIL runtime is another engineer's work in progress
-    MILModel = None
-    MIL_MISSING = f"python_coreml_sd.runtime.mil.MILModel is not available ({exc})"
-else:
-    MIL_MISSING = ""
-
-needs_mil_runtime = pytest.mark.skipif(MILModel is None, reason=MIL_MISSING or "MIL runtime present")
-
 
 def tiny_config() -> dict:
     return registry.family("tiny")["architecture"]["unet"]

@@ -6,8 +6,7 @@ import pytest
 
 from python_coreml_sd.convert.common import ConversionOptions
 from python_coreml_sd.convert.unet import convert_unet, sample_inputs
-
-from .conftest import MILModel, needs_mil_runtime
+from python_coreml_sd.runtime.mil import MILModel
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,6 @@ def test_chunk_metadata(chunked):
         assert meta["com.python_coreml_sd.attention_implementation"] == "SPLIT_EINSUM"
 
 
-@needs_mil_runtime
 def test_chunk1_then_chunk2_equals_unchunked(chunked, unets):
     inputs = {k: v.numpy() for k, v in sample_inputs(dict(unets["tiny"].config), 2, 16, 16, 77).items()}
     expected = MILModel(str(chunked[0])).predict(inputs)["noise_pred"]

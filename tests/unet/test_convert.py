@@ -1,5 +1,5 @@
 """convert_unet for each attention implementation: package interface, metadata, batch one, skipping, and
-(when the MIL runtime is there) the fp16 program's agreement with the diffusers UNet in fp32."""
+the fp16 program's agreement (in the MIL runtime) with the diffusers UNet in fp32."""
 import coremltools as ct
 import numpy as np
 import pytest
@@ -8,8 +8,7 @@ from python_coreml_sd.convert.common import ConversionOptions
 from python_coreml_sd.convert.unet import convert_unet, diffusers_reference, sample_inputs
 from python_coreml_sd.layers import ATTENTION_IMPLEMENTATIONS
 from python_coreml_sd.metrics import psnr
-
-from .conftest import MILModel, needs_mil_runtime
+from python_coreml_sd.runtime.mil import MILModel
 
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
 
@@ -85,13 +84,11 @@ def test_sd2_like_converts_with_its_context_width(sd2_package):
 
 
 def test_batch_one_and_latent_size(sources, tmp_path, capsys):
-    # with a runtime, --check-output-correctness runs the fp16 program against the diffusers UNet too
-    check = MILModel is not None
+    # --check-output-correctness runs the fp16 program (MIL runtime) against the diffusers UNet too
     _, paths = _convert(sources["tiny"], tmp_path, attention_implementation="ORIGINAL", unet_batch_one=True,
                         latent_h=8, latent_w=24, text_token_sequence_length=5,
-                        check_output_correctness=check, psnr_threshold=40.0)
-    if check:
-        assert "noise_pred PSNR" in capsys.readouterr().out
+                        check_output_correctness=True, psnr_threshold=40.0)
+    assert "noise_pred PSNR" in capsys.readouterr().out
     inputs, outputs = features(paths[0])
     assert inputs["sample"][0] == (1, 4, 8, 24)
     assert inputs["timestep"][0] == (1,)
@@ -108,13 +105,11 @@ def run_against_diffusers(package, unet) -> float:
     return psnr(reference, result["noise_pred"])
 
 
-@needs_mil_runtime
 def test_fp16_program_agrees_with_diffusers_fp32(tiny_package, unets):
     _, paths = tiny_package
     assert run_against_diffusers(paths[0], unets["tiny"]) >= 40
 
 
-@needs_mil_runtime
 def test_sd2_like_fp16_program_agrees_with_diffusers_fp32(sd2_package, unets):
     _, paths = sd2_package
     assert run_against_diffusers(paths[0], unets["sd2_like"]) >= 40
