@@ -54,7 +54,7 @@ class ModelSource:
 
     def load_unet(self):
         from diffusers import UNet2DConditionModel
-        return self._load("unet", UNet2DConditionModel.from_pretrained)
+        return self._load("unet", lambda folder: load_diffusers_model(UNet2DConditionModel, Path(folder)))
 
     def load_text_encoder(self):
         from transformers import CLIPTextModel
@@ -62,7 +62,7 @@ class ModelSource:
 
     def load_vae(self):
         from diffusers import AutoencoderKL
-        return self._load("vae", AutoencoderKL.from_pretrained)
+        return self._load("vae", lambda folder: load_diffusers_model(AutoencoderKL, Path(folder)))
 
     def load_safety_checker(self):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -85,6 +85,29 @@ class ModelSource:
         self.require(component)
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         return json.loads((self.root / component / name).read_text())
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def load_diffusers_model(cls, folder: Path):
+    """`cls.from_pretrained(folder)` in fp32, but with the weights of a single safetensors file read into
+    memory of their own (python_coreml_sd.weights says why) and assigned to a model built on the meta
+    device. Other layouts (sharded, .bin, variants) go through diffusers."""
+    import torch
+
+    from .weights import read_safetensors
+
+    weights = folder / DIFFUSERS_WEIGHTS
+    if not weights.is_file():
+        return cls.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(str(folder)))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(weights).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
+        return cls.from_pretrained(str(folder))
+    return model
 
 
 def resolve(model_version: str) -> ModelSource:

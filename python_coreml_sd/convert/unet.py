@@ -4,10 +4,11 @@ Inputs `sample` (B, 4, H, W), `timestep` (B,), `encoder_hidden_states` (B, C, 1,
 `noise_pred`. B is 2 (classifier-free guidance: unconditional and conditional in one call) unless
 options.unet_batch_one.
 
-Memory and time (see docs/unet.md): the weights exist once in PyTorch (the Neural-Engine UNet is built
-on the meta device and takes the diffusers tensors by assignment), the diffusers module is dropped
-before tracing, the MIL program is built with no passes, the PyTorch side is freed, and only then do a
-trimmed pass pipeline and the fp16 cast run.
+Memory and time (see docs/unet.md): the graph is traced at batch 1 with stand-in weights before any
+real weight is loaded; the weights then exist once in PyTorch (read into private memory, shared by the
+diffusers and Neural-Engine modules, set into the traced module by name); the MIL program is built
+with no passes, the PyTorch side is freed, and only then do a trimmed pass pipeline and the streaming
+fp16 cast run, freeing each fp32 weight as its fp16 copy is made.
 """
 import gc
 import os
@@ -131,7 +132,7 @@ def convert_unet(source, options) -> list:
     check_supported(config)
     batch = 1 if options.unet_batch_one else 2
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options))
-    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options)
+    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config)
     out = save(compress(mlmodel, options, "unet"), output_path(options, "unet"), options.overwrite)
     del mlmodel
     if options.check_output_correctness:
@@ -142,20 +143,21 @@ def convert_unet(source, options) -> list:
     return [out, *chunk_mlpackage(out, options)]
 
 
-def build_mlprogram(load_unet, inputs: dict, options):
+def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
 
-    `load_unet()` returns the diffusers UNet; taking a loader rather than the module lets this function
-    hold the only reference, so that the module's memory can go once its weights are in MIL.
+    The graph is traced before any weight is loaded (`traced_skeleton`), so the trace's forward pass
+    and the weights are never in memory together. `load_unet()` returns the diffusers UNet; taking a
+    loader rather than the module lets this function hold the only reference, so that the module's
+    memory can go once its weights are in MIL.
     """
+    holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs)}
+    log_memory("traced with stand-in weights")
     unet = load_unet()
     reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
-    model = ane_unet_from(unet, options.attention_implementation)
-    del unet  # the Neural-Engine UNet now holds the only reference to the weights
-    log_memory("Neural-Engine UNet built")
-    holder = {"traced": trace(model, tuple(inputs.values()))}
-    del model  # now the traced module does
-    log_memory("traced")
+    assign_weights(holder["traced"], ane_unet_from(unet, options.attention_implementation).state_dict())
+    del unet  # the traced module now holds the only reference to the weights
+    log_memory("weights loaded")
     mlmodel = traced_to_mlprogram(holder, inputs, options)
     log_memory("converted")
     describe(mlmodel, options, "unet", DESCRIPTIONS)
@@ -163,6 +165,32 @@ def build_mlprogram(load_unet, inputs: dict, options):
     meta["com.python_coreml_sd.batch_size"] = str(inputs["sample"].shape[0])
     meta["com.python_coreml_sd.latent_size"] = "x".join(map(str, inputs["sample"].shape[2:]))
     return mlmodel, reference
+
+
+def traced_skeleton(config: dict, attention_implementation: str, inputs: dict):
+    """The Neural-Engine UNet traced with stand-in weights (one zero per tensor, expanded to its shape):
+    the graph depends on shapes only, and the weights are module attributes that `assign_weights` sets.
+
+    Traced at batch 1: batch sizes reach the graph only as traced size ops (the model has no
+    batch-dependent control flow), and ct.convert declares the real shapes."""
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(dict(config), attention_implementation)
+    stand_ins = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(stand_ins, strict=True, assign=True)
+    return trace(model.requires_grad_(False), tuple(value[:1] for value in inputs.values()))
+
+
+def assign_weights(traced, state_dict: dict) -> None:
+    """Set each named tensor of a traced module (its graph reads them as attributes)."""
+    expected = set(traced.state_dict())
+    if expected != set(state_dict):
+        raise ValueError(f"weights do not match the traced UNet: {sorted(expected ^ set(state_dict))[:3]}")
+    for name, value in state_dict.items():
+        *path, leaf = name.split(".")
+        module = traced
+        for part in path:
+            module = getattr(module, part)
+        setattr(module, leaf, value)
 
 
 def log_memory(stage: str) -> None:

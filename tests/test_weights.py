@@ -1,0 +1,70 @@
+"""python_coreml_sd.weights: safetensors read into private memory; hostile headers refused in one line."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from python_coreml_sd.errors import UserError
+from python_coreml_sd.model_sources import load_diffusers_model
+from python_coreml_sd.weights import read_header, read_safetensors
+
+
+def test_reads_what_safetensors_wrote_into_private_storage(tmp_path):
+    tensors = {"w": torch.randn(3, 5), "h": torch.randn(7).half(), "b": torch.randn(2, 2).bfloat16(),
+               "i": torch.arange(6, dtype=torch.int64).reshape(2, 3), "m": torch.tensor([True, False]),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    ours, theirs = read_safetensors(path), load_file(str(path))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    storages = {t.untyped_storage().data_ptr() for t in ours.values() if t.numel()}
+    assert len(storages) == sum(1 for t in ours.values() if t.numel())  # one storage per tensor, no shared mapping
+
+
+def test_diffusers_models_load_identically_to_from_pretrained(tiny_source):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    for cls, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+        ours = load_diffusers_model(cls, tiny_source.root / folder)
+        theirs = cls.from_pretrained(str(tiny_source.root / folder))
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), folder
+        assert not any(t.is_meta for t in ours.parameters())
+
+
+def write_raw(path, header, data=b""):
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, message", [
+    (b"", None, "shorter than a safetensors header"),
+    (b"{not json", b"", "header is not JSON"),
+    ([1, 2], b"", "not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234", "lies outside the file"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678", "wrong size"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"12345678", "malformed entry"),
+    ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"12345678", "malformed entry"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, b"12345678", "malformed entry"),
+])
+def test_hostile_headers_are_one_line_errors(tmp_path, header, data, message):
+    path = tmp_path / "bad.safetensors"
+    if data is None:
+        path.write_bytes(b"\x01\x02")
+    else:
+        write_raw(path, header, data)
+    with pytest.raises(UserError, match=message) as info:
+        read_safetensors(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_header_length_beyond_the_file_is_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(UserError, match="header claims"):
+        read_header(path)
