@@ -27,21 +27,27 @@ class ModelSource:
 
     @property
     def index(self) -> dict:
-        return json.loads((self.root / "model_index.json").read_text())
+        return read_json_object(self.root / "model_index.json")
 
     def has(self, component: str) -> bool:
         entry = self.index.get(component)
-        return bool(entry and entry[0] is not None and (self.root / component).is_dir())
+        return bool(isinstance(entry, list) and entry and entry[0] is not None and (self.root / component).is_dir())
 
     def require(self, component: str) -> None:
         if not self.has(component):
             raise UserError(f"model {self.name!r} has no {component} (no '{component}' folder in {self.root} "
                             f"or no entry in its model_index.json); drop --convert-{component.replace('_', '-')} "
                             "or use a model that has one")
-        cls = self.index[component][1]
+        cls = (self.index[component] + [None, None])[1]
         if component in SUPPORTED_CLASSES and cls not in SUPPORTED_CLASSES[component]:
             raise UserError(f"unsupported {component} class {cls!r} in {self.name!r}; supported: "
                             f"{', '.join(sorted(SUPPORTED_CLASSES[component]))}")
+
+    def check_weights(self, component: str) -> None:
+        """Validate the header of every safetensors file of a component (cheap: no tensor is read)."""
+        from .weights import read_header
+        for path in sorted((self.root / component).glob("*.safetensors")):
+            read_header(path)
 
     def _load(self, component: str, loader):
         self.require(component)
@@ -80,11 +86,32 @@ class ModelSource:
         from diffusers import PNDMScheduler
         return self._load("scheduler", PNDMScheduler.from_pretrained)
 
-    def config(self, component: str) -> dict:
-        """A component's config.json without loading weights."""
+    def config(self, component: str, required: tuple = ()) -> dict:
+        """A component's config.json without loading weights; `required` keys must be present."""
         self.require(component)
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        return json.loads((self.root / component / name).read_text())
+        path = self.root / component / name
+        config = read_json_object(path)
+        missing = [key for key in required if key not in config]
+        if missing:
+            raise UserError(f"{path} has no {', '.join(map(repr, missing))}; re-save the model with diffusers' "
+                            "save_pretrained()")
+        return config
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a model folder, or a UserError naming the file (corrupt, binary, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; re-save the model with diffusers' save_pretrained()") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is not readable JSON ({type(exc).__name__}); re-save the model with diffusers' "
+                        "save_pretrained()") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; re-save the model with "
+                        "diffusers' save_pretrained()")
+    return value
 
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -18,6 +18,29 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_output_dir(path: Path) -> None:
+    """Raise UserError unless `path` is, or can be made as, a writable folder. Creates nothing, so a
+    command can check its output before its slow work and create the folder only after it."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot use {path} as output folder: {existing} is a file; pass another -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create output folder {path}: {existing} is not writable; pass a writable -o")
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Create the output folder of a command (after its input was checked), or a UserError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {path}: {exc.strerror}; pass a writable -o")
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {path} is not writable; pass a writable -o")
+
+
 def replace_atomically(build, dest: Path, overwrite: bool) -> Path:
     """Run build(tmp_path) to write `dest`'s content at a temporary name beside it, then rename.
 

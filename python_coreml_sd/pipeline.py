@@ -79,18 +79,20 @@ def parameters(args, request, backend) -> dict:
 def generate(args) -> list:
     from .generation.images import output_name, save_png
     from .generation.setup import open_pipeline
+    from .package_io import check_output_dir, prepare_output_dir
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     requests = [request_from_args(args, args.seed + k) for k in range(args.num_images)]
     for request in requests:
         request.validate()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(args.output_dir)
     targets = [args.output_dir / output_name(r.prompt, r.seed) for r in requests]
     for target in targets:  # refuse before generating, not after
         if target.exists() and not args.overwrite:
             raise UserError(f"{target} exists; pass --overwrite to replace it or choose another -o")
     pipe = open_pipeline(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
                          img2img=args.image is not None, torch_precision=args.torch_precision)
+    prepare_output_dir(args.output_dir)
     written = []
     for request, target in zip(requests, targets):
         result = pipe.generate(request)

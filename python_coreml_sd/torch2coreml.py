@@ -4,7 +4,6 @@
         --convert-vae-encoder --convert-unet --convert-safety-checker --model-version tiny -o out/
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from .console import OneLineErrorParser, fail, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert.common import DEPLOYMENT_TARGETS, ConversionOptions
 from .errors import CheckFailed, UserError
+from .package_io import prepare_output_dir
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
@@ -129,15 +129,6 @@ def requested_components(args) -> list:
     return [c for c in COMPONENTS if getattr(args, f"convert_{c}")]
 
 
-def prepare_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {path}: {exc.strerror}; pass a writable -o")
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {path} is not writable; pass a writable -o")
-
-
 def check_compression(options: ConversionOptions) -> None:
     """Compression flags that cannot work fail before any conversion."""
     before_ios18 = options.min_deployment_target not in IOS18_TARGETS
@@ -151,6 +142,21 @@ def check_compression(options: ConversionOptions) -> None:
         load_recipe(options.mixed_bit_recipe)
 
 
+def check_request(source, options: ConversionOptions, components: list) -> None:
+    """Everything that can be known to fail, checked before any work rather than after a component."""
+    from .convert import text_encoder, unet
+    from .convert.common import check_latent_size
+
+    for component in components:
+        source.require(SOURCE_FOLDER[component])
+        source.check_weights(SOURCE_FOLDER[component])
+    check_latent_size(options)
+    if "unet" in components:
+        unet.check_options(source, options)
+    if "text_encoder" in components:
+        text_encoder.check_options(source, options)
+
+
 def convert(options: ConversionOptions, components: list) -> list:
     """Library entry point: convert `components` of `options.model_version`; returns the written paths."""
     from .model_sources import resolve
@@ -159,8 +165,7 @@ def convert(options: ConversionOptions, components: list) -> list:
         raise UserError("nothing to convert; pass at least one --convert-* flag")
     check_compression(options)
     source = resolve(options.model_version)
-    for component in components:  # fail before any work, not after the first component
-        source.require(SOURCE_FOLDER[component])
+    check_request(source, options, components)
     prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good
     written = []
     for index, component in enumerate(components, 1):

@@ -42,6 +42,36 @@ def test_missing_model_folder(capsys, tmp_path):
     assert not (tmp_path / "out").exists()  # bad input creates nothing
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["--convert-unet", "--latent-h", "7"], "--latent-h 7 is not a multiple of 4"),
+    (["--convert-vae-decoder", "--latent-h", "100000", "--latent-w", "100000"], "--latent-h 100000 is larger than 512"),
+    (["--convert-text-encoder", "--text-token-sequence-length", "1000"], "exceeds the text encoder's 77 positions"),
+])
+def test_sizes_are_checked_before_any_work(capsys, tmp_path, argv, fragment):
+    code, err = run_main(capsys, "--model-version", "tiny", "-o", str(tmp_path / "out"), *argv)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda m: (m / "model_index.json").write_text("{not json"), "model_index.json is not readable JSON"),
+    (lambda m: (m / "model_index.json").write_bytes(b"\xff\xfe\x00binary"), "model_index.json is not readable JSON"),
+    (lambda m: (m / "model_index.json").write_text("[1, 2]"), "model_index.json holds a JSON list"),
+    (lambda m: (m / "unet" / "config.json").write_text("{"), "config.json is not readable JSON"),
+    (lambda m: (m / "unet" / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((m / "unet" / "config.json").read_text()).items() if k != "sample_size"})),
+     "config.json has no 'sample_size'"),
+    (lambda m: (m / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00"),
+     "is not a valid safetensors file"),
+])
+def test_damaged_model_folders(capsys, tmp_path, tiny_source, damage, fragment):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_source.root, model)
+    damage(model)
+    code, err = run_main(capsys, "--convert-unet", "--model-version", str(model), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, fragment)
+
+
 def test_output_folder_named_like_the_registry_model(capsys, tmp_path, monkeypatch):
     """`-o tiny` for `--model-version tiny`: the (new, then existing) output folder does not shadow the
     registry name, on the first run and on a rerun that keeps the existing package."""

@@ -129,6 +129,48 @@ def test_cli_bad_inputs(capsys, tmp_path, tiny_models_dir):
         assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height (no pixel data): what a decompression bomb looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_cli_refuses_bad_numbers_paths_and_images_before_any_work(capsys, tmp_path, tiny_models_dir):
+    """One line, exit 2, and no output folder or PNG: seeds outside NumPy's range (also the last one of
+    --num-images), non-finite guidance, an -o that is a file or lies under one, a bomb-sized --image."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    small_png = tmp_path / "small.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(small_png)
+    out = tmp_path / "o"
+    base = ["--prompt", "a fox", "-i", str(tiny_models_dir), "--backend", "mil", "--num-inference-steps", "2"]
+    cases = [
+        (["--seed", "-1"], "--seed -1 is outside 0..4294967295"),
+        (["--seed", "4294967296"], "--seed 4294967296 is outside"),
+        (["--seed", str(2**64)], "is outside 0..4294967295"),
+        (["--seed", "4294967295", "--num-images", "2"], "--seed 4294967296 is outside"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+        (["--strength", "nan", "--image", str(small_png)], "--strength must be in"),
+        (["--image", str(png_header_only(tmp_path / "large.png", 9000, 9000))], "is 9000x9000"),
+        (["--image", str(png_header_only(tmp_path / "bomb.png", 20000, 20000))], "decompression bomb"),
+    ]
+    for extra, message in cases:
+        code, err = run_cli(capsys, *base, "-o", str(out), *extra)
+        assert code == 2 and message in err and err.count("\n") == 0, (extra, err)
+        assert not out.exists(), extra
+    for target, message in ((a_file, "a_file is a file"), (a_file / "sub", "a_file is a file")):
+        code, err = run_cli(capsys, *base, "-o", str(target))
+        assert code == 2 and message in err and err.count("\n") == 0, err
+    assert a_file.read_text() == ""
+
+
 def test_incomplete_model_folder(capsys, tmp_path, tiny_models_dir):
     partial = tmp_path / "partial"
     shutil.copytree(tiny_models_dir, partial)

@@ -41,6 +41,16 @@ class ConversionOptions:
     palettize_group_size: int = 32
 
 
+MAX_LATENT_SIZE = 512  # 4096-pixel images; far beyond every released model, and still a bounded allocation
+
+
+def check_latent_size(options: ConversionOptions) -> None:
+    for flag, value in (("--latent-h", options.latent_h), ("--latent-w", options.latent_w)):
+        if value is not None and value > MAX_LATENT_SIZE:
+            raise UserError(f"{flag} {value} is larger than {MAX_LATENT_SIZE} ({8 * MAX_LATENT_SIZE}-pixel images); "
+                            "latent size is image size / 8")
+
+
 def model_slug(model_version: str) -> str:
     """The model part of output names: a repo id with '/' -> '_', a folder by its base name."""
     path = Path(model_version)

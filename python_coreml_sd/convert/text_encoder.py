@@ -3,6 +3,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..errors import UserError
 from .common import convert_traced_component, kept_existing, output_path
 
 DESCRIPTIONS = {
@@ -29,6 +30,15 @@ def sample_inputs(text_encoder, sequence_length: int) -> "OrderedDict[str, torch
     ids = torch.randint(0, text_encoder.config.vocab_size, (1, sequence_length), generator=generator)
     ids[0, -1] = text_encoder.config.eos_token_id  # pooling reads the end token
     return OrderedDict(input_ids=ids.to(torch.float32))
+
+
+def check_options(source, options) -> None:
+    """Before any conversion: the sequence length fits the encoder's position embeddings."""
+    positions = source.config("text_encoder").get("max_position_embeddings", 77)
+    length = options.text_token_sequence_length
+    if length and length > positions:
+        raise UserError(f"--text-token-sequence-length {length} exceeds the text encoder's {positions} positions; "
+                        f"use at most {positions}")
 
 
 def convert_text_encoder(source, options) -> list:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..layers.unet import UNet2DConditionModelANE, check_supported
 from .common import (_deployment_target, check_correctness, compress, describe, kept_existing, log, output_path,
                      save, trace)
@@ -48,6 +49,20 @@ UNET_PASSES = [
     "common::dead_code_elimination", "common::noop_elimination", "common::dedup_op_and_var_names",
     "common::topological_reorder", "common::dead_code_elimination",
 ]
+
+
+CONFIG_KEYS = ("sample_size", "cross_attention_dim", "block_out_channels", "down_block_types", "up_block_types")
+
+
+def check_options(source, options) -> None:
+    """Before any conversion: the latent size must pass through every downsampling of this UNet."""
+    config = source.config("unet", CONFIG_KEYS)
+    step = 2 ** (len(config["block_out_channels"]) - 1)
+    for flag, value in zip(("--latent-h", "--latent-w"), latent_size(config, options)):
+        if value % step:
+            nearest = " or ".join(str(v) for v in (value - value % step, value - value % step + step) if v > 0)
+            raise UserError(f"{flag} {value} is not a multiple of {step}, which this UNet's {step}x "
+                            f"downsampling needs; use {nearest}")
 
 
 def latent_size(config: dict, options) -> tuple:
@@ -128,7 +143,7 @@ def convert_unet(source, options) -> list:
     outputs = unet_output_paths(options)
     if kept_existing(outputs, options, "unet"):
         return outputs
-    config = source.config("unet")
+    config = source.config("unet", CONFIG_KEYS)
     check_supported(config)
     batch = 1 if options.unet_batch_one else 2
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options))

@@ -52,7 +52,8 @@ class VAEEncoder(torch.nn.Module):
 
 
 def latent_size(source, options) -> tuple:
-    size = source.config("unet")["sample_size"] if source.has("unet") else source.config("vae")["sample_size"] // 8
+    size = (source.config("unet", ("sample_size",))["sample_size"] if source.has("unet")
+            else source.config("vae", ("sample_size",))["sample_size"] // 8)
     return options.latent_h or size, options.latent_w or size
 
 

@@ -1,5 +1,6 @@
 """The Stable Diffusion generation loop, written once for every backend (see components.py)."""
 import inspect
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .components import ModelSet
-from .random_source import RandomSource
+from .random_source import MAX_SEED, RandomSource
 from .schedulers import make_scheduler
 
 
@@ -41,7 +42,12 @@ class GenerationRequest:
             raise UserError("the prompt is empty; pass --prompt TEXT")
         if self.num_inference_steps < 1:
             raise UserError(f"--num-inference-steps must be at least 1, got {self.num_inference_steps}")
-        if self.image is not None and not 0 < self.strength <= 1:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED} (NumPy's RandomState seeds, which every "
+                            "backend and the Swift package share)")
+        if not math.isfinite(self.guidance_scale):
+            raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
+        if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
 
 

@@ -8,6 +8,8 @@ Ancestral schedulers draw their per-step noise from `torch.Generator().manual_se
 import numpy as np
 import torch
 
+MAX_SEED = 2**32 - 1  # RandomState takes seeds in 0..2**32 - 1
+
 
 class RandomSource:
     def __init__(self, seed: int):
