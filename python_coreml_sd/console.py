@@ -3,9 +3,26 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import NoReturn
+
+
+def handle_interrupts(prog: str) -> None:
+    """Ctrl-C honoured from the first second: SIGINT raises KeyboardInterrupt even where the parent
+    process ignored it (a shell's background job), and one that escapes main (during the start-up
+    imports) ends as one line and exit 130 instead of a traceback. finally blocks still run first."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{prog}: error: interrupted; no partial output was kept", file=sys.stderr, flush=True)
+            os._exit(130)
+        previous(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 def quiet_third_party(verbose: bool = False) -> None:

@@ -4,6 +4,11 @@ exit 1 when any PSNR is under the threshold.
 
     python -m python_coreml_sd.parity --prompt "a red fox" -i MODELS -o REPORT_DIR
 """
+
+if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl-C then ends in one line
+    from python_coreml_sd.console import handle_interrupts
+    handle_interrupts("parity")
+
 import argparse
 import json
 import sys

@@ -5,6 +5,11 @@
 Backends: `coreml` (Core ML, macOS only), `mil` (our MIL runtime on PyTorch, CPU or CUDA: runs the
 very .mlpackage files that ship), `torch` (the original diffusers modules: the reference).
 """
+
+if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl-C then ends in one line
+    from python_coreml_sd.console import handle_interrupts
+    handle_interrupts("pipeline")
+
 import argparse
 import sys
 import warnings

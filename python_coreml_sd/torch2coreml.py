@@ -3,6 +3,11 @@
     python -m python_coreml_sd.torch2coreml --convert-text-encoder --convert-vae-decoder \\
         --convert-vae-encoder --convert-unet --convert-safety-checker --model-version tiny -o out/
 """
+
+if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl-C then ends in one line
+    from python_coreml_sd.console import handle_interrupts
+    handle_interrupts("torch2coreml")
+
 import argparse
 import sys
 import time

@@ -151,3 +151,31 @@ def test_module_entry_point_runs_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("torch2coreml: error:")
+
+
+@pytest.mark.parametrize("when", ["start-up", "converting"])
+def test_ctrl_c_is_one_line_and_exit_130_from_the_first_second(tmp_path, when):
+    """SIGINT during the start-up imports or during a conversion: one line, exit 130, nothing kept. The child
+    starts with SIGINT ignored, as a shell's background job does: the CLI must still honour it."""
+    import signal
+    import time
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "python_coreml_sd.torch2coreml", "--model-version", "tiny",
+                              "--convert-unet", "-o", str(out)], stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    if when == "start-up":
+        time.sleep(0.3)
+        lines = []
+    else:
+        lines = [child.stderr.readline()]
+        while "unet: converting" not in lines[-1]:
+            assert lines[-1], lines  # the child ended before it started converting
+            lines.append(child.stderr.readline())
+        time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    lines += child.stderr.read().splitlines()
+    assert child.wait(timeout=60) == 130
+    ours = [line for line in lines if line.startswith("torch2coreml:")]
+    assert ours == ["torch2coreml: error: interrupted; no partial output was kept"], lines
+    assert not any("Traceback" in line for line in lines)
+    assert not out.exists() or list(out.iterdir()) == []
