@@ -150,11 +150,13 @@ def check_compression(options: ConversionOptions) -> None:
 def check_request(source, options: ConversionOptions, components: list) -> None:
     """Everything that can be known to fail, checked before any work rather than after a component."""
     from .convert import text_encoder, unet
-    from .convert.common import check_latent_size
+    from .convert.common import check_latent_size, output_path, reusable_existing
 
     for component in components:
         source.require(SOURCE_FOLDER[component])
         source.check_weights(SOURCE_FOLDER[component])
+        outputs = unet.unet_output_paths(options) if component == "unet" else [output_path(options, component)]
+        reusable_existing(outputs, options, component)
     check_latent_size(options)
     if "unet" in components:
         unet.check_options(source, options)

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,8 +164,14 @@ def test_ctrl_c_is_one_line_and_exit_130_from_the_first_second(tmp_path, when):
     child = subprocess.Popen([sys.executable, "-m", "python_coreml_sd.torch2coreml", "--model-version", "tiny",
                               "--convert-unet", "-o", str(out)], stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    if when == "start-up":
-        time.sleep(0.3)
+    if when == "start-up":  # as soon as the child catches SIGINT: its first lines ran, the slow imports have not
+        status = Path(f"/proc/{child.pid}/status")
+        if not status.exists():
+            child.kill()
+            pytest.skip("needs Linux's /proc to see when the child catches SIGINT")
+        while not int(next(line for line in status.read_text().splitlines() if line.startswith("SigCgt:")).split()[1],
+                      16) & (1 << (signal.SIGINT - 1)):
+            time.sleep(0.01)
         lines = []
     else:
         lines = [child.stderr.readline()]
@@ -179,3 +186,20 @@ def test_ctrl_c_is_one_line_and_exit_130_from_the_first_second(tmp_path, when):
     assert ours == ["torch2coreml: error: interrupted; no partial output was kept"], lines
     assert not any("Traceback" in line for line in lines)
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_existing_outputs_are_reused_only_when_made_with_the_same_flags(capsys, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model-version", "tiny", "--convert-text-encoder", "-o", str(out)]
+    assert torch2coreml.main(argv + ["--text-token-sequence-length", "16"]) == 0
+    package = out / "Stable_Diffusion_version_tiny_text_encoder.mlpackage"
+    before = (package / "Manifest.json").stat().st_mtime_ns
+    assert torch2coreml.main(argv + ["--text-token-sequence-length", "16"]) == 0  # same flags: kept
+    assert (package / "Manifest.json").stat().st_mtime_ns == before
+    capsys.readouterr()
+    code, err = run_main(capsys, *argv)
+    assert_one_line_error(code, err, "was made with other flags: text_token_sequence_length=16")
+    shutil.rmtree(package)
+    package.mkdir()  # an empty folder where the package should be
+    code, err = run_main(capsys, *argv)
+    assert_one_line_error(code, err, "exists but is not a readable .mlpackage")

@@ -1,5 +1,6 @@
 """Steps every component converter shares: trace, convert to an ML Program, describe, save atomically,
 check against PyTorch."""
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
     meta["com.python_coreml_sd.min_deployment_target"] = options.min_deployment_target
     if component.startswith("unet"):
         meta["com.python_coreml_sd.attention_implementation"] = options.attention_implementation
+    meta[FLAGS_KEY] = json.dumps(recorded_flags(options, component), sort_keys=True)
     if options.quantize_nbits:
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
     if options.mixed_bit_recipe and component.startswith("unet"):
@@ -150,12 +152,54 @@ def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold:
     return results
 
 
-def kept_existing(paths: list, options: ConversionOptions, component: str) -> bool:
-    """True (and says so) when every output of `component` exists and --overwrite was not given."""
+FLAGS_KEY = "com.python_coreml_sd.flags"
+SHARED_FLAGS = ("model_version", "compute_precision", "min_deployment_target", "latent_h", "latent_w",
+                "text_token_sequence_length", "quantize_nbits", "palettize_granularity", "palettize_group_size")
+UNET_FLAGS = ("attention_implementation", "unet_batch_one", "chunk_unet", "mixed_bit_recipe")
+
+
+def recorded_flags(options: ConversionOptions, component: str) -> dict:
+    """The flags that shape `component`'s package, as recorded in it and compared before reusing it."""
+    names = SHARED_FLAGS + (UNET_FLAGS if component.startswith("unet") else ())
+    return {name: getattr(options, name) for name in names}
+
+
+def reusable_existing(paths: list, options: ConversionOptions, component: str) -> bool:
+    """True when every output of `component` exists, was made with the same flags, and --overwrite was
+    not given. An existing output made otherwise, or not a package, is a UserError."""
     if options.overwrite or not all(Path(p).exists() for p in paths):
+        return False
+    recorded = _recorded_flags_of(Path(paths[0]))
+    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, v) != v)
+    if recorded and not differing:
+        return True
+    why = ("was made with other flags: " + ", ".join(f"{k}={recorded[k]!r}" for k in differing) if recorded
+           else "records no conversion flags (made by another tool or an older version)")
+    raise UserError(f"{paths[0]} exists but {why}; pass the same flags, --overwrite, or another -o")
+
+
+def kept_existing(paths: list, options: ConversionOptions, component: str) -> bool:
+    """reusable_existing, and says so."""
+    if not reusable_existing(paths, options, component):
         return False
     log.info("%s: %s exist(s), skipping (pass --overwrite to replace)", component, ", ".join(map(str, paths)))
     return True
+
+
+def _recorded_flags_of(package: Path) -> dict:
+    from coremltools.models.utils import _get_model_spec_path
+    from coremltools.proto import Model_pb2
+
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(Path(_get_model_spec_path(str(package))).read_bytes())
+    except Exception as exc:  # OSError, or protobuf's own DecodeError for a file that is no spec
+        raise UserError(f"{package} exists but is not a readable .mlpackage ({type(exc).__name__}); remove it "
+                        "or pass --overwrite") from None
+    try:
+        return json.loads(spec.description.metadata.userDefined.get(FLAGS_KEY, "{}"))
+    except ValueError:
+        return {}
 
 
 def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
