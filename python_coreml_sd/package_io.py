@@ -10,6 +10,7 @@ byte-identical files, on another day too when SOURCE_DATE_EPOCH is set.
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -32,13 +33,45 @@ def check_output_dir(path: Path) -> None:
 
 
 def prepare_output_dir(path: Path) -> None:
-    """Create the output folder of a command (after its input was checked), or a UserError."""
+    """Create the output folder of a command (after its input was checked), or a UserError; temporary
+    files that killed runs left there are removed."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output folder {path}: {exc.strerror}; pass a writable -o")
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"output folder {path} is not writable; pass a writable -o")
+    remove_stale_temps(path)
+
+
+# Temporary outputs are named .<final name>.tmp<pid>.<random>: a later run removes those of dead processes.
+TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)\.[^.]+$")
+
+
+def temp_prefix(final_name: str) -> str:
+    return f".{final_name}.tmp{os.getpid()}."
+
+
+def remove_stale_temps(folder: Path) -> list:
+    """Remove what replace_atomically left behind in `folder` when its process was killed (SIGKILL, power
+    loss): temp entries whose process no longer runs. Returns the removed paths."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        match = TEMP_NAME.match(entry.name)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def replace_atomically(build, dest: Path, overwrite: bool) -> Path:
@@ -50,7 +83,7 @@ def replace_atomically(build, dest: Path, overwrite: bool) -> Path:
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise UserError(f"{dest} exists; pass --overwrite to replace it")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(dest.name), dir=dest.parent))
     try:
         tmp = tmp_dir / dest.name
         build(tmp)

@@ -310,7 +310,16 @@ def test_cli_bundles_after_converting_and_refuses_to_clobber(capsys, tmp_path, t
     assert sha256(archive) == sha256(built[1])
     monkeypatch.setattr(torch2coreml, "converter", lambda component: pytest.fail("conversion started"))
     code, err = run_main(capsys, *argv)
-    assert code == 2 and "Resources exists; pass --overwrite" in err
+    assert code == 2 and f"{archive.name} exists; pass --overwrite" in err
+    monkeypatch.undo()  # the converters run again from here, and keep the existing packages
+    archive.unlink()  # interrupted after Resources/ was written: the rerun resumes with the zip
+    assert torch2coreml.main(argv) == 0
+    assert sha256(archive) == sha256(built[1])
+    (out / "Resources" / "vocab.json").unlink()  # a Resources/ that no longer holds these files
+    archive.unlink()
+    code, err = run_main(capsys, *argv)
+    assert code == 2 and "Resources exists and does not hold these packages" in err
+    assert not archive.exists()
 
 
 @pytest.mark.macos

@@ -38,3 +38,23 @@ def test_loaded_package_is_copied_and_existing_output_kept(tmp_path):
     assert (tmp_path / "src.mlpackage").is_dir() and out.is_dir()
     with pytest.raises(UserError, match="exists"):
         save_mlmodel(model, out, overwrite=False)
+
+
+def test_temp_outputs_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from python_coreml_sd.package_io import prepare_output_dir, temp_prefix
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".model.mlpackage.tmp{dead_pid}.k2j3"
+    (stale / "Data").mkdir(parents=True)
+    stale_file = tmp_path / f".image.png.tmp{dead_pid}.x9"
+    stale_file.write_bytes(b"half")
+    ours = tmp_path / (temp_prefix("other.zip") + "q1")  # this process's own temp: still being written
+    ours.mkdir()
+    unrelated = tmp_path / ".hidden.tmp"
+    unrelated.write_text("keep")
+    prepare_output_dir(tmp_path)
+    assert not stale.exists() and not stale_file.exists()
+    assert ours.exists() and unrelated.exists() and str(os.getpid()) in ours.name

@@ -9,6 +9,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import UserError
+from ..package_io import temp_prefix
 
 
 def output_name(prompt: str, seed: int, index: int = 0) -> str:
@@ -24,7 +25,7 @@ def save_png(image: Image.Image, path: Path, parameters: dict, overwrite: bool =
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     for key, value in parameters.items():
         info.add_text(key, str(value))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
