@@ -141,6 +141,16 @@ def make_reproducible(package: Path) -> None:
     manifest["itemInfoEntries"] = {renamed[old]: entry for old, entry in entries.items()}
     manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    _ordinary_modes(package)
+
+
+def _ordinary_modes(package: Path) -> None:
+    """coremltools writes the spec through a private temp file (mode 0600): give every file and folder the
+    modes of an ordinary output, so they are the same on every run and readable by the app's build."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (package, *package.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _rewrite_spec(spec_path: Path) -> None:

@@ -29,6 +29,7 @@ def parser_spec() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to compare (default: --seed)")
     p.add_argument("--psnr-threshold", type=float, default=30.0,
                    help="PSNR floor in dB for every stage and the final image (default: 30)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report.json and grid.png")
     p.set_defaults(prog=PROG)
     return p
 
@@ -38,20 +39,28 @@ def run_parity(args) -> dict:
     from .generation import parity
     from .generation.images import load_image
     from .generation.setup import open_pipeline
-    converted = open_pipeline(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                              img2img=args.image is not None, progress=False)
-    reference = open_pipeline("torch", args.models_dir, args.model_version, args.device, progress=False,
-                              torch_precision=args.torch_precision)
+    from .package_io import check_output_dir, prepare_output_dir, replace_atomically
     requests = parity.requests_for([args.prompt], args.seeds or [args.seed], negative_prompt=args.negative_prompt,
                                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                    scheduler=args.scheduler, image=load_image(args.image) if args.image else None,
                                    strength=args.strength)
+    for request in requests:  # everything that can fail is checked before the models load
+        request.validate()
+    check_output_dir(args.output_dir)
+    outputs = [args.output_dir / name for name in ("report.json", "grid.png")]
+    for path in outputs:
+        if path.exists() and not args.overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it or choose another -o")
+    converted = open_pipeline(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
+                              img2img=args.image is not None, progress=False)
+    reference = open_pipeline("torch", args.models_dir, args.model_version, args.device, progress=False,
+                              torch_precision=args.torch_precision)
     report, pairs = parity.run(reference, converted, requests, args.psnr_threshold)
     report.update(backend=args.backend, device=args.device, model_version=args.model_version,
                   models_dir=str(args.models_dir))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    parity.grid(pairs).save(args.output_dir / "grid.png")
+    prepare_output_dir(args.output_dir)
+    replace_atomically(lambda tmp: tmp.write_text(json.dumps(report, indent=2)), outputs[0], args.overwrite)
+    replace_atomically(lambda tmp: parity.grid(pairs).save(tmp, format="PNG"), outputs[1], args.overwrite)
     return report
 
 
@@ -70,6 +79,8 @@ def main(argv=None) -> int:
         report = run_parity(args)
     except (UserError, CheckFailed) as exc:
         fail(PROG, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail(PROG, "interrupted; no partial output was kept", 130)
     print_report(report)
     if not report["passed"]:
         fail(PROG, f"PSNR under {report['threshold_db']} dB (report: {args.output_dir / 'report.json'})", 1)

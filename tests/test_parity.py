@@ -30,3 +30,22 @@ def test_parity_fails_with_exit_1_under_the_threshold(capsys, tmp_path, tiny_mod
     assert exit_info.value.code == 1
     assert "PSNR under 200.0 dB" in capsys.readouterr().err
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
+
+
+def test_parity_refuses_bad_input_before_loading_anything(capsys, tmp_path, tiny_models_dir, monkeypatch):
+    from python_coreml_sd.generation import setup
+    monkeypatch.setattr(setup, "open_pipeline", lambda *a, **k: pytest.fail("models were loaded"))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "report.json").write_text("{}")
+    (tmp_path / "a_file").write_text("")
+    base = ["--prompt", "a red fox", "-i", str(tiny_models_dir), "--num-inference-steps", "2"]
+    for extra, message in (
+            (["-o", str(tmp_path / "done")], "report.json exists; pass --overwrite"),
+            (["-o", str(tmp_path / "a_file")], "a_file is a file"),
+            (["-o", str(tmp_path / "new"), "--seeds", "1", "-1"], "--seed -1 is outside"),
+            (["-o", str(tmp_path / "new"), "--guidance-scale", "nan"], "--guidance-scale must be a finite number")):
+        with pytest.raises(SystemExit) as exit_info:
+            parity.main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 0, (extra, err)
+    assert (tmp_path / "done" / "report.json").read_text() == "{}" and not (tmp_path / "new").exists()

@@ -79,3 +79,14 @@ def test_source_date_epoch_fixes_the_conversion_date(tiny_models_dir, tmp_path, 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
     with pytest.raises(UserError, match="SOURCE_DATE_EPOCH='yesterday' is not a Unix time"):
         package_io.make_reproducible(package)
+
+
+def test_package_files_have_ordinary_modes(cli_run):
+    import os
+    import stat
+    umask = os.umask(0)
+    os.umask(umask)
+    package = next(cli_run.glob("*_text_encoder.mlpackage"))
+    for path in (package, *package.rglob("*")):
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path  # coremltools wrote model.mlmodel 0600
