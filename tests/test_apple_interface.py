@@ -175,3 +175,19 @@ def test_pipeline_still_drives_encoders_of_the_old_interface():
         pipeline = StableDiffusionPipeline(models, tokenizer, cf.SD_SCHEDULER_CONFIG, progress=False)
         latents.append(pipeline.generate(request).intermediates["final_latents"])
     np.testing.assert_array_equal(latents[0], latents[1])
+
+
+def test_compiled_model_dtypes_come_from_its_metadata(tmp_path):
+    """A .mlmodelc (Apple's Resources) declares its inputs in metadata.json; the pipeline casts to them."""
+    import json
+
+    from python_coreml_sd.generation.components import _package_inputs
+    compiled = tmp_path / "Unet.mlmodelc"
+    compiled.mkdir()
+    (compiled / "metadata.json").write_text(json.dumps([{"inputSchema": [
+        {"name": "sample", "dataType": "Float16", "shape": "[2, 4, 64, 64]"},
+        {"name": "input_ids", "dataType": "Float32", "shape": "[1, 77]"}]}]))
+    assert _package_inputs(compiled) == ({"sample": (2, 4, 64, 64), "input_ids": (1, 77)},
+                                         {"sample": np.float16, "input_ids": np.float32})
+    (compiled / "metadata.json").write_text("not json")
+    assert _package_inputs(compiled) == ({}, {})
