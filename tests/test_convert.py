@@ -2,6 +2,7 @@
 import coremltools as ct
 
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+FLOAT16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16  # inputs of fp16 packages, as Apple's
 
 
 def interface(path):
@@ -13,7 +14,8 @@ def interface(path):
 
 
 def package(packages, component, model="tiny"):
-    return packages[f"Stable_Diffusion_version_{model}_{component}.mlpackage"]
+    from python_coreml_sd.convert.common import package_name
+    return packages[package_name(model, component)]
 
 
 def test_tiny_text_encoder_interface(tiny_fp16_packages):
@@ -27,22 +29,20 @@ def test_tiny_text_encoder_interface(tiny_fp16_packages):
 
 def test_tiny_vae_decoder_interface(tiny_fp16_packages):
     inputs, outputs, _ = interface(package(tiny_fp16_packages, "vae_decoder"))
-    assert inputs == {"z": ((1, 4, 16, 16), FLOAT32)}
+    assert inputs == {"z": ((1, 4, 16, 16), FLOAT16)}
     assert outputs == {"image": ((1, 3, 128, 128), FLOAT32)}
 
 
 def test_tiny_vae_encoder_interface(tiny_fp16_packages):
     inputs, outputs, _ = interface(package(tiny_fp16_packages, "vae_encoder"))
-    assert inputs == {"sample": ((1, 3, 128, 128), FLOAT32), "diagonal_noise": ((1, 4, 16, 16), FLOAT32),
-                      "noise": ((1, 4, 16, 16), FLOAT32), "sqrt_alphas_cumprod": ((1, 1), FLOAT32),
-                      "sqrt_one_minus_alphas_cumprod": ((1, 1), FLOAT32)}
-    assert outputs == {"latent_dist": ((1, 4, 16, 16), FLOAT32)}
+    assert inputs == {"x": ((1, 3, 128, 128), FLOAT16)}
+    assert outputs == {"latent": ((1, 8, 16, 16), FLOAT32)}  # mean and log-variance
 
 
 def test_tiny_safety_checker_interface(tiny_fp16_packages):
     inputs, outputs, _ = interface(package(tiny_fp16_packages, "safety_checker"))
-    assert inputs == {"clip_input": ((1, 3, 32, 32), FLOAT32), "images": ((1, 128, 128, 3), FLOAT32),
-                      "adjustment": ((1,), FLOAT32)}
+    assert inputs == {"clip_input": ((1, 3, 32, 32), FLOAT16), "images": ((1, 128, 128, 3), FLOAT16),
+                      "adjustment": ((1,), FLOAT16)}
     assert outputs == {"filtered_images": ((1, 128, 128, 3), FLOAT32), "has_nsfw_concepts": ((1,), FLOAT32),
                        "concept_scores": ((1, 17), FLOAT32)}
 
@@ -68,19 +68,19 @@ def test_fp16_weights_by_default(tiny_fp16_packages):
     path = package(tiny_fp16_packages, "vae_decoder")
     weights, layer_weights, compute, casts = program_dtypes(path)
     assert weights == layer_weights == compute == {"fp16"}
-    assert casts == [("fp16", "fp32"), ("fp32", "fp16")]  # only at the fp32 interface: z in, image out
+    assert casts == [("fp16", "fp32")]  # only at the fp32 output (image); z comes in as fp16
     meta = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description.metadata
     assert meta.userDefined["com.python_coreml_sd.compute_precision"] == "float16"
 
 
 def test_sd2_like_model_converts_with_its_own_shapes(sd2_fp16_packages, sd2_source):
-    model = sd2_source.name.rstrip("/").split("/")[-1]
+    model = sd2_source.name  # the whole --model-version, as Apple names packages
     inputs, outputs, _ = interface(package(sd2_fp16_packages, "text_encoder", model))
     assert outputs["last_hidden_state"] == ((1, 77, 1024), FLOAT32)
     inputs, outputs, _ = interface(package(sd2_fp16_packages, "vae_decoder", model))
-    assert inputs == {"z": ((1, 4, 12, 12), FLOAT32)} and outputs == {"image": ((1, 3, 96, 96), FLOAT32)}
-    inputs, _, _ = interface(package(sd2_fp16_packages, "vae_encoder", model))
-    assert inputs["sample"] == ((1, 3, 96, 96), FLOAT32)
+    assert inputs == {"z": ((1, 4, 12, 12), FLOAT16)} and outputs == {"image": ((1, 3, 96, 96), FLOAT32)}
+    inputs, outputs, _ = interface(package(sd2_fp16_packages, "vae_encoder", model))
+    assert inputs == {"x": ((1, 3, 96, 96), FLOAT16)} and outputs == {"latent": ((1, 8, 12, 12), FLOAT32)}
 
 
 def test_shape_flags_and_fp32_precision(tmp_path, tiny_source):

@@ -121,9 +121,21 @@ def _eliminate_dead_code(prog) -> None:
 
 def make_first_chunk(prog, cut: int) -> list:
     """Cut prog in place to ops[:cut] with the crossing tensors as outputs; returns their names."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
     func = prog.functions["main"]
     ops = compute_ops(func)
-    outputs = crossing_vars(func, cut)
+    outputs = []
+    with func:
+        # fp16 tensors cross the cut as fp32, as in Apple's chunks (its chunk_mlprogram / coremltools'
+        # bisect_model): cast to fp32 under the tensor's own name, the fp16 original renamed.
+        for var in crossing_vars(func, cut):
+            if var.dtype == types.fp16:
+                name = var.name
+                var.set_name(name + "_fp16")
+                var = mb.cast(x=var, dtype="fp32", name=name)
+            outputs.append(var)
     func.set_outputs(outputs)
     func.remove_ops(list(reversed(ops[cut:])))
     _eliminate_dead_code(prog)
@@ -136,13 +148,21 @@ def make_second_chunk(prog, cut: int) -> list:
     """Cut prog in place to ops[cut:], the crossing tensors becoming inputs of the same names."""
     from coremltools.converters.mil.mil import Placeholder
 
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
     func = prog.functions["main"]
     ops = compute_ops(func)
     names = []
     for var in crossing_vars(func, cut):
-        placeholder = Placeholder(var.shape, dtype=var.dtype, name=var.name)
+        fp16 = var.dtype == types.fp16
+        placeholder = Placeholder(var.shape, dtype=types.fp32 if fp16 else var.dtype, name=var.name)
         func._input_dict[var.name] = placeholder.outputs[0]
-        func.replace_uses_of_var_after_op(anchor_op=None, old_var=var, new_var=placeholder.outputs[0],
+        new_var = placeholder.outputs[0]
+        if fp16:  # fp32 across the cut (see make_first_chunk), back to fp16 before its first use
+            with func:
+                new_var = mb.cast(x=new_var, dtype="fp16", name=var.name + "_fp16", before_op=ops[cut])
+        func.replace_uses_of_var_after_op(anchor_op=None, old_var=var, new_var=new_var,
                                           no_check_var_types=True)
         names.append(var.name)
     func.remove_ops([op for op in reversed(ops[:cut]) if not _is_input_cast(op, func)])

@@ -52,16 +52,27 @@ def check_latent_size(options: ConversionOptions) -> None:
                             "latent size is image size / 8")
 
 
-def model_slug(model_version: str) -> str:
-    """The model part of output names: a repo id with '/' -> '_', a folder by its base name."""
-    path = Path(model_version)
-    if path.exists() or model_version.startswith((".", "/", "~")):
-        return path.expanduser().resolve().name
-    return model_version.replace("/", "_")
+def package_name(model_version: str, component: str) -> str:
+    """Apple's rule (torch2coreml._get_out_path): the whole --model-version string as given, then every '/'
+    of the whole name turned into '_'. A local path `/p/m` gives `Stable_Diffusion_version__p_m_unet`, a
+    trailing slash one more '_'; nothing else is normalised (no resolving, no `~` expansion)."""
+    return f"Stable_Diffusion_version_{model_version}_{component}.mlpackage".replace("/", "_")
 
 
 def output_path(options: ConversionOptions, component: str) -> Path:
-    return Path(options.output_dir) / f"Stable_Diffusion_version_{model_slug(options.model_version)}_{component}.mlpackage"
+    return Path(options.output_dir) / package_name(options.model_version, component)
+
+
+# Inputs that stay float32 in fp16 packages, as in Apple's: token ids (fp16 holds integers exactly only up
+# to 2048; CLIP's ids reach 49407). Every other input of an fp16 package is FLOAT16, of an fp32 one FLOAT32.
+FLOAT32_INPUTS = frozenset({"input_ids"})
+
+
+def input_dtype(name: str, options: ConversionOptions):
+    """The dtype an input is declared with: Apple's interface (see docs/compat.md)."""
+    if options.compute_precision == "float16" and name not in FLOAT32_INPUTS:
+        return np.float16
+    return np.float32
 
 
 def trace(module: torch.nn.Module, example_inputs: tuple):
@@ -82,7 +93,7 @@ def to_mlprogram(traced, sample_inputs: "OrderedDict[str, torch.Tensor]", output
     """coremltools.convert to an ML Program with fixed shapes; returns an MLModel (not loaded)."""
     import coremltools as ct
     input_dtypes = input_dtypes or {}
-    inputs = [ct.TensorType(name=name, shape=tuple(value.shape), dtype=input_dtypes.get(name, np.float32))
+    inputs = [ct.TensorType(name=name, shape=tuple(value.shape), dtype=input_dtypes.get(name, input_dtype(name, options)))
               for name, value in sample_inputs.items()]
     precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
     return ct.convert(traced, convert_to="mlprogram", inputs=inputs,

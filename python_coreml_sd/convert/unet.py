@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..layers.unet import UNet2DConditionModelANE, check_supported
-from .common import (_deployment_target, check_correctness, compress, describe, kept_existing, log, output_path,
+from .common import (_deployment_target, input_dtype, check_correctness, compress, describe, kept_existing, log, output_path,
                      save, trace)
 
 DESCRIPTIONS = {
@@ -120,7 +120,8 @@ def traced_to_mlprogram(holder: dict, inputs: dict, options):
     import coremltools as ct
     target = _deployment_target(options.min_deployment_target)
     prog = ct.convert(holder.pop("traced"), convert_to="milinternal", source="pytorch",
-                      inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
+                      inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
+                              for k, v in inputs.items()],
                       outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
                       compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
                       pass_pipeline=ct.PassPipeline.EMPTY)

@@ -2,10 +2,10 @@
 
 Decoder: `z` (1, 4, h, w) -> `image` (1, 3, 8h, 8w) in [-1, 1]; the caller divides latents by the
 scaling factor first, as Apple's pipelines do.
-Encoder (img2img): `sample` image in [-1, 1], the Gaussian noise for sampling the posterior
-(`diagonal_noise`), the scheduler noise (`noise`) and the strength's `sqrt_alphas_cumprod` /
-`sqrt_one_minus_alphas_cumprod` -> `latent_dist`, the noised, scaled starting latents. Core ML has no
-random op, so all noise comes in as inputs.
+Encoder (img2img), Apple's current interface: `x` (1, 3, 8h, 8w) image in [-1, 1] -> `latent`
+(1, 2 * latent_channels, h, w), the posterior's moments: mean and log-variance concatenated on channels
+(diffusers' `vae.encode(x).latent_dist.parameters`). The pipeline samples the posterior itself
+(Core ML has no random op): see python_coreml_sd.generation.pipeline.sample_posterior.
 """
 from collections import OrderedDict
 
@@ -18,12 +18,8 @@ DECODER_DESCRIPTIONS = {
     "image": "Generated image, NCHW, in [-1, 1]",
 }
 ENCODER_DESCRIPTIONS = {
-    "sample": "Input image, NCHW, in [-1, 1], at 8x the latent size",
-    "diagonal_noise": "Standard normal noise that samples the VAE posterior",
-    "noise": "Standard normal noise added at the strength's timestep",
-    "sqrt_alphas_cumprod": "sqrt(alphas_cumprod[t]) of the scheduler at the strength's first timestep",
-    "sqrt_one_minus_alphas_cumprod": "sqrt(1 - alphas_cumprod[t]) of the scheduler at that timestep",
-    "latent_dist": "Noised, scaled latents that start the img2img denoising",
+    "x": "Input image, NCHW, in [-1, 1], at 8x the latent size",
+    "latent": "Moments of the VAE posterior: mean and log-variance concatenated on channels (unscaled)",
 }
 
 
@@ -42,13 +38,9 @@ class VAEEncoder(torch.nn.Module):
         super().__init__()
         self.encoder = vae.encoder
         self.quant_conv = vae.quant_conv
-        self.scaling_factor = float(vae.config.scaling_factor)
 
-    def forward(self, sample, diagonal_noise, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
-        mean, logvar = self.quant_conv(self.encoder(sample)).chunk(2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        latents = self.scaling_factor * (mean + std * diagonal_noise)
-        return sqrt_alphas_cumprod * latents + sqrt_one_minus_alphas_cumprod * noise
+    def forward(self, x):
+        return self.quant_conv(self.encoder(x))
 
 
 def latent_size(source, options) -> tuple:
@@ -64,14 +56,7 @@ def decoder_inputs(vae, h, w):
 
 def encoder_inputs(vae, h, w):
     generator = torch.Generator().manual_seed(0)
-    latent = (1, vae.config.latent_channels, h, w)
-    return OrderedDict(
-        sample=torch.rand(1, vae.config.in_channels, 8 * h, 8 * w, generator=generator) * 2 - 1,
-        diagonal_noise=torch.randn(*latent, generator=generator),
-        noise=torch.randn(*latent, generator=generator),
-        sqrt_alphas_cumprod=torch.tensor([[0.6]]),
-        sqrt_one_minus_alphas_cumprod=torch.tensor([[0.8]]),
-    )
+    return OrderedDict(x=torch.rand(1, vae.config.in_channels, 8 * h, 8 * w, generator=generator) * 2 - 1)
 
 
 def _convert(source, options, component, make_module, make_inputs, descriptions) -> list:

@@ -24,9 +24,14 @@ RESOURCE_NAMES = {"TextEncoder": "text_encoder", "Unet": "unet", "UnetChunk1": "
 class Component:
     model: object  # has predict(dict) -> dict
     input_shapes: dict  # name -> tuple
+    input_dtypes: dict = field(default_factory=dict)  # name -> numpy dtype the package declares
 
     def predict(self, inputs: dict) -> dict:
-        return self.model.predict(inputs)
+        # Each input as the package declares it (fp16 for Apple's and our fp16 packages, fp32 for older
+        # ones and token ids), so that runtimes checking dtypes strictly take them; float32 outputs stay.
+        cast = {k: np.asarray(v).astype(self.input_dtypes[k], copy=False) if k in self.input_dtypes else v
+                for k, v in inputs.items()}
+        return self.model.predict(cast)
 
 
 @dataclass
@@ -80,15 +85,42 @@ def component_of(path: Path):
     return match.group(1) if match else RESOURCE_NAMES.get(path.stem)
 
 
-def _package_input_shapes(path: Path) -> dict:
+_ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32}
+
+
+def _package_inputs(path: Path) -> tuple:
+    """(name -> shape, name -> numpy dtype) of the inputs a package or compiled model declares."""
     import coremltools as ct
     if path.suffix == ".mlmodelc":
-        return {}  # compiled models carry no readable spec here; Core ML checks shapes itself
+        return _compiled_inputs(path)
     try:
         spec = ct.utils.load_spec(str(path))
     except Exception as exc:
         raise UserError(f"{path} is not a readable Core ML package ({type(exc).__name__})") from exc
-    return {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
+    features = spec.description.input
+    return ({f.name: tuple(f.type.multiArrayType.shape) for f in features},
+            {f.name: _ARRAY_DTYPES[f.type.multiArrayType.dataType] for f in features
+             if f.type.multiArrayType.dataType in _ARRAY_DTYPES})
+
+
+def _compiled_inputs(path: Path) -> tuple:
+    """A compiled model's metadata.json input schema (dtype and shape), where it has one."""
+    import json
+    try:
+        schema = json.loads((path / "metadata.json").read_text())[0]["inputSchema"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return {}, {}  # Core ML checks shapes itself
+    shapes, dtypes = {}, {}
+    for entry in schema:
+        try:
+            shapes[entry["name"]] = tuple(json.loads(entry["shape"]))
+        except (KeyError, ValueError, TypeError):
+            pass
+        dtype = {"float16": np.float16, "float32": np.float32, "int32": np.int32}.get(
+            str(entry.get("dataType", "")).lower())
+        if dtype is not None and "name" in entry:
+            dtypes[entry["name"]] = dtype
+    return shapes, dtypes
 
 
 def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit: str = "ALL",
@@ -103,7 +135,7 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
         found.pop("unet_chunk1", None), found.pop("unet_chunk2", None)
     return ModelSet({name: Component(load_model(path, backend=backend, device=device, compute_unit=compute_unit,
                                                 **_runtime_options(name, backend, device)),
-                                     _package_input_shapes(path)) for name, path in found.items()})
+                                     *_package_inputs(path)) for name, path in found.items()})
 
 
 def _runtime_options(component: str, backend: str, device: str) -> dict:
@@ -169,10 +201,8 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
                            "encoder_hidden_states": (batch, hidden, 1, seq)}),
         "vae_decoder": Component(TorchModel(VAEDecoder(vae), ["z"], ["image"], device, dtype),
                                  {"z": (1, vae.config.latent_channels, h, w)}),
-        "vae_encoder": Component(TorchModel(VAEEncoder(vae), ["sample", "diagonal_noise", "noise", "sqrt_alphas_cumprod",
-                                                              "sqrt_one_minus_alphas_cumprod"], ["latent_dist"],
-                                            device, dtype),
-                                 {"sample": (1, 3, 8 * h, 8 * w)}),
+        "vae_encoder": Component(TorchModel(VAEEncoder(vae), ["x"], ["latent"], device, dtype),
+                                 {"x": (1, 3, 8 * h, 8 * w)}),
     }
     if with_safety_checker and source.has("safety_checker"):
         checker = source.load_safety_checker()

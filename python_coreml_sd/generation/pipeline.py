@@ -22,6 +22,17 @@ def _clip_processor(models: ModelSet):
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """A draw from the VAE posterior given the encoder's `latent` moments (mean and log-variance
+    concatenated on channels), as diffusers' DiagonalGaussianDistribution.sample:
+    mean + std * noise with std = exp(0.5 * clamp(logvar, -30, 20)). std is computed in float64 and
+    rounded once to float32; the rest is float32 (the Swift pipeline computes it the same way)."""
+    moments = np.asarray(moments, dtype=np.float32)
+    mean, logvar = np.split(moments, 2, axis=1)
+    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0).astype(np.float64)).astype(np.float32)
+    return (mean + std * np.asarray(noise, dtype=np.float32)).astype(np.float32)
+
+
 def _takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
@@ -80,7 +91,8 @@ class StableDiffusionPipeline:
             raise UserError(f"the VAE decoder was converted for {z[2]}x{z[3]} latents but the UNet for "
                             f"{self.latent_h}x{self.latent_w}; convert both with the same --latent-h/--latent-w")
         if "vae_encoder" in self.models:
-            sample = self.models["vae_encoder"].input_shapes.get("sample")
+            shapes = self.models["vae_encoder"].input_shapes
+            sample = shapes.get("x", shapes.get("sample"))
             if sample and tuple(sample[2:]) != (8 * self.latent_h, 8 * self.latent_w):
                 raise UserError(f"the VAE encoder was converted for {sample[2]}x{sample[3]} images but the UNet for "
                                 f"{8 * self.latent_h}x{8 * self.latent_w}; reconvert it with the same latent size")
@@ -127,15 +139,27 @@ class StableDiffusionPipeline:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(request.num_inference_steps - start)
         signal, noise_scale = self._noise_coefficients(scheduler, timesteps[0])
+        encoder = self.models["vae_encoder"]
+        # Draw order as before the moments interface (diagonal_noise, then noise), so a seed keeps its image.
+        if "x" not in encoder.input_shapes and "diagonal_noise" in encoder.input_shapes:
+            return self._legacy_encoder_latents(request, rng, shape, signal, noise_scale), timesteps
+        moments = encoder.predict({"x": self.preprocess(request.image)})["latent"]
+        diagonal_noise, noise = rng.normal(shape), rng.normal(shape)
+        latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, diagonal_noise)
+        return np.float32(signal) * latents + np.float32(noise_scale) * noise, timesteps
+
+    def _legacy_encoder_latents(self, request, rng, shape, signal, noise_scale):
+        """Encoders converted before the moments interface (`sample`, `diagonal_noise`, `noise`,
+        `sqrt_alphas_cumprod`, `sqrt_one_minus_alphas_cumprod` -> `latent_dist`) sample and noise inside."""
         inputs = {"sample": self.preprocess(request.image), "diagonal_noise": rng.normal(shape),
                   "noise": rng.normal(shape), "sqrt_alphas_cumprod": np.array([[signal]], np.float32),
                   "sqrt_one_minus_alphas_cumprod": np.array([[noise_scale]], np.float32)}
-        return self.models["vae_encoder"].predict(inputs)["latent_dist"], timesteps
+        return self.models["vae_encoder"].predict(inputs)["latent_dist"]
 
     @staticmethod
     def _noise_coefficients(scheduler, t):
-        """add_noise(x, n, t) = a*x + b*n for every diffusers scheduler: read a and b off it, so the
-        encoder's sqrt_alphas_cumprod inputs also serve sigma-based schedulers (Euler, LMS)."""
+        """add_noise(x, n, t) = a*x + b*n for every diffusers scheduler: read a and b off it (also for
+        sigma-based schedulers such as Euler and LMS); the Swift pipeline noises the same way."""
         one, zero, step = torch.ones(1), torch.zeros(1), torch.as_tensor([t])
         return float(scheduler.add_noise(one, zero, step)), float(scheduler.add_noise(zero, one, step))
 

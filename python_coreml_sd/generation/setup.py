@@ -57,9 +57,9 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
 
 def _latent_size_of(models_dir) -> tuple:
     """Latent size of converted models, so the reference path generates at the same size."""
-    from .components import _package_input_shapes, find_packages
+    from .components import _package_inputs, find_packages
     found = find_packages(Path(models_dir))
     unet = found.get("unet") or found.get("unet_chunk1")
     if unet is None:
         raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
-    return tuple(_package_input_shapes(unet)["sample"][2:])
+    return tuple(_package_inputs(unet)[0]["sample"][2:])

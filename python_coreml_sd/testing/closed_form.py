@@ -94,12 +94,25 @@ def decode(z: np.ndarray) -> np.ndarray:
 
 
 def encode_image(image: np.ndarray) -> np.ndarray:
-    """Fake VAE encoder mean: (3, 8h, 8w) in [-1, 1] -> (4, h, w) latents already scaled by 0.18215."""
+    """Fake VAE encoder, the `latent` moments: (3, 8h, 8w) in [-1, 1] -> (8, h, w). Mean: the top-left pixel
+    of each 8x8 block per channel plus their channel mean (unscaled); log-variance: mean - 5 (so std is
+    about 0.05-0.14 and the posterior draw matters)."""
     c, height, width = image.shape
     pooled = image.reshape(c, height // 8, 8, width // 8, 8)[:, :, 0, :, 0]
     fourth = pooled.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
-    latents = np.concatenate([pooled, fourth]).astype(np.float32)
-    return (latents * np.float32(LATENT_SCALE)).astype(np.float32)
+    mean = np.concatenate([pooled, fourth]).astype(np.float32)
+    return np.concatenate([mean, mean - np.float32(5)]).astype(np.float32)
+
+
+def sample_latents(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Scaled posterior draw, (8, h, w) moments + (4, h, w) noise -> (4, h, w): the formula of
+    python_coreml_sd.generation.pipeline.sample_posterior, element by element with scalar libm calls
+    (std in float64, rounded once), then times the latent scale."""
+    mean, logvar = moments[:4], moments[4:]
+    std = np.empty_like(logvar)
+    for index in np.ndindex(logvar.shape):
+        std[index] = np.float32(math.exp(0.5 * float(min(max(float(logvar[index]), -30.0), 20.0))))
+    return (np.float32(LATENT_SCALE) * (mean + std * noise)).astype(np.float32)
 
 
 def is_unsafe(image: np.ndarray) -> bool:
@@ -170,9 +183,10 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
         timesteps = timesteps[start:]
         if hasattr(type(scheduler), "set_begin_index"):  # PNDM counts its own steps instead
             scheduler.set_begin_index(start)
-        clean = encode_image(test_image(8 * config.latent_size, 8 * config.latent_size))
-        rng.normal((1,) + shape)  # diagonal_noise: drawn before noise, as the pipeline does; unused here
+        moments = encode_image(test_image(8 * config.latent_size, 8 * config.latent_size))
+        diagonal_noise = rng.normal((1,) + shape)[0]  # drawn before noise, as the pipeline does
         noise = rng.normal((1,) + shape)[0]
+        clean = sample_latents(moments, diagonal_noise)
         t = torch.tensor([timesteps[0]])
         latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
     for t in timesteps:  # guidance at every scale, as python_coreml_sd.generation.pipeline does
@@ -210,10 +224,7 @@ def model_set(latent_size: int = 8, unet_batch: int = 2):
         return {"image": decode(inputs["z"][0])[None]}
 
     def vae_encoder(inputs):
-        latents = encode_image(inputs["sample"][0])[None]
-        signal = np.float32(inputs["sqrt_alphas_cumprod"].reshape(-1)[0])
-        scale = np.float32(inputs["sqrt_one_minus_alphas_cumprod"].reshape(-1)[0])
-        return {"latent_dist": signal * latents + scale * inputs["noise"]}
+        return {"latent": encode_image(inputs["x"][0])[None]}
 
     h = w = latent_size
     shapes = {
@@ -221,7 +232,7 @@ def model_set(latent_size: int = 8, unet_batch: int = 2):
         "unet": {"sample": (unet_batch, 4, h, w), "timestep": (unet_batch,),
                  "encoder_hidden_states": (unet_batch, HIDDEN_SIZE, 1, 77)},
         "vae_decoder": {"z": (1, 4, h, w)},
-        "vae_encoder": {"sample": (1, 3, 8 * h, 8 * w)},
+        "vae_encoder": {"x": (1, 3, 8 * h, 8 * w)},
     }
     predicts = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder, "vae_encoder": vae_encoder}
     return ModelSet({name: Component(_Model(predicts[name]), shapes[name]) for name in predicts})

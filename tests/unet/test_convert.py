@@ -11,6 +11,7 @@ from python_coreml_sd.metrics import psnr
 from python_coreml_sd.runtime.mil import MILModel
 
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+FLOAT16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
 
 
 def _convert(source, out_dir, **options):
@@ -45,9 +46,10 @@ def test_interface_names_shapes_dtypes_and_descriptions(tiny_package, unets):
     assert [p.name for p in paths] == ["Stable_Diffusion_version_tiny_unet.mlpackage"]
     inputs, outputs = features(paths[0])
     assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
-    assert inputs["sample"][:2] == ((2, 4, 16, 16), FLOAT32)
-    assert inputs["timestep"][:2] == ((2,), FLOAT32)
-    assert inputs["encoder_hidden_states"][:2] == ((2, 32, 1, 77), FLOAT32)
+    # FLOAT16 inputs, as Apple's fp16 UNets declare them (docs/compat.md); the output stays FLOAT32
+    assert inputs["sample"][:2] == ((2, 4, 16, 16), FLOAT16)
+    assert inputs["timestep"][:2] == ((2,), FLOAT16)
+    assert inputs["encoder_hidden_states"][:2] == ((2, 32, 1, 77), FLOAT16)
     assert outputs["noise_pred"][:2] == ((2, 4, 16, 16), FLOAT32)
     assert all(description for _, _, description in [*inputs.values(), *outputs.values()])
 

@@ -91,27 +91,15 @@ public struct CoreMLDecoder: LatentDecoding {
     }
 }
 
-/// `sample`, `diagonal_noise`, `noise`, `sqrt_alphas_cumprod`, `sqrt_one_minus_alphas_cumprod`
-/// -> `latent_dist`: encoding, posterior sampling, scaling and noising in one model.
+/// `x` (1, 3, H, W) in [-1, 1] -> `latent` (1, 2C, h, w), the posterior's mean and log-variance
+/// (Apple's interface); the pipeline samples, scales and noises.
 public struct CoreMLEncoder: ImageEncoding {
     public let model: ManagedModel
 
     public init(model: ManagedModel) { self.model = model }
 
-    public func encode(image: Tensor, diagonalNoise: Tensor, noise: Tensor, signal: Float, noiseScale: Float) throws -> Tensor {
-        let inputs = [
-            "sample": image,
-            "diagonal_noise": diagonalNoise,
-            "noise": noise,
-            "sqrt_alphas_cumprod": try scalar(signal, for: "sqrt_alphas_cumprod"),
-            "sqrt_one_minus_alphas_cumprod": try scalar(noiseScale, for: "sqrt_one_minus_alphas_cumprod"),
-        ]
-        return try model.predict(inputs, outputs: ["latent_dist"])["latent_dist"]!
-    }
-
-    private func scalar(_ value: Float, for name: String) throws -> Tensor {
-        let shape = try model.inputShape(name)
-        return Tensor(shape: shape, scalars: Array(repeating: value, count: shape.reduce(1, *)))
+    public func encode(image: Tensor) throws -> Tensor {
+        try model.predict(["x": image], outputs: ["latent"])["latent"]!
     }
 }
 

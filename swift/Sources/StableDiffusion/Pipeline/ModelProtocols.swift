@@ -18,9 +18,10 @@ public protocol LatentDecoding {
 }
 
 public protocol ImageEncoding {
-    /// Latents for img2img: the image encoded, scaled by the latent scale, then noised as
-    /// `signal * latents + noiseScale * noise` (the Core ML encoder does all of it in one model).
-    func encode(image: Tensor, diagonalNoise: Tensor, noise: Tensor, signal: Float, noiseScale: Float) throws -> Tensor
+    /// The VAE posterior's moments for an image (1, 3, H, W) in [-1, 1]: (1, 2C, h, w), the mean and
+    /// the log-variance concatenated on channels (Apple's `x` -> `latent` interface). The pipeline
+    /// samples, scales and noises the latents itself.
+    func encode(image: Tensor) throws -> Tensor
 }
 
 public protocol SafetyChecking {

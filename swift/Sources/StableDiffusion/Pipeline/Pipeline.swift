@@ -36,6 +36,7 @@ public enum PipelineError: Error, CustomStringConvertible {
     case badStrength(Double)
     case strengthTooSmall(Double, steps: Int)
     case cancelled
+    case badEncoderOutput([Int])
 
     public var description: String {
         switch self {
@@ -44,6 +45,8 @@ public enum PipelineError: Error, CustomStringConvertible {
         case .strengthTooSmall(let value, let steps):
             return "strength \(value) is too small for \(steps) steps: no denoising step would run"
         case .cancelled: return "generation cancelled"
+        case .badEncoderOutput(let shape):
+            return "the VAE encoder returned shape \(shape); expected its `latent` moments (1, 2 x latent channels, h, w)"
         }
     }
 }
@@ -118,7 +121,26 @@ public struct StableDiffusionPipeline {
         let diagonalNoise = random.normalTensor(shape: shape)
         let noise = random.normalTensor(shape: shape)
         let (signal, noiseScale) = scheduler.noiseCoefficients(timestep: timestep)
-        return try encoder.encode(image: image, diagonalNoise: diagonalNoise, noise: noise, signal: signal, noiseScale: noiseScale)
+        let moments = try encoder.encode(image: image)
+        let latents = try Self.samplePosterior(moments: moments, noise: diagonalNoise).map { latentScale * $0 }
+        return latents.zip(noise) { signal * $0 + noiseScale * $1 }
+    }
+
+    /// A draw from the VAE posterior, as diffusers' DiagonalGaussianDistribution.sample and the Python
+    /// pipeline's `sample_posterior`: mean + std * noise, std = exp(0.5 * clamp(logvar, -30, 20)), std in
+    /// Double rounded once to Float, the rest in Float.
+    public static func samplePosterior(moments: Tensor, noise: Tensor) throws -> Tensor {
+        let half = moments.count / 2
+        guard moments.shape.count == 4, moments.shape[1] % 2 == 0,
+              [moments.shape[0], moments.shape[1] / 2] + moments.shape[2...] == noise.shape else {
+            throw PipelineError.badEncoderOutput(moments.shape)
+        }
+        let scalars = (0..<half).map { i -> Float in
+            let logvar = min(max(moments.scalars[half + i], -30), 20)
+            let std = Float(exp(0.5 * Double(logvar)))
+            return moments.scalars[i] + std * noise.scalars[i]
+        }
+        return Tensor(shape: noise.shape, scalars: scalars)
     }
 
     /// Classifier-free guidance: uncond + g * (cond - uncond) from one batch-2 UNet call. It runs at

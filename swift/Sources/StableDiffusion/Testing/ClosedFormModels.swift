@@ -70,29 +70,26 @@ public enum ClosedForm {
         }
     }
 
-    /// Top-left pixel of each 8 x 8 block per channel, plus their channel mean, times the latent scale.
+    /// Moments (1, 8, h, w): mean = the top-left pixel of each 8 x 8 block per channel plus their
+    /// channel mean (unscaled), log-variance = mean - 5 (closed_form.encode_image).
     public struct Encoder: ImageEncoding {
         public init() {}
 
-        public func encode(image: Tensor, diagonalNoise: Tensor, noise: Tensor, signal: Float, noiseScale: Float) throws -> Tensor {
-            let latents = clean(image)
-            return latents.zip(noise) { signal * $0 + noiseScale * $1 }
-        }
-
-        func clean(_ image: Tensor) -> Tensor {
+        public func encode(image: Tensor) throws -> Tensor {
             let height = image.shape[2], width = image.shape[3]
             let h = height / 8, w = width / 8
-            var scalars = [Float](repeating: 0, count: 4 * h * w)
+            var scalars = [Float](repeating: 0, count: 8 * h * w)
             for y in 0..<h {
                 for x in 0..<w {
                     let pixels = (0..<3).map { image.scalars[($0 * height + 8 * y) * width + 8 * x] }
                     let fourth = Float(pixels.reduce(0.0) { $0 + Double($1) } / 3)
                     for (c, value) in (pixels + [fourth]).enumerated() {
-                        scalars[(c * h + y) * w + x] = value * StableDiffusionPipeline.defaultLatentScale
+                        scalars[(c * h + y) * w + x] = value
+                        scalars[((c + 4) * h + y) * w + x] = value - 5
                     }
                 }
             }
-            return Tensor(shape: [1, 4, h, w], scalars: scalars)
+            return Tensor(shape: [1, 8, h, w], scalars: scalars)
         }
     }
 
