@@ -75,6 +75,13 @@ def input_dtype(name: str, options: ConversionOptions):
     return np.float32
 
 
+def fresh_op_names() -> None:
+    """coremltools numbers unnamed ops with class-wide counters (add_0, add_1, ...): each conversion starts
+    them at zero, so a package's op names (and bytes) do not depend on what the process made before."""
+    from coremltools.converters.mil.mil import Builder
+    Builder.name_count.clear()
+
+
 def trace(module: torch.nn.Module, example_inputs: tuple):
     # check_trace=False skips a second full forward pass and graph comparison: 4x faster on a full UNet.
     with torch.no_grad():
@@ -219,6 +226,7 @@ def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", o
     """Trace `module`, convert, describe, palettize if asked, save atomically, and with
     --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
     out = output_path(options, component)
+    fresh_op_names()
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
     describe(mlmodel, options, component, descriptions)
     save(compress(mlmodel, options, component), out, options.overwrite)

@@ -19,8 +19,8 @@ import torch
 
 from ..errors import UserError
 from ..layers.unet import UNet2DConditionModelANE, check_supported
-from .common import (_deployment_target, input_dtype, check_correctness, compress, describe, kept_existing, log, output_path,
-                     save, trace)
+from .common import (_deployment_target, check_correctness, compress, describe, fresh_op_names, input_dtype,
+                     kept_existing, log, output_path, save, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
@@ -167,6 +167,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     loader rather than the module lets this function hold the only reference, so that the module's
     memory can go once its weights are in MIL.
     """
+    fresh_op_names()
     holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs)}
     log_memory("traced with stand-in weights")
     unet = load_unet()
