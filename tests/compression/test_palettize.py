@@ -147,12 +147,19 @@ def test_same_bytes_as_coremltools_own_entry_point(source, tmp_path):
     weights = "Data/com.apple.CoreML/weights/weight.bin"
     assert (ours / weights).read_bytes() == (theirs / weights).read_bytes()
 
-    # Auto-generated op names (cast_0 / cast_1) follow a per-process counter; compare the rest.
+    # Auto-generated op names (cast_0 / cast_1, ..._lut_7) follow per-process counters, and the order of
+    # independent consts follows those names: compare each op with what it reads, names aside.
     def structure(pkg):
-        return [(op.op_type, [v.shape for v in op.outputs]) for f in mil_program(load(pkg)).functions.values()
-                for op in f.operations]
+        ops = [op for f in mil_program(load(pkg)).functions.values() for op in f.operations]
+        producers = {v.name: op.op_type for op in ops for v in op.outputs}
+        return sorted((op.op_type, tuple(v.shape for v in op.outputs),
+                       tuple(sorted(producers.get(v.name, "input") for v in _input_vars(op)))) for op in ops)
 
     assert structure(ours) == structure(theirs)
+
+
+def _input_vars(op):
+    return [v for value in op.inputs.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def test_parallel_plan_gives_the_same_bytes(source, tmp_path, monkeypatch):
