@@ -1,4 +1,4 @@
-"""Palettize the same UNet with our k-means and with coremltools' k-means (scikit-learn), side by side.
+"""Palettize the same UNet with our k-means and with coremltools' k-means, side by side.
 
     python scripts/bench_palettize.py --config tiny
     python scripts/bench_palettize.py --config sd15 --cap-minutes 15   # full-size SD 1.5, random weights
@@ -8,6 +8,11 @@ Prints wall time (load + palettize + save, each side in a fresh interpreter), pe
 PSNR against the fp16 model (both models run by the MIL runtime on CPU, or PyTorch with --output-psnr torch). When coremltools' full pass
 would exceed --cap-minutes (estimated by timing its k-means on a sample of tensors), its time is
 extrapolated from the sample and its weight SNR is measured on that sample only: the table says so.
+
+coremltools' k-means (`_get_kmeans_lookup_table_and_weight`) runs the exact 1-D k-means of its bundled
+kmeans1d (`coremltools._deps.kmeans1d`) on fp16 tensors of 10,000 elements or more, and scikit-learn's
+KMeans on the rest (or on everything, if its kmeans1d cannot be imported). The benchmark stops if that
+kmeans1d is missing, and counts which backend each coremltools call used (the "k-means backend" row).
 """
 import argparse
 import json
@@ -81,8 +86,54 @@ def output_psnr(src, dst, inputs, how, module=None, torch_inputs=None):
     return psnr(ref, out)
 
 
-def palettize_in_child(which: str, src: Path, dst: Path, nbits: int) -> float:
-    """Wall time of load + palettize + save in a fresh interpreter (imports not counted), the source's
+KMEANS1D_MISSING = ("coremltools' kmeans1d (coremltools._deps.kmeans1d) failed to import, so coremltools would "
+                    "palettize with scikit-learn only: reinstall coremltools==9.0, which bundles it (pip install "
+                    "kmeans1d gives a separate package that coremltools does not import)")
+
+
+def require_kmeans1d() -> None:
+    """coremltools at its best: with its bundled kmeans1d. Exit with one line if it is missing."""
+    from coremltools._deps import _HAS_KMEANS1D
+
+    if not _HAS_KMEANS1D:
+        raise SystemExit(KMEANS1D_MISSING)
+
+
+def count_kmeans_backends() -> dict:
+    """Wrap the two k-means coremltools can call; returns {backend: {"calls": n, "elements": m}}, filled as
+    they run. The wrappers only count: they pass every argument through and return what they returned."""
+    import sklearn.cluster
+    from coremltools.models.neural_network import quantization_utils as qu
+
+    counts = {"kmeans1d": {"calls": 0, "elements": 0}, "scikit-learn": {"calls": 0, "elements": 0}}
+    cluster, fit = qu._kmeans1d.cluster, sklearn.cluster.KMeans.fit
+
+    class Kmeans1d:
+        @staticmethod
+        def cluster(values, k, **kw):
+            counts["kmeans1d"]["calls"] += 1
+            counts["kmeans1d"]["elements"] += int(np.sum(kw["weights"])) if "weights" in kw else len(values)
+            return cluster(values, k, **kw)
+
+    def counted_fit(self, x, *a, **kw):
+        counts["scikit-learn"]["calls"] += 1
+        counts["scikit-learn"]["elements"] += int(np.size(x))
+        return fit(self, x, *a, **kw)
+
+    qu._kmeans1d = Kmeans1d
+    sklearn.cluster.KMeans.fit = counted_fit
+    return counts
+
+
+def describe_backends(counts: dict) -> str:
+    used = [f"{name} on {c['calls']} tensors ({c['elements'] / 1e6:.1f} M values)"
+            for name, c in counts.items() if c["calls"]]
+    return ", ".join(used) or "none"
+
+
+def palettize_in_child(which: str, src: Path, dst: Path, nbits: int) -> dict:
+    """{"wall_s": load + palettize + save in a fresh interpreter (imports not counted), "kmeans_backends":
+    what coremltools' k-means calls used (None for ours)}, the source's
     weights read into the page cache first: neither side pays for this process's memory or for disk
     reads (this machine keeps only ~3 GB of page cache, and the harness's own reads evict the package)."""
     for blob in src.rglob("*.bin"):  # same start for both sides: the weights in the page cache, not on disk
@@ -92,24 +143,28 @@ def palettize_in_child(which: str, src: Path, dst: Path, nbits: int) -> float:
     shutil.rmtree(dst, ignore_errors=True)  # a previous run's output in a reused --work-dir
     cmd = [sys.executable, __file__, "--child", which, "--src", str(src), "--dst", str(dst), "--nbits", str(nbits)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["wall_s"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def child(which: str, src: Path, dst: Path, nbits: int) -> None:
     import coremltools.optimize.coreml as cto
 
+    counts = None
+    if which == "coremltools":
+        require_kmeans1d()
+        counts = count_kmeans_backends()
     t0 = time.perf_counter()
     if which == "ours":
         palettize_mlpackage(src, dst, nbits)
     else:
         config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=nbits))
         cto.palettize_weights(ct_model(src), config).save(str(dst))
-    print(json.dumps({"wall_s": time.perf_counter() - t0}))
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "kmeans_backends": counts}))
 
 
 def run_ours(src, work, nbits, originals):
     dst = work / "ours.mlpackage"
-    wall = palettize_in_child("ours", src, dst, nbits)
+    wall = palettize_in_child("ours", src, dst, nbits)["wall_s"]
     t0 = time.perf_counter()
     for w in originals.values():
         palettize_array(w, nbits)
@@ -128,6 +183,7 @@ def coremltools_sample(originals, nbits, count, max_fraction=1.0):
     """coremltools' own per-tensor k-means on ``count`` tensors spread over the size range."""
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
 
+    counts = count_kmeans_backends()
     names = sorted(originals, key=lambda n: originals[n].size)
     picks = [names[int(i)] for i in np.linspace(0, max_fraction * (len(names) - 1), count).round()]
     seconds, snrs = 0.0, {}
@@ -142,14 +198,16 @@ def coremltools_sample(originals, nbits, count, max_fraction=1.0):
         print(f"  sample {name} {w.shape}: coremltools {seconds:.1f}s so far, SNR ct {snrs[name][0]:.2f} dB"
               f" / ours {snrs[name][1]:.2f} dB", flush=True)
     elements = sum(originals[n].size for n in snrs)
-    return seconds, elements, snrs
+    print(f"  coremltools k-means backend on the sample: {describe_backends(counts)}", flush=True)
+    return seconds, elements, snrs, counts
 
 
 def run_coremltools(src, work, nbits, originals):
     dst = work / "coremltools.mlpackage"
-    wall = palettize_in_child("coremltools", src, dst, nbits)
+    child = palettize_in_child("coremltools", src, dst, nbits)
     decoded = lut_weights(ct_model(dst))
-    return dst, {"wall_s": wall, **snr_stats(originals, decoded)}
+    print(f"coremltools k-means backend: {describe_backends(child['kmeans_backends'])}", flush=True)
+    return dst, {**child, **snr_stats(originals, decoded)}
 
 
 def main(argv=None):
@@ -173,6 +231,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         return child(args.child, args.src, args.dst, args.nbits)
+    require_kmeans1d()
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_palettize_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -200,9 +259,10 @@ def main(argv=None):
     result["ours"]["output_psnr_db"] = output_psnr(src, ours_pkg, *psnr_args)
     print(f"ours output PSNR {result['ours']['output_psnr_db']:.2f} dB", flush=True)
 
-    seconds, elements, snrs = coremltools_sample(originals, args.nbits, args.sample, args.max_sample_fraction)
+    seconds, elements, snrs, counts = coremltools_sample(originals, args.nbits, args.sample, args.max_sample_fraction)
     estimate = seconds * result["elements"] / elements
     result["coremltools_sample"] = {"seconds": seconds, "elements": int(elements), "estimate_full_s": estimate,
+                                    "kmeans_backends": counts,
                                     "snr_db": {n: {"coremltools": a, "ours": b} for n, (a, b) in snrs.items()}}
     print(f"coremltools k-means estimate for the whole model: {estimate:.0f}s", flush=True)
     if estimate <= args.cap_minutes * 60:
@@ -211,7 +271,7 @@ def main(argv=None):
         result["ours"]["worse_tensors"] = worse_count(result["ours"]["snr_db"], result["coremltools"]["snr_db"])
         result["coremltools"]["worse_tensors"] = worse_count(result["coremltools"]["snr_db"], result["ours"]["snr_db"])
     else:
-        result["coremltools"] = {"wall_s_estimated": estimate, "capped": True}
+        result["coremltools"] = {"wall_s_estimated": estimate, "capped": True, "kmeans_backends": counts}
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -224,6 +284,8 @@ def print_table(r):
     print(f"\n{r['config']} UNet, {r['nbits']}-bit, {r['tensors']} tensors, {r['elements'] / 1e6:.1f} M weights,"
           f" {r['cpu_count']} CPUs")
     print("| | ours | coremltools kmeans |\n| --- | --- | --- |")
+    backends = describe_backends(ct_["kmeans_backends"])
+    print(f"| k-means backend | ours (compression/kmeans.py) | {backends}{' (sample)' if ct_.get('capped') else ''} |")
     if ct_.get("capped"):
         print(f"| wall time | {ours['wall_s']:.1f} s | ~{ct_['wall_s_estimated']:.0f} s (extrapolated from "
               f"{len(sample)} tensors, not run) |")

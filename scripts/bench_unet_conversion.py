@@ -1,11 +1,19 @@
-"""Benchmark: full-size SD 1.5 UNet (random weights, fixed seed) -> Core ML, plain path vs ours.
+"""Benchmark: full-size SD 1.5 UNet (random weights, fixed seed) -> Core ML, the plain paths vs ours.
 
-plain: diffusers UNet -> torch.jit.trace -> coremltools.convert(mlprogram, fp16) -> save
-ours:  python_coreml_sd.convert.unet.build_mlprogram (Neural-Engine UNet sharing the diffusers tensors,
-       two-step conversion with a trimmed pass pipeline) -> save
+Rows (each path in a fresh subprocess; wall time and peak RSS from os.wait4 of that child):
 
-Each path runs in a fresh subprocess; wall time and peak RSS (getrusage of that child) are reported side
-by side. Usage:  python scripts/bench_unet_conversion.py [--family sd1] [--latent 64] [--keep DIR]
+  plain: jit.trace(check_trace=False) + ct.convert     diffusers UNet -> torch.jit.trace -> ct.convert -> save
+  plain: torch.export + ct.convert                      diffusers UNet -> torch.export.export
+                                                        -> .run_decompositions({}) -> ct.convert -> save
+  plain: jit.trace(check_trace=True) + ct.convert       only with --with-check-trace (torch.jit.trace's default)
+  ours: build_mlprogram (SPLIT_EINSUM)                  python_coreml_sd.convert.unet.build_mlprogram -> save
+
+Every path converts to an fp16 ML Program (macOS13 target, skip_model_load=True) and saves with
+MLModel.save. "best plain" is, per column, the best plain row that succeeded (lowest wall time, lowest
+peak RSS); a plain path that fails shows its error instead of numbers. Afterwards each package runs on the
+MIL runtime against the diffusers UNet in fp32 (--agreement none skips it).
+
+    python scripts/bench_unet_conversion.py [--family sd1] [--latent 64] [--only trace export ours] [--keep DIR]
 """
 import argparse
 import json
@@ -20,6 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+PLAIN = ("trace", "export", "trace_checked")
+PATHS = ("trace", "export", "trace_checked", "ours")
+
+
+def label(which: str, args) -> str:
+    return {"trace": "plain: jit.trace(check_trace=False) + ct.convert",
+            "trace_checked": "plain: jit.trace(check_trace=True) + ct.convert",
+            "export": "plain: torch.export + ct.convert",
+            "ours": f"ours: build_mlprogram ({args.attention_implementation})"}[which]
+
 
 def build_diffusers_unet(family: str, seed: int):
     import torch
@@ -30,44 +48,76 @@ def build_diffusers_unet(family: str, seed: int):
 
 
 def bench_inputs(unet, latent: int):
+    """Our converter's sample inputs: encoder_hidden_states in the (B, C, 1, S) layout."""
     from python_coreml_sd.convert.unet import sample_inputs
     return sample_inputs(dict(unet.config), 2, latent, latent, 77)
 
 
-def child_plain(args, out: Path) -> dict:
+def diffusers_layout(inputs: dict) -> dict:
+    """The same inputs with encoder_hidden_states as diffusers takes it, (B, S, C)."""
+    out = dict(inputs)
+    out["encoder_hidden_states"] = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2).contiguous()
+    return out
+
+
+def plain_convert(model, inputs: dict):
+    """ct.convert as a plain script calls it (default pass pipeline), for a traced or exported model."""
     import coremltools as ct
     import numpy as np
+    return ct.convert(model, convert_to="mlprogram",
+                      inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
+                      outputs=[ct.TensorType(name="noise_pred", dtype=np.float32)],
+                      compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.macOS13,
+                      skip_model_load=True)
+
+
+def child_plain(args, out: Path, which: str) -> dict:
     import torch
 
     from python_coreml_sd.compression.testbed import UNetWrapper
 
     phases, start = {}, time.perf_counter()
+
+    def phase(name):
+        phases[name] = time.perf_counter() - start - sum(phases.values())
+
     unet = build_diffusers_unet(args.family, args.seed)
-    inputs = bench_inputs(unet, args.latent)
-    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2).contiguous()
-    phases["build"] = time.perf_counter() - start
+    inputs = diffusers_layout(bench_inputs(unet, args.latent))
+    phase("build")
     with torch.no_grad():
-        traced = torch.jit.trace(UNetWrapper(unet).eval(), tuple(inputs.values()), check_trace=args.plain_check_trace)
-    phases["trace"] = time.perf_counter() - start - sum(phases.values())
-    mlmodel = ct.convert(traced, convert_to="mlprogram",
-                         inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=np.float32) for k, v in inputs.items()],
-                         outputs=[ct.TensorType(name="noise_pred", dtype=np.float32)],
-                         compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.macOS13,
-                         skip_model_load=True)
-    phases["convert"] = time.perf_counter() - start - sum(phases.values())
+        if which == "export":
+            model = torch.export.export(UNetWrapper(unet).eval(), tuple(inputs.values()))
+            phase("export")
+            # coremltools takes the ATEN dialect; torch.export gives TRAINING, and ct.convert's own error
+            # message says to call run_decompositions({}) first.
+            model = model.run_decompositions({})
+            phase("decompose")
+        else:
+            model = torch.jit.trace(UNetWrapper(unet).eval(), tuple(inputs.values()),
+                                    check_trace=which == "trace_checked")
+            phase("trace")
+    mlmodel = plain_convert(model, inputs)
+    phase("convert")
     mlmodel.save(str(out))
-    phases["save"] = time.perf_counter() - start - sum(phases.values())
+    phase("save")
     return phases
 
 
 def child_ours(args, out: Path) -> dict:
-    from python_coreml_sd.convert.common import ConversionOptions
     import logging
+
     from python_coreml_sd import registry
+    from python_coreml_sd.convert.common import ConversionOptions
     from python_coreml_sd.convert.unet import build_mlprogram, sample_inputs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("python_coreml_sd").setLevel(logging.DEBUG)  # stage-by-stage memory
+    # Our stage-by-stage memory log only: a root handler at INFO would also print coremltools' per-op
+    # INFO lines (thousands on a UNet), which the plain paths do not pay for.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log = logging.getLogger("python_coreml_sd")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    log.propagate = False
     phases, start = {}, time.perf_counter()
     options = ConversionOptions(args.family, out.parent, attention_implementation=args.attention_implementation)
     config = registry.family(args.family)["architecture"]["unet"]
@@ -79,37 +129,51 @@ def child_ours(args, out: Path) -> dict:
     return phases
 
 
-def child_agreement(args, out: Path) -> dict:
-    """PSNR of our fp16 program (MIL runtime) against the diffusers UNet in fp32, when a runtime exists."""
-    try:
-        from python_coreml_sd.runtime.mil import MILModel
-    except ImportError as exc:
-        return {"skipped": f"no MIL runtime ({exc})"}
+def child_agreement(args, workdir: Path) -> dict:
+    """PSNR of each saved fp16 package (MIL runtime, CPU) against the diffusers UNet in fp32, same inputs."""
+    import gc
+
     from python_coreml_sd.convert.unet import diffusers_reference
     from python_coreml_sd.metrics import psnr
+    from python_coreml_sd.runtime.mil import MILModel
     unet = build_diffusers_unet(args.family, args.seed)
     inputs = bench_inputs(unet, args.latent)
     reference = diffusers_reference(unet, inputs)
     del unet
-    result = MILModel(str(out)).predict({k: v.numpy() for k, v in inputs.items()})
-    return {"psnr_db": psnr(reference, result["noise_pred"])}
+    gc.collect()
+    results = {}
+    for which in args.paths:
+        package = workdir / f"{which}.mlpackage"
+        if not package.exists():
+            continue
+        try:
+            model = MILModel(str(package))
+            rank = len(model.input_description["encoder_hidden_states"].shape)
+            feed = inputs if rank == 4 else diffusers_layout(inputs)  # ours (B, C, 1, S), plain (B, S, C)
+            results[which] = psnr(reference, model.predict({k: v.numpy() for k, v in feed.items()})["noise_pred"])
+        except Exception as exc:  # report, don't hide the other rows
+            results[which] = f"{type(exc).__name__}: {exc}"
+        model = None
+        gc.collect()
+        print(f"agreement {which}: {results[which]}", flush=True)
+    return results
 
 
 def run_child(which: str, args, workdir: Path) -> dict:
-    """Run one path in a fresh interpreter; returns its phases, wall time and peak RSS (GiB)."""
+    """Run one path in a fresh interpreter; returns its phases (or error), wall time and peak RSS (GiB)."""
     report = workdir / f"{which}.json"
+    report.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", which, "--workdir", str(workdir), "--family", args.family,
            "--latent", str(args.latent), "--seed", str(args.seed),
-           "--attention-implementation", args.attention_implementation]
-    if not args.plain_check_trace:
-        cmd.append("--plain-no-check-trace")
+           "--attention-implementation", args.attention_implementation, "--only", *args.paths]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{which} child failed (wait status {status})")
-    result = json.loads(report.read_text())
+    result = json.loads(report.read_text()) if report.exists() else {}
+    if status != 0 and "error" not in result:
+        code = os.waitstatus_to_exitcode(status)
+        result["error"] = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
     result.update(wall_s=wall, peak_rss_gib=usage.ru_maxrss / 2**20)  # ru_maxrss is KiB on Linux
     return result
 
@@ -118,19 +182,56 @@ def weights_gib(package: Path) -> float:
     return sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**30
 
 
-def print_table(plain: dict, ours: dict, args) -> None:
-    rows = [("wall time (s)", plain["wall_s"], ours["wall_s"]),
-            ("peak RSS (GiB)", plain["peak_rss_gib"], ours["peak_rss_gib"]),
-            ("package size (GiB)", plain["package_gib"], ours["package_gib"])]
-    print(f"\nSD UNet '{args.family}', latent {args.latent}x{args.latent}, batch 2, fp16, "
-          f"ours = {args.attention_implementation}; plain check_trace={args.plain_check_trace}; "
-          f"{os.cpu_count()} CPU cores")
-    print(f"| {'':20} | {'plain':>10} | {'ours':>10} | {'ours/plain':>10} |")
-    print(f"|{'-' * 22}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
-    for name, a, b in rows:
-        print(f"| {name:20} | {a:10.2f} | {b:10.2f} | {b / a:10.2f} |")
-    print("phases plain:", {k: round(v, 1) for k, v in plain["phases"].items()})
-    print("phases ours: ", {k: round(v, 1) for k, v in ours["phases"].items()})
+def best_plain(results: dict, key: str):
+    ok = [w for w in PLAIN if w in results and "error" not in results[w]]
+    return min(ok, key=lambda w: results[w][key]) if ok else None
+
+
+def print_table(results: dict, agreement: dict, args) -> None:
+    print(f"\nSD UNet '{args.family}', latent {args.latent}x{args.latent}, batch 2, fp16, macOS13; "
+          f"{os.cpu_count()} CPU cores visible, {len(os.sched_getaffinity(0))} usable")
+    head = ("path", "wall (s)", "peak RSS (GiB)", "package (GiB)", "PSNR vs diffusers fp32")
+    print("| " + " | ".join(head) + " |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for which in args.paths:
+        r = results[which]
+        psnr = agreement.get(which, "")
+        psnr = f"{psnr:.1f} dB" if isinstance(psnr, float) else ("" if not psnr else "failed")
+        if "error" in r:
+            print(f"| {label(which, args)} | failed: {r['error']} | {r['peak_rss_gib']:.2f} | | |")
+        else:
+            print(f"| {label(which, args)} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+                  f"{r['package_gib']:.2f} | {psnr} |")
+    fast, small = best_plain(results, "wall_s"), best_plain(results, "peak_rss_gib")
+    if "ours" in results and "error" not in results["ours"] and fast:
+        ours = results["ours"]
+        print(f"| ours / best plain | {ours['wall_s'] / results[fast]['wall_s']:.2f}x | "
+              f"{ours['peak_rss_gib'] / results[small]['peak_rss_gib']:.2f}x | | |")
+        print(f"best plain: wall = {label(fast, args)}; peak RSS = {label(small, args)}")
+    for which in args.paths:
+        if "error" not in results[which]:
+            print(f"phases {label(which, args)}:", {k: round(v, 1) for k, v in results[which]["phases"].items()})
+        else:
+            print(f"{label(which, args)} failed: {results[which]['error']}")
+
+
+def child_main(args) -> None:
+    out = args.workdir / f"{args.child}.mlpackage"
+    report = args.workdir / f"{args.child}.json"
+    try:
+        if args.child == "agreement":
+            result = {"psnr_db": child_agreement(args, args.workdir)}
+        elif args.child == "ours":
+            result = {"phases": child_ours(args, out)}
+        else:
+            result = {"phases": child_plain(args, out, args.child)}
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        report.write_text(json.dumps({"error": message[:300]}))
+        raise SystemExit(1)
+    report.write_text(json.dumps(result))
 
 
 def main():
@@ -139,30 +240,37 @@ def main():
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention-implementation", default="SPLIT_EINSUM")
-    parser.add_argument("--plain-no-check-trace", dest="plain_check_trace", action="store_false",
-                        help="trace the plain path with check_trace=False (default: torch.jit.trace's "
-                             "default, check_trace=True, as a plain conversion script does)")
-    parser.add_argument("--only", choices=("plain", "ours"), help="run one path")
+    parser.add_argument("--with-check-trace", action="store_true",
+                        help="also run the plain path with torch.jit.trace's default check_trace=True "
+                             "(a second and third forward pass plus a graph comparison)")
+    parser.add_argument("--only", nargs="+", choices=PATHS, dest="paths", help="run these paths only")
+    parser.add_argument("--agreement", choices=("all", "none"), default="all",
+                        help="run each package on the MIL runtime against the diffusers UNet in fp32")
     parser.add_argument("--keep", type=Path, help="keep the packages in this folder")
-    parser.add_argument("--child", choices=("plain", "ours", "agreement"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=PATHS + ("agreement",), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paths is None:
+        args.paths = ["trace", "export"] + (["trace_checked"] if args.with_check_trace else []) + ["ours"]
     if args.child:
-        out = args.workdir / f"{'ours' if args.child == 'agreement' else args.child}.mlpackage"
-        phases = {"plain": child_plain, "ours": child_ours, "agreement": child_agreement}[args.child](args, out)
-        (args.workdir / f"{args.child}.json").write_text(json.dumps({"phases": phases}))
-        return
+        return child_main(args)
+    import python_coreml_sd
+    print(f"python_coreml_sd from {Path(python_coreml_sd.__file__).parent}", flush=True)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_unet_", dir=args.keep))
     try:
         results = {}
-        for which in (("plain", "ours") if not args.only else (args.only,)):
+        for which in args.paths:
             results[which] = run_child(which, args, workdir)
-            results[which]["package_gib"] = weights_gib(workdir / f"{which}.mlpackage")
-            print(which, json.dumps(results[which]), flush=True)
-        if len(results) == 2:
-            print_table(results["plain"], results["ours"], args)
-        if "ours" in results:
-            print("agreement (ours fp16 vs diffusers fp32):", run_child("agreement", args, workdir)["phases"])
+            package = workdir / f"{which}.mlpackage"
+            if "error" not in results[which]:
+                results[which]["package_gib"] = weights_gib(package)
+            print(label(which, args), json.dumps(results[which]), flush=True)
+        agreement = {}
+        if args.agreement == "all":
+            agreement = run_child("agreement", args, workdir).get("psnr_db", {})
+        print_table(results, agreement, args)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
