@@ -122,7 +122,7 @@ def child_ours(args, out: Path) -> dict:
     options = ConversionOptions(args.family, out.parent, attention_implementation=args.attention_implementation)
     config = registry.family(args.family)["architecture"]["unet"]
     inputs = sample_inputs(config, 2, args.latent, args.latent, 77)
-    mlmodel, _ = build_mlprogram(lambda: build_diffusers_unet(args.family, args.seed), inputs, options)
+    mlmodel, _ = build_mlprogram(lambda: build_diffusers_unet(args.family, args.seed), inputs, options, config)
     phases["build+trace+convert"] = time.perf_counter() - start
     mlmodel.save(str(out))
     phases["save"] = time.perf_counter() - start - sum(phases.values())
