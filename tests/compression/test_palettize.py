@@ -11,7 +11,7 @@ from python_coreml_sd.compression.palettize import (
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.metrics import psnr
 
-ct = pytest.importorskip("coremltools")
+import coremltools as ct  # noqa: E402  (a missing coremltools is a failure, not a skip)
 LARGE = {"conv1_weight_to_fp16": (64, 8, 3, 3), "conv2_weight_to_fp16": (64, 64, 3, 3),
          "fc_weight_to_fp16": (96, 512)}
 # Output PSNR (MIL runtime, fp16) against the unpalettized fp16 model, measured on this net;
