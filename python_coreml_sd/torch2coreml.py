@@ -140,8 +140,11 @@ def check_compression(options: ConversionOptions) -> None:
             "iOS18", "macOS15"):
         raise UserError("--palettize-granularity per_grouped_channel needs --min-deployment-target iOS18 or macOS15")
     if options.mixed_bit_recipe:
-        from .compression.mixed_bit import load_recipe
-        load_recipe(options.mixed_bit_recipe)
+        from .compression.recipes import load_recipe
+        if 3 in load_recipe(options.mixed_bit_recipe).values() and options.min_deployment_target not in (
+                "iOS18", "macOS15"):
+            raise UserError(f"mixed-bit recipe {options.mixed_bit_recipe}: 3 bits needs --min-deployment-target iOS18 "
+                            "or macOS15 (before iOS 18, Core ML's look-up tables hold 2, 4, 16, 64 or 256 entries)")
 
 
 def convert(options: ConversionOptions, components: list) -> list:
@@ -151,10 +154,13 @@ def convert(options: ConversionOptions, components: list) -> list:
     if not components:
         raise UserError("nothing to convert; pass at least one --convert-* flag")
     check_compression(options)
-    prepare_output_dir(Path(options.output_dir))
     source = resolve(options.model_version)
     for component in components:  # fail before any work, not after the first component
         source.require(SOURCE_FOLDER[component])
+    if options.mixed_bit_recipe and "unet" in components:
+        from .convert.unet import check_recipe
+        check_recipe(source, options)
+    prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good
     written = []
     for index, component in enumerate(components, 1):
         print(f"[{index}/{len(components)}] {component}: converting...", file=sys.stderr, flush=True)
