@@ -25,10 +25,12 @@ def handle_interrupts(prog: str) -> None:
     sys.excepthook = hook
 
 
-def quiet_third_party(verbose: bool = False) -> None:
+def quiet_third_party(verbose: bool = False, converters: bool = True) -> None:
     """Hide the warnings and per-pass progress bars of torch tracing and coremltools.
 
-    Users see our own per-component progress instead; `--verbose` shows everything.
+    Users see our own per-component progress instead; `--verbose` shows everything. With
+    ``converters=False`` transformers and coremltools are not imported for it (a tool that may not
+    use them starts 10 s sooner; their loggers are still quiet if they load later).
     """
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -39,6 +41,8 @@ def quiet_third_party(verbose: bool = False) -> None:
     for name in ("coremltools", "transformers", "diffusers", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not converters:
+        return
     try:
         import transformers
         import diffusers

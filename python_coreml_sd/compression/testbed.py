@@ -62,14 +62,17 @@ def unet(config: str = "tiny", seed: int = 0):
     arch = registry.family({"tiny": "tiny", "sd15": "sd1"}[config])["architecture"]["unet"]
     torch.manual_seed(seed)
     model = UNetWrapper(UNet2DConditionModel(**arch).eval()).eval()
-    cfg = model.unet.config
+    return model, unet_inputs(model.unet.config, 77 if config == "sd15" else 8, seed)
+
+
+def unet_inputs(cfg, sequence_length: int, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    """Batch-1 sample inputs for a diffusers UNet config: latents, timestep 500, text embeddings."""
     g = torch.Generator().manual_seed(seed + 1)
-    inputs = OrderedDict(
+    return OrderedDict(
         sample=torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
         timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 77 if config == "sd15" else 8, cfg.cross_attention_dim, generator=g),
+        encoder_hidden_states=torch.randn(1, sequence_length, cfg.cross_attention_dim, generator=g),
     )
-    return model, inputs
 
 
 def convert(module, inputs: "OrderedDict[str, torch.Tensor]", dest, output_name: str = "output") -> Path:

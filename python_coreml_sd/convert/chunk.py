@@ -162,8 +162,10 @@ def make_second_chunk(prog, cut: int) -> list:
         if fp16:  # fp32 across the cut (see make_first_chunk), back to fp16 before its first use
             with func:
                 new_var = mb.cast(x=new_var, dtype="fp16", name=var.name + "_fp16", before_op=ops[cut])
+        # force_replace: the check that guards constexpr (palettized) weights upstream of old_var does
+        # not apply, since everything before the cut is removed below.
         func.replace_uses_of_var_after_op(anchor_op=None, old_var=var, new_var=new_var,
-                                          no_check_var_types=True)
+                                          no_check_var_types=True, force_replace=True)
         names.append(var.name)
     func.remove_ops([op for op in reversed(ops[:cut]) if not _is_input_cast(op, func)])
     _eliminate_dead_code(prog)

@@ -142,7 +142,7 @@ def compress(mlmodel, options: ConversionOptions, component: str):
     recipe = options.mixed_bit_recipe if component.startswith("unet") else None
     if not options.quantize_nbits and not recipe:
         return mlmodel
-    from ..compression.mixed_bit import load_recipe
+    from ..compression.recipes import load_recipe
     from ..compression.palettize import palettize_model
     return palettize_model(mlmodel, options.quantize_nbits, options.palettize_granularity,
                            options.palettize_group_size, recipe=load_recipe(recipe) if recipe else None)

@@ -159,6 +159,19 @@ def convert_unet(source, options) -> list:
     return [out, *chunk_mlpackage(out, options)]
 
 
+def check_recipe(source, options) -> None:
+    """UserError, before any conversion, if the mixed-bit recipe names a layer this UNet lacks: the
+    Neural-Engine UNet (built on the meta device, no weights) has the diffusers UNet's module paths,
+    and its MIL weights are named after them for every attention implementation."""
+    from ..compression.recipes import check_layer_names, load_recipe
+
+    config = source.config("unet")
+    check_supported(config)
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(dict(config), options.attention_implementation)
+    check_layer_names(load_recipe(options.mixed_bit_recipe), model, f"the UNet of {source.name!r}")
+
+
 def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
 

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from python_coreml_sd.compression import mixed_bit, testbed
+from python_coreml_sd.compression import mixed_bit, recipes, testbed
 from python_coreml_sd.compression.palettize import lut_weights, mil_program
 from python_coreml_sd.errors import UserError
 
@@ -83,8 +83,33 @@ def test_apply_recipe(source, tmp_path):
 def test_recipe_errors(source, tmp_path):
     with pytest.raises(UserError, match="not in the model"):
         mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"no_such_layer": 4})
-    with pytest.raises(UserError, match="JSON object"):
+    with pytest.raises(UserError, match="unsupported bits"):
         mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"conv2": "four"})
+    with pytest.raises(UserError, match="JSON object"):
+        mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", ["conv2", 4])
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_recipe_names_are_canonical():
+    # Recipes of the wrapped module (the analysis used to write "unet." names) load under the UNet's own.
+    assert recipes.recipe_layers({"layers": {"unet.conv_in": 4, "conv_out": 16}}) == {"conv_in": 4, "conv_out": 16}
+    with pytest.raises(UserError, match="two bit widths"):
+        recipes.recipe_layers({"unet.conv_in": 4, "conv_in": 2})
+    for bits in (0, 5, 7, 32, 4.5, True, None):
+        with pytest.raises(UserError, match="unsupported bits"):
+            recipes.recipe_layers({"conv_in": bits})
+    every_width = {f"layer{b}": b for b in (1, 2, 3, 4, 6, 8, 16)}
+    assert recipes.recipe_layers(every_width) == every_width
+
+
+def test_names_match_the_converters_weights_and_a_wrappers():
+    layers = {"down_blocks.0.resnets.0.conv1": 4}
+    consts = ["down_blocks_0_resnets_0_conv1_weight_to_fp16",  # torch2coreml: the UNet's own paths
+              "down_blocks_0_resnets_0_conv1_bias_to_fp16", "up_blocks_0_resnets_0_conv1_weight_to_fp16"]
+    assert recipes.match_consts(consts, layers) == {consts[0]: 4}
+    assert recipes.match_consts(["unet_down_blocks_0_resnets_0_conv1_weight_to_fp16"], layers)  # testbed's wrapper
+    with pytest.raises(UserError, match="not in the model"):
+        recipes.match_consts(consts[1:], layers)
 
 
 def test_plot_writes_png(tmp_path, monkeypatch):

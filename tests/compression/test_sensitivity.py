@@ -1,0 +1,142 @@
+"""The batched sensitivity analysis measures what the one-layer-at-a-time loop measured.
+
+No coremltools here: these also run on a GPU machine that has only PyTorch and diffusers.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from python_coreml_sd.compression import testbed
+from python_coreml_sd.compression.kmeans import palettize_array
+from python_coreml_sd.compression.sensitivity import Palette, Probe, analyse, palettizable_layers
+from python_coreml_sd.metrics import psnr
+
+
+def one_at_a_time(module, inputs, layers, recipe):
+    """The old measurement: weights replaced by their palettized values, one plain forward pass."""
+    saved = {n: layers[n].weight.data.clone() for n in recipe}
+    try:
+        with torch.no_grad():
+            reference = module(*inputs.values()).numpy()
+            for name, bits in recipe.items():
+                w16 = saved[name].to(torch.float16).numpy()
+                lut, indices = palettize_array(w16, bits)
+                layers[name].weight.data = torch.from_numpy(lut[indices].astype(np.float32))
+            return psnr(reference, module(*inputs.values()).numpy())
+    finally:
+        for name, weight in saved.items():
+            layers[name].weight.data = weight
+
+
+def assert_same_db(actual, expected, tolerance=0.01):
+    """Equal within ``tolerance`` dB, or both above 100 dB: there the error is float32 rounding of the
+    whole network (fp32 holds ~140 dB), which batching or thread counts move by tenths of a dB while
+    it adds under 1e-10 of the peak power to any recipe's predicted noise."""
+    for a, e in zip(np.ravel(actual), np.ravel(expected)):
+        assert a == e or abs(a - e) <= tolerance or min(a, e) > 100, (a, e)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, inputs = testbed.unet("tiny")
+    return model, inputs, palettizable_layers(model.unet)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+def test_palette_is_the_palettizers_lut(bits):
+    weight = torch.randn(64, 48, 3, 3, generator=torch.Generator().manual_seed(bits))
+    lut, indices = palettize_array(weight.to(torch.float16).numpy(), bits)
+    dense = Palette(weight, (bits,)).dense(weight, bits)
+    assert dense.dtype == torch.float32 and dense.shape == weight.shape
+    np.testing.assert_array_equal(dense.numpy(), lut[indices].astype(np.float32))
+    assert len(np.unique(dense.numpy())) <= 1 << bits
+
+
+def test_batched_recipes_measure_like_one_at_a_time(tiny):
+    model, inputs, layers = tiny
+    names = list(layers)
+    recipes = [{names[0]: 1}, {names[5]: 2, names[40]: 4}, {names[17]: 16}, {n: 2 for n in names}, {names[-1]: 6},
+               {names[33]: 1, names[34]: 1}]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    batched = Probe(model, inputs, layers, bits=(), batch=4).measure(recipes)
+    expected = [one_at_a_time(model, inputs, layers, {n: b for n, b in r.items() if b != 16}) for r in recipes]
+    assert batched[2] == float("inf") == expected[2]  # nothing palettized: the untouched output, exactly
+    assert_same_db(batched, expected)  # float rounding of batched kernels, not more
+    assert len({round(v, 1) for v in batched}) == len(recipes)  # and the recipes did differ
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # weights never touched
+
+
+def test_workers_and_paths_agree(tiny):
+    model, inputs, layers = tiny
+    subset = dict(list(layers.items())[:6])
+    runs = [analyse(Probe(model, inputs, subset, (4, 1), batch=4), workers=w, log=None, score_in_workers=s)
+            for w, s in ((2, True), (1, True), (2, False))]
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for name in subset:
+            assert_same_db([other[name][b] for b in (4, 1)], [runs[0][name][b] for b in (4, 1)])
+    name = next(iter(subset))
+    assert runs[0][name][4] == pytest.approx(one_at_a_time(model, inputs, layers, {name: 4}), abs=0.01)
+    assert runs[0][name][1] < runs[0][name][4]
+
+
+class FoldsTheBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x.reshape(-1, 64))  # (B, 2, 64) -> (2B, 64): batch entries no longer on axis 0 alone
+
+
+def test_refuses_modules_that_mix_the_batch_axis():
+    module = FoldsTheBatch()
+    probe = Probe(module, {"x": torch.randn(1, 2, 64)}, palettizable_layers(module), (2,))
+    with pytest.raises(RuntimeError, match="batch entries are not on the first axis"):
+        probe.measure([{"fc": 2}, {"fc": 16}])
+
+
+@pytest.mark.cuda
+def test_cuda_scores_match_the_cpu(tiny):
+    model, inputs, layers = tiny
+    subset = dict(list(layers.items())[:8])
+    cpu = analyse(Probe(model, inputs, subset, (8, 2)), "cpu", workers=1, log=None)
+    cuda = analyse(Probe(model, inputs, subset, (8, 2)), "cuda", log=None)
+    model.to("cpu")
+    for name in subset:
+        for bits in (8, 2):
+            assert_same_db(cuda[name][bits], cpu[name][bits], tolerance=0.05)
+
+
+def test_the_cli_runs_without_coremltools_or_transformers(tmp_path):
+    """The GPU machine has PyTorch and diffusers only: hide the converters' libraries (a site-packages
+    of links to everything else, Python started without its own site) and run the analysis there."""
+    import os
+    import site
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hidden = {"coremltools", "transformers", "sklearn", "scikit_learn"}
+    packages = tmp_path / "site"
+    packages.mkdir()
+    for root in map(Path, site.getsitepackages()):
+        for entry in root.iterdir() if root.is_dir() else ():
+            if entry.name.split("-")[0].split(".")[0].lower() not in hidden and entry.suffix != ".pth" \
+                    and not (packages / entry.name).exists():
+                (packages / entry.name).symlink_to(entry)
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "r.json"
+    code = ("import importlib.util, sys\n"
+            "assert all(importlib.util.find_spec(m) is None for m in ('coremltools', 'transformers'))\n"
+            "from python_coreml_sd.compression import mixed_bit\n"
+            f"code = mixed_bit.main(['--config', 'tiny', '--bits', '1', '--target-bits', '8', '--out', {str(out)!r}])\n"
+            "assert not {'coremltools', 'transformers'} & set(sys.modules), 'imported'\n"
+            "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{packages}"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pre-analysis: 90 layers x 1 bit widths" in result.stdout
+    assert set(json.loads(out.read_text())["layers"].values()) == {1, 16}
