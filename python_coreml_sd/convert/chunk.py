@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..package_io import save_mlmodel
-from .common import _deployment_target, log
+from .common import _deployment_target, brief_program_strings, log
 
 BALANCE_WINDOW = 0.05  # accept cuts whose chunk-1 weight share is within 45%..55%
 
@@ -176,9 +176,10 @@ def make_second_chunk(prog, cut: int) -> list:
 def program_to_mlmodel(prog, min_deployment_target: str):
     import coremltools as ct
     # FLOAT32 here only means "no further fp16 casting": the program is already in its final precision.
-    return ct.convert(prog, convert_to="mlprogram", source="milinternal", compute_precision=ct.precision.FLOAT32,
-                      minimum_deployment_target=_deployment_target(min_deployment_target),
-                      pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+    with brief_program_strings():
+        return ct.convert(prog, convert_to="mlprogram", source="milinternal", compute_precision=ct.precision.FLOAT32,
+                          minimum_deployment_target=_deployment_target(min_deployment_target),
+                          pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
 
 
 def _copy_description(source, mlmodel, chunk: int, crossing: list) -> None:

@@ -13,14 +13,15 @@ fp16 cast run, freeing each fp32 weight as its fp16 copy is made.
 import gc
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from ..layers.unet import UNet2DConditionModelANE, check_supported
-from .common import (_deployment_target, check_correctness, compress, describe, fresh_op_names, input_dtype,
-                     kept_existing, log, output_path, save, trace)
+from .common import (_deployment_target, brief_program_strings, check_correctness, compress, describe,
+                     fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, save, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
@@ -101,36 +102,38 @@ def diffusers_reference(unet, inputs: dict) -> np.ndarray:
         return unet(inputs["sample"], inputs["timestep"], context).sample.numpy()
 
 
-def unet_pass_pipeline(compute_precision: str):
-    import coremltools as ct
+def unet_passes(compute_precision: str) -> list:
     _register_streaming_fp16_pass()
     fp16 = {"common::add_fp16_cast": [STREAMING_FP16_PASS] if compute_precision == "float16" else []}
-    passes = [name for p in UNET_PASSES for name in fp16.get(p, [p])]
-    return ct.PassPipeline(passes, pipeline_name="python_coreml_sd_unet")
+    return [name for p in UNET_PASSES for name in fp16.get(p, [p])]
 
 
 def traced_to_mlprogram(holder: dict, inputs: dict, options):
-    """ct.convert in two steps, so that PyTorch's copy of the weights goes before the MIL passes and the
-    fp16 cast allocate theirs.
+    """ct.convert with no passes, our passes, then ct.convert to the package with no passes again:
+    PyTorch's copy of the weights goes before the MIL passes and the fp16 cast allocate theirs.
 
     `holder["traced"]` must be the only reference to the traced module: it is popped here. The MIL consts
     are views of the module's tensors, so each fp32 weight is freed as the streaming fp16 cast replaces it
     (a caller still holding the module would keep every fp32 weight alive until the end: +1.7 GB on SD 1.5).
     """
     import coremltools as ct
+    fresh_op_names()
     target = _deployment_target(options.min_deployment_target)
-    prog = ct.convert(holder.pop("traced"), convert_to="milinternal", source="pytorch",
-                      inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
-                              for k, v in inputs.items()],
-                      outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
-                      compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
-                      pass_pipeline=ct.PassPipeline.EMPTY)
-    gc.collect()
-    log_memory("MIL program built, PyTorch released")
-    precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
-    return ct.convert(prog, convert_to="mlprogram", source="milinternal", compute_precision=precision,
-                      minimum_deployment_target=target, pass_pipeline=unet_pass_pipeline(options.compute_precision),
-                      skip_model_load=True)
+    with brief_program_strings(), half_weights_as_constexpr():
+        prog = ct.convert(holder.pop("traced"), convert_to="milinternal", source="pytorch",
+                          inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
+                                  for k, v in inputs.items()],
+                          outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
+                          compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
+                          pass_pipeline=ct.PassPipeline.EMPTY)
+        release_free_memory()
+        log_memory("MIL program built, PyTorch released")
+        run_passes(prog, unet_passes(options.compute_precision))
+        log_memory("passes run")
+        # FLOAT32 only means "no further fp16 casting": the passes above gave the program its precision.
+        return ct.convert(prog, convert_to="mlprogram", source="milinternal", compute_precision=ct.precision.FLOAT32,
+                          minimum_deployment_target=target, pass_pipeline=ct.PassPipeline.EMPTY,
+                          skip_model_load=True)
 
 
 def unet_output_paths(options) -> list:
@@ -180,13 +183,18 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     loader rather than the module lets this function hold the only reference, so that the module's
     memory can go once its weights are in MIL.
     """
-    fresh_op_names()
     holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs)}
+    release_free_memory()
     log_memory("traced with stand-in weights")
     unet = load_unet()
     reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
-    assign_weights(holder["traced"], ane_unet_from(unet, options.attention_implementation).state_dict())
-    del unet  # the traced module now holds the only reference to the weights
+    weights = ane_unet_from(unet, options.attention_implementation).state_dict()
+    del unet
+    gc.collect()  # modules may hold reference cycles: now `weights` holds the only reference to each tensor
+    if options.compute_precision == "float16":
+        halve_large_weights(weights)
+    assign_weights(holder["traced"], weights)
+    del weights  # the traced module now holds the only reference
     log_memory("weights loaded")
     mlmodel = traced_to_mlprogram(holder, inputs, options)
     log_memory("converted")
@@ -200,14 +208,66 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict):
 def traced_skeleton(config: dict, attention_implementation: str, inputs: dict):
     """The Neural-Engine UNet traced with stand-in weights (one zero per tensor, expanded to its shape):
     the graph depends on shapes only, and the weights are module attributes that `assign_weights` sets.
-
-    Traced at batch 1: batch sizes reach the graph only as traced size ops (the model has no
-    batch-dependent control flow), and ct.convert declares the real shapes."""
+    The trace's forward pass runs on `trace_inputs`, smaller than the real ones."""
     with torch.device("meta"):
         model = UNet2DConditionModelANE(dict(config), attention_implementation)
     stand_ins = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(stand_ins, strict=True, assign=True)
-    return trace(model.requires_grad_(False), tuple(value[:1] for value in inputs.values()))
+    return trace(model.requires_grad_(False), trace_inputs(config, attention_implementation, inputs))
+
+
+def trace_inputs(config: dict, attention_implementation: str, inputs: dict) -> tuple:
+    """Inputs for tracing: batch 1, and for ORIGINAL and SPLIT_EINSUM a small latent too.
+
+    Batch and latent sizes reach those graphs only as traced size ops (no shape-dependent Python
+    control flow), and ct.convert declares the real shapes; the full-size forward pass would be
+    most of the trace's time (8 of 18 s on SD 1.5). SPLIT_EINSUM_V2 chooses its query chunks from the
+    sequence length in Python, so it is traced at the real latent size."""
+    sample, *rest = (value[:1] for value in inputs.values())
+    if attention_implementation != "SPLIT_EINSUM_V2":
+        small = 2 * 2 ** (len(config["block_out_channels"]) - 1)  # each level at least 2x2
+        sample = sample[:, :, :small, :small]
+    return (sample, *rest)
+
+
+def halve_large_weights(weights: dict) -> None:
+    """Each large fp32 weight -> fp16, in place and one at a time, so the fp32 copy goes as its fp16 one
+    comes: an fp16 package's weights are rounded exactly so by the fp16 pass, and the MIL program then
+    never holds them in fp32 (`half_weights_as_constexpr`). A weight beyond fp16's range stays fp32,
+    for the fp16 pass to judge as coremltools' does."""
+    for name, value in weights.items():
+        if value.dtype == torch.float32 and value.numel() >= LARGE_WEIGHT_ELEMENTS and \
+                not _exceeds_fp16(value.numpy()):
+            weights[name] = value.half()
+            del value
+
+
+@contextmanager
+def half_weights_as_constexpr():
+    """While converting from PyTorch, an fp16 weight becomes `constexpr_cast(fp16 -> fp32)` instead of
+    an fp16 const: the program stays fp32 as coremltools' passes expect, with half the memory, and
+    const_elimination leaves constexpr ops alone. The fp16 pass below turns each back into an fp16
+    const. coremltools has no option for this, hence the patch of its torch frontend's const maker;
+    without that method (another coremltools) the weights become ordinary fp32 consts."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.converter import TorchConverter
+
+    original = getattr(TorchConverter, "_add_const", None)
+    if original is None:
+        yield
+        return
+
+    def add_const(self, name, val):
+        if isinstance(val, torch.Tensor) and val.dtype == torch.float16 and val.numel() >= LARGE_WEIGHT_ELEMENTS:
+            self.context.add(mb.constexpr_cast(source_val=val.detach().numpy(), output_dtype="fp32", name=name))
+        else:
+            original(self, name, val)
+
+    TorchConverter._add_const = add_const
+    try:
+        yield
+    finally:
+        TorchConverter._add_const = original
 
 
 def assign_weights(traced, state_dict: dict) -> None:
@@ -221,6 +281,17 @@ def assign_weights(traced, state_dict: dict) -> None:
         for part in path:
             module = getattr(module, part)
         setattr(module, leaf, value)
+
+
+def release_free_memory() -> None:
+    """Collect cycles and hand the C heap's free pages back to the system (glibc keeps them otherwise),
+    so that the peak that follows does not stack on memory nothing uses."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def log_memory(stage: str) -> None:
@@ -255,15 +326,16 @@ def _register_streaming_fp16_pass():
         return
 
     def large_fp32_weights(op) -> list:
-        vars_ = [v for value in op.inputs.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
-        return [v for v in vars_ if v.op is not None and v.op.op_type == "const" and v.dtype == types.fp32
+        return [v for v in flat_inputs(op) if v.op is not None and v.op.op_type == "const" and v.dtype == types.fp32
                 and v.val is not None and np.size(v.val) >= LARGE_WEIGHT_ELEMENTS]
 
     def fold_casts(weight) -> None:
         block = weight.op.enclosing_block
         for cast in list(weight.child_ops):
             folded = mb.const(val=cast.outputs[0].val, name=cast.outputs[0].name, before_op=cast)
-            block.replace_uses_of_var_after_op(anchor_op=folded.op, old_var=cast.outputs[0], new_var=folded)
+            # anchored at the cast, the var's producer: coremltools then visits only its consumers
+            # instead of every later op (4 s on SD 1.5)
+            block.replace_uses_of_var_after_op(anchor_op=cast, old_var=cast.outputs[0], new_var=folded)
             block.remove_ops([cast])
         const_op = weight.op
         block.remove_ops([const_op])
@@ -284,13 +356,96 @@ def _register_streaming_fp16_pass():
                             return True
             return False
 
+        def _check_underflow_to_zero(self, new_var, var):
+            # The stock check looks at arrays of fewer than 400 values only, but flattens (copies) every
+            # weight to count them: 2 s on SD 1.5. Same check, counted without the copy.
+            if var.val is None or np.size(var.val) < 400:
+                super()._check_underflow_to_zero(new_var, var)
+
         def transform_op(self, op) -> None:
             weights = large_fp32_weights(op)
-            super().transform_op(op)
+            if any(var.dtype == types.str and var.val == "int32" for var in flat_inputs(op)):  # the stock's
+                # dtype-string case (it rewrites "int32" arguments), never met in a UNet
+                super().transform_op(op)
+            else:
+                self._retype(op)
             for weight in weights:
                 if weight.child_ops and all(c.op_type == "cast" and c.outputs[0].val is not None
                                             for c in weight.child_ops):
                     fold_casts(weight)
+
+        def _retype(self, op) -> None:
+            """The stock transform (each fp32 input cast to fp16, the op rebuilt in fp16, each output cast
+            back to fp32 for its consumers), except that an input which is such a cast back is replaced by
+            the fp16 var it came from. The stock pass casts it to fp16 again and leaves the pair for
+            cast_optimization to remove: a third of the ops it builds, on a UNet 10 s."""
+            inputs, changed = {}, False
+            for param, value in op.inputs.items():
+                if not self.should_cast_parameter(op, param):
+                    continue
+                items = [self._fp16_input(var, op) for var in (value if isinstance(value, (list, tuple)) else [value])]
+                if any(new is not old for new, old in zip(items, flat(value))):
+                    changed = True
+                inputs[param] = tuple(items) if isinstance(value, (list, tuple)) else items[0]
+            if not changed:
+                return
+            inputs.update({k: v for k, v in op.inputs.items() if k not in inputs})
+            outputs = getattr(mb, op.op_type)(**inputs, name=f"{op.name}_cast_fp16", before_op=op)
+            block = op.enclosing_block
+            for old, new in zip(op.outputs, outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+                if old.is_tensor_or_scalar_of(dtype="fp32") and not new.is_tensor_or_scalar_of(dtype="fp32"):
+                    back = mb.cast(x=new, dtype="fp32", name=f"{new.name}_to_fp32", before_op=op)
+                    self._fp16_source[back] = new
+                    new = back
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=old, new_var=new, force_replace=True)
+            block.remove_ops([op])
+
+        def _fp16_input(self, var, op):
+            if not var.is_tensor_or_scalar_of(dtype="fp32"):
+                return var
+            if var not in self._fp16_source and var.op is not None and var.op.op_type == "constexpr_cast":
+                # an fp16 weight (half_weights_as_constexpr): the same array as an fp16 const
+                self._fp16_source[var] = mb.const(val=var.op.source_val.val, name=f"{var.name}_to_fp16",
+                                                  before_op=var.op)
+            if var in self._fp16_source:
+                return self._fp16_source[var]
+            name = f"{var.name}_to_fp16"
+            cache = self.current_cache_vars()
+            if len(var.child_ops) > 1 and name in cache:
+                return cache[name]
+            cast = mb.cast(x=var, dtype="fp16", name=name, before_op=op)
+            self._check_underflow_to_zero(cast, var)
+            if len(var.child_ops) > 1:
+                cache[name] = cast
+            return cast
+
+        def apply(self, prog):
+            self._fp16_source = {}  # fp32 cast made by this pass (or constexpr weight) -> its fp16 var
+            try:
+                super().apply(prog)
+            finally:
+                self._fp16_source = {}
+            for function in prog.functions.values():
+                materialize_constexpr_casts(function)
+
+    def materialize_constexpr_casts(block) -> None:
+        """A weight left as constexpr_cast (its op stayed fp32) becomes an ordinary fp32 const."""
+        with block:
+            for op in [op for op in block.operations if op.op_type == "constexpr_cast"]:
+                if op.outputs[0].child_ops or op.outputs[0] in block.outputs:
+                    const = mb.const(val=op.source_val.val.astype(np.float32), name=op.outputs[0].name,
+                                     before_op=op)
+                    block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=const,
+                                                      force_replace=True)
+                block.remove_ops([op])
+
+
+def flat(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def flat_inputs(op) -> list:
+    return [var for value in op.inputs.values() for var in flat(value)]
 
 
 def _exceeds_fp16(values: np.ndarray) -> bool:
