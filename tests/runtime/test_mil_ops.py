@@ -617,3 +617,14 @@ def test_quantize_dequantize(tmp_path):
                    {"x": x}, tmp_path, target="iOS17")
     q = np.clip(np.round(x / scale) + zp, -128, 127)
     close(outs[0], (q - zp) * scale, 1e-6)
+
+
+def test_non_zero_has_a_run_time_length(tmp_path):
+    """non_zero (Apple's safety checker uses it to zero flagged images): row-major (N, rank) int32
+    indices, N known only at run time, and ops after it take that length."""
+    x = rand(3, 4)
+    x[x < 0] = 0
+    outs = run_mil(lambda x: (mb.non_zero(x=x), mb.gather_nd(x=x, indices=mb.non_zero(x=x))), {"x": x}, tmp_path)
+    np.testing.assert_array_equal(outs[0], np.argwhere(x))
+    assert outs[0].dtype == np.int32
+    close(outs[1], x[x != 0])

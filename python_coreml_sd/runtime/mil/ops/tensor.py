@@ -314,6 +314,13 @@ def _space_to_depth(a):
     return (lambda x: x.reshape(n, c, h // r, r, w // r, r).permute(0, 3, 5, 1, 2, 4).reshape(out)), [a.var("x")]
 
 
+@op("non_zero")
+def _non_zero(a):
+    # (N, rank) int32 indices of the non-zero elements, N known only at run time (Apple's safety
+    # checker zeroes flagged images through it); row-major order, as Core ML returns them.
+    return (lambda x: torch.nonzero(x).to(torch.int32)), [a.var("x")]
+
+
 @op("argsort")
 def _argsort(a):
     axis = int(a.scalar("axis", -1))
