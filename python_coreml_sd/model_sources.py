@@ -64,7 +64,7 @@ class ModelSource:
 
     def load_text_encoder(self):
         from transformers import CLIPTextModel
-        return self._load("text_encoder", CLIPTextModel.from_pretrained)
+        return self._load("text_encoder", lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32))
 
     def load_vae(self):
         from diffusers import AutoencoderKL
@@ -72,7 +72,8 @@ class ModelSource:
 
     def load_safety_checker(self):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        return self._load("safety_checker", StableDiffusionSafetyChecker.from_pretrained)
+        return self._load("safety_checker",
+                          lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32))
 
     def load_feature_extractor(self):
         from transformers import CLIPImageProcessor
@@ -115,6 +116,9 @@ def read_json_object(path: Path) -> dict:
 
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# transformers 5 loads in the dtype a config.json names ("auto"); a model saved in fp16 (with fp16 variant
+# files, as many published ones are) would come back fp16. The converters and references need fp32.
+FLOAT32 = "float32"
 
 
 def load_diffusers_model(cls, folder: Path):

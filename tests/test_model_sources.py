@@ -79,3 +79,23 @@ def test_unsupported_component_class_is_a_user_error(tmp_path, tiny_source):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="unsupported unet class 'UNet2DModel'"):
         resolve(str(tmp_path)).require("unet")
+
+
+def test_components_saved_in_fp16_load_in_fp32(tmp_path, tiny_source):
+    """Published models often save their text encoder and safety checker in fp16 (config.json says so,
+    beside fp16 variant files); transformers 5 would load them as saved. Converters need fp32."""
+    import shutil
+
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPTextModel
+
+    shutil.copytree(tiny_source.root, tmp_path / "m")
+    for folder, cls in (("text_encoder", CLIPTextModel), ("safety_checker", StableDiffusionSafetyChecker)):
+        half = cls.from_pretrained(str(tmp_path / "m" / folder), dtype=torch.float16)
+        half.save_pretrained(str(tmp_path / "m" / folder), variant="fp16")
+        half.save_pretrained(str(tmp_path / "m" / folder))
+        assert json.loads((tmp_path / "m" / folder / "config.json").read_text())["dtype"] == "float16"
+    source = resolve(str(tmp_path / "m"))
+    for module in (source.load_text_encoder(), source.load_safety_checker()):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
