@@ -192,3 +192,22 @@ def test_component_converted_at_another_latent_size(capsys, tmp_path, tiny_model
 def _on_macos():
     import platform
     return platform.system() == "Darwin"
+
+
+def test_a_folder_with_vocab_and_merges_brings_its_tokenizer(tmp_path, tiny_models_dir):
+    """Apple's and Hugging Face's Resources folders carry the tokenizer the text encoder was made with."""
+    import json
+
+    from python_coreml_sd import registry
+    folder = tmp_path / "Resources"
+    shutil.copytree(tiny_models_dir, folder)
+    vocab = json.loads((registry.TOKENIZER_DIR / "vocab.json").read_text())
+    vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]  # a tokenizer unlike the model's own
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    shutil.copy(registry.TOKENIZER_DIR / "merges.txt", folder / "merges.txt")
+    ids = lambda pipe: pipe.tokenizer("a cat").input_ids
+    bundled, own = open_pipeline("mil", folder, progress=False), open_pipeline("mil", tiny_models_dir, progress=False)
+    assert ids(bundled)[2] == vocab["cat</w>"] != ids(own)[2]
+    (folder / "merges.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="not a CLIP tokenizer"):
+        open_pipeline("mil", folder, progress=False)

@@ -31,10 +31,26 @@ def reference_models(source, latent_hw, device="cpu", precision="float32") -> Mo
     return load_torch(source, latent_hw, device=device, dtype=dtype)
 
 
-def build_pipeline(models: ModelSet, source, progress=True) -> StableDiffusionPipeline:
+def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None) -> StableDiffusionPipeline:
     vae_config = source.config("vae")
-    return StableDiffusionPipeline(models, source.load_tokenizer(), source.config("scheduler"),
+    return StableDiffusionPipeline(models, tokenizer or source.load_tokenizer(), source.config("scheduler"),
                                    vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress)
+
+
+def bundled_tokenizer(models_dir):
+    """The CLIP tokenizer a Resources folder carries (ours, Apple's, Hugging Face's published zips:
+    vocab.json + merges.txt beside the models), or None: the text encoder was converted with it."""
+    if models_dir is None:
+        return None
+    vocab, merges = Path(models_dir) / "vocab.json", Path(models_dir) / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        return None
+    from transformers import CLIPTokenizer
+    try:
+        return CLIPTokenizer(str(vocab), str(merges))
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for unreadable files
+        raise UserError(f"{models_dir}: vocab.json / merges.txt are not a CLIP tokenizer ({type(exc).__name__}); "
+                        "re-bundle the models or remove the two files") from None
 
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
@@ -52,7 +68,7 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         models = reference_models(source, latent_hw, device, torch_precision)
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img)
-    return build_pipeline(models, source, progress)
+    return build_pipeline(models, source, progress, bundled_tokenizer(models_dir))
 
 
 def _latent_size_of(models_dir) -> tuple:

@@ -628,3 +628,17 @@ def test_non_zero_has_a_run_time_length(tmp_path):
     np.testing.assert_array_equal(outs[0], np.argwhere(x))
     assert outs[0].dtype == np.int32
     close(outs[1], x[x != 0])
+
+
+@pytest.mark.parametrize("mode", ["update", "add", "mul", "max"])
+def test_scatter_nd(mode, tmp_path):
+    data = rand(3, 4, 2)
+    indices = np.array([[0, 1], [2, 3], [0, 1]], dtype=np.int32)  # a repeated index combines in order
+    updates = rand(3, 2)
+    out = run_mil(lambda data, indices, updates: mb.scatter_nd(data=data, indices=indices, updates=updates, mode=mode),
+                  {"data": data, "indices": indices, "updates": updates}, tmp_path)[0]
+    expected = data.astype(np.float64).copy()
+    combine = {"update": lambda old, new: new, "add": np.add, "mul": np.multiply, "max": np.maximum}[mode]
+    for (i, j), value in zip(indices, updates):
+        expected[i, j] = combine(expected[i, j], value)
+    close(out, expected)
