@@ -299,6 +299,8 @@ def _check_output(flag: str, path: Path, overwrite: bool) -> None:
 def _check_package(src: Path, dst: Path) -> None:
     if not (src / "Manifest.json").is_file():
         raise UserError(f"--apply {src} is not an .mlpackage (no Manifest.json)")
+    from python_coreml_sd.package_check import check_package
+    check_package(src)
     if src.resolve() == dst.resolve():
         raise UserError("--apply SRC and DST must differ")
 
