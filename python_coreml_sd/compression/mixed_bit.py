@@ -335,8 +335,10 @@ def _unet_from_folder(path: Path):
                         "(no model_index.json)")
     from diffusers import UNet2DConditionModel
 
+    from python_coreml_sd.weights import refuse_pickles
+    refuse_pickles(path)
     try:
-        return UNet2DConditionModel.from_pretrained(str(path)).eval()
+        return UNet2DConditionModel.from_pretrained(str(path), use_safetensors=True).eval()
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot load the UNet in {path}: {str(exc).splitlines()[0]}") from exc
 
