@@ -20,6 +20,10 @@ paths (``down_blocks.0.resnets.0.conv1``), which the converter's MIL weights are
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (torch): what they warn about must not precede an error
+    from python_coreml_sd.console import quiet_start
+    quiet_start()
+
 import argparse
 import json
 import os
