@@ -36,6 +36,12 @@ FILE_MODE = 0o644
 # Options that do not change the models: leaving them out keeps the manifest (and sha256) stable.
 NOT_MODEL_FLAGS = {"output_dir", "overwrite", "check_output_correctness", "psnr_threshold"}
 CHUNK = 1 << 20
+# Zip-bomb caps, checked from the archive's directory before anything is written. The largest real
+# bundle, SDXL with both text encoders, is about 7 GB; make_zip stores entries (ratio 1), and deflate
+# cannot pass about 1030x, so a higher ratio is crafted. Small files may compress well and cannot be bombs.
+MAX_EXTRACTED_BYTES = 32 << 30
+MAX_COMPRESSION_RATIO = 100
+RATIO_EXEMPT_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------- Resources/
@@ -233,10 +239,22 @@ def extract_bundle(zip_path, dest, overwrite: bool = False) -> Path:
         entries = _checked_entries(archive, zip_path)
         manifest = _read_manifest(archive, entries, zip_path)
         _check_listing(entries, manifest, zip_path)
+        _check_caps(entries, zip_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         _check_free_space(dest.parent, manifest["total_size"], zip_path)
         replace_atomically(lambda tmp: _extract_all(archive, entries, manifest, tmp, zip_path), dest, overwrite)
     return dest
+
+
+def _check_packages(root: Path, zip_path: Path) -> None:
+    """Every file passing its sha256 does not make a package safe: its Manifest.json could still name
+    files outside it. Checked before the extraction is renamed into place."""
+    from .package_check import check_package
+    for package in sorted(root.rglob("*.mlpackage")):
+        try:
+            check_package(package)
+        except UserError as exc:
+            raise UserError(f"{zip_path.name}: {exc}") from None
 
 
 def _open_zip(zip_path: Path) -> zipfile.ZipFile:
@@ -342,6 +360,22 @@ def _check_listing(entries: dict, manifest: dict, zip_path: Path) -> None:
                             f"{expected['size']}; the archive is corrupt or was altered")
 
 
+def _check_caps(entries: dict, zip_path: Path) -> None:
+    """Refuse archives that would inflate beyond the caps. The sizes are the directory's, which
+    _check_listing matched with the manifest and _extract_file enforces while writing."""
+    remake = "make bundles with torch2coreml --bundle-packages --zip"
+    total = sum(info.file_size for info in entries.values())
+    if total > MAX_EXTRACTED_BYTES:
+        raise UserError(f"{zip_path.name} would extract to {total / 1e9:.1f} GB, over the {MAX_EXTRACTED_BYTES / 1e9:.1f} "
+                        f"GB a bundle may take (bundle.MAX_EXTRACTED_BYTES); refusing it as a zip bomb ({remake})")
+    for rel, info in sorted(entries.items()):
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_EXEMPT_BYTES and ratio > MAX_COMPRESSION_RATIO:
+            raise UserError(f"{zip_path.name}: {rel} inflates {ratio:.0f}x ({info.compress_size} to {info.file_size} "
+                            f"bytes), over the {MAX_COMPRESSION_RATIO}x a bundle entry may; refusing it as a zip bomb "
+                            f"({remake})")
+
+
 def _check_free_space(folder: Path, needed: int, zip_path: Path) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
@@ -359,6 +393,7 @@ def _extract_all(archive, entries: dict, manifest: dict, root: Path, zip_path: P
             _extract_file(archive, info, target, expected, rel, zip_path)
         except OSError as exc:  # e.g. "a" and "a/b", or names that collide on a case-insensitive disk
             raise UserError(f"{zip_path.name}: cannot write {rel} ({exc.strerror or exc})") from exc
+    _check_packages(root, zip_path)
 
 
 def _extract_file(archive, info, target: Path, expected: dict, rel: str, zip_path: Path) -> None:

@@ -25,6 +25,10 @@ def handle_interrupts(prog: str) -> None:
     sys.excepthook = hook
 
 
+# Libraries that set their own log levels (and handlers) when imported: raised to errors.
+NOISY_LIBRARIES = ("coremltools", "transformers", "diffusers", "torch", "huggingface_hub")
+
+
 def quiet_third_party(verbose: bool = False, converters: bool = True) -> None:
     """Hide the warnings and per-pass progress bars of torch tracing and coremltools.
 
@@ -38,9 +42,16 @@ def quiet_third_party(verbose: bool = False, converters: bool = True) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("coremltools", "transformers", "diffusers", "torch"):
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # huggingface_hub sets its level when imported
+    for name in NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Any other library's log lines (PIL, numexpr...) must not precede our one-line error either: the root
+    # handler passes errors, and our own loggers (python_coreml_sd.*) with their info lines.
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("python_coreml_sd").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ours_or_errors)
     if not converters:
         return
     try:
@@ -52,7 +63,26 @@ def quiet_third_party(verbose: bool = False, converters: bool = True) -> None:
         diffusers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+    for name in NOISY_LIBRARIES:  # again: the imports above may have set their own
+        logging.getLogger(name).setLevel(logging.ERROR)
     _silence_coremltools_progress()
+
+
+def _ours_or_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or record.name == "python_coreml_sd" or record.name.startswith("python_coreml_sd.")
+
+
+def quiet_start(argv=None) -> None:
+    """quiet_third_party before a CLI's slow imports (torch, diffusers), from its `__main__` block: what
+    those imports warn about must not precede an error either. Imports nothing heavy itself."""
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_third_party("--verbose" in argv, converters=False)
+
+
+def show_own_warnings(prog: str) -> None:
+    """Our UserWarnings (a truncated prompt) as one `prog: warning:` line each; other libraries' stay hidden."""
+    warnings.filterwarnings("always", category=UserWarning, module=r"python_coreml_sd(\.|$)")
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"{prog}: warning: {message}", file=sys.stderr)
 
 
 def _silence_coremltools_progress() -> None:

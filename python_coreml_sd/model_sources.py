@@ -44,13 +44,17 @@ class ModelSource:
                             f"{', '.join(sorted(SUPPORTED_CLASSES[component]))}")
 
     def check_weights(self, component: str) -> None:
-        """Validate the header of every safetensors file of a component (cheap: no tensor is read)."""
-        from .weights import read_header
+        """Validate the header of every safetensors file of a component (cheap: no tensor is read); weights
+        that exist only as pickles are refused."""
+        from .weights import read_header, refuse_pickles
+        refuse_pickles(self.root / component)
         for path in sorted((self.root / component).glob("*.safetensors")):
             read_header(path)
 
     def _load(self, component: str, loader):
         self.require(component)
+        from .weights import refuse_pickles
+        refuse_pickles(self.root / component)  # every weight loader comes here: torch2coreml, pipeline, parity
         try:
             module = loader(str(self.root / component))
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -64,7 +68,7 @@ class ModelSource:
 
     def load_text_encoder(self):
         from transformers import CLIPTextModel
-        return self._load("text_encoder", lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32))
+        return self._load("text_encoder", lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
 
     def load_vae(self):
         from diffusers import AutoencoderKL
@@ -73,7 +77,7 @@ class ModelSource:
     def load_safety_checker(self):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         return self._load("safety_checker",
-                          lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32))
+                          lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
 
     def load_feature_extractor(self):
         from transformers import CLIPImageProcessor
@@ -131,13 +135,13 @@ def load_diffusers_model(cls, folder: Path):
 
     weights = folder / DIFFUSERS_WEIGHTS
     if not weights.is_file():
-        return cls.from_pretrained(str(folder))
+        return cls.from_pretrained(str(folder), use_safetensors=True)  # never a pickle
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(str(folder)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(weights).items()}
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
-        return cls.from_pretrained(str(folder))
+        return cls.from_pretrained(str(folder), use_safetensors=True)
     return model
 
 

@@ -6,8 +6,9 @@ exit 1 when any PSNR is under the threshold.
 """
 
 if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl-C then ends in one line
-    from python_coreml_sd.console import handle_interrupts
+    from python_coreml_sd.console import handle_interrupts, quiet_start
     handle_interrupts("parity")
+    quiet_start()
 
 import argparse
 import json

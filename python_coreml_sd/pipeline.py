@@ -7,16 +7,16 @@ very .mlpackage files that ship), `torch` (the original diffusers modules: the r
 """
 
 if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl-C then ends in one line
-    from python_coreml_sd.console import handle_interrupts
+    from python_coreml_sd.console import handle_interrupts, quiet_start
     handle_interrupts("pipeline")
+    quiet_start()
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from . import registry
-from .console import OneLineErrorParser, fail, quiet_third_party
+from .console import OneLineErrorParser, fail, quiet_third_party, show_own_warnings
 from .errors import CheckFailed, UserError
 from .generation.schedulers import SCHEDULERS
 from .generation.setup import PIPELINE_BACKENDS
@@ -112,8 +112,7 @@ def generate(args) -> list:
 def main(argv=None) -> int:
     args = parser_spec().parse_args(argv)
     quiet_third_party(args.verbose)
-    warnings.simplefilter("always", UserWarning)
-    warnings.showwarning = lambda message, *a, **k: print(f"{PROG}: warning: {message}", file=sys.stderr)
+    show_own_warnings(PROG)
     try:
         generate(args)
     except (UserError, CheckFailed) as exc:

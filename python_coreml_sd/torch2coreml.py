@@ -5,8 +5,9 @@
 """
 
 if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl-C then ends in one line
-    from python_coreml_sd.console import handle_interrupts
+    from python_coreml_sd.console import handle_interrupts, quiet_start
     handle_interrupts("torch2coreml")
+    quiet_start()
 
 import argparse
 import sys

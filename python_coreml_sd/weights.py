@@ -78,3 +78,27 @@ def read_safetensors(path: Path) -> dict:
 
 def _bad(path: Path, why: str) -> UserError:
     return UserError(f"{path} is not a valid safetensors file ({why}); re-download or re-save the weights")
+
+
+# Pickled checkpoints: loading one runs whatever code it names (torch.load's weights_only mode narrows
+# that, and its error message even suggests turning it off), so they are refused, never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickles(folder: Path) -> None:
+    """A UserError when a component folder holds weights only as pickles, with the command that converts
+    them. Pickles beside safetensors are left alone: the loaders are told to read safetensors only."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise UserError(f"{pickles[0]} is a pickled PyTorch checkpoint, which is not loaded (unpickling can run code); "
+                        "where you trust it, convert it to safetensors: python -c \"import torch, safetensors.torch as st; "
+                        f"st.save_file(torch.load('{pickles[0]}', weights_only=True), '{_safetensors_name(pickles[0])}')\"")
+
+
+def _safetensors_name(path: Path) -> Path:
+    # The names diffusers and transformers look for: diffusion_pytorch_model.safetensors, model.safetensors.
+    stem = path.stem if path.stem.startswith("diffusion_pytorch_model") else path.stem.replace("pytorch_model", "model")
+    return path.with_name(stem + ".safetensors")

@@ -20,6 +20,10 @@ paths (``down_blocks.0.resnets.0.conv1``), which the converter's MIL weights are
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below (torch): what they warn about must not precede an error
+    from python_coreml_sd.console import quiet_start
+    quiet_start()
+
 import argparse
 import json
 import os
@@ -299,6 +303,8 @@ def _check_output(flag: str, path: Path, overwrite: bool) -> None:
 def _check_package(src: Path, dst: Path) -> None:
     if not (src / "Manifest.json").is_file():
         raise UserError(f"--apply {src} is not an .mlpackage (no Manifest.json)")
+    from python_coreml_sd.package_check import check_package
+    check_package(src)
     if src.resolve() == dst.resolve():
         raise UserError("--apply SRC and DST must differ")
 
@@ -333,8 +339,10 @@ def _unet_from_folder(path: Path):
                         "(no model_index.json)")
     from diffusers import UNet2DConditionModel
 
+    from python_coreml_sd.weights import refuse_pickles
+    refuse_pickles(path)
     try:
-        return UNet2DConditionModel.from_pretrained(str(path)).eval()
+        return UNet2DConditionModel.from_pretrained(str(path), use_safetensors=True).eval()
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot load the UNet in {path}: {str(exc).splitlines()[0]}") from exc
 

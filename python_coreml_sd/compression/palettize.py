@@ -26,6 +26,7 @@ import numpy as np
 
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, palettize_array
 from python_coreml_sd.errors import UserError
+from python_coreml_sd.package_check import check_package
 from python_coreml_sd.package_io import save_mlmodel
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
@@ -261,6 +262,7 @@ def palettize_mlpackage(src, dst, nbits: int | None, granularity: str = "per_ten
     if src.resolve() == dst.resolve():
         raise UserError("palettize: src and dst must differ (the source is read while writing)")
     _check_args(nbits, granularity, group_size)
+    check_package(src)
     model = ct.models.MLModel(str(src), skip_model_load=True)
     palettized = palettize_model(model, nbits, granularity, group_size, recipe, weight_threshold, device)
     return save_mlmodel(palettized, dst, overwrite)

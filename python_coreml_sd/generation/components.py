@@ -63,17 +63,32 @@ class ModelSet:
         return self["unet_chunk2"].predict(second)["noise_pred"]
 
 
-def find_packages(folder: Path) -> dict:
-    """Map component -> package path in a folder of converted models (our names or Apple's Resources names)."""
+def find_packages(folder: Path, model_version: str = None) -> dict:
+    """Map component -> package path in a folder of converted models (our names or Apple's Resources names).
+
+    A folder with two packages of one component (two models' UNets) is refused rather than one picked
+    silently, unless one of them is named after `model_version` (what torch2coreml wrote for it)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"models folder {folder} does not exist; pass -i with the folder of converted models")
-    found = {}
+    candidates = {}
     for path in sorted(folder.iterdir()):
         name = component_of(path)
         if name:
-            found[name] = path
-    return found
+            candidates.setdefault(name, []).append(path)
+    return {name: _one_package(folder, name, paths, model_version) for name, paths in candidates.items()}
+
+
+def _one_package(folder: Path, component: str, paths: list, model_version: str) -> Path:
+    if len(paths) == 1:
+        return paths[0]
+    from ..convert.common import package_name
+    wanted = [p for p in paths if model_version and p.name == package_name(model_version, component)]
+    if len(wanted) == 1:
+        return wanted[0]
+    raise UserError(f"models folder {folder} holds {len(paths)} {component} packages ({', '.join(p.name for p in paths)}); "
+                    "pass --model-version naming the model they were converted from, or -i a folder with one "
+                    "model's packages")
 
 
 def component_of(path: Path):
@@ -90,13 +105,10 @@ _ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104
 
 def _package_inputs(path: Path) -> tuple:
     """(name -> shape, name -> numpy dtype) of the inputs a package or compiled model declares."""
-    import coremltools as ct
+    from ..package_check import check_package, load_spec
     if path.suffix == ".mlmodelc":
-        return _compiled_inputs(path)
-    try:
-        spec = ct.utils.load_spec(str(path))
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable Core ML package ({type(exc).__name__})") from exc
+        return _compiled_inputs(check_package(path))
+    spec = load_spec(path)
     features = spec.description.input
     return ({f.name: tuple(f.type.multiArrayType.shape) for f in features},
             {f.name: _ARRAY_DTYPES[f.type.multiArrayType.dataType] for f in features
@@ -123,19 +135,38 @@ def _compiled_inputs(path: Path) -> tuple:
     return shapes, dtypes
 
 
+# Inputs the pipeline feeds each component by name (the VAE encoder has two interfaces: pipeline.py).
+REQUIRED_INPUTS = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encoder_hidden_states"),
+                   "unet_chunk1": ("sample",), "vae_decoder": ("z",),
+                   "safety_checker": ("clip_input", "images", "adjustment")}
+
+
+def check_inputs(component: str, path: Path, shapes: dict) -> None:
+    """A UserError naming the package and the input the pipeline would feed it but it does not declare."""
+    missing = [name for name in REQUIRED_INPUTS.get(component, ()) if name not in shapes]
+    if shapes and missing:  # a compiled model without readable metadata declares none: Core ML checks
+        raise UserError(f"{path} has no input {missing[0]!r} (it takes {', '.join(shapes) or 'none'}); the "
+                        f"pipeline feeds its {component} {', '.join(REQUIRED_INPUTS[component])}: reconvert it "
+                        "with python -m python_coreml_sd.torch2coreml")
+
+
 def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit: str = "ALL",
-                   needed=()) -> ModelSet:
+                   needed=(), model_version: str = None) -> ModelSet:
     from ..runtime import load_model
-    found = find_packages(folder)
+    found = find_packages(folder, model_version)
     missing = [name for name in needed if name not in found and not (name == "unet" and "unet_chunk1" in found)]
     if missing:
         raise UserError(f"models folder {folder} has no {', '.join(missing)} package; convert it with "
                         f"python -m python_coreml_sd.torch2coreml --convert-{missing[0].replace('_', '-')}")
     if "unet" in found:  # prefer the whole UNet over its chunks
         found.pop("unet_chunk1", None), found.pop("unet_chunk2", None)
+    # Every package is checked (safe, the inputs the pipeline feeds) before the first one loads.
+    inputs = {name: _package_inputs(path) for name, path in found.items()}
+    for name, path in found.items():
+        check_inputs(name, path, inputs[name][0])
     return ModelSet({name: Component(load_model(path, backend=backend, device=device, compute_unit=compute_unit,
                                                 **_runtime_options(name, backend, device)),
-                                     *_package_inputs(path)) for name, path in found.items()})
+                                     *inputs[name]) for name, path in found.items()})
 
 
 def _runtime_options(component: str, backend: str, device: str) -> dict:

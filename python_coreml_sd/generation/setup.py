@@ -19,11 +19,12 @@ def check_device(device: str) -> None:
         raise UserError("--device cuda needs a CUDA GPU and a CUDA build of PyTorch; none is visible, use --device cpu")
 
 
-def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False) -> ModelSet:
+def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False,
+                     model_version=None) -> ModelSet:
     if models_dir is None:
         raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
     needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
-    return load_converted(Path(models_dir), backend, device, compute_unit, needed)
+    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version)
 
 
 def reference_models(source, latent_hw, device="cpu", precision="float32") -> ModelSet:
@@ -64,18 +65,20 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         models_dir = models_folder(models_dir)
     source = resolve(model_version)
     if backend == "torch":
-        latent_hw = _latent_size_of(models_dir) if models_dir else (source.config("unet")["sample_size"],) * 2
+        latent_hw = _latent_size_of(models_dir, model_version) if models_dir else (source.config("unet")["sample_size"],) * 2
         models = reference_models(source, latent_hw, device, torch_precision)
     else:
-        models = converted_models(models_dir, backend, device, compute_unit, img2img)
+        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir))
 
 
-def _latent_size_of(models_dir) -> tuple:
+def _latent_size_of(models_dir, model_version=None) -> tuple:
     """Latent size of converted models, so the reference path generates at the same size."""
-    from .components import _package_inputs, find_packages
-    found = find_packages(Path(models_dir))
-    unet = found.get("unet") or found.get("unet_chunk1")
-    if unet is None:
+    from .components import _package_inputs, check_inputs, find_packages
+    found = find_packages(Path(models_dir), model_version)
+    component = "unet" if "unet" in found else "unet_chunk1"
+    if component not in found:
         raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
-    return tuple(_package_inputs(unet)[0]["sample"][2:])
+    shapes = _package_inputs(found[component])[0]
+    check_inputs(component, found[component], shapes)
+    return tuple(shapes["sample"][2:])

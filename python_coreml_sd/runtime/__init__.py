@@ -36,6 +36,8 @@ def _load_coreml(path, compute_unit):
         )
     import coremltools as ct
 
+    from ..package_check import check_package
+    check_package(path)  # Core ML follows Manifest.json paths as they are
     try:
         unit = ct.ComputeUnit[compute_unit]
     except KeyError:

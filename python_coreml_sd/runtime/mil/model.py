@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ...errors import UserError
+from .bounds import bounded_value_inference
 from .dtypes import is_float, mil_name, numpy_dtype, storage_dtype
 from .ops import BUILDERS
 from .plan import Plan, UnsupportedOpError
@@ -20,14 +21,9 @@ def supported_ops():
 
 
 def _load_spec(path: Path):
-    from coremltools.models.utils import load_spec
+    from ...package_check import load_spec
 
-    if not path.exists():
-        raise UserError(f"{path}: no such model file or package")
-    try:
-        spec = load_spec(str(path))
-    except Exception as e:  # protobuf or package errors: the file is not a Core ML model
-        raise UserError(f"{path}: not a Core ML model ({type(e).__name__}: {e})") from None
+    spec = load_spec(path)  # refuses packages whose files lie outside them
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
         raise UserError(
@@ -41,6 +37,7 @@ def _weights_dir(path: Path) -> str:
     if not path.is_dir():
         return str(path.parent / "weights")
     from coremltools.models.utils import _ModelPackage
+    # The root model's path comes from Manifest.json, which _load_spec checked stays in the package.
 
     root = _ModelPackage(str(path)).getRootModel().path()
     return os.path.join(os.path.dirname(root), "weights")
@@ -82,7 +79,10 @@ def load_program(path, function_name=None):
     name = _function_name(spec, function_name)
     _check_ops(path, spec.mlProgram, name)
     try:
-        program = milproto.load(spec, spec.specificationVersion, _weights_dir(path))
+        with bounded_value_inference():
+            program = milproto.load(spec, spec.specificationVersion, _weights_dir(path))
+    except UserError as e:  # an allocation over the bound
+        raise UserError(f"{path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path}: coremltools could not read the ML Program ({type(e).__name__}: {e})") from None
     return spec, program.functions[name]
@@ -123,6 +123,8 @@ class MILModel:
             self.plan = Plan(function, self.device, fuse=fuse)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"{path}: {e}") from None
+        except UserError as e:  # a folded op over the load-time allocation bound
+            raise UserError(f"{path}: {e}") from None
         self._graph = None
         self._use_graph = bool(cuda_graph) and self.device.type == "cuda"
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ...errors import UserError
+from .bounds import check_load_size
 from .dtypes import mil_name, storage_dtype
 from .fusion import find_fusions
 from .ops import BUILDERS, NotConstant, OpArgs
@@ -160,7 +161,8 @@ class Plan:
     @staticmethod
     def _compile_op(op, slots, kernel=None):
         fn, ins = kernel or _build(op, slots.device, slots)
-        if all(slots.is_constant(v) for v in ins):
+        if all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
+            check_load_size(op, [v.sym_type for v in op.outputs])
             result = fn(*[slots.constant_tensor(v) for v in ins])
             results = result if len(op.outputs) > 1 else (result,)
             for var, value in zip(op.outputs, results):
