@@ -68,7 +68,8 @@ class ModelSource:
 
     def load_text_encoder(self):
         from transformers import CLIPTextModel
-        return self._load("text_encoder", lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
+        return self._load("text_encoder",
+                          lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
 
     def load_vae(self):
         from diffusers import AutoencoderKL
@@ -77,7 +78,8 @@ class ModelSource:
     def load_safety_checker(self):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         return self._load("safety_checker",
-                          lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
+                          lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32,
+                                                                                      use_safetensors=True))
 
     def load_feature_extractor(self):
         from transformers import CLIPImageProcessor
