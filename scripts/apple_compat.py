@@ -100,6 +100,34 @@ def compare_interfaces(apple_out: Path, ours_out: Path) -> dict:
     return result
 
 
+def program_ops(package: Path) -> list:
+    """The op types of a package's ML Program (what a runtime must implement to run it)."""
+    import coremltools as ct
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    ops = set()
+
+    def walk(block):
+        for operation in block.operations:
+            ops.add(operation.type)
+            for nested in operation.blocks:
+                walk(nested)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            walk(block)
+    return sorted(ops)
+
+
+def ops_per_component(*folders: Path) -> dict:
+    """component -> {converter folder name: op types}."""
+    table = {}
+    for folder in folders:
+        for package in sorted(folder.glob("*.mlpackage")):
+            component = next(c for c in COMPONENTS if package.stem.endswith(c))
+            table.setdefault(component, {})[folder.name] = program_ops(package)
+    return table
+
+
 def install_predict_stand_in(apple_code: Path):
     """Import Apple's pipeline with CoreMLModel's MLModel backed by our MIL runtime; returns the module."""
     sys.path.insert(0, str(apple_code))
@@ -149,7 +177,7 @@ def run(apple_repo: Path, work: Path, model: str = "tiny", steps: int = 10, seed
     apple_out, ours_out = work / "apple_packages", work / "our_packages"
     apple_out.mkdir()
     convert_both(apple_code, model_dir, apple_out, ours_out)
-    report = {"interfaces": compare_interfaces(apple_out, ours_out)}
+    report = {"interfaces": compare_interfaces(apple_out, ours_out), "ops": ops_per_component(apple_out, ours_out)}
     apple_pipeline = install_predict_stand_in(apple_code)
     images = {
         ("apple", "apple"): apple_image(apple_pipeline, model_dir, apple_out, seed, steps),

@@ -88,6 +88,9 @@ def _slice_by_size(a):
 def _concat(a):
     axis = int(a.scalar("axis"))
     values = list(a.var("values"))
+    if any(len(v.shape) == 0 for v in values):  # scalars (a run-time shape's entries) join as length 1
+        a.covers("interleave")  # one value per input: interleaving changes nothing
+        return (lambda *xs: torch.cat([x.reshape(-1) for x in xs], axis)), values
     if not a.scalar("interleave", False):
         return (lambda *xs: torch.cat(xs, axis)), values
     out_shape = a.out_shape
@@ -114,6 +117,8 @@ def _stack(a):
 
 @op("tile")
 def _tile(a):
+    if a.var("reps").val is None:  # reps from a run-time shape (after non_zero, in Apple's safety checker)
+        return (lambda x, reps: x.repeat([int(r) for r in reps.tolist()])), [a.var("x"), a.var("reps")]
     reps = a.ints("reps")
     return (lambda x: x.repeat(reps)), [a.var("x")]
 
