@@ -642,3 +642,19 @@ def test_scatter_nd(mode, tmp_path):
     for (i, j), value in zip(indices, updates):
         expected[i, j] = combine(expected[i, j], value)
     close(out, expected)
+
+
+def test_zeroing_by_a_run_time_mask(tmp_path):
+    """The chain Apple's safety checker converts `images[mask] = 0` to: non_zero, its shape, a scalar
+    slice of it joined by concat, tile by those run-time reps, scatter_nd."""
+    images = rand(1, 4, 4, 3)
+    mask = (rand(1, 4, 4, 3) > 0).astype(np.float32)
+
+    def build(images, mask):
+        where = mb.non_zero(x=mask)
+        count = mb.slice_by_index(x=mb.shape(x=where), begin=[0], end=[1], squeeze_mask=[True])
+        zeros = mb.tile(x=np.zeros((1,), np.float32), reps=mb.concat(values=[count], axis=0))
+        return mb.scatter_nd(data=images, indices=where, updates=zeros, mode="update")
+
+    out = run_mil(build, {"images": images, "mask": mask}, tmp_path)[0]
+    close(out, np.where(mask != 0, 0.0, images))
