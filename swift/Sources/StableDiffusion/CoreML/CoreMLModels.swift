@@ -26,7 +26,7 @@ public struct CoreMLUnet: NoisePredicting {
 
     public func sampleShape() throws -> [Int] { try chunks[0].inputShape("sample") }
 
-    public func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+    public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
         let modelBatch = try sampleShape()[0]
         let batch = latents.shape[0]
         if batch == modelBatch {
@@ -42,7 +42,7 @@ public struct CoreMLUnet: NoisePredicting {
         return Tensor.concatenateBatch(outputs)
     }
 
-    private func run(_ sample: Tensor, timestep: Int, hidden: Tensor) throws -> Tensor {
+    private func run(_ sample: Tensor, timestep: Double, hidden: Tensor) throws -> Tensor {
         let batch = sample.shape[0]
         var features: [String: Tensor] = [
             "sample": sample,

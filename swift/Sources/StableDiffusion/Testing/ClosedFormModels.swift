@@ -29,7 +29,7 @@ public enum ClosedForm {
     public struct Denoiser: NoisePredicting {
         public init() {}
 
-        public func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
             let items = (0..<latents.shape[0]).map { b in
                 denoise(latents.batchItem(b), timestep: timestep, mean: mean(hiddenStates.batchItem(b)))
             }
@@ -40,7 +40,7 @@ public enum ClosedForm {
             hidden.scalars.reduce(0.0) { $0 + Double($1) } / Double(hidden.count)
         }
 
-        func denoise(_ sample: Tensor, timestep: Int, mean: Double) -> Tensor {
+        func denoise(_ sample: Tensor, timestep: Double, mean: Double) -> Tensor {
             let plane = sample.count / sample.shape[1]
             var out = sample.scalars
             for c in 0..<sample.shape[1] {
