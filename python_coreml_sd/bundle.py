@@ -27,6 +27,7 @@ from .generation.components import RESOURCE_NAMES, component_of
 
 BASE_NAMES = {component: name for name, component in RESOURCE_NAMES.items()}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+SCHEDULER_CONFIG = "scheduler_config.json"
 MANIFEST = "manifest.json"
 FORMAT = "python_coreml_sd.bundle/1"
 KINDS = ("packages", "compiled")
@@ -69,16 +70,33 @@ def write_tokenizer(model_version: str, dest: Path) -> None:
                         "the Swift pipeline needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
 
 
+def write_scheduler_config(model_version: str, dest: Path) -> None:
+    """The model's scheduler/scheduler_config.json, keys sorted, so the Swift package builds its
+    scheduler from the model's own betas, prediction type, timestep spacing and steps offset (without
+    the file it falls back to SD 1.x's). Models without a scheduler folder get none."""
+    from .model_sources import resolve
+    source = resolve(model_version)
+    if not source.has("scheduler"):
+        return
+    config = source.config("scheduler")
+    (dest / SCHEDULER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_model_files(model_version: str, dest: Path) -> None:
+    write_tokenizer(model_version, dest)
+    write_scheduler_config(model_version, dest)
+
+
 def bundle_packages(options, written_paths, dest) -> Path:
     """`dest` (a Resources/ folder): the packages as TextEncoder.mlpackage, Unet.mlpackage, ... plus the
-    tokenizer files; written beside `dest` and renamed into place."""
+    tokenizer files and scheduler_config.json; written beside `dest` and renamed into place."""
     entries = resource_entries(written_paths)
 
     def build(tmp: Path):
         tmp.mkdir()
         for name, package in entries.items():
             shutil.copytree(package, tmp / f"{name}.mlpackage")
-        write_tokenizer(options.model_version, tmp)
+        write_model_files(options.model_version, tmp)
 
     return replace_atomically(build, Path(dest), options.overwrite)
 
@@ -119,7 +137,7 @@ def bundle_compiled(options, written_paths, dest) -> Path:
         for name, package in entries.items():
             print(f"bundle: compiling {package.name} -> {name}.mlmodelc", file=sys.stderr, flush=True)
             compile_package(package, tmp, name)
-        write_tokenizer(options.model_version, tmp)
+        write_model_files(options.model_version, tmp)
 
     return replace_atomically(build, Path(dest), options.overwrite)
 

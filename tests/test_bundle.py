@@ -20,7 +20,7 @@ from python_coreml_sd.generation.pipeline import GenerationRequest
 from python_coreml_sd.generation.setup import open_pipeline
 
 APPLE_NAMES = {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage", "VAEEncoder.mlpackage",
-               "SafetyChecker.mlpackage", "vocab.json", "merges.txt"}
+               "SafetyChecker.mlpackage", "vocab.json", "merges.txt", "scheduler_config.json"}
 
 
 def sha256(path):
@@ -78,6 +78,19 @@ def test_packages_bundle_has_apples_names_and_the_tokenizer(built, tiny_packages
     for name in ("vocab.json", "merges.txt"):  # the CLIP files tiny was made from, byte for byte
         assert (resources / name).read_bytes() == (registry.TOKENIZER_DIR / name).read_bytes()
     assert set(find_packages(resources)) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"}
+
+
+def test_bundle_carries_the_models_scheduler_config(built):
+    """What the Swift package reads instead of SD 1.x constants (SchedulerConfig.load)."""
+    from python_coreml_sd.model_sources import resolve
+    resources, archive = built
+    written = json.loads((resources / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert written == resolve("tiny").config("scheduler")
+    for key in ("beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing", "steps_offset",
+                "num_train_timesteps"):
+        assert key in written, key
+    with zipfile.ZipFile(archive) as z:
+        assert any(name.endswith("scheduler_config.json") for name in z.namelist())
 
 
 @pytest.mark.parametrize("written, expected", [
