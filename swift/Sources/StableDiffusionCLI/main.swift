@@ -21,6 +21,7 @@ if options.help {
 do {
     let resources = try ResourceFolder(path: options.resourcePath, needsEncoder: options.imagePath != nil)
     let tokenizer = try resources.tokenizer()
+    _ = try resources.schedulerConfig()  // a bad scheduler_config.json fails here, on any platform
     if let image = options.imagePath, !FileManager.default.fileExists(atPath: image) {
         throw UsageError("--image \(image) does not exist")
     }

@@ -43,6 +43,12 @@ public struct ResourceFolder {
 
     public func file(_ name: String) -> URL { url.appendingPathComponent(name) }
 
+    /// The model's scheduler settings from scheduler_config.json; SD 1.x's when the folder has none
+    /// (bundles from before the converter wrote it).
+    public func schedulerConfig() throws -> SchedulerConfig {
+        try SchedulerConfig.load(folder: url)
+    }
+
     public func tokenizer() throws -> BPETokenizer {
         try BPETokenizer(vocabURL: file("vocab.json"), mergesURL: file("merges.txt"))
     }
