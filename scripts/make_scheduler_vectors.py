@@ -28,8 +28,9 @@ SD_CONFIG = {
     "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
 }
 CLASSES = {"pndm": "PNDMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-           "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler"}
-KINDS = ("euler", "euler_a", "ddim", "dpmpp", "dpmpp_karras", "pndm")
+           "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lcm": "LCMScheduler"}
+KINDS = ("euler", "euler_a", "ddim", "dpmpp", "dpmpp_karras", "pndm", "lcm")
+STOCHASTIC = ("euler_a", "lcm")  # their steps draw noise from the generator
 SPACINGS = ("linspace", "leading", "trailing")
 # Other training schedules, on a few kinds: the config, not constants, decides the betas.
 EXTRA_CONFIGS = [
@@ -37,6 +38,7 @@ EXTRA_CONFIGS = [
     ("euler_a", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "timestep_spacing": "trailing"}),
     ("ddim", {"beta_schedule": "squaredcos_cap_v2", "set_alpha_to_one": True, "clip_sample": True}),
     ("dpmpp", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "use_karras_sigmas": True}),
+    ("lcm", {"original_inference_steps": 30, "timestep_scaling": 5.0, "clip_sample": True, "set_alpha_to_one": False}),
 ]
 
 
@@ -81,7 +83,7 @@ def run_case(kind: str, config: dict, steps: int, seed: int) -> dict:
         inputs.append(floats(model_input.numpy()))
         output = (0.5 * rng.randn(*SHAPE)).astype(np.float32)
         kwargs = {}
-        if kind == "euler_a":
+        if kind in STOCHASTIC:
             kwargs["generator"] = torch.Generator().manual_seed(seed * 1000 + k)
             noises.append(floats(torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed * 1000 + k))))
         sample = scheduler.step(torch.from_numpy(output), t, torch.from_numpy(sample), **kwargs).prev_sample.numpy()

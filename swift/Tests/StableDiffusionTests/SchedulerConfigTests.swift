@@ -54,12 +54,16 @@ final class SchedulerConfigTests: XCTestCase {
         let config = try folder(config: changed).schedulerConfig()
         XCTAssertEqual(config.predictionType, .vPrediction)
         XCTAssertEqual(config.betaEnd, 0.02)
-        for kind in SchedulerKind.allCases {
+        for kind in SchedulerKind.allCases where kind != .lcm {  // LCM ignores the spacing (below)
             let before = kind.make(stepCount: 10, config: base), after = kind.make(stepCount: 10, config: config)
             XCTAssertNotEqual(before.timesteps, after.timesteps, "\(kind)")
             XCTAssertEqual(after.timesteps.first, 999, "\(kind): trailing starts at the last training step")
         }
         XCTAssertNotEqual(config.noiseSchedule.alphasCumprod, base.noiseSchedule.alphasCumprod)
+        changed["original_inference_steps"] = 20
+        let lcm = try folder(config: changed).schedulerConfig()
+        XCTAssertEqual(SchedulerKind.lcm.make(stepCount: 4, config: base).timesteps, [999, 759, 499, 259])
+        XCTAssertEqual(SchedulerKind.lcm.make(stepCount: 4, config: lcm).timesteps, [999, 749, 499, 249])
         // The pipeline takes it through GenerationConfig: same prompt and seed, another result.
         let pipeline = StableDiffusionPipeline(tokenizer: Golden.tokenizer, models: ClosedForm.models())
         var request = GenerationConfig(prompt: "a cat")

@@ -15,6 +15,8 @@ public enum SchedulerKind: String, CaseIterable, Sendable {
     case eulerAncestral = "euler_a"
     /// DDIM with eta 0: deterministic.
     case ddim
+    /// Latent consistency (diffusers' `LCMScheduler`): for LCM-distilled UNets, 2 to 8 steps.
+    case lcm
 
     /// The scheduler for `stepCount` steps on the model's configuration.
     public func make(stepCount: Int, config: SchedulerConfig) -> any Scheduler {
@@ -24,6 +26,7 @@ public enum SchedulerKind: String, CaseIterable, Sendable {
         case .euler: return EulerScheduler(stepCount: stepCount, config: config, ancestral: false)
         case .eulerAncestral: return EulerScheduler(stepCount: stepCount, config: config, ancestral: true)
         case .ddim: return DDIMScheduler(stepCount: stepCount, config: config)
+        case .lcm: return LCMScheduler(stepCount: stepCount, config: config)
         }
     }
 
@@ -48,7 +51,7 @@ public protocol Scheduler {
     var startIndex: Int { get set }
     /// What text-to-image multiplies the first noise by (diffusers' `init_noise_sigma`).
     var initNoiseSigma: Float { get }
-    /// Whether `step` needs `noise` (one standard normal tensor of the sample's shape per step).
+    /// Whether the next `step` needs `noise` (a standard normal tensor of the sample's shape).
     var needsNoise: Bool { get }
     /// The UNet's input for the next step (diffusers' `scale_model_input`).
     func scaleModelInput(_ sample: Tensor, timestep: Double) -> Tensor

@@ -43,6 +43,10 @@ public struct SchedulerConfig: Equatable, Sendable {
     public var clipSampleRange = 1.0
     /// DPM-Solver++: sigmas spaced as in Karras et al. (rho 7) instead of by timestep.
     public var useKarrasSigmas = false
+    /// LCM: the step count of the distillation schedule its timesteps are picked from.
+    public var originalInferenceSteps = 50
+    /// LCM: the timestep scale of its boundary-condition scalings.
+    public var timestepScaling = 10.0
 
     public init() {}
 
@@ -86,6 +90,9 @@ public struct SchedulerConfig: Equatable, Sendable {
         clipSample = object["clip_sample"] as? Bool
         clipSampleRange = number("clip_sample_range") ?? 1
         useKarrasSigmas = (object["use_karras_sigmas"] as? Bool) ?? false
+        originalInferenceSteps = number("original_inference_steps").map { Int($0) } ?? 50
+        timestepScaling = number("timestep_scaling") ?? 10
+        if originalInferenceSteps < 1 { throw Unsupported(description: "\(Self.fileName): original_inference_steps \(originalInferenceSteps)") }
         if trainStepCount < 2 { throw Unsupported(description: "\(Self.fileName): num_train_timesteps \(trainStepCount)") }
     }
 
