@@ -28,8 +28,9 @@ SD_CONFIG = {
     "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
 }
 CLASSES = {"pndm": "PNDMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-           "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lcm": "LCMScheduler"}
-KINDS = ("euler", "euler_a", "ddim", "dpmpp", "dpmpp_karras", "pndm", "lcm")
+           "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lcm": "LCMScheduler",
+           "lms": "LMSDiscreteScheduler"}
+KINDS = ("euler", "euler_a", "ddim", "dpmpp", "dpmpp_karras", "pndm", "lcm", "lms")
 STOCHASTIC = ("euler_a", "lcm")  # their steps draw noise from the generator
 SPACINGS = ("linspace", "leading", "trailing")
 # Other training schedules, on a few kinds: the config, not constants, decides the betas.

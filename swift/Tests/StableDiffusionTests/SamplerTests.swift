@@ -52,6 +52,7 @@ final class SamplerTests: XCTestCase {
             let mine: [Float]
             switch scheduler {
             case let euler as EulerScheduler: mine = euler.sigmas
+            case let lms as LMSScheduler: mine = lms.sigmas
             case let dpm as DPMSolverMultistepScheduler: mine = dpm.sigmas
             default: mine = floats(sigmas)  // PNDM and DDIM keep sigmas only for diffusers' add_noise
             }
@@ -95,7 +96,7 @@ final class SamplerTests: XCTestCase {
             covered.insert("\(entry["kind"]!) \(config["timestep_spacing"]!) \(config["prediction_type"]!)")
         }
         // Every kind with every spacing and both prediction types, 50 steps for epsilon.
-        XCTAssertEqual(covered.count, 7 * 3 * 2)
+        XCTAssertEqual(covered.count, 8 * 3 * 2)
         XCTAssertTrue(cases.contains { $0["kind"] as? String == "euler_a" && $0["steps"] as? Int == 50 })
     }
 

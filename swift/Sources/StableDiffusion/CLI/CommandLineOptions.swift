@@ -48,6 +48,7 @@ public struct CommandLineOptions: Equatable {
                                   euler_a  Euler ancestral: fresh noise from --rng every step,
                                            so results vary more with the step count
                                   ddim     DDIM, eta 0 (deterministic)
+                                  lms      linear multistep (order 4) on the sigma ODE
                                   lcm      latent consistency, for LCM-distilled UNets (2-8
                                            steps, guidance about 1-2); ignores the spacing
       --timestep-spacing <name> which training timesteps the steps visit (default: the model's

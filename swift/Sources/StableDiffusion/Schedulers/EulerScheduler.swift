@@ -24,40 +24,18 @@ public struct EulerScheduler: Scheduler {
     public init(stepCount: Int, config: SchedulerConfig = .stableDiffusion, ancestral: Bool = false) {
         predictionType = config.predictionType
         isAncestral = ancestral
-        let schedule = config.noiseSchedule
-        let spacing = config.spacing(default: .linspace)
-        let steps = SigmaSchedule.floatTimesteps(spacing, stepCount: stepCount, trainStepCount: schedule.trainStepCount,
-                                                 stepsOffset: config.stepsOffset)
-        let trainSigmas = schedule.sigmas
-        timesteps = steps.map(Double.init)
-        sigmas = steps.map { Float(NumPy.interp(Double($0), trainSigmas)) } + [0]
-        let largest = sigmas.max() ?? 0
-        // diffusers keeps the sample at unit variance plus sigma_max^2 for "leading" only.
-        initNoiseSigma = spacing == .leading ? (largest * largest + 1).squareRoot() : largest
+        (timesteps, sigmas, initNoiseSigma) = SigmaSchedule.interpolated(stepCount: stepCount, config: config)
     }
 
     public var needsNoise: Bool { isAncestral }
 
     public func scaleModelInput(_ sample: Tensor, timestep: Double) -> Tensor {
-        let sigma = sigmas[stepIndex]
-        let scale = (sigma * sigma + 1).squareRoot()
-        return sample.map { $0 / scale }
-    }
-
-    /// The denoised sample x0 that the step moves toward.
-    private func dataPrediction(_ output: Tensor, sample: Tensor, sigma: Float) -> Tensor {
-        switch predictionType {
-        case .epsilon: return sample.zip(output) { $0 - sigma * $1 }
-        case .vPrediction:
-            let outputCoefficient = -sigma / (sigma * sigma + 1).squareRoot()
-            let sampleDivisor = sigma * sigma + 1
-            return output.zip(sample) { $0 * outputCoefficient + $1 / sampleDivisor }
-        }
+        SigmaSchedule.scaledInput(sample, sigma: sigmas[stepIndex])
     }
 
     public mutating func step(output: Tensor, timestep: Double, sample: Tensor, noise: Tensor?) -> Tensor {
         let sigma = sigmas[stepIndex], next = sigmas[stepIndex + 1]
-        let x0 = dataPrediction(output, sample: sample, sigma: sigma)
+        let x0 = SigmaSchedule.dataPrediction(output, sample: sample, sigma: sigma, type: predictionType)
         let derivative = sample.zip(x0) { ($0 - $1) / sigma }
         stepIndex += 1
         guard isAncestral else {
@@ -81,6 +59,36 @@ public struct EulerScheduler: Scheduler {
 
 /// Timestep and sigma helpers shared by the sigma-based schedulers.
 enum SigmaSchedule {
+    /// Euler's and LMS's schedule: timesteps by the config's spacing ("linspace" by default), the
+    /// training sigmas interpolated at them then 0, and init_noise_sigma (sigma_max, or
+    /// sqrt(sigma_max^2 + 1) for "leading", as diffusers has it).
+    static func interpolated(stepCount: Int, config: SchedulerConfig) -> (timesteps: [Double], sigmas: [Float], initNoiseSigma: Float) {
+        let schedule = config.noiseSchedule
+        let spacing = config.spacing(default: .linspace)
+        let steps = floatTimesteps(spacing, stepCount: stepCount, trainStepCount: schedule.trainStepCount,
+                                   stepsOffset: config.stepsOffset)
+        let trainSigmas = schedule.sigmas
+        let sigmas = steps.map { Float(NumPy.interp(Double($0), trainSigmas)) } + [0]
+        let largest = sigmas.max() ?? 0
+        return (steps.map(Double.init), sigmas, spacing == .leading ? (largest * largest + 1).squareRoot() : largest)
+    }
+
+    /// x0 from a model output at noise level sigma (sample kept at scale sigma).
+    static func dataPrediction(_ output: Tensor, sample: Tensor, sigma: Float, type: PredictionType) -> Tensor {
+        switch type {
+        case .epsilon: return sample.zip(output) { $0 - sigma * $1 }
+        case .vPrediction:
+            let outputCoefficient = -sigma / (sigma * sigma + 1).squareRoot()
+            let sampleDivisor = sigma * sigma + 1
+            return output.zip(sample) { $0 * outputCoefficient + $1 / sampleDivisor }
+        }
+    }
+
+    /// The UNet input at noise level sigma: sample / sqrt(sigma^2 + 1).
+    static func scaledInput(_ sample: Tensor, sigma: Float) -> Tensor {
+        let scale = (sigma * sigma + 1).squareRoot()
+        return sample.map { $0 / scale }
+    }
     /// Euler's timesteps, largest first, in float32 as diffusers builds them.
     static func floatTimesteps(_ spacing: TimestepSpacing, stepCount n: Int, trainStepCount: Int,
                                stepsOffset: Int) -> [Float] {

@@ -15,6 +15,8 @@ public enum SchedulerKind: String, CaseIterable, Sendable {
     case eulerAncestral = "euler_a"
     /// DDIM with eta 0: deterministic.
     case ddim
+    /// Linear multistep, order 4, on the sigma ODE (diffusers' `LMSDiscreteScheduler`).
+    case lms
     /// Latent consistency (diffusers' `LCMScheduler`): for LCM-distilled UNets, 2 to 8 steps.
     case lcm
 
@@ -27,6 +29,7 @@ public enum SchedulerKind: String, CaseIterable, Sendable {
         case .eulerAncestral: return EulerScheduler(stepCount: stepCount, config: config, ancestral: true)
         case .ddim: return DDIMScheduler(stepCount: stepCount, config: config)
         case .lcm: return LCMScheduler(stepCount: stepCount, config: config)
+        case .lms: return LMSScheduler(stepCount: stepCount, config: config)
         }
     }
 
