@@ -23,3 +23,17 @@ let package = Package(
             exclude: ["Resources"]),
     ]
 )
+
+#if os(Linux)
+// Linux has no Core ML, so the library leaves its Core ML wrappers out there (`#if canImport(CoreML)`).
+// CoreMLTypeCheck compiles those same files (symlinks) against CoreMLStandIn, a module named CoreML
+// that declares exactly the members they use with Apple's signatures: `swift build` then fails on a
+// misspelled or mistyped Core ML call. Neither target is in a product; nothing of them runs. On
+// Apple platforms the real Core ML compiles the wrappers inside the library instead.
+package.targets += [
+    .target(name: "CoreML", path: "Tests/CoreMLStandIn"),
+    .target(name: "CoreMLTypeCheck", dependencies: ["StableDiffusion", "CoreML"], path: "Tests/CoreMLTypeCheck",
+            swiftSettings: [.define("COREML_STAND_IN")]),
+]
+package.targets.first { $0.name == "StableDiffusionTests" }!.dependencies.append("CoreMLTypeCheck")
+#endif

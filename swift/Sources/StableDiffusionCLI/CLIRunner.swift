@@ -1,6 +1,6 @@
 import Foundation
 import StableDiffusion
-#if canImport(CoreML)
+#if canImport(CoreML) && !os(Linux)  // Linux builds may see the test-only Core ML stand-in
 import CoreML
 #endif
 
@@ -9,7 +9,7 @@ enum CLIRunner {
         let description: String
     }
 
-    #if canImport(CoreML)
+    #if canImport(CoreML) && !os(Linux)
     static func run(_ options: CommandLineOptions, resources: ResourceFolder, tokenizer: BPETokenizer) throws {
         let pipeline = try CoreMLPipeline(resources: resources, tokenizer: tokenizer,
                                           computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory)
