@@ -111,3 +111,42 @@ final class SchedulerConfigTests: XCTestCase {
         XCTAssertThrowsError(try folder(config: broken).schedulerConfig())
     }
 }
+
+/// pipeline_config.json: the latent scale and sequence length the loop uses.
+final class PipelineSettingsTests: XCTestCase {
+    func testDefaultsAreSD1s() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("sd-settings-\(UUID())")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: folder) }
+        XCTAssertEqual(try PipelineSettings.load(folder: folder), PipelineSettings())
+        XCTAssertEqual(PipelineSettings().latentScale, 0.18215)
+        XCTAssertEqual(PipelineSettings().sequenceLength, 77)
+        // What the converter writes for an SDXL-like VAE and a 96x160 conversion.
+        let text = #"{"image_size": [768, 1280], "latent_size": [96, 160], "text_sequence_length": 77, "vae_scaling_factor": 0.13025}"#
+        try Data(text.utf8).write(to: folder.appendingPathComponent(PipelineSettings.fileName))
+        let settings = try PipelineSettings.load(folder: folder)
+        XCTAssertEqual(settings.latentScale, 0.13025)
+        XCTAssertEqual(settings.latentSize, [96, 160])
+        XCTAssertEqual(settings.imageSize, [768, 1280])
+    }
+
+    func testTheLoopUsesTheBundlesLatentScale() throws {
+        var settings = PipelineSettings()
+        settings.latentScale = 0.5
+        let decoder = RecordingDecoder()
+        let models = PipelineModels(textEncoder: ClosedForm.TextEncoder(), unet: ClosedForm.Denoiser(), decoder: decoder)
+        let pipeline = StableDiffusionPipeline(tokenizer: Golden.tokenizer, models: models,
+                                               sequenceLength: settings.sequenceLength, latentScale: settings.latentScale)
+        var config = GenerationConfig(prompt: "a cat")
+        config.stepCount = 2
+        config.latentShape = [1, 4, 2, 2]
+        let result = try pipeline.generate(config)[0]
+        XCTAssertEqual(decoder.received, result.latents.map { $0 / 0.5 })
+    }
+
+    func testUnusableValuesAreRefused() {
+        for bad in [#"{"vae_scaling_factor": 0}"#, #"{"text_sequence_length": 1}"#, #"{"latent_size": [64]}"#, "[]"] {
+            XCTAssertThrowsError(try PipelineSettings(json: Data(bad.utf8)), bad)
+        }
+    }
+}

@@ -175,6 +175,7 @@ public struct CoreMLPipeline {
     public let residency: ResidencyGroup?
 
     public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool) throws {
+        let settings = try resources.pipelineSettings()
         let group = reduceMemory ? ResidencyGroup() : nil
         residency = group
         let model = { (name: String, stage: String) in
@@ -189,7 +190,8 @@ public struct CoreMLPipeline {
             decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
             encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
             safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil)
-        pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models)
+        pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
+                                           latentScale: settings.latentScale)
     }
 
     /// (1, 4, h, w) as the UNet declares its `sample` input.

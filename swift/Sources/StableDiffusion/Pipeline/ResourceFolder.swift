@@ -49,6 +49,11 @@ public struct ResourceFolder {
         try SchedulerConfig.load(folder: url)
     }
 
+    /// Latent scale, sequence length and model size from pipeline_config.json; SD 1.x's without it.
+    public func pipelineSettings() throws -> PipelineSettings {
+        try PipelineSettings.load(folder: url)
+    }
+
     public func tokenizer() throws -> BPETokenizer {
         try BPETokenizer(vocabURL: file("vocab.json"), mergesURL: file("merges.txt"))
     }
