@@ -14,10 +14,12 @@ let package = Package(
             name: "StableDiffusionCLI",
             dependencies: ["StableDiffusion"],
             path: "Sources/StableDiffusionCLI"),
+        // Test-only code (the closed-form models), kept out of the library product.
+        .target(name: "StableDiffusionTestSupport", dependencies: ["StableDiffusion"], path: "Tests/TestSupport"),
         .testTarget(
             name: "StableDiffusionTests",
             // The CLI is a dependency so `swift test` builds the binary that CLITests run.
-            dependencies: ["StableDiffusion", "StableDiffusionCLI"],
+            dependencies: ["StableDiffusion", "StableDiffusionCLI", "StableDiffusionTestSupport"],
             path: "Tests/StableDiffusionTests",
             // Tests read golden.json by file path (see GoldenVectors.swift), so no resource bundle is needed.
             exclude: ["Resources"]),

@@ -1,6 +1,6 @@
 """Closed-form stand-ins for the text encoder, UNet, VAE and safety checker, and the generation loop.
 
-The Swift package (`swift/Sources/StableDiffusion/Testing/ClosedFormModels.swift`) implements the same
+The Swift package (`swift/Tests/TestSupport/ClosedFormModels.swift`) implements the same
 formulas. Both sides run the same loop (tokenize, encode, guidance, scheduler steps, decode, safety
 check, img2img start) around them, so comparing final latents checks the loop logic of each side
 without any real weights. Every formula rounds to float32 at the same points on both sides:

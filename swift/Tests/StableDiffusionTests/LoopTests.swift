@@ -1,5 +1,6 @@
 import XCTest
 @testable import StableDiffusion
+import StableDiffusionTestSupport
 
 /// The full loop with the closed-form models against python_coreml_sd/testing/closed_form.py.
 final class LoopTests: XCTestCase {

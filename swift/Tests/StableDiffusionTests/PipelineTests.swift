@@ -1,5 +1,6 @@
 import XCTest
 @testable import StableDiffusion
+import StableDiffusionTestSupport
 
 /// Records what the loop hands the UNet and decoder, answering in closed form.
 final class RecordingUnet: NoisePredicting {

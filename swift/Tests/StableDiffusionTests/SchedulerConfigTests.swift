@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import StableDiffusion
+import StableDiffusionTestSupport
 
 /// The scheduler settings come from the bundle's scheduler_config.json (written by the converter's
 /// bundle step from the model's scheduler folder); bundles without one keep SD 1.x's.

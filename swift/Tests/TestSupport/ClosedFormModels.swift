@@ -1,4 +1,5 @@
 import Foundation
+import StableDiffusion
 
 /// Deterministic stand-ins for the models, the same formulas as
 /// `python_coreml_sd/testing/closed_form.py`, so the whole loop runs without weights or Core ML and
@@ -96,6 +97,8 @@ public enum ClosedForm {
     /// Flags images whose mean brightness exceeds the threshold.
     public struct SafetyChecker: SafetyChecking {
         public let threshold: Double
+
+        public init(threshold: Double) { self.threshold = threshold }
 
         public func isUnsafe(image: Tensor) throws -> Bool {
             image.scalars.reduce(0.0) { $0 + Double($1) } / Double(image.count) > threshold
