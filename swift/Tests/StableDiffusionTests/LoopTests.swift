@@ -18,7 +18,7 @@ final class LoopTests: XCTestCase {
         let label = "\(config.prompt.debugDescription) \(config.scheduler) \(config.rng) seed \(config.seed)"
         let pipeline = StableDiffusionPipeline(tokenizer: Golden.tokenizer, models: ClosedForm.models())
         let result = try XCTUnwrap(pipeline.generate(config).first)
-        XCTAssertEqual(result.timesteps, ints(entry["timesteps"]).map(Double.init), label)
+        XCTAssertEqual(result.timesteps.map(Float.init), floats(entry["timesteps"]), label)
         let error = relativeError(result.latents.scalars, floats(entry["latents"]))
         XCTAssertLessThanOrEqual(error, Self.tolerance, label)
         XCTAssertEqual(result.isUnsafe, entry["unsafe"] as! Bool, label)
