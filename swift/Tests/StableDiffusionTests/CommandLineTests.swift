@@ -75,7 +75,7 @@ final class CommandLineTests: XCTestCase {
             (["--resource-path", "r", "--prompt", "p", "--bogus"], "unknown option '--bogus' (see --help)"),
             (["--resource-path", "r", "--prompt", "p", "--seed", "-1"], "--seed must be a number in 0 ... 4294967295, got '-1'"),
             (["--resource-path", "r", "--prompt", "p", "--strength", "2"], "--strength must be a number in 0.0 ... 1.0, got '2'"),
-            (["--resource-path", "r", "--prompt", "p", "--rng", "philox"], "--rng must be one of numpy, torch, got 'philox'"),
+            (["--resource-path", "r", "--prompt", "p", "--rng", "philox"], "--rng must be one of numpy, torch, nvidia, got 'philox'"),
             (["--resource-path", "r", "--prompt", "p", "extra"], "unexpected argument 'extra'"),
             (["--resource-path", "r", "--prompt", "p", "--disable-safety=yes"], "--disable-safety takes no value"),
         ]

@@ -61,7 +61,11 @@ public struct CommandLineOptions: Equatable {
       --karras-sigmas           dpmpp only: sigmas spaced as in Karras et al. (DPM++ 2M Karras)
       --prediction-type <name>  epsilon | v_prediction: what the UNet predicts (default: the
                                 model's scheduler_config.json, else epsilon; SD 2.x 768 is v)
-      --rng <name>              numpy (the Python pipeline's source) | torch (default: numpy)
+      --rng <name>              the initial and step noise (default: numpy):
+                                  numpy   NumPy's RandomState (the Python pipeline's source)
+                                  torch   torch.randn on the CPU
+                                  nvidia  torch.randn on a CUDA GPU (cuRAND Philox), as most
+                                          diffusers seeds were made; within a few ulps
       --compute-units <name>    all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default: all)
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
