@@ -42,6 +42,18 @@ def build() -> dict:
         generator = torch.Generator("cuda").manual_seed(seed)
         draws = [torch.randn(k, generator=generator, device="cuda").cpu().numpy() for k in (256, 256, 33)]
         out["streams"].append({"seed": seed, "counts": [256, 256, 33], "values": [shortest(d) for d in draws]})
+    # Past one pass of the launch (132 SMs x 2048 threads on an H200): several values per thread.
+    out["large"] = []
+    for seed, n in [(0, 300000), (5, 1200000), (93, 2500001)]:
+        values = torch.randn(n, generator=torch.Generator("cuda").manual_seed(seed), device="cuda").cpu().numpy()
+        picked = (list(range(16)) + list(range(n - 16, n)) + [int(i) for i in np.random.RandomState(n % 1000).randint(0, n, 200)]
+                  + [270335, 270336, 540672, 1081343, 1081344, 1081345])
+        indices = sorted(i for i in set(picked) if i < n)
+        out["large"].append({"seed": seed, "count": n, "indices": indices, "sampled": shortest(values[indices])})
+    generator = torch.Generator("cuda").manual_seed(3)
+    torch.randn(1200000, generator=generator, device="cuda")
+    out["after_large"] = {"seed": 3, "first": 1200000, "count": 64,
+                          "values": shortest(torch.randn(64, generator=generator, device="cuda").cpu().numpy())}
     return out
 
 

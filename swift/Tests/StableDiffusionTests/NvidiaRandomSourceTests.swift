@@ -59,6 +59,25 @@ final class NvidiaRandomSourceTests: XCTestCase {
         XCTAssertEqual(NvidiaRandomSource.philox(counter: (0, 0), seed: 0), [0x6627_E8D5, 0xE169_C58D, 0xBC57_AC4C, 0x9B00_DBD8])
     }
 
+    func testDrawsPastOnePassFollowTheH200sLayout() {
+        // 300000 to 2500001 elements: past 132 SMs x 2048 threads, then past four values a thread
+        // (several passes), and a draw after such a big one (offset moved by 8).
+        for entry in Self.root["large"] as! [[String: Any]] {
+            var source = NvidiaRandomSource(seed: (entry["seed"] as! NSNumber).uint64Value, multiprocessorCount: 132)
+            let values = source.normalArray(count: entry["count"] as! Int)
+            for (index, expected) in Swift.zip(ints(entry["indices"]), floats(entry["sampled"])) {
+                XCTAssertLessThanOrEqual(error(values[index], expected), Self.ulps, "count \(entry["count"]!) index \(index)")
+            }
+        }
+        let after = Self.root["after_large"] as! [String: Any]
+        var source = NvidiaRandomSource(seed: 3)
+        _ = source.normalArray(count: after["first"] as! Int)
+        XCTAssertEqual(source.offset, 8)
+        for (a, b) in Swift.zip(source.normalArray(count: after["count"] as! Int), floats(after["values"])) {
+            XCTAssertLessThanOrEqual(error(a, b), Self.ulps)
+        }
+    }
+
     func testLargeDrawsUseTheMultiprocessorLayout() {
         // Past SMs x 8 x 256 elements each thread makes several passes: every element is still written.
         var source = NvidiaRandomSource(seed: 3, multiprocessorCount: 1)
