@@ -34,7 +34,11 @@ let package = Package(
 // Apple platforms the real Core ML compiles the wrappers inside the library instead.
 package.targets += [
     .target(name: "CoreML", path: "Tests/CoreMLStandIn"),
-    .target(name: "CoreMLTypeCheck", dependencies: ["StableDiffusion", "CoreML"], path: "Tests/CoreMLTypeCheck",
+    .target(name: "CoreGraphics", path: "Tests/CoreGraphicsStandIn"),
+    .target(name: "ImageIO", dependencies: ["CoreGraphics"], path: "Tests/ImageIOStandIn"),
+    // Also the CLI's Core ML path and ImageFile (CoreGraphics, ImageIO stand-ins likewise).
+    .target(name: "CoreMLTypeCheck", dependencies: ["StableDiffusion", "CoreML", "CoreGraphics", "ImageIO"],
+            path: "Tests/CoreMLTypeCheck",
             swiftSettings: [.define("COREML_STAND_IN")]),
 ]
 package.targets.first { $0.name == "StableDiffusionTests" }!.dependencies.append("CoreMLTypeCheck")

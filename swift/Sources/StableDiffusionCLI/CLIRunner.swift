@@ -1,6 +1,7 @@
 import Foundation
 import StableDiffusion
-#if canImport(CoreML) && !os(Linux)  // Linux builds may see the test-only Core ML stand-in
+// Linux builds see the test-only Core ML stand-in; there only CoreMLTypeCheck compiles the Core ML path.
+#if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
 import CoreML
 #endif
 
@@ -9,7 +10,7 @@ enum CLIRunner {
         let description: String
     }
 
-    #if canImport(CoreML) && !os(Linux)
+    #if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
     static func run(_ options: CommandLineOptions, resources: ResourceFolder, tokenizer: BPETokenizer) throws {
         let pipeline = try CoreMLPipeline(resources: resources, tokenizer: tokenizer,
                                           computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory)
