@@ -39,6 +39,10 @@ EXTRA_CONFIGS = [
     ("euler_a", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "timestep_spacing": "trailing"}),
     ("ddim", {"beta_schedule": "squaredcos_cap_v2", "set_alpha_to_one": True, "clip_sample": True}),
     ("dpmpp", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "use_karras_sigmas": True}),
+    ("euler", {"use_karras_sigmas": True}),
+    ("euler", {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("lms", {"use_karras_sigmas": True}),
+    ("euler_a", {"use_karras_sigmas": True}),  # diffusers' Euler ancestral ignores it; so must Swift
     ("lcm", {"original_inference_steps": 30, "timestep_scaling": 5.0, "clip_sample": True, "set_alpha_to_one": False}),
 ]
 

@@ -45,7 +45,18 @@ final class SamplerTests: XCTestCase {
         let label = label(entry)
         let steps = entry["steps"] as! Int
         var scheduler = kind(entry).make(stepCount: steps, config: try config(entry))
-        XCTAssertEqual(scheduler.timesteps.map(Float.init), floats(entry["timesteps"]), label)
+        let config = entry["config"] as! [String: Any]
+        if (config["use_karras_sigmas"] as? Bool) == true, ["euler", "lms"].contains(entry["kind"] as! String) {
+            // Fractional timesteps from log-sigma interpolation: NumPy's float32 log is its own SIMD code,
+            // 1 ulp off libm's at times, which moves t by up to ~1e-5 (seen: 3e-6). The UNet cannot tell.
+            let expected = floats(entry["timesteps"])
+            XCTAssertEqual(scheduler.timesteps.count, expected.count, label)
+            for (mine, theirs) in Swift.zip(scheduler.timesteps, expected) {
+                XCTAssertEqual(mine, Double(theirs), accuracy: 1e-4, label)
+            }
+        } else {
+            XCTAssertEqual(scheduler.timesteps.map(Float.init), floats(entry["timesteps"]), label)
+        }
         var worst = Worst()
         let ulps = { (a: [Float], b: [Float]) in relativeError(a, b) / Float.ulpOfOne }
         if let sigmas = entry["sigmas"] {

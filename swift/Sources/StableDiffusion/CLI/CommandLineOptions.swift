@@ -58,7 +58,8 @@ public struct CommandLineOptions: Equatable {
                                             the config's steps_offset
                                   trailing  the same multiples down from the last training
                                             step; pick it for few steps and zero-SNR models
-      --karras-sigmas           dpmpp only: sigmas spaced as in Karras et al. (DPM++ 2M Karras)
+      --karras-sigmas           dpmpp, euler, lms: sigmas spaced as in Karras et al. (rho 7;
+                                dpmpp with it is "DPM++ 2M Karras")
       --prediction-type <name>  epsilon | v_prediction: what the UNet predicts (default: the
                                 model's scheduler_config.json, else epsilon; SD 2.x 768 is v)
       --rng <name>              the initial and step noise (default: numpy):
@@ -154,7 +155,9 @@ public struct CommandLineOptions: Equatable {
     private func validate() throws {
         if resourcePath.isEmpty { throw UsageError("--resource-path is required") }
         if prompt.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { throw UsageError("--prompt is required") }
-        if karrasSigmas && scheduler != .dpmpp { throw UsageError("--karras-sigmas needs --scheduler dpmpp") }
+        if karrasSigmas && ![.dpmpp, .euler, .lms].contains(scheduler) {
+            throw UsageError("--karras-sigmas needs --scheduler dpmpp, euler or lms")
+        }
     }
 
     /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's).

@@ -24,7 +24,9 @@ public struct EulerScheduler: Scheduler {
     public init(stepCount: Int, config: SchedulerConfig = .stableDiffusion, ancestral: Bool = false) {
         predictionType = config.predictionType
         isAncestral = ancestral
-        (timesteps, sigmas, initNoiseSigma) = SigmaSchedule.interpolated(stepCount: stepCount, config: config)
+        var settings = config
+        if ancestral { settings.useKarrasSigmas = false }  // diffusers' Euler ancestral has no Karras option
+        (timesteps, sigmas, initNoiseSigma) = SigmaSchedule.interpolated(stepCount: stepCount, config: settings)
     }
 
     public var needsNoise: Bool { isAncestral }
@@ -60,7 +62,8 @@ public struct EulerScheduler: Scheduler {
 /// Timestep and sigma helpers shared by the sigma-based schedulers.
 enum SigmaSchedule {
     /// Euler's and LMS's schedule: timesteps by the config's spacing ("linspace" by default), the
-    /// training sigmas interpolated at them then 0, and init_noise_sigma (sigma_max, or
+    /// training sigmas interpolated at them (respaced as Karras et al.'s with `useKarrasSigmas`)
+    /// then 0, and init_noise_sigma (sigma_max, or
     /// sqrt(sigma_max^2 + 1) for "leading", as diffusers has it).
     static func interpolated(stepCount: Int, config: SchedulerConfig) -> (timesteps: [Double], sigmas: [Float], initNoiseSigma: Float) {
         let schedule = config.noiseSchedule
@@ -68,9 +71,17 @@ enum SigmaSchedule {
         let steps = floatTimesteps(spacing, stepCount: stepCount, trainStepCount: schedule.trainStepCount,
                                    stepsOffset: config.stepsOffset)
         let trainSigmas = schedule.sigmas
-        let sigmas = steps.map { Float(NumPy.interp(Double($0), trainSigmas)) } + [0]
+        var timesteps = steps.map(Double.init)
+        var interpolated = steps.map { NumPy.interp(Double($0), trainSigmas) }
+        if config.useKarrasSigmas {
+            // Karras spacing between the interpolated ends; timesteps follow the sigmas (fractional).
+            interpolated = karras(sigmaMin: interpolated.last!, sigmaMax: interpolated[0], count: stepCount)
+            let logSigmas = trainSigmas.map { log($0) }
+            timesteps = interpolated.map { timestep(sigma: $0, logSigmas: logSigmas) }.map { Double(Float($0)) }
+        }
+        let sigmas = interpolated.map { Float($0) } + [0]
         let largest = sigmas.max() ?? 0
-        return (steps.map(Double.init), sigmas, spacing == .leading ? (largest * largest + 1).squareRoot() : largest)
+        return (timesteps, sigmas, spacing == .leading ? (largest * largest + 1).squareRoot() : largest)
     }
 
     /// x0 from a model output at noise level sigma (sample kept at scale sigma).

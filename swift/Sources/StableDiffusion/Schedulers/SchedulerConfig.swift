@@ -41,7 +41,8 @@ public struct SchedulerConfig: Equatable, Sendable {
     /// DDIM: clamp the predicted x0 to [-clipSampleRange, clipSampleRange]; nil: DDIM's default, true.
     public var clipSample: Bool? = false
     public var clipSampleRange = 1.0
-    /// DPM-Solver++: sigmas spaced as in Karras et al. (rho 7) instead of by timestep.
+    /// DPM-Solver++, Euler and LMS: sigmas spaced as in Karras et al. (rho 7) instead of by timestep
+    /// (Euler ancestral, DDIM, PNDM and LCM have no such option in diffusers and ignore it).
     public var useKarrasSigmas = false
     /// LCM: the step count of the distillation schedule its timesteps are picked from.
     public var originalInferenceSteps = 50
