@@ -27,6 +27,9 @@ from .generation.components import RESOURCE_NAMES, component_of
 
 BASE_NAMES = {component: name for name, component in RESOURCE_NAMES.items()}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+SCHEDULER_CONFIG = "scheduler_config.json"
+PIPELINE_CONFIG = "pipeline_config.json"
+DEFAULT_VAE_SCALING_FACTOR = 0.18215  # SD 1.x and 2.x; what Swift assumes without pipeline_config.json
 MANIFEST = "manifest.json"
 FORMAT = "python_coreml_sd.bundle/1"
 KINDS = ("packages", "compiled")
@@ -75,16 +78,59 @@ def write_tokenizer(model_version: str, dest: Path) -> None:
                         "the Swift pipeline needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
 
 
+def write_scheduler_config(model_version: str, dest: Path) -> None:
+    """The model's scheduler/scheduler_config.json, keys sorted, so the Swift package builds its
+    scheduler from the model's own betas, prediction type, timestep spacing and steps offset (without
+    the file it falls back to SD 1.x's). Models without a scheduler folder get none."""
+    from .model_sources import resolve
+    source = resolve(model_version)
+    if not source.has("scheduler"):
+        return
+    config = source.config("scheduler")
+    (dest / SCHEDULER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def pipeline_settings(options) -> dict:
+    """What the Swift loop needs from the model besides the Core ML files: the VAE's latent scaling
+    factor, the text encoder's sequence length, and the latent and image size the models were made for."""
+    from .model_sources import resolve
+    source = resolve(options.model_version)
+    settings = {"vae_scaling_factor": DEFAULT_VAE_SCALING_FACTOR}
+    if source.has("vae"):
+        settings["vae_scaling_factor"] = float(source.config("vae").get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))
+    if source.has("text_encoder"):
+        length = source.config("text_encoder").get("max_position_embeddings")
+        if length:
+            settings["text_sequence_length"] = int(length)
+    sample_size = source.config("unet").get("sample_size") if source.has("unet") else None
+    if isinstance(sample_size, int):
+        sample_size = [sample_size, sample_size]
+    latent = [getattr(options, "latent_h", None), getattr(options, "latent_w", None)]
+    if sample_size:
+        latent = [value if value is not None else default for value, default in zip(latent, sample_size)]
+    if None not in latent:
+        settings["latent_size"] = [int(v) for v in latent]
+        settings["image_size"] = [8 * int(v) for v in latent]
+    return settings
+
+
+def write_model_files(options, dest: Path) -> None:
+    write_tokenizer(options.model_version, dest)
+    write_scheduler_config(options.model_version, dest)
+    text = json.dumps(pipeline_settings(options), indent=2, sort_keys=True) + "\n"
+    (dest / PIPELINE_CONFIG).write_text(text, encoding="utf-8")
+
+
 def bundle_packages(options, written_paths, dest) -> Path:
     """`dest` (a Resources/ folder): the packages as TextEncoder.mlpackage, Unet.mlpackage, ... plus the
-    tokenizer files; written beside `dest` and renamed into place."""
+    tokenizer files, scheduler_config.json and pipeline_config.json; written beside `dest` and renamed into place."""
     entries = resource_entries(written_paths)
 
     def build(tmp: Path):
         tmp.mkdir()
         for name, package in entries.items():
             shutil.copytree(package, tmp / f"{name}.mlpackage")
-        write_tokenizer(options.model_version, tmp)
+        write_model_files(options, tmp)
 
     return replace_atomically(build, Path(dest), options.overwrite)
 
@@ -125,7 +171,7 @@ def bundle_compiled(options, written_paths, dest) -> Path:
         for name, package in entries.items():
             print(f"bundle: compiling {package.name} -> {name}.mlmodelc", file=sys.stderr, flush=True)
             compile_package(package, tmp, name)
-        write_tokenizer(options.model_version, tmp)
+        write_model_files(options, tmp)
 
     return replace_atomically(build, Path(dest), options.overwrite)
 

@@ -205,6 +205,15 @@ LOOP_CASES = [
     dict(prompt="watercolor forest", seed=11, steps=10, strength=0.6),
     dict(prompt="watercolor forest", seed=11, steps=10, strength=0.75, scheduler="dpmpp", rng="torch"),
     dict(prompt="", seed=5, steps=4, latent_size=4, disable_safety=True),
+    # The schedulers that scale the UNet input, start from sigma_max-scaled noise or draw step noise.
+    dict(prompt="a lighthouse", seed=21, steps=10, scheduler="euler"),
+    dict(prompt="a lighthouse", seed=21, steps=8, scheduler="euler_a"),
+    dict(prompt="a lighthouse", seed=21, steps=8, scheduler="euler_a", rng="torch", prediction_type="v_prediction"),
+    dict(prompt="a lighthouse", seed=22, steps=9, scheduler="ddim", prediction_type="v_prediction"),
+    dict(prompt="a lighthouse", seed=23, steps=12, scheduler="lms"),
+    dict(prompt="a lighthouse", seed=24, steps=4, scheduler="lcm", guidance_scale=1.5),
+    dict(prompt="watercolor forest", seed=11, steps=10, strength=0.6, scheduler="euler"),
+    dict(prompt="watercolor forest", seed=11, steps=10, strength=0.6, scheduler="euler_a", rng="torch"),
 ]
 
 

@@ -20,7 +20,7 @@ from python_coreml_sd.generation.pipeline import GenerationRequest
 from python_coreml_sd.generation.setup import open_pipeline
 
 APPLE_NAMES = {"TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage", "VAEEncoder.mlpackage",
-               "SafetyChecker.mlpackage", "vocab.json", "merges.txt"}
+               "SafetyChecker.mlpackage", "vocab.json", "merges.txt", "scheduler_config.json", "pipeline_config.json"}
 
 
 def sha256(path):
@@ -78,6 +78,30 @@ def test_packages_bundle_has_apples_names_and_the_tokenizer(built, tiny_packages
     for name in ("vocab.json", "merges.txt"):  # the CLIP files tiny was made from, byte for byte
         assert (resources / name).read_bytes() == (registry.TOKENIZER_DIR / name).read_bytes()
     assert set(find_packages(resources)) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"}
+
+
+def test_bundle_carries_the_models_scheduler_config(built):
+    """What the Swift package reads instead of SD 1.x constants (SchedulerConfig.load)."""
+    from python_coreml_sd.model_sources import resolve
+    resources, archive = built
+    written = json.loads((resources / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert written == resolve("tiny").config("scheduler")
+    for key in ("beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing", "steps_offset",
+                "num_train_timesteps"):
+        assert key in written, key
+    with zipfile.ZipFile(archive) as z:
+        assert any(name.endswith("scheduler_config.json") for name in z.namelist())
+    source = resolve("tiny")
+    settings = json.loads((resources / "pipeline_config.json").read_text(encoding="utf-8"))
+    latent = source.config("unet")["sample_size"]
+    assert settings == {"vae_scaling_factor": source.config("vae").get("scaling_factor", 0.18215),
+                        "text_sequence_length": source.config("text_encoder")["max_position_embeddings"],
+                        "latent_size": [latent, latent], "image_size": [8 * latent, 8 * latent]}
+
+
+def test_pipeline_settings_follow_the_latent_size_flags():
+    settings = bundle.pipeline_settings(ConversionOptions("tiny", "out", latent_h=12, latent_w=20))
+    assert settings["latent_size"] == [12, 20] and settings["image_size"] == [96, 160]
 
 
 @pytest.mark.parametrize("written, expected", [

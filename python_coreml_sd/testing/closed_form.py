@@ -1,6 +1,6 @@
 """Closed-form stand-ins for the text encoder, UNet, VAE and safety checker, and the generation loop.
 
-The Swift package (`swift/Sources/StableDiffusion/Testing/ClosedFormModels.swift`) implements the same
+The Swift package (`swift/Tests/TestSupport/ClosedFormModels.swift`) implements the same
 formulas. Both sides run the same loop (tokenize, encode, guidance, scheduler steps, decode, safety
 check, img2img start) around them, so comparing final latents checks the loop logic of each side
 without any real weights. Every formula rounds to float32 at the same points on both sides:
@@ -25,13 +25,24 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 
+# The Swift package's other scheduler kinds, built from SD 1.x's config as diffusers' from_config does
+# (with SD 1.5's clip_sample false, which DDIM would otherwise default to true).
+OTHER_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                    "ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler", "lcm": "LCMScheduler"}
+NOISY_SCHEDULERS = {"euler_a": "scheduling_euler_ancestral_discrete", "lcm": "scheduling_lcm"}
+
+
 def make_scheduler(name: str, prediction_type: str = "epsilon"):
+    import diffusers
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
     if name == "pndm":
         return PNDMScheduler(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     if name == "dpmpp":
         config = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
         return DPMSolverMultistepScheduler(**config, prediction_type=prediction_type)
+    if name in OTHER_SCHEDULERS:
+        config = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type, clip_sample=False)
+        return getattr(diffusers, OTHER_SCHEDULERS[name]).from_config(config)
     raise ValueError(f"unknown scheduler {name!r}")
 
 
@@ -168,19 +179,33 @@ def img2img_start(scheduler, steps: int, strength: float):
     return max(steps - init_timestep, 0) * scheduler.order
 
 
+def step_noise_from(rng: RandomStream, scheduler_name: str):
+    """Ancestral steps draw their noise from the loop's own stream, right after the model call, as
+    the Swift loop does (diffusers would draw it from a torch generator of its own)."""
+    import contextlib
+    import importlib
+    from unittest import mock
+    if scheduler_name not in NOISY_SCHEDULERS:
+        return contextlib.nullcontext()
+    module = importlib.import_module(f"diffusers.schedulers.{NOISY_SCHEDULERS[scheduler_name]}")
+    return mock.patch.object(module, "randn_tensor", lambda shape, **_: torch.from_numpy(rng.normal(tuple(shape))))
+
+
 def run_loop(config: LoopConfig, tokenize) -> LoopResult:
     """Text-to-image (or img2img) with the closed-form models; `tokenize(text) -> 77 ids`."""
     scheduler = make_scheduler(config.scheduler, config.prediction_type)
     scheduler.set_timesteps(config.steps)
     hidden = [encode_text(tokenize(config.negative_prompt)), encode_text(tokenize(config.prompt))]
     shape = (4, config.latent_size, config.latent_size)
-    timesteps = [int(t) for t in scheduler.timesteps]
+    schedule = list(scheduler.timesteps)
+    whole = not torch.is_floating_point(scheduler.timesteps)
+    timesteps = [int(t) if whole else float(t) for t in schedule]
     rng = RandomStream(config.rng, config.seed)
     if config.strength is None:
-        latents = rng.normal((1,) + shape)[0]
+        latents = rng.normal((1,) + shape)[0] * np.float32(scheduler.init_noise_sigma)
     else:
         start = img2img_start(scheduler, config.steps, config.strength)
-        timesteps = timesteps[start:]
+        timesteps, schedule = timesteps[start:], schedule[start:]
         if hasattr(type(scheduler), "set_begin_index"):  # PNDM counts its own steps instead
             scheduler.set_begin_index(start)
         moments = encode_image(test_image(8 * config.latent_size, 8 * config.latent_size))
@@ -189,11 +214,14 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
         clean = sample_latents(moments, diagonal_noise)
         t = torch.tensor([timesteps[0]])
         latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
-    for t in timesteps:  # guidance at every scale, as python_coreml_sd.generation.pipeline does
-        uncond = denoise(latents, t, hidden[0])
-        cond = denoise(latents, t, hidden[1])
+    for t, step_t in zip(timesteps, schedule):  # guidance at every scale, as python_coreml_sd.generation.pipeline does
+        model_input = scheduler.scale_model_input(torch.from_numpy(latents)[None], step_t)[0].numpy()
+        uncond = denoise(model_input, t, hidden[0])
+        cond = denoise(model_input, t, hidden[1])
         guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
-        out = scheduler.step(torch.from_numpy(guided)[None], t, torch.from_numpy(latents)[None])
+        with step_noise_from(rng, config.scheduler):
+            out = scheduler.step(torch.from_numpy(guided)[None], step_t if not whole else t,
+                                 torch.from_numpy(latents)[None])
         latents = out.prev_sample[0].numpy().astype(np.float32)
     image = decode(latents / np.float32(LATENT_SCALE))
     unsafe = not config.disable_safety and is_unsafe(image)

@@ -1,6 +1,7 @@
 import Foundation
 import StableDiffusion
-#if canImport(CoreML)
+// Linux builds see the test-only Core ML stand-in; there only CoreMLTypeCheck compiles the Core ML path.
+#if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
 import CoreML
 #endif
 
@@ -9,21 +10,22 @@ enum CLIRunner {
         let description: String
     }
 
-    #if canImport(CoreML)
+    #if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
     static func run(_ options: CommandLineOptions, resources: ResourceFolder, tokenizer: BPETokenizer) throws {
         let pipeline = try CoreMLPipeline(resources: resources, tokenizer: tokenizer,
                                           computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory)
-        var config = options.generationConfig()
+        let schedulerConfig = try resources.schedulerConfig()
+        var config = options.generationConfig(schedulerConfig: schedulerConfig)
         config.latentShape = try pipeline.latentShape()
         if let path = options.imagePath { config.startImage = try ImageFile.read(path: path, shape: config.latentShape) }
         let images = try pipeline.pipeline.generate(config) { step, total in
             print("step \(step)/\(total)")
             return true
         }
-        try save(images, options: options)
+        try save(images, options: options, schedulerConfig: schedulerConfig)
     }
 
-    static func save(_ images: [GeneratedImage], options: CommandLineOptions) throws {
+    static func save(_ images: [GeneratedImage], options: CommandLineOptions, schedulerConfig: SchedulerConfig) throws {
         let folder = URL(fileURLWithPath: options.outputPath, isDirectory: true)
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         for (index, image) in images.enumerated() {
@@ -32,7 +34,7 @@ enum CLIRunner {
                 print("the safety checker flagged seed \(seed); the image was replaced by a black one")
             }
             let url = folder.appendingPathComponent(OutputNaming.fileName(prompt: options.prompt, seed: seed))
-            let text = [(key: "parameters", value: OutputNaming.parameters(options, seed: seed))]
+            let text = [(key: "parameters", value: OutputNaming.parameters(options, seed: seed, schedulerConfig: schedulerConfig))]
             try PNGWriter.write(RGBImage(decoderOutput: image.image), to: url, text: text)
             print("wrote \(url.path)")
         }

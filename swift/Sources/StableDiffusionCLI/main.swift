@@ -21,6 +21,9 @@ if options.help {
 do {
     let resources = try ResourceFolder(path: options.resourcePath, needsEncoder: options.imagePath != nil)
     let tokenizer = try resources.tokenizer()
+    // A bad scheduler_config.json or pipeline_config.json fails here, on any platform.
+    _ = try resources.schedulerConfig()
+    _ = try resources.pipelineSettings()
     if let image = options.imagePath, !FileManager.default.fileExists(atPath: image) {
         throw UsageError("--image \(image) does not exist")
     }

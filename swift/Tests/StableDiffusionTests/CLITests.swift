@@ -40,6 +40,9 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(result.status, 0)
         XCTAssertTrue(result.stdout.contains("--resource-path"))
         XCTAssertTrue(result.stdout.contains("--reduce-memory"))
+        for text in ["euler_a", "--timestep-spacing", "trailing", "--karras-sigmas"] {
+            XCTAssertTrue(result.stdout.contains(text), text)
+        }
     }
 
     func testBadFlagIsOneLineAndExitTwo() throws {
@@ -55,7 +58,7 @@ final class CLITests: XCTestCase {
     }
 
     func testValidFolderWithoutCoreMLSaysSo() throws {
-        #if canImport(CoreML)
+        #if canImport(CoreML) && !os(Linux)
         throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
         #else
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("sd-cli-\(UUID())")
@@ -71,6 +74,14 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(result.status, 3)
         XCTAssertTrue(result.stderr.contains("needs Core ML"), result.stderr)
         XCTAssertEqual(result.stderr.filter { $0 == "\n" }.count, 1)
+        let euler = try run(["--resource-path", folder.path, "--prompt", "a cat", "--scheduler", "euler_a",
+                             "--timestep-spacing", "trailing"])
+        XCTAssertEqual(euler.status, 3, euler.stderr)
+        try Data(#"{"beta_schedule": "sigmoid"}"#.utf8).write(to: folder.appendingPathComponent("scheduler_config.json"))
+        let badConfig = try run(["--resource-path", folder.path, "--prompt", "a cat"])
+        XCTAssertEqual(badConfig.status, 1)
+        XCTAssertTrue(badConfig.stderr.contains("scheduler_config.json: unsupported beta_schedule"), badConfig.stderr)
+        try FileManager.default.removeItem(at: folder.appendingPathComponent("scheduler_config.json"))
         let withImage = try run(["--resource-path", folder.path, "--prompt", "a cat", "--image", "in.png"])
         XCTAssertEqual(withImage.status, 2)
         XCTAssertTrue(withImage.stderr.contains("VAEEncoder.mlmodelc"), withImage.stderr)

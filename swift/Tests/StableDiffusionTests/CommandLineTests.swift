@@ -32,6 +32,36 @@ final class CommandLineTests: XCTestCase {
         XCTAssertEqual(options.generationConfig().guidanceScale, 7.5)
     }
 
+    func testSchedulerAndSpacingFlags() throws {
+        let base = ["--resource-path", "r", "--prompt", "p"]
+        for kind in SchedulerKind.allCases {
+            XCTAssertEqual(try CommandLineOptions.parse(base + ["--scheduler", kind.rawValue]).scheduler, kind)
+        }
+        let options = try CommandLineOptions.parse(base + ["--scheduler", "dpmpp", "--karras-sigmas",
+                                                           "--timestep-spacing", "trailing"])
+        XCTAssertEqual(options.timestepSpacing, .trailing)
+        XCTAssertTrue(options.karrasSigmas)
+        let config = options.generationConfig(schedulerConfig: .stableDiffusion).effectiveSchedulerConfig
+        XCTAssertEqual(config.timestepSpacing, .trailing)
+        XCTAssertTrue(config.useKarrasSigmas)
+        // Without flags the bundle's settings stand.
+        var v = SchedulerConfig.stableDiffusion
+        v.predictionType = .vPrediction
+        v.timestepSpacing = .leading
+        let plain = try CommandLineOptions.parse(base).generationConfig(schedulerConfig: v).effectiveSchedulerConfig
+        XCTAssertEqual(plain, v)
+        XCTAssertThrowsError(try CommandLineOptions.parse(base + ["--karras-sigmas"]))  // pndm
+        XCTAssertThrowsError(try CommandLineOptions.parse(base + ["--timestep-spacing", "karras"]))
+        XCTAssertTrue(OutputNaming.parameters(options, seed: 1).contains(#""timestep_spacing":"trailing""#))
+    }
+
+    func testHelpExplainsEverySchedulerAndSpacing() {
+        for name in SchedulerKind.allCases.map(\.rawValue) + TimestepSpacing.allCases.map(\.rawValue) {
+            XCTAssertTrue(CommandLineOptions.usage.contains("  \(name) "), name)
+        }
+        XCTAssertTrue(CommandLineOptions.usage.contains("--karras-sigmas"))
+    }
+
     func testHelpNeedsNothingElse() throws {
         XCTAssertTrue(try CommandLineOptions.parse(["--help"]).help)
     }
@@ -45,7 +75,7 @@ final class CommandLineTests: XCTestCase {
             (["--resource-path", "r", "--prompt", "p", "--bogus"], "unknown option '--bogus' (see --help)"),
             (["--resource-path", "r", "--prompt", "p", "--seed", "-1"], "--seed must be a number in 0 ... 4294967295, got '-1'"),
             (["--resource-path", "r", "--prompt", "p", "--strength", "2"], "--strength must be a number in 0.0 ... 1.0, got '2'"),
-            (["--resource-path", "r", "--prompt", "p", "--rng", "philox"], "--rng must be one of numpy, torch, got 'philox'"),
+            (["--resource-path", "r", "--prompt", "p", "--rng", "philox"], "--rng must be one of numpy, torch, nvidia, got 'philox'"),
             (["--resource-path", "r", "--prompt", "p", "extra"], "unexpected argument 'extra'"),
             (["--resource-path", "r", "--prompt", "p", "--disable-safety=yes"], "--disable-safety takes no value"),
         ]

@@ -1,5 +1,6 @@
 import XCTest
 @testable import StableDiffusion
+import StableDiffusionTestSupport
 
 /// The full loop with the closed-form models against python_coreml_sd/testing/closed_form.py.
 final class LoopTests: XCTestCase {
@@ -17,7 +18,7 @@ final class LoopTests: XCTestCase {
         let label = "\(config.prompt.debugDescription) \(config.scheduler) \(config.rng) seed \(config.seed)"
         let pipeline = StableDiffusionPipeline(tokenizer: Golden.tokenizer, models: ClosedForm.models())
         let result = try XCTUnwrap(pipeline.generate(config).first)
-        XCTAssertEqual(result.timesteps, ints(entry["timesteps"]), label)
+        XCTAssertEqual(result.timesteps.map(Float.init), floats(entry["timesteps"]), label)
         let error = relativeError(result.latents.scalars, floats(entry["latents"]))
         XCTAssertLessThanOrEqual(error, Self.tolerance, label)
         XCTAssertEqual(result.isUnsafe, entry["unsafe"] as! Bool, label)

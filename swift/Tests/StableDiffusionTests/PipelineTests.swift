@@ -1,11 +1,12 @@
 import XCTest
 @testable import StableDiffusion
+import StableDiffusionTestSupport
 
 /// Records what the loop hands the UNet and decoder, answering in closed form.
 final class RecordingUnet: NoisePredicting {
-    var calls: [(batch: Int, timestep: Int, hidden: Tensor)] = []
+    var calls: [(batch: Int, timestep: Double, hidden: Tensor)] = []
 
-    func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
         calls.append((latents.shape[0], timestep, hiddenStates))
         // Batch item b answers b + 1 everywhere, so guidance is visible in the result.
         let items = (0..<latents.shape[0]).map { b in latents.batchItem(b).map { _ in Float(b + 1) } }

@@ -10,7 +10,10 @@ public struct CommandLineOptions: Equatable {
     public var seed: UInt32 = 93
     public var guidanceScale: Float = 7.5
     public var scheduler: SchedulerKind = .pndm
-    public var predictionType: PredictionType = .epsilon
+    /// nil: the bundle's scheduler_config.json decides (SD 1.x's settings without one).
+    public var predictionType: PredictionType?
+    public var timestepSpacing: TimestepSpacing?
+    public var karrasSigmas = false
     public var rng: RandomSourceKind = .numpy
     public var computeUnits: ComputeUnitChoice = .all
     public var outputPath = "."
@@ -38,9 +41,32 @@ public struct CommandLineOptions: Equatable {
       --step-count <n>          inference steps (default: 50)
       --seed <n>                0 ... 4294967295 (default: 93)
       --guidance-scale <x>      classifier-free guidance (default: 7.5)
-      --scheduler <name>        pndm | dpmpp (default: pndm)
-      --prediction-type <name>  epsilon | v_prediction (default: epsilon)
-      --rng <name>              numpy (the Python pipeline's source) | torch (default: numpy)
+      --scheduler <name>        the sampler (default: pndm), each as diffusers runs it:
+                                  pndm     PNDM's pseudo linear multistep (SD 1.x's default)
+                                  dpmpp    DPM-Solver++ 2M; good in 20-25 steps
+                                  euler    Euler on the sigma ODE
+                                  euler_a  Euler ancestral: fresh noise from --rng every step,
+                                           so results vary more with the step count
+                                  ddim     DDIM, eta 0 (deterministic)
+                                  lms      linear multistep (order 4) on the sigma ODE
+                                  lcm      latent consistency, for LCM-distilled UNets (2-8
+                                           steps, guidance about 1-2); ignores the spacing
+      --timestep-spacing <name> which training timesteps the steps visit (default: the model's
+                                scheduler_config.json, else each sampler's diffusers default):
+                                  linspace  evenly from the last to the first, both included
+                                  leading   multiples of (training steps / steps) from 0, plus
+                                            the config's steps_offset
+                                  trailing  the same multiples down from the last training
+                                            step; pick it for few steps and zero-SNR models
+      --karras-sigmas           dpmpp, euler, lms: sigmas spaced as in Karras et al. (rho 7;
+                                dpmpp with it is "DPM++ 2M Karras")
+      --prediction-type <name>  epsilon | v_prediction: what the UNet predicts (default: the
+                                model's scheduler_config.json, else epsilon; SD 2.x 768 is v)
+      --rng <name>              the initial and step noise (default: numpy):
+                                  numpy   NumPy's RandomState (the Python pipeline's source)
+                                  torch   torch.randn on the CPU
+                                  nvidia  torch.randn on a CUDA GPU (cuRAND Philox), as most
+                                          diffusers seeds were made; within a few ulps
       --compute-units <name>    all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default: all)
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
@@ -92,7 +118,8 @@ public struct CommandLineOptions: Equatable {
         case "--guidance-scale": guidanceScale = try Self.number(name, text, in: 0...100)
         case "--strength": strength = try Self.number(name, text, in: 0...1)
         case "--scheduler": scheduler = try Self.choice(name, text)
-        case "--prediction-type": predictionType = try Self.choice(name, text)
+        case "--prediction-type": predictionType = try Self.choice(name, text) as PredictionType
+        case "--timestep-spacing": timestepSpacing = try Self.choice(name, text) as TimestepSpacing
         case "--rng": rng = try Self.choice(name, text)
         case "--compute-units": computeUnits = try Self.choice(name, text)
         default: throw UsageError("unknown option '\(name)' (see --help)")
@@ -101,11 +128,11 @@ public struct CommandLineOptions: Equatable {
 
     private static let valueOptions: Set<String> = [
         "--resource-path", "--prompt", "--negative-prompt", "--output-path", "--image", "--image-count", "--step-count",
-        "--seed", "--guidance-scale", "--strength", "--scheduler", "--prediction-type", "--rng", "--compute-units",
+        "--seed", "--guidance-scale", "--strength", "--scheduler", "--prediction-type", "--timestep-spacing", "--rng", "--compute-units",
     ]
 
     private static let flags: [String: WritableKeyPath<CommandLineOptions, Bool>] = [
-        "--disable-safety": \.disableSafety, "--reduce-memory": \.reduceMemory, "--help": \.help, "-h": \.help,
+        "--disable-safety": \.disableSafety, "--reduce-memory": \.reduceMemory, "--karras-sigmas": \.karrasSigmas, "--help": \.help, "-h": \.help,
     ]
 
     private static func number<T: LosslessStringConvertible & Comparable>(_ name: String, _ text: String,
@@ -128,10 +155,17 @@ public struct CommandLineOptions: Equatable {
     private func validate() throws {
         if resourcePath.isEmpty { throw UsageError("--resource-path is required") }
         if prompt.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { throw UsageError("--prompt is required") }
+        if karrasSigmas && ![.dpmpp, .euler, .lms].contains(scheduler) {
+            throw UsageError("--karras-sigmas needs --scheduler dpmpp, euler or lms")
+        }
     }
 
-    public func generationConfig() -> GenerationConfig {
+    /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's).
+    public func generationConfig(schedulerConfig: SchedulerConfig = .stableDiffusion) -> GenerationConfig {
         var config = GenerationConfig(prompt: prompt)
+        config.schedulerConfig = schedulerConfig
+        config.timestepSpacing = timestepSpacing
+        config.useKarrasSigmas = karrasSigmas ? true : nil
         config.negativePrompt = negativePrompt
         config.seed = seed
         config.imageCount = imageCount

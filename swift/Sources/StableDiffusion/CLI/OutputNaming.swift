@@ -17,15 +17,20 @@ public enum OutputNaming {
         return "\(trimmed.isEmpty ? "image" : String(trimmed)).seed\(seed).png"
     }
 
-    /// The generation parameters as sorted-key JSON.
-    public static func parameters(_ options: CommandLineOptions, seed: UInt32) -> String {
+    /// The generation parameters as sorted-key JSON; the scheduler settings are the ones the run
+    /// used (the flags over the bundle's `schedulerConfig`).
+    public static func parameters(_ options: CommandLineOptions, seed: UInt32,
+                                  schedulerConfig: SchedulerConfig = .stableDiffusion) -> String {
+        let effective = options.generationConfig(schedulerConfig: schedulerConfig).effectiveSchedulerConfig
         var values: [String: Any] = [
             "prompt": options.prompt, "negative_prompt": options.negativePrompt, "seed": Int(seed),
             "num_inference_steps": options.stepCount, "guidance_scale": Double(options.guidanceScale),
             "scheduler": options.scheduler.rawValue, "rng": options.rng.rawValue,
-            "prediction_type": options.predictionType.rawValue,
+            "prediction_type": effective.predictionType.rawValue,
         ]
         if options.imagePath != nil { values["strength"] = options.strength }
+        if let spacing = effective.timestepSpacing { values["timestep_spacing"] = spacing.rawValue }
+        if effective.useKarrasSigmas { values["use_karras_sigmas"] = true }
         let data = (try? JSONSerialization.data(withJSONObject: values, options: [.sortedKeys])) ?? Data()
         return String(decoding: data, as: UTF8.self)
     }

@@ -1,4 +1,6 @@
-#if canImport(CoreML)
+// On Linux only the CoreMLTypeCheck target compiles this file, against the Core ML stand-in
+// (Package.swift); the library there must not, even though the stand-in module is importable.
+#if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
 import CoreML
 import Foundation
 
@@ -26,7 +28,7 @@ public struct CoreMLUnet: NoisePredicting {
 
     public func sampleShape() throws -> [Int] { try chunks[0].inputShape("sample") }
 
-    public func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+    public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
         let modelBatch = try sampleShape()[0]
         let batch = latents.shape[0]
         if batch == modelBatch {
@@ -42,7 +44,7 @@ public struct CoreMLUnet: NoisePredicting {
         return Tensor.concatenateBatch(outputs)
     }
 
-    private func run(_ sample: Tensor, timestep: Int, hidden: Tensor) throws -> Tensor {
+    private func run(_ sample: Tensor, timestep: Double, hidden: Tensor) throws -> Tensor {
         let batch = sample.shape[0]
         var features: [String: Tensor] = [
             "sample": sample,
@@ -173,6 +175,7 @@ public struct CoreMLPipeline {
     public let residency: ResidencyGroup?
 
     public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool) throws {
+        let settings = try resources.pipelineSettings()
         let group = reduceMemory ? ResidencyGroup() : nil
         residency = group
         let model = { (name: String, stage: String) in
@@ -187,7 +190,8 @@ public struct CoreMLPipeline {
             decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
             encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
             safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil)
-        pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models)
+        pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
+                                           latentScale: settings.latentScale)
     }
 
     /// (1, 4, h, w) as the UNet declares its `sample` input.

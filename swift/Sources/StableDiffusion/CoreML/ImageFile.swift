@@ -1,4 +1,5 @@
-#if canImport(CoreGraphics) && canImport(ImageIO)
+// On Linux only the CoreMLTypeCheck target compiles this file, against stand-ins (Package.swift).
+#if canImport(CoreGraphics) && canImport(ImageIO) && (!os(Linux) || COREML_STAND_IN)
 import CoreGraphics
 import Foundation
 import ImageIO

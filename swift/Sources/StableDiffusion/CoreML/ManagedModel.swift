@@ -1,4 +1,6 @@
-#if canImport(CoreML)
+// On Linux only the CoreMLTypeCheck target compiles this file, against the Core ML stand-in
+// (Package.swift); the library there must not, even though the stand-in module is importable.
+#if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
 import CoreML
 import Foundation
 

@@ -8,8 +8,9 @@ public protocol TextEncoding {
 
 public protocol NoisePredicting {
     /// The model output (noise or v) for a batch of latents at one timestep; `hiddenStates` holds
-    /// one text embedding per batch item, in the same order.
-    func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor
+    /// one text embedding per batch item, in the same order. Timesteps may be fractional (Euler's
+    /// "linspace" spacing); the UNet takes them as float32.
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor
 }
 
 public protocol LatentDecoding {

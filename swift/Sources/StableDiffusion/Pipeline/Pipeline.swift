@@ -9,7 +9,12 @@ public struct GenerationConfig: Sendable {
     public var stepCount = 50
     public var guidanceScale: Float = 7.5
     public var scheduler: SchedulerKind = .pndm
-    public var predictionType: PredictionType = .epsilon
+    /// The model's scheduler settings (the bundle's scheduler_config.json, else SD 1.x's).
+    public var schedulerConfig = SchedulerConfig.stableDiffusion
+    /// Overrides of the model's settings (the CLI's flags); nil keeps the config's.
+    public var predictionType: PredictionType?
+    public var timestepSpacing: TimestepSpacing?
+    public var useKarrasSigmas: Bool?
     public var rng: RandomSourceKind = .numpy
     /// (1, 4, height / 8, width / 8).
     public var latentShape = [1, 4, 64, 64]
@@ -23,12 +28,23 @@ public struct GenerationConfig: Sendable {
     }
 }
 
+extension GenerationConfig {
+    /// The model's scheduler config with this request's overrides applied.
+    public var effectiveSchedulerConfig: SchedulerConfig {
+        var result = schedulerConfig
+        if let predictionType { result.predictionType = predictionType }
+        if let timestepSpacing { result.timestepSpacing = timestepSpacing }
+        if let useKarrasSigmas { result.useKarrasSigmas = useKarrasSigmas }
+        return result
+    }
+}
+
 public struct GeneratedImage {
     public var latents: Tensor
     /// Decoded (1, 3, H, W) in [-1, 1]; all -1 (black) when the safety checker flagged it.
     public var image: Tensor
     public var isUnsafe: Bool
-    public var timesteps: [Int]
+    public var timesteps: [Double]
 }
 
 public enum PipelineError: Error, CustomStringConvertible {
@@ -86,7 +102,7 @@ public struct StableDiffusionPipeline {
 
     private func generateOne(_ config: GenerationConfig, seed: UInt32, hidden: Tensor,
                              progress: (Int, Int) -> Bool) throws -> GeneratedImage {
-        var scheduler = config.scheduler.make(stepCount: config.stepCount, predictionType: config.predictionType)
+        var scheduler = config.scheduler.make(stepCount: config.stepCount, config: config.effectiveSchedulerConfig)
         var random = config.rng.makeSource(seed: seed)
         var timesteps = scheduler.timesteps
         var latents: Tensor
@@ -97,11 +113,15 @@ public struct StableDiffusionPipeline {
             if timesteps.isEmpty { throw PipelineError.strengthTooSmall(config.strength, steps: config.stepCount) }
             latents = try startLatents(image, timestep: timesteps.first ?? 0, scheduler: scheduler, random: &random, shape: config.latentShape)
         } else {
-            latents = random.normalTensor(shape: config.latentShape)
+            let sigma = scheduler.initNoiseSigma
+            latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
         }
         for (index, t) in timesteps.enumerated() {
-            let output = try guidedOutput(latents, timestep: t, hidden: hidden, config: config)
-            latents = scheduler.step(output: output, timestep: t, sample: latents)
+            let input = scheduler.scaleModelInput(latents, timestep: t)
+            let output = try guidedOutput(input, timestep: t, hidden: hidden, config: config)
+            // Ancestral samplers draw their step noise after the model, from the same source.
+            let noise = scheduler.needsNoise ? random.normalTensor(shape: latents.shape) : nil
+            latents = scheduler.step(output: output, timestep: t, sample: latents, noise: noise)
             if !progress(index + 1, timesteps.count) { throw PipelineError.cancelled }
         }
         return try finish(latents, config: config, timesteps: timesteps)
@@ -114,7 +134,7 @@ public struct StableDiffusionPipeline {
         return max(stepCount - initSteps, 0) * order
     }
 
-    private func startLatents(_ image: Tensor, timestep: Int, scheduler: any Scheduler,
+    private func startLatents(_ image: Tensor, timestep: Double, scheduler: any Scheduler,
                               random: inout any RandomSource, shape: [Int]) throws -> Tensor {
         guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
         // The Python pipeline's draw order, so img2img noise matches it for a seed.
@@ -145,14 +165,14 @@ public struct StableDiffusionPipeline {
 
     /// Classifier-free guidance: uncond + g * (cond - uncond) from one batch-2 UNet call. It runs at
     /// every scale (diffusers skips it at g <= 1; the Python pipeline does not, and parity wins).
-    func guidedOutput(_ latents: Tensor, timestep: Int, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
+    func guidedOutput(_ latents: Tensor, timestep: Double, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
         let batch = Tensor.concatenateBatch([latents, latents])
         let output = try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden)
         let g = config.guidanceScale
         return output.batchItem(0).zip(output.batchItem(1)) { uncond, cond in uncond + g * (cond - uncond) }
     }
 
-    private func finish(_ latents: Tensor, config: GenerationConfig, timesteps: [Int]) throws -> GeneratedImage {
+    private func finish(_ latents: Tensor, config: GenerationConfig, timesteps: [Double]) throws -> GeneratedImage {
         let image = try models.decoder.decode(latents.map { $0 / latentScale })
         var unsafe = false
         if !config.disableSafety, let checker = models.safetyChecker {

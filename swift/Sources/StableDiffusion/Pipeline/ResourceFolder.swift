@@ -43,6 +43,17 @@ public struct ResourceFolder {
 
     public func file(_ name: String) -> URL { url.appendingPathComponent(name) }
 
+    /// The model's scheduler settings from scheduler_config.json; SD 1.x's when the folder has none
+    /// (bundles from before the converter wrote it).
+    public func schedulerConfig() throws -> SchedulerConfig {
+        try SchedulerConfig.load(folder: url)
+    }
+
+    /// Latent scale, sequence length and model size from pipeline_config.json; SD 1.x's without it.
+    public func pipelineSettings() throws -> PipelineSettings {
+        try PipelineSettings.load(folder: url)
+    }
+
     public func tokenizer() throws -> BPETokenizer {
         try BPETokenizer(vocabURL: file("vocab.json"), mergesURL: file("merges.txt"))
     }

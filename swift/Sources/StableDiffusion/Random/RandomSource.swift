@@ -11,11 +11,15 @@ public enum RandomSourceKind: String, CaseIterable, Sendable {
     case numpy
     /// `torch.randn(shape, generator=torch.Generator().manual_seed(seed))` on the CPU.
     case torch
+    /// `torch.randn(..., generator=torch.Generator("cuda").manual_seed(seed), device="cuda")`: cuRAND
+    /// Philox, what most published diffusers seeds were drawn with (values within a few float32 ulps).
+    case nvidia
 
     public func makeSource(seed: UInt32) -> any RandomSource {
         switch self {
         case .numpy: return NumPyRandomSource(seed: seed)
         case .torch: return TorchRandomSource(seed: UInt64(seed))
+        case .nvidia: return NvidiaRandomSource(seed: UInt64(seed))
         }
     }
 }

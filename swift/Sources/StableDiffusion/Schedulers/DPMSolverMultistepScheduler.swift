@@ -1,11 +1,12 @@
 import Foundation
 
-/// diffusers' `DPMSolverMultistepScheduler` defaults on the SD 1.x schedule: DPM-Solver++, second
-/// order, midpoint, "linspace" spacing, final sigma zero (so the last step is first order).
+/// diffusers' `DPMSolverMultistepScheduler` defaults: DPM-Solver++, second order, midpoint, final
+/// sigma zero (so the last step is first order), "linspace" spacing unless the config names another,
+/// and optionally Karras sigmas (the "DPM++ 2M Karras" sampler).
 public struct DPMSolverMultistepScheduler: Scheduler {
     public let schedule: NoiseSchedule
     public let predictionType: PredictionType
-    public let timesteps: [Int]
+    public let timesteps: [Double]
     /// sigma per timestep, then 0 for the end.
     public let sigmas: [Float]
     public let order = 1
@@ -17,14 +18,28 @@ public struct DPMSolverMultistepScheduler: Scheduler {
     private var previousOutput: Tensor?
     private var lowerOrderCount = 0
 
-    public init(stepCount: Int, predictionType: PredictionType = .epsilon, schedule: NoiseSchedule = .stableDiffusion) {
-        self.schedule = schedule
-        self.predictionType = predictionType
-        let last = Double(schedule.trainStepCount - 1)
-        let spacing = last / Double(stepCount)
-        timesteps = (0..<stepCount).map { Int((Double(stepCount - $0) * spacing).rounded(.toNearestOrEven)) }
-        let allSigmas = schedule.alphasCumprod.map { ((1 - $0) / $0).squareRoot() }
-        sigmas = timesteps.map { allSigmas[$0] } + [0]
+    public init(stepCount: Int, config: SchedulerConfig = .stableDiffusion) {
+        schedule = config.noiseSchedule
+        predictionType = config.predictionType
+        let trainSigmas = schedule.sigmas
+        if config.useKarrasSigmas {
+            let karras = SigmaSchedule.karras(sigmaMin: Double(trainSigmas[0]), sigmaMax: Double(trainSigmas.last!),
+                                              count: stepCount)
+            let logSigmas = trainSigmas.map { log($0) }
+            timesteps = karras.map { NumPy.round(SigmaSchedule.timestep(sigma: $0, logSigmas: logSigmas)) }
+            sigmas = karras.map { Float($0) } + [0]
+        } else {
+            let steps = config.spacing(default: .linspace).integerTimesteps(
+                stepCount: stepCount, trainStepCount: schedule.trainStepCount, stepsOffset: config.stepsOffset, dropLast: true)
+            timesteps = steps.map(Double.init)
+            sigmas = steps.map { trainSigmas[$0] } + [0]
+        }
+    }
+
+    public init(stepCount: Int, predictionType: PredictionType) {
+        var config = SchedulerConfig.stableDiffusion
+        config.predictionType = predictionType
+        self.init(stepCount: stepCount, config: config)
     }
 
     /// (alpha_t, sigma_t) of the variance-preserving process at step `index`.
@@ -48,7 +63,7 @@ public struct DPMSolverMultistepScheduler: Scheduler {
         }
     }
 
-    public mutating func step(output: Tensor, timestep: Int, sample: Tensor) -> Tensor {
+    public mutating func step(output: Tensor, timestep: Double, sample: Tensor, noise: Tensor?) -> Tensor {
         let x0 = dataPrediction(output, sample: sample)
         let isLast = stepIndex == timesteps.count - 1
         let result: Tensor
@@ -87,12 +102,7 @@ public struct DPMSolverMultistepScheduler: Scheduler {
         return firstTwo.zip(d1) { $0 - halfCoefficient * $1 }
     }
 
-    public func addNoise(original: Tensor, noise: Tensor, timestep: Int) -> Tensor {
-        let (signal, noiseScale) = noiseCoefficients(timestep: timestep)
-        return original.scaledSum(signal, noise, noiseScale)
-    }
-
-    public func noiseCoefficients(timestep: Int) -> (signal: Float, noise: Float) {
+    public func noiseCoefficients(timestep: Double) -> (signal: Float, noise: Float) {
         let index = timesteps.firstIndex(of: timestep) ?? startIndex
         let (alpha, sigma) = alphaSigma(index)
         return (alpha, sigma)

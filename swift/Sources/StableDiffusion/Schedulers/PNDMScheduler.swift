@@ -1,12 +1,12 @@
 import Foundation
 
-/// diffusers' `PNDMScheduler` with `skip_prk_steps=True` (pseudo linear multistep only), "leading"
-/// spacing, `steps_offset=1`, `set_alpha_to_one=False`: the SD 1.x default sampler.
+/// diffusers' `PNDMScheduler` with `skip_prk_steps=True` (pseudo linear multistep only): the SD 1.x
+/// default sampler ("leading" spacing, `steps_offset=1`, `set_alpha_to_one=False` in its config).
 public struct PNDMScheduler: Scheduler {
     public let schedule: NoiseSchedule
     public let predictionType: PredictionType
     public let stepCount: Int
-    public let timesteps: [Int]
+    public let timesteps: [Double]
     public let order = 1
     public var startIndex = 0
 
@@ -14,28 +14,37 @@ public struct PNDMScheduler: Scheduler {
     private var counter = 0
     private var firstSample: Tensor?  // diffusers' `cur_sample`
 
-    public init(stepCount: Int, predictionType: PredictionType = .epsilon,
-                schedule: NoiseSchedule = .stableDiffusion, stepsOffset: Int = 1) {
-        self.schedule = schedule
-        self.predictionType = predictionType
+    private let finalAlphaCumprod: Float
+
+    public init(stepCount: Int, config: SchedulerConfig = .stableDiffusion) {
+        schedule = config.noiseSchedule
+        predictionType = config.predictionType
         self.stepCount = stepCount
-        let ratio = schedule.trainStepCount / stepCount
-        let leading = (0..<stepCount).map { $0 * ratio + stepsOffset }
+        finalAlphaCumprod = (config.setAlphaToOne ?? false) ? 1 : schedule.alphasCumprod[0]
+        let ascending = Array(config.spacing(default: .leading).integerTimesteps(
+            stepCount: stepCount, trainStepCount: schedule.trainStepCount, stepsOffset: config.stepsOffset,
+            dropLast: false).reversed())
         // The second-to-last timestep repeats: PLMS's warm-up evaluates it twice.
-        let plms = Array(leading.dropLast()) + Array(leading.suffix(2).prefix(leading.count > 1 ? 1 : 0)) + [leading.last!]
-        timesteps = plms.reversed()
+        let plms = Array(ascending.dropLast()) + Array(ascending.suffix(2).prefix(ascending.count > 1 ? 1 : 0)) + [ascending.last!]
+        timesteps = plms.reversed().map(Double.init)
+    }
+
+    public init(stepCount: Int, predictionType: PredictionType) {
+        var config = SchedulerConfig.stableDiffusion
+        config.predictionType = predictionType
+        self.init(stepCount: stepCount, config: config)
     }
 
     private var stride: Int { schedule.trainStepCount / stepCount }
 
-    public mutating func step(output: Tensor, timestep: Int, sample: Tensor) -> Tensor {
-        var current = timestep
-        var previous = timestep - stride
+    public mutating func step(output: Tensor, timestep: Double, sample: Tensor, noise: Tensor?) -> Tensor {
+        var current = Int(timestep)
+        var previous = current - stride
         if counter != 1 {
             history = Array(history.suffix(3)) + [output]
         } else {
-            previous = timestep
-            current = timestep + stride
+            previous = current
+            current += stride
         }
         let (combined, base) = combinedOutput(output, sample: sample)
         counter += 1
@@ -64,7 +73,7 @@ public struct PNDMScheduler: Scheduler {
     }
 
     private func alphaProduct(_ timestep: Int) -> Float {
-        timestep >= 0 ? schedule.alphasCumprod[timestep] : schedule.alphasCumprod[0]
+        timestep >= 0 ? schedule.alphasCumprod[timestep] : finalAlphaCumprod
     }
 
     private func previousSample(_ sample: Tensor, from t: Int, to previous: Int, output: Tensor) -> Tensor {
@@ -77,13 +86,8 @@ public struct PNDMScheduler: Scheduler {
         return sample.zip(epsilon) { sampleCoefficient * $0 - difference * $1 / denominator }
     }
 
-    public func addNoise(original: Tensor, noise: Tensor, timestep: Int) -> Tensor {
-        let (signal, noiseScale) = noiseCoefficients(timestep: timestep)
-        return original.scaledSum(signal, noise, noiseScale)
-    }
-
-    public func noiseCoefficients(timestep: Int) -> (signal: Float, noise: Float) {
-        let alpha = schedule.alphasCumprod[timestep]
+    public func noiseCoefficients(timestep: Double) -> (signal: Float, noise: Float) {
+        let alpha = schedule.alphasCumprod[Int(timestep)]
         return (alpha.squareRoot(), (1 - alpha).squareRoot())
     }
 }

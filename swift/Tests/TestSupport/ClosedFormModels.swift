@@ -1,4 +1,5 @@
 import Foundation
+import StableDiffusion
 
 /// Deterministic stand-ins for the models, the same formulas as
 /// `python_coreml_sd/testing/closed_form.py`, so the whole loop runs without weights or Core ML and
@@ -29,7 +30,7 @@ public enum ClosedForm {
     public struct Denoiser: NoisePredicting {
         public init() {}
 
-        public func predictNoise(latents: Tensor, timestep: Int, hiddenStates: Tensor) throws -> Tensor {
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
             let items = (0..<latents.shape[0]).map { b in
                 denoise(latents.batchItem(b), timestep: timestep, mean: mean(hiddenStates.batchItem(b)))
             }
@@ -40,7 +41,7 @@ public enum ClosedForm {
             hidden.scalars.reduce(0.0) { $0 + Double($1) } / Double(hidden.count)
         }
 
-        func denoise(_ sample: Tensor, timestep: Int, mean: Double) -> Tensor {
+        func denoise(_ sample: Tensor, timestep: Double, mean: Double) -> Tensor {
             let plane = sample.count / sample.shape[1]
             var out = sample.scalars
             for c in 0..<sample.shape[1] {
@@ -96,6 +97,8 @@ public enum ClosedForm {
     /// Flags images whose mean brightness exceeds the threshold.
     public struct SafetyChecker: SafetyChecking {
         public let threshold: Double
+
+        public init(threshold: Double) { self.threshold = threshold }
 
         public func isUnsafe(image: Tensor) throws -> Bool {
             image.scalars.reduce(0.0) { $0 + Double($1) } / Double(image.count) > threshold

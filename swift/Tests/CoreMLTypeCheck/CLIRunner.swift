@@ -1,0 +1,1 @@
+../../Sources/StableDiffusionCLI/CLIRunner.swift

@@ -1,0 +1,1 @@
+../../Sources/StableDiffusion/CoreML/ImageFile.swift
