@@ -5,7 +5,6 @@ Swift tests compare the tokenizer, random sources, schedulers and the closed-for
 with it. Regenerating here catches drift on the Python side (a diffusers, transformers, torch or
 closed_form.py change) before it shows up as a Swift failure on a Mac.
 """
-import importlib.util
 import json
 import platform
 import zlib
@@ -14,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import support
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "swift" / "Tests" / "StableDiffusionTests" / "Resources" / "golden.json"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("make_golden_vectors", ROOT / "scripts" / "make_golden_vectors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return support.load_script("make_golden_vectors")
 
 
 @pytest.fixture(scope="module")

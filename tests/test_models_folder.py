@@ -6,22 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from python_coreml_sd import pipeline as pipeline_cli
+from tests import support
+
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.generation.components import find_packages
 
 
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        pipeline_cli.main(list(argv))
-    return exit_info.value.code, capsys.readouterr().err.strip()
-
-
-def assert_one_line(code, err, *fragments):
-    assert code == 2, err
-    assert err.count("\n") == 0 and err.startswith("pipeline: error:") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+run_cli = support.run_pipeline_cli
+assert_one_line = support.assert_one_line
 
 
 def generate_argv(models, out):

@@ -4,12 +4,13 @@ scripts/make_scheduler_vectors.py writes it; here every committed step is run ag
 the committed sample before it (teacher forcing, as the Swift test runs it), so a diffusers change in
 any scheduler's timesteps, sigmas or step shows up here before it shows up as a Swift failure.
 """
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import support
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "swift" / "Tests" / "StableDiffusionTests" / "Resources" / "schedulers.json"
@@ -20,10 +21,7 @@ STEP_ULPS = 8
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("make_scheduler_vectors", ROOT / "scripts" / "make_scheduler_vectors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return support.load_script("make_scheduler_vectors")
 
 
 @pytest.fixture(scope="module")

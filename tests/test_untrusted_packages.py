@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from python_coreml_sd import bundle, pipeline as pipeline_cli
+from tests import support
+
+from python_coreml_sd import bundle
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.runtime import load_model
 from python_coreml_sd.runtime.mil import bounds
@@ -89,17 +91,8 @@ def test_the_intact_package_still_loads(tmp_path):
     np.testing.assert_array_equal(out["y"], [1, 1])
 
 
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        pipeline_cli.main(list(argv))
-    return exit_info.value.code, capsys.readouterr().err.strip()
-
-
-def assert_one_line(code, err, *fragments):
-    assert code == 2, err
-    assert err.count("\n") == 0 and err.startswith("pipeline: error:") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+run_cli = support.run_pipeline_cli
+assert_one_line = support.assert_one_line
 
 
 def generate_argv(models, out):

@@ -1,20 +1,18 @@
 """Apple's own code on our packages and ours on Apple's (issue 14). On demand: `-m apple` with
 APPLE_ML_STABLE_DIFFUSION set to a checkout or mirror of apple/ml-stable-diffusion (never committed)."""
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+
+from tests import support
 
 pytestmark = pytest.mark.apple
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("apple_compat", ROOT / "scripts" / "apple_compat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return support.load_script("apple_compat")
 
 
 @pytest.fixture(scope="module")
