@@ -27,7 +27,7 @@ def apple_interface(component, *, B=2, h=16, w=16, D=32, S=77, P=32, C=17, fp16=
         "vae_encoder": ({"x": ((1, 3, 8 * h, 8 * w), x)}, {"latent": ((1, 8, h, w), F32)}),
         "safety_checker": ({"clip_input": ((1, 3, P, P), x), "images": ((1, 8 * h, 8 * w, 3), x),
                             "adjustment": ((1,), x)},
-                           {"filtered_images": ((1, 8 * h, 8 * w, 3), F32), "has_nsfw_concepts": ((1,), F32),
+                           {"filtered_images": ((1, 8 * h, 8 * w, 3), F32), "has_nsfw_concepts": ((1, 1, 1, 1), F32),
                             "concept_scores": ((1, C), F32)}),
     }
     return table[component]

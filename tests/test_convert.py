@@ -43,7 +43,7 @@ def test_tiny_safety_checker_interface(tiny_fp16_packages):
     inputs, outputs, _ = interface(package(tiny_fp16_packages, "safety_checker"))
     assert inputs == {"clip_input": ((1, 3, 32, 32), FLOAT16), "images": ((1, 128, 128, 3), FLOAT16),
                       "adjustment": ((1,), FLOAT16)}
-    assert outputs == {"filtered_images": ((1, 128, 128, 3), FLOAT32), "has_nsfw_concepts": ((1,), FLOAT32),
+    assert outputs == {"filtered_images": ((1, 128, 128, 3), FLOAT32), "has_nsfw_concepts": ((1, 1, 1, 1), FLOAT32),
                        "concept_scores": ((1, 17), FLOAT32)}
 
 

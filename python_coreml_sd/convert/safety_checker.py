@@ -33,9 +33,8 @@ class SafetyChecker(torch.nn.Module):
         special_scores = embeds @ F.normalize(c.special_care_embeds).T - c.special_care_embeds_weights + adjustment
         special_adjustment = (special_scores > 0).any(dim=1, keepdim=True).float() * 0.01
         concept_scores = embeds @ F.normalize(c.concept_embeds).T - c.concept_embeds_weights + special_adjustment
-        flagged = (concept_scores > 0).any(dim=1).float()
-        keep = (1.0 - flagged)[:, None, None, None]
-        return images * keep, flagged, concept_scores
+        flagged = (concept_scores > 0).any(dim=1).float()[:, None, None, None]  # (1, 1, 1, 1), as Apple's
+        return images * (1.0 - flagged), flagged, concept_scores
 
 
 def sample_inputs(checker, h, w):
