@@ -15,12 +15,18 @@ def load_script():
     return support.load_script("apple_compat")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def sd2_like() -> str:
+    from python_coreml_sd.random_models import materialized_model_dir
+    return str(materialized_model_dir("tiny-sd2"))
+
+
+@pytest.fixture(scope="module", params=["tiny", "sd2_like"])
+def report(request, tmp_path_factory):
     repo = os.environ.get("APPLE_ML_STABLE_DIFFUSION")
     if not repo:
         pytest.skip("set APPLE_ML_STABLE_DIFFUSION to a checkout of apple/ml-stable-diffusion (docs/compat.md)")
-    return load_script().run(Path(repo), tmp_path_factory.mktemp("apple_compat"))
+    model = "tiny" if request.param == "tiny" else sd2_like()
+    return load_script().run(Path(repo), tmp_path_factory.mktemp("apple_compat"), model)
 
 
 def test_every_package_has_apples_interface(report):
