@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS
-from python_coreml_sd.compression.palettize import KEEP_FP16, WEIGHT_THRESHOLD
+from python_coreml_sd.compression.palettize import WEIGHT_THRESHOLD
 from python_coreml_sd.compression.recipes import (  # noqa: F401 (the recipe API, also importable from here)
-    _match, load_recipe, recipe_layers, recipe_to_const_names)
+    KEEP_FP16, _match, load_recipe, recipe_layers, recipe_to_const_names)
 from python_coreml_sd.compression.sensitivity import Probe, analyse, palettizable_layers, resolve_device
 from python_coreml_sd.errors import UserError
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, palettize_array
+from python_coreml_sd.compression.recipes import KEEP_FP16, recipe_to_const_names
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.package_check import check_package
 from python_coreml_sd.package_io import save_mlmodel
@@ -32,7 +33,6 @@ from python_coreml_sd.package_io import save_mlmodel
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
 WEIGHT_THRESHOLD = 2048
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
-KEEP_FP16 = 16  # recipe value meaning "leave this layer in fp16"
 IOS16_SPEC_VERSION = 7  # the floor coremltools' own compression entry points use
 IOS18_SPEC_VERSION = 9  # 3-bit LUTs and per_grouped_channel need the iOS 18 constexpr_lut_to_dense
 # Clustering ahead in worker processes pays off above this many weight values: on `tiny`'s UNet
@@ -143,9 +143,9 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
 
     config = cto.OptimizationConfig(global_config=None if nbits is None else config_for(nbits))
     if recipe:
-        from python_coreml_sd.compression.recipes import recipe_to_const_names
-
-        for const, bits in recipe_to_const_names(mlmodel, recipe).items():
+        consts = [op.name for f in mil_program(mlmodel).functions.values() for op in f.operations
+                  if op.op_type == "const"]
+        for const, bits in recipe_to_const_names(consts, recipe).items():
             config.set_op_name(const, None if bits == KEEP_FP16 else config_for(bits))
             bits_of[const] = None if bits == KEEP_FP16 else bits
     if 3 in bits_of.values() and mlmodel.get_spec().specificationVersion < IOS18_SPEC_VERSION:

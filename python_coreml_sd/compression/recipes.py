@@ -21,8 +21,9 @@ import json
 from pathlib import Path
 
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS
-from python_coreml_sd.compression.palettize import KEEP_FP16
 from python_coreml_sd.errors import UserError
+
+KEEP_FP16 = 16  # recipe value meaning "leave this layer in fp16"
 
 RECIPE_BITS = SUPPORTED_NBITS + (KEEP_FP16,)
 CAST_SUFFIXES = ("_to_fp16", "_to_fp32")
@@ -91,13 +92,9 @@ def check_layer_names(layers: dict, module, where: str = "the UNet") -> None:
     match_consts(module_const_names(module), layers, where)
 
 
-def recipe_to_const_names(mlmodel, recipe) -> dict:
-    """{MIL const name: bits} for a recipe (dict or its layers) against a converted ML Program."""
-    from python_coreml_sd.compression.palettize import mil_program
-
-    consts = [op.name for f in mil_program(mlmodel).functions.values() for op in f.operations
-              if op.op_type == "const"]
-    return match_consts(consts, recipe_layers(recipe))
+def recipe_to_const_names(const_names: list, recipe) -> dict:
+    """{MIL const name: bits} for a recipe (dict or its layers) against a program's const names."""
+    return match_consts(const_names, recipe_layers(recipe))
 
 
 def _targets(layers: dict) -> dict:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from python_coreml_sd.compression.kmeans import Histogram, kmeans_sorted, stored_lut
-from python_coreml_sd.compression.palettize import KEEP_FP16, WEIGHT_THRESHOLD, worker_count
+from python_coreml_sd.compression.palettize import WEIGHT_THRESHOLD, worker_count
+from python_coreml_sd.compression.recipes import KEEP_FP16
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.metrics import psnr
 
