@@ -74,7 +74,8 @@ def model_with_fp16_variant(model: str, dest: Path) -> Path:
 
 
 def convert_both(apple_code: Path, model_dir: Path, apple_out: Path, ours_out: Path) -> None:
-    flags = [f"--convert-{c.replace('_', '-')}" for c in COMPONENTS]
+    present = [c for c in COMPONENTS if c != "safety_checker" or (model_dir / "safety_checker").is_dir()]  # SD 2.x has none
+    flags = [f"--convert-{c.replace('_', '-')}" for c in present]
     env = dict(os.environ, PYTHONPATH=str(apple_code))
     subprocess.run([sys.executable, "-m", "python_coreml_stable_diffusion.torch2coreml", "--model-version",
                     str(model_dir), *flags, "-o", str(apple_out)], check=True, env=env, cwd=apple_out.parent,
