@@ -23,9 +23,9 @@ from pathlib import Path
 from ._version import __version__
 from .package_io import replace_atomically
 from .errors import UserError
-from .generation.components import RESOURCE_NAMES, component_of
+from .components import TABLE, component_of
 
-BASE_NAMES = {component: name for name, component in RESOURCE_NAMES.items()}
+BASE_NAMES = {name: spec.resource for name, spec in TABLE.items()}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_CONFIG = "pipeline_config.json"

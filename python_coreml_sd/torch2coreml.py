@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import registry
 from ._version import __version__
+from .components import CONVERTIBLE, TABLE, converter
 from .console import OneLineErrorParser, fail, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert.common import DEPLOYMENT_TARGETS, ConversionOptions
@@ -25,24 +26,7 @@ from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
 IOS18_TARGETS = ("iOS18", "macOS15")  # 3-bit and per-grouped-channel look-up tables start here
-# Order matters for memory: the small components first, the UNet last but one.
-COMPONENTS = ("text_encoder", "vae_decoder", "vae_encoder", "unet", "safety_checker")
-SOURCE_FOLDER = {"text_encoder": "text_encoder", "vae_decoder": "vae", "vae_encoder": "vae", "unet": "unet",
-                 "safety_checker": "safety_checker"}
-
-
-def converter(component: str):
-    if component == "text_encoder":
-        from .convert.text_encoder import convert_text_encoder as fn
-    elif component == "vae_decoder":
-        from .convert.vae import convert_vae_decoder as fn
-    elif component == "vae_encoder":
-        from .convert.vae import convert_vae_encoder as fn
-    elif component == "unet":
-        from .convert.unet import convert_unet as fn
-    else:
-        from .convert.safety_checker import convert_safety_checker as fn
-    return fn
+COMPONENTS = CONVERTIBLE  # in conversion order (python_coreml_sd/components.py)
 
 
 def positive_int(text: str) -> int:
@@ -59,7 +43,7 @@ def parser_spec() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to convert (at least one)")
     for component in COMPONENTS:
-        what.add_argument(f"--convert-{component.replace('_', '-')}", action="store_true",
+        what.add_argument(TABLE[component].flag, action="store_true",
                           help=f"convert the {component.replace('_', ' ')}")
     p.add_argument("--model-version", default="tiny",
                    help="a diffusers model folder, a Hugging Face repo id (needs the hub), or a registry name: "
@@ -156,8 +140,8 @@ def check_request(source, options: ConversionOptions, components: list) -> None:
     from .convert.common import check_latent_size, output_path, reusable_existing
 
     for component in components:
-        source.require(SOURCE_FOLDER[component])
-        source.check_weights(SOURCE_FOLDER[component])
+        source.require(TABLE[component].source_folder)
+        source.check_weights(TABLE[component].source_folder)
         outputs = unet.unet_output_paths(options) if component == "unet" else [output_path(options, component)]
         reusable_existing(outputs, options, component)
     check_latent_size(options)

@@ -34,7 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "safety_checker")
+from python_coreml_sd.components import CONVERTIBLE, TABLE  # noqa: E402 (after the path insert)
+
+COMPONENTS = tuple(c for c in CONVERTIBLE if c != "vae_encoder")  # Apple's Python pipeline has no img2img
 PROMPT = "a photo of an astronaut riding a horse"
 
 
@@ -74,8 +76,7 @@ def model_with_fp16_variant(model: str, dest: Path) -> Path:
 
 
 def convert_both(apple_code: Path, model_dir: Path, apple_out: Path, ours_out: Path) -> None:
-    present = [c for c in COMPONENTS if c != "safety_checker" or (model_dir / "safety_checker").is_dir()]  # SD 2.x has none
-    flags = [f"--convert-{c.replace('_', '-')}" for c in present]
+    flags = [TABLE[c].flag for c in COMPONENTS if (model_dir / TABLE[c].source_folder).is_dir()]  # SD 2.x: no checker
     env = dict(os.environ, PYTHONPATH=str(apple_code))
     subprocess.run([sys.executable, "-m", "python_coreml_stable_diffusion.torch2coreml", "--model-version",
                     str(model_dir), *flags, "-o", str(apple_out)], check=True, env=env, cwd=apple_out.parent,

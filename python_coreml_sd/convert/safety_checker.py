@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ..components import TABLE
 from .common import convert_traced_component, kept_existing, output_path
 from .vae import latent_size
 
@@ -53,5 +54,5 @@ def convert_safety_checker(source, options) -> list:
     module = SafetyChecker(source.load_safety_checker()).eval()
     inputs = sample_inputs(module.checker, *latent_size(source, options))
     # The thresholded outputs flip on tiny differences; the scores before the threshold are what to compare.
-    return convert_traced_component(module, inputs, ["filtered_images", "has_nsfw_concepts", "concept_scores"],
+    return convert_traced_component(module, inputs, list(TABLE["safety_checker"].outputs),
                                     options, "safety_checker", DESCRIPTIONS, checked_outputs=["concept_scores"])

@@ -4,6 +4,7 @@ from collections import OrderedDict
 import torch
 
 from ..errors import UserError
+from ..components import TABLE
 from .common import convert_traced_component, kept_existing, output_path
 
 DESCRIPTIONS = {
@@ -46,5 +47,5 @@ def convert_text_encoder(source, options) -> list:
         return [output_path(options, "text_encoder")]
     wrapper = TextEncoderWrapper(source.load_text_encoder()).eval()
     length = options.text_token_sequence_length or wrapper.text_encoder.config.max_position_embeddings
-    return convert_traced_component(wrapper, sample_inputs(wrapper.text_encoder, length), list(DESCRIPTIONS)[1:],
+    return convert_traced_component(wrapper, sample_inputs(wrapper.text_encoder, length), list(TABLE["text_encoder"].outputs),
                                     options, "text_encoder", DESCRIPTIONS)

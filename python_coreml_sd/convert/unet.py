@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..components import TABLE
 from ..errors import UserError
 from ..layers.unet import UNet2DConditionModelANE, check_supported
 from .common import (_deployment_target, brief_program_strings, check_correctness, compress, describe,
@@ -30,7 +31,7 @@ DESCRIPTIONS = {
                              "negative/unconditional prompt, 1 the prompt (S tokens; longer prompts are truncated)",
     "noise_pred": "The model's prediction (noise, or v for v-prediction models), shaped like `sample`",
 }
-OUTPUT_NAMES = ["noise_pred"]
+OUTPUT_NAMES = list(TABLE["unet"].outputs)
 
 # The default pipeline minus passes that cannot fire on this graph (quantization, loops, images, padding,
 # batchnorm/prelu/relu fusions) and minus const_deduplication, which hashes every weight three times for

@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..components import TABLE
 from .common import convert_traced_component, kept_existing, output_path
 
 DECODER_DESCRIPTIONS = {
@@ -64,8 +65,8 @@ def _convert(source, options, component, make_module, make_inputs, descriptions)
         return [output_path(options, component)]
     vae = source.load_vae()
     inputs = make_inputs(vae, *latent_size(source, options))
-    output_names = [name for name in descriptions if name not in inputs]
-    return convert_traced_component(make_module(vae).eval(), inputs, output_names, options, component, descriptions)
+    return convert_traced_component(make_module(vae).eval(), inputs, list(TABLE[component].outputs), options,
+                                    component, descriptions)
 
 
 def convert_vae_decoder(source, options) -> list:

@@ -4,21 +4,14 @@ Backends differ only here. `coreml` and `mil` run converted .mlpackage files; `t
 original diffusers modules through the very wrappers the converters trace, so all three take and
 return the same names, shapes and layouts.
 """
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..components import TABLE, component_of
 from ..errors import UserError
-
-COMPONENTS = ("text_encoder", "unet", "unet_chunk1", "unet_chunk2", "vae_decoder", "vae_encoder", "safety_checker")
-# Apple's Resources names for the same components (bundles, issue 7).
-RESOURCE_NAMES = {"TextEncoder": "text_encoder", "Unet": "unet", "UnetChunk1": "unet_chunk1",
-                  "UnetChunk2": "unet_chunk2", "VAEDecoder": "vae_decoder", "VAEEncoder": "vae_encoder",
-                  "SafetyChecker": "safety_checker"}
-
 
 @dataclass
 class Component:
@@ -91,15 +84,6 @@ def _one_package(folder: Path, component: str, paths: list, model_version: str) 
                     "model's packages")
 
 
-def component_of(path: Path):
-    """The component a package or compiled model holds, by its name (ours or Apple's); None if neither."""
-    path = Path(path)
-    if path.suffix not in (".mlpackage", ".mlmodelc"):
-        return None
-    match = re.search(r"_(" + "|".join(sorted(COMPONENTS, key=len, reverse=True)) + r")$", path.stem)
-    return match.group(1) if match else RESOURCE_NAMES.get(path.stem)
-
-
 _ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32}
 
 
@@ -136,9 +120,8 @@ def _compiled_inputs(path: Path) -> tuple:
 
 
 # Inputs the pipeline feeds each component by name (the VAE encoder has two interfaces: pipeline.py).
-REQUIRED_INPUTS = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encoder_hidden_states"),
-                   "unet_chunk1": ("sample",), "vae_decoder": ("z",),
-                   "safety_checker": ("clip_input", "images", "adjustment")}
+# The VAE encoder is left out: the pipeline still drives encoders of the interface before issue 14.
+REQUIRED_INPUTS = {name: spec.inputs for name, spec in TABLE.items() if name != "vae_encoder" and spec.inputs}
 
 
 def check_inputs(component: str, path: Path, shapes: dict) -> None:
@@ -210,6 +193,11 @@ class DiffusersUNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
 
 
+def names(component: str) -> tuple:
+    """(input names, output names) of a component, from the table."""
+    return list(TABLE[component].inputs), list(TABLE[component].outputs)
+
+
 def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True) -> ModelSet:
     """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them."""
     from ..convert.safety_checker import SafetyChecker
@@ -223,23 +211,20 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
     seq = text_encoder.config.max_position_embeddings
     channels = unet.config.in_channels
     components = {
-        "text_encoder": Component(TorchModel(TextEncoderWrapper(text_encoder), ["input_ids"],
-                                             ["last_hidden_state", "pooled_outputs"], device, dtype),
+        "text_encoder": Component(TorchModel(TextEncoderWrapper(text_encoder), *names("text_encoder"), device, dtype),
                                   {"input_ids": (1, seq)}),
-        "unet": Component(TorchModel(DiffusersUNet(unet), ["sample", "timestep", "encoder_hidden_states"],
-                                     ["noise_pred"], device, dtype),
+        "unet": Component(TorchModel(DiffusersUNet(unet), *names("unet"), device, dtype),
                           {"sample": (batch, channels, h, w), "timestep": (batch,),
                            "encoder_hidden_states": (batch, hidden, 1, seq)}),
-        "vae_decoder": Component(TorchModel(VAEDecoder(vae), ["z"], ["image"], device, dtype),
+        "vae_decoder": Component(TorchModel(VAEDecoder(vae), *names("vae_decoder"), device, dtype),
                                  {"z": (1, vae.config.latent_channels, h, w)}),
-        "vae_encoder": Component(TorchModel(VAEEncoder(vae), ["x"], ["latent"], device, dtype),
+        "vae_encoder": Component(TorchModel(VAEEncoder(vae), *names("vae_encoder"), device, dtype),
                                  {"x": (1, 3, 8 * h, 8 * w)}),
     }
     if with_safety_checker and source.has("safety_checker"):
         checker = source.load_safety_checker()
         size = checker.config.vision_config.image_size
         components["safety_checker"] = Component(
-            TorchModel(SafetyChecker(checker), ["clip_input", "images", "adjustment"],
-                       ["filtered_images", "has_nsfw_concepts", "concept_scores"], device, dtype),
+            TorchModel(SafetyChecker(checker), *names("safety_checker"), device, dtype),
             {"clip_input": (1, 3, size, size), "images": (1, 8 * h, 8 * w, 3), "adjustment": (1,)})
     return ModelSet(components)

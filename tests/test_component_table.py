@@ -1,0 +1,87 @@
+"""The component table (python_coreml_sd/components.py) is what the packages, the Swift package and the
+import structure actually are."""
+import ast
+import re
+from pathlib import Path
+
+import coremltools as ct
+
+from python_coreml_sd.components import CONVERTIBLE, TABLE, component_of
+
+ROOT = Path(__file__).resolve().parent.parent
+SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
+
+
+def test_converted_packages_declare_the_tables_names(tiny_models_dir):
+    found = {component_of(p): p for p in tiny_models_dir.glob("*.mlpackage")}
+    assert set(found) == set(CONVERTIBLE)
+    for name, package in found.items():
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+        assert tuple(f.name for f in spec.description.input) == TABLE[name].inputs, name
+        assert tuple(f.name for f in spec.description.output) == TABLE[name].outputs, name
+
+
+def test_file_and_resources_names_map_back_to_their_component():
+    for name, spec in TABLE.items():
+        assert component_of(Path(f"Stable_Diffusion_version_a_b_{name}.mlpackage")) == name
+        assert component_of(Path(f"{spec.resource}.mlmodelc")) == name
+    assert component_of(Path("notes.mlpackage")) is None and component_of(Path("Unet.txt")) is None
+
+
+def swift_literals() -> set:
+    return {m for path in SWIFT.rglob("*.swift") for m in re.findall(r'"([A-Za-z_0-9]+)"', path.read_text())}
+
+
+def test_swift_feeds_and_reads_the_tables_names():
+    """Swift has its own constants (no Swift package can read this table at build time): each name the
+    Swift pipeline uses must be the table's, and a renamed entry here fails until Swift follows."""
+    literals = swift_literals()
+    used = {"text_encoder": ("input_ids", "last_hidden_state"), "unet": TABLE["unet"].inputs + TABLE["unet"].outputs,
+            "vae_decoder": ("z", "image"), "vae_encoder": ("x", "latent"),
+            "safety_checker": TABLE["safety_checker"].inputs + ("has_nsfw_concepts",)}
+    for component, names in used.items():
+        spec = TABLE[component]
+        assert set(names) <= set(spec.inputs + spec.outputs), component  # the list above is the table's
+        assert set(names) <= literals, (component, set(names) - literals)
+    assert {spec.resource for spec in TABLE.values()} <= literals
+
+
+def imports_of(path: Path, package_root: Path) -> set:
+    """Modules of python_coreml_sd that a file imports, at any depth (lazy imports inside functions count)."""
+    module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return {name.removesuffix(".__init__") for name in found if name.startswith("python_coreml_sd")}
+
+
+def test_the_package_imports_in_no_circle():
+    root = ROOT / "python_coreml_sd"
+    files = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {name: {i for i in imports_of(path, root) if i in files and i != name} for name, path in files.items()}
+    # packages' __init__ files re-export: an import of a package is an import of its __init__ only
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
