@@ -101,6 +101,17 @@ def fail(prog: str, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (not usage + error) and exits 2."""
 

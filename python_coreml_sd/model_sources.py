@@ -93,6 +93,12 @@ class ModelSource:
         from diffusers import PNDMScheduler
         return self._load("scheduler", PNDMScheduler.from_pretrained)
 
+    def text_positions(self) -> int:
+        """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say."""
+        if not self.has("text_encoder"):
+            return CLIP_POSITIONS
+        return self.config("text_encoder").get("max_position_embeddings", CLIP_POSITIONS)
+
     def config(self, component: str, required: tuple = ()) -> dict:
         """A component's config.json without loading weights; `required` keys must be present."""
         self.require(component)
@@ -122,6 +128,7 @@ def read_json_object(path: Path) -> dict:
 
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+CLIP_POSITIONS = 77
 # transformers 5 loads in the dtype a config.json names ("auto"); a model saved in fp16 (with fp16 variant
 # files, as many published ones are) would come back fp16. The converters and references need fp32.
 FLOAT32 = "float32"

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from ._version import __version__
 from .components import CONVERTIBLE, TABLE, converter
-from .console import OneLineErrorParser, fail, quiet_third_party
+from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert.common import DEPLOYMENT_TARGETS, ConversionOptions
 from .errors import CheckFailed, UserError
@@ -27,16 +27,6 @@ from .layers.attention import ATTENTION_IMPLEMENTATIONS
 PROG = "torch2coreml"
 IOS18_TARGETS = ("iOS18", "macOS15")  # 3-bit and per-grouped-channel look-up tables start here
 COMPONENTS = CONVERTIBLE  # in conversion order (python_coreml_sd/components.py)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def parser_spec() -> argparse.ArgumentParser:

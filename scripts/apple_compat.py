@@ -6,8 +6,9 @@ DIR is a git checkout (or bare mirror) of apple/ml-stable-diffusion; its code is
 folder and never committed here. Steps, all on one model (default: the embedded `tiny`):
 
 1. A copy of the model with `fp16` variant files (Apple's converter loads `variant="fp16"`).
-2. Apple's converter and ours convert the text encoder, UNet, VAE decoder and safety checker from that
-   copy, with the same --model-version, so both name their packages the same way.
+2. Apple's converter and ours convert every component (text encoder, VAE decoder and encoder, UNet,
+   safety checker where the model has one) from that copy, with the same --model-version, so both name
+   their packages the same way.
 3. Every package's interface (input and output names, shapes, dtypes) is compared.
 4. Apple's Python pipeline generates an image from each package set, and so does ours (MIL runtime);
    PSNR of each pipeline's image on our packages against the same pipeline's on Apple's.
@@ -34,9 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from python_coreml_sd.components import CONVERTIBLE, TABLE  # noqa: E402 (after the path insert)
+from python_coreml_sd.components import CONVERTIBLE, TABLE, component_of  # noqa: E402 (after the path insert)
 
-COMPONENTS = tuple(c for c in CONVERTIBLE if c != "vae_encoder")  # Apple's Python pipeline has no img2img
+COMPONENTS = CONVERTIBLE  # every one for the interfaces; Apple's Python pipeline then loads what it uses
 PROMPT = "a photo of an astronaut riding a horse"
 
 
@@ -125,7 +126,7 @@ def ops_per_component(*folders: Path) -> dict:
     table = {}
     for folder in folders:
         for package in sorted(folder.glob("*.mlpackage")):
-            component = next(c for c in COMPONENTS if package.stem.endswith(c))
+            component = component_of(package)
             table.setdefault(component, {})[folder.name] = program_ops(package)
     return table
 

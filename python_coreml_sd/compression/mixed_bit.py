@@ -229,7 +229,7 @@ def parser_spec() -> argparse.ArgumentParser:
     from python_coreml_sd import registry
     from python_coreml_sd.compression.testbed import UNET_CONFIGS
     from python_coreml_sd.console import OneLineErrorParser
-    from python_coreml_sd.torch2coreml import positive_int
+    from python_coreml_sd.console import positive_int
 
     p = OneLineErrorParser(prog=PROG, description="Mixed-bit palettization pre-analysis of a UNet: writes a "
                            "recipe JSON (layer -> bits) for torch2coreml --mixed-bit-recipe, and a PSNR-vs-size plot.")
@@ -323,14 +323,13 @@ def load_subject(args):
 
 def _load_unet(args):
     """(name, diffusers UNet, text sequence length) for --model-version or --unet-dir."""
-    from python_coreml_sd.convert.unet import text_sequence_length
     from python_coreml_sd.model_sources import resolve
 
     unet_dir = args.unet_dir
     if unet_dir is not None and not (unet_dir / "model_index.json").is_file():
         return str(unet_dir), _unet_from_folder(unet_dir), 77
     source = resolve(str(unet_dir) if unet_dir is not None else args.model_version or "tiny")
-    return source.name, source.load_unet(), text_sequence_length(source, argparse.Namespace(text_token_sequence_length=None))
+    return source.name, source.load_unet(), source.text_positions()
 
 
 def _unet_from_folder(path: Path):

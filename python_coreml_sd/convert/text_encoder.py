@@ -35,7 +35,7 @@ def sample_inputs(text_encoder, sequence_length: int) -> "OrderedDict[str, torch
 
 def check_options(source, options) -> None:
     """Before any conversion: the sequence length fits the encoder's position embeddings."""
-    positions = source.config("text_encoder").get("max_position_embeddings", 77)
+    positions = source.text_positions()
     length = options.text_token_sequence_length
     if length and length > positions:
         raise UserError(f"--text-token-sequence-length {length} exceeds the text encoder's {positions} positions; "

@@ -72,11 +72,7 @@ def latent_size(config: dict, options) -> tuple:
 
 
 def text_sequence_length(source, options) -> int:
-    if options.text_token_sequence_length:
-        return options.text_token_sequence_length
-    if source.has("text_encoder"):
-        return source.config("text_encoder").get("max_position_embeddings", 77)
-    return 77
+    return options.text_token_sequence_length or source.text_positions()
 
 
 def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int) -> "OrderedDict[str, torch.Tensor]":
