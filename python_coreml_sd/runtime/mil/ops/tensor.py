@@ -381,35 +381,36 @@ def _crop(a):
     return (lambda x: x[idx]), [a.var("x")]
 
 
-def _nearest_index(in_size, out_size, scale):
-    idx = np.minimum(np.floor(np.arange(out_size) / scale), in_size - 1).astype(np.int64)
-    return idx
+def _nearest_index(in_size, out_size):
+    # Core ML samples at the input/output size ratio, not 1/scale: a fractional scale's output size
+    # is floored, and coremltools' fractional-scale tests (3 -> 3 at scale 1.12) expect the ratio.
+    return np.minimum(np.floor(np.arange(out_size) * in_size / out_size), in_size - 1).astype(np.int64)
 
 
-def _nearest(a, scales):
+def _nearest(a):
     in_hw = a.in_shape()[-2:]
     out_hw = a.out_shape[-2:]
-    if all(float(s).is_integer() and o == i * s for s, i, o in zip(scales, in_hw, out_hw)):
-        sh, sw = int(scales[0]), int(scales[1])
+    if all(o % i == 0 for i, o in zip(in_hw, out_hw)):
+        sh, sw = out_hw[0] // in_hw[0], out_hw[1] // in_hw[1]
         return (lambda x: x.repeat_interleave(sh, -2).repeat_interleave(sw, -1)), [a.var("x")]
-    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0], scales[0])).to(a.device)
-    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1], scales[1])).to(a.device)
+    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0])).to(a.device)
+    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1])).to(a.device)
     return (lambda x: x.index_select(-2, ih).index_select(-1, iw)), [a.var("x")]
 
 
 @op("upsample_nearest_neighbor")
 def _upsample_nearest(a):
-    return _nearest(a, [a.scalar("scale_factor_height", 1), a.scalar("scale_factor_width", 1)])
+    a.covers("scale_factor_height", "scale_factor_width")  # reflected in the declared output shape
+    return _nearest(a)
 
 
 @op("resize_nearest_neighbor")
 def _resize_nearest(a):
     a.covers("target_size_height", "target_size_width")  # the declared output shape
-    in_hw, out_hw = a.in_shape()[-2:], a.out_shape[-2:]
-    return _nearest(a, [o / i for o, i in zip(out_hw, in_hw)])
+    return _nearest(a)
 
 
-def _grid(mode, xin, xout, scale=None):
+def _grid(mode, xin, xout):
     """Sample positions along one axis, as the MIL reference defines each sampling mode."""
     i = np.arange(xout, dtype=np.float64)
     if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
@@ -423,10 +424,10 @@ def _grid(mode, xin, xout, scale=None):
         delta = max(1, xin - 1) / xout
         g = 0.5 * delta + i * delta
     elif mode == "UNALIGN_CORNERS":
-        s = xin / xout if scale is None else 1.0 / scale
+        s = xin / xout
         g = i * s + 0.5 * s - 0.5
     elif mode == "ASYMMETRIC":
-        g = i * (xin / xout if scale is None else 1.0 / scale)
+        g = i * (xin / xout)
     else:
         raise ValueError(f"sampling mode {mode!r} is not in the MIL op reference")
     return np.clip(g, 0, xin - 1)
@@ -464,9 +465,11 @@ def _bilinear(a, grid_h, grid_w):
 def _upsample_bilinear(a):
     align = bool(a.scalar("align_corners", True))
     half = bool(a.scalar("half_pixel_centers", not align))
-    scales = [a.scalar("scale_factor_height", 1), a.scalar("scale_factor_width", 1)]
+    # Scales only set the (floored) output size; sampling uses the size ratio, as coremltools'
+    # fractional-scale test expects ([0, 1] at 2.6 -> [0, .1, .5, .9, 1]).
+    a.covers("scale_factor_height", "scale_factor_width")
     mode = "ALIGN_CORNERS" if align else ("UNALIGN_CORNERS" if half else "ASYMMETRIC")
-    grids = [_grid(mode, i, o, s) for i, o, s in zip(a.in_shape()[-2:], a.out_shape[-2:], scales)]
+    grids = [_grid(mode, i, o) for i, o in zip(a.in_shape()[-2:], a.out_shape[-2:])]
     return _bilinear(a, *grids)
 
 
