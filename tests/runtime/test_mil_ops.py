@@ -156,6 +156,28 @@ def test_linear(tmp_path):
     close(outs[1], x @ w.T, 1e-5)
 
 
+@pytest.mark.parametrize("x_dtype", [np.int32, np.float16, np.float32])
+@pytest.mark.parametrize("w_dtype", [np.int32, np.float16, np.float32])
+def test_ios17_linear_and_matmul_mixed_dtypes(x_dtype, w_dtype, tmp_path):
+    # iOS17: a const operand may have another dtype than x; the output takes x's dtype.
+    x = rng.integers(-9, 10, size=(2, 3, 5)).astype(x_dtype)
+    w, b, y, z = (rng.integers(-9, 10, size=s).astype(w_dtype) for s in ((4, 5), (4,), (5, 6), (4, 3)))
+    outs = run_mil(lambda x: (mb.linear(x=x, weight=w, bias=b), mb.matmul(x=x, y=y), mb.matmul(x=z, y=x)),
+                   {"x": x}, tmp_path)
+    x64, w64, b64, y64, z64 = (v.astype(np.float64) for v in (x, w, b, y, z))
+    for out, ref in zip(outs, (x64 @ w64.T + b64, x64 @ y64, z64 @ x64)):
+        assert out.dtype == np.dtype(x_dtype)
+        close(out, ref, 0)  # small integers: exact in every dtype
+
+
+def test_integer_linear_with_fractional_float_weights_is_refused(tmp_path):
+    from python_coreml_sd.runtime.mil.plan import UnsupportedOpError
+
+    x = np.arange(6, dtype=np.int32).reshape(2, 3)
+    with pytest.raises(UnsupportedOpError, match="linear.*non-integer weight"):
+        run_mil(lambda x: mb.linear(x=x, weight=np.full((2, 3), 0.5, np.float32)), {"x": x}, tmp_path)
+
+
 @pytest.mark.parametrize("xs,ys,tx,ty", [
     ((3, 4), (4, 5), False, False),
     ((4, 3), (4, 5), True, False),
@@ -331,6 +353,21 @@ def test_instance_and_batch_norm(tmp_path):
     v = lambda p: p.reshape(1, 3, 1, 1)  # noqa: E731
     close(outs[0], _np_norm(x.astype(np.float64), [2, 3], 1e-4) * v(g) + v(b), 1e-4)
     close(outs[1], (x - v(mean)) / np.sqrt(v(var) + 1e-4) * v(g) + v(b), 1e-4)
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype", [(np.float32, np.float16), (np.float16, np.float32)])
+def test_ios17_batch_norm_with_parameters_of_another_dtype(x_dtype, p_dtype, tmp_path):
+    # The builder's default epsilon is an fp32 const even beside fp16 mean/variance.
+    x = rand(1, 3, 2, 4, lo=-16, hi=16).astype(x_dtype)
+    mean, var = np.array([9, 6, 3], p_dtype), np.array([6, 1, 7], p_dtype)
+    g, b = np.array([1, 2, 0.5], p_dtype), np.array([1, 3, 0], p_dtype)
+    outs = run_mil(lambda x: (mb.batch_norm(x=x, mean=mean, variance=var),
+                              mb.batch_norm(x=x, mean=mean, variance=var, gamma=g, beta=b)), {"x": x}, tmp_path)
+    v = lambda p: p.astype(np.float64).reshape(1, 3, 1, 1)  # noqa: E731
+    norm = (x.astype(np.float64) - v(mean)) / np.sqrt(v(var) + 1e-5)
+    tol = 1e-2 if x_dtype == np.float16 else 1e-5
+    close(outs[0], norm, tol)
+    close(outs[1], norm * v(g) + v(b), tol)
 
 
 REDUCE = {
