@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import norm_axes, op, static
+from .registry import NotConstant, norm_axes, op, static
 
 
 def _to_declared_shape(a):
@@ -34,30 +34,48 @@ def _axis_slice(begin, end, stride, size):
     return idx
 
 
-@op("slice_by_index")
-def _slice_by_index(a):
-    shape = a.in_shape()
-    rank = len(shape)
-    begin = a.ints("begin")
-    end = a.ints("end")
-    stride = a.ints("stride", [1] * rank)
-    bmask = a.ints("begin_mask", [0] * rank)
-    emask = a.ints("end_mask", [0] * rank)
-    smask = a.ints("squeeze_mask", [0] * rank)
+def _runtime(a, *names):
+    """True when one of `names` is computed at run time (a shape's entries, a non_zero count)."""
+    try:
+        for n in names:
+            a.const(n)
+    except NotConstant:
+        return True
+    return False
+
+
+def _index_plan(shape, begin, end, stride, bmask, emask, smask):
     plan = []
-    for i in range(rank):
+    for i in range(len(shape)):
         if smask[i]:
             plan.append(begin[i])
             continue
         b = None if bmask[i] else begin[i]
         e = None if emask[i] else end[i]
         plan.append(_axis_slice(b, e, stride[i], shape[i]))
+    return plan
+
+
+@op("slice_by_index")
+def _slice_by_index(a):
+    shape = a.in_shape()
+    rank = len(shape)
+    stride = a.ints("stride", [1] * rank)
+    masks = [a.ints(m, [0] * rank) for m in ("begin_mask", "end_mask", "squeeze_mask")]
+    if _runtime(a, "begin", "end"):
+        # Bounds known only at run time: the plan is made per call, on the host (one sync each).
+        def fn(x, begin, end):
+            plan = _index_plan(x.shape, begin.tolist(), end.tolist(), stride, *masks)
+            return _indexer(plan, x.device)(x)
+
+        return fn, [a.var("x"), a.var("begin"), a.var("end")]
+    plan = _index_plan(shape, a.ints("begin"), a.ints("end"), stride, *masks)
     return _indexer(plan, a.device), [a.var("x")]
 
 
 def _indexer(plan, device):
     # Index tensors live on the device from the start: no host copies while running (or capturing).
-    lists = [(ax, torch.tensor(p, device=device)) for ax, p in enumerate(plan) if isinstance(p, list)]
+    lists = [(ax, torch.tensor(p, device=device, dtype=torch.long)) for ax, p in enumerate(plan) if isinstance(p, list)]
     basic = tuple(slice(None) if isinstance(p, list) else p for p in plan)
     if not lists:
         return lambda x: x[basic]
@@ -71,16 +89,22 @@ def _indexer(plan, device):
     return fn
 
 
+def _size_plan(shape, begin, size):
+    plan = []
+    for b, n, dim in zip(begin, size, shape):
+        b = b + dim if b < 0 else b
+        plan.append(slice(b, None if n == -1 else b + n))
+    return tuple(plan)
+
+
 @op("slice_by_size")
 def _slice_by_size(a):
-    shape = a.in_shape()
-    begin = a.ints("begin")
-    size = a.ints("size")
-    plan = []
-    for b, s, dim in zip(begin, size, shape):
-        b = b + dim if b < 0 else b
-        plan.append(slice(b, None if s == -1 else b + s))
-    basic = tuple(plan)
+    if _runtime(a, "begin", "size"):
+        def fn(x, begin, size):
+            return x[_size_plan(x.shape, begin.tolist(), size.tolist())]
+
+        return fn, [a.var("x"), a.var("begin"), a.var("size")]
+    basic = _size_plan(a.in_shape(), a.ints("begin"), a.ints("size"))
     return (lambda x: x[basic]), [a.var("x")]
 
 
