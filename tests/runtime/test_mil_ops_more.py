@@ -65,3 +65,143 @@ def test_slice_from_a_run_time_shape(tmp_path):
         return mb.slice_by_index(x=x, begin=begin, end=end)
 
     close(run_mil(build, {"x": x, "m": m}, tmp_path)[0], x[:3])
+
+
+# ---- scatter family --------------------------------------------------------------------------
+
+def np_combine(mode, old, new):
+    return {"update": lambda: new, "add": lambda: old + new, "sub": lambda: old - new, "mul": lambda: old * new,
+            "div": lambda: old / new, "max": lambda: np.maximum(old, new), "min": lambda: np.minimum(old, new)}[mode]()
+
+
+MODES = ["update", "add", "sub", "mul", "div", "max", "min"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_scatter_repeated_indices_combine_in_order(mode, axis, tmp_path):
+    data = rand(3, 4, 5, lo=0.5, hi=2)
+    n = data.shape[axis]
+    indices = np.array([1, -1, 1, 0], np.int32)  # 1 twice (in order), -1 wraps to the last
+    ushape = list(data.shape)
+    ushape[axis] = len(indices)
+    updates = rand(*ushape, lo=0.5, hi=2)
+    out = run_mil(lambda d, u: mb.scatter(data=d, indices=indices, updates=u, axis=axis, mode=mode),
+                  {"d": data, "u": updates}, tmp_path)[0]
+    ref = np.moveaxis(data.astype(np.float64).copy(), axis, 0)
+    u = np.moveaxis(updates.astype(np.float64), axis, 0)
+    for i, row in enumerate(indices % n):
+        ref[row] = np_combine(mode, ref[row], u[i])
+    close(out, np.moveaxis(ref, 0, axis), 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("axis", [0, 2])
+def test_scatter_along_axis(mode, axis, tmp_path):
+    data = rand(3, 4, 5, lo=0.5, hi=2)
+    kshape = list(data.shape)
+    kshape[axis] = 2
+    indices = rng.integers(-data.shape[axis], data.shape[axis], size=kshape).astype(np.int32)
+    indices.reshape(-1)[:2] = 0  # make sure some positions repeat
+    updates = rand(*kshape, lo=0.5, hi=2)
+    out = run_mil(lambda d, i, u: mb.scatter_along_axis(data=d, indices=i, updates=u, axis=axis, mode=mode),
+                  {"d": data, "i": indices, "u": updates}, tmp_path)[0]
+    ref = data.astype(np.float64).copy()
+    for pos in np.ndindex(*kshape):
+        tgt = list(pos)
+        tgt[axis] = indices[pos] % data.shape[axis]
+        ref[tuple(tgt)] = np_combine(mode, ref[tuple(tgt)], updates[pos])
+    close(out, ref, 1e-5)
+
+
+def test_scatter_int32_and_refused_integer_div(tmp_path):
+    from python_coreml_sd.runtime.mil.plan import UnsupportedOpError
+
+    data = np.arange(12, dtype=np.int32).reshape(4, 3)
+    upd = np.full((2, 3), 5, np.int32)
+    out = run_mil(lambda d, u: mb.scatter(data=d, indices=np.array([2, 2], np.int32), updates=u, mode="max"),
+                  {"d": data, "u": upd}, tmp_path)[0]
+    ref = data.copy()
+    ref[2] = np.maximum(ref[2], 5)
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(UnsupportedOpError, match="scatter.*div"):
+        run_mil(lambda d, u: mb.scatter(data=d, indices=np.array([0, 1], np.int32), updates=u, mode="div"),
+                {"d": data, "u": upd}, tmp_path)
+
+
+@pytest.mark.parametrize("begin,end,stride,squeeze", [
+    ([1, 0, 2], [3, 4, 5], [1, 2, 1], [False, False, False]),
+    ([2, 3, 0], [3, 0, 5], [1, -1, 2], [True, False, False]),
+])
+def test_slice_update(begin, end, stride, squeeze, tmp_path):
+    x = rand(4, 5, 6)
+    idx = tuple(b if sq else slice(b, e, s) for b, e, s, sq in zip(begin, end, stride, squeeze))
+    update = rand(*x[idx].shape)
+    kw = dict(begin=np.array(begin, np.int32), end=np.array(end, np.int32), stride=np.array(stride, np.int32),
+              squeeze_mask=np.array(squeeze))
+    outs = run_mil(lambda x, u, b: (mb.slice_update(x=x, update=u, **kw),
+                                    mb.slice_update(x=x, update=u, **{**kw, "begin": b})),  # run-time begin
+                   {"x": x, "u": update, "b": np.array(begin, np.int32)}, tmp_path, target="iOS18")
+    ref = x.copy()
+    ref[idx] = update
+    close(outs[0], ref)
+    close(outs[1], ref)
+
+
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+def test_one_hot(axis, tmp_path):
+    ind = np.array([[1, 0, 3], [2, 5, -1]], np.int32)  # 5 and -1: out of range, all off
+
+    def build(i, n):
+        return (mb.one_hot(indices=i, one_hot_vector_size=4, axis=axis, on_value=2.5, off_value=-1.0),
+                mb.one_hot(indices=i, one_hot_vector_size=mb.squeeze(x=n), axis=axis))  # run-time depth
+
+    outs = run_mil(build, {"i": ind, "n": np.array([4], np.int32)}, tmp_path)
+    hot = ind[..., None] == np.arange(4)
+    close(outs[0], np.moveaxis(np.where(hot, 2.5, -1.0), -1, axis))
+    np.testing.assert_array_equal(outs[1], np.moveaxis(hot.astype(np.int32), -1, axis))
+
+
+@pytest.mark.parametrize("batch_dims", [1, 2])
+def test_gather_nd_batch_dims(batch_dims, tmp_path):
+    x = rand(2, 3, 4, 5)
+    k = 2 if batch_dims == 1 else 1
+    bshape = x.shape[:batch_dims]
+    ishape = bshape + (6, k)
+    idx = np.stack([rng.integers(-x.shape[batch_dims + j], x.shape[batch_dims + j], size=ishape[:-1])
+                    for j in range(k)], -1).astype(np.int32)
+    out = run_mil(lambda x, i: mb.gather_nd(x=x, indices=i, batch_dims=batch_dims), {"x": x, "i": idx},
+                  tmp_path, target="iOS16")[0]
+    ref = np.stack([x[b][tuple(idx[b][..., j] for j in range(k))] for b in np.ndindex(*bshape)])
+    close(out, ref.reshape(idx.shape[:-1] + x.shape[batch_dims + k:]))
+
+
+@pytest.mark.parametrize("seq_axis,batch_axis", [(1, 0), (0, 2)])
+def test_reverse_sequence(seq_axis, batch_axis, tmp_path):
+    x = rand(4, 5, 3)
+    lengths = rng.integers(0, x.shape[seq_axis] + 1, size=x.shape[batch_axis]).astype(np.int32)
+    out = run_mil(lambda x, n: mb.reverse_sequence(x=x, lengths=n, seq_axis=seq_axis, batch_axis=batch_axis),
+                  {"x": x, "n": lengths}, tmp_path)[0]
+    ref = np.moveaxis(x.copy(), (batch_axis, seq_axis), (0, 1))
+    for b, n in enumerate(lengths):
+        ref[b, :n] = ref[b, :n][::-1].copy()
+    close(out, np.moveaxis(ref, (0, 1), (batch_axis, seq_axis)))
+
+
+def test_local_response_norm_matches_coremltools_expectations(tmp_path):
+    x = np.array([[[1.0, -7.0], [5.0, -6.0], [-3.0, -5.0]]], np.float32)
+    outs = run_mil(lambda x: (mb.local_response_norm(x=x, size=2),
+                              mb.local_response_norm(x=x, size=3, alpha=0.0001, beta=0.75, k=1.0)), {"x": x}, tmp_path)
+    close(outs[0], [[[0.99996257, -6.98716545], [4.99531746, -5.99191284], [-2.99898791, -4.99531746]]], 1e-6)
+    close(outs[1], [[[0.99997497, -6.99143696], [4.99687672, -5.99460602], [-2.99932504, -4.99687672]]], 1e-6)
+
+
+@pytest.mark.parametrize("size", [2, 5])
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (6, 3, 4)])
+def test_local_response_norm_numpy(size, shape, tmp_path):
+    # Window over axis -3: size // 2 before, (size - 1) // 2 after, zero-padded, alpha / size.
+    x = rand(*shape)
+    out = run_mil(lambda x: mb.local_response_norm(x=x, size=size, alpha=0.01, beta=0.6, k=2.0), {"x": x}, tmp_path)[0]
+    sq = np.pad(x.astype(np.float64) ** 2, [(0, 0)] * (len(shape) - 3) + [(size // 2, (size - 1) // 2), (0, 0), (0, 0)])
+    win = sum(sq[..., i:i + 6, :, :] for i in range(size))
+    close(out, x / (2.0 + 0.01 / size * win) ** 0.6, 1e-5)

@@ -1,5 +1,7 @@
 """Shape, indexing, concatenation, padding, gather and resampling ops."""
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -236,15 +238,19 @@ def _gather_along_axis(a):
 def _gather_nd(a):
     batch_dims = int(a.scalar("batch_dims", 0))
     a.covers("validate_indices")
-    if batch_dims:
-        raise ValueError("gather_nd with batch_dims > 0 is not supported")
     x_shape = a.in_shape()
+    nb = math.prod(x_shape[:batch_dims])
 
     def fn(x, idx):
+        # iOS16 batch_dims: the leading batch axes of x and indices pair up; flatten them into one
+        # and index it with each row's batch number, then the indices' own k columns.
         idx = idx.long()
         k = idx.shape[-1]
-        cols = tuple(_wrap(idx[..., i], x_shape[i]) for i in range(k))
-        return x[cols]
+        xb = x.reshape((nb,) + tuple(x.shape[batch_dims:]))
+        ib = idx.reshape(nb, -1, k)
+        rows = torch.arange(nb, device=x.device).reshape(-1, 1)
+        cols = tuple(_wrap(ib[..., i], x_shape[batch_dims + i]) for i in range(k))
+        return xb[(rows,) + cols].reshape(tuple(idx.shape[:-1]) + tuple(x.shape[batch_dims + k:]))
 
     return fn, [a.var("x"), a.var("indices")]
 
