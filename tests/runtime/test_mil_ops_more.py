@@ -205,3 +205,51 @@ def test_local_response_norm_numpy(size, shape, tmp_path):
     sq = np.pad(x.astype(np.float64) ** 2, [(0, 0)] * (len(shape) - 3) + [(size // 2, (size - 1) // 2), (0, 0), (0, 0)])
     win = sum(sq[..., i:i + 6, :, :] for i in range(size))
     close(out, x / (2.0 + 0.01 / size * win) ** 0.6, 1e-5)
+
+
+# ---- layout and pooling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("axis,size,stride", [(1, 2, 1), (-1, 3, 2), (0, 1, 2)])
+def test_sliding_windows(axis, size, stride, tmp_path):
+    x = rand(4, 5, 7)
+    out = run_mil(lambda x: mb.sliding_windows(x=x, axis=axis, size=size, stride=stride), {"x": x}, tmp_path)[0]
+    ax = axis % 3
+    n = (x.shape[ax] - size) // stride + 1
+    wins = [np.take(x, range(i * stride, i * stride + size), axis=ax) for i in range(n)]
+    close(out, np.stack(wins, ax))
+
+
+def test_space_to_batch_and_back_match_coremltools_expectations(tmp_path):
+    x = np.arange(1, 17, dtype=np.float32).reshape(2, 1, 2, 4)
+    s2b = np.array([[0, 1, 3], [0, 9, 11], [0, 2, 4], [0, 10, 12],
+                    [0, 5, 7], [0, 13, 15], [0, 6, 8], [0, 14, 16]], np.float32).reshape(8, 1, 1, 3)
+    outs = run_mil(lambda x, y: (mb.space_to_batch(x=x, block_shape=[2, 2], paddings=[[0, 0], [2, 0]]),
+                                 mb.batch_to_space(x=y, block_shape=[2, 2], crops=[[0, 0], [2, 0]])),
+                   {"x": x, "y": s2b}, tmp_path)
+    close(outs[0], s2b)
+    close(outs[1], x)
+
+
+def test_space_to_batch_round_trip_with_padding(tmp_path):
+    x = rand(2, 3, 5, 4)
+    pads = [[1, 2], [0, 2]]
+    outs = run_mil(lambda x: mb.batch_to_space(x=mb.space_to_batch(x=x, block_shape=[2, 3], paddings=pads),
+                                               block_shape=[2, 3], crops=pads), {"x": x}, tmp_path)
+    close(outs[0], x)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_l2_pool_matches_coremltools_expectations(dims, tmp_path):
+    if dims == 1:
+        x = np.arange(1, 8, dtype=np.float32).reshape(1, 1, 7)
+        ref = [[[[1.0, 3.0, 5.0, 7.0]]], [[[2.236068, 7.071068, 9.219544]]]]
+    else:
+        x = np.array([[[[-10.0, -6.0], [-7.0, 9.0]], [[-3.0, 0.0], [11.0, 7.0]]]], np.float32)
+        ref = [[[[[11.66190338]], [[3.0]]]], [[[[16.309507], [11.401754]], [[13.379088], [13.038404]]]]]
+    kernel, strides = [1, 2, 3], [2, 1, 3]
+    outs = run_mil(lambda x: (mb.l2_pool(x=x, kernel_sizes=kernel[:dims], strides=strides[:dims], pad_type="valid"),
+                              mb.l2_pool(x=x, kernel_sizes=kernel[-dims:], strides=strides[-dims:], pad_type="same")),
+                   {"x": x}, tmp_path)
+    for out, r in zip(outs, ref):
+        r = np.array(r, np.float32)
+        close(out, r, 1e-5)

@@ -187,6 +187,24 @@ def _avg_pool(a):
     return fn, [a.var("x")]
 
 
+@op("l2_pool")
+def _l2_pool(a):
+    # sqrt of the sum of squares over each window, padding counted as zeros (coremltools' expected
+    # values for "same"); a sum pool is an avg_pool with divisor 1, 1-D run as 2-D of height 1.
+    kernel, strides, pads, ceil_mode = _pool_setup(a)
+    tp = _torch_pad(pads)
+    if len(kernel) == 1:
+        kernel, strides = [1] + kernel, [1] + strides
+
+    def fn(x):
+        sq = F.pad(x.square(), tp)
+        y = sq.unsqueeze(-2) if sq.dim() == 3 else sq
+        y = F.avg_pool2d(y, kernel, strides, 0, ceil_mode, True, 1).sqrt()
+        return y.squeeze(-2) if sq.dim() == 3 else y
+
+    return fn, [a.var("x")]
+
+
 def _param_view(t, rank, axes):
     shape = [1] * rank
     for ax, size in zip(axes, t.shape):

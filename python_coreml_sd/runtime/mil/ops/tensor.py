@@ -511,3 +511,42 @@ def _resize_bilinear(a):
     return _bilinear(a, *grids)
 
 
+
+
+@op("sliding_windows")
+def _sliding_windows(a):
+    # Window i holds x[..., i * stride : i * stride + size, ...]; its `size` axis follows `axis`.
+    rank = len(a.in_shape())
+    axis = int(a.scalar("axis")) % rank
+    size, stride = int(a.scalar("size")), int(a.scalar("stride", 1))
+    return (lambda x: x.unfold(axis, size, stride).movedim(-1, axis + 1)), [a.var("x")]
+
+
+# space_to_batch / batch_to_space are TensorFlow's, in NCHW: output batch b * N + n holds block
+# position b = (i, j) of image n (coremltools' expected values: block-major, image-minor).
+@op("space_to_batch")
+def _space_to_batch(a):
+    bh, bw = a.ints("block_shape")
+    (t, b), (l, r) = np.asarray(a.const("paddings")).reshape(2, 2).tolist()
+    n, c, h, w = a.in_shape()
+    hh, ww = (h + t + b) // bh, (w + l + r) // bw
+
+    def fn(x):
+        y = F.pad(x, (l, r, t, b)).reshape(n, c, hh, bh, ww, bw)
+        return y.permute(3, 5, 0, 1, 2, 4).reshape(bh * bw * n, c, hh, ww)
+
+    return fn, [a.var("x")]
+
+
+@op("batch_to_space")
+def _batch_to_space(a):
+    bh, bw = a.ints("block_shape")
+    (t, b), (l, r) = np.asarray(a.const("crops")).reshape(2, 2).tolist()
+    nb, c, h, w = a.in_shape()
+    n = nb // (bh * bw)
+
+    def fn(x):
+        y = x.reshape(bh, bw, n, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * bh, w * bw)
+        return y[:, :, t:h * bh - b, l:w * bw - r]
+
+    return fn, [a.var("x")]
