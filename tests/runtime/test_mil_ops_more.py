@@ -253,3 +253,69 @@ def test_l2_pool_matches_coremltools_expectations(dims, tmp_path):
     for out, r in zip(outs, ref):
         r = np.array(r, np.float32)
         close(out, r, 1e-5)
+
+
+# ---- resample and affine ---------------------------------------------------------------------
+
+RESAMPLE_CASES = [  # coremltools' TestResample smoke: (kwargs, expected for float coords, for int coords)
+    (dict(sampling_mode="bilinear", padding_mode="constant", padding_value=6.17,
+          coordinates_mode="normalized_minus_one_to_one", align_corners=True), [8.585, 6.17, 27.5, 6.17], [27.5, 44, 27.5, 44]),
+    (dict(sampling_mode="nearest", padding_mode="border", padding_value=-1.0,
+          coordinates_mode="unnormalized", align_corners=False), [11, 11, 11, 44], [11, 44, 11, 44]),
+    (dict(sampling_mode="bilinear", padding_mode="reflection", padding_value=-1.0,
+          coordinates_mode="normalized_zero_to_one", align_corners=True), [22, 36.3, 11, 34.1], [11, 44, 11, 44]),
+    (dict(sampling_mode="nearest", padding_mode="symmetric", padding_value=-1.0,
+          coordinates_mode="normalized_zero_to_one", align_corners=False), [22, 33, 11, 33], [11, 44, 11, 44]),
+]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("int_coords", [False, True])
+def test_resample_matches_coremltools_expectations(case, int_coords, tmp_path):
+    kwargs, ref_f, ref_i = RESAMPLE_CASES[case]
+    x = np.array([11.0, 22.0, 33.0, 44.0], np.float32).reshape(1, 1, 2, 2)
+    coords = np.array([-1.0, -2.0, -3.7, -1.0, 0.0, 0.0, 3.5, 1.2], np.float32).reshape(1, 2, 2, 2)
+    if int_coords:
+        coords = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int32).reshape(1, 2, 2, 2)
+    out = run_mil(lambda x, c: mb.resample(x=x, coordinates=c, **kwargs), {"x": x, "c": coords}, tmp_path)[0]
+    close(out, np.array(ref_i if int_coords else ref_f, np.float32).reshape(1, 1, 2, 2), 1e-4)
+
+
+@pytest.mark.parametrize("padding,torch_padding", [("constant", "zeros"), ("border", "border")])
+@pytest.mark.parametrize("align", [True, False])
+def test_resample_bilinear_matches_grid_sample(padding, torch_padding, align, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    x, coords = rand(2, 3, 5, 7), rand(2, 4, 6, 2, lo=-1.3, hi=1.3)
+    out = run_mil(lambda x, c: mb.resample(x=x, coordinates=c, sampling_mode="bilinear", padding_mode=padding,
+                                           padding_value=0.0, coordinates_mode="normalized_minus_one_to_one",
+                                           align_corners=align), {"x": x, "c": coords}, tmp_path)[0]
+    ref = F.grid_sample(torch.from_numpy(x), torch.from_numpy(coords), "bilinear", torch_padding, align)
+    close(out, ref.numpy(), 1e-5)
+
+
+def test_affine_matches_coremltools_expectations(tmp_path):
+    x = np.array([11.0, 22.0, 33.0, 44.0], np.float32).reshape(1, 1, 2, 2)
+    m = np.array([-1.0, -2.0, -3.7, -1.0, 3.5, 1.2], np.float32).reshape(1, 6)
+    kw = dict(sampling_mode="bilinear", padding_mode="constant", padding_value=0.0,
+              coordinates_mode="normalized_minus_one_to_one", align_corners=True)
+    outs = run_mil(lambda x, m: (mb.affine(x=x, transform_matrix=m, output_height=3, output_width=3, **kw),
+                                 mb.affine(x=x, transform_matrix=m, output_height=2, output_width=5, **kw)),
+                   {"x": x, "m": m}, tmp_path)
+    close(outs[0], np.array([10.752501, 2.5025, 0, 1.9799997, 0, 0, 0, 0, 0], np.float32).reshape(1, 1, 3, 3), 1e-5)
+    close(outs[1], np.array([10.752501, 5.94, 2.5025, 0.44000006] + [0] * 6, np.float32).reshape(1, 1, 2, 5), 1e-5)
+
+
+def test_affine_per_batch_matrices_match_affine_grid(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    x, m = rand(2, 3, 6, 5), rand(2, 6, lo=-1, hi=1)
+    out = run_mil(lambda x, m: mb.affine(x=x, transform_matrix=m, output_height=4, output_width=7,
+                                         sampling_mode="bilinear", padding_mode="constant", padding_value=0.0,
+                                         coordinates_mode="normalized_minus_one_to_one", align_corners=True),
+                  {"x": x, "m": m}, tmp_path)[0]
+    theta = torch.from_numpy(m).reshape(2, 2, 3)
+    grid = F.affine_grid(theta, (2, 3, 4, 7), align_corners=True)
+    close(out, F.grid_sample(torch.from_numpy(x), grid, "bilinear", "zeros", True).numpy(), 1e-5)
