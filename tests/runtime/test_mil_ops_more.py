@@ -319,3 +319,42 @@ def test_affine_per_batch_matrices_match_affine_grid(tmp_path):
     theta = torch.from_numpy(m).reshape(2, 2, 3)
     grid = F.affine_grid(theta, (2, 3, 4, 7), align_corners=True)
     close(out, F.grid_sample(torch.from_numpy(x), grid, "bilinear", "zeros", True).numpy(), 1e-5)
+
+
+# ---- iOS17 resize ----------------------------------------------------------------------------
+
+def test_resize_matches_coremltools_expectations(tmp_path):
+    x5 = np.array([-6.174, 9.371], np.float32).reshape(1, 1, 1, 2, 1)
+    x3 = np.array([0, 1], np.float32).reshape(1, 1, 2)
+    outs = run_mil(lambda a, b: (mb.resize(x=a, shape=[1, 1, 3, 2], resized_dims=np.uint32(2),
+                                           interpolation_mode="NEAREST_NEIGHBOR"),
+                                 mb.resize(x=b, shape=[1, 1, 5], resized_dims=np.uint32(2), interpolation_mode="LINEAR")),
+                   {"a": x5, "b": x3}, tmp_path)
+    close(outs[0], np.array([-6.174, -6.174, 9.371, 9.371, 9.371, 9.371], np.float32).reshape(1, 1, 1, 3, 2))
+    close(outs[1], np.array([0, 0.4, 0.8, 1, 1], np.float32).reshape(1, 1, 5))
+
+
+def test_resize_linear_to_a_run_time_shape(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    x = rand(1, 2, 3, 4)
+
+    def build(x, s):
+        shape = mb.add(x=s, y=np.array([0, 0], np.int32))  # computed at run time
+        return (mb.resize(x=x, shape=shape, resized_dims=np.uint32(2), sampling_mode="ALIGN_CORNERS"),
+                mb.resize(x=x, shape=shape, resized_dims=np.uint32(1), sampling_mode="UNALIGN_CORNERS"))
+
+    outs = run_mil(build, {"x": x, "s": np.array([5, 7], np.int32)}, tmp_path)
+    t = torch.from_numpy(x)
+    close(outs[0], F.interpolate(t, size=(5, 7), mode="bilinear", align_corners=True).numpy())
+    close(outs[1], F.interpolate(t, size=(3, 7), mode="bilinear", align_corners=False).numpy())  # last axis only
+
+
+def test_resize_nearest_where_core_ml_positions_are_unknown_is_refused(tmp_path):
+    from python_coreml_sd.runtime.mil.plan import UnsupportedOpError
+
+    x = rand(1, 1, 4, 4)
+    with pytest.raises(UnsupportedOpError, match="resize.*4 -> 3"):
+        run_mil(lambda x: mb.resize(x=x, shape=[3, 3], resized_dims=np.uint32(2), interpolation_mode="NEAREST_NEIGHBOR"),
+                {"x": x}, tmp_path)

@@ -550,3 +550,61 @@ def _batch_to_space(a):
         return y[:, :, t:h * bh - b, l:w * bw - r]
 
     return fn, [a.var("x")]
+
+
+def _resize_nearest_index(xin, xout):
+    # Unlike resize_nearest_neighbor, coremltools expects 2 -> 3 to give rows [0, 1, 1] (not
+    # [0, 0, 1]). Both floor((i + 0.5) * in / out) and round(i * in / out) give that; where they part
+    # we cannot tell which Core ML computes, so those sizes are refused rather than guessed.
+    i = np.arange(xout)
+    half = np.minimum(np.floor((i + 0.5) * xin / xout), xin - 1).astype(np.int64)
+    rounded = np.minimum(np.floor(i * xin / xout + 0.5), xin - 1).astype(np.int64)
+    if not np.array_equal(half, rounded):
+        raise ValueError(f"NEAREST_NEIGHBOR resize {xin} -> {xout}: Core ML's sample positions for these "
+                         "sizes are not established")
+    return half
+
+
+def _resize_plan(in_shape, shape, dims, interp, mode, device):
+    """Per resized axis: (axis, index tensor) for nearest, (axis, lo, hi, frac) for linear."""
+    rank = len(in_shape)
+    plan = []
+    for i in range(dims):
+        axis = rank - dims + i
+        xin, xout = int(in_shape[axis]), int(shape[len(shape) - dims + i]) or int(in_shape[axis])  # 0: keep
+        if xin == xout:
+            continue
+        if interp == "NEAREST_NEIGHBOR":
+            plan.append((axis, torch.from_numpy(_resize_nearest_index(xin, xout)).to(device)))
+        else:
+            plan.append((axis,) + _lerp_weights(_grid(mode, xin, xout), xin, rank, axis, device))
+    return plan
+
+
+def _apply_resize(x, plan):
+    for axis, *w in plan:
+        x = x.index_select(axis, w[0]) if len(w) == 1 else _lerp_axis(x, axis, *w)
+    return x
+
+
+@op("resize")
+def _resize(a):
+    # iOS17: the last `resized_dims` axes take their sizes from `shape` (0 keeps x's), maybe known only
+    # at run time. LINEAR samples like resize_bilinear's modes; NEAREST_NEIGHBOR like
+    # resize_nearest_neighbor, whose only documented sampling is the size ratio (DEFAULT).
+    dims = int(a.scalar("resized_dims"))
+    interp = str(a.scalar("interpolation_mode", "LINEAR"))
+    mode = str(a.scalar("sampling_mode", "DEFAULT"))
+    if interp == "NEAREST_NEIGHBOR" and mode != "DEFAULT":
+        raise ValueError(f"NEAREST_NEIGHBOR with sampling_mode {mode!r}: its sample positions are not specified")
+    if interp not in ("LINEAR", "NEAREST_NEIGHBOR"):
+        raise ValueError(f"interpolation_mode {interp!r} is not in the MIL op reference")
+    if _runtime(a, "shape") or not static(a.in_shape()):
+        dev = a.device
+
+        def fn(x, shape):
+            return _apply_resize(x, _resize_plan(tuple(x.shape), shape.tolist(), dims, interp, mode, dev))
+
+        return fn, [a.var("x"), a.var("shape")]
+    plan = _resize_plan(a.in_shape(), a.ints("shape"), dims, interp, mode, a.device)
+    return (lambda x: _apply_resize(x, plan)), [a.var("x")]
