@@ -358,3 +358,66 @@ def test_resize_nearest_where_core_ml_positions_are_unknown_is_refused(tmp_path)
     with pytest.raises(UnsupportedOpError, match="resize.*4 -> 3"):
         run_mil(lambda x: mb.resize(x=x, shape=[3, 3], resized_dims=np.uint32(2), interpolation_mode="NEAREST_NEIGHBOR"),
                 {"x": x}, tmp_path)
+
+
+# ---- crop_resize -----------------------------------------------------------------------------
+
+X16 = np.arange(1, 17, dtype=np.float32).reshape(1, 1, 4, 4)
+CROP_IOS15 = [  # coremltools' TestCropResize smoke (iOS15 roi): (roi, target, normalized, expected)
+    ([1, 1, 2, 2], 2, False, [6, 7, 10, 11]),
+    ([1, 1, 2, 2], 4, False, [6, 6.333333, 6.66666, 7, 7.333333, 7.666666, 8, 8.333333,
+                              8.666666, 9, 9.3333333, 9.666666, 10, 10.333333, 10.666666, 11]),
+    ([1, 1, 2, 2], 1, False, [8.5]),
+    ([0, 0.0, 0.0, 1.0 / 3, 1.0 / 3], 2, True, [1, 2, 5, 6]),
+    ([2, 2, 1, 1], 2, False, [11, 10, 7, 6]),
+]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_crop_resize_ios15_matches_coremltools_expectations(case, tmp_path):
+    roi, t, normalized, ref = CROP_IOS15[case]
+    roi = np.array(roi, np.float32).reshape(1, 1, -1, 1, 1)
+    out = run_mil(lambda x: mb.crop_resize(x=x, roi=roi, target_height=t, target_width=t, normalized_coordinates=normalized,
+                                           box_coordinate_mode="CORNERS_HEIGHT_FIRST", sampling_mode="ALIGN_CORNERS"),
+                  {"x": X16}, tmp_path, target="iOS15")[0]
+    close(out, np.array(ref, np.float32).reshape(1, 1, 1, t, t), 1e-5)
+
+
+BOXES3 = np.array([[0.1, 0.3, 1.3, 1.0], [0.5, 1.8, 1.0, 0.3], [0.0, 0.4, 0.6, 0.7]], np.float32)
+
+
+def crop_ref(pad):
+    return np.array([3.1, 5.2, pad, pad, pad, 7.899, pad, 13.9, 2.2, 3.1, 9.4, 10.3], np.float32)
+
+
+@pytest.mark.parametrize("pad", [0.0, 10.0])
+def test_crop_resize_ios16_pad_value_and_ios17_boxes(pad, tmp_path):
+    roi = np.concatenate([np.zeros((3, 1), np.float32), BOXES3], 1).reshape(3, 1, 5, 1, 1)
+    kw = dict(target_height=2, target_width=2, normalized_coordinates=True, box_coordinate_mode="CORNERS_HEIGHT_FIRST",
+              sampling_mode="ALIGN_CORNERS", pad_value=pad)
+    out16 = run_mil(lambda x: mb.crop_resize(x=x, roi=roi, **kw), {"x": X16}, tmp_path, target="iOS16")[0]
+    close(out16, crop_ref(pad).reshape(3, 1, 1, 2, 2), 1e-3)
+    out17 = run_mil(lambda x: mb.crop_resize(x=x, boxes=BOXES3, box_indices=np.zeros(3, np.int32), **kw),
+                    {"x": X16}, tmp_path, target="iOS17")[0]
+    close(out17, crop_ref(pad).reshape(3, 1, 2, 2), 1e-3)
+
+
+def test_crop_resize_boxes_pick_their_image_and_crop_every_image_with_4_coordinates(tmp_path):
+    x = rand(2, 3, 5, 6)
+    boxes = np.array([[0, 1, 3, 4], [1, 0, 4, 2]], np.float32)
+    kw = dict(target_height=3, target_width=4, box_coordinate_mode="CORNERS_HEIGHT_FIRST", sampling_mode="ALIGN_CORNERS")
+
+    def ref_crop(img, b):  # bilinear at linspace positions, all inside the image here
+        ys, xs = np.linspace(b[0], b[2], 3), np.linspace(b[1], b[3], 4)
+        y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+        y1, x1 = np.minimum(y0 + 1, 4), np.minimum(x0 + 1, 5)
+        fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+        g = lambda yy, xx: img[:, yy][:, :, xx]  # noqa: E731
+        return (g(y0, x0) * (1 - fx) + g(y0, x1) * fx) * (1 - fy) + (g(y1, x0) * (1 - fx) + g(y1, x1) * fx) * fy
+
+    out17 = run_mil(lambda x: mb.crop_resize(x=x, boxes=boxes, box_indices=np.array([1, 0], np.int32), **kw),
+                    {"x": x}, tmp_path, target="iOS17")[0]
+    close(out17, np.stack([ref_crop(x[1], boxes[0]), ref_crop(x[0], boxes[1])]))
+    roi = boxes.reshape(2, 1, 4, 1, 1)
+    out15 = run_mil(lambda x: mb.crop_resize(x=x, roi=roi, **kw), {"x": x}, tmp_path, target="iOS15")[0]
+    close(out15, np.stack([np.stack([ref_crop(x[i], b) for i in range(2)]) for b in boxes]))

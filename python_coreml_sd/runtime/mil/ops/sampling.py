@@ -102,3 +102,62 @@ def _affine(a):
         return sample(x, _pixel(xs, w, cmode, align), _pixel(ys, h, cmode, align), sampling, padding, value)
 
     return fn, [a.var("x"), a.var("transform_matrix")]
+
+
+_BOX_ORDER = {"CORNERS_HEIGHT_FIRST": (0, 1, 2, 3), "CORNERS_WIDTH_FIRST": (1, 0, 3, 2)}
+
+
+@op("crop_resize")
+def _crop_resize(a):
+    # TensorFlow's crop_and_resize, as coremltools' expected values show: T samples from box start to
+    # end inclusive (ALIGN_CORNERS; one sample: the box centre), bilinear, and a sample outside the
+    # image takes pad_value whole. Verified only for corner boxes with (STRICT_)ALIGN_CORNERS, so the
+    # other sampling modes, centre-size boxes and normalized boxes with a spatial scale are refused.
+    th, tw = int(a.scalar("target_height", 1)), int(a.scalar("target_width", 1))
+    normalized = bool(a.scalar("normalized_coordinates", False))
+    scale = float(a.scalar("spatial_scale", 1.0))
+    order = _BOX_ORDER.get(str(a.scalar("box_coordinate_mode", "CORNERS_HEIGHT_FIRST")))
+    sampling = str(a.scalar("sampling_mode", "DEFAULT"))
+    pad = float(a.scalar("pad_value", 0.0))  # iOS16+; the iOS15 op has none, iOS16's default is 0
+    if order is None or sampling not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS") or (normalized and scale != 1.0):
+        raise ValueError("only corner boxes with ALIGN_CORNERS / STRICT_ALIGN_CORNERS sampling (and no spatial "
+                         "scale on normalized boxes) have established semantics")
+    n_img, _, h, w = a.in_shape()
+    dev = a.device
+
+    def axis(start, end, t):
+        if t == 1:
+            return ((start + end) / 2 if sampling == "ALIGN_CORNERS" else start).unsqueeze(-1)
+        return start.unsqueeze(-1) + torch.linspace(0, 1, t, dtype=torch.float64, device=dev) * (end - start).unsqueeze(-1)
+
+    def crop(x, boxes, index):
+        b = boxes.to(torch.float64).reshape(-1, 4)[:, list(order)] * scale
+        if normalized:
+            b = b * torch.tensor([h - 1, w - 1, h - 1, w - 1], dtype=torch.float64, device=dev)
+        py = axis(b[:, 0], b[:, 2], th).unsqueeze(-1).expand(-1, th, tw)
+        px = axis(b[:, 1], b[:, 3], tw).unsqueeze(-2).expand(-1, th, tw)
+        out = sample(x[index], px, py, "bilinear", "border", pad)
+        outside = (py < 0) | (py > h - 1) | (px < 0) | (px > w - 1)
+        return torch.where(outside.unsqueeze(1), torch.full_like(out, pad), out)
+
+    if a.has("boxes"):  # iOS17: boxes (N, 4), box_indices (N,) defaulting to 0..N-1; out (N, C, th, tw)
+        if a.has("box_indices"):
+            return (lambda x, boxes, idx: crop(x, boxes, idx.long())), [a.var("x"), a.var("boxes"), a.var("box_indices")]
+        return (lambda x, boxes: crop(x, boxes, torch.arange(boxes.shape[0], device=dev))), [a.var("x"), a.var("boxes")]
+
+    # iOS15/16 roi (N, 1, 4 or 5, 1, 1): with 5, the first is the image index, out (N, 1, C, th, tw);
+    # with 4, each box crops every image, out (N, B, C, th, tw).
+    if a.in_shape("roi")[2] == 5:
+        def fn(x, roi):
+            r = roi.reshape(-1, 5)
+            return crop(x, r[:, 1:], r[:, 0].round().long()).unsqueeze(1)
+    else:
+        def fn(x, roi):
+            r = roi.reshape(-1, 4)
+            n = r.shape[0]
+            boxes = r.repeat_interleave(n_img, 0)
+            index = torch.arange(n_img, device=dev).repeat(n)
+            out = crop(x, boxes, index)
+            return out.reshape((n, n_img) + tuple(out.shape[1:]))
+
+    return fn, [a.var("x"), a.var("roi")]
