@@ -84,10 +84,11 @@ def test_unary(name, tmp_path):
     ("linear_activation", {"alpha": 2.0, "beta": -1.0}, lambda x: 2 * x - 1),
     ("scaled_tanh", {"alpha": 2.0, "beta": 0.5}, lambda x: 2 * np.tanh(0.5 * x)),
     ("sigmoid_hard", {"alpha": 0.3, "beta": 0.4}, lambda x: np.clip(0.3 * x + 0.4, 0, 1)),
-    ("thresholded_relu", {"alpha": 0.5}, lambda x: np.where(x > 0.5, x, 0)),
+    ("thresholded_relu", {"alpha": 0.5}, lambda x: np.where(x >= 0.5, x, 0)),
 ])
 def test_unary_with_attributes(name, kwargs, ref, tmp_path):
     x = rand(4, 6, lo=0.0 if name in ("log", "rsqrt", "inverse") else -2.0)
+    x[0, :2] = 0.5  # on the threshold: thresholded_relu passes x >= alpha
     kw = {k: np.float32(v) for k, v in kwargs.items()}
     out = run_mil(lambda x: getattr(mb, name)(x=x, **kw), {"x": x}, tmp_path)[0]
     close(out, ref(x.astype(np.float64)), 1e-5)
@@ -113,13 +114,17 @@ def test_softmax_axis(axis, tmp_path):
     close(out, e / e.sum(axis=axis, keepdims=True))
 
 
-def test_prelu_and_softplus_parametric(tmp_path):
-    x = rand(1, 3, 2, 4)
+@pytest.mark.parametrize("shape", [(1, 3, 2), (2, 3, 2, 4), (1, 3, 2, 2, 3)])
+def test_prelu_and_softplus_parametric(shape, tmp_path):
+    x = rand(*shape)
     alpha, beta = rand(3, lo=0.1, hi=1), rand(3, lo=0.1, hi=1)
-    outs = run_mil(lambda x: (mb.prelu(x=x, alpha=alpha), mb.softplus_parametric(x=x, alpha=alpha, beta=beta)),
+    # prelu takes rank 3 and 5 only with one alpha value (its type inference checks)
+    p_alpha = alpha if len(shape) == 4 else np.full(3, alpha[0], np.float32)
+    outs = run_mil(lambda x: (mb.prelu(x=x, alpha=p_alpha), mb.softplus_parametric(x=x, alpha=alpha, beta=beta)),
                    {"x": x}, tmp_path)
-    a, b = alpha.reshape(1, 3, 1, 1), beta.reshape(1, 3, 1, 1)
-    close(outs[0], np.where(x >= 0, x, a * x))
+    view = (1, 3) + (1,) * (len(shape) - 2)  # per channel, axis 1, whatever the rank
+    a, b = alpha.reshape(view), beta.reshape(view)
+    close(outs[0], np.where(x >= 0, x, p_alpha.reshape(view) * x))
     close(outs[1], a * np.log1p(np.exp(b * x)))
 
 
@@ -149,6 +154,28 @@ def test_linear(tmp_path):
     outs = run_mil(lambda x: (mb.linear(x=x, weight=w, bias=b), mb.linear(x=x, weight=w)), {"x": x}, tmp_path)
     close(outs[0], x @ w.T + b, 1e-5)
     close(outs[1], x @ w.T, 1e-5)
+
+
+@pytest.mark.parametrize("x_dtype", [np.int32, np.float16, np.float32])
+@pytest.mark.parametrize("w_dtype", [np.int32, np.float16, np.float32])
+def test_ios17_linear_and_matmul_mixed_dtypes(x_dtype, w_dtype, tmp_path):
+    # iOS17: a const operand may have another dtype than x; the output takes x's dtype.
+    x = rng.integers(-9, 10, size=(2, 3, 5)).astype(x_dtype)
+    w, b, y, z = (rng.integers(-9, 10, size=s).astype(w_dtype) for s in ((4, 5), (4,), (5, 6), (4, 3)))
+    outs = run_mil(lambda x: (mb.linear(x=x, weight=w, bias=b), mb.matmul(x=x, y=y), mb.matmul(x=z, y=x)),
+                   {"x": x}, tmp_path)
+    x64, w64, b64, y64, z64 = (v.astype(np.float64) for v in (x, w, b, y, z))
+    for out, ref in zip(outs, (x64 @ w64.T + b64, x64 @ y64, z64 @ x64)):
+        assert out.dtype == np.dtype(x_dtype)
+        close(out, ref, 0)  # small integers: exact in every dtype
+
+
+def test_integer_linear_with_fractional_float_weights_is_refused(tmp_path):
+    from python_coreml_sd.runtime.mil.plan import UnsupportedOpError
+
+    x = np.arange(6, dtype=np.int32).reshape(2, 3)
+    with pytest.raises(UnsupportedOpError, match="linear.*non-integer weight"):
+        run_mil(lambda x: mb.linear(x=x, weight=np.full((2, 3), 0.5, np.float32)), {"x": x}, tmp_path)
 
 
 @pytest.mark.parametrize("xs,ys,tx,ty", [
@@ -328,6 +355,21 @@ def test_instance_and_batch_norm(tmp_path):
     close(outs[1], (x - v(mean)) / np.sqrt(v(var) + 1e-4) * v(g) + v(b), 1e-4)
 
 
+@pytest.mark.parametrize("x_dtype,p_dtype", [(np.float32, np.float16), (np.float16, np.float32)])
+def test_ios17_batch_norm_with_parameters_of_another_dtype(x_dtype, p_dtype, tmp_path):
+    # The builder's default epsilon is an fp32 const even beside fp16 mean/variance.
+    x = rand(1, 3, 2, 4, lo=-16, hi=16).astype(x_dtype)
+    mean, var = np.array([9, 6, 3], p_dtype), np.array([6, 1, 7], p_dtype)
+    g, b = np.array([1, 2, 0.5], p_dtype), np.array([1, 3, 0], p_dtype)
+    outs = run_mil(lambda x: (mb.batch_norm(x=x, mean=mean, variance=var),
+                              mb.batch_norm(x=x, mean=mean, variance=var, gamma=g, beta=b)), {"x": x}, tmp_path)
+    v = lambda p: p.astype(np.float64).reshape(1, 3, 1, 1)  # noqa: E731
+    norm = (x.astype(np.float64) - v(mean)) / np.sqrt(v(var) + 1e-5)
+    tol = 1e-2 if x_dtype == np.float16 else 1e-5
+    close(outs[0], norm, tol)
+    close(outs[1], norm * v(g) + v(b), tol)
+
+
 REDUCE = {
     "reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min,
     "reduce_prod": np.prod, "reduce_sum_square": lambda x, axis, keepdims: np.sum(x * x, axis=axis, keepdims=keepdims),
@@ -477,15 +519,44 @@ def test_depth_to_space_is_dcr_and_pixel_shuffle_is_crd(tmp_path):
 
 # ---- resampling ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sh,sw", [(2, 2), (3, 1), (1.5, 2.5)])
+@pytest.mark.parametrize("sh,sw", [(2, 2), (3, 1), (1.5, 2.5), (1.12, 0.67), (0.5, 1.3)])
 def test_upsample_nearest(sh, sw, tmp_path):
-    x = rand(1, 2, 4, 4)
+    x = rand(1, 2, 4, 3)
     out = run_mil(lambda x: mb.upsample_nearest_neighbor(x=x, scale_factor_height=sh, scale_factor_width=sw),
                   {"x": x}, tmp_path)[0]
-    oh, ow = int(np.floor(4 * sh)), int(np.floor(4 * sw))
-    ih = np.minimum(np.floor(np.arange(oh) / sh), 3).astype(int)
-    iw = np.minimum(np.floor(np.arange(ow) / sw), 3).astype(int)
+    oh, ow = int(np.floor(4 * sh)), int(np.floor(3 * sw))
+    # Core ML samples at the size ratio in/out, not 1/scale (they differ once the size is floored).
+    ih = np.floor(np.arange(oh) * 4 / oh).astype(int)
+    iw = np.floor(np.arange(ow) * 3 / ow).astype(int)
     close(out, x[:, :, ih][:, :, :, iw])
+
+
+def test_upsample_fractional_scales_match_coremltools_expectations(tmp_path):
+    # The expected values of coremltools' own op tests (TestUpsampleNearestNeighborFractionalScales,
+    # TestUpsampleBilinear smoke): 1/scale gives [1.5, 1.5, -2.5] and [0, .08, .46, .85, 1].
+    x = np.array([1.5, -2.5, 3.5], np.float32).reshape(1, 1, 1, 3)
+    outs = run_mil(lambda x: (mb.upsample_nearest_neighbor(x=x, scale_factor_height=3.17, scale_factor_width=0.67),
+                              mb.upsample_nearest_neighbor(x=x, scale_factor_height=2.0, scale_factor_width=1.12)),
+                   {"x": x}, tmp_path)
+    close(outs[0], np.array([1.5, -2.5] * 3, np.float32).reshape(1, 1, 3, 2))
+    close(outs[1], np.array([1.5, -2.5, 3.5] * 2, np.float32).reshape(1, 1, 2, 3))
+    r = np.array([0, 1], np.float32).reshape(1, 1, 2)
+    out = run_mil(lambda r: mb.upsample_bilinear(x=r, scale_factor_height=1.0, scale_factor_width=2.6,
+                                                 align_corners=False), {"r": r}, tmp_path)[0]
+    close(out, np.array([0, 0.1, 0.5, 0.9, 1], np.float32).reshape(1, 1, 5), 1e-6)
+
+
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("scales", [(2.5, 2.0), (0.5, 0.75), (0.7, 1.3)])
+def test_upsample_bilinear_fractional_matches_torch_at_fp32(align, scales, tmp_path):
+    # coremltools' stress test compares with torch's interpolate (recompute_scale_factor=True: the
+    # size ratio); at fp32 and a tight tolerance, 1/scale is off by up to tens on +-100 inputs.
+    x = rand(2, 3, 10, 22, lo=-100, hi=100)
+    out = run_mil(lambda x: mb.upsample_bilinear(x=x, scale_factor_height=scales[0], scale_factor_width=scales[1],
+                                                 align_corners=align), {"x": x}, tmp_path)[0]
+    ref = F.interpolate(torch.from_numpy(x), scale_factor=scales, mode="bilinear", align_corners=align,
+                        recompute_scale_factor=True)
+    close(out, ref.numpy(), 1e-3)  # float32 rounding of the sample positions on +-100 values
 
 
 # Grid points for Xin = 2 from the MIL op reference (resize_bilinear notes).

@@ -1,4 +1,5 @@
 """MILModel: open an .mlpackage with coremltools' loaders and run its ML Program with PyTorch."""
+import contextlib
 import os
 import warnings
 from collections import Counter, namedtuple
@@ -70,6 +71,35 @@ def _function_name(spec, function_name):
     return name
 
 
+# Ops whose `epsilon` shares a type domain with their parameters. coremltools' builder writes a
+# default epsilon as fp32 even where the parameters are fp16 (iOS17 batch_norm with fp16 mean and
+# variance); Core ML runs such programs, but coremltools' reader rejects them when it validates.
+_EPSILON_OPS = frozenset(("batch_norm", "instance_norm", "layer_norm"))
+
+
+@contextlib.contextmanager
+def _scalar_epsilon_of_any_float_dtype():
+    """coremltools' reader, accepting a scalar const `epsilon` whose float dtype differs from the
+    parameters' (its value is read as a Python float, so the dtype changes nothing here)."""
+    from coremltools.converters.mil.mil.input_type import InputSpec
+
+    original = InputSpec.validate_inputs
+
+    def validate(self, op_name, op_type, candidate_kvs):
+        eps = candidate_kvs.get("epsilon") if op_type in _EPSILON_OPS else None
+        if eps is not None and eps.val is not None and np.ndim(eps.val) == 0:
+            rest = {k: v for k, v in candidate_kvs.items() if k != "epsilon"}
+            original(self, op_name, op_type, rest)
+            return original(self, op_name, op_type, {"epsilon": eps})
+        return original(self, op_name, op_type, candidate_kvs)
+
+    InputSpec.validate_inputs = validate
+    try:
+        yield
+    finally:
+        InputSpec.validate_inputs = original
+
+
 def load_program(path, function_name=None):
     """(spec, PyMIL Function) of an ML Program, read by coremltools' milproto frontend."""
     from coremltools.converters.mil.frontend.milproto import load as milproto
@@ -79,7 +109,7 @@ def load_program(path, function_name=None):
     name = _function_name(spec, function_name)
     _check_ops(path, spec.mlProgram, name)
     try:
-        with bounded_value_inference():
+        with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype():
             program = milproto.load(spec, spec.specificationVersion, _weights_dir(path))
     except UserError as e:  # an allocation over the bound
         raise UserError(f"{path}: {e}") from None

@@ -169,21 +169,32 @@ def _sigmoid_hard(a):
 @op("thresholded_relu")
 def _thresholded_relu(a):
     alpha = a.scalar("alpha", 1.0)
-    return (lambda x: torch.where(x > alpha, x, torch.zeros_like(x))), [a.var("x")]
+    # The MIL reference passes x >= alpha (its value_inference zeroes only x < alpha).
+    return (lambda x: torch.where(x >= alpha, x, torch.zeros_like(x))), [a.var("x")]
+
+
+def _channel_shape(a):
+    """(1, C, 1, ...) for per-channel parameters on axis 1 of an input of any rank >= 3."""
+    rank = len(a.in_shape())
+    return (1, -1) + (1,) * (rank - 2)
 
 
 @op("prelu")
 def _prelu(a):
+    shape = _channel_shape(a)
+
     def fn(x, alpha):
-        return torch.where(x >= 0, x, alpha.reshape(-1, 1, 1) * x)
+        return torch.where(x >= 0, x, alpha.reshape(shape) * x)
 
     return fn, [a.var("x"), a.var("alpha")]
 
 
 @op("softplus_parametric")
 def _softplus_parametric(a):
+    shape = _channel_shape(a)
+
     def fn(x, alpha, beta):
-        return alpha.reshape(-1, 1, 1) * torch.log1p(torch.exp(beta.reshape(-1, 1, 1) * x))
+        return alpha.reshape(shape) * F.softplus(beta.reshape(shape) * x)  # log(1 + e^z), no overflow
 
     return fn, [a.var("x"), a.var("alpha"), a.var("beta")]
 

@@ -1,23 +1,50 @@
 """Linear algebra, convolution, pooling, normalization, reductions, attention."""
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .registry import norm_axes, op
 
 
+def _compute_dtype(a, names):
+    """The dtype a linear/matmul computes in. iOS17 lets a const operand's dtype differ from the
+    other's (int32 x with fp weights, ...); the output takes the non-const operand's dtype. Integer
+    products are computed in float64 (exact below 2**53; CUDA has no int matmul) and cast back,
+    which is exact only for integer operands, so a non-integer const feeding an integer output is
+    refused rather than rounded in a way Core ML may not."""
+    mil = {a.var(n).dtype for n in names if a.has(n)}
+    out = a.out_mil_dtype()
+    if out in ("fp16", "fp32") and len(mil) == 1:
+        return None  # one dtype throughout: no casts
+    if out in ("fp16", "fp32"):
+        return a.out_torch_dtype()
+    for n in names:
+        v = a.var(n)
+        if v is not None and v.val is not None and not np.all(np.mod(np.asarray(v.val, np.float64), 1) == 0):
+            raise ValueError(f"non-integer {n} for an integer ({out}) output: rounding is not specified")
+    return torch.float64
+
+
+def _cast_all(dt, xs):
+    return xs if dt is None else [x if x is None else x.to(dt) for x in xs]
+
+
 @op("linear")
 def _linear(a):
+    dt = _compute_dtype(a, ("x", "weight", "bias"))
     ins = [a.var("x"), a.var("weight")] + ([a.var("bias")] if a.has("bias") else [])
-    return (lambda x, w, b=None: F.linear(x, w, b)), ins
+    return (lambda x, w, b=None: F.linear(*_cast_all(dt, [x, w, b]))), ins
 
 
 @op("matmul")
 def _matmul(a):
     tx, ty = bool(a.scalar("transpose_x", False)), bool(a.scalar("transpose_y", False))
+    dt = _compute_dtype(a, ("x", "y"))
 
     def fn(x, y):
+        x, y = _cast_all(dt, [x, y])
         if tx and x.dim() > 1:
             x = x.transpose(-1, -2)
         if ty and y.dim() > 1:
@@ -160,6 +187,24 @@ def _avg_pool(a):
     return fn, [a.var("x")]
 
 
+@op("l2_pool")
+def _l2_pool(a):
+    # sqrt of the sum of squares over each window, padding counted as zeros (coremltools' expected
+    # values for "same"); a sum pool is an avg_pool with divisor 1, 1-D run as 2-D of height 1.
+    kernel, strides, pads, ceil_mode = _pool_setup(a)
+    tp = _torch_pad(pads)
+    if len(kernel) == 1:
+        kernel, strides = [1] + kernel, [1] + strides
+
+    def fn(x):
+        sq = F.pad(x.square(), tp)
+        y = sq.unsqueeze(-2) if sq.dim() == 3 else sq
+        y = F.avg_pool2d(y, kernel, strides, 0, ceil_mode, True, 1).sqrt()
+        return y.squeeze(-2) if sq.dim() == 3 else y
+
+    return fn, [a.var("x")]
+
+
 def _param_view(t, rank, axes):
     shape = [1] * rank
     for ax, size in zip(axes, t.shape):
@@ -223,9 +268,11 @@ def _batch_norm(a):
     has_g, has_b = a.has("gamma"), a.has("beta")
 
     def fn(x, mean, var, *params):
-        g = params[0] if has_g else None
-        b = params[-1] if has_b else None
-        return F.batch_norm(x, mean, var, g, b, False, 0.0, eps)
+        # iOS17 lets the parameters' dtype differ from x's: compute in the wider of the two.
+        dt = torch.promote_types(x.dtype, mean.dtype)
+        g = params[0].to(dt) if has_g else None
+        b = params[-1].to(dt) if has_b else None
+        return F.batch_norm(x.to(dt), mean.to(dt), var.to(dt), g, b, False, 0.0, eps)
 
     return fn, ins
 

@@ -1,10 +1,12 @@
 """Shape, indexing, concatenation, padding, gather and resampling ops."""
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import norm_axes, op, static
+from .registry import NotConstant, norm_axes, op, static
 
 
 def _to_declared_shape(a):
@@ -34,30 +36,48 @@ def _axis_slice(begin, end, stride, size):
     return idx
 
 
-@op("slice_by_index")
-def _slice_by_index(a):
-    shape = a.in_shape()
-    rank = len(shape)
-    begin = a.ints("begin")
-    end = a.ints("end")
-    stride = a.ints("stride", [1] * rank)
-    bmask = a.ints("begin_mask", [0] * rank)
-    emask = a.ints("end_mask", [0] * rank)
-    smask = a.ints("squeeze_mask", [0] * rank)
+def _runtime(a, *names):
+    """True when one of `names` is computed at run time (a shape's entries, a non_zero count)."""
+    try:
+        for n in names:
+            a.const(n)
+    except NotConstant:
+        return True
+    return False
+
+
+def _index_plan(shape, begin, end, stride, bmask, emask, smask):
     plan = []
-    for i in range(rank):
+    for i in range(len(shape)):
         if smask[i]:
             plan.append(begin[i])
             continue
         b = None if bmask[i] else begin[i]
         e = None if emask[i] else end[i]
         plan.append(_axis_slice(b, e, stride[i], shape[i]))
+    return plan
+
+
+@op("slice_by_index")
+def _slice_by_index(a):
+    shape = a.in_shape()
+    rank = len(shape)
+    stride = a.ints("stride", [1] * rank)
+    masks = [a.ints(m, [0] * rank) for m in ("begin_mask", "end_mask", "squeeze_mask")]
+    if _runtime(a, "begin", "end"):
+        # Bounds known only at run time: the plan is made per call, on the host (one sync each).
+        def fn(x, begin, end):
+            plan = _index_plan(x.shape, begin.tolist(), end.tolist(), stride, *masks)
+            return _indexer(plan, x.device)(x)
+
+        return fn, [a.var("x"), a.var("begin"), a.var("end")]
+    plan = _index_plan(shape, a.ints("begin"), a.ints("end"), stride, *masks)
     return _indexer(plan, a.device), [a.var("x")]
 
 
 def _indexer(plan, device):
     # Index tensors live on the device from the start: no host copies while running (or capturing).
-    lists = [(ax, torch.tensor(p, device=device)) for ax, p in enumerate(plan) if isinstance(p, list)]
+    lists = [(ax, torch.tensor(p, device=device, dtype=torch.long)) for ax, p in enumerate(plan) if isinstance(p, list)]
     basic = tuple(slice(None) if isinstance(p, list) else p for p in plan)
     if not lists:
         return lambda x: x[basic]
@@ -71,16 +91,22 @@ def _indexer(plan, device):
     return fn
 
 
+def _size_plan(shape, begin, size):
+    plan = []
+    for b, n, dim in zip(begin, size, shape):
+        b = b + dim if b < 0 else b
+        plan.append(slice(b, None if n == -1 else b + n))
+    return tuple(plan)
+
+
 @op("slice_by_size")
 def _slice_by_size(a):
-    shape = a.in_shape()
-    begin = a.ints("begin")
-    size = a.ints("size")
-    plan = []
-    for b, s, dim in zip(begin, size, shape):
-        b = b + dim if b < 0 else b
-        plan.append(slice(b, None if s == -1 else b + s))
-    basic = tuple(plan)
+    if _runtime(a, "begin", "size"):
+        def fn(x, begin, size):
+            return x[_size_plan(x.shape, begin.tolist(), size.tolist())]
+
+        return fn, [a.var("x"), a.var("begin"), a.var("size")]
+    basic = _size_plan(a.in_shape(), a.ints("begin"), a.ints("size"))
     return (lambda x: x[basic]), [a.var("x")]
 
 
@@ -212,15 +238,19 @@ def _gather_along_axis(a):
 def _gather_nd(a):
     batch_dims = int(a.scalar("batch_dims", 0))
     a.covers("validate_indices")
-    if batch_dims:
-        raise ValueError("gather_nd with batch_dims > 0 is not supported")
     x_shape = a.in_shape()
+    nb = math.prod(x_shape[:batch_dims])
 
     def fn(x, idx):
+        # iOS16 batch_dims: the leading batch axes of x and indices pair up; flatten them into one
+        # and index it with each row's batch number, then the indices' own k columns.
         idx = idx.long()
         k = idx.shape[-1]
-        cols = tuple(_wrap(idx[..., i], x_shape[i]) for i in range(k))
-        return x[cols]
+        xb = x.reshape((nb,) + tuple(x.shape[batch_dims:]))
+        ib = idx.reshape(nb, -1, k)
+        rows = torch.arange(nb, device=x.device).reshape(-1, 1)
+        cols = tuple(_wrap(ib[..., i], x_shape[batch_dims + i]) for i in range(k))
+        return xb[(rows,) + cols].reshape(tuple(idx.shape[:-1]) + tuple(x.shape[batch_dims + k:]))
 
     return fn, [a.var("x"), a.var("indices")]
 
@@ -381,35 +411,36 @@ def _crop(a):
     return (lambda x: x[idx]), [a.var("x")]
 
 
-def _nearest_index(in_size, out_size, scale):
-    idx = np.minimum(np.floor(np.arange(out_size) / scale), in_size - 1).astype(np.int64)
-    return idx
+def _nearest_index(in_size, out_size):
+    # Core ML samples at the input/output size ratio, not 1/scale: a fractional scale's output size
+    # is floored, and coremltools' fractional-scale tests (3 -> 3 at scale 1.12) expect the ratio.
+    return np.minimum(np.floor(np.arange(out_size) * in_size / out_size), in_size - 1).astype(np.int64)
 
 
-def _nearest(a, scales):
+def _nearest(a):
     in_hw = a.in_shape()[-2:]
     out_hw = a.out_shape[-2:]
-    if all(float(s).is_integer() and o == i * s for s, i, o in zip(scales, in_hw, out_hw)):
-        sh, sw = int(scales[0]), int(scales[1])
+    if all(o % i == 0 for i, o in zip(in_hw, out_hw)):
+        sh, sw = out_hw[0] // in_hw[0], out_hw[1] // in_hw[1]
         return (lambda x: x.repeat_interleave(sh, -2).repeat_interleave(sw, -1)), [a.var("x")]
-    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0], scales[0])).to(a.device)
-    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1], scales[1])).to(a.device)
+    ih = torch.from_numpy(_nearest_index(in_hw[0], out_hw[0])).to(a.device)
+    iw = torch.from_numpy(_nearest_index(in_hw[1], out_hw[1])).to(a.device)
     return (lambda x: x.index_select(-2, ih).index_select(-1, iw)), [a.var("x")]
 
 
 @op("upsample_nearest_neighbor")
 def _upsample_nearest(a):
-    return _nearest(a, [a.scalar("scale_factor_height", 1), a.scalar("scale_factor_width", 1)])
+    a.covers("scale_factor_height", "scale_factor_width")  # reflected in the declared output shape
+    return _nearest(a)
 
 
 @op("resize_nearest_neighbor")
 def _resize_nearest(a):
     a.covers("target_size_height", "target_size_width")  # the declared output shape
-    in_hw, out_hw = a.in_shape()[-2:], a.out_shape[-2:]
-    return _nearest(a, [o / i for o, i in zip(out_hw, in_hw)])
+    return _nearest(a)
 
 
-def _grid(mode, xin, xout, scale=None):
+def _grid(mode, xin, xout):
     """Sample positions along one axis, as the MIL reference defines each sampling mode."""
     i = np.arange(xout, dtype=np.float64)
     if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
@@ -423,10 +454,10 @@ def _grid(mode, xin, xout, scale=None):
         delta = max(1, xin - 1) / xout
         g = 0.5 * delta + i * delta
     elif mode == "UNALIGN_CORNERS":
-        s = xin / xout if scale is None else 1.0 / scale
+        s = xin / xout
         g = i * s + 0.5 * s - 0.5
     elif mode == "ASYMMETRIC":
-        g = i * (xin / xout if scale is None else 1.0 / scale)
+        g = i * (xin / xout)
     else:
         raise ValueError(f"sampling mode {mode!r} is not in the MIL op reference")
     return np.clip(g, 0, xin - 1)
@@ -464,9 +495,11 @@ def _bilinear(a, grid_h, grid_w):
 def _upsample_bilinear(a):
     align = bool(a.scalar("align_corners", True))
     half = bool(a.scalar("half_pixel_centers", not align))
-    scales = [a.scalar("scale_factor_height", 1), a.scalar("scale_factor_width", 1)]
+    # Scales only set the (floored) output size; sampling uses the size ratio, as coremltools'
+    # fractional-scale test expects ([0, 1] at 2.6 -> [0, .1, .5, .9, 1]).
+    a.covers("scale_factor_height", "scale_factor_width")
     mode = "ALIGN_CORNERS" if align else ("UNALIGN_CORNERS" if half else "ASYMMETRIC")
-    grids = [_grid(mode, i, o, s) for i, o, s in zip(a.in_shape()[-2:], a.out_shape[-2:], scales)]
+    grids = [_grid(mode, i, o) for i, o in zip(a.in_shape()[-2:], a.out_shape[-2:])]
     return _bilinear(a, *grids)
 
 
@@ -478,3 +511,100 @@ def _resize_bilinear(a):
     return _bilinear(a, *grids)
 
 
+
+
+@op("sliding_windows")
+def _sliding_windows(a):
+    # Window i holds x[..., i * stride : i * stride + size, ...]; its `size` axis follows `axis`.
+    rank = len(a.in_shape())
+    axis = int(a.scalar("axis")) % rank
+    size, stride = int(a.scalar("size")), int(a.scalar("stride", 1))
+    return (lambda x: x.unfold(axis, size, stride).movedim(-1, axis + 1)), [a.var("x")]
+
+
+# space_to_batch / batch_to_space are TensorFlow's, in NCHW: output batch b * N + n holds block
+# position b = (i, j) of image n (coremltools' expected values: block-major, image-minor).
+@op("space_to_batch")
+def _space_to_batch(a):
+    bh, bw = a.ints("block_shape")
+    (t, b), (l, r) = np.asarray(a.const("paddings")).reshape(2, 2).tolist()
+    n, c, h, w = a.in_shape()
+    hh, ww = (h + t + b) // bh, (w + l + r) // bw
+
+    def fn(x):
+        y = F.pad(x, (l, r, t, b)).reshape(n, c, hh, bh, ww, bw)
+        return y.permute(3, 5, 0, 1, 2, 4).reshape(bh * bw * n, c, hh, ww)
+
+    return fn, [a.var("x")]
+
+
+@op("batch_to_space")
+def _batch_to_space(a):
+    bh, bw = a.ints("block_shape")
+    (t, b), (l, r) = np.asarray(a.const("crops")).reshape(2, 2).tolist()
+    nb, c, h, w = a.in_shape()
+    n = nb // (bh * bw)
+
+    def fn(x):
+        y = x.reshape(bh, bw, n, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * bh, w * bw)
+        return y[:, :, t:h * bh - b, l:w * bw - r]
+
+    return fn, [a.var("x")]
+
+
+def _resize_nearest_index(xin, xout):
+    # Unlike resize_nearest_neighbor, coremltools expects 2 -> 3 to give rows [0, 1, 1] (not
+    # [0, 0, 1]). Both floor((i + 0.5) * in / out) and round(i * in / out) give that; where they part
+    # we cannot tell which Core ML computes, so those sizes are refused rather than guessed.
+    i = np.arange(xout)
+    half = np.minimum(np.floor((i + 0.5) * xin / xout), xin - 1).astype(np.int64)
+    rounded = np.minimum(np.floor(i * xin / xout + 0.5), xin - 1).astype(np.int64)
+    if not np.array_equal(half, rounded):
+        raise ValueError(f"NEAREST_NEIGHBOR resize {xin} -> {xout}: Core ML's sample positions for these "
+                         "sizes are not established")
+    return half
+
+
+def _resize_plan(in_shape, shape, dims, interp, mode, device):
+    """Per resized axis: (axis, index tensor) for nearest, (axis, lo, hi, frac) for linear."""
+    rank = len(in_shape)
+    plan = []
+    for i in range(dims):
+        axis = rank - dims + i
+        xin, xout = int(in_shape[axis]), int(shape[len(shape) - dims + i]) or int(in_shape[axis])  # 0: keep
+        if xin == xout:
+            continue
+        if interp == "NEAREST_NEIGHBOR":
+            plan.append((axis, torch.from_numpy(_resize_nearest_index(xin, xout)).to(device)))
+        else:
+            plan.append((axis,) + _lerp_weights(_grid(mode, xin, xout), xin, rank, axis, device))
+    return plan
+
+
+def _apply_resize(x, plan):
+    for axis, *w in plan:
+        x = x.index_select(axis, w[0]) if len(w) == 1 else _lerp_axis(x, axis, *w)
+    return x
+
+
+@op("resize")
+def _resize(a):
+    # iOS17: the last `resized_dims` axes take their sizes from `shape` (0 keeps x's), maybe known only
+    # at run time. LINEAR samples like resize_bilinear's modes; NEAREST_NEIGHBOR like
+    # resize_nearest_neighbor, whose only documented sampling is the size ratio (DEFAULT).
+    dims = int(a.scalar("resized_dims"))
+    interp = str(a.scalar("interpolation_mode", "LINEAR"))
+    mode = str(a.scalar("sampling_mode", "DEFAULT"))
+    if interp == "NEAREST_NEIGHBOR" and mode != "DEFAULT":
+        raise ValueError(f"NEAREST_NEIGHBOR with sampling_mode {mode!r}: its sample positions are not specified")
+    if interp not in ("LINEAR", "NEAREST_NEIGHBOR"):
+        raise ValueError(f"interpolation_mode {interp!r} is not in the MIL op reference")
+    if _runtime(a, "shape") or not static(a.in_shape()):
+        dev = a.device
+
+        def fn(x, shape):
+            return _apply_resize(x, _resize_plan(tuple(x.shape), shape.tolist(), dims, interp, mode, dev))
+
+        return fn, [a.var("x"), a.var("shape")]
+    plan = _resize_plan(a.in_shape(), a.ints("shape"), dims, interp, mode, a.device)
+    return (lambda x: _apply_resize(x, plan)), [a.var("x")]
