@@ -80,6 +80,25 @@ def _scatter_along_axis(a):
     return fn, [a.var("data"), a.var("indices"), a.var("updates")]
 
 
+@op("scatter_nd")
+def _scatter_nd(a):
+    # updates written at `indices` (..., k) over the first k axes of data: rows of data flattened over
+    # those axes (Apple's safety checker zeroes flagged images with it).
+    mode = _mode(a)
+    shape = a.in_shape("data")
+
+    def fn(data, indices, updates):
+        k = indices.shape[-1]
+        dims = torch.tensor(shape[:k], device=indices.device)
+        idx = torch.where(indices.long() < 0, indices.long() + dims, indices.long()).reshape(-1, k)
+        strides = torch.tensor([math.prod(shape[i + 1:k]) for i in range(k)], device=idx.device)
+        rows = data.reshape((-1,) + tuple(shape[k:]))
+        values = updates.reshape((idx.shape[0],) + tuple(shape[k:]))
+        return scatter_rows(rows, (idx * strides).sum(-1), values, mode).reshape(shape)
+
+    return fn, [a.var("data"), a.var("indices"), a.var("updates")]
+
+
 @op("slice_update")
 def _slice_update(a):
     # The slice of a flat-position map, taken with slice_by_index's own plan, names the positions

@@ -356,35 +356,6 @@ def _non_zero(a):
     return (lambda x: torch.nonzero(x).to(torch.int32)), [a.var("x")]
 
 
-_SCATTER_MODES = {
-    "update": lambda old, new: new, "add": torch.add, "sub": torch.sub, "mul": torch.mul,
-    "div": torch.div, "max": torch.maximum, "min": torch.minimum,
-}
-
-
-@op("scatter_nd")
-def _scatter_nd(a):
-    # data with `updates` written at `indices` (..., k) over its first k axes; Apple's safety checker
-    # zeroes flagged images with it. Repeated indices combine in order, as Core ML specifies.
-    mode = str(a.scalar("mode", "add"))
-    if mode not in _SCATTER_MODES:
-        raise ValueError(f"scatter_nd mode {mode!r} is not supported")
-    a.covers("validate_indices")
-    combine = _SCATTER_MODES[mode]
-
-    def fn(data, indices, updates):
-        k = indices.shape[-1]
-        flat = indices.long().reshape(-1, k)
-        flat = torch.where(flat < 0, flat + torch.tensor(data.shape[:k], device=flat.device), flat)
-        updates = updates.reshape((flat.shape[0],) + tuple(data.shape[k:]))
-        out = data.clone()
-        for row, value in zip(flat.tolist(), updates):
-            out[tuple(row)] = combine(out[tuple(row)], value)
-        return out
-
-    return fn, [a.var("data"), a.var("indices"), a.var("updates")]
-
-
 @op("argsort")
 def _argsort(a):
     axis = int(a.scalar("axis", -1))
