@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import op
-from .tensor import _index_plan, _indexer, _runtime, _wrap
+from .tensor import _index_plan, _indexer, _runtime, _slice_args, _wrap
 
 _REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
 
@@ -103,10 +103,7 @@ def _scatter_nd(a):
 def _slice_update(a):
     # The slice of a flat-position map, taken with slice_by_index's own plan, names the positions
     # `update` fills (with squeezes and negative strides for free).
-    shape = a.in_shape()
-    rank = len(shape)
-    stride = a.ints("stride", [1] * rank)
-    masks = [a.ints(m, [0] * rank) for m in ("begin_mask", "end_mask", "squeeze_mask")]
+    shape, stride, masks = _slice_args(a)
     dev = a.device
 
     def positions(begin, end, x_shape):

@@ -58,12 +58,17 @@ def _index_plan(shape, begin, end, stride, bmask, emask, smask):
     return plan
 
 
-@op("slice_by_index")
-def _slice_by_index(a):
+def _slice_args(a):
+    """(x shape, stride, [begin_mask, end_mask, squeeze_mask]) of a slice_by_index-style op."""
     shape = a.in_shape()
     rank = len(shape)
-    stride = a.ints("stride", [1] * rank)
     masks = [a.ints(m, [0] * rank) for m in ("begin_mask", "end_mask", "squeeze_mask")]
+    return shape, a.ints("stride", [1] * rank), masks
+
+
+@op("slice_by_index")
+def _slice_by_index(a):
+    shape, stride, masks = _slice_args(a)
     if _runtime(a, "begin", "end"):
         # Bounds known only at run time: the plan is made per call, on the host (one sync each).
         def fn(x, begin, end):
