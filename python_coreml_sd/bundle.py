@@ -23,10 +23,9 @@ from pathlib import Path
 from ._version import __version__
 from .package_io import replace_atomically
 from .errors import UserError
-from .components import TABLE, component_of
+from .components import TABLE, TOKENIZER_FILES, component_of
 
 BASE_NAMES = {name: spec.resource for name, spec in TABLE.items()}
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_CONFIG = "pipeline_config.json"
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # SD 1.x and 2.x; what Swift assumes without pipeline_config.json

@@ -40,6 +40,8 @@ TABLE = {spec.name: spec for spec in (
     ComponentSpec("safety_checker", "SafetyChecker", "safety_checker", ("clip_input", "images", "adjustment"),
                   ("filtered_images", "has_nsfw_concepts", "concept_scores"), "safety_checker:convert_safety_checker"),
 )}
+# The CLIP BPE tokenizer files a Resources folder carries beside the models (ours, Apple's, Hugging Face's).
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
 CONVERTIBLE = tuple(name for name, spec in TABLE.items() if spec.converter)
 BY_RESOURCE = {spec.resource: name for name, spec in TABLE.items()}
 _SUFFIX = re.compile(r"_(" + "|".join(sorted(TABLE, key=len, reverse=True)) + r")$")

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import torch
 
+from ..components import TOKENIZER_FILES
 from ..errors import UserError
 from ..model_sources import resolve
 from ..runtime import RUNTIME_BACKENDS
@@ -43,7 +44,7 @@ def bundled_tokenizer(models_dir):
     vocab.json + merges.txt beside the models), or None: the text encoder was converted with it."""
     if models_dir is None:
         return None
-    vocab, merges = Path(models_dir) / "vocab.json", Path(models_dir) / "merges.txt"
+    vocab, merges = (Path(models_dir) / name for name in TOKENIZER_FILES)
     if not (vocab.is_file() and merges.is_file()):
         return None
     from transformers import CLIPTokenizer
