@@ -116,13 +116,16 @@ def traced_to_mlprogram(holder: dict, inputs: dict, options):
     import coremltools as ct
     fresh_op_names()
     target = _deployment_target(options.min_deployment_target)
-    with brief_program_strings(), half_weights_as_constexpr():
-        prog = ct.convert(holder.pop("traced"), convert_to="milinternal", source="pytorch",
-                          inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
-                                  for k, v in inputs.items()],
-                          outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
-                          compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
-                          pass_pipeline=ct.PassPipeline.EMPTY)
+    traced = holder.pop("traced")
+    with brief_program_strings():
+        with half_weights_as_constexpr(traced):
+            prog = ct.convert(traced, convert_to="milinternal", source="pytorch",
+                              inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
+                                      for k, v in inputs.items()],
+                              outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
+                              compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
+                              pass_pipeline=ct.PassPipeline.EMPTY)
+        del traced  # the program's consts now hold the only references to the weights
         release_free_memory()
         log_memory("MIL program built, PyTorch released")
         run_passes(prog, unet_passes(options.compute_precision))
@@ -240,17 +243,19 @@ def halve_large_weights(weights: dict) -> None:
 
 
 @contextmanager
-def half_weights_as_constexpr():
-    """While converting from PyTorch, an fp16 weight becomes `constexpr_cast(fp16 -> fp32)` instead of
-    an fp16 const: the program stays fp32 as coremltools' passes expect, with half the memory, and
-    const_elimination leaves constexpr ops alone. The fp16 pass below turns each back into an fp16
-    const. coremltools has no option for this, hence the patch of its torch frontend's const maker;
-    without that method (another coremltools) the weights become ordinary fp32 consts."""
+def half_weights_as_constexpr(traced):
+    """While `traced` converts from PyTorch, an fp16 weight becomes `constexpr_cast(fp16 -> fp32)`
+    instead of an fp16 const: the program stays fp32 as coremltools' passes expect, with half the
+    memory, and const_elimination leaves constexpr ops alone. The fp16 pass below turns each back into
+    an fp16 const. coremltools has no option for this, hence the patch of its torch frontend's const
+    maker; without that method (another coremltools) the weights go back to fp32 first (correct, with
+    the fp32 memory), since fp16 consts would meet fp32 activations."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch.converter import TorchConverter
 
     original = getattr(TorchConverter, "_add_const", None)
     if original is None:
+        upcast_half_weights(traced)
         yield
         return
 
@@ -265,6 +270,11 @@ def half_weights_as_constexpr():
         yield
     finally:
         TorchConverter._add_const = original
+
+
+def upcast_half_weights(traced) -> None:
+    """Every fp16 weight of a traced module back to fp32 (the values `halve_large_weights` rounded)."""
+    assign_weights(traced, {k: v.float() if v.dtype == torch.float16 else v for k, v in traced.state_dict().items()})
 
 
 def assign_weights(traced, state_dict: dict) -> None:

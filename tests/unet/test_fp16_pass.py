@@ -29,7 +29,7 @@ def mil_program(diffusers_unet, implementation: str, halve: bool):
     if halve:
         U.halve_large_weights(weights)
     U.assign_weights(traced, weights)
-    with U.half_weights_as_constexpr():
+    with U.half_weights_as_constexpr(traced):
         prog = ct.convert(traced, convert_to="milinternal", source="pytorch",
                           inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=U.input_dtype(k, options))
                                   for k, v in inputs.items()],
@@ -73,6 +73,22 @@ def test_halving_keeps_small_and_out_of_range_weights_in_fp32():
     U.halve_large_weights(weights)
     assert weights["large"].dtype == torch.float16 and torch.equal(weights["large"], expected)
     assert weights["small"].dtype == torch.float32 and weights["huge"].dtype == torch.float32
+
+
+def test_without_the_frontend_hook_halved_weights_go_back_to_fp32(monkeypatch):
+    """Another coremltools without TorchConverter._add_const: fp16 weights would meet fp32 activations,
+    so the traced module's halved weights are made fp32 again (same values) before converting."""
+    from coremltools.converters.mil.frontend.torch.converter import TorchConverter
+
+    traced = torch.jit.trace(torch.nn.Conv2d(64, 64, 1).eval(), torch.zeros(1, 64, 2, 2))
+    weights = dict(traced.state_dict())
+    U.halve_large_weights(weights)
+    U.assign_weights(traced, weights)
+    halved = weights["weight"].clone()
+    monkeypatch.delattr(TorchConverter, "_add_const")
+    with U.half_weights_as_constexpr(traced):
+        state = traced.state_dict()
+    assert state["weight"].dtype == torch.float32 and torch.equal(state["weight"], halved.float())
 
 
 def test_a_weight_of_an_op_left_in_fp32_becomes_an_fp32_const():
