@@ -89,7 +89,7 @@ def convert(unet, inputs, path, attention, target):
 
     options = ConversionOptions(f"bench_runtime_unet_{path.stem}", path.parent, attention_implementation=attention,
                                 min_deployment_target=target)
-    mlmodel, _ = build_mlprogram(lambda: copy.deepcopy(unet), inputs, options, dict(unet.config))
+    mlmodel, _ = build_mlprogram(lambda convert: copy.deepcopy(unet), inputs, options, dict(unet.config))
     save(mlmodel, path, overwrite=True)  # temp name, then rename: a cut-off run leaves no package behind
 
 

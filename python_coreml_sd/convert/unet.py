@@ -5,8 +5,9 @@ Inputs `sample` (B, 4, H, W), `timestep` (B,), `encoder_hidden_states` (B, C, 1,
 options.unet_batch_one.
 
 Memory and time (see docs/unet.md): the graph is traced at batch 1 with stand-in weights before any
-real weight is loaded; the weights then exist once in PyTorch (read into private memory, shared by the
-diffusers and Neural-Engine modules, set into the traced module by name); the MIL program is built
+real weight is loaded; the weights then exist once in PyTorch (read into private memory, for fp16
+packages halved one by one as they are read, shared by the diffusers and Neural-Engine modules, set
+into the traced module by name); the MIL program is built
 with no passes, the PyTorch side is freed, and only then do a trimmed pass pipeline and the streaming
 fp16 cast run, freeing each fp32 weight as its fp16 copy is made.
 """
@@ -179,19 +180,23 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
 
     The graph is traced before any weight is loaded (`traced_skeleton`), so the trace's forward pass
-    and the weights are never in memory together. `load_unet()` returns the diffusers UNet; taking a
+    and the weights are never in memory together. `load_unet(convert)` returns the diffusers UNet; taking a
     loader rather than the module lets this function hold the only reference, so that the module's
-    memory can go once its weights are in MIL.
+    memory can go once its weights are in MIL. A loader may pass each weight through `convert` (None or
+    `halve_if_large`) as it reads it, so that an fp16 conversion never holds all weights in fp32
+    (ModelSource.load_unet does), or ignore it: the weights are halved here again, which changes nothing.
+    The reference output needs the fp32 UNet, so it gets no `convert`.
     """
     holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs)}
     release_free_memory()
     log_memory("traced with stand-in weights")
-    unet = load_unet()
+    halve = options.compute_precision == "float16"
+    unet = load_unet(halve_if_large if halve and not options.check_output_correctness else None)
     reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
     weights = ane_unet_from(unet, options.attention_implementation).state_dict()
     del unet
     gc.collect()  # modules may hold reference cycles: now `weights` holds the only reference to each tensor
-    if options.compute_precision == "float16":
+    if halve:
         halve_large_weights(weights)
     assign_weights(holder["traced"], weights)
     del weights  # the traced module now holds the only reference
@@ -235,11 +240,15 @@ def halve_large_weights(weights: dict) -> None:
     comes: an fp16 package's weights are rounded exactly so by the fp16 pass, and the MIL program then
     never holds them in fp32 (`half_weights_as_constexpr`). A weight beyond fp16's range stays fp32,
     for the fp16 pass to judge as coremltools' does."""
-    for name, value in weights.items():
-        if value.dtype == torch.float32 and value.numel() >= LARGE_WEIGHT_ELEMENTS and \
-                not _exceeds_fp16(value.numpy()):
-            weights[name] = value.half()
-            del value
+    for name in weights:
+        weights[name] = halve_if_large(weights[name])
+
+
+def halve_if_large(value: torch.Tensor) -> torch.Tensor:
+    """One weight as `halve_large_weights` leaves it: an fp32 tensor of LARGE_WEIGHT_ELEMENTS values or more,
+    all within fp16's range, as fp16; anything else unchanged."""
+    large = value.dtype == torch.float32 and value.numel() >= LARGE_WEIGHT_ELEMENTS
+    return value.half() if large and not _exceeds_fp16(value.numpy()) else value
 
 
 @contextmanager
