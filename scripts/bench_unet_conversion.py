@@ -1,17 +1,22 @@
 """Benchmark: full-size SD 1.5 UNet (random weights, fixed seed) -> Core ML, the plain paths vs ours.
 
-Rows (each path in a fresh subprocess; wall time, and CPU time and peak RSS from os.wait4 of that child):
+Every path starts where a user starts: a diffusers folder on disk (--model-folder; by default the
+random-weight folder of --family and --seed that python_coreml_sd.random_models writes once into its
+cache). Rows (each path in a fresh subprocess; wall time, and CPU time and peak RSS from os.wait4 of
+that child):
 
-  plain: jit.trace(check_trace=False) + ct.convert     diffusers UNet -> torch.jit.trace -> ct.convert -> save
-  plain: torch.export + ct.convert                      diffusers UNet -> torch.export.export
-                                                        -> .run_decompositions({}) -> ct.convert -> save
+  plain: jit.trace(check_trace=False) + ct.convert     UNet2DConditionModel.from_pretrained -> torch.jit.trace
+                                                        -> ct.convert -> MLModel.save
+  plain: torch.export + ct.convert                      UNet2DConditionModel.from_pretrained -> torch.export.export
+                                                        -> .run_decompositions({}) -> ct.convert -> MLModel.save
   plain: jit.trace(check_trace=True) + ct.convert       only with --with-check-trace (torch.jit.trace's default)
-  ours: build_mlprogram (SPLIT_EINSUM)                  python_coreml_sd.convert.unet.build_mlprogram -> save
+  ours: torch2coreml.convert (SPLIT_EINSUM)             python_coreml_sd.torch2coreml.convert(options, ["unet"]),
+                                                        the library call behind the CLI's --convert-unet
 
-Every path converts to an fp16 ML Program (macOS13 target, skip_model_load=True) and saves with
-MLModel.save. "best plain" is, per column, the best plain row that succeeded (lowest wall time, CPU
-time, peak RSS); a plain path that fails shows its error instead of numbers. Afterwards each package runs on the
-MIL runtime against the diffusers UNet in fp32 (--agreement none skips it).
+Every path converts to an fp16 ML Program (macOS13 target, skip_model_load=True). "best plain" is, per
+column, the best plain row that succeeded (lowest wall time, CPU time, peak RSS); a plain path that
+fails shows its error instead of numbers. Afterwards each package runs on the MIL runtime against the
+diffusers UNet of the same folder in fp32 (--agreement none skips it).
 
     python scripts/bench_unet_conversion.py [--family sd1] [--latent 64] [--only trace export ours] [--repeat 2]
 """
@@ -36,15 +41,29 @@ def label(which: str, args) -> str:
     return {"trace": "plain: jit.trace(check_trace=False) + ct.convert",
             "trace_checked": "plain: jit.trace(check_trace=True) + ct.convert",
             "export": "plain: torch.export + ct.convert",
-            "ours": f"ours: build_mlprogram ({args.attention_implementation})"}[which]
+            "ours": f"ours: torch2coreml.convert ({args.attention_implementation})"}[which]
 
 
-def build_diffusers_unet(family: str, seed: int):
-    import torch
+def load_diffusers_unet(folder: Path):
+    """The UNet of a diffusers folder, loaded as a plain script loads it."""
     from diffusers import UNet2DConditionModel
-    from python_coreml_sd import registry
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**registry.family(family)["architecture"]["unet"]).eval().requires_grad_(False)
+    return UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
+
+
+def model_folder(args) -> Path:
+    """--model-folder, or the random-weight folder of --family and --seed (written on first use)."""
+    if args.model_folder:
+        return args.model_folder.resolve()
+    from python_coreml_sd.random_models import materialized_model_dir
+    return materialized_model_dir(args.family, args.seed)
+
+
+def warm_page_cache(folder: Path) -> None:
+    """Read the UNet's files once, so that no path (the first one run, say) pays for reading the disk."""
+    for path in sorted((folder / "unet").iterdir()):
+        with open(path, "rb") as f:
+            while f.read(64 * 2**20):
+                pass
 
 
 def bench_inputs(unet, latent: int):
@@ -81,9 +100,9 @@ def child_plain(args, out: Path, which: str) -> dict:
     def phase(name):
         phases[name] = time.perf_counter() - start - sum(phases.values())
 
-    unet = build_diffusers_unet(args.family, args.seed)
+    unet = load_diffusers_unet(args.model_folder)
     inputs = diffusers_layout(bench_inputs(unet, args.latent))
-    phase("build")
+    phase("load")
     with torch.no_grad():
         if which == "export":
             model = torch.export.export(UNetWrapper(unet).eval(), tuple(inputs.values()))
@@ -106,9 +125,8 @@ def child_plain(args, out: Path, which: str) -> dict:
 def child_ours(args, out: Path) -> dict:
     import logging
 
-    from python_coreml_sd import registry
     from python_coreml_sd.convert.common import ConversionOptions
-    from python_coreml_sd.convert.unet import build_mlprogram, sample_inputs
+    from python_coreml_sd.torch2coreml import convert
 
     # Our stage-by-stage memory log only: a root handler at INFO would also print coremltools' per-op
     # INFO lines (thousands on a UNet), which the plain paths do not pay for.
@@ -118,14 +136,15 @@ def child_ours(args, out: Path) -> dict:
     log.setLevel(logging.DEBUG)
     log.addHandler(handler)
     log.propagate = False
-    phases, start = {}, time.perf_counter()
-    options = ConversionOptions(args.family, out.parent, attention_implementation=args.attention_implementation)
-    config = registry.family(args.family)["architecture"]["unet"]
-    inputs = sample_inputs(config, 2, args.latent, args.latent, 77)
-    mlmodel, _ = build_mlprogram(lambda: build_diffusers_unet(args.family, args.seed), inputs, options, config)
-    phases["build+trace+convert"] = time.perf_counter() - start
-    mlmodel.save(str(out))
-    phases["save"] = time.perf_counter() - start - sum(phases.values())
+    start = time.perf_counter()
+    written = out.parent / f"{out.stem}_output"
+    options = ConversionOptions(str(args.model_folder), written, latent_h=args.latent, latent_w=args.latent,
+                                attention_implementation=args.attention_implementation, overwrite=True)
+    (package,) = convert(options, ["unet"])
+    phases = {"load+trace+convert+save": time.perf_counter() - start}
+    shutil.rmtree(out, ignore_errors=True)  # an earlier repeat's
+    package.rename(out)
+    written.rmdir()
     return phases
 
 
@@ -136,7 +155,7 @@ def child_agreement(args, workdir: Path) -> dict:
     from python_coreml_sd.convert.unet import diffusers_reference
     from python_coreml_sd.metrics import psnr
     from python_coreml_sd.runtime.mil import MILModel
-    unet = build_diffusers_unet(args.family, args.seed)
+    unet = load_diffusers_unet(args.model_folder)
     inputs = bench_inputs(unet, args.latent)
     reference = diffusers_reference(unet, inputs)
     del unet
@@ -164,7 +183,7 @@ def run_child(which: str, args, workdir: Path) -> dict:
     report = workdir / f"{which}.json"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", which, "--workdir", str(workdir), "--family", args.family,
-           "--latent", str(args.latent), "--seed", str(args.seed),
+           "--latent", str(args.latent), "--seed", str(args.seed), "--model-folder", str(args.model_folder),
            "--attention-implementation", args.attention_implementation, "--only", *args.paths]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -250,6 +269,9 @@ def main():
     parser.add_argument("--family", default="sd1")
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-folder", type=Path,
+                        help="the diffusers folder every path converts (default: the random-weight folder of "
+                             "--family and --seed)")
     parser.add_argument("--attention-implementation", default="SPLIT_EINSUM")
     parser.add_argument("--with-check-trace", action="store_true",
                         help="also run the plain path with torch.jit.trace's default check_trace=True "
@@ -270,6 +292,9 @@ def main():
         return child_main(args)
     import python_coreml_sd
     print(f"python_coreml_sd from {Path(python_coreml_sd.__file__).parent}", flush=True)
+    args.model_folder = model_folder(args)
+    print(f"model folder {args.model_folder}", flush=True)
+    warm_page_cache(args.model_folder)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_unet_", dir=args.keep))
