@@ -11,21 +11,19 @@ if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from . import registry
 from ._version import __version__
-from .components import CONVERTIBLE, TABLE, converter
+from .components import CONVERTIBLE, TABLE
 from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
-from .convert.common import DEPLOYMENT_TARGETS, ConversionOptions
+from .convert import ConversionOptions, convert
+from .convert.options import DEPLOYMENT_TARGETS
 from .errors import CheckFailed, UserError
-from .package_io import prepare_output_dir
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
-IOS18_TARGETS = ("iOS18", "macOS15")  # 3-bit and per-grouped-channel look-up tables start here
 COMPONENTS = CONVERTIBLE  # in conversion order (python_coreml_sd/components.py)
 
 
@@ -107,61 +105,6 @@ def options_from_args(args) -> ConversionOptions:
 
 def requested_components(args) -> list:
     return [c for c in COMPONENTS if getattr(args, f"convert_{c}")]
-
-
-def check_compression(options: ConversionOptions) -> None:
-    """Compression flags that cannot work fail before any conversion."""
-    before_ios18 = options.min_deployment_target not in IOS18_TARGETS
-    if options.palettize_granularity == "per_grouped_channel" and before_ios18:
-        raise UserError("--palettize-granularity per_grouped_channel needs --min-deployment-target iOS18 or macOS15")
-    if options.quantize_nbits == 3 and before_ios18:
-        raise UserError("--quantize-nbits 3 needs --min-deployment-target iOS18 or macOS15 (before iOS 18, Core ML's "
-                        "look-up tables hold 2, 4, 16, 64 or 256 entries)")
-    if options.mixed_bit_recipe:
-        from .compression.recipes import load_recipe
-        if 3 in load_recipe(options.mixed_bit_recipe).values() and before_ios18:
-            raise UserError(f"mixed-bit recipe {options.mixed_bit_recipe}: 3 bits needs --min-deployment-target iOS18 "
-                            "or macOS15 (before iOS 18, Core ML's look-up tables hold 2, 4, 16, 64 or 256 entries)")
-
-
-def check_request(source, options: ConversionOptions, components: list) -> None:
-    """Everything that can be known to fail, checked before any work rather than after a component."""
-    from .convert import text_encoder, unet
-    from .convert.common import check_latent_size, output_path, reusable_existing
-
-    for component in components:
-        source.require(TABLE[component].source_folder)
-        source.check_weights(TABLE[component].source_folder)
-        outputs = unet.unet_output_paths(options) if component == "unet" else [output_path(options, component)]
-        reusable_existing(outputs, options, component)
-    check_latent_size(options)
-    if "unet" in components:
-        unet.check_options(source, options)
-        if options.mixed_bit_recipe:
-            unet.check_recipe(source, options)
-    if "text_encoder" in components:
-        text_encoder.check_options(source, options)
-
-
-def convert(options: ConversionOptions, components: list) -> list:
-    """Library entry point: convert `components` of `options.model_version`; returns the written paths."""
-    from .model_sources import resolve
-
-    if not components:
-        raise UserError("nothing to convert; pass at least one --convert-* flag")
-    check_compression(options)
-    source = resolve(options.model_version)
-    check_request(source, options, components)
-    prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good
-    written = []
-    for index, component in enumerate(components, 1):
-        print(f"[{index}/{len(components)}] {component}: converting...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        paths = converter(component)(source, options)
-        written += paths
-        print(f"[{index}/{len(components)}] {component}: {', '.join(p.name for p in paths)} "
-              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
-    return written
 
 
 def main(argv=None) -> int:

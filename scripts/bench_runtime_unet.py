@@ -83,7 +83,8 @@ def package_path(args, attention) -> Path:
 
 def convert(unet, inputs, path, attention, target):
     """Through our converter, as `torch2coreml --convert-unet` does (without the correctness check)."""
-    from python_coreml_sd.convert.common import ConversionOptions, save
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.convert.common import save
     from python_coreml_sd.convert.unet import build_mlprogram
 
     options = ConversionOptions(f"bench_runtime_unet_{path.stem}", path.parent, attention_implementation=attention,

@@ -107,7 +107,7 @@ def child_ours(args, out: Path) -> dict:
     import logging
 
     from python_coreml_sd import registry
-    from python_coreml_sd.convert.common import ConversionOptions
+    from python_coreml_sd.convert import ConversionOptions
     from python_coreml_sd.convert.unet import build_mlprogram, sample_inputs
 
     # Our stage-by-stage memory log only: a root handler at INFO would also print coremltools' per-op

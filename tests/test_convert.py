@@ -84,8 +84,8 @@ def test_sd2_like_model_converts_with_its_own_shapes(sd2_fp16_packages, sd2_sour
 
 
 def test_shape_flags_and_fp32_precision(tmp_path, tiny_source):
-    from python_coreml_sd.convert.common import ConversionOptions
-    from python_coreml_sd.torch2coreml import convert
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.convert import convert
     options = ConversionOptions("tiny", tmp_path, latent_h=8, latent_w=12, text_token_sequence_length=16,
                                 compute_precision="float32", min_deployment_target="iOS17")
     paths = {p.name: p for p in convert(options, ["text_encoder", "vae_decoder"])}

@@ -180,8 +180,8 @@ def test_incomplete_model_folder(capsys, tmp_path, tiny_models_dir):
 
 
 def test_component_converted_at_another_latent_size(capsys, tmp_path, tiny_models_dir):
-    from python_coreml_sd.convert.common import ConversionOptions
-    from python_coreml_sd.torch2coreml import convert
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.convert import convert
     mixed = tmp_path / "mixed"
     shutil.copytree(tiny_models_dir, mixed)
     convert(ConversionOptions("tiny", mixed, latent_h=8, latent_w=8, overwrite=True), ["vae_decoder"])

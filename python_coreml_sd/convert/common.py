@@ -4,53 +4,21 @@ import json
 import logging
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .._version import __version__
+from .options import DEPLOYMENT_TARGETS, ConversionOptions
 from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
 
 log = logging.getLogger("python_coreml_sd")
 
-DEPLOYMENT_TARGETS = ("macOS13", "iOS16", "macOS14", "iOS17", "macOS15", "iOS18")
 LICENSE = "CreativeML OpenRAIL-M (https://huggingface.co/spaces/CompVis/stable-diffusion-license)"
 SHORT_DESCRIPTION = ("Stable Diffusion generates images conditioned on text or other images through the diffusion "
                      "process (https://arxiv.org/abs/2112.10752). Converted by python_coreml_sd.")
-
-
-@dataclass
-class ConversionOptions:
-    model_version: str
-    output_dir: Path
-    compute_precision: str = "float16"  # or "float32"
-    min_deployment_target: str = "macOS13"
-    latent_h: int = None  # None: the model's config
-    latent_w: int = None
-    text_token_sequence_length: int = None
-    attention_implementation: str = "SPLIT_EINSUM"
-    unet_batch_one: bool = False
-    chunk_unet: bool = False
-    overwrite: bool = False
-    check_output_correctness: bool = False
-    psnr_threshold: float = 35.0
-    quantize_nbits: int = None  # palettize every large weight of every component to this many bits
-    mixed_bit_recipe: str = None  # JSON recipe (layer -> bits) for the UNet
-    palettize_granularity: str = "per_tensor"  # or "per_grouped_channel" (iOS18 targets)
-    palettize_group_size: int = 32
-
-
-MAX_LATENT_SIZE = 512  # 4096-pixel images; far beyond every released model, and still a bounded allocation
-
-
-def check_latent_size(options: ConversionOptions) -> None:
-    for flag, value in (("--latent-h", options.latent_h), ("--latent-w", options.latent_w)):
-        if value is not None and value > MAX_LATENT_SIZE:
-            raise UserError(f"{flag} {value} is larger than {MAX_LATENT_SIZE} ({8 * MAX_LATENT_SIZE}-pixel images); "
-                            "latent size is image size / 8")
 
 
 def package_name(model_version: str, component: str) -> str:

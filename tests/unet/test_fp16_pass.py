@@ -12,7 +12,8 @@ from coremltools.converters.mil.mil import Program
 
 from python_coreml_sd import registry
 from python_coreml_sd.convert import unet as U
-from python_coreml_sd.convert.common import ConversionOptions, brief_program_strings, fresh_op_names, run_passes
+from python_coreml_sd.convert import ConversionOptions
+from python_coreml_sd.convert.common import brief_program_strings, fresh_op_names, run_passes
 from python_coreml_sd.layers import ATTENTION_IMPLEMENTATIONS
 
 CONFIG = registry.family("tiny")["architecture"]["unet"]  # the `unets["tiny"]` fixture's
