@@ -81,17 +81,9 @@ class ModelSource:
                           lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32,
                                                                                       use_safetensors=True))
 
-    def load_feature_extractor(self):
-        from transformers import CLIPImageProcessor
-        return self._load("feature_extractor", CLIPImageProcessor.from_pretrained)
-
     def load_tokenizer(self):
         from transformers import CLIPTokenizer
         return self._load("tokenizer", CLIPTokenizer.from_pretrained)
-
-    def load_scheduler(self):
-        from diffusers import PNDMScheduler
-        return self._load("scheduler", PNDMScheduler.from_pretrained)
 
     def text_positions(self) -> int:
         """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say."""

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import coremltools as ct
 
-from python_coreml_sd.components import CONVERTIBLE, TABLE, component_of
+from python_coreml_sd import registry
+from python_coreml_sd.components import CONVERTIBLE, TABLE, Dims, component_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
@@ -19,6 +20,23 @@ def test_converted_packages_declare_the_tables_names(tiny_models_dir):
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
         assert tuple(f.name for f in spec.description.input) == TABLE[name].inputs, name
         assert tuple(f.name for f in spec.description.output) == TABLE[name].outputs, name
+
+
+def tiny_dims() -> Dims:
+    arch = registry.family("tiny")["architecture"]
+    size = arch["unet"]["sample_size"]
+    return Dims(size, size, latent_channels=arch["vae"]["latent_channels"],
+                text_hidden=arch["text_encoder"]["hidden_size"], sequence=arch["text_encoder"]["max_position_embeddings"],
+                clip_image=arch["safety_checker"]["vision_config"]["image_size"])
+
+
+def test_converted_packages_have_the_tables_shapes(tiny_models_dir):
+    """The shapes the table computes from the model's sizes are the shapes the converters declare."""
+    expected = {name: TABLE[name].input_shapes(tiny_dims()) for name in CONVERTIBLE}
+    for package in tiny_models_dir.glob("*.mlpackage"):
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+        declared = {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
+        assert declared == expected[component_of(package)], package.name
 
 
 def test_file_and_resources_names_map_back_to_their_component():

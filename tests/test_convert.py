@@ -52,7 +52,7 @@ def program_dtypes(path):
     conv/linear weights and biases, of the compute ops' outputs, and its casts as (from, to)."""
     from coremltools.converters.mil.mil import types
 
-    from python_coreml_sd.compression.palettize import mil_program
+    from python_coreml_sd.package_io import mil_program
     name = types.builtin_to_string
     ops = list(mil_program(ct.models.MLModel(str(path), skip_model_load=True)).functions["main"].operations)
     weights = {name(op.outputs[0].dtype) for op in ops if op.op_type == "const"

@@ -7,7 +7,8 @@ import pytest
 
 import python_coreml_sd.convert as conversion
 from python_coreml_sd import torch2coreml
-from python_coreml_sd.compression.palettize import SUPPORTED_NBITS, WEIGHT_THRESHOLD, lut_weights, mil_program
+from python_coreml_sd.compression.palettize import SUPPORTED_NBITS, WEIGHT_THRESHOLD, lut_weights
+from python_coreml_sd.package_io import mil_program
 from python_coreml_sd.errors import UserError
 
 

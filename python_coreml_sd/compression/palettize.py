@@ -28,7 +28,7 @@ from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, p
 from python_coreml_sd.compression.recipes import KEEP_FP16, recipe_to_const_names
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.package_check import check_package
-from python_coreml_sd.package_io import save_mlmodel
+from python_coreml_sd.package_io import mil_program, save_mlmodel
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
 WEIGHT_THRESHOLD = 2048
@@ -307,15 +307,6 @@ def decode_lut_op(op) -> np.ndarray:
         along = (np.arange(size) // (size // groups)).reshape([-1 if a == axis else 1 for a in range(indices.ndim)])
         group = group * groups + along
     return tables.reshape(-1, tables.shape[-1])[group, indices]
-
-
-def mil_program(mlmodel, spec_version: int | None = None):
-    """The model's MIL program, parsed from its spec and weights (works on models loaded from disk)."""
-    from coremltools.converters.mil.frontend.milproto import load as milproto_load
-    from coremltools.models import utils as model_utils
-
-    spec_version = spec_version or mlmodel.get_spec().specificationVersion
-    return model_utils._convert_model_spec_to_pymil_prog(mlmodel, spec_version, milproto_load.load)
 
 
 def _ops(mlmodel, op_type):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..package_io import save_mlmodel
+
 UNET_CONFIGS = ("tiny", "sd15")
 
 
@@ -88,8 +90,7 @@ def convert(module, inputs: "OrderedDict[str, torch.Tensor]", dest, output_name:
         compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS18,
         skip_model_load=True,
     )
-    mlmodel.save(str(dest))
-    return Path(dest)
+    return save_mlmodel(mlmodel, Path(dest), overwrite=True)
 
 
 def numpy_inputs(inputs) -> dict:

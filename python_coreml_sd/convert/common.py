@@ -151,10 +151,6 @@ def compress(mlmodel, options: ConversionOptions, component: str):
                            options.palettize_group_size, recipe=load_recipe(recipe) if recipe else None)
 
 
-def save(mlmodel, dest: Path, overwrite: bool) -> Path:
-    return save_mlmodel(mlmodel, dest, overwrite)
-
-
 def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold: float) -> dict:
     """Run the converted model (Core ML on macOS, the MIL runtime elsewhere) on `inputs` and compare each
     output with the PyTorch `reference`. Prints PSNR per output; raises CheckFailed under `threshold`."""
@@ -232,7 +228,7 @@ def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", o
     fresh_op_names()
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
     describe(mlmodel, options, component, descriptions)
-    save(compress(mlmodel, options, component), out, options.overwrite)
+    save_mlmodel(compress(mlmodel, options, component), out, options.overwrite)
     if options.check_output_correctness:
         with torch.no_grad():
             outputs = module(*inputs.values())

@@ -4,7 +4,7 @@ from collections import OrderedDict
 import torch
 
 from ..errors import UserError
-from ..components import TABLE
+from ..components import TABLE, Dims
 from .common import convert_traced_component, kept_existing, output_path
 
 DESCRIPTIONS = {
@@ -28,7 +28,8 @@ class TextEncoderWrapper(torch.nn.Module):
 
 def sample_inputs(text_encoder, sequence_length: int) -> "OrderedDict[str, torch.Tensor]":
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, text_encoder.config.vocab_size, (1, sequence_length), generator=generator)
+    (shape,) = TABLE["text_encoder"].shapes(Dims(1, 1, sequence=sequence_length))
+    ids = torch.randint(0, text_encoder.config.vocab_size, shape, generator=generator)
     ids[0, -1] = text_encoder.config.eos_token_id  # pooling reads the end token
     return OrderedDict(input_ids=ids.to(torch.float32))
 

@@ -20,9 +20,10 @@ import torch
 
 from ..components import TABLE
 from ..errors import UserError
+from ..package_io import save_mlmodel
 from ..layers.unet import UNet2DConditionModelANE, check_supported
 from .common import (_deployment_target, brief_program_strings, check_correctness, compress, describe,
-                     fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, save, trace)
+                     fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
@@ -152,7 +153,7 @@ def convert_unet(source, options) -> list:
     batch = 1 if options.unet_batch_one else 2
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options))
     mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config)
-    out = save(compress(mlmodel, options, "unet"), output_path(options, "unet"), options.overwrite)
+    out = save_mlmodel(compress(mlmodel, options, "unet"), output_path(options, "unet"), options.overwrite)
     del mlmodel
     if options.check_output_correctness:
         check_correctness({"noise_pred": reference}, out, _as_numpy(inputs), options.psnr_threshold)

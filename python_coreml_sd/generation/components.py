@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import TABLE, component_of
+from ..components import TABLE, Dims, component_of, text_from_unet_layout
 from ..errors import UserError
 
 @dataclass
@@ -189,7 +189,7 @@ class DiffusersUNet(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        states = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        states = text_from_unet_layout(encoder_hidden_states)
         return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
 
 
@@ -205,26 +205,13 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
     from ..convert.vae import VAEDecoder, VAEEncoder
 
     text_encoder, unet, vae = source.load_text_encoder(), source.load_unet(), source.load_vae()
-    h, w = latent_hw
-    batch = 2
-    hidden = text_encoder.config.hidden_size
-    seq = text_encoder.config.max_position_embeddings
-    channels = unet.config.in_channels
-    components = {
-        "text_encoder": Component(TorchModel(TextEncoderWrapper(text_encoder), *names("text_encoder"), device, dtype),
-                                  {"input_ids": (1, seq)}),
-        "unet": Component(TorchModel(DiffusersUNet(unet), *names("unet"), device, dtype),
-                          {"sample": (batch, channels, h, w), "timestep": (batch,),
-                           "encoder_hidden_states": (batch, hidden, 1, seq)}),
-        "vae_decoder": Component(TorchModel(VAEDecoder(vae), *names("vae_decoder"), device, dtype),
-                                 {"z": (1, vae.config.latent_channels, h, w)}),
-        "vae_encoder": Component(TorchModel(VAEEncoder(vae), *names("vae_encoder"), device, dtype),
-                                 {"x": (1, 3, 8 * h, 8 * w)}),
-    }
-    if with_safety_checker and source.has("safety_checker"):
-        checker = source.load_safety_checker()
-        size = checker.config.vision_config.image_size
-        components["safety_checker"] = Component(
-            TorchModel(SafetyChecker(checker), *names("safety_checker"), device, dtype),
-            {"clip_input": (1, 3, size, size), "images": (1, 8 * h, 8 * w, 3), "adjustment": (1,)})
-    return ModelSet(components)
+    checker = source.load_safety_checker() if with_safety_checker and source.has("safety_checker") else None
+    dims = Dims(*latent_hw, latent_channels=unet.config.in_channels, text_hidden=text_encoder.config.hidden_size,
+                sequence=text_encoder.config.max_position_embeddings,
+                clip_image=checker.config.vision_config.image_size if checker else Dims.clip_image)
+    modules = {"text_encoder": TextEncoderWrapper(text_encoder), "unet": DiffusersUNet(unet),
+               "vae_decoder": VAEDecoder(vae), "vae_encoder": VAEEncoder(vae)}
+    if checker is not None:
+        modules["safety_checker"] = SafetyChecker(checker)
+    return ModelSet({name: Component(TorchModel(module, *names(name), device, dtype), TABLE[name].input_shapes(dims))
+                     for name, module in modules.items()})

@@ -4,7 +4,6 @@ import numpy as np
 from PIL import Image
 
 from ..metrics import psnr
-from .pipeline import GenerationRequest
 
 STAGES = ("text_embeddings", "first_noise_pred", "final_latents", "decoded_image")
 
@@ -39,7 +38,3 @@ def grid(pairs, amplify: float = 10.0) -> Image.Image:
         for col, image in enumerate((ref, out, Image.fromarray(np.clip(diff, 0, 255).astype(np.uint8)))):
             canvas.paste(image, (col * w, row * h))
     return canvas
-
-
-def requests_for(prompts, seeds, **common) -> list:
-    return [GenerationRequest(prompt=p, seed=s, **common) for p in prompts for s in seeds]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..components import TABLE, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
 from .random_source import MAX_SEED, RandomSource
@@ -31,6 +32,10 @@ def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
     mean, logvar = np.split(moments, 2, axis=1)
     std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0).astype(np.float64)).astype(np.float32)
     return (mean + std * np.asarray(noise, dtype=np.float32)).astype(np.float32)
+
+
+TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER = (
+    TABLE[name] for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"))
 
 
 def _takes_generator(scheduler) -> bool:
@@ -109,19 +114,18 @@ class StableDiffusionPipeline:
 
     def encode_text(self, text: str) -> np.ndarray:
         """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout."""
-        hidden = self.models["text_encoder"].predict({"input_ids": self.tokenize(text)})["last_hidden_state"]
-        return np.transpose(hidden, (0, 2, 1))[:, :, None, :].astype(np.float32)
+        hidden = self.models["text_encoder"].predict(TEXT_ENCODER.feed(self.tokenize(text)))[TEXT_ENCODER.outputs[0]]
+        return text_to_unet_layout(hidden).astype(np.float32)
 
     def predict_noise(self, latents, t, embeddings, guidance_scale) -> np.ndarray:
         """Classifier-free guidance; embeddings are [unconditional, conditional]."""
         timestep = np.full((2,), float(t), dtype=np.float32)
         if self.unet_batch == 2:
-            out = self.models.run_unet({"sample": np.concatenate([latents, latents]), "timestep": timestep,
-                                        "encoder_hidden_states": embeddings})
+            out = self.models.run_unet(UNET.feed(np.concatenate([latents, latents]), timestep, embeddings))
             uncond, cond = out[0:1], out[1:2]
         else:
-            uncond, cond = (self.models.run_unet({"sample": latents, "timestep": timestep[:1],
-                                                  "encoder_hidden_states": embeddings[i:i + 1]}) for i in (0, 1))
+            uncond, cond = (self.models.run_unet(UNET.feed(latents, timestep[:1], embeddings[i:i + 1]))
+                            for i in (0, 1))
         return uncond + guidance_scale * (cond - uncond)
 
     def initial_latents(self, request, scheduler, rng: RandomSource):
@@ -143,7 +147,7 @@ class StableDiffusionPipeline:
         # Draw order as before the moments interface (diagonal_noise, then noise), so a seed keeps its image.
         if "x" not in encoder.input_shapes and "diagonal_noise" in encoder.input_shapes:
             return self._legacy_encoder_latents(request, rng, shape, signal, noise_scale), timesteps
-        moments = encoder.predict({"x": self.preprocess(request.image)})["latent"]
+        moments = encoder.predict(VAE_ENCODER.feed(self.preprocess(request.image)))[VAE_ENCODER.outputs[0]]
         diagonal_noise, noise = rng.normal(shape), rng.normal(shape)
         latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, diagonal_noise)
         return np.float32(signal) * latents + np.float32(noise_scale) * noise, timesteps
@@ -170,7 +174,8 @@ class StableDiffusionPipeline:
 
     def decode(self, latents) -> np.ndarray:
         """NCHW image in [0, 1]."""
-        image = self.models["vae_decoder"].predict({"z": latents / self.vae_scaling_factor})["image"]
+        out = self.models["vae_decoder"].predict(VAE_DECODER.feed(latents / self.vae_scaling_factor))
+        image = out[VAE_DECODER.outputs[0]]
         return np.clip(image / 2 + 0.5, 0, 1)
 
     def safety_check(self, image: np.ndarray):
@@ -178,11 +183,10 @@ class StableDiffusionPipeline:
             return image, False
         pil = Image.fromarray((image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
         clip_input = self._clip_processor(pil, return_tensors="np").pixel_values.astype(np.float32)
-        out = self.models["safety_checker"].predict({"clip_input": clip_input,
-                                                     "images": image.transpose(0, 2, 3, 1).astype(np.float32),
-                                                     "adjustment": np.zeros((1,), np.float32)})
-        flagged = bool(np.asarray(out["has_nsfw_concepts"]).ravel()[0] > 0.5)
-        return out["filtered_images"].transpose(0, 3, 1, 2), flagged
+        out = self.models["safety_checker"].predict(SAFETY_CHECKER.feed(
+            clip_input, image.transpose(0, 2, 3, 1).astype(np.float32), np.zeros((1,), np.float32)))
+        filtered, has_nsfw_concepts = (out[name] for name in SAFETY_CHECKER.outputs[:2])
+        return filtered.transpose(0, 3, 1, 2), bool(np.asarray(has_nsfw_concepts).ravel()[0] > 0.5)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from tqdm import tqdm

@@ -285,12 +285,9 @@ class UNet2DConditionModelANE(nn.Module):
 
 def from_diffusers(unet, attention_implementation: str = "SPLIT_EINSUM",
                    query_chunk: int = DEFAULT_QUERY_CHUNK) -> UNet2DConditionModelANE:
-    """Build the Neural-Engine UNet for a diffusers UNet2DConditionModel and load its weights (strict)."""
-    model = UNet2DConditionModelANE(dict(unet.config), attention_implementation, query_chunk)
-    model.load_state_dict(unet.state_dict(), strict=True)
-    return model.eval()
-
-
-def context_to_ane(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-    """diffusers' (B, S, C) text embeddings -> the (B, C, 1, S) layout this UNet takes."""
-    return encoder_hidden_states.transpose(1, 2).unsqueeze(2)
+    """The Neural-Engine UNet holding a diffusers UNet2DConditionModel's own tensors (strict; built on the
+    meta device and assigned: no copy, no random initialisation). The converter and the tests use this."""
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(dict(unet.config), attention_implementation, query_chunk)
+    model.load_state_dict(unet.state_dict(), strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -20,7 +20,7 @@ UNET = "Stable_Diffusion_version_tiny_unet"
 
 def lut_bits(package) -> dict:
     """{weight const name: bits} from the LUT size of each constexpr_lut_to_dense op of a package."""
-    from python_coreml_sd.compression.palettize import mil_program
+    from python_coreml_sd.package_io import mil_program
 
     out = {}
     for function in mil_program(ct.models.MLModel(str(package), skip_model_load=True)).functions.values():

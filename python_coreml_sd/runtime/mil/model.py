@@ -101,8 +101,8 @@ def _scalar_epsilon_of_any_float_dtype():
 
 
 def load_program(path, function_name=None):
-    """(spec, PyMIL Function) of an ML Program, read by coremltools' milproto frontend."""
-    from coremltools.converters.mil.frontend.milproto import load as milproto
+    """(spec, PyMIL Function) of an ML Program package or .mlmodel, checked before it is read."""
+    from ...package_io import read_program
 
     path = Path(path)
     spec = _load_spec(path)
@@ -110,7 +110,7 @@ def load_program(path, function_name=None):
     _check_ops(path, spec.mlProgram, name)
     try:
         with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype():
-            program = milproto.load(spec, spec.specificationVersion, _weights_dir(path))
+            program = read_program(spec, _weights_dir(path))
     except UserError as e:  # an allocation over the bound
         raise UserError(f"{path}: {e}") from None
     except Exception as e:
