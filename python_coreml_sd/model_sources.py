@@ -146,9 +146,14 @@ def load_diffusers_model(cls, folder: Path):
     return model
 
 
-def resolve(model_version: str) -> ModelSource:
-    """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix."""
+def resolve(model_version: str, allow_pickle: bool = False) -> ModelSource:
+    """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix.
+    A single checkpoint file becomes a diffusers folder in the cache (python_coreml_sd.single_file);
+    `allow_pickle` lets a pickled one (.ckpt) be loaded."""
     path = Path(model_version).expanduser()
+    if path.is_file():
+        from .single_file import materialize
+        return ModelSource(model_version, materialize(path, allow_pickle))
     entry = registry.named_model(model_version)
     explicit_path = model_version.startswith((".", "/", "~"))
     # A registry name wins over a same-named folder that holds no model (`-o tiny` for `tiny`).
@@ -165,6 +170,9 @@ def resolve(model_version: str) -> ModelSource:
 
 def _from_folder(name: str, path: Path) -> ModelSource:
     if not path.is_dir():
+        from .single_file import SINGLE_FILE_SUFFIXES
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"checkpoint file {path} does not exist")
         raise UserError(f"model folder {path} does not exist; pass a diffusers folder with model_index.json")
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a diffusers model folder (no model_index.json); save the model with "

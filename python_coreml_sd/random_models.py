@@ -2,15 +2,13 @@
 architectures for benchmarks. Real component classes, deterministic weights, no network."""
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import registry
 from ._version import __version__
+from .model_cache import build_once, cache_root
 
 
 def build_components(family_name: str, seed: int = 0) -> dict:
@@ -75,10 +73,6 @@ def save_diffusers_folder(components: dict, dest: Path) -> None:
     pipe.save_pretrained(str(dest), safe_serialization=True)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PYTHON_COREML_SD_CACHE", Path.home() / ".cache" / "python_coreml_sd"))
-
-
 def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
     """The diffusers folder of a random-weight model, built once into the cache and reused.
 
@@ -88,17 +82,4 @@ def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
     spec = json.dumps({"family": registry.family(family_name), "seed": seed, "version": __version__},
                       sort_keys=True)
     dest = cache_root() / f"{family_name}-seed{seed}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    if (dest / "model_index.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        save_diffusers_folder(build_components(family_name, seed), tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first: keep theirs
-            if not (dest / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return build_once(dest, lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp))

@@ -19,7 +19,7 @@ from .components import CONVERTIBLE, TABLE
 from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
-from .convert.options import DEPLOYMENT_TARGETS
+from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec
 from .errors import CheckFailed, UserError
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
@@ -34,10 +34,27 @@ def parser_spec() -> argparse.ArgumentParser:
         what.add_argument(TABLE[component].flag, action="store_true",
                           help=f"convert the {component.replace('_', ' ')}")
     p.add_argument("--model-version", default="tiny",
-                   help="a diffusers model folder, a Hugging Face repo id (needs the hub), or a registry name: "
+                   help="a diffusers model folder, a single-file checkpoint (FILE.safetensors of SD 1.x / 2.x in "
+                        "the original layout: family and variant recognised from its tensors; .ckpt needs "
+                        "--allow-pickle), a Hugging Face repo id (needs the hub), or a registry name: "
                         f"{', '.join(registry.model_names())} (default: tiny, the embedded toy model)")
     p.add_argument("-o", default=".", type=Path, help="output folder for the .mlpackage files (default: .)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    edits = p.add_argument_group("model edits, applied before converting (see docs/model_files.md)")
+    edits.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="merge a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 format) into the UNet and "
+                            "text encoder with SCALE (default 1); repeatable, merged in order; the packages' "
+                            "metadata lists each with its sha256 and scale")
+    edits.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
+                       help="add a textual-inversion embedding to the text encoder and TOKEN to the tokenizer "
+                            "(default token: the one the file names, else its file name); repeatable; bundles "
+                            "carry the tokens in added_tokens.json")
+    edits.add_argument("--custom-vae-version", metavar="MODEL_OR_FILE",
+                       help="replace the model's VAE: a model (folder, registry name, hub id) whose VAE to use, a "
+                            "diffusers VAE folder, or a VAE .safetensors file (original or diffusers layout)")
+    edits.add_argument("--allow-pickle", action="store_true",
+                       help="load pickled files (.ckpt, .pt, .bin) for --model-version, --lora, --textual-inversion, "
+                            "--custom-vae-version, as tensors only (torch.load weights_only); only for files you trust")
     shape = p.add_argument_group("shapes")
     shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
     shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")
@@ -100,7 +117,10 @@ def options_from_args(args) -> ConversionOptions:
         chunk_unet=args.chunk_unet, overwrite=args.overwrite, quantize_nbits=args.quantize_nbits,
         mixed_bit_recipe=str(args.mixed_bit_recipe) if args.mixed_bit_recipe else None,
         palettize_granularity=args.palettize_granularity, palettize_group_size=args.palettize_group_size,
-        check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold)
+        check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold,
+        allow_pickle=args.allow_pickle, loras=tuple(LoraSpec.parse(v) for v in args.lora),
+        textual_inversions=tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion),
+        custom_vae_version=args.custom_vae_version)
 
 
 def requested_components(args) -> list:

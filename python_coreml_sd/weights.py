@@ -60,13 +60,16 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
         raise _bad(path, f"tensor {name!r} lies outside the file or has the wrong size")
 
 
-def read_safetensors(path: Path) -> dict:
-    """name -> tensor, each read into its own storage (no mapping of the file)."""
+def read_safetensors(path: Path, keep=None) -> dict:
+    """name -> tensor, each read into its own storage (no mapping of the file); with `keep` (a predicate on
+    names), only the tensors it accepts are read."""
     path = Path(path)
     header = read_header(path)
     tensors = {}
     with open(path, "rb") as f:
         for name, entry in header["entries"].items():
+            if keep is not None and not keep(name):
+                continue
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
             f.seek(header["data_start"] + begin)

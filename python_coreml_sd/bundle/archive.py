@@ -1,7 +1,6 @@
 """Reproducible zip archives of Resources/ folders: stored entries at zip's epoch, sorted, with a
 manifest.json holding every file's sha256 and how the models were made."""
 import dataclasses
-import hashlib
 import json
 import shutil
 import stat
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import UserError
+from ..model_cache import sha256_file
 from ..package_io import replace_atomically
 
 MANIFEST = "manifest.json"
@@ -49,14 +49,6 @@ def manifest_fields(options, kind: str, resources_dir) -> dict:
     return {"format": FORMAT, "kind": kind, "source_model": options.model_version,
             "converter": "python_coreml_sd", "converter_version": __version__,
             "flags": model_flags(options), "components": components}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_files(resources_dir: Path) -> list:

@@ -224,7 +224,7 @@ def models_folder(path) -> Path:
         return path
     if not path.is_file():
         raise UserError(f"bundle {path} does not exist; pass -i with a models folder, a Resources folder or a .zip")
-    from ..random_models import cache_root
+    from ..model_cache import cache_root
     dest = cache_root() / "bundles" / f"{path.stem}-{sha256_file(path)[:16]}"
     if dest.is_dir():
         return dest

@@ -31,9 +31,11 @@ def resource_entries(written_paths) -> dict:
     return {BASE_NAMES[c]: p for c, p in sorted(by_component.items())}
 
 
-def write_tokenizer(model_version: str, dest: Path) -> None:
+def write_tokenizer(model_version: str, dest: Path, source=None) -> None:
     from ..model_sources import resolve
-    tokenizer = resolve(model_version).load_tokenizer()
+    from ..tokenizer_files import write_added_tokens
+    tokenizer = (source or resolve(model_version)).load_tokenizer()
+    write_added_tokens(tokenizer, dest)  # textual-inversion tokens: added_tokens.json
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # transformers 5 tokenizers are `tokenizers`-backed: their BPE model writes both files
         backend.model.save(str(dest))
@@ -45,12 +47,12 @@ def write_tokenizer(model_version: str, dest: Path) -> None:
                         "the Swift pipeline needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
 
 
-def write_scheduler_config(model_version: str, dest: Path) -> None:
+def write_scheduler_config(model_version: str, dest: Path, source=None) -> None:
     """The model's scheduler/scheduler_config.json, keys sorted, so the Swift package builds its
     scheduler from the model's own betas, prediction type, timestep spacing and steps offset (without
     the file it falls back to SD 1.x's). Models without a scheduler folder get none."""
     from ..model_sources import resolve
-    source = resolve(model_version)
+    source = source or resolve(model_version)
     if not source.has("scheduler"):
         return
     config = source.config("scheduler")
@@ -60,8 +62,8 @@ def write_scheduler_config(model_version: str, dest: Path) -> None:
 def pipeline_settings(options) -> dict:
     """What the Swift loop needs from the model besides the Core ML files: the VAE's latent scaling
     factor, the text encoder's sequence length, and the latent and image size the models were made for."""
-    from ..model_sources import resolve
-    source = resolve(options.model_version)
+    from ..model_edits import source_for
+    source = source_for(options)
     settings = {"vae_scaling_factor": DEFAULT_VAE_SCALING_FACTOR}
     if source.has("vae"):
         settings["vae_scaling_factor"] = float(source.config("vae").get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))
@@ -82,8 +84,10 @@ def pipeline_settings(options) -> dict:
 
 
 def write_model_files(options, dest: Path) -> None:
-    write_tokenizer(options.model_version, dest)
-    write_scheduler_config(options.model_version, dest)
+    from ..model_edits import source_for
+    source = source_for(options)  # with its edits: textual-inversion tokens
+    write_tokenizer(options.model_version, dest, source)
+    write_scheduler_config(options.model_version, dest, source)
     text = json.dumps(pipeline_settings(options), indent=2, sort_keys=True) + "\n"
     (dest / PIPELINE_CONFIG).write_text(text, encoding="utf-8")
 

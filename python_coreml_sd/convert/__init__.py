@@ -36,13 +36,13 @@ def check_request(source, options: ConversionOptions, components: list) -> None:
 def convert(options: ConversionOptions, components: list) -> list:
     """Convert `components` (names in python_coreml_sd.components.TABLE) of `options.model_version`;
     returns the written package paths. Bad input raises UserError before anything is written."""
-    from ..model_sources import resolve
+    from ..model_edits import source_for
     from ..package_io import prepare_output_dir
 
     if not components:
         raise UserError("nothing to convert; pass at least one --convert-* flag")
     check_compression(options)
-    source = resolve(options.model_version)
+    source = source_for(options)  # single files, LoRAs, embeddings, another VAE: a folder like any other
     check_request(source, options, components)
     prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good
     written = []

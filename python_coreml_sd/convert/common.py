@@ -137,6 +137,21 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
     if options.mixed_bit_recipe and component.startswith("unet"):
         meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
+    meta.update(edit_metadata(options, component))
+
+
+def edit_metadata(options: ConversionOptions, component: str) -> dict:
+    """The model edits a package was made with: each LoRA (file, sha256, scale) on every package, the
+    embeddings on the text encoder's, the replacement VAE on the VAE's."""
+    from ..model_edits import embedding_records, lora_records
+    meta = {}
+    if options.loras:
+        meta["com.python_coreml_sd.loras"] = json.dumps(lora_records(options), sort_keys=True)
+    if options.textual_inversions and component == "text_encoder":
+        meta["com.python_coreml_sd.textual_inversions"] = json.dumps(embedding_records(options), sort_keys=True)
+    if options.custom_vae_version and component.startswith("vae"):
+        meta["com.python_coreml_sd.custom_vae_version"] = str(options.custom_vae_version)
+    return meta
 
 
 def compress(mlmodel, options: ConversionOptions, component: str):
@@ -178,7 +193,18 @@ UNET_FLAGS = ("attention_implementation", "unet_batch_one", "chunk_unet", "mixed
 def recorded_flags(options: ConversionOptions, component: str) -> dict:
     """The flags that shape `component`'s package, as recorded in it and compared before reusing it."""
     names = SHARED_FLAGS + (UNET_FLAGS if component.startswith("unet") else ())
-    return {name: getattr(options, name) for name in names}
+    flags = {name: getattr(options, name) for name in names}
+    flags.update(EDIT_FLAG_DEFAULTS)
+    if options.edits_model:  # the edits by content (sha256), so that a changed file is not taken for the same
+        from ..model_edits import embedding_records, lora_records
+        flags.update(loras=[[r["sha256"], r["scale"]] for r in lora_records(options)],
+                     textual_inversions=[[r["sha256"], r["token"]] for r in embedding_records(options)],
+                     custom_vae_version=options.custom_vae_version)
+    return flags
+
+
+# What a package recorded before these flags existed means: no edits.
+EDIT_FLAG_DEFAULTS = {"loras": [], "textual_inversions": [], "custom_vae_version": None}
 
 
 def reusable_existing(paths: list, options: ConversionOptions, component: str) -> bool:
@@ -187,7 +213,7 @@ def reusable_existing(paths: list, options: ConversionOptions, component: str) -
     if options.overwrite or not all(Path(p).exists() for p in paths):
         return False
     recorded = _recorded_flags_of(Path(paths[0]))
-    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, v) != v)
+    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, EDIT_FLAG_DEFAULTS.get(k, v)) != v)
     if recorded and not differing:
         return True
     why = ("was made with other flags: " + ", ".join(f"{k}={recorded[k]!r}" for k in differing) if recorded

@@ -11,6 +11,41 @@ DEPLOYMENT_TARGETS = ("macOS13", "iOS16", "macOS14", "iOS17", "macOS15", "iOS18"
 IOS18_TARGETS = ("iOS18", "macOS15")  # 3-bit and per-grouped-channel look-up tables start here
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """`--lora FILE[:SCALE]`: a LoRA merged into the weights with this scale (default 1)."""
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraSpec":
+        head, sep, tail = str(text).rpartition(":")
+        if sep and head:
+            try:
+                return cls(Path(head), float(tail))
+            except ValueError:
+                if not Path(text).exists():
+                    raise UserError(f"--lora {text}: {tail!r} is not a scale; use FILE or FILE:SCALE (e.g. 0.8)") from None
+        return cls(Path(text))
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """`--textual-inversion FILE[:TOKEN]`: an embedding added under TOKEN (default: the name it carries,
+    else the file name without extension, as AUTOMATIC1111 does)."""
+    path: Path
+    token: str = None
+
+    @classmethod
+    def parse(cls, text: str) -> "EmbeddingSpec":
+        head, sep, tail = str(text).rpartition(":")
+        if sep and head and not Path(text).exists():
+            if not tail.strip() or any(ch.isspace() for ch in tail):
+                raise UserError(f"--textual-inversion {text}: the token {tail!r} is empty or holds spaces")
+            return cls(Path(head), tail)
+        return cls(Path(text))
+
+
 @dataclass
 class ConversionOptions:
     model_version: str
@@ -30,6 +65,14 @@ class ConversionOptions:
     mixed_bit_recipe: str = None  # JSON recipe (layer -> bits) for the UNet
     palettize_granularity: str = "per_tensor"  # or "per_grouped_channel" (iOS18 targets)
     palettize_group_size: int = 32
+    allow_pickle: bool = False  # load pickled checkpoints (.ckpt) as tensors (torch.load weights_only)
+    loras: tuple = ()  # LoraSpec, merged in order
+    textual_inversions: tuple = ()  # EmbeddingSpec
+    custom_vae_version: str = None  # a model (folder, registry name, hub id) whose VAE replaces the model's, or a VAE file
+
+    @property
+    def edits_model(self) -> bool:
+        return bool(self.loras or self.textual_inversions or self.custom_vae_version)
 
 
 MAX_LATENT_SIZE = 512  # 4096-pixel images; far beyond every released model, and still a bounded allocation

@@ -48,11 +48,13 @@ def bundled_tokenizer(models_dir):
     if not (vocab.is_file() and merges.is_file()):
         return None
     from transformers import CLIPTokenizer
+    from ..tokenizer_files import load_added_tokens
     try:
-        return CLIPTokenizer(str(vocab), str(merges))
+        tokenizer = CLIPTokenizer(str(vocab), str(merges))
     except Exception as exc:  # the tokenizers library raises bare Exceptions for unreadable files
         raise UserError(f"{models_dir}: vocab.json / merges.txt are not a CLIP tokenizer ({type(exc).__name__}); "
                         "re-bundle the models or remove the two files") from None
+    return load_added_tokens(tokenizer, models_dir)  # textual-inversion tokens, when the bundle has them
 
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
