@@ -135,12 +135,13 @@ def _check_package(src: Path, dst: Path) -> None:
 def load_subject(args):
     """(name, wrapped UNet, batch-1 inputs, {canonical layer name: layer}) for the CLI's model."""
     from python_coreml_sd.compression import testbed
+    from python_coreml_sd.layers.unet import DiffusersUNet
 
     if args.config:
         model, inputs = testbed.unet(args.config, args.seed)
         return f"{args.config} (random weights, seed {args.seed})", model, inputs, palettizable_layers(model.unet)
     name, unet, length = _load_unet(args)
-    model = testbed.UNetWrapper(unet.requires_grad_(False)).eval()
+    model = DiffusersUNet(unet.requires_grad_(False)).eval()
     return name, model, testbed.unet_inputs(unet.config, length), palettizable_layers(unet)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import TABLE, Dims, component_of, text_from_unet_layout
+from ..components import TABLE, Dims, component_of
+from ..layers.unet import DiffusersUNet
 from ..errors import UserError
 
 @dataclass
@@ -179,18 +180,6 @@ class TorchModel:
         tensor = torch.as_tensor(np.asarray(value), device=self.device)
         # Token ids stay fp32: fp16 holds integers exactly only up to 2048, CLIP's ids reach 49407.
         return tensor.float() if name == "input_ids" else tensor.to(self.dtype)
-
-
-class DiffusersUNet(torch.nn.Module):
-    """The original UNet with the converted UNet's input layout: encoder_hidden_states as (B, C, 1, S)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        states = text_from_unet_layout(encoder_hidden_states)
-        return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
 
 
 def names(component: str) -> tuple:

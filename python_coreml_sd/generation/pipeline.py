@@ -12,6 +12,7 @@ from PIL import Image
 from ..components import TABLE, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
+from .prompts import PromptChunks, chunk_prompt, weighted
 from .random_source import MAX_SEED, RandomSource
 from .schedulers import make_scheduler
 
@@ -107,15 +108,38 @@ class StableDiffusionPipeline:
         return 8 * self.latent_h, 8 * self.latent_w
 
     def tokenize(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text, padding="max_length", max_length=self.sequence_length, truncation=True).input_ids
-        if len(self.tokenizer(text).input_ids) > self.sequence_length:
-            warnings.warn(f"prompt is longer than {self.sequence_length} tokens and was truncated", UserWarning)
-        return np.asarray([ids], dtype=np.float32)
+        """(1, S) token ids of the prompt's first text-encoder window (weights and later windows aside)."""
+        return self.prompt_chunks(text).ids[:1].astype(np.float32)
 
-    def encode_text(self, text: str) -> np.ndarray:
-        """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout."""
-        hidden = self.models["text_encoder"].predict(TEXT_ENCODER.feed(self.tokenize(text)))[TEXT_ENCODER.outputs[0]]
-        return text_to_unet_layout(hidden).astype(np.float32)
+    @property
+    def max_prompt_chunks(self) -> int:
+        """Text-encoder windows the UNet takes side by side (its context length / the encoder's)."""
+        context = self.models.unet_input_shapes()[UNET.inputs[2]][-1]
+        return max(context // self.sequence_length, 1)
+
+    def prompt_chunks(self, text: str, min_chunks: int = 1) -> PromptChunks:
+        """The prompt's weighted tokens in windows (generation/prompts.py); warns when the UNet takes fewer."""
+        chunks = chunk_prompt(self.tokenizer, text, min_chunks, self.sequence_length)
+        if chunks.count > self.max_prompt_chunks:
+            warnings.warn(f"prompt is longer than {self.sequence_length * self.max_prompt_chunks} tokens and was "
+                          "truncated", UserWarning)
+            chunks = PromptChunks(chunks.ids[:self.max_prompt_chunks], chunks.weights[:self.max_prompt_chunks])
+        return chunks
+
+    def encode_text(self, text: str, min_chunks: int = 1) -> np.ndarray:
+        """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout: each window encoded, weighted, and
+        the windows concatenated along the sequence."""
+        chunks = self.prompt_chunks(text, min_chunks)
+        encoder = self.models["text_encoder"]
+        hidden = [weighted(encoder.predict(TEXT_ENCODER.feed(ids[None].astype(np.float32)))[TEXT_ENCODER.outputs[0]],
+                           weights) for ids, weights in zip(chunks.ids, chunks.weights)]
+        return text_to_unet_layout(np.concatenate(hidden, axis=1)).astype(np.float32)
+
+    def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple:
+        """(conditional, [unconditional, conditional]) embeddings, both with as many windows as the longer."""
+        count = max(self.prompt_chunks(t).count for t in (prompt, negative_prompt))
+        cond = self.encode_text(prompt, count)
+        return cond, np.concatenate([self.encode_text(negative_prompt, count), cond])
 
     def predict_noise(self, latents, t, embeddings, guidance_scale) -> np.ndarray:
         """Classifier-free guidance; embeddings are [unconditional, conditional]."""
@@ -194,8 +218,7 @@ class StableDiffusionPipeline:
         start = time.perf_counter()
         rng = RandomSource(request.seed)
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
-        cond = self.encode_text(request.prompt)
-        embeddings = np.concatenate([self.encode_text(request.negative_prompt), cond])
+        cond, embeddings = self.encode_prompts(request.prompt, request.negative_prompt)
         latents, timesteps = self.initial_latents(request, scheduler, rng)
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
         intermediates = {"text_embeddings": cond}

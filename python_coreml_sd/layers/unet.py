@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..components import text_from_unet_layout
 from ..errors import UserError
 from .attention import DEFAULT_QUERY_CHUNK, CrossAttention
 from .layer_norm import LayerNormANE
@@ -291,3 +292,17 @@ def from_diffusers(unet, attention_implementation: str = "SPLIT_EINSUM",
         model = UNet2DConditionModelANE(dict(unet.config), attention_implementation, query_chunk)
     model.load_state_dict(unet.state_dict(), strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+class DiffusersUNet(nn.Module):
+    """A diffusers UNet2DConditionModel behind the converted UNet's interface: positional inputs (what tracing
+    needs), encoder_hidden_states in the (B, C, 1, S) layout, noise_pred as a plain tensor. The PyTorch
+    reference of the UNet component, and the plain path the benchmarks trace."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        states = text_from_unet_layout(encoder_hidden_states)
+        return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]

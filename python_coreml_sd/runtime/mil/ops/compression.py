@@ -6,43 +6,13 @@ evaluates them once at load and keeps the dense weight on the device.
 import numpy as np
 import torch
 
+from ....lut import lut_iOS16, lut_iOS18, unpack_bits
 from .registry import op
-
-
-def unpack_bits(packed, nbits, count):
-    """Elements packed LSB-first into bytes (the Core ML layout of iOS16 constexpr ops)."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), bitorder="little")
-    bits = bits[: count * nbits].reshape(count, nbits).astype(np.uint16)
-    return (bits << np.arange(nbits, dtype=np.uint16)).sum(axis=1)
 
 
 def _const(a, value):
     t = a.tensor(value, a.out_mil_dtype())
     return (lambda: t), []
-
-
-def lut_iOS16(indices, lut, shape):
-    nbits = int(np.log2(len(lut)))
-    count = int(np.prod(shape))
-    return np.asarray(lut)[unpack_bits(indices, nbits, count)].reshape(tuple(int(s) for s in shape))
-
-
-def lut_iOS18(indices, lut, vector_axis=None):
-    indices = np.asarray(indices).astype(np.int64)
-    lut = np.asarray(lut)
-    rank = indices.ndim
-    vsize = lut.shape[-1]
-    # Which palette serves each element: element position // block size along every axis.
-    blocks = [i // l for i, l in zip(indices.shape, lut.shape[:rank])]
-    grids = np.meshgrid(*[np.arange(n) // b for n, b in zip(indices.shape, blocks)], indexing="ij")
-    vectors = lut[tuple(grids) + (indices,)]  # indices.shape + (vsize,)
-    if vsize == 1:
-        return vectors[..., 0]
-    axis = vector_axis + rank if vector_axis < 0 else vector_axis
-    moved = np.moveaxis(vectors, -1, axis + 1)  # put each vector right after its axis element
-    shape = list(indices.shape)
-    shape[axis] *= vsize
-    return moved.reshape(shape)
 
 
 @op("constexpr_lut_to_dense")
