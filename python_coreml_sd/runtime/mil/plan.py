@@ -30,13 +30,29 @@ class UnsupportedOpError(UserError):
     """The program holds an op this runtime cannot execute."""
 
 
+# Constants at least this large are shared between the plans of one model's input-shape
+# specializations (its weights); smaller ones include values the loader itself names.
+_SHARED_MIN_ELEMENTS = 1024
+
+
+def _shared_key(var):
+    """Key of a weight shared by the specializations of one program: its name, shape and dtype
+    (weights do not depend on input shapes; shape-dependent values are small or not constexpr)."""
+    if not all(isinstance(d, (int, np.integer)) for d in var.shape):
+        return None
+    if int(np.prod(var.shape)) < _SHARED_MIN_ELEMENTS:
+        return None
+    return var.name, tuple(int(d) for d in var.shape), str(var.dtype)
+
+
 class _Slots:
-    def __init__(self, device):
+    def __init__(self, device, shared=None):
         self.device = device
         self.index = {}
         self.env = []
         self.constant = set()
         self.values = {}  # id(var) -> constant tensor (folded or const op)
+        self.shared = {} if shared is None else shared
 
     def runtime(self, var):
         key = id(var)
@@ -51,7 +67,13 @@ class _Slots:
     def constant_tensor(self, var):
         key = id(var)
         if key not in self.values:
-            self.values[key] = _const_to_tensor(var, self.device)
+            shared = _shared_key(var)
+            if shared is not None and shared in self.shared:
+                self.values[key] = self.shared[shared]
+            else:
+                self.values[key] = _const_to_tensor(var, self.device)
+                if shared is not None:
+                    self.shared[shared] = self.values[key]
         return self.values[key]
 
     def slot(self, var):
@@ -134,11 +156,13 @@ def _build(op, device, slots):
 
 
 class Plan:
-    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels (fusion.py)."""
+    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels (fusion.py).
+    shared_constants: a dict shared by the plans of one model's input-shape specializations, so
+    its weights (and their decompressed constexpr values) sit on the device once."""
 
-    def __init__(self, function, device, fuse=False):
+    def __init__(self, function, device, fuse=False, shared_constants=None):
         self.device = torch.device(device)
-        slots = _Slots(self.device)
+        slots = _Slots(self.device, shared_constants)
         self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
         fused, absorbed = find_fusions(function) if fuse else ({}, set())
         self.num_fused = len(fused)
@@ -160,6 +184,9 @@ class Plan:
 
     @staticmethod
     def _compile_op(op, slots, kernel=None):
+        decompressed = Plan._shared_decompressed(op, slots)
+        if decompressed is not None:
+            return []
         fn, ins = kernel or _build(op, slots.device, slots)
         if all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
             check_load_size(op, [v.sym_type for v in op.outputs])
@@ -167,10 +194,24 @@ class Plan:
             results = result if len(op.outputs) > 1 else (result,)
             for var, value in zip(op.outputs, results):
                 slots.values[id(var)] = value
+                if op.op_type.startswith("constexpr_") and _shared_key(var) is not None:
+                    slots.shared[_shared_key(var)] = value
             return []
         in_slots = tuple(slots.slot(v) for v in ins)
         outs = [slots.runtime(v) for v in op.outputs]
         return [(fn, in_slots, outs[0] if len(outs) == 1 else tuple(outs))]
+
+    @staticmethod
+    def _shared_decompressed(op, slots):
+        """A constexpr op another specialization of this program already decompressed: reused."""
+        if not op.op_type.startswith("constexpr_"):
+            return None
+        keys = [_shared_key(v) for v in op.outputs]
+        if any(k is None or k not in slots.shared for k in keys):
+            return None
+        for var, k in zip(op.outputs, keys):
+            slots.values[id(var)] = slots.shared[k]
+        return True
 
     def _with_frees(self, steps):
         keep = set(self.output_slots) | set(self.input_slots.values()) | self.constant_slots
