@@ -75,7 +75,9 @@ class Tally:
         if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
             return
         parts = report.nodeid.split("::")
-        family = f"{Path(parts[0]).parent.name}/{parts[1] if len(parts) > 2 else Path(parts[0]).stem}"
+        # The opset folder from the file's own path: node ids are relative to pytest's rootdir,
+        # which is the opset folder itself when one file is run.
+        family = f"{Path(report.fspath).parent.name}/{parts[1] if len(parts) > 2 else Path(parts[0]).stem}"
         if report.passed:
             kind = "xpassed" if hasattr(report, "wasxfail") else "passed"
         elif report.failed:
