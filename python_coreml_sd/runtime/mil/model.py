@@ -13,6 +13,7 @@ from .bounds import bounded_value_inference
 from .dtypes import is_float, mil_name, numpy_dtype, storage_dtype
 from .ops import BUILDERS
 from .plan import Plan, UnsupportedOpError
+from .ops.states import StateCell
 from .shapes import allowed_shapes, specialized_spec
 
 # shape: the fixed shape, or for a flexible input the model's default shape; allowed: None for a
@@ -54,12 +55,16 @@ def _walk_ops(operations):
             yield from _walk_ops(block.operations)
 
 
+# Op types of the file that coremltools' loader turns into another op.
+_LOADED_AS = {"write_state": "coreml_update_state"}
+
+
 def _check_ops(path, program, function_name):
     """Fail before coremltools' loader does, with the op's name and type."""
     function = program.functions[function_name]
     for block in function.block_specializations.values():
         for op in _walk_ops(block.operations):
-            if op.type != "const" and op.type not in BUILDERS:
+            if op.type != "const" and _LOADED_AS.get(op.type, op.type) not in BUILDERS:
                 name = op.outputs[0].name if op.outputs else "?"
                 raise UnsupportedOpError(
                     f"{path}: op {name!r} of type {op.type!r} is not supported by the MIL runtime"
@@ -126,6 +131,50 @@ def load_program(path, function_name=None, input_shapes=None, spec=None):
     return spec, program.functions[name]
 
 
+def _is_state(var):
+    from coremltools.converters.mil.mil import types
+
+    return types.is_state(var.sym_type)
+
+
+def _describe_state(var):
+    wrapped = var.sym_type.wrapped_type()
+    shape = tuple(int(d) for d in wrapped.get_shape())
+    return TensorDescription(var.name, shape, np.dtype(numpy_dtype(mil_name(wrapped.get_primitive()))))
+
+
+class MILState:
+    """The states of a stateful model (ct.StateType), as `MILModel.make_state()` makes them: zeros
+    at first (as Core ML's), read and updated in place by each `predict(inputs, state=...)`."""
+
+    def __init__(self, description, device):
+        self.description = description
+        self._values = {n: torch.zeros(d.shape, dtype=_storage_of(d.dtype, device), device=device)
+                        for n, d in description.items()}
+
+    def read_state(self, name):
+        self._known(name)
+        return self._values[name].to("cpu").numpy().astype(self.description[name].dtype)
+
+    def write_state(self, name, value):
+        desc = self._known(name)
+        value = np.asarray(value)
+        if value.shape != desc.shape:
+            raise UserError(f"state {name!r} has shape {desc.shape}; got {value.shape}")
+        old = self._values[name]
+        self._values[name] = torch.from_numpy(np.ascontiguousarray(value.astype(desc.dtype))).to(old.device, old.dtype)
+
+    def _known(self, name):
+        if name not in self.description:
+            raise UserError(f"unknown state {name!r}; the model's states are {sorted(self.description)}")
+        return self.description[name]
+
+
+def _storage_of(np_dtype, device):
+    names = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32", np.dtype(np.int32): "int32"}
+    return storage_dtype(names[np.dtype(np_dtype)], device)
+
+
 def _describe(var, allowed=None):
     shape = tuple(int(d) if isinstance(d, (int, np.integer)) else str(d) for d in var.shape)
     if allowed is not None:
@@ -162,9 +211,12 @@ class MILModel:
         self.spec, function = load_program(path, function_name)
         self._function_name = _function_name(self.spec, function_name)
         self.allowed_shapes = allowed_shapes(self.spec, self._function_name)
-        self.input_description = {n: _describe(v, self.allowed_shapes.get(n)) for n, v in function.inputs.items()}
+        states = {n: v for n, v in function.inputs.items() if _is_state(v)}
+        self.state_description = {n: _describe_state(v) for n, v in states.items()}
+        self.input_description = {n: _describe(v, self.allowed_shapes.get(n))
+                                  for n, v in function.inputs.items() if n not in states}
         self.output_description = {v.name: _describe(v) for v in function.outputs}
-        self._input_mil = {n: mil_name(v.dtype) for n, v in function.inputs.items()}
+        self._input_mil = {n: mil_name(v.dtype) for n, v in function.inputs.items() if n not in states}
         # Op type -> count in the program; the PyMIL function itself is dropped after compiling so
         # its host copies of the weights are freed.
         self.op_types = Counter(op.op_type for op in function.operations)
@@ -172,7 +224,8 @@ class MILModel:
         self._max_shapes = max(1, int(max_shapes))
         self._shared_constants = {}  # weights on the device, one copy for every specialization
         self._specializations = OrderedDict()
-        self._use_graph = bool(cuda_graph) and self.device.type == "cuda"
+        # A CUDA graph would bake the state tensors' addresses in; stateful models run op by op.
+        self._use_graph = bool(cuda_graph) and self.device.type == "cuda" and not states
         key = tuple(d.shape for d in self.input_description.values())
         if self.allowed_shapes:  # compiled now for the default shape, so a bad op fails at load
             function = self._load_specialized(dict(zip(self.input_description, key)))
@@ -203,7 +256,7 @@ class MILModel:
         return function
 
     def _specialization(self, tensors):
-        key = tuple(tuple(tensors[n].shape) for n in self.input_description)
+        key = tuple(tuple(tensors[n].shape) for n in self.input_description)  # states: fixed shapes
         spec = self._specializations.get(key)
         if spec is None:
             spec = _Specialization(self._compile(self._load_specialized(dict(zip(self.input_description, key)))))
@@ -248,12 +301,32 @@ class MILModel:
         arr = np.ascontiguousarray(np.asarray(arr).astype(numpy_dtype(mil), copy=False))
         return torch.from_numpy(arr).to(self.device, storage_dtype(mil, self.device))
 
-    def predict(self, inputs):
+    def make_state(self):
+        """A fresh MILState (zeros) for a stateful model, to pass to predict(inputs, state=...)."""
+        if not self.state_description:
+            raise UserError(f"{self.path}: the model has no state inputs; predict takes no state")
+        return MILState(self.state_description, self.device)
+
+    def _state_cells(self, state):
+        if not self.state_description:
+            if state is not None:
+                raise UserError(f"{self.path}: the model has no state inputs; predict takes no state")
+            return {}
+        if not isinstance(state, MILState) or set(state.description) != set(self.state_description):
+            raise UserError(f"{self.path}: the model is stateful (states {sorted(self.state_description)}); "
+                            "pass state=model.make_state()")
+        return {n: StateCell(state._values[n]) for n in self.state_description}
+
+    def predict(self, inputs, state=None):
         self._check(inputs)
+        cells = self._state_cells(state)
         with torch.inference_mode():
             tensors = {n: self._to_device(n, a) for n, a in inputs.items()}
             spec = self._current = self._specialization(tensors) if self.allowed_shapes else self._current
+            tensors.update(cells)
             outs = self._run_graph(spec, tensors) if self._use_graph else self._run(spec.plan, tensors)
+            for n, cell in cells.items():  # the state keeps what the program wrote
+                state._values[n] = cell.value
             return {
                 name: t.detach().to("cpu").numpy().astype(numpy_dtype(mil), copy=False)
                 for name, t, mil in zip(spec.plan.output_names, outs, spec.plan.output_mil_dtypes)
