@@ -142,3 +142,16 @@ def test_scripted_torch_loop_and_branch(tmp_path, start):
     x = np.array(start, np.float32)
     out = next(iter(model.predict({"x": x}).values()))
     np.testing.assert_allclose(out, Scripted()(torch.from_numpy(x)).numpy(), rtol=1e-6)
+
+
+def test_unsupported_op_inside_a_block_names_the_op_and_the_file(tmp_path):
+    from python_coreml_sd.runtime.mil import UnsupportedOpError
+
+    def build(x, p):
+        def then():
+            return mb.add(x=x, y=mb.random_uniform(shape=np.array([3], np.int32)))
+
+        return mb.cond(pred=mb.squeeze(x=p), _true_fn=then, _false_fn=lambda: mb.mul(x=x, y=2.0))
+
+    with pytest.raises(UnsupportedOpError, match=r"\.mlpackage: op '.*' of type 'random_uniform' is not supported"):
+        run_mil(build, {"x": np.ones(3, np.float32), "p": np.array([True])}, tmp_path)
