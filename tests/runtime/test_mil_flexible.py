@@ -133,3 +133,29 @@ def test_one_flexible_input_beside_a_fixed_one(tmp_path):
         model.predict({"x": np.zeros((2, 3), np.float32), "bias": np.zeros(5, np.float32)})
     with pytest.raises(UserError, match=r"missing input 'x' \(shape \(2, 1\.\.10\), default \(2, 3\), dtype float32\)"):
         model.predict({"bias": np.zeros(4, np.float32)})
+
+
+def test_unet_at_several_resolutions(tmp_path):
+    """The flexible-resolution case of issue 18: one SD-style UNet package, several latent sizes."""
+    import coremltools as ct
+    from test_mil_models import UNet, tiny_unet, unet_inputs
+    from python_coreml_sd.metrics import psnr
+
+    module, (sample, timestep, context) = UNet(tiny_unet()), unet_inputs(32)
+    shapes = [(2, 4, 8, 8), (2, 4, 16, 8), (2, 4, 8, 24)]
+    traced = torch.jit.trace(module.eval(), (sample, timestep, context), check_trace=False)
+    path = tmp_path / "unet.mlpackage"
+    ct.convert(traced, inputs=[ct.TensorType(name="sample", shape=ct.EnumeratedShapes(shapes, default=shapes[0])),
+                               ct.TensorType(name="timestep", shape=timestep.shape),
+                               ct.TensorType(name="encoder_hidden_states", shape=context.shape)],
+               convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
+               minimum_deployment_target=ct.target.macOS13).save(str(path))
+    model = MILModel(path)
+    for shape in shapes[::-1]:
+        x = torch.randn(shape)
+        out = next(iter(model.predict({"sample": x.numpy(), "timestep": timestep.numpy(),
+                                       "encoder_hidden_states": context.numpy()}).values()))
+        with torch.no_grad():
+            want = module(x, timestep, context)
+        want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+        assert out.shape == shape and psnr(want, out) >= 60, (shape, psnr(want, out))
