@@ -155,3 +155,34 @@ def test_unsupported_op_inside_a_block_names_the_op_and_the_file(tmp_path):
 
     with pytest.raises(UnsupportedOpError, match=r"\.mlpackage: op '.*' of type 'random_uniform' is not supported"):
         run_mil(build, {"x": np.ones(3, np.float32), "p": np.array([True])}, tmp_path)
+
+
+def test_loop_var_that_changes_shape(tmp_path):
+    """A body that doubles its loop var's length: elementwise ops and concat run on the
+    run-time shapes; an op whose builder needs the shape is refused, never run with a wrong one."""
+    from python_coreml_sd.runtime.mil import UnsupportedOpError
+
+    def build(x):
+        def cond(v):
+            return mb.less(x=mb.reduce_sum(x=mb.shape(x=v), axes=[0]), y=10)
+
+        def body(v):
+            return mb.concat(values=[v, mb.mul(x=v, y=2.0)], axis=0)
+
+        return mb.while_loop(_cond=cond, _body=body, loop_vars=(x,))
+
+    (out,) = run_mil(build, {"x": np.array([1.0, -1.0, 0.5], np.float32)}, tmp_path)
+    want = np.array([1.0, -1.0, 0.5])
+    while want.size < 10:
+        want = np.concatenate([want, want * 2])
+    np.testing.assert_array_equal(out, want)
+
+    def build_transpose(x):
+        def body(v):
+            return mb.transpose(x=mb.concat(values=[v, v], axis=1), perm=[1, 0])
+
+        return mb.while_loop(_cond=lambda v: mb.less(x=mb.reduce_sum(x=mb.shape(x=v), axes=[0]), y=9),
+                             _body=body, loop_vars=(x,))
+
+    with pytest.raises(UnsupportedOpError, match=r"of type '(transpose|reduce_sum)' inside a control-flow block"):
+        run_mil(build_transpose, {"x": np.ones((1, 2), np.float32)}, tmp_path)

@@ -272,6 +272,32 @@ def _run_steps(steps, env, output_slots):
     return [env[s] for s in output_slots]
 
 
+# Builders that read no dimension of their operands at build time (ranks at most): inside a nested
+# block a value may change shape between loop iterations (symbolic dimensions), and only these
+# run there on such values; any other op on them is refused rather than run with a baked shape.
+_BLOCK_SHAPE_AGNOSTIC = frozenset(
+    "shape concat cond while_loop make_list list_length list_write list_read list_gather list_scatter "
+    "read_state coreml_update_state range_1d".split())
+
+
+def _shape_agnostic(op):
+    if op.op_type == "concat":
+        return not (op.interleave is not None and op.interleave.val)
+    builder = BUILDERS.get(op.op_type)
+    return op.op_type in _BLOCK_SHAPE_AGNOSTIC or (builder is not None and builder.__module__.endswith(".elementwise"))
+
+
+def _check_fixed_shapes_in_block(op):
+    values = list(op.outputs) + list(op.get_flattened_inputs())
+    for v in values:
+        if types.is_tensor(v.sym_type) and not all(isinstance(d, (int, np.integer)) for d in v.shape):
+            if _shape_agnostic(op):
+                return
+            raise UnsupportedOpError(
+                f"op {op.name!r} of type {op.op_type!r} inside a control-flow block has a value of a shape known "
+                f"only at run time ({v.name}: {tuple(v.shape)}); the MIL runtime runs only shape-agnostic ops there")
+
+
 class BlockPlan:
     """A nested block (a cond branch, a while_loop condition or body) compiled like a function:
     `run(block_inputs, captures)` -> the block's outputs. `captures` are the enclosing scopes'
@@ -283,6 +309,7 @@ class BlockPlan:
         steps = []
         for op in block.operations:
             if op.op_type != "const":
+                _check_fixed_shapes_in_block(op)
                 steps.extend(Plan._compile_op(op, slots))
         self.output_slots = [slots.slot(v) for v in block.outputs]
         self.captures = list(slots.captures)
