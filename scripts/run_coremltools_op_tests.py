@@ -64,6 +64,8 @@ def _route_prediction_to_runtime():
             return model.predict(inputs, state=None if state is None else state.mil)
         except UnsupportedOpError as e:
             pytest.skip(UNSUPPORTED + str(e))
+        except UserError as e:  # a run-time failure the program asks for (validate_indices): Core ML's exception
+            raise RuntimeError(f"Unable to compute the prediction using ML Program: {e}") from e
 
     ct.models.MLModel.predict = predict
     ct.models.MLModel.make_state = lambda self: LazyState()
