@@ -159,3 +159,32 @@ def test_unet_at_several_resolutions(tmp_path):
             want = module(x, timestep, context)
         want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
         assert out.shape == shape and psnr(want, out) >= 60, (shape, psnr(want, out))
+
+
+def test_free_dimension_whose_default_does_not_fit_compiles_at_the_first_call(tmp_path):
+    """query's batch is free (default 1; coremltools bounds it at 1..2) but key / value fix it at 2:
+    the default shapes are no valid program, so the model loads, and the first call at a fitting
+    shape compiles; a shape the program's own checks reject is a UserError."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Placeholder, Program, get_new_symbol, types
+
+    inputs = {"q": Placeholder((get_new_symbol(), 2, 4), dtype=types.fp32),
+              "k": Placeholder((2, 5, 4), dtype=types.fp32), "v": Placeholder((2, 5, 4), dtype=types.fp32)}
+    with Function(inputs, opset_version=ct.target.iOS18) as func:
+        func.set_outputs([mb.scaled_dot_product_attention(query=func.inputs["q"], key=func.inputs["k"],
+                                                          value=func.inputs["v"])])
+    prog = Program()
+    prog.add_function("main", func)
+    path = tmp_path / "sdpa.mlpackage"
+    ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
+               minimum_deployment_target=ct.target.iOS18).save(str(path))
+    model = MILModel(path)
+    assert model.plan is None and model.input_description["q"].allowed is not None
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 2, 4), (2, 5, 4), (2, 5, 4)))
+    out = next(iter(model.predict({"q": q, "k": k, "v": v}).values()))
+    want = torch.nn.functional.scaled_dot_product_attention(*(torch.from_numpy(t) for t in (q, k, v))).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="same batch dimension"):
+        model.predict({"q": q[:1], "k": k, "v": v})

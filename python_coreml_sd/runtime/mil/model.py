@@ -227,21 +227,31 @@ class MILModel:
         # A CUDA graph would bake the state tensors' addresses in; stateful models run op by op.
         self._use_graph = bool(cuda_graph) and self.device.type == "cuda" and not states
         key = tuple(d.shape for d in self.input_description.values())
+        self._current = None
         if self.allowed_shapes:  # compiled now for the default shape, so a bad op fails at load
-            function = self._load_specialized(dict(zip(self.input_description, key)))
+            try:
+                function = self._load_specialized(dict(zip(self.input_description, key)))
+            except UnsupportedOpError:
+                raise
+            except UserError:
+                # The defaults do not fit together (a free batch dimension defaulting to 1 where
+                # another input fixes it): coremltools' shape checks refuse it; the first call compiles.
+                return
         self._current = self._specializations[key] = _Specialization(self._compile(function))
 
     def __repr__(self):
-        return f"MILModel({self.path!r}, device={str(self.device)!r}, steps={len(self.plan.steps)})"
+        steps = "?" if self._current is None else len(self.plan.steps)
+        return f"MILModel({self.path!r}, device={str(self.device)!r}, steps={steps})"
 
     @property
     def plan(self):
-        """The plan of the most recent call (of the default input shapes before any call)."""
-        return self._current.plan
+        """The plan of the most recent call (of the default input shapes before any call; None when
+        those defaults do not form a valid program)."""
+        return None if self._current is None else self._current.plan
 
     @property
     def _graph(self):
-        return self._current.graph
+        return None if self._current is None else self._current.graph
 
     def _compile(self, function):
         try:
