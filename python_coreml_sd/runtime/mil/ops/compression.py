@@ -78,19 +78,50 @@ def _constexpr_cast(a):
     return _const(a, np.asarray(a.const("source_val")))
 
 
+def sparse_to_dense(values, mask):
+    """iOS18 layout: `mask` has the dense shape; `values` are the nonzero ones in row-major order."""
+    mask = np.asarray(mask).astype(bool)
+    dense = np.zeros(mask.shape, dtype=np.asarray(values).dtype)
+    dense[mask] = np.asarray(values).reshape(-1)
+    return dense
+
+
 @op("constexpr_sparse_to_dense")
 def _sparse_to_dense(a):
     values = np.asarray(a.const("nonzero_data"))
     mask = np.asarray(a.const("mask"))
     if a.has("shape"):  # iOS16: flat bit mask, LSB first
         shape = tuple(int(s) for s in a.const("shape"))
-        bits = unpack_bits(mask, 1, int(np.prod(shape))).astype(bool)
-    else:  # iOS18: uint1 mask tensor of the output's shape
-        shape = mask.shape
-        bits = mask.reshape(-1).astype(bool)
-    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
-    dense[bits] = values.reshape(-1)
-    return _const(a, dense.reshape(shape))
+        mask = unpack_bits(mask, 1, int(np.prod(shape))).reshape(shape)
+    return _const(a, sparse_to_dense(values, mask))
+
+
+def _sparse_pair(a, mask, dense):
+    """The (mask, nonzero values) outputs of the iOS18 joint sparse ops, as load-time constants."""
+    mask_t = a.tensor(np.asarray(mask).astype(np.uint8), a.out_mil_dtype(0))
+    values_t = a.tensor(dense[np.asarray(mask) != 0].reshape(-1), a.out_mil_dtype(1))
+    return (lambda: (mask_t, values_t)), []
+
+
+@op("constexpr_lut_to_sparse")
+def _lut_to_sparse(a):
+    """Sparse palettized: the palette indices of the nonzero elements; each index becomes a value
+    (or, with vector_axis, a vector of values along that axis, and the mask is widened to match)."""
+    mask = np.asarray(a.const("indices_mask"))
+    indices = sparse_to_dense(a.const("indices_nonzero_data"), mask)
+    axis = a.scalar("vector_axis")
+    dense = lut_iOS18(indices, a.const("lut"), axis)
+    if axis is not None:
+        mask = np.repeat(mask, np.asarray(a.const("lut")).shape[-1], axis=axis)
+    return _sparse_pair(a, mask, dense)
+
+
+@op("constexpr_sparse_blockwise_shift_scale")
+def _sparse_blockwise_shift_scale(a):
+    """Sparse quantized: the nonzero elements dequantized per block as the dense op does."""
+    mask = np.asarray(a.const("data_mask"))
+    data = sparse_to_dense(a.const("nonzero_data"), mask)
+    return _sparse_pair(a, mask, blockwise_shift_scale(data, a.const("scale"), a.const("offset")))
 
 
 def _quant_params(a, rank):
