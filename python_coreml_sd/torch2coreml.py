@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import registry
 from ._version import __version__
-from .components import CONVERTIBLE, TABLE
+from .components import CONVERTIBLE, FLAGGED, TABLE
 from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
@@ -24,7 +24,7 @@ from .errors import CheckFailed, UserError
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
-COMPONENTS = CONVERTIBLE  # in conversion order (python_coreml_sd/components.py)
+COMPONENTS = FLAGGED  # in conversion order (python_coreml_sd/components.py); the others come with one of these
 
 
 def parser_spec() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from pathlib import Path
 import coremltools as ct
 
 from python_coreml_sd import registry
-from python_coreml_sd.components import CONVERTIBLE, TABLE, Dims, component_of
+from python_coreml_sd.components import CONVERTIBLE, SD, TABLE, Dims, component_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
@@ -61,7 +61,8 @@ def test_swift_feeds_and_reads_the_tables_names():
         spec = TABLE[component]
         assert set(names) <= set(spec.inputs + spec.outputs), component  # the list above is the table's
         assert set(names) <= literals, (component, set(names) - literals)
-    assert {spec.resource for spec in TABLE.values()} <= literals
+    # SDXL's components (TextEncoder2, UnetRefiner, ...) wait for the Swift SDXL pipeline (issue 16, later).
+    assert {spec.resource for spec in TABLE.values() if SD in spec.interfaces} <= literals
 
 
 def imports_of(path: Path, package_root: Path) -> set:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import TABLE, Dims, component_of, text_from_unet_layout
+from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, text_from_unet_layout
 from ..errors import UserError
 
 @dataclass
@@ -154,7 +154,7 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
 
 def _runtime_options(component: str, backend: str, device: str) -> dict:
     # The UNet runs every step with the same shapes: one captured CUDA graph replaces ~2,000 launches.
-    if backend == "mil" and device == "cuda" and component.startswith("unet"):
+    if backend == "mil" and device == "cuda" and is_unet(component):
         return {"cuda_graph": True}
     return {}
 
