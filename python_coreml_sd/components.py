@@ -128,11 +128,11 @@ def _any(interface: Interface) -> dict:
     return {family: interface for family in INTERFACES}
 
 
-def _chunks(unet: str, resource: str) -> tuple:
+def _chunks(unet: str, resource: str, families=INTERFACES) -> tuple:
     # Chunks (--chunk-unet) pass the tensors crossing the cut, whose names the cut decides; each chunk
     # takes those of the UNet's inputs it uses: chunk 1 at least `sample`.
-    families = {family: Interface(inputs=("sample",)) for family in UNET_INTERFACES}
-    return (ComponentSpec(f"{unet}_chunk1", f"{resource}Chunk1", interfaces=families),
+    return (ComponentSpec(f"{unet}_chunk1", f"{resource}Chunk1",
+                          interfaces={family: Interface(inputs=("sample",)) for family in families}),
             ComponentSpec(f"{unet}_chunk2", f"{resource}Chunk2",
                           interfaces={family: Interface(outputs=("noise_pred",)) for family in families}))
 
@@ -154,7 +154,7 @@ TABLE = {spec.name: spec for spec in (
     # SDXL's refiner UNet (--refiner-version MODEL), Apple's names; its source folder is the refiner model's unet.
     ComponentSpec("refiner", "UnetRefiner", "unet", {SDXL: UNET_INTERFACES[SDXL]}, "unet:convert_refiner",
                   converted_with="unet"),
-    *_chunks("refiner", "UnetRefiner"),
+    *_chunks("refiner", "UnetRefiner", (SDXL,)),
     ComponentSpec("safety_checker", "SafetyChecker", "safety_checker",
                   _any(Interface(("clip_input", "images", "adjustment"),
                                  ("filtered_images", "has_nsfw_concepts", "concept_scores"),
