@@ -195,6 +195,8 @@ def recorded_flags(options: ConversionOptions, component: str) -> dict:
     """The flags that shape `component`'s package, as recorded in it and compared before reusing it."""
     names = SHARED_FLAGS + (UNET_FLAGS if is_unet(component) else ())
     flags = {name: getattr(options, name) for name in names}
+    if component.startswith("refiner"):
+        flags["refiner_version"] = options.refiner_version
     flags.update(EDIT_FLAG_DEFAULTS)
     if options.edits_model:  # the edits by content (sha256), so that a changed file is not taken for the same
         from ..model_edits import embedding_records, lora_records
