@@ -45,7 +45,13 @@ class ModelSet:
         if "unet" in self:
             return self["unet"].input_shapes
         first, second = self["unet_chunk1"].input_shapes, self["unet_chunk2"].input_shapes
-        return {k: v for k, v in {**second, **first}.items() if k in ("sample", "timestep", "encoder_hidden_states")}
+        return {k: v for k, v in {**second, **first}.items() if k in TABLE["unet"].io(SDXL).inputs}
+
+    @property
+    def family(self) -> str:
+        """The interface family of these models (python_coreml_sd.components): SDXL when the UNet takes
+        SDXL's added conditions."""
+        return SDXL if set(TABLE["unet"].io(SDXL).inputs) <= set(self.unet_input_shapes()) else SD
 
     def run_unet(self, inputs: dict) -> np.ndarray:
         if "unet" in self:
@@ -182,36 +188,44 @@ class TorchModel:
 
 
 class DiffusersUNet(torch.nn.Module):
-    """The original UNet with the converted UNet's input layout: encoder_hidden_states as (B, C, 1, S)."""
+    """The original UNet with the converted UNet's input layout: encoder_hidden_states as (B, C, 1, S); SDXL's
+    added conditions as two more inputs (diffusers' added_cond_kwargs)."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, time_ids=None, text_embeds=None):
         states = text_from_unet_layout(encoder_hidden_states)
-        return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
+        added = {"time_ids": time_ids, "text_embeds": text_embeds} if time_ids is not None else None
+        return self.unet(sample, timestep, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False)[0]
 
 
-def names(component: str) -> tuple:
-    """(input names, output names) of a component, from the table."""
-    return list(TABLE[component].inputs), list(TABLE[component].outputs)
+def names(component: str, family: str = SD) -> tuple:
+    """(input names, output names) of a component in a model family, from the table."""
+    interface = TABLE[component].io(family)
+    return list(interface.inputs), list(interface.outputs)
 
 
 def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True) -> ModelSet:
     """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them."""
     from ..convert.safety_checker import SafetyChecker
-    from ..convert.text_encoder import TextEncoderWrapper
+    from ..convert.text_encoder import wrapper_for
+    from ..convert.unet import text_pooled_width, xl_dims
     from ..convert.vae import VAEDecoder, VAEEncoder
 
+    family = source.interface
     text_encoder, unet, vae = source.load_text_encoder(), source.load_unet(), source.load_vae()
     checker = source.load_safety_checker() if with_safety_checker and source.has("safety_checker") else None
-    dims = Dims(*latent_hw, latent_channels=unet.config.in_channels, text_hidden=text_encoder.config.hidden_size,
+    dims = Dims(*latent_hw, latent_channels=unet.config.in_channels, text_hidden=unet.config.cross_attention_dim,
                 sequence=text_encoder.config.max_position_embeddings,
                 clip_image=checker.config.vision_config.image_size if checker else Dims.clip_image)
-    modules = {"text_encoder": TextEncoderWrapper(text_encoder), "unet": DiffusersUNet(unet),
+    modules = {"text_encoder": wrapper_for(text_encoder, family), "unet": DiffusersUNet(unet),
                "vae_decoder": VAEDecoder(vae), "vae_encoder": VAEEncoder(vae)}
+    if family == SDXL:
+        modules["text_encoder_2"] = wrapper_for(source.load_text_encoder_2(), family)
+        dims = xl_dims(dict(unet.config), dims.unet_batch, *latent_hw, dims.sequence, text_pooled_width(source))
     if checker is not None:
         modules["safety_checker"] = SafetyChecker(checker)
-    return ModelSet({name: Component(TorchModel(module, *names(name), device, dtype), TABLE[name].input_shapes(dims))
-                     for name, module in modules.items()})
+    return ModelSet({name: Component(TorchModel(module, *names(name, family), device, dtype),
+                                     TABLE[name].input_shapes(dims, family)) for name, module in modules.items()})

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..components import TABLE, text_to_unet_layout
+from ..components import SD, SDXL, TABLE, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
 from .random_source import MAX_SEED, RandomSource
@@ -52,6 +52,12 @@ class GenerationRequest:
     scheduler: str = "PNDM"
     image: Image.Image = None  # img2img start image
     strength: float = 0.75
+    # SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline): None means the image size, as there.
+    original_size: tuple = None  # (height, width) in pixels
+    crops_coords_top_left: tuple = (0, 0)  # (y, x)
+    target_size: tuple = None  # (height, width)
+    aesthetic_score: float = 6.0  # the refiner's time ids (its negative: negative_aesthetic_score)
+    negative_aesthetic_score: float = 2.5
 
     def validate(self):
         if not self.prompt or not self.prompt.strip():
@@ -65,6 +71,10 @@ class GenerationRequest:
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
         if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        for flag, pair in (("--original-size", self.original_size), ("--crops-coords-top-left", self.crops_coords_top_left),
+                           ("--target-size", self.target_size)):
+            if pair is not None and (len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair)):
+                raise UserError(f"{flag} takes two numbers of at least 0 (height width, or y x), got {pair}")
 
 
 @dataclass
@@ -78,10 +88,16 @@ class GenerationResult:
 
 class StableDiffusionPipeline:
     def __init__(self, models: ModelSet, tokenizer, scheduler_config: dict, vae_scaling_factor: float = 0.18215,
-                 progress: bool = True):
+                 progress: bool = True, tokenizer_2=None, force_zeros_for_empty_prompt: bool = False):
         if not models.has_unet or "text_encoder" not in models or "vae_decoder" not in models:
             raise UserError("generation needs a text encoder, a UNet and a VAE decoder")
-        self.models, self.tokenizer = models, tokenizer
+        self.family = models.family
+        if self.family == SDXL and ("text_encoder_2" not in models or tokenizer_2 is None):
+            raise UserError("this UNet is SDXL's (it takes time_ids and text_embeds): generation needs text_encoder_2 "
+                            "and tokenizer_2 too; convert with --convert-text-encoder from the SDXL model")
+        self.models, self.tokenizer, self.tokenizer_2 = models, tokenizer, tokenizer_2
+        # diffusers' StableDiffusionXLPipeline: no negative prompt -> zero negative embeddings (SDXL base's config)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt and self.family == SDXL
         self.scheduler_config, self.vae_scaling_factor = dict(scheduler_config), vae_scaling_factor
         self.progress = progress
         shapes = models.unet_input_shapes()
@@ -106,9 +122,10 @@ class StableDiffusionPipeline:
     def image_size(self) -> tuple:
         return 8 * self.latent_h, 8 * self.latent_w
 
-    def tokenize(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text, padding="max_length", max_length=self.sequence_length, truncation=True).input_ids
-        if len(self.tokenizer(text).input_ids) > self.sequence_length:
+    def tokenize(self, text: str, tokenizer=None) -> np.ndarray:
+        tokenizer = tokenizer or self.tokenizer
+        ids = tokenizer(text, padding="max_length", max_length=self.sequence_length, truncation=True).input_ids
+        if len(tokenizer(text).input_ids) > self.sequence_length:
             warnings.warn(f"prompt is longer than {self.sequence_length} tokens and was truncated", UserWarning)
         return np.asarray([ids], dtype=np.float32)
 
@@ -117,14 +134,53 @@ class StableDiffusionPipeline:
         hidden = self.models["text_encoder"].predict(TEXT_ENCODER.feed(self.tokenize(text)))[TEXT_ENCODER.outputs[0]]
         return text_to_unet_layout(hidden).astype(np.float32)
 
-    def predict_noise(self, latents, t, embeddings, guidance_scale) -> np.ndarray:
-        """Classifier-free guidance; embeddings are [unconditional, conditional]."""
+    def encode_xl(self, text: str) -> dict:
+        """SDXL's text conditioning, as diffusers' encode_prompt: each encoder's penultimate states, side by side
+        on channels, in the UNet's (1, C, 1, S) layout, and text_encoder_2's pooled text_embeds (1, P)."""
+        out = {name: self.models[name].predict(TABLE[name].feed(self.tokenize(text, tokenizer), family=SDXL))
+               for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2))}
+        states, pooled = TABLE["text_encoder_2"].io(SDXL).outputs
+        hidden = {name: out[name][states].astype(np.float32) for name in out}
+        return {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
+                "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
+                "pooled_embeddings": out["text_encoder_2"][pooled].astype(np.float32)}
+
+    def conditioning(self, request) -> tuple:
+        """(embeddings [unconditional, conditional] in the UNet's layout, SDXL's added conditions or {}, the
+        conditional prompt's intermediates for parity)."""
+        if self.family == SD:
+            cond = self.encode_text(request.prompt)
+            return np.concatenate([self.encode_text(request.negative_prompt), cond]), {}, {"text_embeddings": cond}
+        cond = self.encode_xl(request.prompt)
+        if self.force_zeros_for_empty_prompt and not request.negative_prompt:
+            uncond = {k: np.zeros_like(v) for k, v in cond.items()}
+        else:
+            uncond = self.encode_xl(request.negative_prompt)
+        added = {"time_ids": self.time_ids(request), "text_embeds": np.concatenate([uncond["pooled_embeddings"],
+                                                                                    cond["pooled_embeddings"]])}
+        return np.concatenate([uncond["text_embeddings"], cond["text_embeddings"]]), added, cond
+
+    def time_ids(self, request) -> np.ndarray:
+        """SDXL's micro-conditioning, [unconditional, conditional]: original size, crop top-left, then the target
+        size (base, 6 ids) or the aesthetic score (refiner, 5 ids), as diffusers' _get_add_time_ids."""
+        size = self.image_size
+        head = tuple(request.original_size or size) + tuple(request.crops_coords_top_left)
+        if self.models.unet_input_shapes()["time_ids"][-1] == 5:
+            rows = [head + (request.negative_aesthetic_score,), head + (request.aesthetic_score,)]
+        else:
+            rows = [head + tuple(request.target_size or size)] * 2
+        return np.asarray(rows, dtype=np.float32)
+
+    def predict_noise(self, latents, t, embeddings, guidance_scale, added: dict = None) -> np.ndarray:
+        """Classifier-free guidance; embeddings (and SDXL's added conditions) are [unconditional, conditional]."""
         timestep = np.full((2,), float(t), dtype=np.float32)
+        added = added or {}  # SDXL's inputs beyond SD's, by name (components.UNET_XL_INPUTS)
         if self.unet_batch == 2:
-            out = self.models.run_unet(UNET.feed(np.concatenate([latents, latents]), timestep, embeddings))
+            out = self.models.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added})
             uncond, cond = out[0:1], out[1:2]
         else:
-            uncond, cond = (self.models.run_unet(UNET.feed(latents, timestep[:1], embeddings[i:i + 1]))
+            uncond, cond = (self.models.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
+                                                  **{k: v[i:i + 1] for k, v in added.items()}})
                             for i in (0, 1))
         return uncond + guidance_scale * (cond - uncond)
 
@@ -194,15 +250,13 @@ class StableDiffusionPipeline:
         start = time.perf_counter()
         rng = RandomSource(request.seed)
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
-        cond = self.encode_text(request.prompt)
-        embeddings = np.concatenate([self.encode_text(request.negative_prompt), cond])
+        embeddings, added, intermediates = self.conditioning(request)
         latents, timesteps = self.initial_latents(request, scheduler, rng)
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
-        intermediates = {"text_embeddings": cond}
         loop_start = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not self.progress)):
             model_input = scheduler.scale_model_input(torch.from_numpy(latents), t).numpy()
-            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale)
+            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale, added)
             if i == 0:
                 intermediates["first_noise_pred"] = noise
             latents = scheduler.step(torch.from_numpy(noise), t, torch.from_numpy(latents),

@@ -25,6 +25,7 @@ def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2
     if models_dir is None:
         raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
     needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
+    # SDXL's text_encoder_2 is required by the pipeline once it sees the UNet's added conditions
     return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version)
 
 
@@ -34,9 +35,14 @@ def reference_models(source, latent_hw, device="cpu", precision="float32") -> Mo
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None) -> StableDiffusionPipeline:
+    """The loop over `models`, with `source`'s tokenizers, scheduler and VAE scaling (SDXL's 0.13025) and, for
+    SDXL, its model_index.json's force_zeros_for_empty_prompt."""
     vae_config = source.config("vae")
+    xl = source.has("tokenizer_2")
     return StableDiffusionPipeline(models, tokenizer or source.load_tokenizer(), source.config("scheduler"),
-                                   vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress)
+                                   vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress,
+                                   tokenizer_2=source.load_tokenizer_2() if xl else None,
+                                   force_zeros_for_empty_prompt=bool(source.index.get("force_zeros_for_empty_prompt")))
 
 
 def bundled_tokenizer(models_dir):
