@@ -158,14 +158,16 @@ def test_other_attention_implementations_convert_and_check(tmp_path, attention):
 
 @pytest.fixture(scope="module")
 def pipes(xl_packages):
-    folder = xl_packages["unet"].parent
-    return {backend: open_pipeline(backend, folder, "tiny-xl", progress=False) for backend in ("mil", "torch")}
+    folder = xl_packages["unet"].parent  # holds the refiner's package too; the torch backend gets its model
+    return {backend: open_pipeline(backend, folder, "tiny-xl", progress=False,
+                                   refiner_version="tiny-xl-refiner" if backend == "torch" else None)
+            for backend in ("mil", "torch")}
 
 
-@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
-def test_mil_matches_torch(pipes, negative):
+@pytest.mark.parametrize("negative, refiner_start", [("", None), ("blurry, low quality", None), ("", 0.5)])
+def test_mil_matches_torch(pipes, negative, refiner_start):
     request = GenerationRequest("a lighthouse at dusk, oil painting", negative_prompt=negative, seed=7,
-                                num_inference_steps=STEPS, scheduler="EulerDiscrete")
+                                num_inference_steps=STEPS, scheduler="EulerDiscrete", refiner_start=refiner_start)
     reference, converted = pipes["torch"].generate(request), pipes["mil"].generate(request)
     values = compare(reference, converted)
     assert {"text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "first_noise_pred", "final_latents",
@@ -198,6 +200,31 @@ def test_torch_loop_is_diffusers_sdxl_pipeline(pipes, xl, change):
     ours = pipes["torch"].generate(request).intermediates["final_latents"]
     start = np.random.RandomState(request.seed).randn(1, 4, 16, 16).astype(np.float32)  # RandomSource's draw
     assert psnr(diffusers_latents(xl, request, start), ours) >= 60
+
+
+@pytest.mark.parametrize("scheduler, fraction", [("EulerDiscrete", 0.5), ("EulerDiscrete", 0.8), ("DPMSolverMultistep", 0.3)])
+def test_refiner_hand_off_is_diffusers(pipes, xl, refiner, scheduler, fraction):
+    """--refiner-start as diffusers' base denoising_end and refiner denoising_start (the refiner with the base's
+    text_encoder_2, as diffusers documents it and Apple's pipeline runs it)."""
+    import diffusers
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    request = GenerationRequest("a lighthouse at dusk", seed=9, num_inference_steps=5, scheduler=scheduler,
+                                refiner_start=fraction)
+    ours = pipes["torch"].generate(request)
+    assert "first_noise_pred_refiner" in ours.intermediates
+    base = StableDiffusionXLPipeline.from_pretrained(str(xl.root), use_safetensors=True)
+    second = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(refiner.root), text_encoder_2=base.text_encoder_2,
+                                                               tokenizer_2=base.tokenizer_2, vae=base.vae)
+    for pipe in (base, second):
+        pipe.scheduler = getattr(diffusers, f"{scheduler}Scheduler").from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    start = torch.from_numpy(np.random.RandomState(request.seed).randn(1, 4, 16, 16).astype(np.float32))
+    common = dict(num_inference_steps=5, guidance_scale=request.guidance_scale, output_type="latent")
+    handed = base(request.prompt, latents=start, denoising_end=fraction, height=128, width=128, **common).images
+    final = second(request.prompt, image=handed, denoising_start=fraction, **common).images
+    assert psnr(final.numpy(), ours.intermediates["final_latents"]) >= 60
+    alone = pipes["torch"].generate(GenerationRequest(request.prompt, seed=9, num_inference_steps=5, scheduler=scheduler))
+    assert not np.allclose(alone.intermediates["final_latents"], ours.intermediates["final_latents"], atol=1e-3)  # refined
 
 
 def test_micro_conditioning_and_empty_prompt_change_the_result(pipes):
@@ -267,3 +294,19 @@ def test_pipeline_refuses_an_sdxl_unet_without_text_encoder_2(xl_packages, tmp_p
         (folder / xl_packages[name].name).symlink_to(xl_packages[name])
     with pytest.raises(UserError, match="needs text_encoder_2"):
         open_pipeline("mil", folder, "tiny-xl", progress=False)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2", "nan"])
+def test_refiner_start_outside_the_open_unit_interval(capsys, tmp_path, fraction):
+    from tests.support import assert_one_line, run_pipeline_cli
+    code, err = run_pipeline_cli(capsys, "--prompt", "x", "--backend", "torch", "--model-version", "tiny-xl",
+                                 "--refiner-start", fraction, "-o", str(tmp_path / "out"))
+    assert_one_line(code, err, "--refiner-start must be in (0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refiner_start_needs_a_refiner(xl_packages):
+    from python_coreml_sd.errors import UserError
+    pipe = open_pipeline("torch", xl_packages["unet"].parent, "tiny-xl", progress=False)  # no --refiner-version
+    with pytest.raises(UserError, match="needs the refiner's UNet"):
+        pipe.generate(GenerationRequest("x", num_inference_steps=2, refiner_start=0.5))

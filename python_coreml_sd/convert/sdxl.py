@@ -44,12 +44,13 @@ def check_xl_shape(source, *folders) -> None:
                             "folder is another model's")
 
 
-def refiner_source(options):
-    """The --refiner-version model, checked to be an SDXL refiner."""
+def refiner_source(options_or_name):
+    """The --refiner-version model (of conversion options, or a name), checked to be an SDXL refiner."""
     from ..model_sources import resolve
-    source = resolve(options.refiner_version, options.allow_pickle)
+    name = getattr(options_or_name, "refiner_version", options_or_name)
+    source = resolve(name, getattr(options_or_name, "allow_pickle", False))
     if not source.is_refiner:
-        raise UserError(f"--refiner-version {options.refiner_version!r} is not an SDXL refiner (its model_index.json "
+        raise UserError(f"--refiner-version {name!r} is not an SDXL refiner (its model_index.json "
                         f"names {source.pipeline_class or 'no pipeline'}"
                         f"{' and it has a first text_encoder' if source.has('text_encoder') else ''}, without "
                         "requires_aesthetics_score); pass the refiner model, e.g. stabilityai/stable-diffusion-xl-refiner-1.0")

@@ -238,7 +238,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     log_memory("weights loaded")
     mlmodel = traced_to_mlprogram(holder, inputs, options)
     log_memory("converted")
-    describe(mlmodel, options, component, DESCRIPTIONS)
+    describe(mlmodel, options, component, {k: v for k, v in DESCRIPTIONS.items() if k in inputs or k in OUTPUT_NAMES})
     meta = mlmodel.user_defined_metadata
     meta["com.python_coreml_sd.batch_size"] = str(inputs["sample"].shape[0])
     meta["com.python_coreml_sd.latent_size"] = "x".join(map(str, inputs["sample"].shape[2:]))

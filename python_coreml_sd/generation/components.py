@@ -41,11 +41,15 @@ class ModelSet:
     def has_unet(self) -> bool:
         return "unet" in self or ("unet_chunk1" in self and "unet_chunk2" in self)
 
-    def unet_input_shapes(self) -> dict:
-        if "unet" in self:
-            return self["unet"].input_shapes
-        first, second = self["unet_chunk1"].input_shapes, self["unet_chunk2"].input_shapes
-        return {k: v for k, v in {**second, **first}.items() if k in TABLE["unet"].io(SDXL).inputs}
+    def has_refiner(self) -> bool:
+        return "refiner" in self or ("refiner_chunk1" in self and "refiner_chunk2" in self)
+
+    def unet_input_shapes(self, unet: str = "unet") -> dict:
+        """The inputs of the UNet (`unet`: "unet" or SDXL's "refiner"), whole or chunked."""
+        if unet in self:
+            return self[unet].input_shapes
+        first, second = self[f"{unet}_chunk1"].input_shapes, self[f"{unet}_chunk2"].input_shapes
+        return {k: v for k, v in {**second, **first}.items() if k in TABLE[unet].io(SDXL).inputs}
 
     @property
     def family(self) -> str:
@@ -53,13 +57,13 @@ class ModelSet:
         SDXL's added conditions."""
         return SDXL if set(TABLE["unet"].io(SDXL).inputs) <= set(self.unet_input_shapes()) else SD
 
-    def run_unet(self, inputs: dict) -> np.ndarray:
-        if "unet" in self:
-            return self["unet"].predict(inputs)["noise_pred"]
+    def run_unet(self, inputs: dict, unet: str = "unet") -> np.ndarray:
+        if unet in self:
+            return self[unet].predict(inputs)["noise_pred"]
         # Chunk 2 reads chunk 1's outputs and whichever original inputs it still needs, by name.
-        hidden = self["unet_chunk1"].predict(inputs)
-        second = {k: v for k, v in {**inputs, **hidden}.items() if k in self["unet_chunk2"].input_shapes}
-        return self["unet_chunk2"].predict(second)["noise_pred"]
+        first, second = self[f"{unet}_chunk1"], self[f"{unet}_chunk2"]
+        hidden = first.predict(inputs)
+        return second.predict({k: v for k, v in {**inputs, **hidden}.items() if k in second.input_shapes})["noise_pred"]
 
 
 def find_packages(folder: Path, model_version: str = None) -> dict:
@@ -147,8 +151,9 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
     if missing:
         raise UserError(f"models folder {folder} has no {', '.join(missing)} package; convert it with "
                         f"python -m python_coreml_sd.torch2coreml --convert-{missing[0].replace('_', '-')}")
-    if "unet" in found:  # prefer the whole UNet over its chunks
-        found.pop("unet_chunk1", None), found.pop("unet_chunk2", None)
+    for unet in ("unet", "refiner"):
+        if unet in found:  # prefer the whole UNet over its chunks
+            found.pop(f"{unet}_chunk1", None), found.pop(f"{unet}_chunk2", None)
     # Every package is checked (safe, the inputs the pipeline feeds) before the first one loads.
     inputs = {name: _package_inputs(path) for name, path in found.items()}
     for name, path in found.items():
@@ -207,8 +212,11 @@ def names(component: str, family: str = SD) -> tuple:
     return list(interface.inputs), list(interface.outputs)
 
 
-def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True) -> ModelSet:
-    """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them."""
+def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True,
+               refiner=None) -> ModelSet:
+    """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them;
+    `refiner`: an SDXL refiner's ModelSource, whose UNet joins them (its text encoder is the base's second, as
+    the SDXL models share it and Apple's pipeline uses it)."""
     from ..convert.safety_checker import SafetyChecker
     from ..convert.text_encoder import wrapper_for
     from ..convert.unet import text_pooled_width, xl_dims
@@ -227,5 +235,11 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
         dims = xl_dims(dict(unet.config), dims.unet_batch, *latent_hw, dims.sequence, text_pooled_width(source))
     if checker is not None:
         modules["safety_checker"] = SafetyChecker(checker)
-    return ModelSet({name: Component(TorchModel(module, *names(name, family), device, dtype),
-                                     TABLE[name].input_shapes(dims, family)) for name, module in modules.items()})
+    shapes = {name: TABLE[name].input_shapes(dims, family) for name in modules}
+    if refiner is not None:
+        refiner_unet = refiner.load_unet()
+        modules["refiner"] = DiffusersUNet(refiner_unet)
+        shapes["refiner"] = TABLE["refiner"].input_shapes(xl_dims(dict(refiner_unet.config), dims.unet_batch, *latent_hw,
+                                                                  dims.sequence, text_pooled_width(refiner)), SDXL)
+    return ModelSet({name: Component(TorchModel(module, *names(name, family), device, dtype), shapes[name])
+                     for name, module in modules.items()})

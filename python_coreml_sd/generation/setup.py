@@ -29,9 +29,9 @@ def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2
     return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version)
 
 
-def reference_models(source, latent_hw, device="cpu", precision="float32") -> ModelSet:
+def reference_models(source, latent_hw, device="cpu", precision="float32", refiner=None) -> ModelSet:
     dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
-    return load_torch(source, latent_hw, device=device, dtype=dtype)
+    return load_torch(source, latent_hw, device=device, dtype=dtype, refiner=refiner)
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None) -> StableDiffusionPipeline:
@@ -64,8 +64,10 @@ def bundled_tokenizer(models_dir):
 
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
-                  img2img=False, torch_precision="float32", progress=True) -> StableDiffusionPipeline:
-    """Library entry point behind `python -m python_coreml_sd.pipeline`."""
+                  img2img=False, torch_precision="float32", progress=True,
+                  refiner_version=None) -> StableDiffusionPipeline:
+    """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
+    whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder)."""
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
@@ -75,7 +77,11 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
     source = resolve(model_version)
     if backend == "torch":
         latent_hw = _latent_size_of(models_dir, model_version) if models_dir else (source.config("unet")["sample_size"],) * 2
-        models = reference_models(source, latent_hw, device, torch_precision)
+        refiner = None
+        if refiner_version:
+            from ..convert.sdxl import refiner_source
+            refiner = refiner_source(refiner_version)
+        models = reference_models(source, latent_hw, device, torch_precision, refiner)
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir))
