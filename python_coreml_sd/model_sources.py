@@ -11,10 +11,12 @@ from pathlib import Path
 from . import registry
 from .errors import UserError
 
-COMPONENT_FOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "safety_checker", "scheduler", "feature_extractor")
+COMPONENT_FOLDERS = ("unet", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "safety_checker",
+                     "scheduler", "feature_extractor")
 SUPPORTED_CLASSES = {
     "unet": {"UNet2DConditionModel"},
     "text_encoder": {"CLIPTextModel"},
+    "text_encoder_2": {"CLIPTextModelWithProjection"},
     "vae": {"AutoencoderKL"},
     "safety_checker": {"StableDiffusionSafetyChecker"},
 }
@@ -71,6 +73,11 @@ class ModelSource:
         return self._load("text_encoder",
                           lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
 
+    def load_text_encoder_2(self):
+        from transformers import CLIPTextModelWithProjection
+        return self._load("text_encoder_2", lambda folder: CLIPTextModelWithProjection.from_pretrained(
+            folder, dtype=FLOAT32, use_safetensors=True))
+
     def load_vae(self):
         from diffusers import AutoencoderKL
         return self._load("vae", lambda folder: load_diffusers_model(AutoencoderKL, Path(folder)))
@@ -85,11 +92,41 @@ class ModelSource:
         from transformers import CLIPTokenizer
         return self._load("tokenizer", CLIPTokenizer.from_pretrained)
 
+    def load_tokenizer_2(self):
+        from transformers import CLIPTokenizer
+        return self._load("tokenizer_2", CLIPTokenizer.from_pretrained)
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.index.get("_class_name", ""))
+
+    @property
+    def says_xl(self) -> bool:
+        """The folder declares an SDXL pipeline (model_index.json), whatever its components hold."""
+        return self.pipeline_class.startswith("StableDiffusionXL")
+
+    @property
+    def interface(self) -> str:
+        """The interface family of this model's components (python_coreml_sd.components): SDXL when its UNet
+        takes SDXL's added conditions, or, without a UNet, when model_index.json names an SDXL pipeline."""
+        from .components import SD, SDXL, interface_of
+        if self.has("unet"):
+            return interface_of(self.config("unet"))
+        return SDXL if self.says_xl else SD
+
+    @property
+    def is_refiner(self) -> bool:
+        """An SDXL refiner: an SDXL model without the first text encoder whose time ids end in an aesthetic
+        score (model_index.json's requires_aesthetics_score)."""
+        return self.says_xl and bool(self.index.get("requires_aesthetics_score")) and not self.has("text_encoder")
+
     def text_positions(self) -> int:
-        """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say."""
-        if not self.has("text_encoder"):
-            return CLIP_POSITIONS
-        return self.config("text_encoder").get("max_position_embeddings", CLIP_POSITIONS)
+        """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say. SDXL's
+        refiner has the second encoder only."""
+        for folder in ("text_encoder", "text_encoder_2"):
+            if self.has(folder):
+                return self.config(folder).get("max_position_embeddings", CLIP_POSITIONS)
+        return CLIP_POSITIONS
 
     def config(self, component: str, required: tuple = ()) -> dict:
         """A component's config.json without loading weights; `required` keys must be present."""

@@ -52,6 +52,19 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="device of the mil and torch backends (default: cpu)")
     p.add_argument("--torch-precision", choices=("float32", "float16"), default="float32",
                    help="precision of the torch backend (default: float32; float16 wants --device cuda)")
+    xl = p.add_argument_group("SDXL")
+    xl.add_argument("--original-size", type=float, nargs=2, metavar=("H", "W"),
+                    help="micro-conditioning: the original image size in pixels (default: the image size)")
+    xl.add_argument("--crops-coords-top-left", type=float, nargs=2, metavar=("Y", "X"), default=(0, 0),
+                    help="micro-conditioning: the crop's top-left corner (default: 0 0)")
+    xl.add_argument("--target-size", type=float, nargs=2, metavar=("H", "W"),
+                    help="micro-conditioning: the target size in pixels (default: the image size)")
+    xl.add_argument("--refiner-start", type=float, metavar="FRACTION",
+                    help="hand the latents to the refiner after this fraction of the steps, in (0, 1) (diffusers' "
+                         "denoising_end / denoising_start); needs the converted refiner (or, for --backend torch, "
+                         "--refiner-version)")
+    xl.add_argument("--refiner-version", metavar="MODEL",
+                    help="the SDXL refiner the torch backend runs with --refiner-start (e.g. tiny-xl-refiner)")
     p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
 
 
@@ -69,7 +82,7 @@ def models_from_args(args):
     """The `--backend` / `-i` / `--model-version` / device flags as a typed `Models` (shared with parity)."""
     from .generation.jobs import Models
     return Models(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                  args.torch_precision)
+                  args.torch_precision, args.refiner_version)
 
 
 def requests_from_args(args, seeds) -> list:
@@ -78,7 +91,10 @@ def requests_from_args(args, seeds) -> list:
     return requests_for([args.prompt], seeds, negative_prompt=args.negative_prompt,
                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         scheduler=args.scheduler, image=load_image(args.image) if args.image else None,
-                        strength=args.strength)
+                        strength=args.strength, original_size=tuple(args.original_size) if args.original_size else None,
+                        crops_coords_top_left=tuple(args.crops_coords_top_left),
+                        target_size=tuple(args.target_size) if args.target_size else None,
+                        refiner_start=args.refiner_start)
 
 
 def job_from_args(args):
@@ -95,6 +111,7 @@ def parameters(job, request) -> dict:
             "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
             "scheduler": request.scheduler, "backend": job.models.backend, "device": job.models.device,
             "model_version": job.models.model_version, "strength": request.strength if request.image else None,
+            "refiner_start": request.refiner_start,
             "generator": "python_coreml_sd"}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import registry
 from ._version import __version__
-from .components import CONVERTIBLE, TABLE
+from .components import FLAGGED, TABLE
 from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
@@ -24,7 +24,11 @@ from .errors import CheckFailed, UserError
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
-COMPONENTS = CONVERTIBLE  # in conversion order (python_coreml_sd/components.py)
+COMPONENTS = FLAGGED  # in conversion order (python_coreml_sd/components.py); the others come with one of these
+
+
+COMPANION_HELP = {"text_encoder": " (of an SDXL model: both text encoders, TextEncoder and TextEncoder2)",
+                  "unet": " (with --refiner-version: the refiner's UNet too, UnetRefiner)"}
 
 
 def parser_spec() -> argparse.ArgumentParser:
@@ -32,12 +36,18 @@ def parser_spec() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to convert (at least one)")
     for component in COMPONENTS:
         what.add_argument(TABLE[component].flag, action="store_true",
-                          help=f"convert the {component.replace('_', ' ')}")
+                          help=f"convert the {component.replace('_', ' ')}" + COMPANION_HELP.get(component, ""))
     p.add_argument("--model-version", default="tiny",
                    help="a diffusers model folder, a single-file checkpoint (FILE.safetensors of SD 1.x / 2.x in "
                         "the original layout: family and variant recognised from its tensors; .ckpt needs "
                         "--allow-pickle), a Hugging Face repo id (needs the hub), or a registry name: "
                         f"{', '.join(registry.model_names())} (default: tiny, the embedded toy model)")
+    p.add_argument("--xl-version", action="store_true",
+                   help="the model is SDXL (as Apple's flag); an SDXL folder (its model_index.json, its UNet's "
+                        "text_time conditions) is recognised without it, a model that is not SDXL is refused with it")
+    p.add_argument("--refiner-version", metavar="MODEL",
+                   help="an SDXL refiner (folder, registry name such as tiny-xl-refiner, hub id) whose UNet "
+                        "--convert-unet converts too, as <model>_refiner.mlpackage (Resources: UnetRefiner)")
     p.add_argument("-o", default=".", type=Path, help="output folder for the .mlpackage files (default: .)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     edits = p.add_argument_group("model edits, applied before converting (see docs/model_files.md)")
@@ -120,7 +130,8 @@ def options_from_args(args) -> ConversionOptions:
         check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold,
         allow_pickle=args.allow_pickle, loras=tuple(LoraSpec.parse(v) for v in args.lora),
         textual_inversions=tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion),
-        custom_vae_version=args.custom_vae_version)
+        custom_vae_version=args.custom_vae_version, xl_version=args.xl_version,
+        refiner_version=args.refiner_version)
 
 
 def requested_components(args) -> list:

@@ -193,7 +193,7 @@ def _copy_description(source, mlmodel, chunk: int, crossing: list) -> None:
     meta = mlmodel.user_defined_metadata
     for key, value in source.user_defined_metadata.items():
         meta[key] = value
-    meta["com.python_coreml_sd.component"] = f"unet_chunk{chunk}"
+    meta["com.python_coreml_sd.component"] = f"{meta.get('com.python_coreml_sd.component', 'unet')}_chunk{chunk}"
     meta["com.python_coreml_sd.chunk"] = f"{chunk}/2"
 
 

@@ -11,6 +11,7 @@ import torch
 
 from .._version import __version__
 from .options import DEPLOYMENT_TARGETS, ConversionOptions
+from ..components import is_unet
 from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
 
@@ -130,12 +131,12 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
     meta["com.python_coreml_sd.converter_version"] = __version__
     meta["com.python_coreml_sd.compute_precision"] = options.compute_precision
     meta["com.python_coreml_sd.min_deployment_target"] = options.min_deployment_target
-    if component.startswith("unet"):
+    if is_unet(component):
         meta["com.python_coreml_sd.attention_implementation"] = options.attention_implementation
     meta[FLAGS_KEY] = json.dumps(recorded_flags(options, component), sort_keys=True)
     if options.quantize_nbits:
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
-    if options.mixed_bit_recipe and component.startswith("unet"):
+    if options.mixed_bit_recipe and is_unet(component):
         meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
     meta.update(edit_metadata(options, component))
 
@@ -157,7 +158,7 @@ def edit_metadata(options: ConversionOptions, component: str) -> dict:
 def compress(mlmodel, options: ConversionOptions, component: str):
     """Palettize the converted program when asked: `--quantize-nbits` for every component, a mixed-bit
     recipe for the UNet (its layer names are the UNet's). Returns the model to save."""
-    recipe = options.mixed_bit_recipe if component.startswith("unet") else None
+    recipe = options.mixed_bit_recipe if is_unet(component) else None
     if not options.quantize_nbits and not recipe:
         return mlmodel
     from ..compression.recipes import load_recipe
@@ -192,8 +193,10 @@ UNET_FLAGS = ("attention_implementation", "unet_batch_one", "chunk_unet", "mixed
 
 def recorded_flags(options: ConversionOptions, component: str) -> dict:
     """The flags that shape `component`'s package, as recorded in it and compared before reusing it."""
-    names = SHARED_FLAGS + (UNET_FLAGS if component.startswith("unet") else ())
+    names = SHARED_FLAGS + (UNET_FLAGS if is_unet(component) else ())
     flags = {name: getattr(options, name) for name in names}
+    if component.startswith("refiner"):
+        flags["refiner_version"] = options.refiner_version
     flags.update(EDIT_FLAG_DEFAULTS)
     if options.edits_model:  # the edits by content (sha256), so that a changed file is not taken for the same
         from ..model_edits import embedding_records, lora_records

@@ -69,6 +69,8 @@ class ConversionOptions:
     loras: tuple = ()  # LoraSpec, merged in order
     textual_inversions: tuple = ()  # EmbeddingSpec
     custom_vae_version: str = None  # a model (folder, registry name, hub id) whose VAE replaces the model's, or a VAE file
+    xl_version: bool = False  # the model is SDXL (Apple's --xl-version); an SDXL folder is recognised without it
+    refiner_version: str = None  # an SDXL refiner (folder, registry name, hub id) whose UNet --convert-unet converts too
 
     @property
     def edits_model(self) -> bool:

@@ -5,12 +5,15 @@ from PIL import Image
 
 from ..metrics import psnr
 
-STAGES = ("text_embeddings", "first_noise_pred", "final_latents", "decoded_image")
+# SDXL's runs also record each encoder's penultimate states and the pooled text_embeds.
+STAGES = ("text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "text_embeddings", "first_noise_pred",
+          "final_latents", "decoded_image")
 
 
 def compare(reference, converted) -> dict:
-    """PSNR of every stage and of the final 8-bit images."""
-    values = {stage: psnr(reference.intermediates[stage], converted.intermediates[stage]) for stage in STAGES}
+    """PSNR of every stage both runs recorded and of the final 8-bit images."""
+    values = {stage: psnr(reference.intermediates[stage], converted.intermediates[stage]) for stage in STAGES
+              if stage in reference.intermediates and stage in converted.intermediates}
     values["final_image"] = psnr(np.asarray(reference.image, np.float32), np.asarray(converted.image, np.float32))
     return values
 
