@@ -64,9 +64,11 @@ class ModelSource:
                             f"{str(exc).splitlines()[0]}") from exc
         return module.eval() if hasattr(module, "eval") else module
 
-    def load_unet(self):
+    def load_unet(self, convert=None):
+        """The diffusers UNet in fp32; with `convert` (tensor -> tensor), each weight is passed through it as
+        it is read (the converter halves them there, so the fp32 weights never exist all at once)."""
         from diffusers import UNet2DConditionModel
-        return self._load("unet", lambda folder: load_diffusers_model(UNet2DConditionModel, Path(folder)))
+        return self._load("unet", lambda folder: load_diffusers_model(UNet2DConditionModel, Path(folder), convert))
 
     def load_text_encoder(self):
         from transformers import CLIPTextModel
@@ -163,10 +165,11 @@ CLIP_POSITIONS = 77
 FLOAT32 = "float32"
 
 
-def load_diffusers_model(cls, folder: Path):
+def load_diffusers_model(cls, folder: Path, convert=None):
     """`cls.from_pretrained(folder)` in fp32, but with the weights of a single safetensors file read into
     memory of their own (python_coreml_sd.weights says why) and assigned to a model built on the meta
-    device. Other layouts (sharded, .bin, variants) go through diffusers."""
+    device; `convert`, if given, then applies to each fp32 tensor as soon as it is read. Other layouts
+    (sharded, .bin, variants) go through diffusers, and `convert` is not applied there."""
     import torch
 
     from .weights import read_safetensors
@@ -176,7 +179,12 @@ def load_diffusers_model(cls, folder: Path):
         return cls.from_pretrained(str(folder), use_safetensors=True)  # never a pickle
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(str(folder)))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(weights).items()}
+
+    def loaded(tensor):
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        return convert(tensor) if convert else tensor
+
+    state = read_safetensors(weights, loaded)
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
         return cls.from_pretrained(str(folder), use_safetensors=True)

@@ -60,21 +60,36 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
         raise _bad(path, f"tensor {name!r} lies outside the file or has the wrong size")
 
 
-def read_safetensors(path: Path, keep=None) -> dict:
+def read_safetensors(path: Path, keep=None, convert=None) -> dict:
     """name -> tensor, each read into its own storage (no mapping of the file); with `keep` (a predicate on
-    names), only the tensors it accepts are read."""
+    names), only the tensors it accepts are read.
+
+    With `convert` (tensor -> tensor), each tensor is read into one buffer reused for all of them and
+    only convert(tensor) is kept (copied out of the buffer if it is a view of it): a caller that turns
+    fp32 weights into fp16 this way holds one fp32 tensor at a time, and no fp32 tensor is ever freed.
+    Freeing one per weight would leave the C heap holes that the smaller fp16 copies do not fill
+    (0.27 GiB on SD 1.5) and that count in the process's peak memory."""
     path = Path(path)
     header = read_header(path)
+    entries = header["entries"]
+    scratch = torch.empty(max((e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values()), default=0),
+                          dtype=torch.uint8) if convert else None
     tensors = {}
     with open(path, "rb") as f:
-        for name, entry in header["entries"].items():
+        for name, entry in entries.items():
             if keep is not None and not keep(name):
                 continue
             begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+            dtype = DTYPES[entry["dtype"]]
+            raw = scratch[:end - begin] if convert else torch.empty(end - begin, dtype=torch.uint8)
             f.seek(header["data_start"] + begin)
-            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+            if f.readinto(raw.numpy()) != end - begin:
                 raise _bad(path, f"tensor {name!r} is truncated")
+            tensor = raw.view(dtype).view(entry["shape"])
+            if convert:
+                tensor = convert(tensor)
+                if tensor.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
+                    tensor = tensor.clone()
             tensors[name] = tensor
     return tensors
 

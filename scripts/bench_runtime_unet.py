@@ -19,8 +19,9 @@ median of --iters calls after --warmup calls (CUDA events on a GPU), timed in in
 row once per round; --sequential: one row after another, one model in memory at a time). The diffusers
 rows keep inputs and output on the device; the MIL rows go through MILModel.predict, numpy in and out, so
 they also pay the host <-> device copies. PSNR is against the diffusers eager float16 output of the same
-run. "setup" is what a row pays once: compilation (first call), graph capture, or MILModel loading; the
-torch.compile + CUDA graph row reuses the compiled module of the row before it.
+run. "setup" is what a row pays once, up to the end of its first call: compilation, graph capture, or
+MILModel loading, plus that call; the torch.compile + CUDA graph row reuses the compiled module of the
+row before it.
 
 sd15 is the full-size SD 1.5 UNet architecture (registry family sd1) with random weights (seed 0);
 tiny is a small toy for quick runs.
@@ -89,7 +90,7 @@ def convert(unet, inputs, path, attention, target):
 
     options = ConversionOptions(f"bench_runtime_unet_{path.stem}", path.parent, attention_implementation=attention,
                                 min_deployment_target=target)
-    mlmodel, _ = build_mlprogram(lambda: copy.deepcopy(unet), inputs, options, dict(unet.config))
+    mlmodel, _ = build_mlprogram(lambda convert: copy.deepcopy(unet), inputs, options, dict(unet.config))
     save_mlmodel(mlmodel, path, overwrite=True)  # temp name, then rename: a cut-off run leaves no package behind
 
 

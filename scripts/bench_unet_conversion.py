@@ -1,6 +1,6 @@
 """Benchmark: full-size SD 1.5 UNet (random weights, fixed seed) -> Core ML, the plain paths vs ours.
 
-Rows (each path in a fresh subprocess; wall time and peak RSS from os.wait4 of that child):
+Rows (each path in a fresh subprocess; wall time, and CPU time and peak RSS from os.wait4 of that child):
 
   plain: jit.trace(check_trace=False) + ct.convert     diffusers UNet -> torch.jit.trace -> ct.convert -> save
   plain: torch.export + ct.convert                      diffusers UNet -> torch.export.export
@@ -9,11 +9,11 @@ Rows (each path in a fresh subprocess; wall time and peak RSS from os.wait4 of t
   ours: build_mlprogram (SPLIT_EINSUM)                  python_coreml_sd.convert.unet.build_mlprogram -> save
 
 Every path converts to an fp16 ML Program (macOS13 target, skip_model_load=True) and saves with
-MLModel.save. "best plain" is, per column, the best plain row that succeeded (lowest wall time, lowest
-peak RSS); a plain path that fails shows its error instead of numbers. Afterwards each package runs on the
+MLModel.save. "best plain" is, per column, the best plain row that succeeded (lowest wall time, CPU
+time, peak RSS); a plain path that fails shows its error instead of numbers. Afterwards each package runs on the
 MIL runtime against the diffusers UNet in fp32 (--agreement none skips it).
 
-    python scripts/bench_unet_conversion.py [--family sd1] [--latent 64] [--only trace export ours] [--keep DIR]
+    python scripts/bench_unet_conversion.py [--family sd1] [--latent 64] [--only trace export ours] [--repeat 2]
 """
 import argparse
 import json
@@ -74,7 +74,7 @@ def plain_convert(model, inputs: dict):
 def child_plain(args, out: Path, which: str) -> dict:
     import torch
 
-    from python_coreml_sd.compression.testbed import UNetWrapper
+    from python_coreml_sd.layers.unet import DiffusersUNet
 
     phases, start = {}, time.perf_counter()
 
@@ -82,18 +82,18 @@ def child_plain(args, out: Path, which: str) -> dict:
         phases[name] = time.perf_counter() - start - sum(phases.values())
 
     unet = build_diffusers_unet(args.family, args.seed)
-    inputs = diffusers_layout(bench_inputs(unet, args.latent))
+    inputs = bench_inputs(unet, args.latent)  # the converted UNet's layout, as DiffusersUNet takes it
     phase("build")
     with torch.no_grad():
         if which == "export":
-            model = torch.export.export(UNetWrapper(unet).eval(), tuple(inputs.values()))
+            model = torch.export.export(DiffusersUNet(unet).eval(), tuple(inputs.values()))
             phase("export")
             # coremltools takes the ATEN dialect; torch.export gives TRAINING, and ct.convert's own error
             # message says to call run_decompositions({}) first.
             model = model.run_decompositions({})
             phase("decompose")
         else:
-            model = torch.jit.trace(UNetWrapper(unet).eval(), tuple(inputs.values()),
+            model = torch.jit.trace(DiffusersUNet(unet).eval(), tuple(inputs.values()),
                                     check_trace=which == "trace_checked")
             phase("trace")
     mlmodel = plain_convert(model, inputs)
@@ -174,8 +174,17 @@ def run_child(which: str, args, workdir: Path) -> dict:
     if status != 0 and "error" not in result:
         code = os.waitstatus_to_exitcode(status)
         result["error"] = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-    result.update(wall_s=wall, peak_rss_gib=usage.ru_maxrss / 2**20)  # ru_maxrss is KiB on Linux
+    # CPU time (user + system) of the child: less sensitive than wall time to other processes on a
+    # shared machine. ru_maxrss is KiB on Linux.
+    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_gib=usage.ru_maxrss / 2**20)
     return result
+
+
+def fastest(runs: list) -> dict:
+    """Of a path's repeats, the one with the lowest wall time (other processes only ever add time); the
+    first error if every repeat failed."""
+    ok = [r for r in runs if "error" not in r]
+    return min(ok, key=lambda r: r["wall_s"]) if ok else runs[0]
 
 
 def weights_gib(package: Path) -> float:
@@ -188,26 +197,28 @@ def best_plain(results: dict, key: str):
 
 
 def print_table(results: dict, agreement: dict, args) -> None:
+    repeats = f"; fastest of {args.repeat} runs per path" if args.repeat > 1 else ""
     print(f"\nSD UNet '{args.family}', latent {args.latent}x{args.latent}, batch 2, fp16, macOS13; "
-          f"{os.cpu_count()} CPU cores visible, {len(os.sched_getaffinity(0))} usable")
-    head = ("path", "wall (s)", "peak RSS (GiB)", "package (GiB)", "PSNR vs diffusers fp32")
+          f"{os.cpu_count()} CPU cores visible, {len(os.sched_getaffinity(0))} usable{repeats}")
+    head = ("path", "wall (s)", "CPU (s)", "peak RSS (GiB)", "package (GiB)", "PSNR vs diffusers fp32")
     print("| " + " | ".join(head) + " |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for which in args.paths:
         r = results[which]
         psnr = agreement.get(which, "")
         psnr = f"{psnr:.1f} dB" if isinstance(psnr, float) else ("" if not psnr else "failed")
         if "error" in r:
-            print(f"| {label(which, args)} | failed: {r['error']} | {r['peak_rss_gib']:.2f} | | |")
+            print(f"| {label(which, args)} | failed: {r['error']} | | {r['peak_rss_gib']:.2f} | | |")
         else:
-            print(f"| {label(which, args)} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+            print(f"| {label(which, args)} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | "
                   f"{r['package_gib']:.2f} | {psnr} |")
-    fast, small = best_plain(results, "wall_s"), best_plain(results, "peak_rss_gib")
-    if "ours" in results and "error" not in results["ours"] and fast:
+    best = {key: best_plain(results, key) for key in ("wall_s", "cpu_s", "peak_rss_gib")}
+    if "ours" in results and "error" not in results["ours"] and best["wall_s"]:
         ours = results["ours"]
-        print(f"| ours / best plain | {ours['wall_s'] / results[fast]['wall_s']:.2f}x | "
-              f"{ours['peak_rss_gib'] / results[small]['peak_rss_gib']:.2f}x | | |")
-        print(f"best plain: wall = {label(fast, args)}; peak RSS = {label(small, args)}")
+        ratios = [f"{ours[key] / results[which][key]:.2f}x" for key, which in best.items()]
+        print(f"| ours / best plain | {' | '.join(ratios)} | | |")
+        print("best plain: " + "; ".join(f"{name} = {label(best[key], args)}" for key, name in
+                                         (("wall_s", "wall"), ("cpu_s", "CPU"), ("peak_rss_gib", "peak RSS"))))
     for which in args.paths:
         if "error" not in results[which]:
             print(f"phases {label(which, args)}:", {k: round(v, 1) for k, v in results[which]["phases"].items()})
@@ -246,6 +257,9 @@ def main():
     parser.add_argument("--only", nargs="+", choices=PATHS, dest="paths", help="run these paths only")
     parser.add_argument("--agreement", choices=("all", "none"), default="all",
                         help="run each package on the MIL runtime against the diffusers UNet in fp32")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the paths this many times (every other round in reverse order) and report "
+                             "each path's fastest run")
     parser.add_argument("--keep", type=Path, help="keep the packages in this folder")
     parser.add_argument("--child", choices=PATHS + ("agreement",), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -260,13 +274,16 @@ def main():
         args.keep.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_unet_", dir=args.keep))
     try:
-        results = {}
-        for which in args.paths:
-            results[which] = run_child(which, args, workdir)
-            package = workdir / f"{which}.mlpackage"
-            if "error" not in results[which]:
-                results[which]["package_gib"] = weights_gib(package)
-            print(label(which, args), json.dumps(results[which]), flush=True)
+        runs = {which: [] for which in args.paths}
+        for repeat in range(args.repeat):
+            # Every other round in reverse order, so that a drift in machine load favours no path.
+            for which in (args.paths if repeat % 2 == 0 else args.paths[::-1]):
+                result = run_child(which, args, workdir)
+                if "error" not in result:
+                    result["package_gib"] = weights_gib(workdir / f"{which}.mlpackage")
+                runs[which].append(result)
+                print(label(which, args), json.dumps(result), flush=True)
+        results = {which: fastest(r) for which, r in runs.items()}
         agreement = {}
         if args.agreement == "all":
             agreement = run_child("agreement", args, workdir).get("psnr_db", {})

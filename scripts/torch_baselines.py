@@ -2,8 +2,8 @@
 
 Eager diffusers modules, the same captured in a CUDA graph, torch.compile (default mode), and
 torch.compile captured in a CUDA graph; plus one timer for every row (CUDA events on a GPU,
-perf_counter on the CPU; median of N calls after warm-up, optionally in interleaved rounds). Imported by bench_runtime_unet.py and
-bench_pipeline.py (this folder is on sys.path when they run).
+perf_counter on the CPU; median of N calls after warm-up, optionally in interleaved rounds).
+Imported by bench_runtime_unet.py and bench_pipeline.py (this folder is on sys.path when they run).
 """
 import statistics
 import time

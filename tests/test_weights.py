@@ -25,6 +25,27 @@ def test_reads_what_safetensors_wrote_into_private_storage(tmp_path):
     assert len(storages) == sum(1 for t in ours.values() if t.numel())  # one storage per tensor, no shared mapping
 
 
+def test_a_converting_read_keeps_what_convert_made_in_storage_of_its_own(tmp_path):
+    """With `convert`, tensors are read through one reused buffer: whatever convert returns, a new
+    tensor or its input (a view of that buffer), each result holds its own values after every later read."""
+    tensors = {"large": torch.randn(64, 64), "small": torch.randn(5), "h": torch.randn(7).half(),
+               "i": torch.arange(6, dtype=torch.int64), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+
+    def halve_large(tensor):
+        return tensor.half() if tensor.dtype == torch.float32 and tensor.numel() > 100 else tensor
+
+    for convert in (halve_large, lambda tensor: tensor):
+        ours = read_safetensors(path, convert)
+        assert ours.keys() == tensors.keys()
+        for name, value in tensors.items():
+            expected = convert(value)
+            assert ours[name].dtype == expected.dtype and torch.equal(ours[name], expected), name
+        storages = {t.untyped_storage().data_ptr() for t in ours.values() if t.numel()}
+        assert len(storages) == sum(1 for t in ours.values() if t.numel())
+
+
 def test_diffusers_models_load_identically_to_from_pretrained(tiny_source):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     for cls, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):

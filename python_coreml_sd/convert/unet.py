@@ -5,8 +5,9 @@ Inputs `sample` (B, 4, H, W), `timestep` (B,), `encoder_hidden_states` (B, C, 1,
 options.unet_batch_one.
 
 Memory and time (see docs/unet.md): the graph is traced at batch 1 with stand-in weights before any
-real weight is loaded; the weights then exist once in PyTorch (read into private memory, shared by the
-diffusers and Neural-Engine modules, set into the traced module by name); the MIL program is built
+real weight is loaded; the weights then exist once in PyTorch (read into private memory, for fp16
+packages halved one by one as they are read, shared by the diffusers and Neural-Engine modules, set
+into the traced module by name); the MIL program is built
 with no passes, the PyTorch side is freed, and only then do a trimmed pass pipeline and the streaming
 fp16 cast run, freeing each fp32 weight as its fp16 copy is made.
 """
@@ -18,10 +19,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..components import SDXL, TABLE, interface_of
+from ..components import SDXL, TABLE, Dims, interface_of
 from ..errors import UserError
 from ..package_io import save_mlmodel
-from ..layers.unet import UNet2DConditionModelANE, check_supported
+from ..layers.unet import DiffusersUNet, UNet2DConditionModelANE, check_supported, from_diffusers
 from .common import (_deployment_target, brief_program_strings, check_correctness, compress, describe,
                      fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, trace)
 
@@ -83,13 +84,16 @@ def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int,
                   text_pooled: int = None) -> "OrderedDict[str, torch.Tensor]":
     """Example inputs; an SDXL UNet's also need the width of the pooled text embeddings (text_encoder_2's)."""
     generator = torch.Generator().manual_seed(0)
+    family = interface_of(config)  # the shapes as the table gives them
+    dims = xl_dims(config, batch, h, w, seq_len, text_pooled) if family == SDXL else \
+        Dims(h, w, batch, config.get("in_channels", 4), config["cross_attention_dim"], seq_len)
+    shapes = TABLE["unet"].input_shapes(dims, family)
     inputs = OrderedDict(
-        sample=torch.randn(batch, config.get("in_channels", 4), h, w, generator=generator),
+        sample=torch.randn(*shapes["sample"], generator=generator),
         timestep=torch.tensor([999.0, 10.0][:batch] if batch <= 2 else [500.0] * batch),
-        encoder_hidden_states=torch.randn(batch, config["cross_attention_dim"], 1, seq_len, generator=generator),
+        encoder_hidden_states=torch.randn(*shapes["encoder_hidden_states"], generator=generator),
     )
-    if interface_of(config) == SDXL:  # the added conditions, at the sizes the table gives them
-        shapes = TABLE["unet"].input_shapes(xl_dims(config, batch, h, w, seq_len, text_pooled), SDXL)
+    if family == SDXL:  # the added conditions
         # time ids as the pipelines make them: original size, crop (0, 0), then target size or aesthetic score
         ids = [8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w] if shapes["time_ids"][1] == 6 else [8.0 * h, 8.0 * w, 0, 0, 6.0]
         inputs["time_ids"] = torch.tensor([ids] * batch)
@@ -117,20 +121,10 @@ def text_pooled_width(source):
     return source.config("text_encoder_2", ("projection_dim",))["projection_dim"]
 
 
-def ane_unet_from(unet, attention_implementation: str) -> UNet2DConditionModelANE:
-    """The Neural-Engine UNet holding the diffusers UNet's own tensors (no copy, no random init)."""
-    with torch.device("meta"):
-        model = UNet2DConditionModelANE(dict(unet.config), attention_implementation)
-    model.load_state_dict(unet.state_dict(), strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
 def diffusers_reference(unet, inputs: dict) -> np.ndarray:
-    """noise_pred of the diffusers UNet for our (B, C, 1, S) inputs."""
-    context = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)
-    added = {k: inputs[k] for k in ("time_ids", "text_embeds") if k in inputs}
+    """noise_pred of the diffusers UNet for the converted UNet's inputs, in their order (DiffusersUNet)."""
     with torch.no_grad():
-        return unet(inputs["sample"], inputs["timestep"], context, added_cond_kwargs=added or None).sample.numpy()
+        return DiffusersUNet(unet)(*inputs.values()).numpy()
 
 
 def unet_passes(compute_precision: str) -> list:
@@ -219,19 +213,23 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
 
     The graph is traced before any weight is loaded (`traced_skeleton`), so the trace's forward pass
-    and the weights are never in memory together. `load_unet()` returns the diffusers UNet; taking a
+    and the weights are never in memory together. `load_unet(convert)` returns the diffusers UNet; taking a
     loader rather than the module lets this function hold the only reference, so that the module's
-    memory can go once its weights are in MIL.
+    memory can go once its weights are in MIL. A loader may pass each weight through `convert` (None or
+    `halve_if_large`) as it reads it, so that an fp16 conversion never holds all weights in fp32
+    (ModelSource.load_unet does), or ignore it: the weights are halved here again, which changes nothing.
+    The reference output needs the fp32 UNet, so it gets no `convert`.
     """
     holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs)}
     release_free_memory()
     log_memory("traced with stand-in weights")
-    unet = load_unet()
+    halve = options.compute_precision == "float16"
+    unet = load_unet(halve_if_large if halve and not options.check_output_correctness else None)
     reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
-    weights = ane_unet_from(unet, options.attention_implementation).state_dict()
+    weights = from_diffusers(unet, options.attention_implementation).state_dict()
     del unet
     gc.collect()  # modules may hold reference cycles: now `weights` holds the only reference to each tensor
-    if options.compute_precision == "float16":
+    if halve:
         halve_large_weights(weights)
     assign_weights(holder["traced"], weights)
     del weights  # the traced module now holds the only reference
@@ -275,11 +273,15 @@ def halve_large_weights(weights: dict) -> None:
     comes: an fp16 package's weights are rounded exactly so by the fp16 pass, and the MIL program then
     never holds them in fp32 (`half_weights_as_constexpr`). A weight beyond fp16's range stays fp32,
     for the fp16 pass to judge as coremltools' does."""
-    for name, value in weights.items():
-        if value.dtype == torch.float32 and value.numel() >= LARGE_WEIGHT_ELEMENTS and \
-                not _exceeds_fp16(value.numpy()):
-            weights[name] = value.half()
-            del value
+    for name in weights:
+        weights[name] = halve_if_large(weights[name])
+
+
+def halve_if_large(value: torch.Tensor) -> torch.Tensor:
+    """One weight as `halve_large_weights` leaves it: an fp32 tensor of LARGE_WEIGHT_ELEMENTS values or more,
+    all within fp16's range, as fp16; anything else unchanged."""
+    large = value.dtype == torch.float32 and value.numel() >= LARGE_WEIGHT_ELEMENTS
+    return value.half() if large and not _exceeds_fp16(value.numpy()) else value
 
 
 @contextmanager

@@ -98,6 +98,43 @@ def test_batch_one_and_latent_size(sources, tmp_path, capsys):
     assert outputs["noise_pred"][0] == (1, 4, 8, 24)
 
 
+def test_weights_halved_as_they_load_equal_weights_halved_after_the_load(sources):
+    """ModelSource.load_unet(halve_if_large) halves each weight as it is read (the fp32 weights never exist
+    all at once); the result is bit for bit what halving the fp32 UNet's weights afterwards gives."""
+    import torch
+
+    from python_coreml_sd.convert.unet import halve_if_large, halve_large_weights
+
+    streamed = sources["tiny"].load_unet(halve_if_large).state_dict()
+    after = dict(sources["tiny"].load_unet().state_dict())
+    halve_large_weights(after)
+    assert streamed.keys() == after.keys()
+    assert {v.dtype for v in streamed.values()} == {torch.float16, torch.float32}
+    for name, value in after.items():
+        assert streamed[name].dtype == value.dtype and torch.equal(streamed[name], value), name
+
+
+@pytest.mark.parametrize("precision, check, expected", [
+    ("float16", False, "halve_if_large"), ("float16", True, None), ("float32", False, None)])
+def test_the_loader_halves_weights_only_for_fp16_packages_without_a_reference(precision, check, expected):
+    """The reference of --check-output-correctness runs the diffusers UNet in fp32, so its loader gets no
+    `convert`; neither does an fp32 package's."""
+    from python_coreml_sd import registry
+    from python_coreml_sd.convert.unet import build_mlprogram
+
+    class Loaded(Exception):
+        pass
+
+    def loader(convert):
+        raise Loaded(getattr(convert, "__name__", convert))
+
+    config = registry.family("tiny")["architecture"]["unet"]
+    options = ConversionOptions("tiny", "/unused", compute_precision=precision, check_output_correctness=check)
+    with pytest.raises(Loaded) as info:
+        build_mlprogram(loader, sample_inputs(config, 2, 16, 16, 77), options, config)
+    assert info.value.args[0] == expected
+
+
 def run_against_diffusers(package, unet) -> float:
     config = dict(unet.config)
     inputs = sample_inputs(config, 2, 16, 16, 77)
