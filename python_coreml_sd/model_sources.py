@@ -184,7 +184,7 @@ def load_diffusers_model(cls, folder: Path, convert=None):
         tensor = tensor.float() if tensor.is_floating_point() else tensor
         return convert(tensor) if convert else tensor
 
-    state = read_safetensors(weights, loaded)
+    state = read_safetensors(weights, convert=loaded)
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
         return cls.from_pretrained(str(folder), use_safetensors=True)

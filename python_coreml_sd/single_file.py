@@ -195,7 +195,7 @@ def read_entries(path: Path, allow_pickle: bool):
     if path.suffix == ".safetensors":
         from .weights import read_header, read_safetensors
         entries = read_header(path)["entries"]
-        return entries, lambda keep: read_safetensors(path, keep)
+        return entries, lambda keep: read_safetensors(path, keep=keep)
     state = _load_pickle(path)
     from .weights import DTYPES
     names = {dtype: name for name, dtype in DTYPES.items()}

@@ -60,7 +60,7 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
         raise _bad(path, f"tensor {name!r} lies outside the file or has the wrong size")
 
 
-def read_safetensors(path: Path, keep=None, convert=None) -> dict:
+def read_safetensors(path: Path, *, keep=None, convert=None) -> dict:
     """name -> tensor, each read into its own storage (no mapping of the file); with `keep` (a predicate on
     names), only the tensors it accepts are read.
 
