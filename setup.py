@@ -24,6 +24,9 @@ setup(
         "transformers>=4.40",
         "safetensors",
         "accelerate",  # low-memory weight loading for full-size models
+        # --lora: diffusers loads and fuses LoRAs only through PEFT; transformers 5 needs peft's
+        # transformers_weight_conversion (peft >= 0.18.1 or so; 0.21.2 is what the tests run with).
+        "peft>=0.21",
         "scikit-learn",  # coremltools' k-means palettizer (the reference we compare with)
         "tqdm",
         "Pillow",

@@ -4,10 +4,59 @@ The converter CLI (which components exist, where their weights are, which conver
 the generation backends (file and Resources names, input and output names), bundles (Resources names)
 and the tests of the Swift package read this table; nothing else restates these names.
 A new component (SDXL's second text encoder, a ControlNet) is one entry here plus its converter module.
+A component's inputs and outputs can differ by model family (SDXL's text encoders return penultimate
+states, its UNets take added conditions): each entry maps the families it exists for to an `Interface`.
 """
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# The interfaces a component can have, by model family: SD 1.x / 2.x, and SDXL (base and refiner), whose
+# converted text encoders return penultimate hidden states and whose UNets take added conditions.
+SD, SDXL = "sd", "sdxl"
+INTERFACES = (SD, SDXL)
+
+
+def interface_of(unet_config: dict) -> str:
+    """The interface family of a model, from its UNet's config: SDXL's UNets add `text_time` conditions."""
+    return SDXL if unet_config.get("addition_embed_type") == "text_time" else SD
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes every interface shape is a function of (from the model's configs and the options)."""
+    latent_h: int
+    latent_w: int
+    unet_batch: int = 2  # classifier-free guidance in one call; 1 with --unet-batch-one
+    latent_channels: int = 4
+    text_hidden: int = 768  # the UNet's cross-attention input: the text encoder's width (SDXL: both summed)
+    sequence: int = 77  # tokens of the text encoder
+    clip_image: int = 224  # the safety checker's CLIP image size
+    time_ids: int = 6  # SDXL: original size, crop top-left, target size (refiner: aesthetic score for the last)
+    text_pooled: int = 1280  # SDXL: the pooled text_embeds of text_encoder_2 (its projection_dim)
+
+    @property
+    def image_hw(self) -> tuple:
+        return 8 * self.latent_h, 8 * self.latent_w
+
+
+@dataclass(frozen=True)
+class Interface:
+    """What a converted component takes and returns: names in Apple's order, shapes as a function of Dims."""
+    inputs: tuple = ()  # input names as converters declare them (Apple's interface: docs/compat.md)
+    outputs: tuple = ()
+    shapes: object = None  # Dims -> the inputs' shapes, in the order of `inputs`
+
+    def feed(self, *values) -> dict:
+        """{input name: value} for values given in the order of `inputs`."""
+        if len(values) != len(self.inputs):
+            raise TypeError(f"takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(values)}")
+        return dict(zip(self.inputs, values))
+
+    def input_shapes(self, dims: Dims) -> dict:
+        """{input name: shape} of this interface for `dims`."""
+        return dict(zip(self.inputs, self.shapes(dims)))
 
 
 @dataclass(frozen=True)
@@ -15,36 +64,121 @@ class ComponentSpec:
     name: str  # package suffix, Apple's: Stable_Diffusion_version_<model>_<name>.mlpackage
     resource: str  # Apple's Resources name: <resource>.mlmodelc / .mlpackage in Swift bundles
     source_folder: str = None  # the diffusers subfolder it is converted from; None: cut from another package
-    inputs: tuple = ()  # input names as converters declare them (Apple's interface: docs/compat.md)
-    outputs: tuple = ()
+    interfaces: dict = None  # interface family (SD, SDXL) -> Interface; the families it exists for
     converter: str = None  # "module:function" in python_coreml_sd.convert
+    # The component whose --convert-* flag also converts this one (Apple's: --convert-text-encoder converts
+    # SDXL's second encoder, --convert-unet with --refiner-version the refiner); None: a flag of its own.
+    converted_with: str = None
+
+    def io(self, family: str = None) -> Interface:
+        """The interface of this component in a model family (default: the first it has, SD's for most)."""
+        family = family or next(iter(self.interfaces))
+        if family not in self.interfaces:
+            raise KeyError(f"{self.name} has no {family} interface (it has {', '.join(self.interfaces)})")
+        return self.interfaces[family]
+
+    # The first family's interface, for the components that have one interface or callers that mean SD's.
+    inputs = property(lambda self: self.io().inputs)
+    outputs = property(lambda self: self.io().outputs)
+    shapes = property(lambda self: self.io().shapes)
+
+    def feed(self, *values, family: str = None) -> dict:
+        try:
+            return self.io(family).feed(*values)
+        except TypeError as exc:
+            raise TypeError(f"{self.name} {exc}") from None
+
+    def input_shapes(self, dims: Dims, family: str = None) -> dict:
+        return self.io(family).input_shapes(dims)
+
+    def names(self, family: str = None) -> tuple:
+        """Every input and output name of the interface, inputs first."""
+        return self.io(family).inputs + self.io(family).outputs
 
     @property
     def flag(self) -> str:
-        return f"--convert-{self.name.replace('_', '-')}"
+        return f"--convert-{(self.converted_with or self.name).replace('_', '-')}"
+
+
+def _text_shapes(d: Dims) -> tuple:
+    return ((1, d.sequence),)
+
+
+def _unet_shapes(d: Dims) -> tuple:
+    # encoder_hidden_states in the (B, C, 1, S) layout: text_to_unet_layout below.
+    return (d.unet_batch, d.latent_channels, d.latent_h, d.latent_w), (d.unet_batch,), \
+        (d.unet_batch, d.text_hidden, 1, d.sequence)
 
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+# SDXL's added conditions, Apple's names: time ids (B, 6; the refiner's 5) and text_encoder_2's pooled embeds.
+UNET_XL_INPUTS = UNET_INPUTS + ("time_ids", "text_embeds")
+UNET_INTERFACES = {
+    SD: Interface(UNET_INPUTS, ("noise_pred",), _unet_shapes),
+    SDXL: Interface(UNET_XL_INPUTS, ("noise_pred",),
+                    lambda d: _unet_shapes(d) + ((d.unet_batch, d.time_ids), (d.unet_batch, d.text_pooled))),
+}
+# SDXL's encoders give the penultimate layer's states (Apple's name: hidden_embeds); text_encoder_2's
+# pooled_outputs are its projected text_embeds, which condition the UNet.
+XL_TEXT = Interface(("input_ids",), ("hidden_embeds", "pooled_outputs"), _text_shapes)
+
+
+def _any(interface: Interface) -> dict:
+    """The same interface in every family."""
+    return {family: interface for family in INTERFACES}
+
+
+def _chunks(unet: str, resource: str, families=INTERFACES) -> tuple:
+    # Chunks (--chunk-unet) pass the tensors crossing the cut, whose names the cut decides; each chunk
+    # takes those of the UNet's inputs it uses: chunk 1 at least `sample`.
+    return (ComponentSpec(f"{unet}_chunk1", f"{resource}Chunk1",
+                          interfaces={family: Interface(inputs=("sample",)) for family in families}),
+            ComponentSpec(f"{unet}_chunk2", f"{resource}Chunk2",
+                          interfaces={family: Interface(outputs=("noise_pred",)) for family in families}))
+
 
 # In conversion order: the small components first, the UNet last but one (peak memory).
 TABLE = {spec.name: spec for spec in (
-    ComponentSpec("text_encoder", "TextEncoder", "text_encoder", ("input_ids",),
-                  ("last_hidden_state", "pooled_outputs"), "text_encoder:convert_text_encoder"),
-    ComponentSpec("vae_decoder", "VAEDecoder", "vae", ("z",), ("image",), "vae:convert_vae_decoder"),
-    ComponentSpec("vae_encoder", "VAEEncoder", "vae", ("x",), ("latent",), "vae:convert_vae_encoder"),
-    ComponentSpec("unet", "Unet", "unet", UNET_INPUTS, ("noise_pred",), "unet:convert_unet"),
-    # Chunks (--chunk-unet) pass the tensors crossing the cut, whose names the cut decides; each chunk
-    # takes those of the UNet's inputs it uses: chunk 1 at least `sample`.
-    ComponentSpec("unet_chunk1", "UnetChunk1", inputs=("sample",)),
-    ComponentSpec("unet_chunk2", "UnetChunk2", outputs=("noise_pred",)),
-    ComponentSpec("safety_checker", "SafetyChecker", "safety_checker", ("clip_input", "images", "adjustment"),
-                  ("filtered_images", "has_nsfw_concepts", "concept_scores"), "safety_checker:convert_safety_checker"),
+    ComponentSpec("text_encoder", "TextEncoder", "text_encoder",
+                  {SD: Interface(("input_ids",), ("last_hidden_state", "pooled_outputs"), _text_shapes), SDXL: XL_TEXT},
+                  "text_encoder:convert_text_encoder"),
+    ComponentSpec("text_encoder_2", "TextEncoder2", "text_encoder_2", {SDXL: XL_TEXT},
+                  "text_encoder:convert_text_encoder_2", converted_with="text_encoder"),
+    ComponentSpec("vae_decoder", "VAEDecoder", "vae",
+                  _any(Interface(("z",), ("image",), lambda d: ((1, d.latent_channels, d.latent_h, d.latent_w),))),
+                  "vae:convert_vae_decoder"),
+    ComponentSpec("vae_encoder", "VAEEncoder", "vae",
+                  _any(Interface(("x",), ("latent",), lambda d: ((1, 3, *d.image_hw),))), "vae:convert_vae_encoder"),
+    ComponentSpec("unet", "Unet", "unet", UNET_INTERFACES, "unet:convert_unet"),
+    *_chunks("unet", "Unet"),
+    # SDXL's refiner UNet (--refiner-version MODEL), Apple's names; its source folder is the refiner model's unet.
+    ComponentSpec("refiner", "UnetRefiner", "unet", {SDXL: UNET_INTERFACES[SDXL]}, "unet:convert_refiner",
+                  converted_with="unet"),
+    *_chunks("refiner", "UnetRefiner", (SDXL,)),
+    ComponentSpec("safety_checker", "SafetyChecker", "safety_checker",
+                  _any(Interface(("clip_input", "images", "adjustment"),
+                                 ("filtered_images", "has_nsfw_concepts", "concept_scores"),
+                                 lambda d: ((1, 3, d.clip_image, d.clip_image), (1, *d.image_hw, 3), (1,)))),
+                  "safety_checker:convert_safety_checker"),
 )}
+UNETS = ("unet", "refiner")  # the components converted by the UNet converter, with their chunks
 # The CLIP BPE tokenizer files a Resources folder carries beside the models (ours, Apple's, Hugging Face's).
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 CONVERTIBLE = tuple(name for name, spec in TABLE.items() if spec.converter)
+FLAGGED = tuple(name for name in CONVERTIBLE if not TABLE[name].converted_with)  # a --convert-* flag each
 BY_RESOURCE = {spec.resource: name for name, spec in TABLE.items()}
 _SUFFIX = re.compile(r"_(" + "|".join(sorted(TABLE, key=len, reverse=True)) + r")$")
+
+
+def text_to_unet_layout(hidden):
+    """Text embeddings (B, S, C), as text encoders give them, -> (B, C, 1, S), the layout the converted UNet
+    takes (Apple's: a Neural-Engine-friendly 4-D tensor). numpy arrays and torch tensors alike."""
+    return hidden.swapaxes(1, 2)[:, :, None, :]
+
+
+def text_from_unet_layout(states):
+    """(B, C, 1, S) -> (B, S, C): the UNet's encoder_hidden_states back in diffusers' layout."""
+    return states[:, :, 0, :].swapaxes(1, 2)
 
 
 def converter(component: str):
@@ -61,3 +195,8 @@ def component_of(path: Path):
         return None
     match = _SUFFIX.search(path.stem)
     return match.group(1) if match else BY_RESOURCE.get(path.stem)
+
+
+def is_unet(component: str) -> bool:
+    """A UNet package (base or refiner) or one of its chunks: the UNet converter's flags shape it."""
+    return component.split("_chunk")[0] in UNETS

@@ -11,10 +11,12 @@ from pathlib import Path
 from . import registry
 from .errors import UserError
 
-COMPONENT_FOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "safety_checker", "scheduler", "feature_extractor")
+COMPONENT_FOLDERS = ("unet", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "safety_checker",
+                     "scheduler", "feature_extractor")
 SUPPORTED_CLASSES = {
     "unet": {"UNet2DConditionModel"},
     "text_encoder": {"CLIPTextModel"},
+    "text_encoder_2": {"CLIPTextModelWithProjection"},
     "vae": {"AutoencoderKL"},
     "safety_checker": {"StableDiffusionSafetyChecker"},
 }
@@ -73,6 +75,11 @@ class ModelSource:
         return self._load("text_encoder",
                           lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
 
+    def load_text_encoder_2(self):
+        from transformers import CLIPTextModelWithProjection
+        return self._load("text_encoder_2", lambda folder: CLIPTextModelWithProjection.from_pretrained(
+            folder, dtype=FLOAT32, use_safetensors=True))
+
     def load_vae(self):
         from diffusers import AutoencoderKL
         return self._load("vae", lambda folder: load_diffusers_model(AutoencoderKL, Path(folder)))
@@ -83,23 +90,45 @@ class ModelSource:
                           lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32,
                                                                                       use_safetensors=True))
 
-    def load_feature_extractor(self):
-        from transformers import CLIPImageProcessor
-        return self._load("feature_extractor", CLIPImageProcessor.from_pretrained)
-
     def load_tokenizer(self):
         from transformers import CLIPTokenizer
         return self._load("tokenizer", CLIPTokenizer.from_pretrained)
 
-    def load_scheduler(self):
-        from diffusers import PNDMScheduler
-        return self._load("scheduler", PNDMScheduler.from_pretrained)
+    def load_tokenizer_2(self):
+        from transformers import CLIPTokenizer
+        return self._load("tokenizer_2", CLIPTokenizer.from_pretrained)
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.index.get("_class_name", ""))
+
+    @property
+    def says_xl(self) -> bool:
+        """The folder declares an SDXL pipeline (model_index.json), whatever its components hold."""
+        return self.pipeline_class.startswith("StableDiffusionXL")
+
+    @property
+    def interface(self) -> str:
+        """The interface family of this model's components (python_coreml_sd.components): SDXL when its UNet
+        takes SDXL's added conditions, or, without a UNet, when model_index.json names an SDXL pipeline."""
+        from .components import SD, SDXL, interface_of
+        if self.has("unet"):
+            return interface_of(self.config("unet"))
+        return SDXL if self.says_xl else SD
+
+    @property
+    def is_refiner(self) -> bool:
+        """An SDXL refiner: an SDXL model without the first text encoder whose time ids end in an aesthetic
+        score (model_index.json's requires_aesthetics_score)."""
+        return self.says_xl and bool(self.index.get("requires_aesthetics_score")) and not self.has("text_encoder")
 
     def text_positions(self) -> int:
-        """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say."""
-        if not self.has("text_encoder"):
-            return CLIP_POSITIONS
-        return self.config("text_encoder").get("max_position_embeddings", CLIP_POSITIONS)
+        """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say. SDXL's
+        refiner has the second encoder only."""
+        for folder in ("text_encoder", "text_encoder_2"):
+            if self.has(folder):
+                return self.config(folder).get("max_position_embeddings", CLIP_POSITIONS)
+        return CLIP_POSITIONS
 
     def config(self, component: str, required: tuple = ()) -> dict:
         """A component's config.json without loading weights; `required` keys must be present."""
@@ -155,16 +184,21 @@ def load_diffusers_model(cls, folder: Path, convert=None):
         tensor = tensor.float() if tensor.is_floating_point() else tensor
         return convert(tensor) if convert else tensor
 
-    state = read_safetensors(weights, loaded)
+    state = read_safetensors(weights, convert=loaded)
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
         return cls.from_pretrained(str(folder), use_safetensors=True)
     return model
 
 
-def resolve(model_version: str) -> ModelSource:
-    """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix."""
+def resolve(model_version: str, allow_pickle: bool = False) -> ModelSource:
+    """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix.
+    A single checkpoint file becomes a diffusers folder in the cache (python_coreml_sd.single_file);
+    `allow_pickle` lets a pickled one (.ckpt) be loaded."""
     path = Path(model_version).expanduser()
+    if path.is_file():
+        from .single_file import materialize
+        return ModelSource(model_version, materialize(path, allow_pickle))
     entry = registry.named_model(model_version)
     explicit_path = model_version.startswith((".", "/", "~"))
     # A registry name wins over a same-named folder that holds no model (`-o tiny` for `tiny`).
@@ -181,6 +215,9 @@ def resolve(model_version: str) -> ModelSource:
 
 def _from_folder(name: str, path: Path) -> ModelSource:
     if not path.is_dir():
+        from .single_file import SINGLE_FILE_SUFFIXES
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"checkpoint file {path} does not exist")
         raise UserError(f"model folder {path} does not exist; pass a diffusers folder with model_index.json")
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a diffusers model folder (no model_index.json); save the model with "

@@ -179,3 +179,20 @@ def _has_exir_debug_handles(mlmodel) -> bool:
     prog = getattr(mlmodel, "_mil_program", None)
     return prog is not None and any(ScopeSource.EXIR_DEBUG_HANDLE in f._essential_scope_sources
                                     for f in prog.functions.values())
+
+
+def read_program(spec, weights_dir: str, specification_version: int = None):
+    """The PyMIL Program of an ML Program spec whose weight files lie in `weights_dir`: the one reader
+    behind the MIL runtime (which checks an untrusted package first), the chunker and the palettizer."""
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise UserError(f"a Core ML '{spec.WhichOneof('Type')}' model is not an ML Program")
+    return load(spec, specification_version=specification_version or spec.specificationVersion,
+                file_weights_dir=weights_dir)
+
+
+def mil_program(mlmodel, specification_version: int = None):
+    """The PyMIL Program of a ``ct.models.MLModel`` (fresh from a conversion, or loaded from disk)."""
+    return read_program(mlmodel.get_spec(), mlmodel.weights_dir, specification_version)
+

@@ -19,6 +19,7 @@ from . import registry
 from .console import OneLineErrorParser, fail, quiet_third_party, show_own_warnings
 from .errors import CheckFailed, UserError
 from .generation.schedulers import SCHEDULERS
+from .generation.jobs import generate_images
 from .generation.setup import PIPELINE_BACKENDS
 from .runtime import default_backend
 
@@ -51,6 +52,19 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="device of the mil and torch backends (default: cpu)")
     p.add_argument("--torch-precision", choices=("float32", "float16"), default="float32",
                    help="precision of the torch backend (default: float32; float16 wants --device cuda)")
+    xl = p.add_argument_group("SDXL")
+    xl.add_argument("--original-size", type=float, nargs=2, metavar=("H", "W"),
+                    help="micro-conditioning: the original image size in pixels (default: the image size)")
+    xl.add_argument("--crops-coords-top-left", type=float, nargs=2, metavar=("Y", "X"), default=(0, 0),
+                    help="micro-conditioning: the crop's top-left corner (default: 0 0)")
+    xl.add_argument("--target-size", type=float, nargs=2, metavar=("H", "W"),
+                    help="micro-conditioning: the target size in pixels (default: the image size)")
+    xl.add_argument("--refiner-start", type=float, metavar="FRACTION",
+                    help="hand the latents to the refiner after this fraction of the steps, in (0, 1) (diffusers' "
+                         "denoising_end / denoising_start); needs the converted refiner (or, for --backend torch, "
+                         "--refiner-version)")
+    xl.add_argument("--refiner-version", metavar="MODEL",
+                    help="the SDXL refiner the torch backend runs with --refiner-start (e.g. tiny-xl-refiner)")
     p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
 
 
@@ -64,49 +78,41 @@ def parser_spec() -> argparse.ArgumentParser:
     return p
 
 
-def request_from_args(args, seed=None):
+def models_from_args(args):
+    """The `--backend` / `-i` / `--model-version` / device flags as a typed `Models` (shared with parity)."""
+    from .generation.jobs import Models
+    return Models(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
+                  args.torch_precision, args.refiner_version)
+
+
+def requests_from_args(args, seeds) -> list:
     from .generation.images import load_image
-    from .generation.pipeline import GenerationRequest
-    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                             seed=args.seed if seed is None else seed, num_inference_steps=args.num_inference_steps,
-                             guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                             image=load_image(args.image) if args.image else None, strength=args.strength)
+    from .generation.jobs import requests_for
+    return requests_for([args.prompt], seeds, negative_prompt=args.negative_prompt,
+                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        scheduler=args.scheduler, image=load_image(args.image) if args.image else None,
+                        strength=args.strength, original_size=tuple(args.original_size) if args.original_size else None,
+                        crops_coords_top_left=tuple(args.crops_coords_top_left),
+                        target_size=tuple(args.target_size) if args.target_size else None,
+                        refiner_start=args.refiner_start)
 
 
-def parameters(args, request, backend) -> dict:
-    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-            "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
-            "scheduler": request.scheduler, "backend": backend, "device": args.device,
-            "model_version": args.model_version, "strength": request.strength if request.image else None,
-            "generator": "python_coreml_sd"}
-
-
-def generate(args) -> list:
-    from .generation.images import output_name, save_png
-    from .generation.setup import open_pipeline
-    from .package_io import check_output_dir, prepare_output_dir
+def job_from_args(args):
+    from .generation.jobs import ImageJob
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
-    requests = [request_from_args(args, args.seed + k) for k in range(args.num_images)]
-    for request in requests:
-        request.validate()
-    check_output_dir(args.output_dir)
-    targets = [args.output_dir / output_name(r.prompt, r.seed) for r in requests]
-    for target in targets:  # refuse before generating, not after
-        if target.exists() and not args.overwrite:
-            raise UserError(f"{target} exists; pass --overwrite to replace it or choose another -o")
-    pipe = open_pipeline(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                         img2img=args.image is not None, torch_precision=args.torch_precision)
-    prepare_output_dir(args.output_dir)
-    written = []
-    for request, target in zip(requests, targets):
-        result = pipe.generate(request)
-        if result.flagged:
-            print(f"{PROG}: the safety checker flagged seed {request.seed}; the image was replaced by a black one",
-                  file=sys.stderr)
-        written.append(save_png(result.image, target, parameters(args, request, args.backend), args.overwrite))
-        print(f"{target} ({result.seconds_per_step:.3f} s/step, {result.seconds_total:.1f} s total)", file=sys.stderr)
-    return written
+    seeds = [args.seed + k for k in range(args.num_images)]
+    return ImageJob(models_from_args(args), requests_from_args(args, seeds), args.output_dir, args.overwrite)
+
+
+def parameters(job, request) -> dict:
+    """What a PNG's text chunks say about how it was made."""
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+            "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+            "scheduler": request.scheduler, "backend": job.models.backend, "device": job.models.device,
+            "model_version": job.models.model_version, "strength": request.strength if request.image else None,
+            "refiner_start": request.refiner_start,
+            "generator": "python_coreml_sd"}
 
 
 def main(argv=None) -> int:
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
     quiet_third_party(args.verbose)
     show_own_warnings(PROG)
     try:
-        generate(args)
+        job = job_from_args(args)
+        generate_images(job, lambda request: parameters(job, request))
     except (UserError, CheckFailed) as exc:
         fail(PROG, str(exc), exc.exit_code)
     except KeyboardInterrupt:

@@ -2,39 +2,49 @@
 architectures for benchmarks. Real component classes, deterministic weights, no network."""
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import registry
 from ._version import __version__
+from .model_cache import build_once, cache_root
 
 
 def build_components(family_name: str, seed: int = 0) -> dict:
-    """Instantiate every component of a family with weights drawn from `seed`."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Instantiate every component of a family with weights drawn from `seed` (in this order: UNet, text
+    encoder, second text encoder, VAE, safety checker; each only where the family has it)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    arch = registry.family(family_name)["architecture"]
+    entry = registry.family(family_name)
+    arch = entry["architecture"]
     torch.manual_seed(seed)
-    components = {
-        "unet": UNet2DConditionModel(**arch["unet"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
-        "vae": AutoencoderKL(**arch["vae"]),
-        "scheduler": PNDMScheduler(**registry.scheduler_config(),
-                                   prediction_type=registry.family(family_name)["prediction_type"]),
-        "tokenizer": load_clip_tokenizer(arch["tokenizer"]["pad_token"]),
-    }
+    components = {"unet": UNet2DConditionModel(**arch["unet"])}
+    if "text_encoder" in arch:
+        components["text_encoder"] = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+        components["tokenizer"] = load_clip_tokenizer(arch["tokenizer"]["pad_token"])
+    if "text_encoder_2" in arch:  # SDXL's OpenCLIP encoder: penultimate states and projected text_embeds
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
+        components["tokenizer_2"] = load_clip_tokenizer(arch["tokenizer_2"]["pad_token"])
+    components["vae"] = AutoencoderKL(**arch["vae"])
+    components["scheduler"] = _scheduler(entry)
     if "safety_checker" in arch:
         components["safety_checker"], components["feature_extractor"] = _build_safety_checker(
             arch["safety_checker"], arch["text_encoder"])
-    for name in ("unet", "text_encoder", "vae", "safety_checker"):
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae", "safety_checker"):
         if name in components:
             components[name].eval()
     return components
+
+
+def _scheduler(entry: dict):
+    """The family's scheduler (SDXL's EulerDiscrete config, as published), else SD's PNDM."""
+    import diffusers
+    if "scheduler" in entry:
+        config = dict(entry["scheduler"])
+        return getattr(diffusers, config.pop("_class_name")).from_config(config)
+    return diffusers.PNDMScheduler(**registry.scheduler_config(), prediction_type=entry["prediction_type"])
 
 
 def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
@@ -64,19 +74,27 @@ def _build_safety_checker(arch: dict, text_arch: dict):
     return checker, extractor
 
 
-def save_diffusers_folder(components: dict, dest: Path) -> None:
-    """Write components as a diffusers StableDiffusionPipeline folder (safetensors weights)."""
+def save_diffusers_folder(components: dict, dest: Path, family_name: str = None) -> None:
+    """Write components as a diffusers pipeline folder (safetensors weights): the family's pipeline class
+    (StableDiffusionXLPipeline, ...) with its config, else StableDiffusionPipeline."""
+    import diffusers
     from diffusers import StableDiffusionPipeline
 
+    entry = registry.family(family_name) if family_name else {}
+    if "pipeline" in entry:
+        import inspect
+        cls, config = getattr(diffusers, entry["pipeline"]), entry.get("pipeline_config", {})
+        modules = [name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                   if name != "self" and name not in config and parameter.default in (inspect.Parameter.empty, None)
+                   and name != "add_watermarker"]
+        pipe = cls(**{name: components.get(name) for name in modules}, **config)
+        pipe.save_pretrained(str(dest), safe_serialization=True)
+        return
     pipe = StableDiffusionPipeline(
         safety_checker=components.get("safety_checker"), feature_extractor=components.get("feature_extractor"),
         requires_safety_checker="safety_checker" in components,
         **{k: components[k] for k in ("unet", "text_encoder", "vae", "scheduler", "tokenizer")})
     pipe.save_pretrained(str(dest), safe_serialization=True)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PYTHON_COREML_SD_CACHE", Path.home() / ".cache" / "python_coreml_sd"))
 
 
 def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
@@ -88,17 +106,4 @@ def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
     spec = json.dumps({"family": registry.family(family_name), "seed": seed, "version": __version__},
                       sort_keys=True)
     dest = cache_root() / f"{family_name}-seed{seed}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    if (dest / "model_index.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        save_diffusers_folder(build_components(family_name, seed), tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first: keep theirs
-            if not (dest / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return build_once(dest, lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp, family_name))

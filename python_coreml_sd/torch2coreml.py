@@ -11,22 +11,24 @@ if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from . import registry
 from ._version import __version__
-from .components import CONVERTIBLE, TABLE, converter
+from .components import FLAGGED, TABLE
 from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
-from .convert.common import DEPLOYMENT_TARGETS, ConversionOptions
+from .convert import ConversionOptions, convert
+from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec
 from .errors import CheckFailed, UserError
-from .package_io import prepare_output_dir
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
-IOS18_TARGETS = ("iOS18", "macOS15")  # 3-bit and per-grouped-channel look-up tables start here
-COMPONENTS = CONVERTIBLE  # in conversion order (python_coreml_sd/components.py)
+COMPONENTS = FLAGGED  # in conversion order (python_coreml_sd/components.py); the others come with one of these
+
+
+COMPANION_HELP = {"text_encoder": " (of an SDXL model: both text encoders, TextEncoder and TextEncoder2)",
+                  "unet": " (with --refiner-version: the refiner's UNet too, UnetRefiner)"}
 
 
 def parser_spec() -> argparse.ArgumentParser:
@@ -34,12 +36,35 @@ def parser_spec() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to convert (at least one)")
     for component in COMPONENTS:
         what.add_argument(TABLE[component].flag, action="store_true",
-                          help=f"convert the {component.replace('_', ' ')}")
+                          help=f"convert the {component.replace('_', ' ')}" + COMPANION_HELP.get(component, ""))
     p.add_argument("--model-version", default="tiny",
-                   help="a diffusers model folder, a Hugging Face repo id (needs the hub), or a registry name: "
+                   help="a diffusers model folder, a single-file checkpoint (FILE.safetensors of SD 1.x / 2.x in "
+                        "the original layout: family and variant recognised from its tensors; .ckpt needs "
+                        "--allow-pickle), a Hugging Face repo id (needs the hub), or a registry name: "
                         f"{', '.join(registry.model_names())} (default: tiny, the embedded toy model)")
+    p.add_argument("--xl-version", action="store_true",
+                   help="the model is SDXL (as Apple's flag); an SDXL folder (its model_index.json, its UNet's "
+                        "text_time conditions) is recognised without it, a model that is not SDXL is refused with it")
+    p.add_argument("--refiner-version", metavar="MODEL",
+                   help="an SDXL refiner (folder, registry name such as tiny-xl-refiner, hub id) whose UNet "
+                        "--convert-unet converts too, as <model>_refiner.mlpackage (Resources: UnetRefiner)")
     p.add_argument("-o", default=".", type=Path, help="output folder for the .mlpackage files (default: .)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    edits = p.add_argument_group("model edits, applied before converting (see docs/model_files.md)")
+    edits.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="merge a LoRA (.safetensors, diffusers/PEFT or kohya/A1111 format) into the UNet and "
+                            "text encoder with SCALE (default 1); repeatable, merged in order; the packages' "
+                            "metadata lists each with its sha256 and scale")
+    edits.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
+                       help="add a textual-inversion embedding to the text encoder and TOKEN to the tokenizer "
+                            "(default token: the one the file names, else its file name); repeatable; bundles "
+                            "carry the tokens in added_tokens.json")
+    edits.add_argument("--custom-vae-version", metavar="MODEL_OR_FILE",
+                       help="replace the model's VAE: a model (folder, registry name, hub id) whose VAE to use, a "
+                            "diffusers VAE folder, or a VAE .safetensors file (original or diffusers layout)")
+    edits.add_argument("--allow-pickle", action="store_true",
+                       help="load pickled files (.ckpt, .pt, .bin) for --model-version, --lora, --textual-inversion, "
+                            "--custom-vae-version, as tensors only (torch.load weights_only); only for files you trust")
     shape = p.add_argument_group("shapes")
     shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
     shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")
@@ -102,66 +127,15 @@ def options_from_args(args) -> ConversionOptions:
         chunk_unet=args.chunk_unet, overwrite=args.overwrite, quantize_nbits=args.quantize_nbits,
         mixed_bit_recipe=str(args.mixed_bit_recipe) if args.mixed_bit_recipe else None,
         palettize_granularity=args.palettize_granularity, palettize_group_size=args.palettize_group_size,
-        check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold)
+        check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold,
+        allow_pickle=args.allow_pickle, loras=tuple(LoraSpec.parse(v) for v in args.lora),
+        textual_inversions=tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion),
+        custom_vae_version=args.custom_vae_version, xl_version=args.xl_version,
+        refiner_version=args.refiner_version)
 
 
 def requested_components(args) -> list:
     return [c for c in COMPONENTS if getattr(args, f"convert_{c}")]
-
-
-def check_compression(options: ConversionOptions) -> None:
-    """Compression flags that cannot work fail before any conversion."""
-    before_ios18 = options.min_deployment_target not in IOS18_TARGETS
-    if options.palettize_granularity == "per_grouped_channel" and before_ios18:
-        raise UserError("--palettize-granularity per_grouped_channel needs --min-deployment-target iOS18 or macOS15")
-    if options.quantize_nbits == 3 and before_ios18:
-        raise UserError("--quantize-nbits 3 needs --min-deployment-target iOS18 or macOS15 (before iOS 18, Core ML's "
-                        "look-up tables hold 2, 4, 16, 64 or 256 entries)")
-    if options.mixed_bit_recipe:
-        from .compression.recipes import load_recipe
-        if 3 in load_recipe(options.mixed_bit_recipe).values() and before_ios18:
-            raise UserError(f"mixed-bit recipe {options.mixed_bit_recipe}: 3 bits needs --min-deployment-target iOS18 "
-                            "or macOS15 (before iOS 18, Core ML's look-up tables hold 2, 4, 16, 64 or 256 entries)")
-
-
-def check_request(source, options: ConversionOptions, components: list) -> None:
-    """Everything that can be known to fail, checked before any work rather than after a component."""
-    from .convert import text_encoder, unet
-    from .convert.common import check_latent_size, output_path, reusable_existing
-
-    for component in components:
-        source.require(TABLE[component].source_folder)
-        source.check_weights(TABLE[component].source_folder)
-        outputs = unet.unet_output_paths(options) if component == "unet" else [output_path(options, component)]
-        reusable_existing(outputs, options, component)
-    check_latent_size(options)
-    if "unet" in components:
-        unet.check_options(source, options)
-        if options.mixed_bit_recipe:
-            unet.check_recipe(source, options)
-    if "text_encoder" in components:
-        text_encoder.check_options(source, options)
-
-
-def convert(options: ConversionOptions, components: list) -> list:
-    """Library entry point: convert `components` of `options.model_version`; returns the written paths."""
-    from .model_sources import resolve
-
-    if not components:
-        raise UserError("nothing to convert; pass at least one --convert-* flag")
-    check_compression(options)
-    source = resolve(options.model_version)
-    check_request(source, options, components)
-    prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good
-    written = []
-    for index, component in enumerate(components, 1):
-        print(f"[{index}/{len(components)}] {component}: converting...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        paths = converter(component)(source, options)
-        written += paths
-        print(f"[{index}/{len(components)}] {component}: {', '.join(p.name for p in paths)} "
-              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
-    return written
 
 
 def main(argv=None) -> int:

@@ -60,8 +60,9 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
         raise _bad(path, f"tensor {name!r} lies outside the file or has the wrong size")
 
 
-def read_safetensors(path: Path, convert=None) -> dict:
-    """name -> tensor, each read into its own storage (no mapping of the file).
+def read_safetensors(path: Path, *, keep=None, convert=None) -> dict:
+    """name -> tensor, each read into its own storage (no mapping of the file); with `keep` (a predicate on
+    names), only the tensors it accepts are read.
 
     With `convert` (tensor -> tensor), each tensor is read into one buffer reused for all of them and
     only convert(tensor) is kept (copied out of the buffer if it is a view of it): a caller that turns
@@ -76,6 +77,8 @@ def read_safetensors(path: Path, convert=None) -> dict:
     tensors = {}
     with open(path, "rb") as f:
         for name, entry in entries.items():
+            if keep is not None and not keep(name):
+                continue
             begin, end = entry["data_offsets"]
             dtype = DTYPES[entry["dtype"]]
             raw = scratch[:end - begin] if convert else torch.empty(end - begin, dtype=torch.uint8)

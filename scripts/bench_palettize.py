@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from python_coreml_sd.compression import testbed  # noqa: E402
 from python_coreml_sd.compression.kmeans import palettize_array  # noqa: E402
 from python_coreml_sd.compression.palettize import (  # noqa: E402
-    WEIGHT_THRESHOLD, lut_weights, mil_program, palettize_mlpackage)
+    WEIGHT_THRESHOLD, lut_weights, palettize_mlpackage)
+from python_coreml_sd.package_io import mil_program  # noqa: E402
 from python_coreml_sd.metrics import psnr  # noqa: E402
 
 
@@ -70,7 +71,8 @@ def output_psnr(src, dst, inputs, how, module=None, torch_inputs=None):
 
         ref = MILModel(src).predict(inputs)["output"]
         return psnr(ref, MILModel(dst).predict(inputs)["output"])
-    from python_coreml_sd.compression.mixed_bit import _match, palettizable_layers
+    from python_coreml_sd.compression.recipes import _match
+    from python_coreml_sd.compression.sensitivity import palettizable_layers
 
     layers = palettizable_layers(module)
     with torch.no_grad():

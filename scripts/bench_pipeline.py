@@ -8,7 +8,7 @@ seed and scheduler, in one run. Prints a table.
 
 Same work on both sides: text encoder, UNet (batch 2, classifier-free guidance), VAE decoder and, by
 default, the safety checker (--no-safety-checker: neither side runs it). The mil side runs packages that
-python_coreml_sd.torch2coreml.convert made of exactly the modules the torch side runs (the family's
+python_coreml_sd.convert.convert made of exactly the modules the torch side runs (the family's
 architecture with random weights, seed 0, built once into --work-dir; conversion cached there too).
 
 Rows:
@@ -34,9 +34,9 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 
 def prepare(family: str, work_dir: Path, attention: str, safety_checker: bool):
     os.environ["PYTHON_COREML_SD_CACHE"] = str(work_dir / "models")
-    from python_coreml_sd.convert.common import ConversionOptions
+    from python_coreml_sd.convert import ConversionOptions
     from python_coreml_sd.random_models import materialized_model_dir
-    from python_coreml_sd.torch2coreml import convert
+    from python_coreml_sd.convert import convert
 
     start = time.perf_counter()
     folder = materialized_model_dir(family)

@@ -84,13 +84,14 @@ def package_path(args, attention) -> Path:
 
 def convert(unet, inputs, path, attention, target):
     """Through our converter, as `torch2coreml --convert-unet` does (without the correctness check)."""
-    from python_coreml_sd.convert.common import ConversionOptions, save
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.package_io import save_mlmodel
     from python_coreml_sd.convert.unet import build_mlprogram
 
     options = ConversionOptions(f"bench_runtime_unet_{path.stem}", path.parent, attention_implementation=attention,
                                 min_deployment_target=target)
     mlmodel, _ = build_mlprogram(lambda convert: copy.deepcopy(unet), inputs, options, dict(unet.config))
-    save(mlmodel, path, overwrite=True)  # temp name, then rename: a cut-off run leaves no package behind
+    save_mlmodel(mlmodel, path, overwrite=True)  # temp name, then rename: a cut-off run leaves no package behind
 
 
 def free(device):

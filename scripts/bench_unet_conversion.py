@@ -93,7 +93,7 @@ def plain_convert(model, inputs: dict):
 def child_plain(args, out: Path, which: str) -> dict:
     import torch
 
-    from python_coreml_sd.compression.testbed import UNetWrapper
+    from python_coreml_sd.layers.unet import DiffusersUNet
 
     phases, start = {}, time.perf_counter()
 
@@ -101,18 +101,18 @@ def child_plain(args, out: Path, which: str) -> dict:
         phases[name] = time.perf_counter() - start - sum(phases.values())
 
     unet = load_diffusers_unet(args.model_folder)
-    inputs = diffusers_layout(bench_inputs(unet, args.latent))
+    inputs = bench_inputs(unet, args.latent)  # the converted UNet's layout, as DiffusersUNet takes it
     phase("load")
     with torch.no_grad():
         if which == "export":
-            model = torch.export.export(UNetWrapper(unet).eval(), tuple(inputs.values()))
+            model = torch.export.export(DiffusersUNet(unet).eval(), tuple(inputs.values()))
             phase("export")
             # coremltools takes the ATEN dialect; torch.export gives TRAINING, and ct.convert's own error
             # message says to call run_decompositions({}) first.
             model = model.run_decompositions({})
             phase("decompose")
         else:
-            model = torch.jit.trace(UNetWrapper(unet).eval(), tuple(inputs.values()),
+            model = torch.jit.trace(DiffusersUNet(unet).eval(), tuple(inputs.values()),
                                     check_trace=which == "trace_checked")
             phase("trace")
     mlmodel = plain_convert(model, inputs)
@@ -125,7 +125,7 @@ def child_plain(args, out: Path, which: str) -> dict:
 def child_ours(args, out: Path) -> dict:
     import logging
 
-    from python_coreml_sd.convert.common import ConversionOptions
+    from python_coreml_sd.convert import ConversionOptions
     from python_coreml_sd.torch2coreml import convert
 
     # Our stage-by-stage memory log only: a root handler at INFO would also print coremltools' per-op

@@ -1,6 +1,6 @@
 """Run coremltools' own MIL op tests with their Core ML prediction step routed to our MIL runtime.
 
-    python scripts/run_coremltools_op_tests.py [TEST_PATH ...] [--markdown OUT.md] [-- PYTEST_ARGS]
+    python scripts/run_coremltools_op_tests.py [TEST_PATH ...] [--markdown OUT.md] [--every K] [-- PYTEST_ARGS]
 
 TEST_PATH defaults to the op tests of the installed coremltools
 (coremltools/converters/mil/mil/ops/tests). Only the mlprogram backend is collected
@@ -39,9 +39,11 @@ def _route_prediction_to_runtime():
     ct_utils._is_macos = lambda: True
     ct_utils._macos_version = lambda: (15, 0)
 
+    class LazyState:
+        """What make_state hands the test; the runtime's MILState is made by the first predict."""
+        mil = None
+
     def predict(self, data, state=None):
-        if state is not None:
-            pytest.skip(UNSUPPORTED + "stateful prediction")
         tmp = tempfile.mkdtemp(prefix="ct_op_test_")
         path = os.path.join(tmp, "model.mlpackage")
         self.save(path)
@@ -56,26 +58,48 @@ def _route_prediction_to_runtime():
         # coremltools' helper hands every input over as float32 (Core ML casts): cast to the declared dtype.
         declared = {n: d.dtype for n, d in model.input_description.items()}
         inputs = {k: np.asarray(v).astype(declared.get(k, np.asarray(v).dtype)) for k, v in data.items()}
+        if state is not None and state.mil is None:
+            state.mil = model.make_state()
         try:
-            return model.predict(inputs)
+            return model.predict(inputs, state=None if state is None else state.mil)
         except UnsupportedOpError as e:
             pytest.skip(UNSUPPORTED + str(e))
+        except UserError as e:  # a run-time failure the program asks for (validate_indices): Core ML's exception
+            raise RuntimeError(f"Unable to compute the prediction using ML Program: {e}") from e
 
     ct.models.MLModel.predict = predict
+    ct.models.MLModel.make_state = lambda self: LazyState()
 
 
 class Tally:
-    def __init__(self):
+    def __init__(self, every=1):
         self.counts = defaultdict(lambda: defaultdict(int))
+        self.every = every
+
+    def pytest_collection_modifyitems(self, config, items):
+        """--every K: keep every K-th parametrization of each test function (the first one always),
+        so every op family is sampled when the full cross product would take hours."""
+        if self.every <= 1:
+            return
+        seen, kept, dropped = defaultdict(int), [], []
+        for item in items:
+            key = item.nodeid.split("[")[0]
+            (kept if seen[key] % self.every == 0 else dropped).append(item)
+            seen[key] += 1
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
     def pytest_configure(self, config):
+        self.rootpath = Path(config.rootpath)
         _route_prediction_to_runtime()
 
     def pytest_runtest_logreport(self, report):
         if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
             return
         parts = report.nodeid.split("::")
-        family = f"{Path(parts[0]).parent.name}/{parts[1] if len(parts) > 2 else Path(parts[0]).stem}"
+        # The opset folder from the file's own path: node ids are relative to pytest's rootdir,
+        # which is the opset folder itself when one file is run.
+        family = f"{(self.rootpath / parts[0]).resolve().parent.name}/{parts[1] if len(parts) > 2 else Path(parts[0]).stem}"
         if report.passed:
             kind = "xpassed" if hasattr(report, "wasxfail") else "passed"
         elif report.failed:
@@ -107,6 +131,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*")
     parser.add_argument("--markdown", help="write the per-family table to this file")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="run every K-th parametrization of each test function (default: all)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PYMIL_TEST_TARGETS", "mlprogram")
@@ -117,7 +143,7 @@ def main(argv=None):
     if not args.paths and not default.is_dir():
         print(f"coremltools' op tests are not installed ({default}); nothing to run", file=sys.stderr)
         return 2
-    tally = Tally()
+    tally = Tally(args.every)
     rc = pytest.main([*(args.paths or [str(default)]), "-q", "-p", "no:cacheprovider", *extra], plugins=[tally])
     table = tally.table()
     print(table)

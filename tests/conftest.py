@@ -32,8 +32,8 @@ def sd2_source():
 
 
 def _convert_all(source, out_dir, components, **options):
-    from python_coreml_sd.convert.common import ConversionOptions
-    from python_coreml_sd.torch2coreml import convert
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.convert import convert
     opts = ConversionOptions(model_version=source.name, output_dir=out_dir, **options)
     return {path.name: path for path in convert(opts, components)}
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from python_coreml_sd.convert.common import ConversionOptions, package_name
-from python_coreml_sd.torch2coreml import convert
+from python_coreml_sd.convert import ConversionOptions
+from python_coreml_sd.convert.common import package_name
+from python_coreml_sd.convert import convert
 
 F16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
 F32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32

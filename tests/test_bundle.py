@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import python_coreml_sd.convert as conversion
 from python_coreml_sd import bundle, pipeline as pipeline_cli, registry, torch2coreml
 from python_coreml_sd.compression.palettize import palettize_mlpackage
-from python_coreml_sd.convert.common import ConversionOptions
+from python_coreml_sd.convert import ConversionOptions
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.generation.components import find_packages
 from python_coreml_sd.generation.pipeline import GenerationRequest
@@ -304,7 +305,7 @@ def run_main(capsys, *argv):
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="the fail-fast path is for machines without Xcode")
 def test_compiled_bundle_fails_fast_off_macos(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch2coreml, "converter", lambda component: pytest.fail("conversion started"))
+    monkeypatch.setattr(conversion, "converter", lambda component: pytest.fail("conversion started"))
     code, err = run_main(capsys, "--convert-text-encoder", "--convert-unet", "--bundle-resources-for-swift-cli",
                          "--zip", "-o", str(tmp_path / "out"))
     assert code == 2 and err.count("\n") == 0 and err.startswith("torch2coreml: error:")
@@ -317,7 +318,7 @@ def test_compiled_bundle_fails_fast_off_macos(capsys, tmp_path, monkeypatch):
     (["--bundle-packages", "--bundle-resources-for-swift-cli"], "not allowed with argument"),
 ])
 def test_bundle_flag_errors(capsys, tmp_path, monkeypatch, argv, message):
-    monkeypatch.setattr(torch2coreml, "converter", lambda component: pytest.fail("conversion started"))
+    monkeypatch.setattr(conversion, "converter", lambda component: pytest.fail("conversion started"))
     code, err = run_main(capsys, "--convert-text-encoder", "-o", str(tmp_path / "out"), *argv)
     assert code == 2 and message in err and err.count("\n") == 0
 
@@ -332,7 +333,7 @@ def test_cli_bundles_after_converting_and_refuses_to_clobber(capsys, tmp_path, t
     assert f"sha256 {sha256(archive)}" in capsys.readouterr().err
     assert {p.name for p in (out / "Resources").iterdir()} == APPLE_NAMES
     assert sha256(archive) == sha256(built[1])
-    monkeypatch.setattr(torch2coreml, "converter", lambda component: pytest.fail("conversion started"))
+    monkeypatch.setattr(conversion, "converter", lambda component: pytest.fail("conversion started"))
     code, err = run_main(capsys, *argv)
     assert code == 2 and f"{archive.name} exists; pass --overwrite" in err
     monkeypatch.undo()  # the converters run again from here, and keep the existing packages

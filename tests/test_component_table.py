@@ -6,7 +6,8 @@ from pathlib import Path
 
 import coremltools as ct
 
-from python_coreml_sd.components import CONVERTIBLE, TABLE, component_of
+from python_coreml_sd import registry
+from python_coreml_sd.components import CONVERTIBLE, SD, TABLE, Dims, component_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
@@ -14,11 +15,28 @@ SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
 
 def test_converted_packages_declare_the_tables_names(tiny_models_dir):
     found = {component_of(p): p for p in tiny_models_dir.glob("*.mlpackage")}
-    assert set(found) == set(CONVERTIBLE)
+    assert set(found) == {name for name in CONVERTIBLE if SD in TABLE[name].interfaces}  # SDXL's: tests/test_sdxl.py
     for name, package in found.items():
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
         assert tuple(f.name for f in spec.description.input) == TABLE[name].inputs, name
         assert tuple(f.name for f in spec.description.output) == TABLE[name].outputs, name
+
+
+def tiny_dims() -> Dims:
+    arch = registry.family("tiny")["architecture"]
+    size = arch["unet"]["sample_size"]
+    return Dims(size, size, latent_channels=arch["vae"]["latent_channels"],
+                text_hidden=arch["text_encoder"]["hidden_size"], sequence=arch["text_encoder"]["max_position_embeddings"],
+                clip_image=arch["safety_checker"]["vision_config"]["image_size"])
+
+
+def test_converted_packages_have_the_tables_shapes(tiny_models_dir):
+    """The shapes the table computes from the model's sizes are the shapes the converters declare."""
+    expected = {name: TABLE[name].input_shapes(tiny_dims(), SD) for name in CONVERTIBLE if SD in TABLE[name].interfaces}
+    for package in tiny_models_dir.glob("*.mlpackage"):
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+        declared = {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
+        assert declared == expected[component_of(package)], package.name
 
 
 def test_file_and_resources_names_map_back_to_their_component():
@@ -43,7 +61,8 @@ def test_swift_feeds_and_reads_the_tables_names():
         spec = TABLE[component]
         assert set(names) <= set(spec.inputs + spec.outputs), component  # the list above is the table's
         assert set(names) <= literals, (component, set(names) - literals)
-    assert {spec.resource for spec in TABLE.values()} <= literals
+    # SDXL's components (TextEncoder2, UnetRefiner, ...) wait for the Swift SDXL pipeline (issue 16, later).
+    assert {spec.resource for spec in TABLE.values() if SD in spec.interfaces} <= literals
 
 
 def imports_of(path: Path, package_root: Path) -> set:

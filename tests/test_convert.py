@@ -52,7 +52,7 @@ def program_dtypes(path):
     conv/linear weights and biases, of the compute ops' outputs, and its casts as (from, to)."""
     from coremltools.converters.mil.mil import types
 
-    from python_coreml_sd.compression.palettize import mil_program
+    from python_coreml_sd.package_io import mil_program
     name = types.builtin_to_string
     ops = list(mil_program(ct.models.MLModel(str(path), skip_model_load=True)).functions["main"].operations)
     weights = {name(op.outputs[0].dtype) for op in ops if op.op_type == "const"
@@ -84,8 +84,8 @@ def test_sd2_like_model_converts_with_its_own_shapes(sd2_fp16_packages, sd2_sour
 
 
 def test_shape_flags_and_fp32_precision(tmp_path, tiny_source):
-    from python_coreml_sd.convert.common import ConversionOptions
-    from python_coreml_sd.torch2coreml import convert
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.convert import convert
     options = ConversionOptions("tiny", tmp_path, latent_h=8, latent_w=12, text_token_sequence_length=16,
                                 compute_precision="float32", min_deployment_target="iOS17")
     paths = {p.name: p for p in convert(options, ["text_encoder", "vae_decoder"])}

@@ -23,6 +23,16 @@ def test_parity_report_on_tiny(capsys, tmp_path, tiny_models_dir):
     assert "final_image" in printed and "ok" in printed
 
 
+def test_parity_library_api_takes_a_typed_job(tmp_path, tiny_models_dir):
+    from python_coreml_sd.generation.jobs import Models, ParityJob, requests_for, run_parity
+    job = ParityJob(Models("mil", tiny_models_dir), requests_for(["a red fox"], [4], num_inference_steps=2),
+                    tmp_path / "report", threshold_db=35.0)
+    report = run_parity(job)
+    assert report["passed"] and report["threshold_db"] == 35.0 and report["backend"] == "mil"
+    assert [entry["seed"] for entry in report["results"]] == [4]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["grid.png", "report.json"]
+
+
 def test_parity_fails_with_exit_1_under_the_threshold(capsys, tmp_path, tiny_models_dir):
     with pytest.raises(SystemExit) as exit_info:
         parity.main(["--prompt", "a red fox", "-i", str(tiny_models_dir), "-o", str(tmp_path),

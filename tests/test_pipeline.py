@@ -141,6 +141,17 @@ def png_header_only(path, width, height):
     return path
 
 
+def test_generate_images_library_api(tmp_path, tiny_models_dir):
+    from python_coreml_sd.generation.jobs import ImageJob, Models, generate_images, requests_for
+    job = ImageJob(Models("mil", tiny_models_dir), requests_for(["a fox"], [1, 2], num_inference_steps=2), tmp_path)
+    written = generate_images(job, lambda request: {"seed": request.seed})
+    assert [p.name for p in written] == ["a_fox.seed1.png", "a_fox.seed2.png"]
+    with Image.open(written[0]) as first, Image.open(written[1]) as second:
+        assert first.text["seed"] == "1" and np.abs(np.asarray(first, float) - np.asarray(second, float)).max() > 0
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        generate_images(job)
+
+
 def test_cli_refuses_bad_numbers_paths_and_images_before_any_work(capsys, tmp_path, tiny_models_dir):
     """One line, exit 2, and no output folder or PNG: seeds outside NumPy's range (also the last one of
     --num-images), non-finite guidance, an -o that is a file or lies under one, a bomb-sized --image."""
@@ -180,8 +191,8 @@ def test_incomplete_model_folder(capsys, tmp_path, tiny_models_dir):
 
 
 def test_component_converted_at_another_latent_size(capsys, tmp_path, tiny_models_dir):
-    from python_coreml_sd.convert.common import ConversionOptions
-    from python_coreml_sd.torch2coreml import convert
+    from python_coreml_sd.convert import ConversionOptions
+    from python_coreml_sd.convert import convert
     mixed = tmp_path / "mixed"
     shutil.copytree(tiny_models_dir, mixed)
     convert(ConversionOptions("tiny", mixed, latent_h=8, latent_w=8, overwrite=True), ["vae_decoder"])

@@ -5,8 +5,10 @@ import coremltools as ct
 import numpy as np
 import pytest
 
+import python_coreml_sd.convert as conversion
 from python_coreml_sd import torch2coreml
-from python_coreml_sd.compression.palettize import SUPPORTED_NBITS, WEIGHT_THRESHOLD, lut_weights, mil_program
+from python_coreml_sd.compression.palettize import SUPPORTED_NBITS, WEIGHT_THRESHOLD, lut_weights
+from python_coreml_sd.package_io import mil_program
 from python_coreml_sd.errors import UserError
 
 
@@ -94,7 +96,7 @@ def test_quantize_nbits_takes_the_libraries_bit_widths(capsys, tmp_path, monkeyp
     code, err = run_main(capsys, "--convert-unet", "--quantize-nbits", "5")
     assert code == 2 and "invalid choice: 5" in err
     # 3 bits on a target before iOS 18 fails before converting, in one line
-    monkeypatch.setattr(torch2coreml, "converter", lambda component: pytest.fail("conversion started"))
+    monkeypatch.setattr(conversion, "converter", lambda component: pytest.fail("conversion started"))
     code, err = run_main(capsys, "--convert-text-encoder", "--quantize-nbits", "3", "-o", str(tmp_path / "o"))
     assert code == 2 and err.count("\n") == 0
     assert "--quantize-nbits 3 needs --min-deployment-target iOS18 or macOS15" in err

@@ -26,7 +26,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 CLIS = [
     ("python_coreml_sd.torch2coreml", "convert", "torch2coreml", ["--convert-text-encoder", "-o", "{tmp}/out"]),
-    ("python_coreml_sd.pipeline", "generate", "pipeline", ["--prompt", "a fox", "-o", "{tmp}/png"]),
+    ("python_coreml_sd.pipeline", "generate_images", "pipeline", ["--prompt", "a fox", "-o", "{tmp}/png"]),
     ("python_coreml_sd.parity", "run_parity", "parity", ["--prompt", "a fox", "-o", "{tmp}/report"]),
     ("python_coreml_sd.compression.mixed_bit", "run", "mixed_bit", ["--target-bits", "4", "--out", "{tmp}/r.json"]),
 ]

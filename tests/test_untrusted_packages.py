@@ -149,7 +149,7 @@ def test_zip_bomb_ratio_is_refused_before_writing(tmp_path):
 
 
 def test_zip_bomb_total_size_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle, "MAX_EXTRACTED_BYTES", 1000)
+    monkeypatch.setattr(bundle.extract, "MAX_EXTRACTED_BYTES", 1000)
     archive = honest_zip(tmp_path / "big.zip", {"a.bin": bytes(600), "b.bin": bytes(600)})
     with pytest.raises(UserError, match=r"big\.zip would extract to .* GB, over .*MAX_EXTRACTED_BYTES"):
         bundle.extract_bundle(archive, tmp_path / "dest")

@@ -37,7 +37,7 @@ def test_a_converting_read_keeps_what_convert_made_in_storage_of_its_own(tmp_pat
         return tensor.half() if tensor.dtype == torch.float32 and tensor.numel() > 100 else tensor
 
     for convert in (halve_large, lambda tensor: tensor):
-        ours = read_safetensors(path, convert)
+        ours = read_safetensors(path, convert=convert)
         assert ours.keys() == tensors.keys()
         for name, value in tensors.items():
             expected = convert(value)

@@ -1,15 +1,12 @@
-"""Mixed-bit palettization: per-layer sensitivity, recipes (layer -> bits), and applying them.
+"""Mixed-bit palettization, the command line: per-layer sensitivity, recipes (layer -> bits), applying them.
 
 Pre-analysis (``compression/sensitivity.py``): on the PyTorch module, palettize one layer at a time
 (weights replaced by their LUT values, fp16 as on device) at each candidate bit width and measure the
 output PSNR against the untouched fp32 model (``python_coreml_sd.metrics.psnr``, Apple's definition).
 Candidates run in batches, each layer is clustered once per bit width, on CUDA when PyTorch sees it.
 
-Recipe selection: treat each layer's output error as independent noise, so the mean squared
-errors add: predicted PSNR = 20 log10(peak / sqrt(sum of per-layer MSEs)). Starting from fp16
-everywhere, greedily lower the bit width of the layer whose next step costs the least MSE per bit
-saved, until the average bit width reaches the target (or the next step would fall under the
-target PSNR). The chosen recipe is then measured for real, all layers at once.
+Recipe selection (``compression/search.py``): greedy, over the per-layer errors taken as independent
+noise; the chosen recipe is then measured for real. The picture: ``compression/plot.py``.
 
 Recipes (``compression/recipes.py``) name layers canonically, by the diffusers UNet's own module
 paths (``down_blocks.0.resnets.0.conv1``), which the converter's MIL weights are named after.
@@ -31,190 +28,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS
-from python_coreml_sd.compression.palettize import WEIGHT_THRESHOLD
-from python_coreml_sd.compression.recipes import (  # noqa: F401 (the recipe API, also importable from here)
-    KEEP_FP16, _match, load_recipe, recipe_layers, recipe_to_const_names)
-from python_coreml_sd.compression.sensitivity import Probe, analyse, palettizable_layers, resolve_device
+from python_coreml_sd.compression.plot import plot
+from python_coreml_sd.compression.search import (
+    CANDIDATE_BITS, DEFAULT_BATCH, apply_recipe, average_bits, choose_recipe, megabytes, predicted_psnr, sensitivity,
+    tradeoff_curve, uniform_points)
+from python_coreml_sd.compression.recipes import KEEP_FP16
+from python_coreml_sd.compression.sensitivity import Probe, palettizable_layers, resolve_device
 from python_coreml_sd.errors import UserError
 
 PROG = "mixed_bit"
-CANDIDATE_BITS = (8, 6, 4, 2, 1)
-DEFAULT_BATCH = 16
-
-
-def make_probe(module, inputs, layers: dict | None = None, bits=CANDIDATE_BITS, batch: int = DEFAULT_BATCH,
-               threshold: int = WEIGHT_THRESHOLD) -> Probe:
-    """What the analysis and the measurements run on; ``layers`` (name -> layer) default to the
-    module's palettizable layers under their paths in ``module``."""
-    return Probe(module, inputs, palettizable_layers(module, threshold) if layers is None else layers, bits, batch)
-
-
-def sensitivity(probe: Probe, device: str = "cpu", workers: int | None = None, log=print) -> dict:
-    """{"reference_peak": .., "layers": {name: {"params": n, "psnr": {bits: dB}}}}."""
-    scores = analyse(probe, device, workers, log)
-    return {"reference_peak": float(np.abs(probe.reference).max()),
-            "layers": {n: {"params": int(probe.layers[n].weight.numel()), "psnr": scores[n]} for n in scores}}
-
-
-def layer_sensitivity(module, inputs, bits=CANDIDATE_BITS, threshold: int = WEIGHT_THRESHOLD, log=print,
-                      device: str = "cpu", workers: int | None = None) -> dict:
-    """``sensitivity`` of a module's palettizable layers, named by their paths in ``module``."""
-    return sensitivity(make_probe(module, inputs, bits=bits, threshold=threshold), device, workers, log)
-
-
-def _mse(peak, db):
-    return 0.0 if db == float("inf") else peak * peak * 10 ** (-db / 10)
-
-
-def predicted_psnr(analysis, recipe) -> float:
-    peak = analysis["reference_peak"]
-    total = sum(_mse(peak, analysis["layers"][n]["psnr"][b]) for n, b in recipe.items() if b != KEEP_FP16)
-    return float("inf") if total == 0 else float(20 * np.log10(peak / np.sqrt(total)))
-
-
-def average_bits(analysis, recipe) -> float:
-    layers = analysis["layers"]
-    total = sum(l["params"] for l in layers.values())
-    return sum(recipe[n] * layers[n]["params"] for n in layers) / total
-
-
-def choose_recipe(analysis, target_bits: float | None = None, target_psnr: float | None = None) -> dict:
-    """Greedy recipe for a target average bit width and/or a target (predicted) PSNR."""
-    if target_bits is None and target_psnr is None:
-        raise UserError("mixed-bit: give a target average bit width, a target PSNR, or both")
-    layers, peak = analysis["layers"], analysis["reference_peak"]
-    steps = (KEEP_FP16,) + tuple(sorted({int(b) for l in layers.values() for b in l["psnr"]}, reverse=True))
-    recipe = {n: KEEP_FP16 for n in layers}
-    noise = {n: 0.0 for n in layers}
-    while target_bits is None or average_bits(analysis, recipe) > target_bits:
-        move = _cheapest_step(layers, peak, recipe, noise, steps)
-        if move is None:
-            break
-        name, bits, mse = move
-        if target_psnr is not None:
-            total = sum(noise.values()) - noise[name] + mse
-            if total > 0 and 20 * np.log10(peak / np.sqrt(total)) < target_psnr:
-                break
-        recipe[name], noise[name] = bits, mse
-    return recipe
-
-
-def _cheapest_step(layers, peak, recipe, noise, steps):
-    best = None
-    for name, layer in layers.items():
-        i = steps.index(recipe[name])
-        if i + 1 >= len(steps):
-            continue
-        bits = steps[i + 1]
-        mse = _mse(peak, layer["psnr"][bits])
-        cost = (mse - noise[name]) / ((recipe[name] - bits) * layer["params"])
-        if best is None or cost < best[0]:
-            best = (cost, name, bits, mse)
-    return None if best is None else best[1:]
-
-
-def measure_recipe(module, inputs, recipe, probe: Probe | None = None) -> float:
-    """Output PSNR of the whole recipe at once, against the untouched module (whose weights are never
-    modified: the palettized ones are swapped in by forward hooks)."""
-    probe = probe or make_probe(module, inputs, bits=())
-    return probe.measure([recipe])[0]
-
-
-def model_bytes(module, recipe, layers: dict | None = None) -> float:
-    """Weight bytes with the recipe: palettized layers at bits/8 plus their LUTs, the rest fp16."""
-    total = sum(p.numel() for p in module.parameters()) * 2.0
-    layers = dict(module.named_modules()) if layers is None else layers
-    for name, bits in recipe.items():
-        if bits != KEEP_FP16:
-            n = layers[name].weight.numel()
-            total -= n * (2 - bits / 8) - 2 * (1 << bits)
-    return total
-
-
-def apply_recipe(src, dst, recipe, overwrite: bool = False, granularity: str = "per_tensor", group_size: int = 32):
-    """Palettize ``src`` into ``dst`` with a recipe (dict or JSON path); unlisted layers stay fp16."""
-    from python_coreml_sd.compression.palettize import palettize_mlpackage
-
-    layers = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe_layers(recipe)
-    return palettize_mlpackage(src, dst, None, granularity, group_size, recipe=layers, overwrite=overwrite)
-
-
-def tradeoff_curve(probe: Probe, analysis, targets=(16, 8, 6, 5, 4, 3.5, 3, 2.5, 2, 1.5, 1)) -> list:
-    """(target bits, avg bits, MB, measured and predicted PSNR) for greedy recipes over a range of
-    targets, measured in one batch."""
-    recipes = [choose_recipe(analysis, target_bits=t) for t in targets]
-    return [{"target_bits": t, "average_bits": average_bits(analysis, r), "megabytes": _megabytes(probe, r),
-             "measured_psnr": m, "predicted_psnr": predicted_psnr(analysis, r)}
-            for t, r, m in zip(targets, recipes, probe.measure(recipes))]
-
-
-def uniform_points(probe: Probe, analysis, bits=CANDIDATE_BITS) -> list:
-    recipes = [{n: b for n in analysis["layers"]} for b in bits]
-    return [{"bits": b, "megabytes": _megabytes(probe, r), "measured_psnr": m}
-            for b, r, m in zip(bits, recipes, probe.measure(recipes))]
-
-
-def _megabytes(probe: Probe, recipe) -> float:
-    return model_bytes(probe.module, recipe, probe.layers) / 1e6
-
-
-def plot(curve, uniform, path, title="PSNR vs model size"):
-    """PNG of PSNR against size: matplotlib when installed, else drawn with Pillow."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _pillow_plot(curve, uniform, path, title)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([p["megabytes"] for p in curve], [_finite(p["measured_psnr"]) for p in curve], "o-", label="mixed-bit")
-    ax.plot([p["megabytes"] for p in uniform], [_finite(p["measured_psnr"]) for p in uniform], "s--", label="uniform")
-    ax.set_xlabel("weights (MB)"), ax.set_ylabel("output PSNR (dB)"), ax.set_title(title), ax.legend()
-    fig.savefig(path, dpi=100)
-    return Path(path)
-
-
-def _finite(v, cap=80.0):
-    return min(v, cap)
-
-
-def _pillow_plot(curve, uniform, path, title):
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 720, 460, 60
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    xs = [p["megabytes"] for p in curve + uniform]
-    ys = [_finite(p["measured_psnr"]) for p in curve + uniform]
-    x0, x1 = min(xs), max(xs) or 1
-    y0, y1 = min(ys) - 2, max(ys) + 2
-
-    def at(x, y):
-        return (margin + (x - x0) / (x1 - x0 or 1) * (width - 2 * margin),
-                height - margin - (y - y0) / (y1 - y0 or 1) * (height - 2 * margin))
-
-    d.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    for frac in np.linspace(0, 1, 5):
-        x, y = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        d.text((at(x, y0)[0] - 12, height - margin + 6), f"{x:.2f}", fill="black")
-        d.text((8, at(x0, y)[1] - 6), f"{y:.0f}", fill="black")
-    for series, color, label in ((curve, "blue", "mixed-bit (greedy)"), (uniform, "red", "uniform bits")):
-        pts = [at(p["megabytes"], _finite(p["measured_psnr"])) for p in sorted(series, key=lambda p: p["megabytes"])]
-        d.line(pts, fill=color, width=2)
-        for x, y in pts:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.text((width - margin - 150, margin + 8 + 14 * (color == "red")), label, fill=color)
-    d.text((margin, 20), title, fill="black")
-    d.text((width // 2 - 40, height - 25), "weights (MB)", fill="black")
-    d.text((8, 30), "output PSNR (dB)", fill="black")
-    img.save(path)
-    return Path(path)
-
-
 def bit_widths(text: str) -> tuple:
     try:
         bits = tuple(sorted({int(b) for b in text.split(",")}, reverse=True))
@@ -312,12 +135,13 @@ def _check_package(src: Path, dst: Path) -> None:
 def load_subject(args):
     """(name, wrapped UNet, batch-1 inputs, {canonical layer name: layer}) for the CLI's model."""
     from python_coreml_sd.compression import testbed
+    from python_coreml_sd.layers.unet import DiffusersUNet
 
     if args.config:
         model, inputs = testbed.unet(args.config, args.seed)
         return f"{args.config} (random weights, seed {args.seed})", model, inputs, palettizable_layers(model.unet)
     name, unet, length = _load_unet(args)
-    model = testbed.UNetWrapper(unet.requires_grad_(False)).eval()
+    model = DiffusersUNet(unet.requires_grad_(False)).eval()
     return name, model, testbed.unet_inputs(unet.config, length), palettizable_layers(unet)
 
 
@@ -376,7 +200,7 @@ def recipe_document(probe: Probe, analysis, args, name: str, seconds: float) -> 
     recipe = choose_recipe(analysis, args.target_bits, args.target_psnr)
     return {"layers": recipe, "model": name, "average_bits": average_bits(analysis, recipe),
             "predicted_psnr": predicted_psnr(analysis, recipe), "measured_psnr": probe.measure([recipe])[0],
-            "megabytes": _megabytes(probe, recipe), "fp16_megabytes": _megabytes(probe, {}),
+            "megabytes": megabytes(probe, recipe), "fp16_megabytes": megabytes(probe, {}),
             "target_bits": args.target_bits, "target_psnr": args.target_psnr, "candidate_bits": list(args.bits),
             "analysis_seconds": seconds, "device": args.device,
             "sensitivity": {n: {str(b): v for b, v in l["psnr"].items()} for n, l in analysis["layers"].items()}}

@@ -27,8 +27,9 @@ import numpy as np
 from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, palettize_array
 from python_coreml_sd.compression.recipes import KEEP_FP16, recipe_to_const_names
 from python_coreml_sd.errors import UserError
+from python_coreml_sd.lut import lut_iOS16, lut_iOS18
 from python_coreml_sd.package_check import check_package
-from python_coreml_sd.package_io import save_mlmodel
+from python_coreml_sd.package_io import mil_program, save_mlmodel
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
 WEIGHT_THRESHOLD = 2048
@@ -290,32 +291,11 @@ def lut_weights(mlmodel) -> dict:
 
 
 def decode_lut_op(op) -> np.ndarray:
-    """Dense values of a scalar ``constexpr_lut_to_dense`` op (iOS18 layout: one LUT per group).
-
-    coremltools' own decoder materialises a (size x palette) array; this one gathers directly.
-    """
-    lut = np.asarray(op.lut.val)
-    if lut.ndim == 1:  # iOS16 layout: one flat table, indices bit-packed into bytes; coremltools unpacks
-        return np.asarray(op.materialized_val_inference())
-    indices = np.asarray(op.indices.val).astype(np.int64)
-    if lut.shape[-1] != 1:
-        raise NotImplementedError("vector palettization (cluster_dim > 1) is not decoded here")
-    tables = lut[..., 0]  # [g0, ..., g_{r-1}, palette]
-    group_shape = tables.shape[:-1]
-    group = np.zeros(indices.shape, dtype=np.int64)
-    for axis, (size, groups) in enumerate(zip(indices.shape, group_shape)):
-        along = (np.arange(size) // (size // groups)).reshape([-1 if a == axis else 1 for a in range(indices.ndim)])
-        group = group * groups + along
-    return tables.reshape(-1, tables.shape[-1])[group, indices]
-
-
-def mil_program(mlmodel, spec_version: int | None = None):
-    """The model's MIL program, parsed from its spec and weights (works on models loaded from disk)."""
-    from coremltools.converters.mil.frontend.milproto import load as milproto_load
-    from coremltools.models import utils as model_utils
-
-    spec_version = spec_version or mlmodel.get_spec().specificationVersion
-    return model_utils._convert_model_spec_to_pymil_prog(mlmodel, spec_version, milproto_load.load)
+    """Dense values of a ``constexpr_lut_to_dense`` op of either layout (python_coreml_sd.lut)."""
+    if np.asarray(op.lut.val).ndim == 1:  # iOS16: one flat table, indices bit-packed into bytes
+        return lut_iOS16(op.indices.val, op.lut.val, op.shape.val)
+    axis = getattr(op, "vector_axis", None)
+    return lut_iOS18(op.indices.val, op.lut.val, None if axis is None else int(axis.val))
 
 
 def _ops(mlmodel, op_type):

@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..components import text_to_unet_layout
+from ..layers.unet import DiffusersUNet
+from ..package_io import save_mlmodel
+
 UNET_CONFIGS = ("tiny", "sd15")
 
 
@@ -39,17 +43,6 @@ def small_net(seed: int = 0):
     return net, inputs
 
 
-class UNetWrapper(torch.nn.Module):
-    """Positional inputs and a plain tensor output, as tracing needs."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-
 def unet(config: str = "tiny", seed: int = 0):
     """(wrapped UNet, sample inputs) with weights drawn from ``seed``: tiny's registry
     architecture, or the full-size SD 1.5 architecture."""
@@ -61,17 +54,18 @@ def unet(config: str = "tiny", seed: int = 0):
         raise ValueError(f"unknown UNet config {config!r}; use one of {UNET_CONFIGS}")
     arch = registry.family({"tiny": "tiny", "sd15": "sd1"}[config])["architecture"]["unet"]
     torch.manual_seed(seed)
-    model = UNetWrapper(UNet2DConditionModel(**arch).eval()).eval()
+    model = DiffusersUNet(UNet2DConditionModel(**arch).eval()).eval()
     return model, unet_inputs(model.unet.config, 77 if config == "sd15" else 8, seed)
 
 
 def unet_inputs(cfg, sequence_length: int, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
-    """Batch-1 sample inputs for a diffusers UNet config: latents, timestep 500, text embeddings."""
+    """Batch-1 sample inputs for a diffusers UNet config: latents, timestep 500, text embeddings in the
+    converted UNet's (B, C, 1, S) layout (DiffusersUNet's)."""
     g = torch.Generator().manual_seed(seed + 1)
     return OrderedDict(
         sample=torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
         timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, sequence_length, cfg.cross_attention_dim, generator=g),
+        encoder_hidden_states=text_to_unet_layout(torch.randn(1, sequence_length, cfg.cross_attention_dim, generator=g)),
     )
 
 
@@ -88,8 +82,7 @@ def convert(module, inputs: "OrderedDict[str, torch.Tensor]", dest, output_name:
         compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS18,
         skip_model_load=True,
     )
-    mlmodel.save(str(dest))
-    return Path(dest)
+    return save_mlmodel(mlmodel, Path(dest), overwrite=True)
 
 
 def numpy_inputs(inputs) -> dict:

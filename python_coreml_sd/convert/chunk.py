@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..package_io import save_mlmodel
+from ..package_io import mil_program, save_mlmodel
 from .common import _deployment_target, brief_program_strings, log
 
 BALANCE_WINDOW = 0.05  # accept cuts whose chunk-1 weight share is within 45%..55%
@@ -22,15 +22,12 @@ def chunk_paths(unet_package: Path) -> tuple:
     return Path(stem + "_chunk1.mlpackage"), Path(stem + "_chunk2.mlpackage")
 
 
-def load_program(package: Path):
-    """The pymil Program of a saved ML Program package, plus its MLModel (for metadata)."""
+def program_of_package(package: Path):
+    """The PyMIL Program of a saved ML Program package, plus its MLModel (for metadata)."""
     import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load
 
     mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = mlmodel.get_spec()
-    prog = load(spec, specification_version=spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
-    return prog, mlmodel
+    return mil_program(mlmodel), mlmodel
 
 
 def _is_weight(op) -> bool:
@@ -196,12 +193,12 @@ def _copy_description(source, mlmodel, chunk: int, crossing: list) -> None:
     meta = mlmodel.user_defined_metadata
     for key, value in source.user_defined_metadata.items():
         meta[key] = value
-    meta["com.python_coreml_sd.component"] = f"unet_chunk{chunk}"
+    meta["com.python_coreml_sd.component"] = f"{meta.get('com.python_coreml_sd.component', 'unet')}_chunk{chunk}"
     meta["com.python_coreml_sd.chunk"] = f"{chunk}/2"
 
 
 def _write_chunk(package: Path, dest: Path, chunk: int, cut: int, options) -> list:
-    prog, source = load_program(package)
+    prog, source = program_of_package(package)
     crossing = (make_first_chunk if chunk == 1 else make_second_chunk)(prog, cut)
     mlmodel = program_to_mlmodel(prog, options.min_deployment_target)
     del prog
@@ -210,14 +207,14 @@ def _write_chunk(package: Path, dest: Path, chunk: int, cut: int, options) -> li
     return crossing
 
 
-def chunk_mlpackage(package: Path, options, remove_source: bool = False) -> list:
+def chunk_mlpackage(package: Path, options) -> list:
     """Write `<package>_chunk1/2.mlpackage` beside `package`; returns their paths.
 
     Each chunk is built from a fresh load of the package so that only one program's weights are in
     memory at a time.
     """
     package = Path(package)
-    prog, _ = load_program(package)
+    prog, _ = program_of_package(package)
     cut = choose_cut(prog.functions["main"])
     del prog
     gc.collect()
@@ -226,7 +223,4 @@ def chunk_mlpackage(package: Path, options, remove_source: bool = False) -> list
         crossing = _write_chunk(package, dest, chunk, cut, options)
         gc.collect()
     log.info("unet: split into %s and %s; %d tensors cross the cut", paths[0].name, paths[1].name, len(crossing))
-    if remove_source:
-        import shutil
-        shutil.rmtree(package)
     return list(paths)

@@ -4,53 +4,22 @@ import json
 import logging
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .._version import __version__
+from .options import DEPLOYMENT_TARGETS, ConversionOptions
+from ..components import is_unet
 from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
 
 log = logging.getLogger("python_coreml_sd")
 
-DEPLOYMENT_TARGETS = ("macOS13", "iOS16", "macOS14", "iOS17", "macOS15", "iOS18")
 LICENSE = "CreativeML OpenRAIL-M (https://huggingface.co/spaces/CompVis/stable-diffusion-license)"
 SHORT_DESCRIPTION = ("Stable Diffusion generates images conditioned on text or other images through the diffusion "
                      "process (https://arxiv.org/abs/2112.10752). Converted by python_coreml_sd.")
-
-
-@dataclass
-class ConversionOptions:
-    model_version: str
-    output_dir: Path
-    compute_precision: str = "float16"  # or "float32"
-    min_deployment_target: str = "macOS13"
-    latent_h: int = None  # None: the model's config
-    latent_w: int = None
-    text_token_sequence_length: int = None
-    attention_implementation: str = "SPLIT_EINSUM"
-    unet_batch_one: bool = False
-    chunk_unet: bool = False
-    overwrite: bool = False
-    check_output_correctness: bool = False
-    psnr_threshold: float = 35.0
-    quantize_nbits: int = None  # palettize every large weight of every component to this many bits
-    mixed_bit_recipe: str = None  # JSON recipe (layer -> bits) for the UNet
-    palettize_granularity: str = "per_tensor"  # or "per_grouped_channel" (iOS18 targets)
-    palettize_group_size: int = 32
-
-
-MAX_LATENT_SIZE = 512  # 4096-pixel images; far beyond every released model, and still a bounded allocation
-
-
-def check_latent_size(options: ConversionOptions) -> None:
-    for flag, value in (("--latent-h", options.latent_h), ("--latent-w", options.latent_w)):
-        if value is not None and value > MAX_LATENT_SIZE:
-            raise UserError(f"{flag} {value} is larger than {MAX_LATENT_SIZE} ({8 * MAX_LATENT_SIZE}-pixel images); "
-                            "latent size is image size / 8")
 
 
 def package_name(model_version: str, component: str) -> str:
@@ -162,29 +131,40 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
     meta["com.python_coreml_sd.converter_version"] = __version__
     meta["com.python_coreml_sd.compute_precision"] = options.compute_precision
     meta["com.python_coreml_sd.min_deployment_target"] = options.min_deployment_target
-    if component.startswith("unet"):
+    if is_unet(component):
         meta["com.python_coreml_sd.attention_implementation"] = options.attention_implementation
     meta[FLAGS_KEY] = json.dumps(recorded_flags(options, component), sort_keys=True)
     if options.quantize_nbits:
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
-    if options.mixed_bit_recipe and component.startswith("unet"):
+    if options.mixed_bit_recipe and is_unet(component):
         meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
+    meta.update(edit_metadata(options, component))
+
+
+def edit_metadata(options: ConversionOptions, component: str) -> dict:
+    """The model edits a package was made with: each LoRA (file, sha256, scale) on every package, the
+    embeddings on the text encoder's, the replacement VAE on the VAE's."""
+    from ..model_edits import embedding_records, lora_records
+    meta = {}
+    if options.loras:
+        meta["com.python_coreml_sd.loras"] = json.dumps(lora_records(options), sort_keys=True)
+    if options.textual_inversions and component == "text_encoder":
+        meta["com.python_coreml_sd.textual_inversions"] = json.dumps(embedding_records(options), sort_keys=True)
+    if options.custom_vae_version and component.startswith("vae"):
+        meta["com.python_coreml_sd.custom_vae_version"] = str(options.custom_vae_version)
+    return meta
 
 
 def compress(mlmodel, options: ConversionOptions, component: str):
     """Palettize the converted program when asked: `--quantize-nbits` for every component, a mixed-bit
     recipe for the UNet (its layer names are the UNet's). Returns the model to save."""
-    recipe = options.mixed_bit_recipe if component.startswith("unet") else None
+    recipe = options.mixed_bit_recipe if is_unet(component) else None
     if not options.quantize_nbits and not recipe:
         return mlmodel
     from ..compression.recipes import load_recipe
     from ..compression.palettize import palettize_model
     return palettize_model(mlmodel, options.quantize_nbits, options.palettize_granularity,
                            options.palettize_group_size, recipe=load_recipe(recipe) if recipe else None)
-
-
-def save(mlmodel, dest: Path, overwrite: bool) -> Path:
-    return save_mlmodel(mlmodel, dest, overwrite)
 
 
 def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold: float) -> dict:
@@ -213,8 +193,21 @@ UNET_FLAGS = ("attention_implementation", "unet_batch_one", "chunk_unet", "mixed
 
 def recorded_flags(options: ConversionOptions, component: str) -> dict:
     """The flags that shape `component`'s package, as recorded in it and compared before reusing it."""
-    names = SHARED_FLAGS + (UNET_FLAGS if component.startswith("unet") else ())
-    return {name: getattr(options, name) for name in names}
+    names = SHARED_FLAGS + (UNET_FLAGS if is_unet(component) else ())
+    flags = {name: getattr(options, name) for name in names}
+    if component.startswith("refiner"):
+        flags["refiner_version"] = options.refiner_version
+    flags.update(EDIT_FLAG_DEFAULTS)
+    if options.edits_model:  # the edits by content (sha256), so that a changed file is not taken for the same
+        from ..model_edits import embedding_records, lora_records
+        flags.update(loras=[[r["sha256"], r["scale"]] for r in lora_records(options)],
+                     textual_inversions=[[r["sha256"], r["token"]] for r in embedding_records(options)],
+                     custom_vae_version=options.custom_vae_version)
+    return flags
+
+
+# What a package recorded before these flags existed means: no edits.
+EDIT_FLAG_DEFAULTS = {"loras": [], "textual_inversions": [], "custom_vae_version": None}
 
 
 def reusable_existing(paths: list, options: ConversionOptions, component: str) -> bool:
@@ -223,7 +216,7 @@ def reusable_existing(paths: list, options: ConversionOptions, component: str) -
     if options.overwrite or not all(Path(p).exists() for p in paths):
         return False
     recorded = _recorded_flags_of(Path(paths[0]))
-    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, v) != v)
+    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, EDIT_FLAG_DEFAULTS.get(k, v)) != v)
     if recorded and not differing:
         return True
     why = ("was made with other flags: " + ", ".join(f"{k}={recorded[k]!r}" for k in differing) if recorded
@@ -264,7 +257,7 @@ def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", o
     fresh_op_names()
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
     describe(mlmodel, options, component, descriptions)
-    save(compress(mlmodel, options, component), out, options.overwrite)
+    save_mlmodel(compress(mlmodel, options, component), out, options.overwrite)
     if options.check_output_correctness:
         with torch.no_grad():
             outputs = module(*inputs.values())

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from ..components import TABLE
+from ..components import TABLE, Dims
 from .common import convert_traced_component, kept_existing, output_path
 from .vae import latent_size
 
@@ -40,12 +40,10 @@ class SafetyChecker(torch.nn.Module):
 
 def sample_inputs(checker, h, w):
     generator = torch.Generator().manual_seed(0)
-    size = checker.config.vision_config.image_size
-    return OrderedDict(
-        clip_input=torch.randn(1, 3, size, size, generator=generator),
-        images=torch.rand(1, 8 * h, 8 * w, 3, generator=generator),
-        adjustment=torch.tensor([0.0]),
-    )
+    clip_input, images, adjustment = TABLE["safety_checker"].shapes(
+        Dims(h, w, clip_image=checker.config.vision_config.image_size))
+    return OrderedDict(clip_input=torch.randn(*clip_input, generator=generator),
+                       images=torch.rand(*images, generator=generator), adjustment=torch.zeros(adjustment))
 
 
 def convert_safety_checker(source, options) -> list:

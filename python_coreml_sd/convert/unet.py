@@ -19,11 +19,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..components import TABLE
+from ..components import SDXL, TABLE, Dims, interface_of
 from ..errors import UserError
-from ..layers.unet import UNet2DConditionModelANE, check_supported
+from ..package_io import save_mlmodel
+from ..layers.unet import DiffusersUNet, UNet2DConditionModelANE, check_supported, from_diffusers
 from .common import (_deployment_target, brief_program_strings, check_correctness, compress, describe,
-                     fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, save, trace)
+                     fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
@@ -31,6 +32,9 @@ DESCRIPTIONS = {
     "encoder_hidden_states": "Text embeddings from the text encoder in (B, C, 1, S) layout: batch entry 0 is the "
                              "negative/unconditional prompt, 1 the prompt (S tokens; longer prompts are truncated)",
     "noise_pred": "The model's prediction (noise, or v for v-prediction models), shaped like `sample`",
+    "time_ids": "SDXL's micro-conditioning per batch entry: original size (h, w), crop top-left (y, x), target size "
+                "(h, w) in pixels; the refiner's: original size, crop top-left, aesthetic score",
+    "text_embeds": "Pooled text embeddings of text_encoder_2 (text_embeds), per batch entry",
 }
 OUTPUT_NAMES = list(TABLE["unet"].outputs)
 
@@ -76,28 +80,51 @@ def text_sequence_length(source, options) -> int:
     return options.text_token_sequence_length or source.text_positions()
 
 
-def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int) -> "OrderedDict[str, torch.Tensor]":
+def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int,
+                  text_pooled: int = None) -> "OrderedDict[str, torch.Tensor]":
+    """Example inputs; an SDXL UNet's also need the width of the pooled text embeddings (text_encoder_2's)."""
     generator = torch.Generator().manual_seed(0)
-    return OrderedDict(
-        sample=torch.randn(batch, config.get("in_channels", 4), h, w, generator=generator),
+    family = interface_of(config)  # the shapes as the table gives them
+    dims = xl_dims(config, batch, h, w, seq_len, text_pooled) if family == SDXL else \
+        Dims(h, w, batch, config.get("in_channels", 4), config["cross_attention_dim"], seq_len)
+    shapes = TABLE["unet"].input_shapes(dims, family)
+    inputs = OrderedDict(
+        sample=torch.randn(*shapes["sample"], generator=generator),
         timestep=torch.tensor([999.0, 10.0][:batch] if batch <= 2 else [500.0] * batch),
-        encoder_hidden_states=torch.randn(batch, config["cross_attention_dim"], 1, seq_len, generator=generator),
+        encoder_hidden_states=torch.randn(*shapes["encoder_hidden_states"], generator=generator),
     )
+    if family == SDXL:  # the added conditions
+        # time ids as the pipelines make them: original size, crop (0, 0), then target size or aesthetic score
+        ids = [8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w] if shapes["time_ids"][1] == 6 else [8.0 * h, 8.0 * w, 0, 0, 6.0]
+        inputs["time_ids"] = torch.tensor([ids] * batch)
+        inputs["text_embeds"] = torch.randn(*shapes["text_embeds"], generator=generator)
+    return inputs
 
 
-def ane_unet_from(unet, attention_implementation: str) -> UNet2DConditionModelANE:
-    """The Neural-Engine UNet holding the diffusers UNet's own tensors (no copy, no random init)."""
-    with torch.device("meta"):
-        model = UNet2DConditionModelANE(dict(unet.config), attention_implementation)
-    model.load_state_dict(unet.state_dict(), strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int):
+    """Dims of an SDXL UNet: the number of time ids follows from its added-embedding input width,
+    projection_class_embeddings_input_dim = pooled width + ids * addition_time_embed_dim (base 6, refiner 5)."""
+    from ..components import Dims
+    ids, rest = divmod(config["projection_class_embeddings_input_dim"] - text_pooled, config["addition_time_embed_dim"])
+    if rest or ids < 1:
+        raise UserError(f"this SDXL UNet's added embeddings ({config['projection_class_embeddings_input_dim']} wide) do "
+                        f"not fit {text_pooled}-wide pooled text embeddings and {config['addition_time_embed_dim']}-wide "
+                        "time-id embeddings: its text_encoder_2 is another model's")
+    return Dims(h, w, unet_batch=batch, latent_channels=config.get("in_channels", 4),
+                text_hidden=config["cross_attention_dim"], sequence=seq_len, time_ids=ids, text_pooled=text_pooled)
+
+
+def text_pooled_width(source):
+    """The pooled text embeddings' width an SDXL UNet takes: text_encoder_2's projection; None for SD."""
+    if interface_of(source.config("unet")) != SDXL:
+        return None
+    return source.config("text_encoder_2", ("projection_dim",))["projection_dim"]
 
 
 def diffusers_reference(unet, inputs: dict) -> np.ndarray:
-    """noise_pred of the diffusers UNet for our (B, C, 1, S) inputs."""
-    context = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)
+    """noise_pred of the diffusers UNet for the converted UNet's inputs, in their order (DiffusersUNet)."""
     with torch.no_grad():
-        return unet(inputs["sample"], inputs["timestep"], context).sample.numpy()
+        return DiffusersUNet(unet)(*inputs.values()).numpy()
 
 
 def unet_passes(compute_precision: str) -> list:
@@ -137,23 +164,24 @@ def traced_to_mlprogram(holder: dict, inputs: dict, options):
                           skip_model_load=True)
 
 
-def unet_output_paths(options) -> list:
+def unet_output_paths(options, component: str = "unet") -> list:
     from .chunk import chunk_paths
-    out = output_path(options, "unet")
+    out = output_path(options, component)
     # The unchunked package stays beside the chunks: macOS apps load it, iOS apps the chunks.
     return [out, *chunk_paths(out)] if options.chunk_unet else [out]
 
 
-def convert_unet(source, options) -> list:
-    outputs = unet_output_paths(options)
-    if kept_existing(outputs, options, "unet"):
+def convert_unet(source, options, component: str = "unet") -> list:
+    outputs = unet_output_paths(options, component)
+    if kept_existing(outputs, options, component):
         return outputs
     config = source.config("unet", CONFIG_KEYS)
     check_supported(config)
     batch = 1 if options.unet_batch_one else 2
-    inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options))
-    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config)
-    out = save(compress(mlmodel, options, "unet"), output_path(options, "unet"), options.overwrite)
+    inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options),
+                           text_pooled_width(source))
+    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config, component)
+    out = save_mlmodel(compress(mlmodel, options, component), output_path(options, component), options.overwrite)
     del mlmodel
     if options.check_output_correctness:
         check_correctness({"noise_pred": reference}, out, _as_numpy(inputs), options.psnr_threshold)
@@ -161,6 +189,11 @@ def convert_unet(source, options) -> list:
         return [out]
     from .chunk import chunk_mlpackage
     return [out, *chunk_mlpackage(out, options)]
+
+
+def convert_refiner(source, options) -> list:
+    """SDXL's refiner UNet (`source` is the --refiner-version model), Apple's names: <model>_refiner.mlpackage."""
+    return convert_unet(source, options, "refiner")
 
 
 def check_recipe(source, options) -> None:
@@ -176,7 +209,7 @@ def check_recipe(source, options) -> None:
     check_layer_names(load_recipe(options.mixed_bit_recipe), model, f"the UNet of {source.name!r}")
 
 
-def build_mlprogram(load_unet, inputs: dict, options, config: dict):
+def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: str = "unet"):
     """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
 
     The graph is traced before any weight is loaded (`traced_skeleton`), so the trace's forward pass
@@ -193,7 +226,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     halve = options.compute_precision == "float16"
     unet = load_unet(halve_if_large if halve and not options.check_output_correctness else None)
     reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
-    weights = ane_unet_from(unet, options.attention_implementation).state_dict()
+    weights = from_diffusers(unet, options.attention_implementation).state_dict()
     del unet
     gc.collect()  # modules may hold reference cycles: now `weights` holds the only reference to each tensor
     if halve:
@@ -203,7 +236,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict):
     log_memory("weights loaded")
     mlmodel = traced_to_mlprogram(holder, inputs, options)
     log_memory("converted")
-    describe(mlmodel, options, "unet", DESCRIPTIONS)
+    describe(mlmodel, options, component, {k: v for k, v in DESCRIPTIONS.items() if k in inputs or k in OUTPUT_NAMES})
     meta = mlmodel.user_defined_metadata
     meta["com.python_coreml_sd.batch_size"] = str(inputs["sample"].shape[0])
     meta["com.python_coreml_sd.latent_size"] = "x".join(map(str, inputs["sample"].shape[2:]))

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..components import TABLE
+from ..components import TABLE, Dims
 from .common import convert_traced_component, kept_existing, output_path
 
 DECODER_DESCRIPTIONS = {
@@ -52,12 +52,14 @@ def latent_size(source, options) -> tuple:
 
 def decoder_inputs(vae, h, w):
     generator = torch.Generator().manual_seed(0)
-    return OrderedDict(z=torch.randn(1, vae.config.latent_channels, h, w, generator=generator))
+    (z,) = TABLE["vae_decoder"].shapes(Dims(h, w, latent_channels=vae.config.latent_channels))
+    return OrderedDict(z=torch.randn(*z, generator=generator))
 
 
 def encoder_inputs(vae, h, w):
     generator = torch.Generator().manual_seed(0)
-    return OrderedDict(x=torch.rand(1, vae.config.in_channels, 8 * h, 8 * w, generator=generator) * 2 - 1)
+    (x,) = TABLE["vae_encoder"].shapes(Dims(h, w))
+    return OrderedDict(x=torch.rand(*x, generator=generator) * 2 - 1)
 
 
 def _convert(source, options, component, make_module, make_inputs, descriptions) -> list:

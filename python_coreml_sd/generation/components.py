@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import TABLE, component_of
+from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet
+from ..layers.unet import DiffusersUNet
 from ..errors import UserError
 
 @dataclass
@@ -41,19 +42,29 @@ class ModelSet:
     def has_unet(self) -> bool:
         return "unet" in self or ("unet_chunk1" in self and "unet_chunk2" in self)
 
-    def unet_input_shapes(self) -> dict:
-        if "unet" in self:
-            return self["unet"].input_shapes
-        first, second = self["unet_chunk1"].input_shapes, self["unet_chunk2"].input_shapes
-        return {k: v for k, v in {**second, **first}.items() if k in ("sample", "timestep", "encoder_hidden_states")}
+    def has_refiner(self) -> bool:
+        return "refiner" in self or ("refiner_chunk1" in self and "refiner_chunk2" in self)
 
-    def run_unet(self, inputs: dict) -> np.ndarray:
-        if "unet" in self:
-            return self["unet"].predict(inputs)["noise_pred"]
+    def unet_input_shapes(self, unet: str = "unet") -> dict:
+        """The inputs of the UNet (`unet`: "unet" or SDXL's "refiner"), whole or chunked."""
+        if unet in self:
+            return self[unet].input_shapes
+        first, second = self[f"{unet}_chunk1"].input_shapes, self[f"{unet}_chunk2"].input_shapes
+        return {k: v for k, v in {**second, **first}.items() if k in TABLE[unet].io(SDXL).inputs}
+
+    @property
+    def family(self) -> str:
+        """The interface family of these models (python_coreml_sd.components): SDXL when the UNet takes
+        SDXL's added conditions."""
+        return SDXL if set(TABLE["unet"].io(SDXL).inputs) <= set(self.unet_input_shapes()) else SD
+
+    def run_unet(self, inputs: dict, unet: str = "unet") -> np.ndarray:
+        if unet in self:
+            return self[unet].predict(inputs)["noise_pred"]
         # Chunk 2 reads chunk 1's outputs and whichever original inputs it still needs, by name.
-        hidden = self["unet_chunk1"].predict(inputs)
-        second = {k: v for k, v in {**inputs, **hidden}.items() if k in self["unet_chunk2"].input_shapes}
-        return self["unet_chunk2"].predict(second)["noise_pred"]
+        first, second = self[f"{unet}_chunk1"], self[f"{unet}_chunk2"]
+        hidden = first.predict(inputs)
+        return second.predict({k: v for k, v in {**inputs, **hidden}.items() if k in second.input_shapes})["noise_pred"]
 
 
 def find_packages(folder: Path, model_version: str = None) -> dict:
@@ -141,8 +152,9 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
     if missing:
         raise UserError(f"models folder {folder} has no {', '.join(missing)} package; convert it with "
                         f"python -m python_coreml_sd.torch2coreml --convert-{missing[0].replace('_', '-')}")
-    if "unet" in found:  # prefer the whole UNet over its chunks
-        found.pop("unet_chunk1", None), found.pop("unet_chunk2", None)
+    for unet in ("unet", "refiner"):
+        if unet in found:  # prefer the whole UNet over its chunks
+            found.pop(f"{unet}_chunk1", None), found.pop(f"{unet}_chunk2", None)
     # Every package is checked (safe, the inputs the pipeline feeds) before the first one loads.
     inputs = {name: _package_inputs(path) for name, path in found.items()}
     for name, path in found.items():
@@ -154,7 +166,7 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
 
 def _runtime_options(component: str, backend: str, device: str) -> dict:
     # The UNet runs every step with the same shapes: one captured CUDA graph replaces ~2,000 launches.
-    if backend == "mil" and device == "cuda" and component.startswith("unet"):
+    if backend == "mil" and device == "cuda" and is_unet(component):
         return {"cuda_graph": True}
     return {}
 
@@ -181,50 +193,40 @@ class TorchModel:
         return tensor.float() if name == "input_ids" else tensor.to(self.dtype)
 
 
-class DiffusersUNet(torch.nn.Module):
-    """The original UNet with the converted UNet's input layout: encoder_hidden_states as (B, C, 1, S)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        states = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
+def names(component: str, family: str = SD) -> tuple:
+    """(input names, output names) of a component in a model family, from the table."""
+    interface = TABLE[component].io(family)
+    return list(interface.inputs), list(interface.outputs)
 
 
-def names(component: str) -> tuple:
-    """(input names, output names) of a component, from the table."""
-    return list(TABLE[component].inputs), list(TABLE[component].outputs)
-
-
-def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True) -> ModelSet:
-    """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them."""
+def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True,
+               refiner=None) -> ModelSet:
+    """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them;
+    `refiner`: an SDXL refiner's ModelSource, whose UNet joins them (its text encoder is the base's second, as
+    the SDXL models share it and Apple's pipeline uses it)."""
     from ..convert.safety_checker import SafetyChecker
-    from ..convert.text_encoder import TextEncoderWrapper
+    from ..convert.text_encoder import wrapper_for
+    from ..convert.unet import text_pooled_width, xl_dims
     from ..convert.vae import VAEDecoder, VAEEncoder
 
+    family = source.interface
     text_encoder, unet, vae = source.load_text_encoder(), source.load_unet(), source.load_vae()
-    h, w = latent_hw
-    batch = 2
-    hidden = text_encoder.config.hidden_size
-    seq = text_encoder.config.max_position_embeddings
-    channels = unet.config.in_channels
-    components = {
-        "text_encoder": Component(TorchModel(TextEncoderWrapper(text_encoder), *names("text_encoder"), device, dtype),
-                                  {"input_ids": (1, seq)}),
-        "unet": Component(TorchModel(DiffusersUNet(unet), *names("unet"), device, dtype),
-                          {"sample": (batch, channels, h, w), "timestep": (batch,),
-                           "encoder_hidden_states": (batch, hidden, 1, seq)}),
-        "vae_decoder": Component(TorchModel(VAEDecoder(vae), *names("vae_decoder"), device, dtype),
-                                 {"z": (1, vae.config.latent_channels, h, w)}),
-        "vae_encoder": Component(TorchModel(VAEEncoder(vae), *names("vae_encoder"), device, dtype),
-                                 {"x": (1, 3, 8 * h, 8 * w)}),
-    }
-    if with_safety_checker and source.has("safety_checker"):
-        checker = source.load_safety_checker()
-        size = checker.config.vision_config.image_size
-        components["safety_checker"] = Component(
-            TorchModel(SafetyChecker(checker), *names("safety_checker"), device, dtype),
-            {"clip_input": (1, 3, size, size), "images": (1, 8 * h, 8 * w, 3), "adjustment": (1,)})
-    return ModelSet(components)
+    checker = source.load_safety_checker() if with_safety_checker and source.has("safety_checker") else None
+    dims = Dims(*latent_hw, latent_channels=unet.config.in_channels, text_hidden=unet.config.cross_attention_dim,
+                sequence=text_encoder.config.max_position_embeddings,
+                clip_image=checker.config.vision_config.image_size if checker else Dims.clip_image)
+    modules = {"text_encoder": wrapper_for(text_encoder, family), "unet": DiffusersUNet(unet),
+               "vae_decoder": VAEDecoder(vae), "vae_encoder": VAEEncoder(vae)}
+    if family == SDXL:
+        modules["text_encoder_2"] = wrapper_for(source.load_text_encoder_2(), family)
+        dims = xl_dims(dict(unet.config), dims.unet_batch, *latent_hw, dims.sequence, text_pooled_width(source))
+    if checker is not None:
+        modules["safety_checker"] = SafetyChecker(checker)
+    shapes = {name: TABLE[name].input_shapes(dims, family) for name in modules}
+    if refiner is not None:
+        refiner_unet = refiner.load_unet()
+        modules["refiner"] = DiffusersUNet(refiner_unet)
+        shapes["refiner"] = TABLE["refiner"].input_shapes(xl_dims(dict(refiner_unet.config), dims.unet_batch, *latent_hw,
+                                                                  dims.sequence, text_pooled_width(refiner)), SDXL)
+    return ModelSet({name: Component(TorchModel(module, *names(name, family), device, dtype), shapes[name])
+                     for name, module in modules.items()})

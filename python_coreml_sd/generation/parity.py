@@ -4,14 +4,16 @@ import numpy as np
 from PIL import Image
 
 from ..metrics import psnr
-from .pipeline import GenerationRequest
 
-STAGES = ("text_embeddings", "first_noise_pred", "final_latents", "decoded_image")
+# SDXL's runs also record each encoder's penultimate states and the pooled text_embeds.
+STAGES = ("text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "text_embeddings", "first_noise_pred",
+          "final_latents", "decoded_image")
 
 
 def compare(reference, converted) -> dict:
-    """PSNR of every stage and of the final 8-bit images."""
-    values = {stage: psnr(reference.intermediates[stage], converted.intermediates[stage]) for stage in STAGES}
+    """PSNR of every stage both runs recorded and of the final 8-bit images."""
+    values = {stage: psnr(reference.intermediates[stage], converted.intermediates[stage]) for stage in STAGES
+              if stage in reference.intermediates and stage in converted.intermediates}
     values["final_image"] = psnr(np.asarray(reference.image, np.float32), np.asarray(converted.image, np.float32))
     return values
 
@@ -39,7 +41,3 @@ def grid(pairs, amplify: float = 10.0) -> Image.Image:
         for col, image in enumerate((ref, out, Image.fromarray(np.clip(diff, 0, 255).astype(np.uint8)))):
             canvas.paste(image, (col * w, row * h))
     return canvas
-
-
-def requests_for(prompts, seeds, **common) -> list:
-    return [GenerationRequest(prompt=p, seed=s, **common) for p in prompts for s in seeds]

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..components import SD, SDXL, TABLE, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
+from .prompts import PromptChunks, chunk_prompt, weighted
 from .random_source import MAX_SEED, RandomSource
 from .schedulers import make_scheduler
 
@@ -33,6 +35,10 @@ def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
     return (mean + std * np.asarray(noise, dtype=np.float32)).astype(np.float32)
 
 
+TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER = (
+    TABLE[name] for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"))
+
+
 def _takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
@@ -47,6 +53,15 @@ class GenerationRequest:
     scheduler: str = "PNDM"
     image: Image.Image = None  # img2img start image
     strength: float = 0.75
+    # SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline): None means the image size, as there.
+    original_size: tuple = None  # (height, width) in pixels
+    crops_coords_top_left: tuple = (0, 0)  # (y, x)
+    target_size: tuple = None  # (height, width)
+    aesthetic_score: float = 6.0  # the refiner's time ids (its negative: negative_aesthetic_score)
+    negative_aesthetic_score: float = 2.5
+    # SDXL: the base denoises up to this fraction of the schedule, the refiner the rest (diffusers'
+    # denoising_end on the base, denoising_start on the refiner); None: the base alone
+    refiner_start: float = None
 
     def validate(self):
         if not self.prompt or not self.prompt.strip():
@@ -60,6 +75,13 @@ class GenerationRequest:
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
         if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.refiner_start is not None and not 0 < self.refiner_start < 1:  # also refuses nan
+            raise UserError(f"--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got "
+                            f"{self.refiner_start}")
+        for flag, pair in (("--original-size", self.original_size), ("--crops-coords-top-left", self.crops_coords_top_left),
+                           ("--target-size", self.target_size)):
+            if pair is not None and (len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair)):
+                raise UserError(f"{flag} takes two numbers of at least 0 (height width, or y x), got {pair}")
 
 
 @dataclass
@@ -73,10 +95,16 @@ class GenerationResult:
 
 class StableDiffusionPipeline:
     def __init__(self, models: ModelSet, tokenizer, scheduler_config: dict, vae_scaling_factor: float = 0.18215,
-                 progress: bool = True):
+                 progress: bool = True, tokenizer_2=None, force_zeros_for_empty_prompt: bool = False):
         if not models.has_unet or "text_encoder" not in models or "vae_decoder" not in models:
             raise UserError("generation needs a text encoder, a UNet and a VAE decoder")
-        self.models, self.tokenizer = models, tokenizer
+        self.family = models.family
+        if self.family == SDXL and ("text_encoder_2" not in models or tokenizer_2 is None):
+            raise UserError("this UNet is SDXL's (it takes time_ids and text_embeds): generation needs text_encoder_2 "
+                            "and tokenizer_2 too; convert with --convert-text-encoder from the SDXL model")
+        self.models, self.tokenizer, self.tokenizer_2 = models, tokenizer, tokenizer_2
+        # diffusers' StableDiffusionXLPipeline: no negative prompt -> zero negative embeddings (SDXL base's config)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt and self.family == SDXL
         self.scheduler_config, self.vae_scaling_factor = dict(scheduler_config), vae_scaling_factor
         self.progress = progress
         shapes = models.unet_input_shapes()
@@ -101,27 +129,101 @@ class StableDiffusionPipeline:
     def image_size(self) -> tuple:
         return 8 * self.latent_h, 8 * self.latent_w
 
-    def tokenize(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text, padding="max_length", max_length=self.sequence_length, truncation=True).input_ids
-        if len(self.tokenizer(text).input_ids) > self.sequence_length:
-            warnings.warn(f"prompt is longer than {self.sequence_length} tokens and was truncated", UserWarning)
-        return np.asarray([ids], dtype=np.float32)
+    def tokenize(self, text: str, tokenizer=None) -> np.ndarray:
+        """(1, S) token ids of the prompt's first text-encoder window (weights and later windows aside)."""
+        return self.prompt_chunks(text, tokenizer=tokenizer).ids[:1].astype(np.float32)
 
-    def encode_text(self, text: str) -> np.ndarray:
-        """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout."""
-        hidden = self.models["text_encoder"].predict({"input_ids": self.tokenize(text)})["last_hidden_state"]
-        return np.transpose(hidden, (0, 2, 1))[:, :, None, :].astype(np.float32)
+    @property
+    def max_prompt_chunks(self) -> int:
+        """Text-encoder windows the UNet takes side by side (its context length / the encoder's)."""
+        context = self.models.unet_input_shapes()[UNET.inputs[2]][-1]
+        return max(context // self.sequence_length, 1)
 
-    def predict_noise(self, latents, t, embeddings, guidance_scale) -> np.ndarray:
-        """Classifier-free guidance; embeddings are [unconditional, conditional]."""
+    def prompt_chunks(self, text: str, min_chunks: int = 1, tokenizer=None) -> PromptChunks:
+        """The prompt's weighted tokens in windows (generation/prompts.py); warns when the UNet takes fewer."""
+        chunks = chunk_prompt(tokenizer or self.tokenizer, text, min_chunks, self.sequence_length)
+        if chunks.count > self.max_prompt_chunks:
+            warnings.warn(f"prompt is longer than {self.sequence_length * self.max_prompt_chunks} tokens and was "
+                          "truncated", UserWarning)
+            chunks = PromptChunks(chunks.ids[:self.max_prompt_chunks], chunks.weights[:self.max_prompt_chunks])
+        return chunks
+
+    def encode_text(self, text: str, min_chunks: int = 1) -> np.ndarray:
+        """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout: each window encoded, weighted, and
+        the windows concatenated along the sequence."""
+        chunks = self.prompt_chunks(text, min_chunks)
+        encoder = self.models["text_encoder"]
+        hidden = [weighted(encoder.predict(TEXT_ENCODER.feed(ids[None].astype(np.float32)))[TEXT_ENCODER.outputs[0]],
+                           weights) for ids, weights in zip(chunks.ids, chunks.weights)]
+        return text_to_unet_layout(np.concatenate(hidden, axis=1)).astype(np.float32)
+
+    def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple:
+        """(conditional, [unconditional, conditional]) embeddings, both with as many windows as the longer."""
+        count = max(self.prompt_chunks(t).count for t in (prompt, negative_prompt))
+        cond = self.encode_text(prompt, count)
+        return cond, np.concatenate([self.encode_text(negative_prompt, count), cond])
+
+    def encode_xl(self, text: str) -> dict:
+        """SDXL's text conditioning, as diffusers' encode_prompt: each encoder's penultimate states, side by side
+        on channels, in the UNet's (1, C, 1, S) layout, and text_encoder_2's pooled text_embeds (1, P)."""
+        chunks = {name: self.prompt_chunks(text, tokenizer=tokenizer)
+                  for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2))}
+        out = {name: self.models[name].predict(TABLE[name].feed(c.ids[:1].astype(np.float32), family=SDXL))
+               for name, c in chunks.items()}
+        states, pooled = TABLE["text_encoder_2"].io(SDXL).outputs
+        # Prompt weights scale each encoder's states (the pooled embedding stays unweighted, as A1111's).
+        hidden = {name: weighted(out[name][states], chunks[name].weights[0]) for name in out}
+        return {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
+                "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
+                "pooled_embeddings": out["text_encoder_2"][pooled].astype(np.float32)}
+
+    def refiner_conditioning(self, request) -> tuple:
+        """The refiner's (embeddings, added conditions): text_encoder_2's states alone, its pooled embeds, time
+        ids with the aesthetic scores; the negative prompt always encoded (the refiner's
+        force_zeros_for_empty_prompt is false)."""
+        cond, uncond = self.encode_xl(request.prompt), self.encode_xl(request.negative_prompt)
+        states = [text_to_unet_layout(e["text_encoder_2_hidden"]) for e in (uncond, cond)]
+        return np.concatenate(states), {"time_ids": self.time_ids(request, "refiner"), "text_embeds": np.concatenate(
+            [uncond["pooled_embeddings"], cond["pooled_embeddings"]])}
+
+    def conditioning(self, request) -> tuple:
+        """(embeddings [unconditional, conditional] in the UNet's layout, SDXL's added conditions or {}, the
+        conditional prompt's intermediates for parity)."""
+        if self.family == SD:
+            cond, embeddings = self.encode_prompts(request.prompt, request.negative_prompt)
+            return embeddings, {}, {"text_embeddings": cond}
+        cond = self.encode_xl(request.prompt)
+        if self.force_zeros_for_empty_prompt and not request.negative_prompt:
+            uncond = {k: np.zeros_like(v) for k, v in cond.items()}
+        else:
+            uncond = self.encode_xl(request.negative_prompt)
+        added = {"time_ids": self.time_ids(request), "text_embeds": np.concatenate([uncond["pooled_embeddings"],
+                                                                                    cond["pooled_embeddings"]])}
+        return np.concatenate([uncond["text_embeddings"], cond["text_embeddings"]]), added, cond
+
+    def time_ids(self, request, unet: str = "unet") -> np.ndarray:
+        """SDXL's micro-conditioning, [unconditional, conditional]: original size, crop top-left, then the target
+        size (base, 6 ids) or the aesthetic score (refiner, 5 ids), as diffusers' _get_add_time_ids."""
+        size = self.image_size
+        head = tuple(request.original_size or size) + tuple(request.crops_coords_top_left)
+        if self.models.unet_input_shapes(unet)["time_ids"][-1] == 5:
+            rows = [head + (request.negative_aesthetic_score,), head + (request.aesthetic_score,)]
+        else:
+            rows = [head + tuple(request.target_size or size)] * 2
+        return np.asarray(rows, dtype=np.float32)
+
+    def predict_noise(self, latents, t, embeddings, guidance_scale, added: dict = None, unet: str = "unet") -> np.ndarray:
+        """Classifier-free guidance; embeddings (and SDXL's added conditions) are [unconditional, conditional]."""
         timestep = np.full((2,), float(t), dtype=np.float32)
-        if self.unet_batch == 2:
-            out = self.models.run_unet({"sample": np.concatenate([latents, latents]), "timestep": timestep,
-                                        "encoder_hidden_states": embeddings})
+        added = added or {}  # SDXL's inputs beyond SD's, by name (components.UNET_XL_INPUTS)
+        if self.models.unet_input_shapes(unet)["sample"][0] == 2:
+            out = self.models.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added},
+                                       unet)
             uncond, cond = out[0:1], out[1:2]
         else:
-            uncond, cond = (self.models.run_unet({"sample": latents, "timestep": timestep[:1],
-                                                  "encoder_hidden_states": embeddings[i:i + 1]}) for i in (0, 1))
+            uncond, cond = (self.models.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
+                                                  **{k: v[i:i + 1] for k, v in added.items()}}, unet)
+                            for i in (0, 1))
         return uncond + guidance_scale * (cond - uncond)
 
     def initial_latents(self, request, scheduler, rng: RandomSource):
@@ -143,7 +245,7 @@ class StableDiffusionPipeline:
         # Draw order as before the moments interface (diagonal_noise, then noise), so a seed keeps its image.
         if "x" not in encoder.input_shapes and "diagonal_noise" in encoder.input_shapes:
             return self._legacy_encoder_latents(request, rng, shape, signal, noise_scale), timesteps
-        moments = encoder.predict({"x": self.preprocess(request.image)})["latent"]
+        moments = encoder.predict(VAE_ENCODER.feed(self.preprocess(request.image)))[VAE_ENCODER.outputs[0]]
         diagonal_noise, noise = rng.normal(shape), rng.normal(shape)
         latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, diagonal_noise)
         return np.float32(signal) * latents + np.float32(noise_scale) * noise, timesteps
@@ -170,7 +272,8 @@ class StableDiffusionPipeline:
 
     def decode(self, latents) -> np.ndarray:
         """NCHW image in [0, 1]."""
-        image = self.models["vae_decoder"].predict({"z": latents / self.vae_scaling_factor})["image"]
+        out = self.models["vae_decoder"].predict(VAE_DECODER.feed(latents / self.vae_scaling_factor))
+        image = out[VAE_DECODER.outputs[0]]
         return np.clip(image / 2 + 0.5, 0, 1)
 
     def safety_check(self, image: np.ndarray):
@@ -178,32 +281,64 @@ class StableDiffusionPipeline:
             return image, False
         pil = Image.fromarray((image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
         clip_input = self._clip_processor(pil, return_tensors="np").pixel_values.astype(np.float32)
-        out = self.models["safety_checker"].predict({"clip_input": clip_input,
-                                                     "images": image.transpose(0, 2, 3, 1).astype(np.float32),
-                                                     "adjustment": np.zeros((1,), np.float32)})
-        flagged = bool(np.asarray(out["has_nsfw_concepts"]).ravel()[0] > 0.5)
-        return out["filtered_images"].transpose(0, 3, 1, 2), flagged
+        out = self.models["safety_checker"].predict(SAFETY_CHECKER.feed(
+            clip_input, image.transpose(0, 2, 3, 1).astype(np.float32), np.zeros((1,), np.float32)))
+        filtered, has_nsfw_concepts = (out[name] for name in SAFETY_CHECKER.outputs[:2])
+        return filtered.transpose(0, 3, 1, 2), bool(np.asarray(has_nsfw_concepts).ravel()[0] > 0.5)
+
+    def split_for_refiner(self, request, scheduler, timesteps):
+        """(the base's timesteps, the refiner's scheduler and timesteps) for --refiner-start, as diffusers'
+        denoising_end on the base and denoising_start on the refiner: the base keeps the timesteps at or above
+        the cutoff, the refiner (a fresh scheduler, begun where the base stopped) those below it."""
+        if not self.models.has_refiner():
+            raise UserError("--refiner-start needs the refiner's UNet: convert it with --convert-unet --refiner-version "
+                            "MODEL (and, for --backend torch, pass --refiner-version)")
+        train = scheduler.config.num_train_timesteps
+        cutoff = int(round(train - request.refiner_start * train))
+        base = timesteps[:len([t for t in timesteps if t >= cutoff])]
+        refiner = make_scheduler(request.scheduler, self.scheduler_config)
+        refiner.set_timesteps(request.num_inference_steps)
+        steps = int((refiner.timesteps < cutoff).sum())
+        if refiner.order == 2 and steps % 2 == 0:
+            steps += 1
+        begin = len(refiner.timesteps) - steps
+        if hasattr(refiner, "set_begin_index"):
+            refiner.set_begin_index(begin)
+        return base, refiner, refiner.timesteps[begin:]
+
+    def denoise(self, latents, scheduler, timesteps, embeddings, added, request, step_kwargs, unet="unet",
+                intermediates=None):
+        from tqdm import tqdm
+        for i, t in enumerate(tqdm(timesteps, desc=f"denoising ({unet})", unit="step", disable=not self.progress)):
+            model_input = scheduler.scale_model_input(torch.from_numpy(latents), t).numpy()
+            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale, added, unet)
+            if i == 0 and intermediates is not None:
+                intermediates[f"first_noise_pred{'_refiner' if unet == 'refiner' else ''}"] = noise
+            latents = scheduler.step(torch.from_numpy(noise), t, torch.from_numpy(latents),
+                                     **step_kwargs).prev_sample.numpy().astype(np.float32)
+        return latents
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        from tqdm import tqdm
         request.validate()
+        if request.refiner_start is not None and self.family != SDXL:
+            raise UserError("--refiner-start is for SDXL models with a refiner; this UNet is not SDXL's")
         start = time.perf_counter()
         rng = RandomSource(request.seed)
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
-        cond = self.encode_text(request.prompt)
-        embeddings = np.concatenate([self.encode_text(request.negative_prompt), cond])
+        embeddings, added, intermediates = self.conditioning(request)
         latents, timesteps = self.initial_latents(request, scheduler, rng)
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
-        intermediates = {"text_embeddings": cond}
+        stages = [("unet", scheduler, timesteps, embeddings, added)]
+        if request.refiner_start is not None:
+            base, refiner, refiner_steps = self.split_for_refiner(request, scheduler, timesteps)
+            stages = [("unet", scheduler, base, embeddings, added),
+                      ("refiner", refiner, refiner_steps, *self.refiner_conditioning(request))]
         loop_start = time.perf_counter()
-        for i, t in enumerate(tqdm(timesteps, desc="denoising", unit="step", disable=not self.progress)):
-            model_input = scheduler.scale_model_input(torch.from_numpy(latents), t).numpy()
-            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale)
-            if i == 0:
-                intermediates["first_noise_pred"] = noise
-            latents = scheduler.step(torch.from_numpy(noise), t, torch.from_numpy(latents),
-                                     **step_kwargs).prev_sample.numpy().astype(np.float32)
-        per_step = (time.perf_counter() - loop_start) / max(len(timesteps), 1)
+        for unet, stage_scheduler, stage_steps, stage_embeddings, stage_added in stages:
+            latents = self.denoise(latents, stage_scheduler, stage_steps, stage_embeddings, stage_added, request,
+                                   step_kwargs, unet, intermediates)
+        steps = sum(len(stage[2]) for stage in stages)
+        per_step = (time.perf_counter() - loop_start) / max(steps, 1)
         intermediates["final_latents"] = latents
         decoded = self.decode(latents)
         intermediates["decoded_image"] = decoded

@@ -25,18 +25,24 @@ def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2
     if models_dir is None:
         raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
     needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
+    # SDXL's text_encoder_2 is required by the pipeline once it sees the UNet's added conditions
     return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version)
 
 
-def reference_models(source, latent_hw, device="cpu", precision="float32") -> ModelSet:
+def reference_models(source, latent_hw, device="cpu", precision="float32", refiner=None) -> ModelSet:
     dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
-    return load_torch(source, latent_hw, device=device, dtype=dtype)
+    return load_torch(source, latent_hw, device=device, dtype=dtype, refiner=refiner)
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None) -> StableDiffusionPipeline:
+    """The loop over `models`, with `source`'s tokenizers, scheduler and VAE scaling (SDXL's 0.13025) and, for
+    SDXL, its model_index.json's force_zeros_for_empty_prompt."""
     vae_config = source.config("vae")
+    xl = source.has("tokenizer_2")
     return StableDiffusionPipeline(models, tokenizer or source.load_tokenizer(), source.config("scheduler"),
-                                   vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress)
+                                   vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress,
+                                   tokenizer_2=source.load_tokenizer_2() if xl else None,
+                                   force_zeros_for_empty_prompt=bool(source.index.get("force_zeros_for_empty_prompt")))
 
 
 def bundled_tokenizer(models_dir):
@@ -48,16 +54,20 @@ def bundled_tokenizer(models_dir):
     if not (vocab.is_file() and merges.is_file()):
         return None
     from transformers import CLIPTokenizer
+    from ..tokenizer_files import load_added_tokens
     try:
-        return CLIPTokenizer(str(vocab), str(merges))
+        tokenizer = CLIPTokenizer(str(vocab), str(merges))
     except Exception as exc:  # the tokenizers library raises bare Exceptions for unreadable files
         raise UserError(f"{models_dir}: vocab.json / merges.txt are not a CLIP tokenizer ({type(exc).__name__}); "
                         "re-bundle the models or remove the two files") from None
+    return load_added_tokens(tokenizer, models_dir)  # textual-inversion tokens, when the bundle has them
 
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
-                  img2img=False, torch_precision="float32", progress=True) -> StableDiffusionPipeline:
-    """Library entry point behind `python -m python_coreml_sd.pipeline`."""
+                  img2img=False, torch_precision="float32", progress=True,
+                  refiner_version=None) -> StableDiffusionPipeline:
+    """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
+    whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder)."""
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
@@ -67,7 +77,11 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
     source = resolve(model_version)
     if backend == "torch":
         latent_hw = _latent_size_of(models_dir, model_version) if models_dir else (source.config("unet")["sample_size"],) * 2
-        models = reference_models(source, latent_hw, device, torch_precision)
+        refiner = None
+        if refiner_version:
+            from ..convert.sdxl import refiner_source
+            refiner = refiner_source(refiner_version)
+        models = reference_models(source, latent_hw, device, torch_precision, refiner)
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir))

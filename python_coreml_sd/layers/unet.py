@@ -2,7 +2,8 @@
 
 Transformer blocks run in the (B, C, 1, S) layout with 1x1 convolutions for every linear layer; resnets,
 up/down sampling and the time embedding keep diffusers' math. Supported: SD 1.x (conv projections) and
-SD 2.x (linear projections, per-block head counts) block types.
+SD 2.x (linear projections, per-block head counts) block types, and SDXL's (transformer depth per block,
+the `text_time` added conditions: time ids and pooled text embeddings).
 """
 import math
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..components import text_from_unet_layout
 from ..errors import UserError
 from .attention import DEFAULT_QUERY_CHUNK, CrossAttention
 from .layer_norm import LayerNormANE
@@ -19,7 +21,7 @@ UP_BLOCKS = {"UpBlock2D", "CrossAttnUpBlock2D"}
 # Config keys whose non-default values change the math in ways this UNet does not implement.
 REQUIRED_DEFAULTS = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "center_input_sample": False, "only_cross_attention": False,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "dual_cross_attention": False, "class_embed_type": None,
     "num_class_embeds": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
@@ -29,14 +31,19 @@ REQUIRED_DEFAULTS = {
 }
 
 
+ADDITION_EMBED_TYPES = (None, "text_time")  # none (SD 1.x / 2.x) or SDXL's
+
+
 def check_supported(config: dict) -> None:
     unsupported = [f"{k}={config[k]!r}" for k, default in REQUIRED_DEFAULTS.items()
                    if k in config and config[k] != default]
+    if config.get("addition_embed_type") not in ADDITION_EMBED_TYPES:
+        unsupported.append(f"addition_embed_type={config['addition_embed_type']!r}")
     unsupported += [f"block {b!r}" for b in config.get("down_block_types", []) if b not in DOWN_BLOCKS]
     unsupported += [f"block {b!r}" for b in config.get("up_block_types", []) if b not in UP_BLOCKS]
     if unsupported:
         raise UserError("this UNet2DConditionModel is not supported by the Core ML UNet converter ("
-                        + ", ".join(unsupported) + "); supported: SD 1.x and 2.x UNets with the block types "
+                        + ", ".join(unsupported) + "); supported: SD 1.x, 2.x and SDXL UNets with the block types "
                         + ", ".join(sorted(DOWN_BLOCKS | UP_BLOCKS)))
 
 
@@ -227,7 +234,8 @@ def reshape_linear_weights(module: nn.Module, state_dict: dict, prefix: str) -> 
 
 
 class UNet2DConditionModelANE(nn.Module):
-    """forward(sample (B,4,H,W), timestep (B,), encoder_hidden_states (B, C, 1, S)) -> noise_pred."""
+    """forward(sample (B,4,H,W), timestep (B,), encoder_hidden_states (B, C, 1, S)) -> noise_pred; SDXL's UNets
+    (addition_embed_type "text_time") also take time_ids (B, N) and text_embeds (B, P)."""
 
     def __init__(self, config: dict, attention_implementation: str = "SPLIT_EINSUM",
                  query_chunk: int = DEFAULT_QUERY_CHUNK):
@@ -249,6 +257,8 @@ class UNet2DConditionModelANE(nn.Module):
 
         self.conv_in = nn.Conv2d(config.get("in_channels", 4), channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if config.get("addition_embed_type") == "text_time":  # SDXL: diffusers' add_time_proj (no weights)
+            self.add_embedding = TimestepEmbedding(config["projection_class_embeddings_input_dim"], temb)
         self.down_blocks = nn.ModuleList([
             DownBlock(channels[max(i - 1, 0)], channels[i], temb, layers, groups, eps, i < n - 1,
                       transformer(i) if kind == "CrossAttnDownBlock2D" else None)
@@ -268,10 +278,12 @@ class UNet2DConditionModelANE(nn.Module):
     def _pre_hook(self, state_dict, prefix, *args):
         reshape_linear_weights(self, state_dict, prefix)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        t = sinusoidal_embedding(timestep.expand(sample.shape[0]), self.config["block_out_channels"][0],
-                                 self.config.get("flip_sin_to_cos", True), self.config.get("freq_shift", 0))
+    def forward(self, sample, timestep, encoder_hidden_states, time_ids=None, text_embeds=None):
+        flip, shift = self.config.get("flip_sin_to_cos", True), self.config.get("freq_shift", 0)
+        t = sinusoidal_embedding(timestep.expand(sample.shape[0]), self.config["block_out_channels"][0], flip, shift)
         temb = self.time_embedding(t.to(sample.dtype))
+        if hasattr(self, "add_embedding"):
+            temb = temb + self.add_embedding(self.added_conditions(time_ids, text_embeds, flip, shift).to(sample.dtype))
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -283,14 +295,35 @@ class UNet2DConditionModelANE(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+    def added_conditions(self, time_ids, text_embeds, flip, shift):
+        """SDXL's: each time id's sinusoidal embedding, concatenated after the pooled text embeddings,
+        (B, P + N * D, 1, 1), as diffusers' add_time_proj and concat."""
+        batch = text_embeds.shape[0]
+        times = sinusoidal_embedding(time_ids.reshape(-1), self.config["addition_time_embed_dim"], flip, shift)
+        return torch.cat([text_embeds[:, :, None, None].float(), times.reshape(batch, -1, 1, 1)], dim=1)
+
+
 def from_diffusers(unet, attention_implementation: str = "SPLIT_EINSUM",
                    query_chunk: int = DEFAULT_QUERY_CHUNK) -> UNet2DConditionModelANE:
-    """Build the Neural-Engine UNet for a diffusers UNet2DConditionModel and load its weights (strict)."""
-    model = UNet2DConditionModelANE(dict(unet.config), attention_implementation, query_chunk)
-    model.load_state_dict(unet.state_dict(), strict=True)
-    return model.eval()
+    """The Neural-Engine UNet holding a diffusers UNet2DConditionModel's own tensors (strict; built on the
+    meta device and assigned: no copy, no random initialisation). The converter and the tests use this."""
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(dict(unet.config), attention_implementation, query_chunk)
+    model.load_state_dict(unet.state_dict(), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
-def context_to_ane(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-    """diffusers' (B, S, C) text embeddings -> the (B, C, 1, S) layout this UNet takes."""
-    return encoder_hidden_states.transpose(1, 2).unsqueeze(2)
+class DiffusersUNet(nn.Module):
+    """A diffusers UNet2DConditionModel behind the converted UNet's interface: positional inputs (what tracing
+    needs), encoder_hidden_states in the (B, C, 1, S) layout, SDXL's added conditions as two more inputs
+    (diffusers' added_cond_kwargs), noise_pred as a plain tensor. The PyTorch reference of the UNet component,
+    and the plain path the benchmarks trace."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, time_ids=None, text_embeds=None):
+        states = text_from_unet_layout(encoder_hidden_states)
+        added = {"time_ids": time_ids, "text_embeds": text_embeds} if time_ids is not None else None
+        return self.unet(sample, timestep, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False)[0]

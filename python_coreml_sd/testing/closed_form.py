@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from ..components import TABLE, Dims, text_from_unet_layout
+
 LATENT_SCALE = 0.18215
 HIDDEN_SIZE = 8
 SD_SCHEDULER_CONFIG = dict(
@@ -239,28 +241,27 @@ def model_set(latent_size: int = 8, unet_batch: int = 2):
     shapes and layouts of the converted models), so the real pipeline can run them."""
     from python_coreml_sd.generation.components import Component, ModelSet
 
-    def text_encoder(inputs):
-        ids = [int(v) for v in inputs["input_ids"][0]]
-        return {"last_hidden_state": encode_text(ids)[None]}
+    # Each takes its inputs and gives its outputs in the table's order, under the table's names.
+    def text_encoder(input_ids):
+        return (encode_text([int(v) for v in input_ids[0]])[None],)
 
-    def unet(inputs):
-        hidden = inputs["encoder_hidden_states"][:, :, 0, :].transpose(0, 2, 1)  # (B, 77, C) order for the mean
-        items = [denoise(sample, float(t), h) for sample, t, h in zip(inputs["sample"], inputs["timestep"], hidden)]
-        return {"noise_pred": np.stack(items)}
+    def unet(sample, timestep, encoder_hidden_states):
+        hidden = text_from_unet_layout(encoder_hidden_states)  # (B, 77, C) order for the mean
+        return (np.stack([denoise(x, float(t), h) for x, t, h in zip(sample, timestep, hidden)]),)
 
-    def vae_decoder(inputs):
-        return {"image": decode(inputs["z"][0])[None]}
+    def vae_decoder(z):
+        return (decode(z[0])[None],)
 
-    def vae_encoder(inputs):
-        return {"latent": encode_image(inputs["x"][0])[None]}
+    def vae_encoder(x):
+        return (encode_image(x[0])[None],)
 
-    h = w = latent_size
-    shapes = {
-        "text_encoder": {"input_ids": (1, 77)},
-        "unet": {"sample": (unet_batch, 4, h, w), "timestep": (unet_batch,),
-                 "encoder_hidden_states": (unet_batch, HIDDEN_SIZE, 1, 77)},
-        "vae_decoder": {"z": (1, 4, h, w)},
-        "vae_encoder": {"x": (1, 3, 8 * h, 8 * w)},
-    }
+    dims = Dims(latent_size, latent_size, unet_batch, text_hidden=HIDDEN_SIZE)
+    shapes = {name: TABLE[name].input_shapes(dims) for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
     predicts = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder, "vae_encoder": vae_encoder}
-    return ModelSet({name: Component(_Model(predicts[name]), shapes[name]) for name in predicts})
+    return ModelSet({name: Component(_Model(_named(name, predicts[name])), shapes[name]) for name in predicts})
+
+
+def _named(component: str, compute):
+    """`compute` behind the component's predict interface: {input name: array} -> {output name: array}."""
+    spec = TABLE[component]
+    return lambda inputs: dict(zip(spec.outputs, compute(*(inputs[name] for name in spec.inputs))))

@@ -5,8 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from python_coreml_sd.compression import mixed_bit, recipes, testbed
-from python_coreml_sd.compression.palettize import lut_weights, mil_program
+from python_coreml_sd.compression import plot, recipes, search, testbed
+from python_coreml_sd.compression.palettize import lut_weights
+from python_coreml_sd.package_io import mil_program
 from python_coreml_sd.errors import UserError
 
 import coremltools as ct  # noqa: E402  (a missing coremltools is a failure, not a skip)
@@ -26,7 +27,7 @@ def source(tmp_path_factory, net):
 @pytest.fixture(scope="module")
 def analysis(net):
     module, inputs = net
-    return mixed_bit.layer_sensitivity(module, inputs, log=None)
+    return search.layer_sensitivity(module, inputs, log=None)
 
 
 def test_sensitivity_covers_large_layers_and_grows_with_bits(analysis):
@@ -38,24 +39,24 @@ def test_sensitivity_covers_large_layers_and_grows_with_bits(analysis):
 
 def test_recipe_hits_target_bits(analysis):
     for target in (8, 6, 4, 3, 2):
-        recipe = mixed_bit.choose_recipe(analysis, target_bits=target)
-        assert mixed_bit.average_bits(analysis, recipe) <= target
-    assert set(mixed_bit.choose_recipe(analysis, target_bits=16).values()) == {16}
+        recipe = search.choose_recipe(analysis, target_bits=target)
+        assert search.average_bits(analysis, recipe) <= target
+    assert set(search.choose_recipe(analysis, target_bits=16).values()) == {16}
 
 
 def test_recipe_for_target_psnr(net, analysis):
     module, inputs = net
-    recipe = mixed_bit.choose_recipe(analysis, target_psnr=30)
-    assert mixed_bit.predicted_psnr(analysis, recipe) >= 30
-    assert mixed_bit.average_bits(analysis, recipe) < 16
+    recipe = search.choose_recipe(analysis, target_psnr=30)
+    assert search.predicted_psnr(analysis, recipe) >= 30
+    assert search.average_bits(analysis, recipe) < 16
     # The additive-noise prediction is an estimate; the real figure lands close to it.
-    assert abs(mixed_bit.measure_recipe(module, inputs, recipe) - mixed_bit.predicted_psnr(analysis, recipe)) < 3
+    assert abs(search.measure_recipe(module, inputs, recipe) - search.predicted_psnr(analysis, recipe)) < 3
 
 
 def test_measure_recipe_restores_weights(net):
     module, inputs = net
     before = {n: p.clone() for n, p in module.named_parameters()}
-    mixed_bit.measure_recipe(module, inputs, {"conv2": 1, "fc": 2})
+    search.measure_recipe(module, inputs, {"conv2": 1, "fc": 2})
     for n, p in module.named_parameters():
         assert (p == before[n]).all()
 
@@ -63,16 +64,16 @@ def test_measure_recipe_restores_weights(net):
 def test_name_mapping():
     layers = {"down_blocks.0.resnets.0.conv1": 4, "resnets.0.conv1": 2}
     # Wrapper prefixes and cast suffixes are ignored; the longest (most specific) key wins.
-    assert mixed_bit._match("unet_down_blocks_0_resnets_0_conv1_weight_to_fp16", layers) == "down_blocks.0.resnets.0.conv1"
-    assert mixed_bit._match("up_blocks_1_resnets_0_conv1_weight_to_fp16", layers) == "resnets.0.conv1"
-    assert mixed_bit._match("down_blocks_0_resnets_0_conv1_bias_to_fp16", layers) is None
-    assert mixed_bit._match("xconv1_weight", {"conv1": 1}) is None  # only whole path components match
+    assert recipes._match("unet_down_blocks_0_resnets_0_conv1_weight_to_fp16", layers) == "down_blocks.0.resnets.0.conv1"
+    assert recipes._match("up_blocks_1_resnets_0_conv1_weight_to_fp16", layers) == "resnets.0.conv1"
+    assert recipes._match("down_blocks_0_resnets_0_conv1_bias_to_fp16", layers) is None
+    assert recipes._match("xconv1_weight", {"conv1": 1}) is None  # only whole path components match
 
 
 def test_apply_recipe(source, tmp_path):
     recipe_file = tmp_path / "recipe.json"
     recipe_file.write_text(json.dumps({"layers": {"conv2": 4, "fc": 2, "conv1": 16}}))
-    dst = mixed_bit.apply_recipe(source, tmp_path / "mixed.mlpackage", recipe_file)
+    dst = search.apply_recipe(source, tmp_path / "mixed.mlpackage", recipe_file)
     model = ct.models.MLModel(str(dst), skip_model_load=True)
     luts = {op.name: op.lut.val.shape[-2] for f in mil_program(model).functions.values()
             for op in f.operations if op.op_type == "constexpr_lut_to_dense"}
@@ -82,11 +83,11 @@ def test_apply_recipe(source, tmp_path):
 
 def test_recipe_errors(source, tmp_path):
     with pytest.raises(UserError, match="not in the model"):
-        mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"no_such_layer": 4})
+        search.apply_recipe(source, tmp_path / "x.mlpackage", {"no_such_layer": 4})
     with pytest.raises(UserError, match="unsupported bits"):
-        mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", {"conv2": "four"})
+        search.apply_recipe(source, tmp_path / "x.mlpackage", {"conv2": "four"})
     with pytest.raises(UserError, match="JSON object"):
-        mixed_bit.apply_recipe(source, tmp_path / "x.mlpackage", ["conv2", 4])
+        search.apply_recipe(source, tmp_path / "x.mlpackage", ["conv2", 4])
     assert not (tmp_path / "x.mlpackage").exists()
 
 
@@ -118,7 +119,7 @@ def test_plot_writes_png(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the Pillow drawing, whether or not matplotlib is here
     curve = [{"megabytes": m, "measured_psnr": p} for m, p in ((1.0, 50), (0.6, 40), (0.3, 25))]
     uniform = [{"megabytes": m, "measured_psnr": p} for m, p in ((0.75, 52), (0.5, 38), (0.25, 20))]
-    path = mixed_bit.plot(curve, uniform, tmp_path / "plot.png")
+    path = plot.plot(curve, uniform, tmp_path / "plot.png")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (720, 460)
         pixels = np.asarray(img.convert("RGB")).astype(int)

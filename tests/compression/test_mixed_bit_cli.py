@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+import python_coreml_sd.convert as conversion
 from python_coreml_sd import torch2coreml
 from python_coreml_sd.compression import mixed_bit
 
@@ -19,7 +20,7 @@ UNET = "Stable_Diffusion_version_tiny_unet"
 
 def lut_bits(package) -> dict:
     """{weight const name: bits} from the LUT size of each constexpr_lut_to_dense op of a package."""
-    from python_coreml_sd.compression.palettize import mil_program
+    from python_coreml_sd.package_io import mil_program
 
     out = {}
     for function in mil_program(ct.models.MLModel(str(package), skip_model_load=True)).functions.values():
@@ -123,7 +124,7 @@ def test_missing_target_is_one_line(capsys, tmp_path, no_analysis):
 
 @pytest.fixture
 def no_conversion(monkeypatch):
-    monkeypatch.setattr(torch2coreml, "converter", lambda component: pytest.fail("conversion started"))
+    monkeypatch.setattr(conversion, "converter", lambda component: pytest.fail("conversion started"))
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -146,13 +147,14 @@ def test_bad_recipe_fails_before_any_conversion(capsys, tmp_path, no_conversion,
 
 def test_recipe_names_are_checked_against_the_unet_before_converting(monkeypatch, tmp_path):
     """Canonical names and old `unet.`-prefixed ones pass the pre-check (and nothing else does)."""
-    from python_coreml_sd.convert.common import ConversionOptions
+    import python_coreml_sd.convert as conversion
+    from python_coreml_sd.convert import ConversionOptions, convert
 
     converted = []
-    monkeypatch.setattr(torch2coreml, "converter", lambda component: lambda source, options: converted.append(1) or [])
+    monkeypatch.setattr(conversion, "converter", lambda component: lambda source, options: converted.append(1) or [])
     for name in ("down_blocks.0.resnets.0.conv1", "unet.down_blocks.0.resnets.0.conv1",
                  "mid_block.attentions.0.transformer_blocks.0.attn1.to_q", "time_embedding.linear_1"):
         recipe = tmp_path / "r.json"
         recipe.write_text(json.dumps({"layers": {name: 4}}))
-        torch2coreml.convert(ConversionOptions("tiny", tmp_path / "o", mixed_bit_recipe=str(recipe)), ["unet"])
+        convert(ConversionOptions("tiny", tmp_path / "o", mixed_bit_recipe=str(recipe)), ["unet"])
     assert len(converted) == 4

@@ -7,7 +7,8 @@ import pytest
 from python_coreml_sd.compression import testbed
 from python_coreml_sd.compression.kmeans import palettize_array
 from python_coreml_sd.compression.palettize import (
-    WEIGHT_THRESHOLD, decode_lut_op, lut_weights, mil_program, palettize_mlpackage)
+    WEIGHT_THRESHOLD, decode_lut_op, lut_weights, palettize_mlpackage)
+from python_coreml_sd.package_io import mil_program
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.metrics import psnr
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from python_coreml_sd.compression import testbed
-from python_coreml_sd.compression.palettize import WEIGHT_THRESHOLD, lut_weights, mil_program, palettize_mlpackage
+from python_coreml_sd.compression.palettize import WEIGHT_THRESHOLD, lut_weights, palettize_mlpackage
+from python_coreml_sd.package_io import mil_program
 from python_coreml_sd.metrics import psnr
 
 import coremltools as ct  # noqa: E402  (a missing coremltools is a failure, not a skip)

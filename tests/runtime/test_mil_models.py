@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mil_test_utils import convert, numpy_inputs, reference
-from python_coreml_sd.compression.testbed import UNetWrapper
+from python_coreml_sd.components import text_to_unet_layout
+from python_coreml_sd.layers.unet import DiffusersUNet
 from python_coreml_sd.metrics import psnr
 from python_coreml_sd.runtime.mil import MILModel
 
@@ -101,7 +102,7 @@ def test_vae_encoder(precision, tmp_path):
 
 # ---- UNet ------------------------------------------------------------------------------------
 
-UNet = UNetWrapper  # positional inputs, tensor output: what tracing needs
+UNet = DiffusersUNet  # positional inputs, tensor output: what tracing needs
 
 
 def tiny_unet(sd2=False):
@@ -119,7 +120,7 @@ def tiny_unet(sd2=False):
 
 def unet_inputs(context_dim):
     torch.manual_seed(1)
-    return torch.randn(2, 4, 8, 8), torch.tensor([981.0, 981.0]), torch.randn(2, 7, context_dim)
+    return torch.randn(2, 4, 8, 8), torch.tensor([981.0, 981.0]), text_to_unet_layout(torch.randn(2, 7, context_dim))
 
 
 @pytest.mark.parametrize("precision,target", [("fp32", "macOS13"), ("fp16", "macOS13"), ("fp16", "iOS18")])

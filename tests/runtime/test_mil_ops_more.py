@@ -421,3 +421,22 @@ def test_crop_resize_boxes_pick_their_image_and_crop_every_image_with_4_coordina
     roi = boxes.reshape(2, 1, 4, 1, 1)
     out15 = run_mil(lambda x: mb.crop_resize(x=x, roi=roi, **kw), {"x": x}, tmp_path, target="iOS15")[0]
     close(out15, np.stack([np.stack([ref_crop(x[i], b) for i in range(2)]) for b in boxes]))
+
+
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_scatter_validate_indices_refuses_out_of_bounds_at_run_time(tmp_path, bad):
+    from python_coreml_sd.errors import UserError
+
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    updates = np.array([5.0, 10.0], np.float32)
+
+    def build(data, indices, updates):
+        return mb.scatter_nd(data=data, indices=indices, updates=updates, validate_indices=True, mode="update")
+
+    good = np.array([[1, 0], [0, 2]], np.int32)
+    (out,) = run_mil(build, {"data": data, "indices": good, "updates": updates}, tmp_path)
+    want = data.copy()
+    want[1, 0], want[0, 2] = 5, 10
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(UserError, match="index is out of bounds and the program sets validate_indices"):
+        run_mil(build, {"data": data, "indices": np.array([[1, 0], [0, bad]], np.int32), "updates": updates}, tmp_path)

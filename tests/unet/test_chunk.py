@@ -4,7 +4,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 
-from python_coreml_sd.convert.common import ConversionOptions
+from python_coreml_sd.convert import ConversionOptions
 from python_coreml_sd.convert.unet import convert_unet, sample_inputs
 from python_coreml_sd.runtime.mil import MILModel
 

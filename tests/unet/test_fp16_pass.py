@@ -12,8 +12,10 @@ from coremltools.converters.mil.mil import Program
 
 from python_coreml_sd import registry
 from python_coreml_sd.convert import unet as U
-from python_coreml_sd.convert.common import ConversionOptions, brief_program_strings, fresh_op_names, run_passes
+from python_coreml_sd.convert import ConversionOptions
+from python_coreml_sd.convert.common import brief_program_strings, fresh_op_names, run_passes
 from python_coreml_sd.layers import ATTENTION_IMPLEMENTATIONS
+from python_coreml_sd.layers.unet import from_diffusers
 
 CONFIG = registry.family("tiny")["architecture"]["unet"]  # the `unets["tiny"]` fixture's
 
@@ -25,7 +27,7 @@ def mil_program(diffusers_unet, implementation: str, halve: bool):
     options = ConversionOptions("tiny", "/unused", attention_implementation=implementation)
     inputs = U.sample_inputs(CONFIG, 2, 16, 16, 77)
     traced = U.traced_skeleton(CONFIG, implementation, inputs)
-    weights = {k: v.clone() for k, v in U.ane_unet_from(diffusers_unet, implementation).state_dict().items()}
+    weights = {k: v.clone() for k, v in from_diffusers(diffusers_unet, implementation).state_dict().items()}
     if halve:
         U.halve_large_weights(weights)
     U.assign_weights(traced, weights)

@@ -5,7 +5,8 @@ import torch
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.layers import ATTENTION_IMPLEMENTATIONS, LayerNormANE
 from python_coreml_sd.layers.attention import batched_attention, split_einsum_attention
-from python_coreml_sd.layers.unet import UNet2DConditionModelANE, context_to_ane, from_diffusers
+from python_coreml_sd.components import text_to_unet_layout
+from python_coreml_sd.layers.unet import UNet2DConditionModelANE, from_diffusers
 from python_coreml_sd.metrics import psnr
 
 from .conftest import tiny_config
@@ -28,7 +29,7 @@ def test_matches_diffusers_fp32(unets, config_name, implementation):
     ane = from_diffusers(unet, implementation, query_chunk=48)
     with torch.no_grad():
         reference = unet(sample, timestep, context).sample
-        output = ane(sample, timestep, context_to_ane(context))
+        output = ane(sample, timestep, text_to_unet_layout(context))
     assert reference.abs().max() > 0.1  # a dead network would match trivially
     assert psnr(reference.numpy(), output.numpy()) >= 80
 
@@ -39,7 +40,7 @@ def test_scalar_timestep_broadcasts_over_the_batch(unets):
     ane = from_diffusers(unet, "SPLIT_EINSUM")
     with torch.no_grad():
         expected = unet(sample, torch.tensor([500.0, 500.0]), context).sample
-        output = ane(sample, torch.tensor([500.0]), context_to_ane(context))
+        output = ane(sample, torch.tensor([500.0]), text_to_unet_layout(context))
     assert psnr(expected.numpy(), output.numpy()) >= 80
 
 
@@ -100,5 +101,5 @@ def test_full_size_sd1_matches_diffusers_fp32():
     ane = from_diffusers(unet, "SPLIT_EINSUM")
     with torch.no_grad():
         reference = unet(sample, timestep, context).sample
-        output = ane(sample, timestep, context_to_ane(context))
+        output = ane(sample, timestep, text_to_unet_layout(context))
     assert psnr(reference.numpy(), output.numpy()) >= 80

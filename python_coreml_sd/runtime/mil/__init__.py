@@ -1,4 +1,5 @@
 """Execute Core ML ML Programs (.mlpackage) with PyTorch, on CPU or CUDA."""
-from .model import MILModel, UnsupportedOpError, supported_ops
+from .model import MILModel, MILState, UnsupportedOpError, supported_ops
+from .shapes import AllowedShapes
 
-__all__ = ["MILModel", "UnsupportedOpError", "supported_ops"]
+__all__ = ["AllowedShapes", "MILModel", "MILState", "UnsupportedOpError", "supported_ops"]

@@ -20,6 +20,10 @@ _BY_NAME = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+# Sub-byte types (constexpr masks, palette indices, int4 data) exist only as load-time constants
+# between constexpr ops; one byte holds each element.
+_BY_NAME.update({f"uint{n}": torch.uint8 for n in (1, 2, 3, 4, 6)})
+_BY_NAME["int4"] = torch.int8
 
 _NUMPY = {
     "fp16": np.float16,
@@ -33,6 +37,8 @@ _NUMPY = {
     "uint8": np.uint8,
     "bool": np.bool_,
 }
+_NUMPY.update({f"uint{n}": np.uint8 for n in (1, 2, 3, 4, 6)})
+_NUMPY["int4"] = np.int8
 
 
 def mil_name(dtype) -> str:

@@ -2,7 +2,7 @@
 import contextlib
 import os
 import warnings
-from collections import Counter, namedtuple
+from collections import Counter, OrderedDict, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,12 @@ from .bounds import bounded_value_inference
 from .dtypes import is_float, mil_name, numpy_dtype, storage_dtype
 from .ops import BUILDERS
 from .plan import Plan, UnsupportedOpError
+from .ops.states import StateCell
+from .shapes import allowed_shapes, specialized_spec
 
-TensorDescription = namedtuple("TensorDescription", "name shape dtype")
+# shape: the fixed shape, or for a flexible input the model's default shape; allowed: None for a
+# fixed input, else the shapes.AllowedShapes it accepts.
+TensorDescription = namedtuple("TensorDescription", "name shape dtype allowed", defaults=(None,))
 
 
 def supported_ops():
@@ -51,12 +55,16 @@ def _walk_ops(operations):
             yield from _walk_ops(block.operations)
 
 
+# Op types of the file that coremltools' loader turns into another op.
+_LOADED_AS = {"write_state": "coreml_update_state"}
+
+
 def _check_ops(path, program, function_name):
     """Fail before coremltools' loader does, with the op's name and type."""
     function = program.functions[function_name]
     for block in function.block_specializations.values():
         for op in _walk_ops(block.operations):
-            if op.type != "const" and op.type not in BUILDERS:
+            if op.type != "const" and _LOADED_AS.get(op.type, op.type) not in BUILDERS:
                 name = op.outputs[0].name if op.outputs else "?"
                 raise UnsupportedOpError(
                     f"{path}: op {name!r} of type {op.type!r} is not supported by the MIL runtime"
@@ -100,17 +108,22 @@ def _scalar_epsilon_of_any_float_dtype():
         InputSpec.validate_inputs = original
 
 
-def load_program(path, function_name=None):
-    """(spec, PyMIL Function) of an ML Program, read by coremltools' milproto frontend."""
-    from coremltools.converters.mil.frontend.milproto import load as milproto
+def load_program(path, function_name=None, input_shapes=None, spec=None):
+    """(spec, PyMIL Function) of an ML Program package or .mlmodel, checked before it is read.
+
+    input_shapes: {input name: shape} to specialize flexible inputs to (shapes.py); the returned
+    spec is the package's own either way. spec: the package's spec when already read.
+    """
+    from ...package_io import read_program
 
     path = Path(path)
-    spec = _load_spec(path)
+    spec = _load_spec(path) if spec is None else spec
     name = _function_name(spec, function_name)
     _check_ops(path, spec.mlProgram, name)
+    to_load = specialized_spec(spec, name, input_shapes) if input_shapes else spec
     try:
         with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype():
-            program = milproto.load(spec, spec.specificationVersion, _weights_dir(path))
+            program = read_program(to_load, _weights_dir(path))
     except UserError as e:  # an allocation over the bound
         raise UserError(f"{path}: {e}") from None
     except Exception as e:
@@ -118,9 +131,64 @@ def load_program(path, function_name=None):
     return spec, program.functions[name]
 
 
-def _describe(var):
+def _is_state(var):
+    from coremltools.converters.mil.mil import types
+
+    return types.is_state(var.sym_type)
+
+
+def _describe_state(var):
+    wrapped = var.sym_type.wrapped_type()
+    shape = tuple(int(d) for d in wrapped.get_shape())
+    return TensorDescription(var.name, shape, np.dtype(numpy_dtype(mil_name(wrapped.get_primitive()))))
+
+
+class MILState:
+    """The states of a stateful model (ct.StateType), as `MILModel.make_state()` makes them: zeros
+    at first (as Core ML's), read and updated in place by each `predict(inputs, state=...)`."""
+
+    def __init__(self, description, device):
+        self.description = description
+        self._values = {n: torch.zeros(d.shape, dtype=_storage_of(d.dtype, device), device=device)
+                        for n, d in description.items()}
+
+    def read_state(self, name):
+        self._known(name)
+        return self._values[name].to("cpu").numpy().astype(self.description[name].dtype)
+
+    def write_state(self, name, value):
+        desc = self._known(name)
+        value = np.asarray(value)
+        if value.shape != desc.shape:
+            raise UserError(f"state {name!r} has shape {desc.shape}; got {value.shape}")
+        old = self._values[name]
+        self._values[name] = torch.from_numpy(np.ascontiguousarray(value.astype(desc.dtype))).to(old.device, old.dtype)
+
+    def _known(self, name):
+        if name not in self.description:
+            raise UserError(f"unknown state {name!r}; the model's states are {sorted(self.description)}")
+        return self.description[name]
+
+
+def _storage_of(np_dtype, device):
+    names = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32", np.dtype(np.int32): "int32"}
+    return storage_dtype(names[np.dtype(np_dtype)], device)
+
+
+def _describe(var, allowed=None):
     shape = tuple(int(d) if isinstance(d, (int, np.integer)) else str(d) for d in var.shape)
-    return TensorDescription(var.name, shape, np.dtype(numpy_dtype(mil_name(var.dtype))))
+    if allowed is not None:
+        shape = allowed.default
+    return TensorDescription(var.name, shape, np.dtype(numpy_dtype(mil_name(var.dtype))), allowed)
+
+
+class _Specialization:
+    """The plan compiled for one set of input shapes, with its CUDA graph once captured."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.graph = None
+        self.static_in = self.static_out = None
 
 
 class MILModel:
@@ -131,35 +199,82 @@ class MILModel:
     (removes the per-op launch overhead; inputs are copied into static buffers).
     fuse: run attention and group-norm op chains as single fused kernels (see fusion.py); default
     on for CUDA, off for CPU, where each fp16 op's result is rounded exactly as the program says.
+    max_shapes: for inputs with flexible shapes (RangeDim / EnumeratedShapes), how many input-shape
+    specializations stay compiled (least recently used dropped; weights are shared between them).
     """
 
-    def __init__(self, path, device="cpu", function_name=None, cuda_graph=False, fuse=None):
+    def __init__(self, path, device="cpu", function_name=None, cuda_graph=False, fuse=None, max_shapes=8):
         self.path = str(path)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("device 'cuda' requested but PyTorch sees no CUDA GPU; use device='cpu'")
         self.spec, function = load_program(path, function_name)
-        self.input_description = {n: _describe(v) for n, v in function.inputs.items()}
+        self._function_name = _function_name(self.spec, function_name)
+        self.allowed_shapes = allowed_shapes(self.spec, self._function_name)
+        states = {n: v for n, v in function.inputs.items() if _is_state(v)}
+        self.state_description = {n: _describe_state(v) for n, v in states.items()}
+        self.input_description = {n: _describe(v, self.allowed_shapes.get(n))
+                                  for n, v in function.inputs.items() if n not in states}
         self.output_description = {v.name: _describe(v) for v in function.outputs}
-        for desc in self.input_description.values():
-            if not all(isinstance(d, int) for d in desc.shape):
-                raise UserError(f"{path}: input {desc.name!r} has a flexible shape {desc.shape}; the MIL runtime needs fixed shapes")
-        self._input_mil = {n: mil_name(v.dtype) for n, v in function.inputs.items()}
+        self._input_mil = {n: mil_name(v.dtype) for n, v in function.inputs.items() if n not in states}
         # Op type -> count in the program; the PyMIL function itself is dropped after compiling so
         # its host copies of the weights are freed.
         self.op_types = Counter(op.op_type for op in function.operations)
-        try:
-            fuse = self.device.type == "cuda" if fuse is None else bool(fuse)
-            self.plan = Plan(function, self.device, fuse=fuse)
-        except UnsupportedOpError as e:
-            raise UnsupportedOpError(f"{path}: {e}") from None
-        except UserError as e:  # a folded op over the load-time allocation bound
-            raise UserError(f"{path}: {e}") from None
-        self._graph = None
-        self._use_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self._fuse = self.device.type == "cuda" if fuse is None else bool(fuse)
+        self._max_shapes = max(1, int(max_shapes))
+        self._shared_constants = {}  # weights on the device, one copy for every specialization
+        self._specializations = OrderedDict()
+        # A CUDA graph would bake the state tensors' addresses in; stateful models run op by op.
+        self._use_graph = bool(cuda_graph) and self.device.type == "cuda" and not states
+        key = tuple(d.shape for d in self.input_description.values())
+        self._current = None
+        if self.allowed_shapes:  # compiled now for the default shape, so a bad op fails at load
+            try:
+                function = self._load_specialized(dict(zip(self.input_description, key)))
+            except UnsupportedOpError:
+                raise
+            except UserError:
+                # The defaults do not fit together (a free batch dimension defaulting to 1 where
+                # another input fixes it): coremltools' shape checks refuse it; the first call compiles.
+                return
+        self._current = self._specializations[key] = _Specialization(self._compile(function))
 
     def __repr__(self):
-        return f"MILModel({self.path!r}, device={str(self.device)!r}, steps={len(self.plan.steps)})"
+        steps = "?" if self._current is None else len(self.plan.steps)
+        return f"MILModel({self.path!r}, device={str(self.device)!r}, steps={steps})"
+
+    @property
+    def plan(self):
+        """The plan of the most recent call (of the default input shapes before any call; None when
+        those defaults do not form a valid program)."""
+        return None if self._current is None else self._current.plan
+
+    @property
+    def _graph(self):
+        return None if self._current is None else self._current.graph
+
+    def _compile(self, function):
+        try:
+            return Plan(function, self.device, fuse=self._fuse, shared_constants=self._shared_constants)
+        except UnsupportedOpError as e:
+            raise UnsupportedOpError(f"{self.path}: {e}") from None
+        except UserError as e:  # a folded op over the load-time allocation bound
+            raise UserError(f"{self.path}: {e}") from None
+
+    def _load_specialized(self, shapes):
+        _, function = load_program(self.path, self._function_name, input_shapes=shapes, spec=self.spec)
+        return function
+
+    def _specialization(self, tensors):
+        key = tuple(tuple(tensors[n].shape) for n in self.input_description)  # states: fixed shapes
+        spec = self._specializations.get(key)
+        if spec is None:
+            spec = _Specialization(self._compile(self._load_specialized(dict(zip(self.input_description, key)))))
+            self._specializations[key] = spec
+            while len(self._specializations) > self._max_shapes:
+                self._specializations.popitem(last=False)
+        self._specializations.move_to_end(key)
+        return spec
 
     def _check(self, inputs):
         if not isinstance(inputs, dict):
@@ -170,62 +285,91 @@ class MILModel:
             raise UserError(f"unknown input(s) {unknown}; the model takes {self._signature()}")
         for name, desc in expected.items():
             if name not in inputs:
-                raise UserError(f"missing input {name!r} (shape {desc.shape}, dtype {desc.dtype})")
+                raise UserError(f"missing input {name!r} (shape {self._shape_text(desc)}, dtype {desc.dtype})")
             self._check_one(desc, np.asarray(inputs[name]))
 
+    @staticmethod
+    def _shape_text(desc):
+        return desc.shape if desc.allowed is None else f"{desc.allowed}, default {desc.shape}"
+
     def _signature(self):
-        return ", ".join(f"{d.name} {d.shape} {d.dtype}" for d in self.input_description.values())
+        return ", ".join(f"{d.name} {self._shape_text(d)} {d.dtype}" for d in self.input_description.values())
 
     def _check_one(self, desc, arr):
-        if tuple(arr.shape) != desc.shape:
-            raise UserError(f"input {desc.name!r} has shape {tuple(arr.shape)}; expected {desc.shape} ({desc.dtype})")
+        shape = tuple(arr.shape)
+        if desc.allowed is not None and not desc.allowed.allows(shape):
+            raise UserError(f"input {desc.name!r} has shape {shape}; the model allows {desc.allowed} ({desc.dtype})")
+        if desc.allowed is None and shape != desc.shape:
+            raise UserError(f"input {desc.name!r} has shape {shape}; expected {desc.shape} ({desc.dtype})")
         want_float = is_float(self._input_mil[desc.name])
         ok = arr.dtype.kind in ("f", "i", "u", "b") if want_float else arr.dtype.kind in ("i", "u", "b")
         if not ok:
-            raise UserError(f"input {desc.name!r} has dtype {arr.dtype}; expected {desc.dtype} (shape {desc.shape})")
+            raise UserError(f"input {desc.name!r} has dtype {arr.dtype}; expected {desc.dtype} (shape {self._shape_text(desc)})")
 
     def _to_device(self, name, arr):
         mil = self._input_mil[name]
         arr = np.ascontiguousarray(np.asarray(arr).astype(numpy_dtype(mil), copy=False))
         return torch.from_numpy(arr).to(self.device, storage_dtype(mil, self.device))
 
-    def predict(self, inputs):
+    def make_state(self):
+        """A fresh MILState (zeros) for a stateful model, to pass to predict(inputs, state=...)."""
+        if not self.state_description:
+            raise UserError(f"{self.path}: the model has no state inputs; predict takes no state")
+        return MILState(self.state_description, self.device)
+
+    def _state_cells(self, state):
+        if not self.state_description:
+            if state is not None:
+                raise UserError(f"{self.path}: the model has no state inputs; predict takes no state")
+            return {}
+        if not isinstance(state, MILState) or set(state.description) != set(self.state_description):
+            raise UserError(f"{self.path}: the model is stateful (states {sorted(self.state_description)}); "
+                            "pass state=model.make_state()")
+        return {n: StateCell(state._values[n]) for n in self.state_description}
+
+    def predict(self, inputs, state=None):
         self._check(inputs)
+        cells = self._state_cells(state)
         with torch.inference_mode():
             tensors = {n: self._to_device(n, a) for n, a in inputs.items()}
-            outs = self._run_graph(tensors) if self._use_graph else self._run(tensors)
+            spec = self._current = self._specialization(tensors) if self.allowed_shapes else self._current
+            tensors.update(cells)
+            outs = self._run_graph(spec, tensors) if self._use_graph else self._run(spec.plan, tensors)
+            for n, cell in cells.items():  # the state keeps what the program wrote
+                state._values[n] = cell.value
             return {
                 name: t.detach().to("cpu").numpy().astype(numpy_dtype(mil), copy=False)
-                for name, t, mil in zip(self.plan.output_names, outs, self.plan.output_mil_dtypes)
+                for name, t, mil in zip(spec.plan.output_names, outs, spec.plan.output_mil_dtypes)
             }
 
-    def _run(self, tensors):
-        env = list(self.plan.env_init)
-        for name, slot in self.plan.input_slots.items():
+    @staticmethod
+    def _run(plan, tensors):
+        env = list(plan.env_init)
+        for name, slot in plan.input_slots.items():
             env[slot] = tensors[name]
-        return self.plan.run(env)
+        return plan.run(env)
 
-    def _run_graph(self, tensors):
-        if self._graph is None:
+    def _run_graph(self, spec, tensors):
+        if spec.graph is None:
             try:
-                self._capture(tensors)
+                self._capture(spec, tensors)
             except Exception as e:  # an op that cannot be captured: keep running eagerly
                 warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running op by op")
-                self._use_graph, self._graph = False, None
-                return self._run(tensors)
+                self._use_graph, spec.graph = False, None
+                return self._run(spec.plan, tensors)
         for name, t in tensors.items():
-            self._static_in[name].copy_(t)
-        self._graph.replay()
-        return [t.clone() for t in self._static_out]
+            spec.static_in[name].copy_(t)
+        spec.graph.replay()
+        return [t.clone() for t in spec.static_out]
 
-    def _capture(self, tensors):
-        self._static_in = {n: t.clone() for n, t in tensors.items()}
+    def _capture(self, spec, tensors):
+        spec.static_in = {n: t.clone() for n, t in tensors.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: lazy cuBLAS/cuDNN init must not be captured
             for _ in range(2):
-                self._run(self._static_in)
+                self._run(spec.plan, spec.static_in)
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._static_out = self._run(self._static_in)
+        spec.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(spec.graph):
+            spec.static_out = self._run(spec.plan, spec.static_in)

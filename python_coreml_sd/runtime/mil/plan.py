@@ -8,6 +8,7 @@ reader so peak memory stays close to what the live activations need.
 """
 import numpy as np
 import torch
+from coremltools.converters.mil.mil import types
 
 from ...errors import UserError
 from .bounds import check_load_size
@@ -22,7 +23,7 @@ EXACT_OPS = frozenset(
     "concat split stack tile pad gather gather_along_axis gather_nd identity reverse crop relu "
     "maximum minimum reduce_max reduce_min select upsample_nearest_neighbor "
     "resize_nearest_neighbor depth_to_space pixel_shuffle space_to_depth pixel_unshuffle abs "
-    "sign threshold".split()
+    "sign threshold cond while_loop list_read list_gather read_state coreml_update_state".split()
 )
 
 
@@ -30,13 +31,34 @@ class UnsupportedOpError(UserError):
     """The program holds an op this runtime cannot execute."""
 
 
+# Constants at least this large are shared between the plans of one model's input-shape
+# specializations (its weights); smaller ones include values the loader itself names.
+_SHARED_MIN_ELEMENTS = 1024
+
+
+def _shared_key(var):
+    """Key of a weight shared by the specializations of one program: its name, shape and dtype
+    (weights do not depend on input shapes; shape-dependent values are small or not constexpr)."""
+    if not all(isinstance(d, (int, np.integer)) for d in var.shape):
+        return None
+    if int(np.prod(var.shape)) < _SHARED_MIN_ELEMENTS:
+        return None
+    return var.name, tuple(int(d) for d in var.shape), str(var.dtype)
+
+
 class _Slots:
-    def __init__(self, device):
+    """parent: the slots of the enclosing scope, for a nested block (cond / while_loop): the
+    block reads the enclosing scope's constants as its own, and its other values as captures."""
+
+    def __init__(self, device, shared=None, parent=None):
         self.device = device
         self.index = {}
         self.env = []
         self.constant = set()
         self.values = {}  # id(var) -> constant tensor (folded or const op)
+        self.shared = {} if shared is None else shared
+        self.parent = parent
+        self.captures = []  # vars of enclosing scopes the block reads, in slot order
 
     def runtime(self, var):
         key = id(var)
@@ -46,12 +68,22 @@ class _Slots:
         return self.index[key]
 
     def is_constant(self, var):
-        return id(var) in self.values or (var.op is not None and var.op.op_type == "const")
+        if id(var) in self.values or (var.op is not None and var.op.op_type == "const"):
+            return True
+        return self.parent is not None and self.parent.is_constant(var)
 
     def constant_tensor(self, var):
         key = id(var)
+        if key not in self.values and self.parent is not None and self.parent.is_constant(var):
+            self.values[key] = self.parent.constant_tensor(var)
         if key not in self.values:
-            self.values[key] = _const_to_tensor(var, self.device)
+            shared = _shared_key(var)
+            if shared is not None and shared in self.shared:
+                self.values[key] = self.shared[shared]
+            else:
+                self.values[key] = _const_to_tensor(var, self.device)
+                if shared is not None:
+                    self.shared[shared] = self.values[key]
         return self.values[key]
 
     def slot(self, var):
@@ -62,12 +94,16 @@ class _Slots:
                 self.env.append(self.constant_tensor(var))
                 self.constant.add(self.index[key])
             return self.index[key]
+        if self.parent is not None and id(var) not in self.index:
+            self.captures.append(var)  # read before any op of the block made it: an outer value
         return self.runtime(var)
 
     def known(self, var):
         """Numpy value of a var folded by this plan (coremltools' .val may not know it)."""
         t = self.values.get(id(var))
-        return None if t is None else t.detach().cpu().numpy()
+        if t is None and self.parent is not None:
+            return self.parent.known(var)
+        return None if t is None or not isinstance(t, torch.Tensor) else t.detach().cpu().numpy()
 
 
 def _const_to_tensor(var, device):
@@ -80,6 +116,10 @@ class _Args(OpArgs):
     def __init__(self, operation, device, slots):
         super().__init__(operation, device)
         self._slots = slots
+
+    def block(self, i):
+        """The op's i-th nested block compiled (control flow builders)."""
+        return BlockPlan(self.op.blocks[i], self._slots)
 
     def const(self, name, default=None):
         try:
@@ -94,6 +134,8 @@ class _Args(OpArgs):
 
 def _finisher(fn, op, device):
     """Casts each output to its declared dtype; on CPU rounds fp16 results through half precision."""
+    if not all(types.is_tensor(o.sym_type) or types.is_scalar(o.sym_type) for o in op.outputs):
+        return fn  # list values (list ops, loops over lists) pass as they are
     specs = []
     for out in op.outputs:
         name = mil_name(out.dtype)
@@ -134,11 +176,13 @@ def _build(op, device, slots):
 
 
 class Plan:
-    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels (fusion.py)."""
+    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels (fusion.py).
+    shared_constants: a dict shared by the plans of one model's input-shape specializations, so
+    its weights (and their decompressed constexpr values) sit on the device once."""
 
-    def __init__(self, function, device, fuse=False):
+    def __init__(self, function, device, fuse=False, shared_constants=None):
         self.device = torch.device(device)
-        slots = _Slots(self.device)
+        slots = _Slots(self.device, shared_constants)
         self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
         fused, absorbed = find_fusions(function) if fuse else ({}, set())
         self.num_fused = len(fused)
@@ -160,6 +204,9 @@ class Plan:
 
     @staticmethod
     def _compile_op(op, slots, kernel=None):
+        decompressed = Plan._shared_decompressed(op, slots)
+        if decompressed is not None:
+            return []
         fn, ins = kernel or _build(op, slots.device, slots)
         if all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
             check_load_size(op, [v.sym_type for v in op.outputs])
@@ -167,37 +214,114 @@ class Plan:
             results = result if len(op.outputs) > 1 else (result,)
             for var, value in zip(op.outputs, results):
                 slots.values[id(var)] = value
+                if op.op_type.startswith("constexpr_") and _shared_key(var) is not None:
+                    slots.shared[_shared_key(var)] = value
             return []
         in_slots = tuple(slots.slot(v) for v in ins)
         outs = [slots.runtime(v) for v in op.outputs]
         return [(fn, in_slots, outs[0] if len(outs) == 1 else tuple(outs))]
 
+    @staticmethod
+    def _shared_decompressed(op, slots):
+        """A constexpr op another specialization of this program already decompressed: reused."""
+        if not op.op_type.startswith("constexpr_"):
+            return None
+        keys = [_shared_key(v) for v in op.outputs]
+        if any(k is None or k not in slots.shared for k in keys):
+            return None
+        for var, k in zip(op.outputs, keys):
+            slots.values[id(var)] = slots.shared[k]
+        return True
+
     def _with_frees(self, steps):
-        keep = set(self.output_slots) | set(self.input_slots.values()) | self.constant_slots
-        last = {}
-        for i, (_, ins, out, *_rest) in enumerate(steps):
-            for s in (out,) if isinstance(out, int) else out:
-                last[s] = i
-            for s in ins:
-                last[s] = i
-        frees = [[] for _ in steps]
-        for s, i in last.items():
-            if s not in keep:
-                frees[i].append(s)
-        return [(fn, ins, out, tuple(f)) for (fn, ins, out), f in zip(steps, frees)]
+        return _with_frees(steps, set(self.output_slots) | set(self.input_slots.values()) | self.constant_slots)
 
     @property
     def constant_slots(self):
         return {i for i, v in enumerate(self.env_init) if v is not None}
 
     def run(self, env):
-        for fn, ins, out, free in self.steps:
-            r = fn(*[env[i] for i in ins])
-            if out.__class__ is int:
-                env[out] = r
-            else:
-                for o, v in zip(out, r):
-                    env[o] = v
-            for s in free:
-                env[s] = None
-        return [env[s] for s in self.output_slots]
+        return _run_steps(self.steps, env, self.output_slots)
+
+
+def _with_frees(steps, keep):
+    """Each step with the slots whose last reader it is (freed right after it runs)."""
+    last = {}
+    for i, (_, ins, out, *_rest) in enumerate(steps):
+        for s in (out,) if isinstance(out, int) else out:
+            last[s] = i
+        for s in ins:
+            last[s] = i
+    frees = [[] for _ in steps]
+    for s, i in last.items():
+        if s not in keep:
+            frees[i].append(s)
+    return [(fn, ins, out, tuple(f)) for (fn, ins, out), f in zip(steps, frees)]
+
+
+def _run_steps(steps, env, output_slots):
+    for fn, ins, out, free in steps:
+        r = fn(*[env[i] for i in ins])
+        if out.__class__ is int:
+            env[out] = r
+        else:
+            for o, v in zip(out, r):
+                env[o] = v
+        for s in free:
+            env[s] = None
+    return [env[s] for s in output_slots]
+
+
+# Builders that read no dimension of their operands at build time (ranks at most): inside a nested
+# block a value may change shape between loop iterations (symbolic dimensions), and only these
+# run there on such values; any other op on them is refused rather than run with a baked shape.
+_BLOCK_SHAPE_AGNOSTIC = frozenset(
+    "shape concat cond while_loop make_list list_length list_write list_read list_gather list_scatter "
+    "read_state coreml_update_state range_1d".split())
+
+
+def _shape_agnostic(op):
+    if op.op_type == "concat":
+        return not (op.interleave is not None and op.interleave.val)
+    builder = BUILDERS.get(op.op_type)
+    return op.op_type in _BLOCK_SHAPE_AGNOSTIC or (builder is not None and builder.__module__.endswith(".elementwise"))
+
+
+def _check_fixed_shapes_in_block(op):
+    values = list(op.outputs) + list(op.get_flattened_inputs())
+    for v in values:
+        if types.is_tensor(v.sym_type) and not all(isinstance(d, (int, np.integer)) for d in v.shape):
+            if _shape_agnostic(op):
+                return
+            raise UnsupportedOpError(
+                f"op {op.name!r} of type {op.op_type!r} inside a control-flow block has a value of a shape known "
+                f"only at run time ({v.name}: {tuple(v.shape)}); the MIL runtime runs only shape-agnostic ops there")
+
+
+class BlockPlan:
+    """A nested block (a cond branch, a while_loop condition or body) compiled like a function:
+    `run(block_inputs, captures)` -> the block's outputs. `captures` are the enclosing scopes'
+    runtime values the block reads (its `captures` vars, which the op passes as extra inputs)."""
+
+    def __init__(self, block, parent):
+        slots = _Slots(parent.device, parent.shared, parent=parent)
+        self.input_slots = [slots.runtime(v) for v in block.inputs]
+        steps = []
+        for op in block.operations:
+            if op.op_type != "const":
+                _check_fixed_shapes_in_block(op)
+                steps.extend(Plan._compile_op(op, slots))
+        self.output_slots = [slots.slot(v) for v in block.outputs]
+        self.captures = list(slots.captures)
+        self.capture_slots = [slots.index[id(v)] for v in self.captures]
+        self.env_init = slots.env
+        keep = set(self.output_slots) | set(self.input_slots) | set(self.capture_slots) | slots.constant
+        self.steps = _with_frees(steps, keep)
+
+    def run(self, inputs, captures):
+        env = list(self.env_init)
+        for s, v in zip(self.input_slots, inputs):
+            env[s] = v
+        for s, v in zip(self.capture_slots, captures):
+            env[s] = v
+        return _run_steps(self.steps, env, self.output_slots)

@@ -6,43 +6,13 @@ evaluates them once at load and keeps the dense weight on the device.
 import numpy as np
 import torch
 
+from ....lut import lut_iOS16, lut_iOS18, unpack_bits
 from .registry import op
-
-
-def unpack_bits(packed, nbits, count):
-    """Elements packed LSB-first into bytes (the Core ML layout of iOS16 constexpr ops)."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), bitorder="little")
-    bits = bits[: count * nbits].reshape(count, nbits).astype(np.uint16)
-    return (bits << np.arange(nbits, dtype=np.uint16)).sum(axis=1)
 
 
 def _const(a, value):
     t = a.tensor(value, a.out_mil_dtype())
     return (lambda: t), []
-
-
-def lut_iOS16(indices, lut, shape):
-    nbits = int(np.log2(len(lut)))
-    count = int(np.prod(shape))
-    return np.asarray(lut)[unpack_bits(indices, nbits, count)].reshape(tuple(int(s) for s in shape))
-
-
-def lut_iOS18(indices, lut, vector_axis=None):
-    indices = np.asarray(indices).astype(np.int64)
-    lut = np.asarray(lut)
-    rank = indices.ndim
-    vsize = lut.shape[-1]
-    # Which palette serves each element: element position // block size along every axis.
-    blocks = [i // l for i, l in zip(indices.shape, lut.shape[:rank])]
-    grids = np.meshgrid(*[np.arange(n) // b for n, b in zip(indices.shape, blocks)], indexing="ij")
-    vectors = lut[tuple(grids) + (indices,)]  # indices.shape + (vsize,)
-    if vsize == 1:
-        return vectors[..., 0]
-    axis = vector_axis + rank if vector_axis < 0 else vector_axis
-    moved = np.moveaxis(vectors, -1, axis + 1)  # put each vector right after its axis element
-    shape = list(indices.shape)
-    shape[axis] *= vsize
-    return moved.reshape(shape)
 
 
 @op("constexpr_lut_to_dense")
@@ -108,19 +78,50 @@ def _constexpr_cast(a):
     return _const(a, np.asarray(a.const("source_val")))
 
 
+def sparse_to_dense(values, mask):
+    """iOS18 layout: `mask` has the dense shape; `values` are the nonzero ones in row-major order."""
+    mask = np.asarray(mask).astype(bool)
+    dense = np.zeros(mask.shape, dtype=np.asarray(values).dtype)
+    dense[mask] = np.asarray(values).reshape(-1)
+    return dense
+
+
 @op("constexpr_sparse_to_dense")
 def _sparse_to_dense(a):
     values = np.asarray(a.const("nonzero_data"))
     mask = np.asarray(a.const("mask"))
     if a.has("shape"):  # iOS16: flat bit mask, LSB first
         shape = tuple(int(s) for s in a.const("shape"))
-        bits = unpack_bits(mask, 1, int(np.prod(shape))).astype(bool)
-    else:  # iOS18: uint1 mask tensor of the output's shape
-        shape = mask.shape
-        bits = mask.reshape(-1).astype(bool)
-    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
-    dense[bits] = values.reshape(-1)
-    return _const(a, dense.reshape(shape))
+        mask = unpack_bits(mask, 1, int(np.prod(shape))).reshape(shape)
+    return _const(a, sparse_to_dense(values, mask))
+
+
+def _sparse_pair(a, mask, dense):
+    """The (mask, nonzero values) outputs of the iOS18 joint sparse ops, as load-time constants."""
+    mask_t = a.tensor(np.asarray(mask).astype(np.uint8), a.out_mil_dtype(0))
+    values_t = a.tensor(dense[np.asarray(mask) != 0].reshape(-1), a.out_mil_dtype(1))
+    return (lambda: (mask_t, values_t)), []
+
+
+@op("constexpr_lut_to_sparse")
+def _lut_to_sparse(a):
+    """Sparse palettized: the palette indices of the nonzero elements; each index becomes a value
+    (or, with vector_axis, a vector of values along that axis, and the mask is widened to match)."""
+    mask = np.asarray(a.const("indices_mask"))
+    indices = sparse_to_dense(a.const("indices_nonzero_data"), mask)
+    axis = a.scalar("vector_axis")
+    dense = lut_iOS18(indices, a.const("lut"), axis)
+    if axis is not None:
+        mask = np.repeat(mask, np.asarray(a.const("lut")).shape[-1], axis=axis)
+    return _sparse_pair(a, mask, dense)
+
+
+@op("constexpr_sparse_blockwise_shift_scale")
+def _sparse_blockwise_shift_scale(a):
+    """Sparse quantized: the nonzero elements dequantized per block as the dense op does."""
+    mask = np.asarray(a.const("data_mask"))
+    data = sparse_to_dense(a.const("nonzero_data"), mask)
+    return _sparse_pair(a, mask, blockwise_shift_scale(data, a.const("scale"), a.const("offset")))
 
 
 def _quant_params(a, rank):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ....errors import UserError
 from .registry import op
 from .tensor import _index_plan, _indexer, _runtime, _slice_args, _wrap
 
@@ -36,8 +37,21 @@ def scatter_rows(data, idx, updates, mode):
     raise ValueError(f"scatter mode {mode!r} is not in the MIL op reference")
 
 
+def _bounds_check(a):
+    """check(indices, sizes): with validate_indices=True (iOS17 scatter ops) an index outside
+    [0, size) is a run-time error, as Core ML raises one; otherwise nothing (negatives wrap)."""
+    if not a.scalar("validate_indices", False):
+        return lambda indices, sizes: None
+
+    def check(indices, sizes):
+        if bool(((indices < 0) | (indices >= sizes)).any()):
+            raise UserError(f"op {a.name!r} of type {a.type!r}: an index is out of bounds and the "
+                            "program sets validate_indices")
+
+    return check
+
+
 def _mode(a):
-    a.covers("validate_indices")  # a check on valid programs; results do not depend on it
     mode = str(a.scalar("mode", "add"))
     if mode == "div" and a.out_mil_dtype() == "int32":
         raise ValueError("integer scatter mode 'div': its rounding is not specified")
@@ -47,12 +61,13 @@ def _mode(a):
 @op("scatter")
 def _scatter(a):
     # Rows along `axis`: move it first, scatter whole slices, move it back.
-    mode = _mode(a)
+    mode, check = _mode(a), _bounds_check(a)
     rank = len(a.in_shape("data"))
     axis = int(a.scalar("axis", 0)) % rank
     size = a.in_shape("data")[axis]
 
     def fn(data, indices, updates):
+        check(indices, size)
         d, u = data.movedim(axis, 0), updates.movedim(axis, 0)
         return scatter_rows(d, _wrap(indices, size).reshape(-1), u, mode).movedim(0, axis)
 
@@ -63,7 +78,7 @@ def _scatter(a):
 def _scatter_along_axis(a):
     # Element-wise: each update goes to its own position with the `axis` coordinate replaced by its
     # index, i.e. a scatter of single elements into the flattened data at precomputed flat offsets.
-    mode = _mode(a)
+    mode, check = _mode(a), _bounds_check(a)
     shape = a.in_shape("data")
     k_shape = a.in_shape("indices")
     axis = int(a.scalar("axis", 0)) % len(shape)
@@ -74,6 +89,7 @@ def _scatter_along_axis(a):
     stride, size = int(strides[axis]), shape[axis]
 
     def fn(data, indices, updates):
+        check(indices, size)
         flat = base + _wrap(indices, size).reshape(-1) * stride
         return scatter_rows(data.reshape(-1), flat, updates.reshape(-1), mode).reshape(data.shape)
 
@@ -84,12 +100,13 @@ def _scatter_along_axis(a):
 def _scatter_nd(a):
     # updates written at `indices` (..., k) over the first k axes of data: rows of data flattened over
     # those axes (Apple's safety checker zeroes flagged images with it).
-    mode = _mode(a)
+    mode, check = _mode(a), _bounds_check(a)
     shape = a.in_shape("data")
 
     def fn(data, indices, updates):
         k = indices.shape[-1]
         dims = torch.tensor(shape[:k], device=indices.device)
+        check(indices, dims)
         idx = torch.where(indices.long() < 0, indices.long() + dims, indices.long()).reshape(-1, k)
         strides = torch.tensor([math.prod(shape[i + 1:k]) for i in range(k)], device=idx.device)
         rows = data.reshape((-1,) + tuple(shape[k:]))

@@ -91,6 +91,10 @@ class OpArgs:
     def out_torch_dtype(self, i=0):
         return storage_dtype(self.out_mil_dtype(i), self.device)
 
+    def out_elem_torch_dtype(self, i=0):
+        """Storage dtype of the elements of a list output."""
+        return storage_dtype(mil_name(self.op.outputs[i].elem_type.get_primitive()), self.device)
+
     def tensor(self, value, mil_dtype):
         """A constant on the device, held in the storage dtype of `mil_dtype`."""
         arr = np.ascontiguousarray(value)

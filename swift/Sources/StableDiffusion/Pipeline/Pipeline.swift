@@ -93,11 +93,14 @@ public struct StableDiffusionPipeline {
         }
     }
 
-    /// [negative/unconditional, conditional] embeddings.
+    /// [negative/unconditional, conditional] embeddings of the prompts' first windows, weighted as
+    /// PromptWeighting reads `(word:1.3)`; the UNet takes one window (longer prompts are truncated).
     func textEmbeddings(_ config: GenerationConfig) throws -> Tensor {
-        let conditional = try models.textEncoder.encode(tokenIds: tokenizer.encode(config.prompt, length: sequenceLength))
-        let negative = try models.textEncoder.encode(tokenIds: tokenizer.encode(config.negativePrompt, length: sequenceLength))
-        return Tensor.concatenateBatch([negative, conditional])
+        let embeddings = try [config.negativePrompt, config.prompt].map { prompt -> Tensor in
+            let windows = tokenizer.windows(prompt, length: sequenceLength)
+            return PromptWeighting.apply(windows.weights[0], to: try models.textEncoder.encode(tokenIds: windows.ids[0]))
+        }
+        return Tensor.concatenateBatch(embeddings)
     }
 
     private func generateOne(_ config: GenerationConfig, seed: UInt32, hidden: Tensor,

@@ -55,6 +55,8 @@ public struct ResourceFolder {
     }
 
     public func tokenizer() throws -> BPETokenizer {
-        try BPETokenizer(vocabURL: file("vocab.json"), mergesURL: file("merges.txt"))
+        // added_tokens.json: tokens of textual-inversion embeddings, when the bundle has them.
+        try BPETokenizer(vocabURL: file("vocab.json"), mergesURL: file("merges.txt"),
+                         addedTokensURL: url.appendingPathComponent("added_tokens.json"))
     }
 }

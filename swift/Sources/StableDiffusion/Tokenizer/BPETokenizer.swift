@@ -13,8 +13,11 @@ public struct BPETokenizer: Sendable {
     public let endId: Int
     /// SD 1.x pads with the end token.
     public let padId: Int
+    /// Tokens beyond the BPE vocabulary (textual-inversion embeddings), normalized, longest first:
+    /// matched as Hugging Face's `normalized` added tokens are, anywhere in the normalized text.
+    let addedTokens: [(scalars: [Unicode.Scalar], id: Int)]
 
-    public init(vocab: [String: Int], merges: [(String, String)]) throws {
+    public init(vocab: [String: Int], merges: [(String, String)], addedTokens: [String: Int] = [:]) throws {
         guard let start = vocab[Self.startText], let end = vocab[Self.endText] else {
             throw TokenizerError.missingSpecialTokens
         }
@@ -27,10 +30,18 @@ public struct BPETokenizer: Sendable {
         startId = start
         endId = end
         padId = end
+        self.addedTokens = addedTokens.map { (CLIPPreTokenizer.normalize($0.key), $0.value) }
+            .filter { !$0.0.isEmpty }
+            .sorted { $0.0.count != $1.0.count ? $0.0.count > $1.0.count : $0.1 < $1.1 }
     }
 
-    public init(vocabURL: URL, mergesURL: URL) throws {
-        try self.init(vocab: try Self.readVocab(vocabURL), merges: try Self.readMerges(mergesURL))
+    /// `addedTokensURL`: an `added_tokens.json` (token -> id), read when the file exists.
+    public init(vocabURL: URL, mergesURL: URL, addedTokensURL: URL? = nil) throws {
+        var added: [String: Int] = [:]
+        if let url = addedTokensURL, FileManager.default.fileExists(atPath: url.path) {
+            added = try Self.readVocab(url)
+        }
+        try self.init(vocab: try Self.readVocab(vocabURL), merges: try Self.readMerges(mergesURL), addedTokens: added)
     }
 
     /// Ids for `text`: start token, up to `length - 2` text tokens, end token, end-token padding.
@@ -61,8 +72,27 @@ public struct BPETokenizer: Sendable {
     }
 
     private func tokenizeOrdinary(_ text: String) -> [Int] {
-        let pieces = CLIPPreTokenizer.split(CLIPPreTokenizer.normalize(text))
-        return pieces.flatMap { piece in bpe(ByteEncoder.encode(piece)).map { vocab[$0] ?? endId } }
+        let scalars = CLIPPreTokenizer.normalize(text)
+        guard !addedTokens.isEmpty else { return encodeWords(scalars[...]) }
+        var ids: [Int] = []
+        var start = 0
+        var i = 0
+        while i < scalars.count {  // leftmost, then longest, added token
+            if let hit = addedTokens.first(where: { i + $0.scalars.count <= scalars.count
+                                                    && scalars[i..<(i + $0.scalars.count)].elementsEqual($0.scalars) }) {
+                ids += encodeWords(scalars[start..<i])
+                ids.append(hit.id)
+                i += hit.scalars.count
+                start = i
+            } else {
+                i += 1
+            }
+        }
+        return ids + encodeWords(scalars[start...])
+    }
+
+    private func encodeWords(_ scalars: ArraySlice<Unicode.Scalar>) -> [Int] {
+        CLIPPreTokenizer.split(Array(scalars)).flatMap { piece in bpe(ByteEncoder.encode(piece)).map { vocab[$0] ?? endId } }
     }
 
     /// Merges the lowest-ranked adjacent pair everywhere it occurs until no ranked pair is left.

@@ -1,0 +1,122 @@
+"""Resources/ folders laid out as Apple's Swift pipeline loads them: the models under their Resources
+names (from the component table) plus the tokenizer files, scheduler_config.json and pipeline_config.json."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ..components import TABLE, TOKENIZER_FILES, component_of
+from ..errors import UserError
+from ..package_io import replace_atomically
+from .compile import compile_package, require_compiler
+
+BASE_NAMES = {name: spec.resource for name, spec in TABLE.items()}
+SCHEDULER_CONFIG = "scheduler_config.json"
+PIPELINE_CONFIG = "pipeline_config.json"
+DEFAULT_VAE_SCALING_FACTOR = 0.18215  # SD 1.x and 2.x; what Swift assumes without pipeline_config.json
+
+
+def resource_entries(written_paths) -> dict:
+    """Apple base name -> converted package, for the packages a conversion wrote."""
+    by_component = {}
+    for path in map(Path, written_paths):
+        component = component_of(path)
+        if component is None:
+            raise UserError(f"{path} is not a converted Stable Diffusion component; cannot bundle it")
+        by_component[component] = path
+    if "unet_chunk1" in by_component and "unet_chunk2" in by_component:
+        by_component.pop("unet", None)  # apps load the chunks; the whole UNet would double the download
+    if not by_component:
+        raise UserError("nothing to bundle: no converted packages")
+    return {BASE_NAMES[c]: p for c, p in sorted(by_component.items())}
+
+
+def write_tokenizer(model_version: str, dest: Path, source=None) -> None:
+    from ..model_sources import resolve
+    from ..tokenizer_files import write_added_tokens
+    tokenizer = (source or resolve(model_version)).load_tokenizer()
+    write_added_tokens(tokenizer, dest)  # textual-inversion tokens: added_tokens.json
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # transformers 5 tokenizers are `tokenizers`-backed: their BPE model writes both files
+        backend.model.save(str(dest))
+    else:
+        tokenizer.save_vocabulary(str(dest))
+    missing = [name for name in TOKENIZER_FILES if not (dest / name).is_file()]
+    if missing:
+        raise UserError(f"the tokenizer of {model_version!r} wrote no {', '.join(missing)}; "
+                        "the Swift pipeline needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
+
+
+def write_scheduler_config(model_version: str, dest: Path, source=None) -> None:
+    """The model's scheduler/scheduler_config.json, keys sorted, so the Swift package builds its
+    scheduler from the model's own betas, prediction type, timestep spacing and steps offset (without
+    the file it falls back to SD 1.x's). Models without a scheduler folder get none."""
+    from ..model_sources import resolve
+    source = source or resolve(model_version)
+    if not source.has("scheduler"):
+        return
+    config = source.config("scheduler")
+    (dest / SCHEDULER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def pipeline_settings(options) -> dict:
+    """What the Swift loop needs from the model besides the Core ML files: the VAE's latent scaling
+    factor, the text encoder's sequence length, and the latent and image size the models were made for."""
+    from ..model_edits import source_for
+    source = source_for(options)
+    settings = {"vae_scaling_factor": DEFAULT_VAE_SCALING_FACTOR}
+    if source.has("vae"):
+        settings["vae_scaling_factor"] = float(source.config("vae").get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))
+    if source.has("text_encoder"):
+        length = source.config("text_encoder").get("max_position_embeddings")
+        if length:
+            settings["text_sequence_length"] = int(length)
+    sample_size = source.config("unet").get("sample_size") if source.has("unet") else None
+    if isinstance(sample_size, int):
+        sample_size = [sample_size, sample_size]
+    latent = [getattr(options, "latent_h", None), getattr(options, "latent_w", None)]
+    if sample_size:
+        latent = [value if value is not None else default for value, default in zip(latent, sample_size)]
+    if None not in latent:
+        settings["latent_size"] = [int(v) for v in latent]
+        settings["image_size"] = [8 * int(v) for v in latent]
+    return settings
+
+
+def write_model_files(options, dest: Path) -> None:
+    from ..model_edits import source_for
+    source = source_for(options)  # with its edits: textual-inversion tokens
+    write_tokenizer(options.model_version, dest, source)
+    write_scheduler_config(options.model_version, dest, source)
+    text = json.dumps(pipeline_settings(options), indent=2, sort_keys=True) + "\n"
+    (dest / PIPELINE_CONFIG).write_text(text, encoding="utf-8")
+
+
+def bundle_packages(options, written_paths, dest) -> Path:
+    """`dest` (a Resources/ folder): the packages as TextEncoder.mlpackage, Unet.mlpackage, ... plus the
+    tokenizer files, scheduler_config.json and pipeline_config.json; written beside `dest` and renamed into place."""
+    entries = resource_entries(written_paths)
+
+    def build(tmp: Path):
+        tmp.mkdir()
+        for name, package in entries.items():
+            shutil.copytree(package, tmp / f"{name}.mlpackage")
+        write_model_files(options, tmp)
+
+    return replace_atomically(build, Path(dest), options.overwrite)
+
+
+def bundle_compiled(options, written_paths, dest) -> Path:
+    """`dest` (a Resources/ folder) as Apple's Swift CLI loads it: TextEncoder.mlmodelc, Unet.mlmodelc, ...
+    plus the tokenizer files. macOS only."""
+    require_compiler()
+    entries = resource_entries(written_paths)
+
+    def build(tmp: Path):
+        tmp.mkdir()
+        for name, package in entries.items():
+            print(f"bundle: compiling {package.name} -> {name}.mlmodelc", file=sys.stderr, flush=True)
+            compile_package(package, tmp, name)
+        write_model_files(options, tmp)
+
+    return replace_atomically(build, Path(dest), options.overwrite)

@@ -1,0 +1,313 @@
+"""Single-file checkpoints (`--model-version FILE.safetensors`, `.ckpt` with `--allow-pickle`).
+
+The family is recognised from tensor names (which text encoder layout, SDXL's conditioner embedders),
+the architecture comes from the registry (the family whose every tensor shape matches, tried on the
+meta device from the header alone: nothing is read to recognise a file), and the weights are mapped to
+diffusers' layout by diffusers' own single-file conversion functions (diffusers.loaders.single_file_utils)
+with our local configs, never a download. The result is a diffusers folder in the cache, keyed by the
+file's sha256, which every converter reads like any other model folder. Component by component, only
+that component's tensors are in memory.
+"""
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import registry
+from .errors import UserError
+
+log = logging.getLogger("python_coreml_sd")
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 in transformers' layout
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14 in open_clip's layout
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+# Tensors a checkpoint may hold that the diffusers models do not have (buffers, OpenCLIP's projection).
+IGNORED_TEXT_KEYS = ("position_ids", "text_projection.weight", "logit_scale")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A checkpoint layout: how its text encoder is stored, and the registry families it may be."""
+    name: str
+    text_layout: str = None  # "clip" or "open_clip"; None: not supported yet
+    families: tuple = ()  # registry families to try, the preferred first (equal shapes: the first wins)
+    unsupported: str = None  # why it is refused
+
+
+KINDS = (
+    # SDXL (issue 16): recognised here so that its files get a clear refusal; supporting it is a text
+    # layout for each of its two encoders and its registry families in these entries.
+    Kind("sdxl-base", unsupported="SDXL base"),
+    Kind("sdxl-refiner", unsupported="SDXL refiner"),
+    Kind("sd1", "clip", ("sd1", "tiny")),
+    # SD 2.x base and 768-v have the same tensors; as diffusers does, a 2.x file is taken as 768-v
+    # (v-prediction), the more common of the two (SD 2.0 / 2.1).
+    Kind("sd2", "open_clip", ("sd2-v", "sd2-base", "tiny-sd2")),
+)
+
+
+def checkpoint_kind(keys) -> Kind:
+    keys = list(keys)
+
+    def has(prefix):
+        return any(k.startswith(prefix) for k in keys)
+
+    by_name = {kind.name: kind for kind in KINDS}
+    if has("conditioner.embedders.1.") or has("conditioner.embedders.0.transformer."):
+        return by_name["sdxl-base"]  # two text encoders: CLIP ViT-L (embedders.0) and OpenCLIP bigG (embedders.1)
+    if has("conditioner.embedders.0.model."):
+        return by_name["sdxl-refiner"]  # OpenCLIP bigG alone
+    if has(UNET_PREFIX):
+        if has(CLIP_PREFIX):
+            return by_name["sd1"]
+        if has(OPEN_CLIP_PREFIX):
+            return by_name["sd2"]
+    return None
+
+
+@dataclass
+class Recognised:
+    kind: Kind
+    family: str
+    variant: str  # "" or "inpainting"
+    architecture: dict = field(repr=False, default=None)
+    components: tuple = ()  # diffusers components the file holds
+
+
+def _meta_checkpoint(entries: dict) -> dict:
+    import torch
+
+    from .weights import DTYPES
+    return {name: torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta")
+            for name, entry in entries.items()}
+
+
+def recognise(path: Path, entries: dict) -> Recognised:
+    """Family, variant and architecture of a checkpoint from its tensor names and shapes (no data read)."""
+    kind = checkpoint_kind(entries)
+    if kind is None:
+        raise UserError(f"{path}: unknown model family (no Stable Diffusion UNet and text encoder tensors: "
+                        f"{_sample_keys(entries)}); supported single files: SD 1.x, SD 2.x (base, 768-v, inpainting) "
+                        "checkpoints in the original (CompVis / Stability) layout")
+    if kind.unsupported:
+        raise UserError(f"{path} is an {kind.unsupported} checkpoint; SDXL is not supported yet (see issue 16); "
+                        "use an SD 1.x or 2.x model")
+    meta = _meta_checkpoint(entries)
+    conv_in = entries.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    in_channels = conv_in["shape"][1] if conv_in and len(conv_in["shape"]) == 4 else None
+    variant = "inpainting" if in_channels == 9 else ""
+    has_vae = any(k.startswith(VAE_PREFIXES) for k in entries)
+    tried = []
+    for name in kind.families:
+        arch = registry.family(name)["architecture"]
+        if in_channels:
+            arch["unet"]["in_channels"] = in_channels
+        mismatch = (_mismatch("unet", _convert_unet(meta, arch["unet"]), _meta_model("unet", arch))
+                    or _mismatch("text_encoder", _convert_text(meta, kind, arch), _meta_model("text_encoder", arch))
+                    or (has_vae and _mismatch("vae", _convert_vae(meta, arch["vae"]), _meta_model("vae", arch))))
+        if not mismatch:
+            components = ("unet", "text_encoder") + (("vae",) if has_vae else ())
+            return Recognised(kind, name, variant, arch, components)
+        tried.append(f"{name} ({mismatch})")
+    raise UserError(f"{path}: a {kind.name} checkpoint whose shapes match no known architecture; tried "
+                    + "; ".join(tried))
+
+
+def _sample_keys(entries) -> str:
+    names = sorted(entries)[:3]
+    return ", ".join(names) + (", ..." if len(entries) > 3 else "") if names else "no tensors"
+
+
+def _mismatch(component: str, converted: dict, model) -> str:
+    """'' when `converted` fills `model` exactly, else what differs (first few)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in converted.items()}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} {component} tensors missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if wrong:
+        parts.append(f"{len(wrong)} of other shapes, e.g. {wrong[0]} {got[wrong[0]]} vs {expected[wrong[0]]}")
+    return ", ".join(parts)
+
+
+def _meta_model(component: str, arch: dict):
+    import torch
+    with torch.device("meta"):
+        return _build(component, arch)
+
+
+def _build(component: str, arch: dict):
+    if component == "unet":
+        from diffusers import UNet2DConditionModel
+        return UNet2DConditionModel(**arch["unet"])
+    if component == "vae":
+        from diffusers import AutoencoderKL
+        return AutoencoderKL(**arch["vae"])
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+
+
+def _convert_unet(checkpoint: dict, config: dict) -> dict:
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    return convert_ldm_unet_checkpoint(checkpoint, config)
+
+
+def _convert_vae(checkpoint: dict, config: dict) -> dict:
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    return convert_ldm_vae_checkpoint(checkpoint, config)
+
+
+def _convert_text(checkpoint: dict, kind: Kind, arch: dict) -> dict:
+    from diffusers.loaders import single_file_utils as sfu
+    if kind.text_layout == "clip":
+        converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    else:
+        converted = sfu.convert_open_clip_checkpoint(_meta_model("text_encoder", arch), checkpoint,
+                                                     prefix=OPEN_CLIP_PREFIX)
+    # transformers 5 CLIPTextModel has no `text_model.` level (diffusers strips it the same way).
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    return {k: v for k, v in converted.items() if not k.endswith(IGNORED_TEXT_KEYS)}
+
+
+# ---- reading
+
+
+def check_suffix(path: Path, allow_pickle: bool) -> None:
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise UserError(f"{path} is a file but not a checkpoint (.safetensors, or .ckpt with --allow-pickle); "
+                        "pass a checkpoint file or a diffusers folder")
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(f"{path} is a pickled checkpoint, which is not loaded without --allow-pickle (unpickling "
+                        "can run code); pass --allow-pickle for a file you trust, or convert it to .safetensors")
+
+
+def read_entries(path: Path, allow_pickle: bool):
+    """(name -> {dtype, shape} entries, loader(keep) -> tensors) of a checkpoint file."""
+    check_suffix(path, allow_pickle)
+    if path.suffix == ".safetensors":
+        from .weights import read_header, read_safetensors
+        entries = read_header(path)["entries"]
+        return entries, lambda keep: read_safetensors(path, keep=keep)
+    state = _load_pickle(path)
+    from .weights import DTYPES
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    entries = {k: {"dtype": names.get(v.dtype, "F32"), "shape": list(v.shape)} for k, v in state.items()}
+    return entries, lambda keep: {k: v for k, v in state.items() if keep(k)}
+
+
+def _load_pickle(path: Path) -> dict:
+    """torch.load in weights_only mode (tensors and plain containers only, even with --allow-pickle)."""
+    import pickle
+
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, OSError, EOFError) as exc:
+            raise _unloadable(path, exc) from None
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError) as exc:
+        raise _unloadable(path, exc) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _unloadable(path: Path, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"{path} cannot be loaded as tensors only ({type(exc).__name__}: {first[:200]}); "
+                     "re-save it as .safetensors")
+
+
+# ---- materializing
+
+
+def materialize(path: Path, allow_pickle: bool = False) -> Path:
+    """The diffusers folder (in the cache) holding the checkpoint's components."""
+    from .model_cache import cached_folder, sha256_file
+
+    path = Path(path).expanduser()
+    entries, load = read_entries(path, allow_pickle)
+    found = recognise(path, entries)
+    log.info("%s: %s%s checkpoint, architecture %s", path, found.kind.name,
+             f" {found.variant}" if found.variant else "", found.family)
+    spec = {"file_sha256": sha256_file(path), "family": found.family, "variant": found.variant}
+    return cached_folder(f"single-file-{path.stem[:40]}", spec, lambda tmp: _write_folder(tmp, found, load))
+
+
+def _write_folder(dest: Path, found: Recognised, load) -> None:
+    import gc
+
+    import torch
+    from diffusers import PNDMScheduler
+
+    from .random_models import load_clip_tokenizer
+
+    arch = found.architecture
+    jobs = {
+        "unet": (lambda name: name.startswith(UNET_PREFIX), lambda ck: _convert_unet(ck, arch["unet"])),
+        "text_encoder": (lambda name: name.startswith(("cond_stage_model.",)),
+                         lambda ck: _convert_text(ck, found.kind, arch)),
+        "vae": (lambda name: name.startswith(VAE_PREFIXES), lambda ck: _convert_vae(ck, arch["vae"])),
+    }
+    for component in found.components:
+        keep, convert = jobs[component]
+        state = convert(load(keep))
+        with torch.device("meta"):
+            model = _build(component, arch)
+        expected = set(model.state_dict())
+        missing = expected - set(state)
+        if missing:
+            raise UserError(f"checkpoint lacks {len(missing)} {component} tensors, e.g. {sorted(missing)[0]}")
+        # Non-persistent buffers (CLIP's position ids) stay on the meta device: they are not saved.
+        model.load_state_dict({k: v.contiguous() for k, v in state.items() if k in expected}, strict=True, assign=True)
+        model.save_pretrained(str(dest / component), safe_serialization=True)
+        del state, model
+        gc.collect()
+    family = registry.family(found.family)
+    load_clip_tokenizer(arch["tokenizer"]["pad_token"]).save_pretrained(str(dest / "tokenizer"))
+    PNDMScheduler(**registry.scheduler_config(), prediction_type=family["prediction_type"]).save_pretrained(
+        str(dest / "scheduler"))
+    index = {
+        "_class_name": "StableDiffusionInpaintPipeline" if found.variant == "inpainting" else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderKL"] if "vae" in found.components else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def convert_vae_file(path: Path, dest: Path, base) -> None:
+    """`--custom-vae-version FILE`: a VAE alone (original layout, with or without `first_stage_model.`, or
+    diffusers' layout), or a whole checkpoint's VAE, saved as the diffusers folder `dest`, in the
+    architecture of the model's VAE (SD's when the model has none)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    config = dict(base.config("vae")) if base.has("vae") else registry.family("sd1")["architecture"]["vae"]
+    entries, load = read_entries(path, allow_pickle=True)  # the caller checked pickles against --allow-pickle
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(config)
+    diffusers_layout = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in entries)
+    meta = _meta_checkpoint(entries)
+    converted = meta if diffusers_layout else _convert_vae(meta, config)
+    mismatch = _mismatch("vae", converted, model)
+    if mismatch:
+        raise UserError(f"--custom-vae-version {path}: not a VAE of this model's architecture ({mismatch})")
+    state = load(lambda name: True)
+    state = state if diffusers_layout else _convert_vae(state, config)
+    model.load_state_dict({k: v.contiguous() for k, v in state.items() if k in model.state_dict()},
+                          strict=True, assign=True)
+    model.save_pretrained(str(dest), safe_serialization=True)

@@ -1,0 +1,312 @@
+"""SDXL (issue 16) on `tiny-xl` and `tiny-xl-refiner`: the converted components against diffusers in fp32, their
+interface against the component table and Apple's names, the Neural-Engine UNet's added conditions, the
+pipeline on mil vs torch and the torch loop vs diffusers' own StableDiffusionXLPipeline, and bad input."""
+import json
+import shutil
+
+import coremltools as ct
+import numpy as np
+import pytest
+import torch
+
+from python_coreml_sd import torch2coreml
+from python_coreml_sd.components import SDXL, TABLE, Dims, component_of
+from python_coreml_sd.convert import ConversionOptions, convert
+from python_coreml_sd.generation.parity import compare
+from python_coreml_sd.generation.pipeline import GenerationRequest
+from python_coreml_sd.generation.setup import open_pipeline
+from python_coreml_sd.layers.attention import ATTENTION_IMPLEMENTATIONS
+from python_coreml_sd.layers.unet import from_diffusers
+from python_coreml_sd.metrics import psnr
+from python_coreml_sd.model_sources import resolve
+from python_coreml_sd.runtime import load_model
+
+STEPS = 4
+# Apple's ml-stable-diffusion names for SDXL (torch2coreml.py with --xl-version, its Swift pipeline's Resources).
+APPLE_XL = {
+    "text_encoder": (("input_ids",), ("hidden_embeds", "pooled_outputs"), "TextEncoder"),
+    "text_encoder_2": (("input_ids",), ("hidden_embeds", "pooled_outputs"), "TextEncoder2"),
+    "unet": (("sample", "timestep", "encoder_hidden_states", "time_ids", "text_embeds"), ("noise_pred",), "Unet"),
+    "refiner": (("sample", "timestep", "encoder_hidden_states", "time_ids", "text_embeds"), ("noise_pred",),
+                "UnetRefiner"),
+    "vae_decoder": (("z",), ("image",), "VAEDecoder"),
+}
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return resolve("tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    return resolve("tiny-xl-refiner")
+
+
+@pytest.fixture(scope="module")
+def xl_packages(tmp_path_factory, xl):
+    """tiny-xl's components and tiny-xl-refiner's UNet, fp16, as `--convert-text-encoder --convert-unet
+    --convert-vae-decoder --convert-vae-encoder --refiner-version tiny-xl-refiner` writes them."""
+    out = tmp_path_factory.mktemp("tiny_xl")
+    options = ConversionOptions(model_version="tiny-xl", output_dir=out, refiner_version="tiny-xl-refiner")
+    paths = convert(options, ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+    return {component_of(p): p for p in paths}
+
+
+def declared(package) -> tuple:
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    return ({f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input},
+            tuple(f.name for f in spec.description.output))
+
+
+def xl_dims(source, unet_config, batch=2) -> Dims:
+    from python_coreml_sd.convert.unet import text_pooled_width, xl_dims as dims
+    size = unet_config["sample_size"]
+    return dims(unet_config, batch, size, size, 77, text_pooled_width(source))
+
+
+def test_packages_have_the_tables_and_apples_interface(xl_packages, xl, refiner):
+    assert set(xl_packages) == {"text_encoder", "text_encoder_2", "unet", "refiner", "vae_decoder", "vae_encoder"}
+    dims = {"unet": xl_dims(xl, xl.config("unet")), "refiner": xl_dims(refiner, refiner.config("unet"))}
+    assert (dims["unet"].time_ids, dims["refiner"].time_ids, dims["unet"].text_pooled) == (6, 5, 32)
+    assert dims["unet"].text_hidden == 96  # both encoders' widths, 32 + 64
+    for name, package in xl_packages.items():
+        shapes, outputs = declared(package)
+        interface = TABLE[name].io(SDXL)
+        assert (tuple(shapes), outputs) == (interface.inputs, interface.outputs), name
+        if name in APPLE_XL:
+            assert (tuple(shapes), outputs, TABLE[name].resource) == APPLE_XL[name], name
+        if name in dims:
+            assert shapes == interface.input_shapes(dims[name]), name
+    assert xl_packages["refiner"].name == "Stable_Diffusion_version_tiny-xl_refiner.mlpackage"  # Apple's file name
+    assert declared(xl_packages["unet"])[0]["time_ids"] == (2, 6)
+    assert declared(xl_packages["refiner"])[0]["encoder_hidden_states"] == (2, 64, 1, 77)  # text_encoder_2 alone
+
+
+def run(package, inputs: dict) -> dict:
+    return load_model(package, backend="mil").predict({k: np.asarray(v, np.float32) for k, v in inputs.items()})
+
+
+def token_ids(seed=0, vocab=49408, length=77):
+    ids = np.random.RandomState(seed).randint(0, vocab - 2, (1, length))
+    ids[0, 0], ids[0, 20:] = 49406, 49407
+    return ids
+
+
+def test_text_encoders_match_diffusers_fp32(xl_packages, xl):
+    """Penultimate hidden states of both encoders, pooler output of the first, projected text_embeds of the
+    second: as diffusers' StableDiffusionXLPipeline.encode_prompt reads them."""
+    ids = token_ids()
+    with torch.no_grad():
+        first = xl.load_text_encoder()(torch.from_numpy(ids), output_hidden_states=True)
+        second = xl.load_text_encoder_2()(torch.from_numpy(ids), output_hidden_states=True)
+    for name, reference in (("text_encoder", first), ("text_encoder_2", second)):
+        out = run(xl_packages[name], {"input_ids": ids})
+        assert psnr(reference.hidden_states[-2].numpy(), out["hidden_embeds"]) >= 60, name
+        pooled = reference.text_embeds if name == "text_encoder_2" else reference.pooler_output
+        assert psnr(pooled.numpy(), out["pooled_outputs"]) >= 55, name
+    # the penultimate states are not the last ones: SDXL's interface really differs from SD's
+    assert psnr(first.last_hidden_state.numpy(), run(xl_packages["text_encoder"], {"input_ids": ids})["hidden_embeds"]) < 30
+
+
+def unet_inputs(source, config, seed=0):
+    from python_coreml_sd.convert.unet import sample_inputs, text_pooled_width
+    size = config["sample_size"]
+    inputs = sample_inputs(config, 2, size, size, 77, text_pooled_width(source))
+    generator = torch.Generator().manual_seed(seed)
+    inputs["text_embeds"] = torch.randn(inputs["text_embeds"].shape, generator=generator)
+    return inputs
+
+
+@pytest.mark.parametrize("component", ["unet", "refiner"])
+def test_unets_match_diffusers_fp32(xl_packages, xl, refiner, component):
+    from python_coreml_sd.convert.unet import diffusers_reference
+    source = xl if component == "unet" else refiner
+    unet = source.load_unet()
+    inputs = unet_inputs(source, dict(unet.config), seed=3)
+    reference = diffusers_reference(unet, inputs)
+    out = run(xl_packages[component], {k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+    assert psnr(reference, out) >= 45
+    # the added conditions reach the output: other time ids or pooled embeddings, another prediction
+    # (random weights: a small change, but far beyond the conversion's error)
+    other = dict(inputs, time_ids=inputs["time_ids"] * 0.5)
+    moved = psnr(reference, diffusers_reference(unet, other))
+    converted = psnr(diffusers_reference(unet, other),
+                     run(xl_packages[component], {k: v.numpy() for k, v in other.items()})["noise_pred"])
+    assert converted >= 45 and converted >= moved + 10, (converted, moved)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_IMPLEMENTATIONS)
+def test_neural_engine_unet_takes_the_added_conditions(xl, refiner, attention):
+    for source in (xl, refiner):
+        unet = source.load_unet()
+        inputs = unet_inputs(source, dict(unet.config))
+        from python_coreml_sd.convert.unet import diffusers_reference
+        with torch.no_grad():
+            ours = from_diffusers(unet, attention)(*inputs.values()).numpy()
+        assert psnr(diffusers_reference(unet, inputs), ours) >= 100, (source.name, attention)
+
+
+@pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM_V2"])
+def test_other_attention_implementations_convert_and_check(tmp_path, attention):
+    """--check-output-correctness on the MIL runtime (it raises CheckFailed under the threshold), batch one."""
+    options = ConversionOptions(model_version="tiny-xl", output_dir=tmp_path, attention_implementation=attention,
+                                unet_batch_one=True, check_output_correctness=True, psnr_threshold=45)
+    (path,) = convert(options, ["unet"])
+    assert declared(path)[0]["time_ids"] == (1, 6) and declared(path)[0]["text_embeds"] == (1, 32)
+
+
+@pytest.fixture(scope="module")
+def pipes(xl_packages):
+    folder = xl_packages["unet"].parent  # holds the refiner's package too; the torch backend gets its model
+    return {backend: open_pipeline(backend, folder, "tiny-xl", progress=False,
+                                   refiner_version="tiny-xl-refiner" if backend == "torch" else None)
+            for backend in ("mil", "torch")}
+
+
+@pytest.mark.parametrize("negative, refiner_start", [("", None), ("blurry, low quality", None), ("", 0.5)])
+def test_mil_matches_torch(pipes, negative, refiner_start):
+    request = GenerationRequest("a lighthouse at dusk, oil painting", negative_prompt=negative, seed=7,
+                                num_inference_steps=STEPS, scheduler="EulerDiscrete", refiner_start=refiner_start)
+    reference, converted = pipes["torch"].generate(request), pipes["mil"].generate(request)
+    values = compare(reference, converted)
+    assert {"text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "first_noise_pred", "final_latents",
+            "decoded_image", "final_image"} <= set(values)
+    assert all(v >= 30 for v in values.values()), values
+    assert converted.image.size == (128, 128)
+
+
+def diffusers_latents(source, request, latents):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(source.root), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: getattr(request, k) for k in ("original_size", "target_size") if getattr(request, k)}
+    return pipe(request.prompt, negative_prompt=request.negative_prompt or None, latents=torch.from_numpy(latents),
+                num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                crops_coords_top_left=request.crops_coords_top_left, output_type="latent", height=128, width=128,
+                **kwargs).images.numpy()
+
+
+@pytest.mark.parametrize("change", [
+    dict(),  # no negative prompt: force_zeros_for_empty_prompt zeroes the unconditional embeddings
+    dict(negative_prompt="blurry"),
+    dict(original_size=(64, 96), crops_coords_top_left=(8, 16), target_size=(256, 256)),
+])
+def test_torch_loop_is_diffusers_sdxl_pipeline(pipes, xl, change):
+    """Our loop on diffusers' modules vs diffusers' StableDiffusionXLPipeline itself, same initial latents and
+    scheduler: micro-conditioning, pooled embeddings and empty-prompt zeros as diffusers computes them."""
+    request = GenerationRequest("a red fox in the snow", seed=5, num_inference_steps=STEPS, scheduler="EulerDiscrete",
+                                guidance_scale=5.0, **change)
+    ours = pipes["torch"].generate(request).intermediates["final_latents"]
+    start = np.random.RandomState(request.seed).randn(1, 4, 16, 16).astype(np.float32)  # RandomSource's draw
+    assert psnr(diffusers_latents(xl, request, start), ours) >= 60
+
+
+@pytest.mark.parametrize("scheduler, fraction", [("EulerDiscrete", 0.5), ("EulerDiscrete", 0.8), ("DPMSolverMultistep", 0.3)])
+def test_refiner_hand_off_is_diffusers(pipes, xl, refiner, scheduler, fraction):
+    """--refiner-start as diffusers' base denoising_end and refiner denoising_start (the refiner with the base's
+    text_encoder_2, as diffusers documents it and Apple's pipeline runs it)."""
+    import diffusers
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    request = GenerationRequest("a lighthouse at dusk", seed=9, num_inference_steps=5, scheduler=scheduler,
+                                refiner_start=fraction)
+    ours = pipes["torch"].generate(request)
+    assert "first_noise_pred_refiner" in ours.intermediates
+    base = StableDiffusionXLPipeline.from_pretrained(str(xl.root), use_safetensors=True)
+    second = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(refiner.root), text_encoder_2=base.text_encoder_2,
+                                                               tokenizer_2=base.tokenizer_2, vae=base.vae)
+    for pipe in (base, second):
+        pipe.scheduler = getattr(diffusers, f"{scheduler}Scheduler").from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    start = torch.from_numpy(np.random.RandomState(request.seed).randn(1, 4, 16, 16).astype(np.float32))
+    common = dict(num_inference_steps=5, guidance_scale=request.guidance_scale, output_type="latent")
+    handed = base(request.prompt, latents=start, denoising_end=fraction, height=128, width=128, **common).images
+    final = second(request.prompt, image=handed, denoising_start=fraction, **common).images
+    assert psnr(final.numpy(), ours.intermediates["final_latents"]) >= 60
+    alone = pipes["torch"].generate(GenerationRequest(request.prompt, seed=9, num_inference_steps=5, scheduler=scheduler))
+    assert not np.allclose(alone.intermediates["final_latents"], ours.intermediates["final_latents"], atol=1e-3)  # refined
+
+
+def test_micro_conditioning_and_empty_prompt_change_the_result(pipes):
+    def latents(**change):
+        request = GenerationRequest("a red fox", seed=3, num_inference_steps=2, scheduler="EulerDiscrete", **change)
+        return pipes["torch"].generate(request).intermediates["final_latents"]
+    plain = latents()
+    assert not np.allclose(plain, latents(original_size=(512, 512)))
+    assert not np.allclose(plain, latents(crops_coords_top_left=(32, 0)))
+    assert not np.allclose(plain, latents(negative_prompt=" "))  # encoded, not zeros
+
+
+def test_sdxl_time_ids(pipes):
+    request = GenerationRequest("x", original_size=(1, 2), crops_coords_top_left=(3, 4), target_size=(5, 6))
+    assert pipes["mil"].time_ids(request).tolist() == [[1, 2, 3, 4, 5, 6]] * 2
+    assert pipes["mil"].time_ids(GenerationRequest("x")).tolist() == [[128, 128, 0, 0, 128, 128]] * 2
+
+
+# Bad input: one line, exit 2, nothing written.
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def copy_model(source, dest):
+    shutil.copytree(source.root, dest)
+    return dest
+
+
+def drop_component(folder, name):
+    shutil.rmtree(folder / name)
+    index = json.loads((folder / "model_index.json").read_text())
+    index[name] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("make, argv, fragment", [
+    (lambda xl, ref, tiny, d: drop_component(copy_model(xl, d), "text_encoder_2") or d, ["--convert-text-encoder"],
+     "is SDXL (StableDiffusionXLPipeline) but has no text_encoder_2"),
+    (lambda xl, ref, tiny, d: drop_component(copy_model(xl, d), "text_encoder_2") or d, ["--convert-vae-decoder"],
+     "but has no text_encoder_2"),
+    (lambda xl, ref, tiny, d: (shutil.rmtree(copy_model(xl, d) / "unet"), shutil.copytree(tiny.root / "unet", d / "unet"),
+                               d)[-1], ["--convert-unet"], "its UNet's addition_embed_type is None, not 'text_time'"),
+    (lambda xl, ref, tiny, d: ref.root, ["--convert-unet"], "is an SDXL refiner"),
+    (lambda xl, ref, tiny, d: tiny.root, ["--convert-unet", "--xl-version"], "--xl-version: model"),
+    (lambda xl, ref, tiny, d: xl.root, ["--convert-unet", "--refiner-version", "tiny-xl"], "is not an SDXL refiner"),
+    (lambda xl, ref, tiny, d: xl.root, ["--convert-text-encoder", "--refiner-version", "tiny-xl-refiner"],
+     "add --convert-unet"),
+    (lambda xl, ref, tiny, d: tiny.root, ["--convert-unet", "--refiner-version", "tiny-xl-refiner"],
+     "needs an SDXL base"),
+])
+def test_bad_sdxl_input(capsys, tmp_path, xl, refiner, tiny_source, make, argv, fragment):
+    model = make(xl, refiner, tiny_source, tmp_path / "model")
+    code, err = run_main(capsys, "--model-version", str(model), "-o", str(tmp_path / "out"), *argv)
+    assert code == 2 and err.count("\n") == 0 and err.startswith("torch2coreml: error:"), err
+    assert fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_refuses_an_sdxl_unet_without_text_encoder_2(xl_packages, tmp_path):
+    from python_coreml_sd.errors import UserError
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        (folder / xl_packages[name].name).symlink_to(xl_packages[name])
+    with pytest.raises(UserError, match="needs text_encoder_2"):
+        open_pipeline("mil", folder, "tiny-xl", progress=False)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2", "nan"])
+def test_refiner_start_outside_the_open_unit_interval(capsys, tmp_path, fraction):
+    from tests.support import assert_one_line, run_pipeline_cli
+    code, err = run_pipeline_cli(capsys, "--prompt", "x", "--backend", "torch", "--model-version", "tiny-xl",
+                                 "--refiner-start", fraction, "-o", str(tmp_path / "out"))
+    assert_one_line(code, err, "--refiner-start must be in (0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refiner_start_needs_a_refiner(xl_packages):
+    from python_coreml_sd.errors import UserError
+    pipe = open_pipeline("torch", xl_packages["unet"].parent, "tiny-xl", progress=False)  # no --refiner-version
+    with pytest.raises(UserError, match="needs the refiner's UNet"):
+        pipe.generate(GenerationRequest("x", num_inference_steps=2, refiner_start=0.5))
