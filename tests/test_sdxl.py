@@ -345,3 +345,18 @@ def test_chunked_unet_and_refiner_generate_as_the_whole(tmp_path, xl_packages, p
                                 refiner_start=0.5)
     whole = pipes["mil"].generate(request)
     assert psnr(whole.intermediates["final_latents"], chunked.generate(request).intermediates["final_latents"]) >= 60
+
+
+@pytest.mark.parametrize("family, billions", [("sdxl", 2.567), ("sdxl-refiner", 2.260), ("sdxl-turbo", 2.567)])
+def test_full_size_architectures_fit_the_neural_engine_unet(family, billions):
+    """The registry's full-size SDXL UNets (built on the meta device: no weights, no memory) have SDXL's parameter
+    counts, and the Neural-Engine UNet holds every tensor of theirs with the same number of values."""
+    from diffusers import UNet2DConditionModel
+    from python_coreml_sd import registry
+    from python_coreml_sd.layers.unet import UNet2DConditionModelANE
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**registry.family(family)["architecture"]["unet"])
+        ours = UNet2DConditionModelANE(dict(unet.config)).state_dict()
+    theirs = unet.state_dict()
+    assert round(sum(v.numel() for v in theirs.values()) / 1e9, 3) == billions
+    assert set(ours) == set(theirs) and all(ours[k].numel() == v.numel() for k, v in theirs.items())
