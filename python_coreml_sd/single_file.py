@@ -93,8 +93,8 @@ def recognise(path: Path, entries: dict) -> Recognised:
                         f"{_sample_keys(entries)}); supported single files: SD 1.x, SD 2.x (base, 768-v, inpainting) "
                         "checkpoints in the original (CompVis / Stability) layout")
     if kind.unsupported:
-        raise UserError(f"{path} is an {kind.unsupported} checkpoint; SDXL is not supported yet (see issue 16); "
-                        "use an SD 1.x or 2.x model")
+        raise UserError(f"{path} is an {kind.unsupported} checkpoint; SDXL is not supported yet as a single file "
+                        "(see issue 16): pass an SDXL diffusers folder, or use an SD 1.x or 2.x checkpoint")
     meta = _meta_checkpoint(entries)
     conv_in = entries.get(UNET_PREFIX + "input_blocks.0.0.weight")
     in_channels = conv_in["shape"][1] if conv_in and len(conv_in["shape"]) == 4 else None

@@ -310,3 +310,53 @@ def test_refiner_start_needs_a_refiner(xl_packages):
     pipe = open_pipeline("torch", xl_packages["unet"].parent, "tiny-xl", progress=False)  # no --refiner-version
     with pytest.raises(UserError, match="needs the refiner's UNet"):
         pipe.generate(GenerationRequest("x", num_inference_steps=2, refiner_start=0.5))
+
+
+def test_parity_cli_covers_the_sdxl_stages(capsys, tmp_path, xl_packages):
+    from python_coreml_sd import parity
+    out = tmp_path / "report"
+    assert parity.main(["--prompt", "a red fox", "-i", str(xl_packages["unet"].parent), "--model-version", "tiny-xl",
+                        "--refiner-version", "tiny-xl-refiner", "--refiner-start", "0.6", "-o", str(out),
+                        "--num-inference-steps", "4", "--scheduler", "EulerDiscrete"]) == 0
+    (entry,) = json.loads((out / "report.json").read_text())["results"]
+    assert set(entry["psnr_db"]) == {"text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings",
+                                     "text_embeddings", "first_noise_pred", "first_noise_pred_refiner", "final_latents",
+                                     "decoded_image", "final_image"}
+    assert entry["passed"] and all(35 <= v < 150 for v in entry["psnr_db"].values()), entry
+
+
+def test_chunked_unet_and_refiner_generate_as_the_whole(tmp_path, xl_packages, pipes):
+    """--chunk-unet on SDXL: <model>_unet_chunk1/2 and <model>_refiner_chunk1/2 (Resources UnetChunk1/2,
+    UnetRefinerChunk1/2), fed by name by the pipeline, give the whole packages' image."""
+    out = tmp_path / "chunked"
+    options = ConversionOptions(model_version="tiny-xl", output_dir=out, refiner_version="tiny-xl-refiner",
+                                chunk_unet=True)
+    paths = {component_of(p): p for p in convert(options, ["unet"])}
+    assert set(paths) == {"unet", "unet_chunk1", "unet_chunk2", "refiner", "refiner_chunk1", "refiner_chunk2"}
+    assert [TABLE[c].resource for c in ("refiner_chunk1", "refiner_chunk2")] == ["UnetRefinerChunk1", "UnetRefinerChunk2"]
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name, path in [*((n, xl_packages[n]) for n in ("text_encoder", "text_encoder_2", "vae_decoder")),
+                       *((n, p) for n, p in paths.items() if "chunk" in n)]:
+        (folder / path.name).symlink_to(path)
+    chunked = open_pipeline("mil", folder, "tiny-xl", progress=False)
+    assert "unet" not in chunked.models and chunked.models.has_refiner()
+    request = GenerationRequest("a red fox", seed=2, num_inference_steps=STEPS, scheduler="EulerDiscrete",
+                                refiner_start=0.5)
+    whole = pipes["mil"].generate(request)
+    assert psnr(whole.intermediates["final_latents"], chunked.generate(request).intermediates["final_latents"]) >= 60
+
+
+@pytest.mark.parametrize("family, billions", [("sdxl", 2.567), ("sdxl-refiner", 2.260), ("sdxl-turbo", 2.567)])
+def test_full_size_architectures_fit_the_neural_engine_unet(family, billions):
+    """The registry's full-size SDXL UNets (built on the meta device: no weights, no memory) have SDXL's parameter
+    counts, and the Neural-Engine UNet holds every tensor of theirs with the same number of values."""
+    from diffusers import UNet2DConditionModel
+    from python_coreml_sd import registry
+    from python_coreml_sd.layers.unet import UNet2DConditionModelANE
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**registry.family(family)["architecture"]["unet"])
+        ours = UNet2DConditionModelANE(dict(unet.config)).state_dict()
+    theirs = unet.state_dict()
+    assert round(sum(v.numel() for v in theirs.values()) / 1e9, 3) == billions
+    assert set(ours) == set(theirs) and all(ours[k].numel() == v.numel() for k, v in theirs.items())

@@ -5,9 +5,9 @@ from PIL import Image
 
 from ..metrics import psnr
 
-# SDXL's runs also record each encoder's penultimate states and the pooled text_embeds.
+# SDXL's runs also record each encoder's penultimate states, the pooled text_embeds and the refiner's first step.
 STAGES = ("text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "text_embeddings", "first_noise_pred",
-          "final_latents", "decoded_image")
+          "first_noise_pred_refiner", "final_latents", "decoded_image")
 
 
 def compare(reference, converted) -> dict:

@@ -148,10 +148,10 @@ class StableDiffusionPipeline:
             chunks = PromptChunks(chunks.ids[:self.max_prompt_chunks], chunks.weights[:self.max_prompt_chunks])
         return chunks
 
-    def encode_text(self, text: str, min_chunks: int = 1) -> np.ndarray:
+    def encode_text(self, text: str, min_chunks: int = 1, chunks: PromptChunks = None) -> np.ndarray:
         """(1, C, 1, S) embeddings, the UNet's encoder_hidden_states layout: each window encoded, weighted, and
         the windows concatenated along the sequence."""
-        chunks = self.prompt_chunks(text, min_chunks)
+        chunks = chunks or self.prompt_chunks(text, min_chunks)
         encoder = self.models["text_encoder"]
         hidden = [weighted(encoder.predict(TEXT_ENCODER.feed(ids[None].astype(np.float32)))[TEXT_ENCODER.outputs[0]],
                            weights) for ids, weights in zip(chunks.ids, chunks.weights)]
@@ -159,13 +159,19 @@ class StableDiffusionPipeline:
 
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple:
         """(conditional, [unconditional, conditional]) embeddings, both with as many windows as the longer."""
-        count = max(self.prompt_chunks(t).count for t in (prompt, negative_prompt))
-        cond = self.encode_text(prompt, count)
-        return cond, np.concatenate([self.encode_text(negative_prompt, count), cond])
+        chunks = [self.prompt_chunks(text) for text in (prompt, negative_prompt)]
+        count = max(c.count for c in chunks)
+        # Only the shorter prompt is chunked again, padded to the longer's windows (no second truncation warning).
+        cond, uncond = (self.encode_text(text, count, c if c.count == count else None)
+                        for text, c in zip((prompt, negative_prompt), chunks))
+        return cond, np.concatenate([uncond, cond])
 
-    def encode_xl(self, text: str) -> dict:
+    def encode_xl(self, text: str, cache: dict = None) -> dict:
         """SDXL's text conditioning, as diffusers' encode_prompt: each encoder's penultimate states, side by side
-        on channels, in the UNet's (1, C, 1, S) layout, and text_encoder_2's pooled text_embeds (1, P)."""
+        on channels, in the UNet's (1, C, 1, S) layout, and text_encoder_2's pooled text_embeds (1, P).
+        `cache`: text -> encodings of one generation (the refiner reuses the base's)."""
+        if cache is not None and text in cache:
+            return cache[text]
         chunks = {name: self.prompt_chunks(text, tokenizer=tokenizer)
                   for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2))}
         out = {name: self.models[name].predict(TABLE[name].feed(c.ids[:1].astype(np.float32), family=SDXL))
@@ -173,30 +179,33 @@ class StableDiffusionPipeline:
         states, pooled = TABLE["text_encoder_2"].io(SDXL).outputs
         # Prompt weights scale each encoder's states (the pooled embedding stays unweighted, as A1111's).
         hidden = {name: weighted(out[name][states], chunks[name].weights[0]) for name in out}
-        return {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
-                "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
-                "pooled_embeddings": out["text_encoder_2"][pooled].astype(np.float32)}
+        encoded = {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
+                   "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
+                   "pooled_embeddings": out["text_encoder_2"][pooled].astype(np.float32)}
+        if cache is not None:
+            cache[text] = encoded
+        return encoded
 
-    def refiner_conditioning(self, request) -> tuple:
+    def refiner_conditioning(self, request, cache: dict = None) -> tuple:
         """The refiner's (embeddings, added conditions): text_encoder_2's states alone, its pooled embeds, time
         ids with the aesthetic scores; the negative prompt always encoded (the refiner's
         force_zeros_for_empty_prompt is false)."""
-        cond, uncond = self.encode_xl(request.prompt), self.encode_xl(request.negative_prompt)
+        cond, uncond = self.encode_xl(request.prompt, cache), self.encode_xl(request.negative_prompt, cache)
         states = [text_to_unet_layout(e["text_encoder_2_hidden"]) for e in (uncond, cond)]
         return np.concatenate(states), {"time_ids": self.time_ids(request, "refiner"), "text_embeds": np.concatenate(
             [uncond["pooled_embeddings"], cond["pooled_embeddings"]])}
 
-    def conditioning(self, request) -> tuple:
+    def conditioning(self, request, cache: dict = None) -> tuple:
         """(embeddings [unconditional, conditional] in the UNet's layout, SDXL's added conditions or {}, the
         conditional prompt's intermediates for parity)."""
         if self.family == SD:
             cond, embeddings = self.encode_prompts(request.prompt, request.negative_prompt)
             return embeddings, {}, {"text_embeddings": cond}
-        cond = self.encode_xl(request.prompt)
+        cond = self.encode_xl(request.prompt, cache)
         if self.force_zeros_for_empty_prompt and not request.negative_prompt:
             uncond = {k: np.zeros_like(v) for k, v in cond.items()}
         else:
-            uncond = self.encode_xl(request.negative_prompt)
+            uncond = self.encode_xl(request.negative_prompt, cache)
         added = {"time_ids": self.time_ids(request), "text_embeds": np.concatenate([uncond["pooled_embeddings"],
                                                                                     cond["pooled_embeddings"]])}
         return np.concatenate([uncond["text_embeddings"], cond["text_embeddings"]]), added, cond
@@ -325,14 +334,16 @@ class StableDiffusionPipeline:
         start = time.perf_counter()
         rng = RandomSource(request.seed)
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
-        embeddings, added, intermediates = self.conditioning(request)
+        encoded = {}  # SDXL: each text encoded once, for the base and the refiner
+        embeddings, added, intermediates = self.conditioning(request, encoded)
+        intermediates = dict(intermediates)
         latents, timesteps = self.initial_latents(request, scheduler, rng)
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
         stages = [("unet", scheduler, timesteps, embeddings, added)]
         if request.refiner_start is not None:
             base, refiner, refiner_steps = self.split_for_refiner(request, scheduler, timesteps)
             stages = [("unet", scheduler, base, embeddings, added),
-                      ("refiner", refiner, refiner_steps, *self.refiner_conditioning(request))]
+                      ("refiner", refiner, refiner_steps, *self.refiner_conditioning(request, encoded))]
         loop_start = time.perf_counter()
         for unet, stage_scheduler, stage_steps, stage_embeddings, stage_added in stages:
             latents = self.denoise(latents, stage_scheduler, stage_steps, stage_embeddings, stage_added, request,
