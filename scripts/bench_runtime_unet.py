@@ -12,7 +12,8 @@ SPLIT_EINSUM), fp16, cached under --cache-dir. Rows (CUDA-graph rows on CUDA onl
   diffusers eager <dtype> + CUDA graph             that call captured once, replayed
   diffusers torch.compile <dtype>                  torch.compile(unet), default mode
   diffusers torch.compile <dtype> + CUDA graph     the compiled call captured once, replayed
-  MIL runtime <attention>, per-op | fused | fused + CUDA graph
+  MIL runtime <attention>, per-op | fused | fused + CUDA graph | fused + torch.compile [+ CUDA graph]
+                                                   (--device-tensors: CUDA-graph rows also on device tensors)
 
 <dtype> is float16, plus float32 on the CPU (where fp16 is rarely a user's choice). Times are the
 median of --iters calls after --warmup calls (CUDA events on a GPU), timed in interleaved rounds (every
@@ -164,24 +165,38 @@ def mil_rows(path, feed, args, attention):
     """Yields the MIL runtime rows of one package, each ready to time (its first call already made)."""
     from python_coreml_sd.runtime.mil import MILModel
 
+    graphs = args.device == "cuda" and not args.no_cuda_graph
     variants = [("per-op", dict(fuse=False)), ("fused", dict(fuse=True))]
-    if args.device == "cuda" and not args.no_cuda_graph:
-        variants.append(("fused + CUDA graph", dict(fuse=True, cuda_graph=True)))
+    variants += [("fused + CUDA graph", dict(fuse=True, cuda_graph=True))] if graphs else []
+    if not args.no_compile:
+        variants.append(("fused + torch.compile", dict(fuse=True, torch_compile=True)))
+        variants += [("fused + torch.compile + CUDA graph", dict(fuse=True, torch_compile=True, cuda_graph=True))] \
+            if graphs else []
     for name, kw in variants:
-        label = f"MIL runtime {attention}, {name}"
-        try:
-            t0 = time.perf_counter()
-            model = MILModel(path, device=args.device, **kw)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = model.predict(feed)["noise_pred"]  # captures the graph, if any
-            fell_back = [w for w in caught if "CUDA graph capture failed" in str(w.message)]
-            if fell_back:
-                raise RuntimeError(str(fell_back[0].message))
-            yield Row(label, time.perf_counter() - t0, lambda model=model: model.predict(feed), out.astype(np.float32))
-        except Exception as exc:
-            yield failed(label, exc)
-        model = None
+        for on_device in (False, True) if args.device_tensors and kw.get("cuda_graph") else (False,):
+            yield mil_row(f"MIL runtime {attention}, {name}" + (", device tensors" if on_device else ""),
+                          MILModel, path, feed, args, kw, on_device)
+
+
+def mil_row(label, MILModel, path, feed, args, kw, on_device):
+    """One MIL row; on_device: inputs placed on the device once and predict_tensors called (what a loop of
+    UNet steps that keeps its latents on the GPU pays), else predict with numpy in and out."""
+    try:
+        t0 = time.perf_counter()
+        model = MILModel(path, device=args.device, **kw)
+        stored = torch.float16 if args.device == "cuda" else torch.float32  # dtypes.storage_dtype of fp16 inputs
+        tensors = {n: torch.from_numpy(v).to(args.device, stored) for n, v in feed.items()}
+        call = (lambda: model.predict_tensors(tensors)) if on_device else (lambda: model.predict(feed))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = call()["noise_pred"]  # compiles and captures the graph, if any
+        fell_back = [w for w in caught if "failed" in str(w.message)]
+        if fell_back:
+            raise RuntimeError(str(fell_back[0].message))
+        out = to_numpy(out) if on_device else out.astype(np.float32)
+        return Row(label, time.perf_counter() - t0, call, out)
+    except Exception as exc:
+        return failed(label, exc)
 
 
 def time_rows(row_sources, args):
@@ -250,9 +265,11 @@ def main(argv=None):
     p.add_argument("--reconvert", action="store_true", help="convert even if a cached package exists")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every row (default: PyTorch's choice, one per usable core)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (diffusers and MIL)")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the CUDA-graph rows")
     p.add_argument("--no-mil", action="store_true", help="skip conversion and the MIL rows")
+    p.add_argument("--device-tensors", action="store_true",
+                   help="also time each CUDA-graph MIL row with its inputs kept on the device (predict_tensors)")
     p.add_argument("--sequential", action="store_true",
                    help="time each row right after building it and drop it (less memory; default: build all "
                         "rows, then time them in interleaved rounds)")

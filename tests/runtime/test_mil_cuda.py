@@ -56,3 +56,16 @@ def test_vae_decoder_fp16_on_cuda(tmp_path):
     path = convert(module, z, ["z"], tmp_path / "d.mlpackage", "fp16")
     out = list(MILModel(path, device="cuda").predict({"z": z[0].numpy()}).values())[0]
     assert psnr(reference(module, z)[0], out) >= 35
+
+
+def test_compiled_cuda_graph_equals_eager(tmp_path):
+    module, inputs = UNet(tiny_unet()), unet_inputs(32)
+    path = convert(module, inputs, NAMES, tmp_path / "u.mlpackage", "fp16")
+    eager = MILModel(path, device="cuda")
+    fast = MILModel(path, device="cuda", cuda_graph=True, torch_compile=True)
+    feed = numpy_inputs(NAMES, inputs)
+    a, b = (list(m.predict(feed).values())[0].astype(np.float32) for m in (eager, fast))
+    assert fast._graph is not None and psnr(a, b) >= 50
+    on_device = {n: torch.as_tensor(v).cuda().half() for n, v in feed.items()}
+    c = list(fast.predict_tensors(on_device).values())[0]
+    assert c.is_cuda and psnr(a, c.float().cpu().numpy()) >= 50

@@ -182,11 +182,31 @@ def _describe(var, allowed=None):
     return TensorDescription(var.name, shape, np.dtype(numpy_dtype(mil_name(var.dtype))), allowed)
 
 
-class _Specialization:
-    """The plan compiled for one set of input shapes, with its CUDA graph once captured."""
+def _eager_runner(plan):
+    """{input name: tensor} -> output tensors, the plan's steps run one after another."""
+    def run(tensors):
+        env = list(plan.env_init)
+        for name, slot in plan.input_slots.items():
+            env[slot] = tensors[name]
+        return plan.run(env)
+    return run
 
-    def __init__(self, plan):
+
+def _compiled_runner(plan):
+    """The plan under torch.compile (Inductor): Dynamo traces the steps' torch closures into one graph
+    (the weights become its inputs), so elementwise chains fuse into single kernels. Shapes are fixed
+    per specialization (dynamic=False); Inductor's on-disk cache makes a second load cheaper."""
+    names, eager = list(plan.input_slots), _eager_runner(plan)
+    compiled = torch.compile(lambda *xs: tuple(eager(dict(zip(names, xs)))), dynamic=False)
+    return lambda tensors: list(compiled(*[tensors[n] for n in names]))
+
+
+class _Specialization:
+    """The plan compiled for one set of input shapes, its runner, and its CUDA graph once captured."""
+
+    def __init__(self, plan, torch_compile=False):
         self.plan = plan
+        self.run = _compiled_runner(plan) if torch_compile else _eager_runner(plan)
         self.graph = None
         self.static_in = self.static_out = None
 
@@ -199,11 +219,15 @@ class MILModel:
     (removes the per-op launch overhead; inputs are copied into static buffers).
     fuse: run attention and group-norm op chains as single fused kernels (see fusion.py); default
     on for CUDA, off for CPU, where each fp16 op's result is rounded exactly as the program says.
+    torch_compile: run each plan through torch.compile (Inductor) instead of op by op: the first call
+    compiles (minutes for a full-size UNet, less once Inductor's cache holds its kernels), later calls
+    run fused kernels; combines with cuda_graph. Falls back to op by op, with a warning, if it fails.
     max_shapes: for inputs with flexible shapes (RangeDim / EnumeratedShapes), how many input-shape
     specializations stay compiled (least recently used dropped; weights are shared between them).
     """
 
-    def __init__(self, path, device="cpu", function_name=None, cuda_graph=False, fuse=None, max_shapes=8):
+    def __init__(self, path, device="cpu", function_name=None, cuda_graph=False, fuse=None, max_shapes=8,
+                 torch_compile=False):
         self.path = str(path)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -226,6 +250,7 @@ class MILModel:
         self._specializations = OrderedDict()
         # A CUDA graph would bake the state tensors' addresses in; stateful models run op by op.
         self._use_graph = bool(cuda_graph) and self.device.type == "cuda" and not states
+        self._torch_compile = bool(torch_compile) and not states  # state cells are not tensors
         key = tuple(d.shape for d in self.input_description.values())
         self._current = None
         if self.allowed_shapes:  # compiled now for the default shape, so a bad op fails at load
@@ -237,7 +262,7 @@ class MILModel:
                 # The defaults do not fit together (a free batch dimension defaulting to 1 where
                 # another input fixes it): coremltools' shape checks refuse it; the first call compiles.
                 return
-        self._current = self._specializations[key] = _Specialization(self._compile(function))
+        self._current = self._specializations[key] = self._new_specialization(function)
 
     def __repr__(self):
         steps = "?" if self._current is None else len(self.plan.steps)
@@ -261,6 +286,9 @@ class MILModel:
         except UserError as e:  # a folded op over the load-time allocation bound
             raise UserError(f"{self.path}: {e}") from None
 
+    def _new_specialization(self, function):
+        return _Specialization(self._compile(function), self._torch_compile)
+
     def _load_specialized(self, shapes):
         _, function = load_program(self.path, self._function_name, input_shapes=shapes, spec=self.spec)
         return function
@@ -269,7 +297,7 @@ class MILModel:
         key = tuple(tuple(tensors[n].shape) for n in self.input_description)  # states: fixed shapes
         spec = self._specializations.get(key)
         if spec is None:
-            spec = _Specialization(self._compile(self._load_specialized(dict(zip(self.input_description, key)))))
+            spec = self._new_specialization(self._load_specialized(dict(zip(self.input_description, key))))
             self._specializations[key] = spec
             while len(self._specializations) > self._max_shapes:
                 self._specializations.popitem(last=False)
@@ -329,25 +357,47 @@ class MILModel:
 
     def predict(self, inputs, state=None):
         self._check(inputs)
-        cells = self._state_cells(state)
         with torch.inference_mode():
             tensors = {n: self._to_device(n, a) for n, a in inputs.items()}
-            spec = self._current = self._specialization(tensors) if self.allowed_shapes else self._current
-            tensors.update(cells)
-            outs = self._run_graph(spec, tensors) if self._use_graph else self._run(spec.plan, tensors)
-            for n, cell in cells.items():  # the state keeps what the program wrote
-                state._values[n] = cell.value
-            return {
-                name: t.detach().to("cpu").numpy().astype(numpy_dtype(mil), copy=False)
-                for name, t, mil in zip(spec.plan.output_names, outs, spec.plan.output_mil_dtypes)
-            }
+            outs = self._execute(tensors, state)
+            return {name: t.detach().to("cpu").numpy().astype(self.output_description[name].dtype, copy=False)
+                    for name, t in outs.items()}
+
+    def predict_tensors(self, tensors: dict, state=None) -> dict:
+        """predict on torch tensors, ideally already on the model's device in the dtypes the runtime stores
+        inputs in (dtypes.storage_dtype; then nothing is copied): a loop of calls (UNet steps) keeps its values
+        on the GPU. Returns {output name: tensor on the device}."""
+        self._check({n: np.empty(tuple(t.shape), np.float32 if t.is_floating_point() else np.int32)
+                     for n, t in tensors.items()})  # shapes and kinds only: empty arrays cost no copy
+        with torch.inference_mode():
+            return self._execute({n: t.to(self.device, storage_dtype(self._input_mil[n], self.device))
+                                  for n, t in tensors.items()}, state)
+
+    def _execute(self, tensors, state):
+        cells = self._state_cells(state)
+        spec = self._current = self._specialization(tensors) if self.allowed_shapes else self._current
+        tensors.update(cells)
+        outs = self._run_graph(spec, tensors) if self._use_graph else self._run_spec(spec, tensors)
+        for n, cell in cells.items():  # the state keeps what the program wrote
+            state._values[n] = cell.value
+        return dict(zip(spec.plan.output_names, outs))
+
+    def _run_spec(self, spec, tensors):
+        """spec.run, or (once a compiled runner failed) the steps op by op from then on."""
+        try:
+            return spec.run(tensors)
+        except Exception as e:
+            if not self._torch_compile:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running op by op")
+            self._torch_compile = False
+            for other in self._specializations.values():
+                other.run = _eager_runner(other.plan)
+            return spec.run(tensors)
 
     @staticmethod
     def _run(plan, tensors):
-        env = list(plan.env_init)
-        for name, slot in plan.input_slots.items():
-            env[slot] = tensors[name]
-        return plan.run(env)
+        return _eager_runner(plan)(tensors)
 
     def _run_graph(self, spec, tensors):
         if spec.graph is None:
@@ -356,7 +406,7 @@ class MILModel:
             except Exception as e:  # an op that cannot be captured: keep running eagerly
                 warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running op by op")
                 self._use_graph, spec.graph = False, None
-                return self._run(spec.plan, tensors)
+                return self._run_spec(spec, tensors)
         for name, t in tensors.items():
             spec.static_in[name].copy_(t)
         spec.graph.replay()
@@ -367,9 +417,9 @@ class MILModel:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: lazy cuBLAS/cuDNN init must not be captured
-            for _ in range(2):
-                self._run(spec.plan, spec.static_in)
+            for _ in range(2):  # and torch.compile's compilation
+                self._run_spec(spec, spec.static_in)
         torch.cuda.current_stream().wait_stream(stream)
         spec.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(spec.graph):
-            spec.static_out = self._run(spec.plan, spec.static_in)
+            spec.static_out = spec.run(spec.static_in)

@@ -197,7 +197,6 @@ class Plan:
                 steps.extend(self._compile_op(op, slots, kernel))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
-        self.output_mil_dtypes = [mil_name(v.dtype) for v in function.outputs]
         self.env_init = slots.env
         self.steps = self._with_frees(steps)
         self.num_constants = len(slots.constant)
@@ -262,7 +261,7 @@ def _with_frees(steps, keep):
 def _run_steps(steps, env, output_slots):
     for fn, ins, out, free in steps:
         r = fn(*[env[i] for i in ins])
-        if out.__class__ is int:
+        if isinstance(out, int):  # (not out.__class__ is int: torch 2.11's Dynamo misreads that)
             env[out] = r
         else:
             for o, v in zip(out, r):
