@@ -114,7 +114,7 @@ MAX_LATENT_SIZE = 512  # 4096-pixel images; far beyond every released model, and
 
 
 def check_latent_size(options: ConversionOptions) -> None:
-    listed = [(f"--latent-sizes {h}x{w}", v) for h, w in options.latent_sizes for v in (h, w)]
+    listed = [(f"--latent-sizes {h}x{w}:", v) for h, w in options.latent_sizes for v in (h, w)]
     for flag, value in (("--latent-h", options.latent_h), ("--latent-w", options.latent_w), *listed):
         if value is not None and value > MAX_LATENT_SIZE:
             raise UserError(f"{flag} {value} is larger than {MAX_LATENT_SIZE} ({8 * MAX_LATENT_SIZE}-pixel images); "

@@ -1,0 +1,125 @@
+"""Issue 18: packages of several shapes (--latent-sizes, --max-prompt-chunks) through Core ML enumerated shapes.
+
+One `tiny` conversion (UNet, VAE decoder, text encoder; two latent sizes by 1..3 prompt windows, iOS 18 for the
+pairs) is run in the MIL runtime at each shape and compared with diffusers at that shape, with the bars of
+tests/unet/test_convert.py (UNet: 40 dB) and tests/runtime/test_mil_cuda.py (VAE decoder: 35 dB)."""
+import coremltools as ct
+import numpy as np
+import pytest
+import torch
+
+from python_coreml_sd import torch2coreml
+from python_coreml_sd.convert import ConversionOptions, convert
+from python_coreml_sd.convert.unet import diffusers_reference, sample_inputs
+from python_coreml_sd.convert.vae import VAEDecoder
+from python_coreml_sd.metrics import psnr
+from python_coreml_sd.runtime.mil import MILModel
+from tests.support import assert_one_line, run_pipeline_cli
+
+SIZES = ((16, 16), (8, 24))  # tiny's own 16x16 the default; 8x24 a wide one (multiples of its 4x downsampling)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    options = ConversionOptions("tiny", tmp_path_factory.mktemp("sizes"), latent_sizes=SIZES, max_prompt_chunks=3,
+                                min_deployment_target="iOS18")
+    return {path.name.split("tiny_")[1].split(".")[0]: path
+            for path in convert(options, ["text_encoder", "vae_decoder", "unet"])}
+
+
+def enumerated(package) -> dict:
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    return {f.name: (tuple(f.type.multiArrayType.shape), [tuple(s.shape) for s in f.type.multiArrayType.enumeratedShapes.shapes])
+            for f in spec.description.input if f.type.multiArrayType.WhichOneof("ShapeFlexibility")}, \
+        spec.description.metadata.userDefined
+
+
+def test_packages_enumerate_the_cross_product_default_first(packages):
+    unet, meta = enumerated(packages["unet"])
+    sizes = [(h, w) for h, w in SIZES for _ in range(3)]
+    assert unet["sample"] == ((2, 4, 16, 16), [(2, 4, h, w) for h, w in sizes])
+    # paired index by index with `sample` (iOS 18), as listed: coremltools' reordering is undone
+    assert unet["encoder_hidden_states"] == ((2, 32, 1, 77), [(2, 32, 1, 77 * k) for _ in SIZES for k in (1, 2, 3)])
+    assert meta["com.python_coreml_sd.latent_sizes"] == "16x16,8x24"
+    assert meta["com.python_coreml_sd.max_prompt_chunks"] == "3"
+    vae, _ = enumerated(packages["vae_decoder"])
+    assert vae == {"z": ((1, 4, 16, 16), [(1, 4, 16, 16), (1, 4, 8, 24)])}
+    assert enumerated(packages["text_encoder"])[0] == {}  # one window of 77 tokens, as before
+
+
+@pytest.mark.parametrize("size, chunks", [((16, 16), 1), ((8, 24), 1), ((8, 24), 3)])
+def test_unet_agrees_with_diffusers_at_each_shape(packages, tiny_source, size, chunks):
+    unet = tiny_source.load_unet()
+    inputs = sample_inputs(dict(unet.config), 2, *size, 77 * chunks)
+    out = MILModel(str(packages["unet"])).predict({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+    assert out.shape == (2, 4, *size) and psnr(diffusers_reference(unet, inputs), out) >= 40
+
+
+def test_vae_decoder_agrees_with_diffusers_at_each_size(packages, tiny_source):
+    decoder, model = VAEDecoder(tiny_source.load_vae()).eval(), MILModel(str(packages["vae_decoder"]))
+    for h, w in SIZES:
+        z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            reference = decoder(z).numpy()
+        out = model.predict({"z": z.numpy()})["image"]
+        assert out.shape == (1, 3, 8 * h, 8 * w) and psnr(reference, out) >= 35, (h, w)
+
+
+@pytest.fixture(scope="module")
+def pipe(packages):
+    from python_coreml_sd.generation.setup import open_pipeline
+    return open_pipeline("mil", packages["unet"].parent, progress=False)
+
+
+def test_a_long_prompt_takes_more_windows_and_changes_the_prediction(pipe):
+    words = " ".join(f"word{i} fox" for i in range(52))  # ~200 tokens: 3 windows of 75, none cut off
+    ids = pipe.tokenizer(words, add_special_tokens=False).input_ids
+    first = pipe.tokenizer.decode(ids[:75])
+    assert pipe.prompt_chunk_counts == [1, 2, 3] and 150 < len(ids) <= 225
+    cond, long = pipe.encode_prompts(words, "")
+    _, short = pipe.encode_prompts(first, "")
+    assert long.shape[-1] == 3 * 77 and short.shape[-1] == 77  # the empty negative prompt padded to the same count
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    noise_long, noise_short = (pipe.predict_noise(latents, 500, e, 7.5) for e in (long, short))
+    assert psnr(noise_short, noise_long) < 30  # the tokens after the first 75 condition the UNet
+
+
+def test_generation_at_another_size(pipe):
+    from python_coreml_sd.generation.pipeline import GenerationRequest
+    result = pipe.generate(GenerationRequest("a fox", num_inference_steps=2, height=64, width=192))
+    assert result.image.size == (192, 64)
+    assert pipe.generate(GenerationRequest("a fox", num_inference_steps=1)).image.size == (128, 128)
+
+
+def test_a_size_the_models_lack_is_one_line(capsys, tmp_path, packages):
+    code, err = run_pipeline_cli(capsys, "--prompt", "a fox", "-i", str(packages["unet"].parent), "-o",
+                                 str(tmp_path / "o"), "--backend", "mil", "--num-inference-steps", "1",
+                                 "--height", "128", "--width", "192")
+    assert_one_line(code, err, "--height 128 --width 192", "128x128, 64x192")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--convert-unet", "--latent-sizes", "16x16,16x10"], "--latent-sizes 16x10: 10 is not a multiple of 4"),
+    (["--convert-unet", "--latent-sizes", ""], "--latent-sizes is empty"),
+    (["--convert-vae-decoder", "--latent-sizes", "16x16,wide"], "'wide' is not HxW"),
+    (["--convert-vae-decoder", "--latent-sizes", "16x16,600x8"], "--latent-sizes 600x8: 600 is larger than 512"),
+    (["--convert-unet", "--max-prompt-chunks", "0"], "--max-prompt-chunks: 0 must be at least 1"),
+    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--max-prompt-chunks", "2"], "need --min-deployment-target iOS18"),
+    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--latent-h", "8"], "either --latent-sizes or --latent-h"),
+    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--attention-implementation", "SPLIT_EINSUM_V2"],
+     "SPLIT_EINSUM_V2 cuts"),
+    (["--convert-unet", "--max-prompt-chunks", "2", "--chunk-unet"], "--chunk-unet cuts a UNet of one shape"),
+])
+def test_bad_shape_flags_are_one_line_and_write_nothing(capsys, tmp_path, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(["--model-version", "tiny", "-o", str(tmp_path / "out"), *argv])
+    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), fragment, prog="torch2coreml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_prompt_chunks_is_checked_in_the_library_too(tmp_path):
+    from python_coreml_sd.errors import UserError
+    with pytest.raises(UserError, match="at least 1"):
+        convert(ConversionOptions("tiny", tmp_path / "out", max_prompt_chunks=0), ["unet"])
+    assert not (tmp_path / "out").exists()
