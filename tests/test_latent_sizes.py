@@ -123,3 +123,12 @@ def test_max_prompt_chunks_is_checked_in_the_library_too(tmp_path):
     with pytest.raises(UserError, match="at least 1"):
         convert(ConversionOptions("tiny", tmp_path / "out", max_prompt_chunks=0), ["unet"])
     assert not (tmp_path / "out").exists()
+
+
+def test_bundle_settings_list_the_sizes_and_prompt_windows():
+    from python_coreml_sd import bundle
+    settings = bundle.pipeline_settings(ConversionOptions("tiny", "out", latent_sizes=((8, 24), (16, 16)),
+                                                          max_prompt_chunks=3))
+    assert settings["latent_size"] == [8, 24] and settings["image_size"] == [64, 192]  # the default, first
+    assert settings["latent_sizes"] == [[8, 24], [16, 16]] and settings["max_prompt_chunks"] == 3
+    assert "latent_sizes" not in bundle.pipeline_settings(ConversionOptions("tiny", "out"))
