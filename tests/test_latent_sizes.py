@@ -132,3 +132,28 @@ def test_bundle_settings_list_the_sizes_and_prompt_windows():
     assert settings["latent_size"] == [8, 24] and settings["image_size"] == [64, 192]  # the default, first
     assert settings["latent_sizes"] == [[8, 24], [16, 16]] and settings["max_prompt_chunks"] == 3
     assert "latent_sizes" not in bundle.pipeline_settings(ConversionOptions("tiny", "out"))
+
+
+@pytest.mark.parametrize("attention, sizes, chunks", [("ORIGINAL", SIZES, 1), ("SPLIT_EINSUM_V2", (), 2)])
+def test_other_attention_implementations_at_each_shape(tmp_path, tiny_source, attention, sizes, chunks):
+    from python_coreml_sd.convert.unet import convert_unet
+    options = ConversionOptions("tiny", tmp_path, latent_sizes=sizes, max_prompt_chunks=chunks,
+                                attention_implementation=attention)
+    model, unet = MILModel(str(convert_unet(tiny_source, options)[0])), tiny_source.load_unet()
+    for size in options.sizes_or(16):
+        for k in range(1, chunks + 1):
+            inputs = sample_inputs(dict(unet.config), 2, *size, 77 * k)
+            out = model.predict({name: v.numpy() for name, v in inputs.items()})["noise_pred"]
+            assert psnr(diffusers_reference(unet, inputs), out) >= 40, (size, k)
+
+
+def test_vae_encoder_agrees_with_diffusers_at_each_size(tmp_path, tiny_source):
+    from python_coreml_sd.convert.vae import VAEEncoder, convert_vae_encoder
+    model = MILModel(str(convert_vae_encoder(tiny_source, ConversionOptions("tiny", tmp_path, latent_sizes=SIZES))[0]))
+    encoder = VAEEncoder(tiny_source.load_vae()).eval()
+    for h, w in SIZES:
+        x = torch.rand(1, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(w)) * 2 - 1
+        with torch.no_grad():
+            reference = encoder(x).numpy()
+        out = model.predict({"x": x.numpy()})["latent"]
+        assert out.shape == reference.shape and psnr(reference, out) >= 35, (h, w)
