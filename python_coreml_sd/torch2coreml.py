@@ -68,10 +68,11 @@ def parser_spec() -> argparse.ArgumentParser:
     shape = p.add_argument_group("shapes")
     shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
     shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")
-    shape.add_argument("--latent-sizes", metavar="HxW[,HxW...]",
+    shape.add_argument("--latent-sizes", metavar="HxW[,HxW...]|aspect:PIXELS",
                        help="latent sizes (image size / 8) the UNet and VAE packages all accept, as Core ML "
                             "enumerated shapes; the first is the default, the one the Neural Engine compiles for "
-                            "(list your most used size first); instead of --latent-h/--latent-w")
+                            "(list your most used size first); instead of --latent-h/--latent-w. aspect:PIXELS: 1:1, "
+                            "4:3, 3:4, 16:9, 9:16 at PIXELS x PIXELS pixels' area, sides rounded to 8 latents")
     shape.add_argument("--max-prompt-chunks", type=positive_int, default=1, metavar="N",
                        help="the UNet takes prompts of 1..N text-encoder windows (77 * k tokens, enumerated shapes; "
                             "long prompts are encoded 75 tokens a window); with several --latent-sizes, needs "

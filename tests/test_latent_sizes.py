@@ -104,6 +104,7 @@ def test_a_size_the_models_lack_is_one_line(capsys, tmp_path, packages):
     (["--convert-unet", "--latent-sizes", ""], "--latent-sizes is empty"),
     (["--convert-vae-decoder", "--latent-sizes", "16x16,wide"], "'wide' is not HxW"),
     (["--convert-vae-decoder", "--latent-sizes", "16x16,600x8"], "--latent-sizes 600x8: 600 is larger than 512"),
+    (["--convert-unet", "--latent-sizes", "aspect:wide"], "aspect:PIXELS takes a side in pixels"),
     (["--convert-unet", "--max-prompt-chunks", "0"], "--max-prompt-chunks: 0 must be at least 1"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--max-prompt-chunks", "2"], "need --min-deployment-target iOS18"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--latent-h", "8"], "either --latent-sizes or --latent-h"),
@@ -157,3 +158,12 @@ def test_vae_encoder_agrees_with_diffusers_at_each_size(tmp_path, tiny_source):
             reference = encoder(x).numpy()
         out = model.predict({"x": x.numpy()})["latent"]
         assert out.shape == reference.shape and psnr(reference, out) >= 35, (h, w)
+
+
+def test_aspect_shorthand_and_size_lists_parse():
+    from python_coreml_sd.convert.options import parse_latent_sizes
+    assert parse_latent_sizes("aspect:512") == ((64, 64), (56, 72), (72, 56), (48, 88), (88, 48))
+    assert parse_latent_sizes(" 8x24, 16X16,8x24") == ((8, 24), (16, 16))  # in order, repeats dropped
+    options = torch2coreml.options_from_args(torch2coreml.parser_spec().parse_args(
+        ["--convert-unet", "--latent-sizes", "aspect:1024", "--max-prompt-chunks", "2"]))
+    assert options.latent_sizes[0] == (128, 128) and len(options.latent_sizes) == 5 and options.max_prompt_chunks == 2

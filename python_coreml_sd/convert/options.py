@@ -95,6 +95,8 @@ def parse_latent_sizes(text: str) -> tuple:
     be specialized at load): list the size you generate at most first."""
     if not str(text).strip():
         raise UserError("--latent-sizes is empty; list at least one latent size HxW (e.g. 64x64,64x96)")
+    if str(text).strip().lower().startswith("aspect:"):
+        return aspect_sizes(text)
     sizes = []
     for item in (part.strip() for part in str(text).split(",")):
         h, sep, w = item.lower().partition("x")
@@ -104,6 +106,25 @@ def parse_latent_sizes(text: str) -> tuple:
         if (int(h), int(w)) not in sizes:
             sizes.append((int(h), int(w)))
     return tuple(sizes)
+
+
+# `--latent-sizes aspect:PIXELS`: width:height ratios at about PIXELS x PIXELS pixels, the square (default) first.
+ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
+ASPECT_STEP = 8  # latent granularity of the shorthand: 8 latents (64 pixels) pass every released UNet's downsampling
+
+
+def aspect_sizes(text: str) -> tuple:
+    """`aspect:512` -> the latent sizes of ASPECT_RATIOS at 512 x 512 pixels' area, each side rounded to ASPECT_STEP."""
+    pixels = text.strip().partition(":")[2].strip()
+    if not pixels.isdigit() or int(pixels) < 8 * ASPECT_STEP:
+        raise UserError(f"--latent-sizes {text!r}: aspect:PIXELS takes a side in pixels of at least {8 * ASPECT_STEP} "
+                        "(e.g. aspect:512)")
+    side = int(pixels) / 8  # the square's latent side
+
+    def rounded(value: float) -> int:
+        return max(ASPECT_STEP, ASPECT_STEP * round(value / ASPECT_STEP))
+    sizes = [(rounded(side * (h / w) ** 0.5), rounded(side * (w / h) ** 0.5)) for w, h in ASPECT_RATIOS]
+    return tuple(dict.fromkeys(sizes))
 
 
 def format_sizes(sizes) -> str:
