@@ -123,6 +123,8 @@ def test_max_prompt_chunks_is_checked_in_the_library_too(tmp_path):
     from python_coreml_sd.errors import UserError
     with pytest.raises(UserError, match="at least 1"):
         convert(ConversionOptions("tiny", tmp_path / "out", max_prompt_chunks=0), ["unet"])
+    with pytest.raises(UserError, match="pairs of whole numbers"):
+        convert(ConversionOptions("tiny", tmp_path / "out", latent_sizes=((16, 16), (0, 8))), ["vae_decoder"])
     assert not (tmp_path / "out").exists()
 
 

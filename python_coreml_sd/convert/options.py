@@ -149,6 +149,9 @@ def check_shapes(options: ConversionOptions) -> None:
         raise UserError("pass either --latent-sizes or --latent-h/--latent-w, not both")
     if not isinstance(options.max_prompt_chunks, int) or options.max_prompt_chunks < 1:
         raise UserError(f"--max-prompt-chunks must be a whole number of at least 1, got {options.max_prompt_chunks!r}")
+    if not all(len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size) for size in options.latent_sizes):
+        raise UserError(f"latent sizes must be (height, width) pairs of whole numbers of at least 1, got "
+                        f"{options.latent_sizes!r}")
     check_latent_size(options)
     if len(options.latent_sizes) > 1 and options.max_prompt_chunks > 1 and \
             options.min_deployment_target not in IOS18_TARGETS:
