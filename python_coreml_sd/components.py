@@ -8,7 +8,7 @@ A component's inputs and outputs can differ by model family (SDXL's text encoder
 states, its UNets take added conditions): each entry maps the families it exists for to an `Interface`.
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -40,6 +40,14 @@ class Dims:
     def image_hw(self) -> tuple:
         return 8 * self.latent_h, 8 * self.latent_w
 
+    def variants(self, latent_sizes=(), prompt_chunks: int = 1) -> list:
+        """These Dims at each latent size (h, w) and each UNet context of k text-encoder windows, k in
+        1..prompt_chunks: the cross product, latent sizes outer. The first is the default shape: latent_sizes[0]
+        and one window (no sizes: this Dims' own latent size)."""
+        sizes = tuple(latent_sizes) or ((self.latent_h, self.latent_w),)
+        return [replace(self, latent_h=h, latent_w=w, sequence=self.sequence * k)
+                for h, w in sizes for k in range(1, prompt_chunks + 1)]
+
 
 @dataclass(frozen=True)
 class Interface:
@@ -57,6 +65,13 @@ class Interface:
     def input_shapes(self, dims: Dims) -> dict:
         """{input name: shape} of this interface for `dims`."""
         return dict(zip(self.inputs, self.shapes(dims)))
+
+    def enumerated_shapes(self, variants: list) -> dict:
+        """{input name: [shape per Dims of `variants`]} for the inputs whose shape differs between them (the
+        Core ML enumerated shapes of a package taking every variant; the first is the default). Inputs of one
+        shape for all are left out (fixed). Several inputs listed: their lists pair up index by index."""
+        per_input = zip(*(self.shapes(dims) for dims in variants))
+        return {name: list(shapes) for name, shapes in zip(self.inputs, per_input) if len(set(shapes)) > 1}
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,9 @@ class ComponentSpec:
 
     def input_shapes(self, dims: Dims, family: str = None) -> dict:
         return self.io(family).input_shapes(dims)
+
+    def enumerated_shapes(self, variants: list, family: str = None) -> dict:
+        return self.io(family).enumerated_shapes(variants)
 
     def names(self, family: str = None) -> tuple:
         """Every input and output name of the interface, inputs first."""

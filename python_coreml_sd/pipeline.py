@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import registry
-from .console import OneLineErrorParser, fail, quiet_third_party, show_own_warnings
+from .console import OneLineErrorParser, fail, positive_int, quiet_third_party, show_own_warnings
 from .errors import CheckFailed, UserError
 from .generation.schedulers import SCHEDULERS
 from .generation.jobs import generate_images
@@ -40,6 +40,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="PNDM", help="diffusers scheduler (default: PNDM)")
+    p.add_argument("--height", type=positive_int,
+                   help="image height in pixels: one of the sizes the models were converted for (--latent-sizes; "
+                        "default: their first)")
+    p.add_argument("--width", type=positive_int, help="image width in pixels (as --height)")
     p.add_argument("--image", type=Path, help="img2img: start from this image (needs a converted VAE encoder)")
     p.add_argument("--strength", type=float, default=0.75,
                    help="img2img: how much to change --image, in (0, 1] (default: 0.75)")
@@ -94,7 +98,7 @@ def requests_from_args(args, seeds) -> list:
                         strength=args.strength, original_size=tuple(args.original_size) if args.original_size else None,
                         crops_coords_top_left=tuple(args.crops_coords_top_left),
                         target_size=tuple(args.target_size) if args.target_size else None,
-                        refiner_start=args.refiner_start)
+                        refiner_start=args.refiner_start, height=args.height, width=args.width)
 
 
 def job_from_args(args):

@@ -19,7 +19,7 @@ from .components import FLAGGED, TABLE
 from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
-from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec
+from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec, parse_latent_sizes
 from .errors import CheckFailed, UserError
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
@@ -68,6 +68,15 @@ def parser_spec() -> argparse.ArgumentParser:
     shape = p.add_argument_group("shapes")
     shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
     shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")
+    shape.add_argument("--latent-sizes", metavar="HxW[,HxW...]|aspect:PIXELS",
+                       help="latent sizes (image size / 8) the UNet and VAE packages all accept, as Core ML "
+                            "enumerated shapes; the first is the default, the one the Neural Engine compiles for "
+                            "(list your most used size first); instead of --latent-h/--latent-w. aspect:PIXELS: 1:1, "
+                            "4:3, 3:4, 16:9, 9:16 at PIXELS x PIXELS pixels' area, sides rounded to 8 latents")
+    shape.add_argument("--max-prompt-chunks", type=positive_int, default=1, metavar="N",
+                       help="the UNet takes prompts of 1..N text-encoder windows (77 * k tokens, enumerated shapes; "
+                            "long prompts are encoded 75 tokens a window); with several --latent-sizes, needs "
+                            "--min-deployment-target iOS18 or macOS15 (default: 1)")
     shape.add_argument("--text-token-sequence-length", type=positive_int,
                        help="token sequence length of the text encoder (default: its max_position_embeddings, 77)")
     prog = p.add_argument_group("program")
@@ -122,6 +131,8 @@ def options_from_args(args) -> ConversionOptions:
     return ConversionOptions(
         model_version=args.model_version, output_dir=args.o, compute_precision=args.compute_precision,
         min_deployment_target=args.min_deployment_target, latent_h=args.latent_h, latent_w=args.latent_w,
+        latent_sizes=parse_latent_sizes(args.latent_sizes) if args.latent_sizes is not None else (),
+        max_prompt_chunks=args.max_prompt_chunks,
         text_token_sequence_length=args.text_token_sequence_length,
         attention_implementation=args.attention_implementation, unet_batch_one=args.unet_batch_one,
         chunk_unet=args.chunk_unet, overwrite=args.overwrite, quantize_nbits=args.quantize_nbits,

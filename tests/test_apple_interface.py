@@ -189,6 +189,6 @@ def test_compiled_model_dtypes_come_from_its_metadata(tmp_path):
         {"name": "sample", "dataType": "Float16", "shape": "[2, 4, 64, 64]"},
         {"name": "input_ids", "dataType": "Float32", "shape": "[1, 77]"}]}]))
     assert _package_inputs(compiled) == ({"sample": (2, 4, 64, 64), "input_ids": (1, 77)},
-                                         {"sample": np.float16, "input_ids": np.float32})
+                                         {"sample": np.float16, "input_ids": np.float32}, {})
     (compiled / "metadata.json").write_text("not json")
-    assert _package_inputs(compiled) == ({}, {})
+    assert _package_inputs(compiled) == ({}, {}, {})

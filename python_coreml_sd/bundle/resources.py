@@ -61,7 +61,8 @@ def write_scheduler_config(model_version: str, dest: Path, source=None) -> None:
 
 def pipeline_settings(options) -> dict:
     """What the Swift loop needs from the model besides the Core ML files: the VAE's latent scaling
-    factor, the text encoder's sequence length, and the latent and image size the models were made for."""
+    factor, the text encoder's sequence length, the latent and image size the models were made for (the
+    default of several) and, for packages of several shapes, their sizes and prompt windows."""
     from ..model_edits import source_for
     source = source_for(options)
     settings = {"vae_scaling_factor": DEFAULT_VAE_SCALING_FACTOR}
@@ -74,12 +75,23 @@ def pipeline_settings(options) -> dict:
     sample_size = source.config("unet").get("sample_size") if source.has("unet") else None
     if isinstance(sample_size, int):
         sample_size = [sample_size, sample_size]
-    latent = [getattr(options, "latent_h", None), getattr(options, "latent_w", None)]
+    sizes = tuple(getattr(options, "latent_sizes", ()) or ())
+    latent = list(sizes[0]) if sizes else [getattr(options, "latent_h", None), getattr(options, "latent_w", None)]
     if sample_size:
         latent = [value if value is not None else default for value, default in zip(latent, sample_size)]
     if None not in latent:
         settings["latent_size"] = [int(v) for v in latent]
         settings["image_size"] = [8 * int(v) for v in latent]
+    settings.update(shape_settings(sizes, getattr(options, "max_prompt_chunks", 1)))
+    return settings
+
+
+def shape_settings(sizes: tuple, max_prompt_chunks: int) -> dict:
+    """The enumerated shapes of the packages (--latent-sizes, default first; --max-prompt-chunks), when they
+    have several: `latent_size` above is the default one."""
+    settings = {"latent_sizes": [[int(h), int(w)] for h, w in sizes]} if len(sizes) > 1 else {}
+    if max_prompt_chunks > 1:
+        settings["max_prompt_chunks"] = int(max_prompt_chunks)
     return settings
 
 

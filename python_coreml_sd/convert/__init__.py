@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..components import TABLE, UNETS, converter
 from ..errors import UserError
-from .options import ConversionOptions, check_compression, check_latent_size
+from .options import ConversionOptions, check_compression, check_shapes
 
 __all__ = ["ConversionOptions", "convert"]
 
@@ -27,7 +27,6 @@ def check_request(sources: dict, options: ConversionOptions, components: list) -
         outputs = (unet.unet_output_paths(options, component) if component in UNETS
                    else [output_path(options, component)])
         reusable_existing(outputs, options, component)
-    check_latent_size(options)
     for component in (c for c in components if c in UNETS):
         unet.check_options(sources[component], options)
         if options.mixed_bit_recipe:
@@ -45,6 +44,7 @@ def convert(options: ConversionOptions, components: list) -> list:
     if not components:
         raise UserError("nothing to convert; pass at least one --convert-* flag")
     check_compression(options)
+    check_shapes(options)
     source = source_for(options)  # single files, LoRAs, embeddings, another VAE: a folder like any other
     from . import sdxl
     sdxl.check_base(source, options)

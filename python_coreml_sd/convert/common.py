@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from .options import DEPLOYMENT_TARGETS, ConversionOptions
+from .options import DEPLOYMENT_TARGETS, ConversionOptions, format_sizes
 from ..components import is_unet
 from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
@@ -98,13 +98,27 @@ def _deployment_target(name: str):
     return getattr(ct.target, name)
 
 
-def to_mlprogram(traced, sample_inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
-                 options: ConversionOptions, input_dtypes: dict = None):
-    """coremltools.convert to an ML Program with fixed shapes; returns an MLModel (not loaded)."""
+def tensor_types(sample_inputs: dict, options: ConversionOptions, enumerated: dict = None, input_dtypes: dict = None):
+    """The ct.TensorType of each input: the example's shape, or Core ML enumerated shapes where `enumerated`
+    ({name: [shapes]}, from the component table's `enumerated_shapes`) lists some. The default is the first
+    listed, the shape the Neural Engine's program is compiled for (ANE plans are built for the default shape;
+    other shapes may fall back to GPU / CPU or be compiled again at load): --latent-sizes' first size."""
     import coremltools as ct
-    input_dtypes = input_dtypes or {}
-    inputs = [ct.TensorType(name=name, shape=tuple(value.shape), dtype=input_dtypes.get(name, input_dtype(name, options)))
-              for name, value in sample_inputs.items()]
+    enumerated, input_dtypes = enumerated or {}, input_dtypes or {}
+
+    def shape(name, value):
+        if name not in enumerated:
+            return tuple(value.shape)
+        return ct.EnumeratedShapes(shapes=[list(s) for s in enumerated[name]], default=list(enumerated[name][0]))
+    return [ct.TensorType(name=name, shape=shape(name, value), dtype=input_dtypes.get(name, input_dtype(name, options)))
+            for name, value in sample_inputs.items()]
+
+
+def to_mlprogram(traced, sample_inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
+                 options: ConversionOptions, input_dtypes: dict = None, enumerated: dict = None):
+    """coremltools.convert to an ML Program (fixed shapes, or `enumerated` ones); returns an MLModel (not loaded)."""
+    import coremltools as ct
+    inputs = tensor_types(sample_inputs, options, enumerated, input_dtypes)
     precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
     with brief_program_strings():
         return ct.convert(traced, convert_to="mlprogram", inputs=inputs,
@@ -134,11 +148,21 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
     if is_unet(component):
         meta["com.python_coreml_sd.attention_implementation"] = options.attention_implementation
     meta[FLAGS_KEY] = json.dumps(recorded_flags(options, component), sort_keys=True)
+    meta.update(shape_metadata(options, component))
     if options.quantize_nbits:
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
     if options.mixed_bit_recipe and is_unet(component):
         meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
     meta.update(edit_metadata(options, component))
+
+
+def shape_metadata(options: ConversionOptions, component: str) -> dict:
+    """The enumerated shapes a package takes, for people and bundles: its latent sizes (default first) and, for
+    a UNet, the most text-encoder windows its context takes."""
+    meta = {"com.python_coreml_sd.latent_sizes": format_sizes(options.latent_sizes)} if options.latent_sizes else {}
+    if is_unet(component):
+        meta["com.python_coreml_sd.max_prompt_chunks"] = str(options.max_prompt_chunks)
+    return meta
 
 
 def edit_metadata(options: ConversionOptions, component: str) -> dict:
@@ -167,6 +191,25 @@ def compress(mlmodel, options: ConversionOptions, component: str):
                            options.palettize_group_size, recipe=load_recipe(recipe) if recipe else None)
 
 
+def pin_enumerated_shapes(mlmodel, enumerated: dict) -> None:
+    """Each input's enumerated shapes in the model description exactly as listed. coremltools moves every
+    shape equal to the default to the front, which breaks the index-by-index pairing of several enumerated
+    inputs (iOS 18): (8x24 latents, 77 tokens) would become (8x24, 154)."""
+    for feature in mlmodel._spec.description.input:
+        if feature.name in enumerated:
+            shapes = feature.type.multiArrayType.enumeratedShapes.shapes
+            del shapes[:]
+            for shape in enumerated[feature.name]:
+                shapes.add().shape.extend(shape)
+
+
+def save_converted(mlmodel, options: ConversionOptions, component: str, enumerated: dict = None) -> Path:
+    """Palettize if asked, pin the enumerated shapes, save atomically at the component's output path."""
+    mlmodel = compress(mlmodel, options, component)
+    pin_enumerated_shapes(mlmodel, enumerated or {})
+    return save_mlmodel(mlmodel, output_path(options, component), options.overwrite)
+
+
 def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold: float) -> dict:
     """Run the converted model (Core ML on macOS, the MIL runtime elsewhere) on `inputs` and compare each
     output with the PyTorch `reference`. Prints PSNR per output; raises CheckFailed under `threshold`."""
@@ -187,14 +230,15 @@ def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold:
 
 FLAGS_KEY = "com.python_coreml_sd.flags"
 SHARED_FLAGS = ("model_version", "compute_precision", "min_deployment_target", "latent_h", "latent_w",
-                "text_token_sequence_length", "quantize_nbits", "palettize_granularity", "palettize_group_size")
-UNET_FLAGS = ("attention_implementation", "unet_batch_one", "chunk_unet", "mixed_bit_recipe")
+                "latent_sizes", "text_token_sequence_length", "quantize_nbits", "palettize_granularity", "palettize_group_size")
+UNET_FLAGS = ("attention_implementation", "unet_batch_one", "chunk_unet", "mixed_bit_recipe", "max_prompt_chunks")
 
 
 def recorded_flags(options: ConversionOptions, component: str) -> dict:
     """The flags that shape `component`'s package, as recorded in it and compared before reusing it."""
     names = SHARED_FLAGS + (UNET_FLAGS if is_unet(component) else ())
     flags = {name: getattr(options, name) for name in names}
+    flags["latent_sizes"] = format_sizes(options.latent_sizes) or None  # JSON keeps no tuples: as the flag reads
     if component.startswith("refiner"):
         flags["refiner_version"] = options.refiner_version
     flags.update(EDIT_FLAG_DEFAULTS)
@@ -208,6 +252,8 @@ def recorded_flags(options: ConversionOptions, component: str) -> dict:
 
 # What a package recorded before these flags existed means: no edits.
 EDIT_FLAG_DEFAULTS = {"loras": [], "textual_inversions": [], "custom_vae_version": None}
+# ... and what it means for flags added later: the one shape they default to.
+LATER_FLAG_DEFAULTS = {**EDIT_FLAG_DEFAULTS, "latent_sizes": None, "max_prompt_chunks": 1}
 
 
 def reusable_existing(paths: list, options: ConversionOptions, component: str) -> bool:
@@ -216,7 +262,7 @@ def reusable_existing(paths: list, options: ConversionOptions, component: str) -
     if options.overwrite or not all(Path(p).exists() for p in paths):
         return False
     recorded = _recorded_flags_of(Path(paths[0]))
-    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, EDIT_FLAG_DEFAULTS.get(k, v)) != v)
+    differing = sorted(k for k, v in recorded_flags(options, component).items() if recorded.get(k, LATER_FLAG_DEFAULTS.get(k, v)) != v)
     if recorded and not differing:
         return True
     why = ("was made with other flags: " + ", ".join(f"{k}={recorded[k]!r}" for k in differing) if recorded
@@ -250,14 +296,14 @@ def _recorded_flags_of(package: Path) -> dict:
 
 def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
                              options: ConversionOptions, component: str, descriptions: dict,
-                             checked_outputs: list = None) -> list:
-    """Trace `module`, convert, describe, palettize if asked, save atomically, and with
-    --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
+                             checked_outputs: list = None, enumerated: dict = None) -> list:
+    """Trace `module`, convert (`enumerated`: the inputs' enumerated shapes), describe, palettize if asked, save
+    atomically, and with --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
     out = output_path(options, component)
     fresh_op_names()
-    mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
+    mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options, enumerated=enumerated)
     describe(mlmodel, options, component, descriptions)
-    save_mlmodel(compress(mlmodel, options, component), out, options.overwrite)
+    save_converted(mlmodel, options, component, enumerated)
     if options.check_output_correctness:
         with torch.no_grad():
             outputs = module(*inputs.values())

@@ -54,6 +54,9 @@ class ConversionOptions:
     min_deployment_target: str = "macOS13"
     latent_h: int = None  # None: the model's config
     latent_w: int = None
+    # --latent-sizes: (h, w) pairs every UNet / VAE package accepts (Core ML enumerated shapes); () = one size
+    latent_sizes: tuple = ()
+    max_prompt_chunks: int = 1  # the UNet takes 1..N text-encoder windows side by side (77 * k tokens)
     text_token_sequence_length: int = None
     attention_implementation: str = "SPLIT_EINSUM"
     unet_batch_one: bool = False
@@ -76,15 +79,85 @@ class ConversionOptions:
     def edits_model(self) -> bool:
         return bool(self.loras or self.textual_inversions or self.custom_vae_version)
 
+    def sizes_or(self, default: int) -> tuple:
+        """The latent sizes to convert for, default first: --latent-sizes, else --latent-h/-w (else `default`)."""
+        return self.latent_sizes or ((self.latent_h or default, self.latent_w or default),)
+
+    @property
+    def flexible(self) -> bool:
+        """The packages take several shapes (enumerated), not one."""
+        return len(self.latent_sizes) > 1 or self.max_prompt_chunks > 1
+
+
+def parse_latent_sizes(text: str) -> tuple:
+    """`--latent-sizes HxW[,HxW...]` -> ((h, w), ...) in the order given, repeats dropped. The first is the
+    default shape, the one Core ML compiles the Neural Engine's program for (other sizes may run elsewhere or
+    be specialized at load): list the size you generate at most first."""
+    if not str(text).strip():
+        raise UserError("--latent-sizes is empty; list at least one latent size HxW (e.g. 64x64,64x96)")
+    if str(text).strip().lower().startswith("aspect:"):
+        return aspect_sizes(text)
+    sizes = []
+    for item in (part.strip() for part in str(text).split(",")):
+        h, sep, w = item.lower().partition("x")
+        if not (sep and h.strip().isdigit() and w.strip().isdigit() and int(h) > 0 and int(w) > 0):
+            raise UserError(f"--latent-sizes {text!r}: {item!r} is not HxW (latent height x width, e.g. 64x64 for "
+                            "512x512 images)")
+        if (int(h), int(w)) not in sizes:
+            sizes.append((int(h), int(w)))
+    return tuple(sizes)
+
+
+# `--latent-sizes aspect:PIXELS`: width:height ratios at about PIXELS x PIXELS pixels, the square (default) first.
+ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
+ASPECT_STEP = 8  # latent granularity of the shorthand: 8 latents (64 pixels) pass every released UNet's downsampling
+
+
+def aspect_sizes(text: str) -> tuple:
+    """`aspect:512` -> the latent sizes of ASPECT_RATIOS at 512 x 512 pixels' area, each side rounded to ASPECT_STEP."""
+    pixels = text.strip().partition(":")[2].strip()
+    if not pixels.isdigit() or int(pixels) < 8 * ASPECT_STEP:
+        raise UserError(f"--latent-sizes {text!r}: aspect:PIXELS takes a side in pixels of at least {8 * ASPECT_STEP} "
+                        "(e.g. aspect:512)")
+    side = int(pixels) / 8  # the square's latent side
+
+    def rounded(value: float) -> int:
+        return max(ASPECT_STEP, ASPECT_STEP * round(value / ASPECT_STEP))
+    sizes = [(rounded(side * (h / w) ** 0.5), rounded(side * (w / h) ** 0.5)) for w, h in ASPECT_RATIOS]
+    return tuple(dict.fromkeys(sizes))
+
+
+def format_sizes(sizes) -> str:
+    return ",".join(f"{h}x{w}" for h, w in sizes)
+
 
 MAX_LATENT_SIZE = 512  # 4096-pixel images; far beyond every released model, and still a bounded allocation
 
 
 def check_latent_size(options: ConversionOptions) -> None:
-    for flag, value in (("--latent-h", options.latent_h), ("--latent-w", options.latent_w)):
+    listed = [(f"--latent-sizes {h}x{w}:", v) for h, w in options.latent_sizes for v in (h, w)]
+    for flag, value in (("--latent-h", options.latent_h), ("--latent-w", options.latent_w), *listed):
         if value is not None and value > MAX_LATENT_SIZE:
             raise UserError(f"{flag} {value} is larger than {MAX_LATENT_SIZE} ({8 * MAX_LATENT_SIZE}-pixel images); "
                             "latent size is image size / 8")
+
+
+def check_shapes(options: ConversionOptions) -> None:
+    """The shape flags, before anything is loaded: a size list that says something, chunks of at least 1, and
+    what Core ML's enumerated shapes allow."""
+    if (options.latent_h or options.latent_w) and options.latent_sizes:
+        raise UserError("pass either --latent-sizes or --latent-h/--latent-w, not both")
+    if not isinstance(options.max_prompt_chunks, int) or options.max_prompt_chunks < 1:
+        raise UserError(f"--max-prompt-chunks must be a whole number of at least 1, got {options.max_prompt_chunks!r}")
+    if not all(len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size) for size in options.latent_sizes):
+        raise UserError(f"latent sizes must be (height, width) pairs of whole numbers of at least 1, got "
+                        f"{options.latent_sizes!r}")
+    check_latent_size(options)
+    if len(options.latent_sizes) > 1 and options.max_prompt_chunks > 1 and \
+            options.min_deployment_target not in IOS18_TARGETS:
+        raise UserError("--latent-sizes with several sizes and --max-prompt-chunks above 1 together need "
+                        "--min-deployment-target iOS18 or macOS15 (before iOS 18, Core ML enumerates the shapes "
+                        "of one input only)")
 
 
 def check_compression(options: ConversionOptions) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..components import TABLE, Dims
 from .common import convert_traced_component, kept_existing, output_path
-from .vae import latent_size
+from .vae import latent_sizes
 
 DESCRIPTIONS = {
     "clip_input": "The decoded image resized and normalized for CLIP (NCHW, the checker's image size)",
@@ -50,7 +50,10 @@ def convert_safety_checker(source, options) -> list:
     if kept_existing([output_path(options, "safety_checker")], options, "safety_checker"):
         return [output_path(options, "safety_checker")]
     module = SafetyChecker(source.load_safety_checker()).eval()
-    inputs = sample_inputs(module.checker, *latent_size(source, options))
+    sizes = latent_sizes(source, options)
+    inputs = sample_inputs(module.checker, *sizes[0])
+    variants = Dims(*sizes[0], clip_image=module.checker.config.vision_config.image_size).variants(sizes)
     # The thresholded outputs flip on tiny differences; the scores before the threshold are what to compare.
     return convert_traced_component(module, inputs, list(TABLE["safety_checker"].outputs),
-                                    options, "safety_checker", DESCRIPTIONS, checked_outputs=["concept_scores"])
+                                    options, "safety_checker", DESCRIPTIONS, checked_outputs=["concept_scores"],
+                                    enumerated=TABLE["safety_checker"].enumerated_shapes(variants))

@@ -21,10 +21,9 @@ import torch
 
 from ..components import SDXL, TABLE, Dims, interface_of
 from ..errors import UserError
-from ..package_io import save_mlmodel
 from ..layers.unet import DiffusersUNet, UNet2DConditionModelANE, check_supported, from_diffusers
-from .common import (_deployment_target, brief_program_strings, check_correctness, compress, describe,
-                     fresh_op_names, input_dtype, kept_existing, log, output_path, run_passes, trace)
+from .common import (_deployment_target, brief_program_strings, check_correctness, describe, fresh_op_names,
+                     kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
@@ -62,18 +61,34 @@ CONFIG_KEYS = ("sample_size", "cross_attention_dim", "block_out_channels", "down
 
 
 def check_options(source, options) -> None:
-    """Before any conversion: the latent size must pass through every downsampling of this UNet."""
+    """Before any conversion: each latent size must pass through every downsampling of this UNet, and the
+    shapes must suit the attention and chunking asked for."""
     config = source.config("unet", CONFIG_KEYS)
     step = 2 ** (len(config["block_out_channels"]) - 1)
-    for flag, value in zip(("--latent-h", "--latent-w"), latent_size(config, options)):
-        if value % step:
-            nearest = " or ".join(str(v) for v in (value - value % step, value - value % step + step) if v > 0)
-            raise UserError(f"{flag} {value} is not a multiple of {step}, which this UNet's {step}x "
-                            f"downsampling needs; use {nearest}")
+    for size in options.sizes_or(config["sample_size"]):
+        flags = [f"--latent-sizes {size[0]}x{size[1]}: {v}" for v in size] if options.latent_sizes else \
+            [f"{flag} {v}" for flag, v in zip(("--latent-h", "--latent-w"), size)]
+        for flag, value in zip(flags, size):
+            if value % step:
+                nearest = " or ".join(str(v) for v in (value - value % step, value - value % step + step) if v > 0)
+                raise UserError(f"{flag} is not a multiple of {step}, which this UNet's {step}x downsampling needs; "
+                                f"use {nearest}")
+    check_flexible(options)
+
+
+def check_flexible(options) -> None:
+    """What enumerated shapes cannot be combined with (yet)."""
+    if len(options.latent_sizes) > 1 and options.attention_implementation == "SPLIT_EINSUM_V2":
+        raise UserError("--latent-sizes with several sizes needs --attention-implementation ORIGINAL or SPLIT_EINSUM: "
+                        "SPLIT_EINSUM_V2 cuts the attention's queries in chunks fixed by one latent size")
+    if options.flexible and options.chunk_unet:
+        raise UserError("--chunk-unet cuts a UNet of one shape; it cannot be combined with several --latent-sizes "
+                        "or --max-prompt-chunks above 1 yet")
 
 
 def latent_size(config: dict, options) -> tuple:
-    return options.latent_h or config["sample_size"], options.latent_w or config["sample_size"]
+    """The default latent size (the first of --latent-sizes)."""
+    return options.sizes_or(config["sample_size"])[0]
 
 
 def text_sequence_length(source, options) -> int:
@@ -85,9 +100,7 @@ def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int,
     """Example inputs; an SDXL UNet's also need the width of the pooled text embeddings (text_encoder_2's)."""
     generator = torch.Generator().manual_seed(0)
     family = interface_of(config)  # the shapes as the table gives them
-    dims = xl_dims(config, batch, h, w, seq_len, text_pooled) if family == SDXL else \
-        Dims(h, w, batch, config.get("in_channels", 4), config["cross_attention_dim"], seq_len)
-    shapes = TABLE["unet"].input_shapes(dims, family)
+    shapes = TABLE["unet"].input_shapes(unet_dims(config, batch, h, w, seq_len, text_pooled), family)
     inputs = OrderedDict(
         sample=torch.randn(*shapes["sample"], generator=generator),
         timestep=torch.tensor([999.0, 10.0][:batch] if batch <= 2 else [500.0] * batch),
@@ -99,6 +112,23 @@ def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int,
         inputs["time_ids"] = torch.tensor([ids] * batch)
         inputs["text_embeds"] = torch.randn(*shapes["text_embeds"], generator=generator)
     return inputs
+
+
+def unet_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int = None) -> Dims:
+    """The Dims of a UNet of this config (SD's or SDXL's) at one latent size and context length."""
+    if interface_of(config) == SDXL:
+        return xl_dims(config, batch, h, w, seq_len, text_pooled)
+    return Dims(h, w, batch, config.get("in_channels", 4), config["cross_attention_dim"], seq_len)
+
+
+def enumerated_shapes(config: dict, inputs: dict, options, component: str = "unet") -> dict:
+    """The UNet inputs' enumerated shapes (components.Dims.variants): every --latent-sizes size by every context
+    of 1..--max-prompt-chunks windows; {} for a UNet of one shape. `inputs`: the default shape's example."""
+    batch, _, h, w = inputs["sample"].shape
+    pooled = inputs["text_embeds"].shape[-1] if "text_embeds" in inputs else None
+    dims = unet_dims(config, batch, h, w, inputs["encoder_hidden_states"].shape[-1], pooled)
+    sizes = options.sizes_or(config["sample_size"])
+    return TABLE[component].enumerated_shapes(dims.variants(sizes, options.max_prompt_chunks), interface_of(config))
 
 
 def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int):
@@ -133,7 +163,7 @@ def unet_passes(compute_precision: str) -> list:
     return [name for p in UNET_PASSES for name in fp16.get(p, [p])]
 
 
-def traced_to_mlprogram(holder: dict, inputs: dict, options):
+def traced_to_mlprogram(holder: dict, inputs: dict, options, enumerated: dict = None):
     """ct.convert with no passes, our passes, then ct.convert to the package with no passes again:
     PyTorch's copy of the weights goes before the MIL passes and the fp16 cast allocate theirs.
 
@@ -148,8 +178,7 @@ def traced_to_mlprogram(holder: dict, inputs: dict, options):
     with brief_program_strings():
         with half_weights_as_constexpr(traced):
             prog = ct.convert(traced, convert_to="milinternal", source="pytorch",
-                              inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
-                                      for k, v in inputs.items()],
+                              inputs=tensor_types(inputs, options, enumerated),
                               outputs=[ct.TensorType(name=n, dtype=np.float32) for n in OUTPUT_NAMES],
                               compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
                               pass_pipeline=ct.PassPipeline.EMPTY)
@@ -180,8 +209,9 @@ def convert_unet(source, options, component: str = "unet") -> list:
     batch = 1 if options.unet_batch_one else 2
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options),
                            text_pooled_width(source))
-    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config, component)
-    out = save_mlmodel(compress(mlmodel, options, component), output_path(options, component), options.overwrite)
+    enumerated = enumerated_shapes(config, inputs, options, component)
+    mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config, component, enumerated)
+    out = save_converted(mlmodel, options, component, enumerated)
     del mlmodel
     if options.check_output_correctness:
         check_correctness({"noise_pred": reference}, out, _as_numpy(inputs), options.psnr_threshold)
@@ -209,8 +239,9 @@ def check_recipe(source, options) -> None:
     check_layer_names(load_recipe(options.mixed_bit_recipe), model, f"the UNet of {source.name!r}")
 
 
-def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: str = "unet"):
-    """Trace, convert and describe; returns (MLModel, diffusers reference output or None).
+def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: str = "unet", enumerated: dict = None):
+    """Trace, convert (`enumerated`: the inputs' enumerated shapes) and describe; returns (MLModel, diffusers
+    reference output or None).
 
     The graph is traced before any weight is loaded (`traced_skeleton`), so the trace's forward pass
     and the weights are never in memory together. `load_unet(convert)` returns the diffusers UNet; taking a
@@ -234,7 +265,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     assign_weights(holder["traced"], weights)
     del weights  # the traced module now holds the only reference
     log_memory("weights loaded")
-    mlmodel = traced_to_mlprogram(holder, inputs, options)
+    mlmodel = traced_to_mlprogram(holder, inputs, options, enumerated)
     log_memory("converted")
     describe(mlmodel, options, component, {k: v for k, v in DESCRIPTIONS.items() if k in inputs or k in OUTPUT_NAMES})
     meta = mlmodel.user_defined_metadata

@@ -44,10 +44,11 @@ class VAEEncoder(torch.nn.Module):
         return self.quant_conv(self.encoder(x))
 
 
-def latent_size(source, options) -> tuple:
+def latent_sizes(source, options) -> tuple:
+    """Every latent size to convert for (--latent-sizes), the default first: the flags', else the model's."""
     size = (source.config("unet", ("sample_size",))["sample_size"] if source.has("unet")
             else source.config("vae", ("sample_size",))["sample_size"] // 8)
-    return options.latent_h or size, options.latent_w or size
+    return options.sizes_or(size)
 
 
 def decoder_inputs(vae, h, w):
@@ -66,9 +67,11 @@ def _convert(source, options, component, make_module, make_inputs, descriptions)
     if kept_existing([output_path(options, component)], options, component):
         return [output_path(options, component)]
     vae = source.load_vae()
-    inputs = make_inputs(vae, *latent_size(source, options))
+    sizes = latent_sizes(source, options)
+    inputs = make_inputs(vae, *sizes[0])
+    variants = Dims(*sizes[0], latent_channels=vae.config.latent_channels).variants(sizes)
     return convert_traced_component(make_module(vae).eval(), inputs, list(TABLE[component].outputs), options,
-                                    component, descriptions)
+                                    component, descriptions, enumerated=TABLE[component].enumerated_shapes(variants))
 
 
 def convert_vae_decoder(source, options) -> list:

@@ -19,6 +19,11 @@ class Component:
     model: object  # has predict(dict) -> dict
     input_shapes: dict  # name -> tuple
     input_dtypes: dict = field(default_factory=dict)  # name -> numpy dtype the package declares
+    enumerated: dict = field(default_factory=dict)  # name -> [shapes] for inputs of Core ML enumerated shapes
+
+    def allowed(self, name: str) -> list:
+        """The shapes input `name` takes, the default first (one, unless the package enumerates several)."""
+        return list(dict.fromkeys(self.enumerated.get(name) or [self.input_shapes[name]]))
 
     def predict(self, inputs: dict) -> dict:
         # Each input as the package declares it (fp16 for Apple's and our fp16 packages, fp32 for older
@@ -51,6 +56,10 @@ class ModelSet:
             return self[unet].input_shapes
         first, second = self[f"{unet}_chunk1"].input_shapes, self[f"{unet}_chunk2"].input_shapes
         return {k: v for k, v in {**second, **first}.items() if k in TABLE[unet].io(SDXL).inputs}
+
+    def unet_allowed(self, name: str, unet: str = "unet") -> list:
+        """The shapes the UNet's input `name` takes (chunked UNets have one shape)."""
+        return self[unet].allowed(name) if unet in self else [self.unet_input_shapes(unet)[name]]
 
     @property
     def family(self) -> str:
@@ -99,7 +108,8 @@ _ARRAY_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104
 
 
 def _package_inputs(path: Path) -> tuple:
-    """(name -> shape, name -> numpy dtype) of the inputs a package or compiled model declares."""
+    """(name -> shape, name -> numpy dtype, name -> enumerated shapes) of the inputs a package or compiled model
+    declares (a compiled model's enumerated shapes are left to Core ML)."""
     from ..package_check import check_package, load_spec
     if path.suffix == ".mlmodelc":
         return _compiled_inputs(check_package(path))
@@ -107,7 +117,9 @@ def _package_inputs(path: Path) -> tuple:
     features = spec.description.input
     return ({f.name: tuple(f.type.multiArrayType.shape) for f in features},
             {f.name: _ARRAY_DTYPES[f.type.multiArrayType.dataType] for f in features
-             if f.type.multiArrayType.dataType in _ARRAY_DTYPES})
+             if f.type.multiArrayType.dataType in _ARRAY_DTYPES},
+            {f.name: [tuple(s.shape) for s in f.type.multiArrayType.enumeratedShapes.shapes] for f in features
+             if f.type.multiArrayType.WhichOneof("ShapeFlexibility") == "enumeratedShapes"})
 
 
 def _compiled_inputs(path: Path) -> tuple:
@@ -116,7 +128,7 @@ def _compiled_inputs(path: Path) -> tuple:
     try:
         schema = json.loads((path / "metadata.json").read_text())[0]["inputSchema"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return {}, {}  # Core ML checks shapes itself
+        return {}, {}, {}  # Core ML checks shapes itself
     shapes, dtypes = {}, {}
     for entry in schema:
         try:
@@ -127,7 +139,7 @@ def _compiled_inputs(path: Path) -> tuple:
             str(entry.get("dataType", "")).lower())
         if dtype is not None and "name" in entry:
             dtypes[entry["name"]] = dtype
-    return shapes, dtypes
+    return shapes, dtypes, {}
 
 
 # Inputs the pipeline feeds each component by name (the VAE encoder has two interfaces: pipeline.py).

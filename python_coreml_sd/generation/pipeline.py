@@ -39,6 +39,10 @@ TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER = (
     TABLE[name] for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"))
 
 
+def _sizes_text(sizes) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sizes)
+
+
 def _takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
@@ -62,6 +66,9 @@ class GenerationRequest:
     # SDXL: the base denoises up to this fraction of the schedule, the refiner the rest (diffusers'
     # denoising_end on the base, denoising_start on the refiner); None: the base alone
     refiner_start: float = None
+    # The image size in pixels, one the converted models take (--latent-sizes); None: their default size
+    height: int = None
+    width: int = None
 
     def validate(self):
         if not self.prompt or not self.prompt.strip():
@@ -110,20 +117,37 @@ class StableDiffusionPipeline:
         shapes = models.unet_input_shapes()
         self.unet_batch, self.latent_channels, self.latent_h, self.latent_w = shapes["sample"]
         self.sequence_length = models["text_encoder"].input_shapes.get("input_ids", (1, 77))[1]
-        self._check_sizes()
+        self.latent_sizes = self._check_sizes()
         self._clip_processor = _clip_processor(models) if "safety_checker" in models else None
 
-    def _check_sizes(self):
-        z = self.models["vae_decoder"].input_shapes.get("z")
-        if z and tuple(z[2:]) != (self.latent_h, self.latent_w):
-            raise UserError(f"the VAE decoder was converted for {z[2]}x{z[3]} latents but the UNet for "
-                            f"{self.latent_h}x{self.latent_w}; convert both with the same --latent-h/--latent-w")
+    def _check_sizes(self) -> list:
+        """The latent sizes (h, w) both the UNet and the VAE decoder take, the UNet's default first."""
+        unet = [tuple(s[2:]) for s in self.models.unet_allowed("sample")]
+        decoder = self.models["vae_decoder"]
+        if "z" not in decoder.input_shapes:
+            return unet
+        vae = [tuple(z[2:]) for z in decoder.allowed("z")]
+        if unet[0] not in vae:
+            raise UserError(f"the VAE decoder was converted for {_sizes_text(vae)} latents but the UNet for "
+                            f"{_sizes_text(unet)}; convert both with the same --latent-h/--latent-w or --latent-sizes")
         if "vae_encoder" in self.models:
             shapes = self.models["vae_encoder"].input_shapes
             sample = shapes.get("x", shapes.get("sample"))
             if sample and tuple(sample[2:]) != (8 * self.latent_h, 8 * self.latent_w):
                 raise UserError(f"the VAE encoder was converted for {sample[2]}x{sample[3]} images but the UNet for "
                                 f"{8 * self.latent_h}x{8 * self.latent_w}; reconvert it with the same latent size")
+        return [size for size in unet if size in vae]
+
+    def use_size(self, height: int = None, width: int = None) -> None:
+        """Generate at `height` x `width` pixels (None: the default size's), one of the sizes the models take."""
+        default_h, default_w = self.latent_sizes[0]
+        wanted = (height or 8 * default_h, width or 8 * default_w)
+        sizes = {(8 * h, 8 * w): (h, w) for h, w in self.latent_sizes}
+        if wanted not in sizes:
+            raise UserError(f"--height {wanted[0]} --width {wanted[1]}: the models take "
+                            f"{', '.join(f'{h}x{w}' for h, w in sizes)} pixels (height x width); pass one of them, or "
+                            "reconvert with --latent-sizes")
+        self.latent_h, self.latent_w = sizes[wanted]
 
     @property
     def image_size(self) -> tuple:
@@ -134,10 +158,15 @@ class StableDiffusionPipeline:
         return self.prompt_chunks(text, tokenizer=tokenizer).ids[:1].astype(np.float32)
 
     @property
+    def prompt_chunk_counts(self) -> list:
+        """The numbers of text-encoder windows the UNet takes side by side (its contexts / the encoder's length),
+        ascending: 1..N for a UNet converted with --max-prompt-chunks N."""
+        contexts = [shape[-1] for shape in self.models.unet_allowed(UNET.inputs[2])]
+        return sorted({max(context // self.sequence_length, 1) for context in contexts})
+
+    @property
     def max_prompt_chunks(self) -> int:
-        """Text-encoder windows the UNet takes side by side (its context length / the encoder's)."""
-        context = self.models.unet_input_shapes()[UNET.inputs[2]][-1]
-        return max(context // self.sequence_length, 1)
+        return self.prompt_chunk_counts[-1]
 
     def prompt_chunks(self, text: str, min_chunks: int = 1, tokenizer=None) -> PromptChunks:
         """The prompt's weighted tokens in windows (generation/prompts.py); warns when the UNet takes fewer."""
@@ -160,7 +189,8 @@ class StableDiffusionPipeline:
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple:
         """(conditional, [unconditional, conditional]) embeddings, both with as many windows as the longer."""
         chunks = [self.prompt_chunks(text) for text in (prompt, negative_prompt)]
-        count = max(c.count for c in chunks)
+        # The fewest windows the UNet takes that hold the longer prompt (a UNet of one context: exactly its count).
+        count = min(k for k in self.prompt_chunk_counts if k >= max(c.count for c in chunks))
         # Only the shorter prompt is chunked again, padded to the longer's windows (no second truncation warning).
         cond, uncond = (self.encode_text(text, count, c if c.count == count else None)
                         for text, c in zip((prompt, negative_prompt), chunks))
@@ -329,6 +359,7 @@ class StableDiffusionPipeline:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         request.validate()
+        self.use_size(request.height, request.width)
         if request.refiner_start is not None and self.family != SDXL:
             raise UserError("--refiner-start is for SDXL models with a refiner; this UNet is not SDXL's")
         start = time.perf_counter()

@@ -1,0 +1,171 @@
+"""Issue 18: packages of several shapes (--latent-sizes, --max-prompt-chunks) through Core ML enumerated shapes.
+
+One `tiny` conversion (UNet, VAE decoder, text encoder; two latent sizes by 1..3 prompt windows, iOS 18 for the
+pairs) is run in the MIL runtime at each shape and compared with diffusers at that shape, with the bars of
+tests/unet/test_convert.py (UNet: 40 dB) and tests/runtime/test_mil_cuda.py (VAE decoder: 35 dB)."""
+import coremltools as ct
+import numpy as np
+import pytest
+import torch
+
+from python_coreml_sd import torch2coreml
+from python_coreml_sd.convert import ConversionOptions, convert
+from python_coreml_sd.convert.unet import diffusers_reference, sample_inputs
+from python_coreml_sd.convert.vae import VAEDecoder
+from python_coreml_sd.metrics import psnr
+from python_coreml_sd.runtime.mil import MILModel
+from tests.support import assert_one_line, run_pipeline_cli
+
+SIZES = ((16, 16), (8, 24))  # tiny's own 16x16 the default; 8x24 a wide one (multiples of its 4x downsampling)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    options = ConversionOptions("tiny", tmp_path_factory.mktemp("sizes"), latent_sizes=SIZES, max_prompt_chunks=3,
+                                min_deployment_target="iOS18")
+    return {path.name.split("tiny_")[1].split(".")[0]: path
+            for path in convert(options, ["text_encoder", "vae_decoder", "unet"])}
+
+
+def enumerated(package) -> dict:
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    return {f.name: (tuple(f.type.multiArrayType.shape), [tuple(s.shape) for s in f.type.multiArrayType.enumeratedShapes.shapes])
+            for f in spec.description.input if f.type.multiArrayType.WhichOneof("ShapeFlexibility")}, \
+        spec.description.metadata.userDefined
+
+
+def test_packages_enumerate_the_cross_product_default_first(packages):
+    unet, meta = enumerated(packages["unet"])
+    sizes = [(h, w) for h, w in SIZES for _ in range(3)]
+    assert unet["sample"] == ((2, 4, 16, 16), [(2, 4, h, w) for h, w in sizes])
+    # paired index by index with `sample` (iOS 18), as listed: coremltools' reordering is undone
+    assert unet["encoder_hidden_states"] == ((2, 32, 1, 77), [(2, 32, 1, 77 * k) for _ in SIZES for k in (1, 2, 3)])
+    assert meta["com.python_coreml_sd.latent_sizes"] == "16x16,8x24"
+    assert meta["com.python_coreml_sd.max_prompt_chunks"] == "3"
+    vae, _ = enumerated(packages["vae_decoder"])
+    assert vae == {"z": ((1, 4, 16, 16), [(1, 4, 16, 16), (1, 4, 8, 24)])}
+    assert enumerated(packages["text_encoder"])[0] == {}  # one window of 77 tokens, as before
+
+
+@pytest.mark.parametrize("size, chunks", [((16, 16), 1), ((8, 24), 1), ((8, 24), 3)])
+def test_unet_agrees_with_diffusers_at_each_shape(packages, tiny_source, size, chunks):
+    unet = tiny_source.load_unet()
+    inputs = sample_inputs(dict(unet.config), 2, *size, 77 * chunks)
+    out = MILModel(str(packages["unet"])).predict({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+    assert out.shape == (2, 4, *size) and psnr(diffusers_reference(unet, inputs), out) >= 40
+
+
+def test_vae_decoder_agrees_with_diffusers_at_each_size(packages, tiny_source):
+    decoder, model = VAEDecoder(tiny_source.load_vae()).eval(), MILModel(str(packages["vae_decoder"]))
+    for h, w in SIZES:
+        z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            reference = decoder(z).numpy()
+        out = model.predict({"z": z.numpy()})["image"]
+        assert out.shape == (1, 3, 8 * h, 8 * w) and psnr(reference, out) >= 35, (h, w)
+
+
+@pytest.fixture(scope="module")
+def pipe(packages):
+    from python_coreml_sd.generation.setup import open_pipeline
+    return open_pipeline("mil", packages["unet"].parent, progress=False)
+
+
+def test_a_long_prompt_takes_more_windows_and_changes_the_prediction(pipe):
+    words = " ".join(f"word{i} fox" for i in range(52))  # ~200 tokens: 3 windows of 75, none cut off
+    ids = pipe.tokenizer(words, add_special_tokens=False).input_ids
+    first = pipe.tokenizer.decode(ids[:75])
+    assert pipe.prompt_chunk_counts == [1, 2, 3] and 150 < len(ids) <= 225
+    cond, long = pipe.encode_prompts(words, "")
+    _, short = pipe.encode_prompts(first, "")
+    assert long.shape[-1] == 3 * 77 and short.shape[-1] == 77  # the empty negative prompt padded to the same count
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    noise_long, noise_short = (pipe.predict_noise(latents, 500, e, 7.5) for e in (long, short))
+    assert psnr(noise_short, noise_long) < 30  # the tokens after the first 75 condition the UNet
+
+
+def test_generation_at_another_size(pipe):
+    from python_coreml_sd.generation.pipeline import GenerationRequest
+    result = pipe.generate(GenerationRequest("a fox", num_inference_steps=2, height=64, width=192))
+    assert result.image.size == (192, 64)
+    assert pipe.generate(GenerationRequest("a fox", num_inference_steps=1)).image.size == (128, 128)
+
+
+def test_a_size_the_models_lack_is_one_line(capsys, tmp_path, packages):
+    code, err = run_pipeline_cli(capsys, "--prompt", "a fox", "-i", str(packages["unet"].parent), "-o",
+                                 str(tmp_path / "o"), "--backend", "mil", "--num-inference-steps", "1",
+                                 "--height", "128", "--width", "192")
+    assert_one_line(code, err, "--height 128 --width 192", "128x128, 64x192")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--convert-unet", "--latent-sizes", "16x16,16x10"], "--latent-sizes 16x10: 10 is not a multiple of 4"),
+    (["--convert-unet", "--latent-sizes", ""], "--latent-sizes is empty"),
+    (["--convert-vae-decoder", "--latent-sizes", "16x16,wide"], "'wide' is not HxW"),
+    (["--convert-vae-decoder", "--latent-sizes", "16x16,600x8"], "--latent-sizes 600x8: 600 is larger than 512"),
+    (["--convert-unet", "--latent-sizes", "aspect:wide"], "aspect:PIXELS takes a side in pixels"),
+    (["--convert-unet", "--max-prompt-chunks", "0"], "--max-prompt-chunks: 0 must be at least 1"),
+    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--max-prompt-chunks", "2"], "need --min-deployment-target iOS18"),
+    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--latent-h", "8"], "either --latent-sizes or --latent-h"),
+    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--attention-implementation", "SPLIT_EINSUM_V2"],
+     "SPLIT_EINSUM_V2 cuts"),
+    (["--convert-unet", "--max-prompt-chunks", "2", "--chunk-unet"], "--chunk-unet cuts a UNet of one shape"),
+])
+def test_bad_shape_flags_are_one_line_and_write_nothing(capsys, tmp_path, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(["--model-version", "tiny", "-o", str(tmp_path / "out"), *argv])
+    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), fragment, prog="torch2coreml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_prompt_chunks_is_checked_in_the_library_too(tmp_path):
+    from python_coreml_sd.errors import UserError
+    with pytest.raises(UserError, match="at least 1"):
+        convert(ConversionOptions("tiny", tmp_path / "out", max_prompt_chunks=0), ["unet"])
+    with pytest.raises(UserError, match="pairs of whole numbers"):
+        convert(ConversionOptions("tiny", tmp_path / "out", latent_sizes=((16, 16), (0, 8))), ["vae_decoder"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_settings_list_the_sizes_and_prompt_windows():
+    from python_coreml_sd import bundle
+    settings = bundle.pipeline_settings(ConversionOptions("tiny", "out", latent_sizes=((8, 24), (16, 16)),
+                                                          max_prompt_chunks=3))
+    assert settings["latent_size"] == [8, 24] and settings["image_size"] == [64, 192]  # the default, first
+    assert settings["latent_sizes"] == [[8, 24], [16, 16]] and settings["max_prompt_chunks"] == 3
+    assert "latent_sizes" not in bundle.pipeline_settings(ConversionOptions("tiny", "out"))
+
+
+@pytest.mark.parametrize("attention, sizes, chunks", [("ORIGINAL", SIZES, 1), ("SPLIT_EINSUM_V2", (), 2)])
+def test_other_attention_implementations_at_each_shape(tmp_path, tiny_source, attention, sizes, chunks):
+    from python_coreml_sd.convert.unet import convert_unet
+    options = ConversionOptions("tiny", tmp_path, latent_sizes=sizes, max_prompt_chunks=chunks,
+                                attention_implementation=attention)
+    model, unet = MILModel(str(convert_unet(tiny_source, options)[0])), tiny_source.load_unet()
+    for size in options.sizes_or(16):
+        for k in range(1, chunks + 1):
+            inputs = sample_inputs(dict(unet.config), 2, *size, 77 * k)
+            out = model.predict({name: v.numpy() for name, v in inputs.items()})["noise_pred"]
+            assert psnr(diffusers_reference(unet, inputs), out) >= 40, (size, k)
+
+
+def test_vae_encoder_agrees_with_diffusers_at_each_size(tmp_path, tiny_source):
+    from python_coreml_sd.convert.vae import VAEEncoder, convert_vae_encoder
+    model = MILModel(str(convert_vae_encoder(tiny_source, ConversionOptions("tiny", tmp_path, latent_sizes=SIZES))[0]))
+    encoder = VAEEncoder(tiny_source.load_vae()).eval()
+    for h, w in SIZES:
+        x = torch.rand(1, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(w)) * 2 - 1
+        with torch.no_grad():
+            reference = encoder(x).numpy()
+        out = model.predict({"x": x.numpy()})["latent"]
+        assert out.shape == reference.shape and psnr(reference, out) >= 35, (h, w)
+
+
+def test_aspect_shorthand_and_size_lists_parse():
+    from python_coreml_sd.convert.options import parse_latent_sizes
+    assert parse_latent_sizes("aspect:512") == ((64, 64), (56, 72), (72, 56), (48, 88), (88, 48))
+    assert parse_latent_sizes(" 8x24, 16X16,8x24") == ((8, 24), (16, 16))  # in order, repeats dropped
+    options = torch2coreml.options_from_args(torch2coreml.parser_spec().parse_args(
+        ["--convert-unet", "--latent-sizes", "aspect:1024", "--max-prompt-chunks", "2"]))
+    assert options.latent_sizes[0] == (128, 128) and len(options.latent_sizes) == 5 and options.max_prompt_chunks == 2
