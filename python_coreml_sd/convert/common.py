@@ -11,7 +11,7 @@ import torch
 
 from .._version import __version__
 from .options import DEPLOYMENT_TARGETS, ConversionOptions
-from ..components import is_unet
+from ..components import TABLE, is_unet
 from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
 
@@ -26,7 +26,7 @@ def package_name(model_version: str, component: str) -> str:
     """Apple's rule (torch2coreml._get_out_path): the whole --model-version string as given, then every '/'
     of the whole name turned into '_'. A local path `/p/m` gives `Stable_Diffusion_version__p_m_unet`, a
     trailing slash one more '_'; nothing else is normalised (no resolving, no `~` expansion)."""
-    return f"Stable_Diffusion_version_{model_version}_{component}.mlpackage".replace("/", "_")
+    return TABLE[component].package_name(model_version)
 
 
 def output_path(options: ConversionOptions, component: str) -> Path:
@@ -197,6 +197,8 @@ def recorded_flags(options: ConversionOptions, component: str) -> dict:
     flags = {name: getattr(options, name) for name in names}
     if component.startswith("refiner"):
         flags["refiner_version"] = options.refiner_version
+    if component == "controlnet":
+        flags["unet_batch_one"] = options.unet_batch_one
     flags.update(EDIT_FLAG_DEFAULTS)
     if options.edits_model:  # the edits by content (sha256), so that a changed file is not taken for the same
         from ..model_edits import embedding_records, lora_records
@@ -250,10 +252,10 @@ def _recorded_flags_of(package: Path) -> dict:
 
 def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
                              options: ConversionOptions, component: str, descriptions: dict,
-                             checked_outputs: list = None) -> list:
-    """Trace `module`, convert, describe, palettize if asked, save atomically, and with
-    --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
-    out = output_path(options, component)
+                             checked_outputs: list = None, out: Path = None) -> list:
+    """Trace `module`, convert, describe, palettize if asked, save atomically (to `out`, default the component's
+    output path), and with --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
+    out = out or output_path(options, component)
     fresh_op_names()
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options)
     describe(mlmodel, options, component, descriptions)
