@@ -255,9 +255,11 @@ def component_of(path: Path):
     path = Path(path)
     if path.suffix not in (".mlpackage", ".mlmodelc"):
         return None
-    match = _SUFFIX.search(path.stem)
     prefixed = [name for prefix, name in BY_PREFIX.items() if path.name.startswith(prefix)]
-    return match.group(1) if match else prefixed[0] if prefixed else BY_RESOURCE.get(path.stem)
+    if prefixed:  # ControlNet_<model>: whatever the model's name ends with
+        return prefixed[0]
+    match = _SUFFIX.search(path.stem)
+    return match.group(1) if match else BY_RESOURCE.get(path.stem)
 
 
 def is_unet(component: str) -> bool:

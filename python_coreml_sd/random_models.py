@@ -111,7 +111,8 @@ def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
 
 def build_controlnet(entry: dict):
     """A ControlNetModel for the UNet of the entry's family (diffusers' from_unet: the UNet's encoder half), its
-    zero convolutions drawn from the entry's seed, so that the residuals are not zero (a trained one's are not)."""
+    zero convolutions drawn from the entry's seed, so that the residuals are not zero and follow the condition
+    image (as a trained one's do)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(entry.get("seed", 0))
@@ -119,6 +120,9 @@ def build_controlnet(entry: dict):
     controlnet = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=tuple(entry["conditioning_embedding_out_channels"]))
     with torch.no_grad():
+        for module in controlnet.controlnet_cond_embedding.modules():  # He init: the image reaches the residuals
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight), torch.nn.init.zeros_(module.bias)
         for name, parameter in controlnet.named_parameters():
             if name.startswith("controlnet_") and not parameter.any():
                 parameter.copy_(torch.randn_like(parameter) * 0.1)
