@@ -195,3 +195,7 @@ def test_converter_refuses_a_controlnet_of_another_family(tmp_path, capsys):
     code, err = convert_cli(capsys, "--model-version", "tiny", "--unet-support-controlnet", "--convert-text-encoder",
                             "-o", str(tmp_path / "out"))
     assert_one_line(code, err, "--convert-unet", prog="torch2coreml")
+    code, err = convert_cli(capsys, "--model-version", "tiny", "--convert-controlnet", NAME, "--bundle-packages",
+                            "-o", str(tmp_path / "out"))
+    assert_one_line(code, err, "bundles do not hold ControlNets", prog="torch2coreml")
+    assert not (tmp_path / "out").exists()
