@@ -35,6 +35,9 @@ class Dims:
     clip_image: int = 224  # the safety checker's CLIP image size
     time_ids: int = 6  # SDXL: original size, crop top-left, target size (refiner: aesthetic score for the last)
     text_pooled: int = 1280  # SDXL: the pooled text_embeds of text_encoder_2 (its projection_dim)
+    # ControlNet: (channels, height, width) of each residual it adds to the UNet, down blocks' then the mid
+    # block's (`residual_shapes`); the ControlNet's outputs and the controlled UNet's extra inputs
+    residuals: tuple = ()
 
     @property
     def image_hw(self) -> tuple:
@@ -55,23 +58,39 @@ class Interface:
     inputs: tuple = ()  # input names as converters declare them (Apple's interface: docs/compat.md)
     outputs: tuple = ()
     shapes: object = None  # Dims -> the inputs' shapes, in the order of `inputs`
+    # A numbered group after `inputs` / `outputs` (ControlNet residuals: "additional_residual_{}"), one per
+    # entry of Dims.residuals
+    more_inputs: str = None
+    more_outputs: str = None
 
     def feed(self, *values) -> dict:
-        """{input name: value} for values given in the order of `inputs`."""
-        if len(values) != len(self.inputs):
+        """{input name: value} for values given in the order of `inputs` (then the numbered group's)."""
+        if len(values) != len(self.inputs) and not (self.more_inputs and len(values) > len(self.inputs)):
             raise TypeError(f"takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), got {len(values)}")
-        return dict(zip(self.inputs, values))
+        return dict(zip(self.inputs + numbered(self.more_inputs, len(values) - len(self.inputs)), values))
+
+    def input_names(self, dims: Dims) -> tuple:
+        return self.inputs + numbered(self.more_inputs, len(dims.residuals))
+
+    def output_names(self, dims: Dims) -> tuple:
+        return self.outputs + numbered(self.more_outputs, len(dims.residuals))
 
     def input_shapes(self, dims: Dims) -> dict:
         """{input name: shape} of this interface for `dims`."""
-        return dict(zip(self.inputs, self.shapes(dims)))
+        return dict(zip(self.input_names(dims), self.shapes(dims)))
 
     def enumerated_shapes(self, variants: list) -> dict:
         """{input name: [shape per Dims of `variants`]} for the inputs whose shape differs between them (the
         Core ML enumerated shapes of a package taking every variant; the first is the default). Inputs of one
         shape for all are left out (fixed). Several inputs listed: their lists pair up index by index."""
         per_input = zip(*(self.shapes(dims) for dims in variants))
-        return {name: list(shapes) for name, shapes in zip(self.inputs, per_input) if len(set(shapes)) > 1}
+        names = self.input_names(variants[0])
+        return {name: list(shapes) for name, shapes in zip(names, per_input) if len(set(shapes)) > 1}
+
+
+def numbered(pattern: str, count: int) -> tuple:
+    """`pattern` numbered 0..count-1 (Apple's additional_residual_0, ...); () without a pattern."""
+    return tuple(pattern.format(i) for i in range(count)) if pattern else ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,13 @@ class ComponentSpec:
     # The component whose --convert-* flag also converts this one (Apple's: --convert-text-encoder converts
     # SDXL's second encoder, --convert-unet with --refiner-version the refiner); None: a flag of its own.
     converted_with: str = None
+    # The package's file name, {model} the model's name with '/' -> '_'; None: Apple's
+    # Stable_Diffusion_version_{model}_<name>.mlpackage
+    package: str = None
+
+    def package_name(self, model: str) -> str:
+        pattern = self.package or f"Stable_Diffusion_version_{{model}}_{self.name}.mlpackage"
+        return pattern.replace("{model}", model).replace("/", "_")
 
     def io(self, family: str = None) -> Interface:
         """The interface of this component in a model family (default: the first it has, SD's for most)."""
@@ -136,6 +162,35 @@ UNET_INTERFACES = {
     SDXL: Interface(UNET_XL_INPUTS, ("noise_pred",),
                     lambda d: _unet_shapes(d) + ((d.unet_batch, d.time_ids), (d.unet_batch, d.text_pooled))),
 }
+# ControlNet (SD 1.x / 2.x), Apple's names: its residuals are the ControlNet's outputs and, by the same names,
+# the controlled UNet's inputs after the UNet's own; its condition image is 8x the latent size.
+RESIDUAL = "additional_residual_{}"
+
+
+def _residual_shapes(d: Dims) -> tuple:
+    return tuple((d.unet_batch, *shape) for shape in d.residuals)
+
+
+CONTROLNET = Interface(UNET_INPUTS + ("controlnet_cond",), (),
+                       lambda d: _unet_shapes(d)[:3] + ((d.unet_batch, 3, *d.image_hw),), more_outputs=RESIDUAL)
+CONTROLLED_UNET = Interface(UNET_INPUTS, ("noise_pred",), lambda d: _unet_shapes(d) + _residual_shapes(d),
+                            more_inputs=RESIDUAL)
+
+
+def residual_shapes(unet_config: dict, latent_h: int, latent_w: int) -> tuple:
+    """(channels, h, w) of the states a ControlNet adds to a UNet (diffusers' down_block_res_samples after
+    conv_in, each resnet and each downsampler, then mid_block_res_sample), from the UNet's config."""
+    channels = unet_config["block_out_channels"]
+    h, w = latent_h, latent_w
+    shapes = [(channels[0], h, w)]
+    for i, width in enumerate(channels):
+        shapes += [(width, h, w)] * unet_config.get("layers_per_block", 2)
+        if i < len(channels) - 1:  # a stride-2 3x3 convolution, padding 1
+            h, w = (h + 1) // 2, (w + 1) // 2
+            shapes.append((width, h, w))
+    return tuple(shapes) + ((channels[-1], h, w),)
+
+
 # SDXL's encoders give the penultimate layer's states (Apple's name: hidden_embeds); text_encoder_2's
 # pooled_outputs are its projected text_embeds, which condition the UNet.
 XL_TEXT = Interface(("input_ids",), ("hidden_embeds", "pooled_outputs"), _text_shapes)
@@ -173,18 +228,26 @@ TABLE = {spec.name: spec for spec in (
     ComponentSpec("refiner", "UnetRefiner", "unet", {SDXL: UNET_INTERFACES[SDXL]}, "unet:convert_refiner",
                   converted_with="unet"),
     *_chunks("refiner", "UnetRefiner", (SDXL,)),
+    # --convert-unet --unet-support-controlnet: the UNet taking a ControlNet's residuals, Apple's names
+    ComponentSpec("control-unet", "ControlledUnet", "unet", {SD: CONTROLLED_UNET}, "unet:convert_controlled_unet",
+                  converted_with="unet"),
+    # --convert-controlnet MODEL...: one package per ControlNet, named after it (Apple's ControlNet_<model>)
+    ComponentSpec("controlnet", "ControlNet", "unet", {SD: CONTROLNET}, "controlnet:convert_controlnets",
+                  package="ControlNet_{model}.mlpackage"),
     ComponentSpec("safety_checker", "SafetyChecker", "safety_checker",
                   _any(Interface(("clip_input", "images", "adjustment"),
                                  ("filtered_images", "has_nsfw_concepts", "concept_scores"),
                                  lambda d: ((1, 3, d.clip_image, d.clip_image), (1, *d.image_hw, 3), (1,)))),
                   "safety_checker:convert_safety_checker"),
 )}
-UNETS = ("unet", "refiner")  # the components converted by the UNet converter, with their chunks
+UNETS = ("unet", "refiner", "control-unet")  # the components converted by the UNet converter, with their chunks
 # The CLIP BPE tokenizer files a Resources folder carries beside the models (ours, Apple's, Hugging Face's).
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 CONVERTIBLE = tuple(name for name, spec in TABLE.items() if spec.converter)
 FLAGGED = tuple(name for name in CONVERTIBLE if not TABLE[name].converted_with)  # a --convert-* flag each
 BY_RESOURCE = {spec.resource: name for name, spec in TABLE.items()}
+BY_PREFIX = {spec.package.split("{")[0]: name for name, spec in TABLE.items() if spec.package}
+CONTROL = ("control-unet", "controlnet")  # the components a ControlNet generation adds
 _SUFFIX = re.compile(r"_(" + "|".join(sorted(TABLE, key=len, reverse=True)) + r")$")
 
 
@@ -211,6 +274,9 @@ def component_of(path: Path):
     path = Path(path)
     if path.suffix not in (".mlpackage", ".mlmodelc"):
         return None
+    prefixed = [name for prefix, name in BY_PREFIX.items() if path.name.startswith(prefix)]
+    if prefixed:  # ControlNet_<model>: whatever the model's name ends with
+        return prefixed[0]
     match = _SUFFIX.search(path.stem)
     return match.group(1) if match else BY_RESOURCE.get(path.stem)
 

@@ -42,10 +42,11 @@ def cached_folder(kind: str, spec: dict, build) -> Path:
     return build_once(dest, build_with_record)
 
 
-def build_once(dest: Path, build) -> Path:
-    """`dest`, a diffusers folder: reused when complete, else `build(tmp)` fills a temp folder beside it, which
-    is then renamed into place (a failed or interrupted build leaves nothing; a concurrent one wins)."""
-    if (dest / "model_index.json").is_file():
+def build_once(dest: Path, build, marker: str = "model_index.json") -> Path:
+    """`dest`, a diffusers folder: reused when complete (it has `marker`: a pipeline's model_index.json, a single
+    model's config.json), else `build(tmp)` fills a temp folder beside it, which is then renamed into place (a
+    failed or interrupted build leaves nothing; a concurrent one wins)."""
+    if (dest / marker).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -54,7 +55,7 @@ def build_once(dest: Path, build) -> Path:
         try:
             os.rename(tmp, dest)
         except OSError:  # another process finished first: keep theirs
-            if not (dest / "model_index.json").is_file():
+            if not (dest / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,6 +69,15 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                          "--refiner-version)")
     xl.add_argument("--refiner-version", metavar="MODEL",
                     help="the SDXL refiner the torch backend runs with --refiner-start (e.g. tiny-xl-refiner)")
+    control = p.add_argument_group("ControlNet (SD 1.x / 2.x)")
+    control.add_argument("--controlnet", metavar="NAME",
+                         help="steer the UNet with this ControlNet: converted backends load ControlNet_<NAME>.mlpackage "
+                              "and the UNet converted with --unet-support-controlnet from -i; torch loads NAME (a "
+                              f"diffusers ControlNetModel folder or {', '.join(registry.controlnet_names())})")
+    control.add_argument("--control-image", type=Path,
+                         help="the ControlNet's condition image (edges, depth...), resized to the image size")
+    control.add_argument("--controlnet-scale", type=float, default=1.0,
+                         help="multiplies the ControlNet's residuals (default: 1)")
     p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
 
 
@@ -86,7 +95,7 @@ def models_from_args(args):
     """The `--backend` / `-i` / `--model-version` / device flags as a typed `Models` (shared with parity)."""
     from .generation.jobs import Models
     return Models(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                  args.torch_precision, args.refiner_version)
+                  args.torch_precision, args.refiner_version, args.controlnet)
 
 
 def requests_from_args(args, seeds) -> list:
@@ -98,7 +107,9 @@ def requests_from_args(args, seeds) -> list:
                         strength=args.strength, original_size=tuple(args.original_size) if args.original_size else None,
                         crops_coords_top_left=tuple(args.crops_coords_top_left),
                         target_size=tuple(args.target_size) if args.target_size else None,
-                        refiner_start=args.refiner_start, height=args.height, width=args.width)
+                        refiner_start=args.refiner_start, height=args.height, width=args.width,
+                        control_image=load_image(args.control_image) if args.control_image else None,
+                        controlnet_scale=args.controlnet_scale)
 
 
 def job_from_args(args):
@@ -115,7 +126,8 @@ def parameters(job, request) -> dict:
             "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
             "scheduler": request.scheduler, "backend": job.models.backend, "device": job.models.device,
             "model_version": job.models.model_version, "strength": request.strength if request.image else None,
-            "refiner_start": request.refiner_start,
+            "refiner_start": request.refiner_start, "controlnet": job.models.controlnet,
+            "controlnet_scale": request.controlnet_scale if request.control_image else None,
             "generator": "python_coreml_sd"}
 
 

@@ -107,3 +107,33 @@ def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
                       sort_keys=True)
     dest = cache_root() / f"{family_name}-seed{seed}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
     return build_once(dest, lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp, family_name))
+
+
+def build_controlnet(entry: dict):
+    """A ControlNetModel for the UNet of the entry's family (diffusers' from_unet: the UNet's encoder half), its
+    zero convolutions drawn from the entry's seed, so that the residuals are not zero and follow the condition
+    image (as a trained one's do)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(entry.get("seed", 0))
+    unet = UNet2DConditionModel(**registry.family(entry["family"])["architecture"]["unet"])
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=tuple(entry["conditioning_embedding_out_channels"]))
+    with torch.no_grad():
+        for module in controlnet.controlnet_cond_embedding.modules():  # He init: the image reaches the residuals
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight), torch.nn.init.zeros_(module.bias)
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith("controlnet_") and not parameter.any():
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+    return controlnet.eval()
+
+
+def materialized_controlnet_dir(name: str) -> Path:
+    """The diffusers folder (config.json, safetensors) of a registry ControlNet, built once into the cache."""
+    entry = registry.named_controlnet(name)
+    spec = json.dumps({"controlnet": entry, "family": registry.family(entry["family"]), "version": __version__},
+                      sort_keys=True)
+    dest = cache_root() / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    return build_once(dest, lambda tmp: build_controlnet(entry).save_pretrained(str(tmp), safe_serialization=True),
+                      marker="config.json")

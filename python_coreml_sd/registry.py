@@ -40,6 +40,16 @@ def named_model(name: str):
     return copy.deepcopy(entry) if entry else None
 
 
+def named_controlnet(name: str):
+    """The registry entry of a named ControlNet (`controlnets`: the embedded tiny-controlnet), or None."""
+    entry = _registry().get("controlnets", {}).get(name)
+    return copy.deepcopy(entry) if entry else None
+
+
+def controlnet_names() -> list:
+    return sorted(_registry().get("controlnets", {}))
+
+
 def model_names() -> list:
     return sorted(_registry()["models"])
 

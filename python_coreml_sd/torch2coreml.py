@@ -35,6 +35,13 @@ def parser_spec() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to convert (at least one)")
     for component in COMPONENTS:
+        if component == "controlnet":  # a list of models, as Apple's
+            what.add_argument(TABLE[component].flag, nargs="+", default=[], metavar="MODEL",
+                              help="convert ControlNets (diffusers ControlNetModel folders, or the registry's "
+                                   f"{', '.join(registry.controlnet_names())}) for --model-version's UNet, each as "
+                                   "ControlNet_<MODEL>.mlpackage (Resources: controlnet/); the UNet they feed comes "
+                                   "with --convert-unet --unet-support-controlnet")
+            continue
         what.add_argument(TABLE[component].flag, action="store_true",
                           help=f"convert the {component.replace('_', ' ')}" + COMPANION_HELP.get(component, ""))
     p.add_argument("--model-version", default="tiny",
@@ -90,6 +97,9 @@ def parser_spec() -> argparse.ArgumentParser:
                            "Neural Engine of iOS 17 / macOS 14 and newer (default: SPLIT_EINSUM)")
     unet.add_argument("--unet-batch-one", action="store_true",
                       help="batch 1 UNet (two calls per step) instead of batch 2 (classifier-free guidance)")
+    unet.add_argument("--unet-support-controlnet", action="store_true",
+                      help="the UNet takes a ControlNet's residuals (additional_residual_0, ...), written as "
+                           "<model>_control-unet.mlpackage (Resources: ControlledUnet) instead of the plain UNet")
     unet.add_argument("--chunk-unet", action="store_true",
                       help="also split the UNet into two mlpackages of about equal weight size (for iOS)")
     compression = p.add_argument_group("weight compression (palettization; see docs/compression.md)")
@@ -142,7 +152,8 @@ def options_from_args(args) -> ConversionOptions:
         allow_pickle=args.allow_pickle, loras=tuple(LoraSpec.parse(v) for v in args.lora),
         textual_inversions=tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion),
         custom_vae_version=args.custom_vae_version, xl_version=args.xl_version,
-        refiner_version=args.refiner_version)
+        refiner_version=args.refiner_version, controlnets=tuple(args.convert_controlnet),
+        unet_support_controlnet=args.unet_support_controlnet)
 
 
 def requested_components(args) -> list:

@@ -7,7 +7,7 @@ from pathlib import Path
 import coremltools as ct
 
 from python_coreml_sd import registry
-from python_coreml_sd.components import CONVERTIBLE, SD, TABLE, Dims, component_of
+from python_coreml_sd.components import CONTROL, CONVERTIBLE, SD, TABLE, Dims, component_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
@@ -15,7 +15,8 @@ SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
 
 def test_converted_packages_declare_the_tables_names(tiny_models_dir):
     found = {component_of(p): p for p in tiny_models_dir.glob("*.mlpackage")}
-    assert set(found) == {name for name in CONVERTIBLE if SD in TABLE[name].interfaces}  # SDXL's: tests/test_sdxl.py
+    # SDXL's: tests/test_sdxl.py; ControlNet's: tests/test_controlnet.py
+    assert set(found) == {name for name in CONVERTIBLE if SD in TABLE[name].interfaces and name not in CONTROL}
     for name, package in found.items():
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
         assert tuple(f.name for f in spec.description.input) == TABLE[name].inputs, name
@@ -44,6 +45,10 @@ def test_file_and_resources_names_map_back_to_their_component():
         assert component_of(Path(f"Stable_Diffusion_version_a_b_{name}.mlpackage")) == name
         assert component_of(Path(f"{spec.resource}.mlmodelc")) == name
     assert component_of(Path("notes.mlpackage")) is None and component_of(Path("Unet.txt")) is None
+    for model in ("lllyasviel/sd-controlnet-canny", "my_unet"):  # ControlNets: Apple's ControlNet_<model>
+        assert component_of(Path(TABLE["controlnet"].package_name(model))) == "controlnet"
+    assert TABLE["controlnet"].package_name("lllyasviel/sd-controlnet-canny") == \
+        "ControlNet_lllyasviel_sd-controlnet-canny.mlpackage"
 
 
 def swift_literals() -> set:
@@ -62,7 +67,8 @@ def test_swift_feeds_and_reads_the_tables_names():
         assert set(names) <= set(spec.inputs + spec.outputs), component  # the list above is the table's
         assert set(names) <= literals, (component, set(names) - literals)
     # SDXL's components (TextEncoder2, UnetRefiner, ...) wait for the Swift SDXL pipeline (issue 16, later).
-    assert {spec.resource for spec in TABLE.values() if SD in spec.interfaces} <= literals
+    # ControlNet's (ControlledUnet, controlnet/) wait for the Swift ControlNet pipeline (issue 19, later).
+    assert {spec.resource for name, spec in TABLE.items() if SD in spec.interfaces and name not in CONTROL} <= literals
 
 
 def imports_of(path: Path, package_root: Path) -> set:

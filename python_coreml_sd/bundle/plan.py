@@ -57,6 +57,9 @@ def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePl
         raise UserError("--zip archives a bundle: add --bundle-packages (or --bundle-resources-for-swift-cli on macOS)")
     if not (compiled or packages):
         return None
+    if options.controlnets or options.unet_support_controlnet:
+        raise UserError("bundles do not hold ControlNets yet (Apple's Resources/controlnet/, ControlledUnet): convert "
+                        "them without --bundle-packages / --bundle-resources-for-swift-cli")
     if compiled:
         require_compiler()
     kind = "compiled" if compiled else "packages"

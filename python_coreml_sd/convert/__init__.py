@@ -17,7 +17,7 @@ __all__ = ["ConversionOptions", "convert"]
 def check_request(sources: dict, options: ConversionOptions, components: list) -> None:
     """Everything that can be known to fail, checked before any work rather than after a component.
     `sources`: component -> the ModelSource it is converted from (the refiner's is another model)."""
-    from . import text_encoder, unet
+    from . import controlnet, text_encoder, unet
     from .common import output_path, reusable_existing
 
     for component in components:
@@ -25,14 +25,26 @@ def check_request(sources: dict, options: ConversionOptions, components: list) -
         source.require(TABLE[component].source_folder)
         source.check_weights(TABLE[component].source_folder)
         outputs = (unet.unet_output_paths(options, component) if component in UNETS
+                   else controlnet.output_paths(options) if component == "controlnet"
                    else [output_path(options, component)])
         reusable_existing(outputs, options, component)
+    if "controlnet" in components:
+        controlnet.check_request(sources["controlnet"], options)
     for component in (c for c in components if c in UNETS):
-        unet.check_options(sources[component], options)
+        unet.check_options(sources[component], options, component)
         if options.mixed_bit_recipe:
             unet.check_recipe(sources[component], options)
     if "text_encoder" in components or "text_encoder_2" in components:
         text_encoder.check_options(sources.get("text_encoder", sources.get("text_encoder_2")), options)
+
+
+def with_controlnet(options: ConversionOptions, components: list) -> list:
+    """--unet-support-controlnet: the controlled UNet in the UNet's place (Apple's); --convert-controlnet MODEL..."""
+    if options.unet_support_controlnet and "unet" not in components:
+        raise UserError("--unet-support-controlnet shapes the UNet: pass --convert-unet too")
+    if bool(options.controlnets) != ("controlnet" in components):
+        raise UserError("--convert-controlnet takes the ControlNets to convert: --convert-controlnet MODEL [MODEL ...]")
+    return ["control-unet" if c == "unet" and options.unet_support_controlnet else c for c in components]
 
 
 def convert(options: ConversionOptions, components: list) -> list:
@@ -49,7 +61,7 @@ def convert(options: ConversionOptions, components: list) -> list:
     from . import sdxl
     sdxl.check_base(source, options)
     refiner = sdxl.refiner_source(options) if options.refiner_version else None
-    components = sdxl.with_companions(source, options, components)
+    components = sdxl.with_companions(source, options, with_controlnet(options, components))
     sources = {component: refiner if component == "refiner" else source for component in components}
     check_request(sources, options, components)
     prepare_output_dir(Path(options.output_dir))  # only once the input is known to be good

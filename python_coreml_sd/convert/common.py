@@ -11,7 +11,7 @@ import torch
 
 from .._version import __version__
 from .options import DEPLOYMENT_TARGETS, ConversionOptions, format_sizes
-from ..components import is_unet
+from ..components import TABLE, is_unet
 from ..package_io import save_mlmodel
 from ..errors import CheckFailed, UserError
 
@@ -26,7 +26,7 @@ def package_name(model_version: str, component: str) -> str:
     """Apple's rule (torch2coreml._get_out_path): the whole --model-version string as given, then every '/'
     of the whole name turned into '_'. A local path `/p/m` gives `Stable_Diffusion_version__p_m_unet`, a
     trailing slash one more '_'; nothing else is normalised (no resolving, no `~` expansion)."""
-    return f"Stable_Diffusion_version_{model_version}_{component}.mlpackage".replace("/", "_")
+    return TABLE[component].package_name(model_version)
 
 
 def output_path(options: ConversionOptions, component: str) -> Path:
@@ -203,11 +203,12 @@ def pin_enumerated_shapes(mlmodel, enumerated: dict) -> None:
                 shapes.add().shape.extend(shape)
 
 
-def save_converted(mlmodel, options: ConversionOptions, component: str, enumerated: dict = None) -> Path:
-    """Palettize if asked, pin the enumerated shapes, save atomically at the component's output path."""
+def save_converted(mlmodel, options: ConversionOptions, component: str, enumerated: dict = None,
+                   out: Path = None) -> Path:
+    """Palettize if asked, pin the enumerated shapes, save atomically at `out` (default: the component's path)."""
     mlmodel = compress(mlmodel, options, component)
     pin_enumerated_shapes(mlmodel, enumerated or {})
-    return save_mlmodel(mlmodel, output_path(options, component), options.overwrite)
+    return save_mlmodel(mlmodel, out or output_path(options, component), options.overwrite)
 
 
 def check_correctness(reference: dict, mlpackage: Path, inputs: dict, threshold: float) -> dict:
@@ -241,6 +242,8 @@ def recorded_flags(options: ConversionOptions, component: str) -> dict:
     flags["latent_sizes"] = format_sizes(options.latent_sizes) or None  # JSON keeps no tuples: as the flag reads
     if component.startswith("refiner"):
         flags["refiner_version"] = options.refiner_version
+    if component == "controlnet":
+        flags["unet_batch_one"] = options.unet_batch_one
     flags.update(EDIT_FLAG_DEFAULTS)
     if options.edits_model:  # the edits by content (sha256), so that a changed file is not taken for the same
         from ..model_edits import embedding_records, lora_records
@@ -296,14 +299,15 @@ def _recorded_flags_of(package: Path) -> dict:
 
 def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
                              options: ConversionOptions, component: str, descriptions: dict,
-                             checked_outputs: list = None, enumerated: dict = None) -> list:
+                             checked_outputs: list = None, enumerated: dict = None, out: Path = None) -> list:
     """Trace `module`, convert (`enumerated`: the inputs' enumerated shapes), describe, palettize if asked, save
-    atomically, and with --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
-    out = output_path(options, component)
+    atomically (to `out`, default the component's output path), and with --check-output-correctness compare
+    `checked_outputs` (default: all) with PyTorch."""
+    out = out or output_path(options, component)
     fresh_op_names()
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options, enumerated=enumerated)
     describe(mlmodel, options, component, descriptions)
-    save_converted(mlmodel, options, component, enumerated)
+    save_converted(mlmodel, options, component, enumerated, out)
     if options.check_output_correctness:
         with torch.no_grad():
             outputs = module(*inputs.values())

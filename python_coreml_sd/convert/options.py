@@ -74,6 +74,8 @@ class ConversionOptions:
     custom_vae_version: str = None  # a model (folder, registry name, hub id) whose VAE replaces the model's, or a VAE file
     xl_version: bool = False  # the model is SDXL (Apple's --xl-version); an SDXL folder is recognised without it
     refiner_version: str = None  # an SDXL refiner (folder, registry name, hub id) whose UNet --convert-unet converts too
+    controlnets: tuple = ()  # --convert-controlnet: ControlNets (folders, registry names), a package each
+    unet_support_controlnet: bool = False  # --convert-unet writes the UNet taking ControlNet residuals instead
 
     @property
     def edits_model(self) -> bool:

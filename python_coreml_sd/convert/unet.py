@@ -19,9 +19,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..components import SDXL, TABLE, Dims, interface_of
+from ..components import RESIDUAL, SD, SDXL, TABLE, Dims, interface_of, residual_shapes
 from ..errors import UserError
-from ..layers.unet import DiffusersUNet, UNet2DConditionModelANE, check_supported, from_diffusers
+from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
+                           check_supported, from_diffusers)
 from .common import (_deployment_target, brief_program_strings, check_correctness, describe, fresh_op_names,
                      kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
@@ -35,6 +36,7 @@ DESCRIPTIONS = {
                 "(h, w) in pixels; the refiner's: original size, crop top-left, aesthetic score",
     "text_embeds": "Pooled text embeddings of text_encoder_2 (text_embeds), per batch entry",
 }
+RESIDUAL_DESCRIPTION = "A ControlNet's residual (its output of the same name), added to the UNet's state there"
 OUTPUT_NAMES = list(TABLE["unet"].outputs)
 
 # The default pipeline minus passes that cannot fire on this graph (quantization, loops, images, padding,
@@ -60,10 +62,17 @@ UNET_PASSES = [
 CONFIG_KEYS = ("sample_size", "cross_attention_dim", "block_out_channels", "down_block_types", "up_block_types")
 
 
-def check_options(source, options) -> None:
-    """Before any conversion: each latent size must pass through every downsampling of this UNet, and the
-    shapes must suit the attention and chunking asked for."""
+def check_options(source, options, component: str = "unet") -> None:
+    """Before any conversion: each latent size must pass through every downsampling of this UNet, the shapes
+    must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's, whole, of one shape."""
     config = source.config("unet", CONFIG_KEYS)
+    if component == "control-unet" and (options.chunk_unet or interface_of(config) != SD):
+        raise UserError("--unet-support-controlnet converts SD 1.x / 2.x UNets, unchunked: drop --chunk-unet"
+                        if options.chunk_unet else f"--unet-support-controlnet: {source.name!r} is SDXL's, and "
+                        "ControlNets are supported for SD 1.x / 2.x models")
+    if component == "control-unet" and (len(options.latent_sizes) > 1 or options.max_prompt_chunks > 1):
+        raise UserError("--unet-support-controlnet converts a UNet of one shape: drop --latent-sizes' extra sizes "
+                        "and --max-prompt-chunks (the ControlNet's residuals are sized for one latent size)")
     step = 2 ** (len(config["block_out_channels"]) - 1)
     for size in options.sizes_or(config["sample_size"]):
         flags = [f"--latent-sizes {size[0]}x{size[1]}: {v}" for v in size] if options.latent_sizes else \
@@ -151,10 +160,24 @@ def text_pooled_width(source):
     return source.config("text_encoder_2", ("projection_dim",))["projection_dim"]
 
 
+def residual_inputs(config: dict, batch: int, h: int, w: int) -> "OrderedDict[str, torch.Tensor]":
+    """Example ControlNet residuals for the controlled UNet, as the table names and shapes them."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = TABLE["control-unet"].input_shapes(Dims(h, w, batch, residuals=residual_shapes(config, h, w)), SD)
+    return OrderedDict((name, 0.5 * torch.randn(*shape, generator=generator))
+                       for name, shape in shapes.items() if name.startswith(RESIDUAL.format("")))
+
+
+def controlled(inputs: dict) -> bool:
+    """The inputs carry a ControlNet's residuals: the controlled UNet's."""
+    return RESIDUAL.format(0) in inputs
+
+
 def diffusers_reference(unet, inputs: dict) -> np.ndarray:
-    """noise_pred of the diffusers UNet for the converted UNet's inputs, in their order (DiffusersUNet)."""
+    """noise_pred of the diffusers UNet for the converted UNet's inputs, in their order (DiffusersUNet, or
+    DiffusersControlledUNet for the controlled UNet's)."""
     with torch.no_grad():
-        return DiffusersUNet(unet)(*inputs.values()).numpy()
+        return (DiffusersControlledUNet if controlled(inputs) else DiffusersUNet)(unet)(*inputs.values()).numpy()
 
 
 def unet_passes(compute_precision: str) -> list:
@@ -209,6 +232,8 @@ def convert_unet(source, options, component: str = "unet") -> list:
     batch = 1 if options.unet_batch_one else 2
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options),
                            text_pooled_width(source))
+    if component == "control-unet":
+        inputs.update(residual_inputs(config, batch, *latent_size(config, options)))
     enumerated = enumerated_shapes(config, inputs, options, component)
     mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config, component, enumerated)
     out = save_converted(mlmodel, options, component, enumerated)
@@ -224,6 +249,12 @@ def convert_unet(source, options, component: str = "unet") -> list:
 def convert_refiner(source, options) -> list:
     """SDXL's refiner UNet (`source` is the --refiner-version model), Apple's names: <model>_refiner.mlpackage."""
     return convert_unet(source, options, "refiner")
+
+
+def convert_controlled_unet(source, options) -> list:
+    """--unet-support-controlnet: the UNet taking a ControlNet's residuals, Apple's names
+    (<model>_control-unet.mlpackage, Resources: ControlledUnet)."""
+    return convert_unet(source, options, "control-unet")
 
 
 def check_recipe(source, options) -> None:
@@ -257,7 +288,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     halve = options.compute_precision == "float16"
     unet = load_unet(halve_if_large if halve and not options.check_output_correctness else None)
     reference = diffusers_reference(unet, inputs) if options.check_output_correctness else None
-    weights = from_diffusers(unet, options.attention_implementation).state_dict()
+    weights = from_diffusers(unet, options.attention_implementation).state_dict()  # the controlled UNet's too
     del unet
     gc.collect()  # modules may hold reference cycles: now `weights` holds the only reference to each tensor
     if halve:
@@ -267,7 +298,8 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     log_memory("weights loaded")
     mlmodel = traced_to_mlprogram(holder, inputs, options, enumerated)
     log_memory("converted")
-    describe(mlmodel, options, component, {k: v for k, v in DESCRIPTIONS.items() if k in inputs or k in OUTPUT_NAMES})
+    describe(mlmodel, options, component, {**{k: v for k, v in DESCRIPTIONS.items() if k in inputs or k in OUTPUT_NAMES},
+                                           **{k: RESIDUAL_DESCRIPTION for k in inputs if k.startswith(RESIDUAL.format(""))}})
     meta = mlmodel.user_defined_metadata
     meta["com.python_coreml_sd.batch_size"] = str(inputs["sample"].shape[0])
     meta["com.python_coreml_sd.latent_size"] = "x".join(map(str, inputs["sample"].shape[2:]))
@@ -279,7 +311,7 @@ def traced_skeleton(config: dict, attention_implementation: str, inputs: dict):
     the graph depends on shapes only, and the weights are module attributes that `assign_weights` sets.
     The trace's forward pass runs on `trace_inputs`, smaller than the real ones."""
     with torch.device("meta"):
-        model = UNet2DConditionModelANE(dict(config), attention_implementation)
+        model = (ControlledUNetANE if controlled(inputs) else UNet2DConditionModelANE)(dict(config), attention_implementation)
     stand_ins = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(stand_ins, strict=True, assign=True)
     return trace(model.requires_grad_(False), trace_inputs(config, attention_implementation, inputs))
@@ -292,11 +324,14 @@ def trace_inputs(config: dict, attention_implementation: str, inputs: dict) -> t
     control flow), and ct.convert declares the real shapes; the full-size forward pass would be
     most of the trace's time (8 of 18 s on SD 1.5). SPLIT_EINSUM_V2 chooses its query chunks from the
     sequence length in Python, so it is traced at the real latent size."""
-    sample, *rest = (value[:1] for value in inputs.values())
+    values = [value[:1] for value in inputs.values()]
     if attention_implementation != "SPLIT_EINSUM_V2":
         small = 2 * 2 ** (len(config["block_out_channels"]) - 1)  # each level at least 2x2
-        sample = sample[:, :, :small, :small]
-    return (sample, *rest)
+        h, w = values[0].shape[2:]
+        # the sample and a controlled UNet's residuals, each cropped by the same factor
+        values = [v[:, :, :v.shape[2] * small // h, :v.shape[3] * small // w] if k == "sample" or k.startswith(
+            RESIDUAL.format("")) else v for k, v in zip(inputs, values)]
+    return tuple(values)
 
 
 def halve_large_weights(weights: dict) -> None:

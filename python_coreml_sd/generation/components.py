@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet
-from ..layers.unet import DiffusersUNet
+from dataclasses import replace
+
+from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes
+from ..layers.unet import DiffusersControlledUNet, DiffusersControlNet, DiffusersUNet
 from ..errors import UserError
 
 @dataclass
@@ -87,7 +89,7 @@ def find_packages(folder: Path, model_version: str = None) -> dict:
     candidates = {}
     for path in sorted(folder.iterdir()):
         name = component_of(path)
-        if name:
+        if name and name != "controlnet":  # ControlNets: one folder holds several, chosen by name (--controlnet)
             candidates.setdefault(name, []).append(path)
     return {name: _one_package(folder, name, paths, model_version) for name, paths in candidates.items()}
 
@@ -156,10 +158,29 @@ def check_inputs(component: str, path: Path, shapes: dict) -> None:
                         "with python -m python_coreml_sd.torch2coreml")
 
 
+def with_controlnet(found: dict, folder: Path, controlnet: str = None) -> dict:
+    """The packages a generation runs: with `controlnet`, its package and the controlled UNet in the UNet's place
+    (as Apple's pipeline); without, no controlled UNet."""
+    controlled = found.pop("control-unet", None)
+    if controlnet is None:
+        return found
+    path = Path(folder) / TABLE["controlnet"].package_name(controlnet)
+    if not path.exists():
+        raise UserError(f"models folder {folder} has no {path.name}; convert the ControlNet with python -m "
+                        f"python_coreml_sd.torch2coreml --convert-controlnet {controlnet}")
+    if controlled is None:
+        raise UserError(f"--controlnet needs a UNet taking ControlNet residuals and models folder {folder} has none "
+                        "(its UNet has no additional_residual inputs); convert one with --convert-unet "
+                        "--unet-support-controlnet")
+    for name in ("unet_chunk1", "unet_chunk2"):
+        found.pop(name, None)
+    return {**found, "unet": controlled, "controlnet": path}
+
+
 def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit: str = "ALL",
-                   needed=(), model_version: str = None) -> ModelSet:
+                   needed=(), model_version: str = None, controlnet: str = None) -> ModelSet:
     from ..runtime import load_model
-    found = find_packages(folder, model_version)
+    found = with_controlnet(find_packages(folder, model_version), folder, controlnet)
     missing = [name for name in needed if name not in found and not (name == "unet" and "unet_chunk1" in found)]
     if missing:
         raise UserError(f"models folder {folder} has no {', '.join(missing)} package; convert it with "
@@ -205,17 +226,20 @@ class TorchModel:
         return tensor.float() if name == "input_ids" else tensor.to(self.dtype)
 
 
-def names(component: str, family: str = SD) -> tuple:
-    """(input names, output names) of a component in a model family, from the table."""
+def names(component: str, family: str = SD, dims: Dims = None) -> tuple:
+    """(input names, output names) of a component in a model family, from the table (with `dims`, the
+    numbered ControlNet residuals too)."""
     interface = TABLE[component].io(family)
-    return list(interface.inputs), list(interface.outputs)
+    dims = dims or Dims(1, 1)
+    return list(interface.input_names(dims)), list(interface.output_names(dims))
 
 
 def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True,
-               refiner=None) -> ModelSet:
+               refiner=None, controlnet=None) -> ModelSet:
     """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them;
     `refiner`: an SDXL refiner's ModelSource, whose UNet joins them (its text encoder is the base's second, as
-    the SDXL models share it and Apple's pipeline uses it)."""
+    the SDXL models share it and Apple's pipeline uses it); `controlnet`: a ControlNetSource, run with the UNet
+    taking its residuals in the UNet's place."""
     from ..convert.safety_checker import SafetyChecker
     from ..convert.text_encoder import wrapper_for
     from ..convert.unet import text_pooled_width, xl_dims
@@ -234,11 +258,17 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
         dims = xl_dims(dict(unet.config), dims.unet_batch, *latent_hw, dims.sequence, text_pooled_width(source))
     if checker is not None:
         modules["safety_checker"] = SafetyChecker(checker)
-    shapes = {name: TABLE[name].input_shapes(dims, family) for name in modules}
+    specs = {name: name for name in modules}  # module -> its table entry
+    if controlnet is not None:
+        controlnet.check_fits(dict(unet.config), source.name)
+        dims = replace(dims, residuals=residual_shapes(unet.config, *latent_hw))
+        modules.update(unet=DiffusersControlledUNet(unet), controlnet=DiffusersControlNet(controlnet.load()))
+        specs.update(unet="control-unet", controlnet="controlnet")
+    shapes = {name: TABLE[specs[name]].input_shapes(dims, family) for name in modules}
     if refiner is not None:
         refiner_unet = refiner.load_unet()
         modules["refiner"] = DiffusersUNet(refiner_unet)
         shapes["refiner"] = TABLE["refiner"].input_shapes(xl_dims(dict(refiner_unet.config), dims.unet_batch, *latent_hw,
                                                                   dims.sequence, text_pooled_width(refiner)), SDXL)
-    return ModelSet({name: Component(TorchModel(module, *names(name, family), device, dtype), shapes[name])
-                     for name, module in modules.items()})
+    return ModelSet({name: Component(TorchModel(module, *names(specs.get(name, name), family, dims), device, dtype),
+                                     shapes[name]) for name, module in modules.items()})

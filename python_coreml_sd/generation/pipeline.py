@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..components import SD, SDXL, TABLE, text_to_unet_layout
+from ..components import RESIDUAL, SD, SDXL, TABLE, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
 from .prompts import PromptChunks, chunk_prompt, weighted
@@ -35,8 +35,10 @@ def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
     return (mean + std * np.asarray(noise, dtype=np.float32)).astype(np.float32)
 
 
-TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER = (
-    TABLE[name] for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"))
+TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER, CONTROLNET = (
+    TABLE[name] for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker", "controlnet"))
+# The ControlNet's inputs beyond the UNet's, passed with the UNet's inputs (per batch entry, like SDXL's)
+CONTROL_INPUTS = ("controlnet_cond", "controlnet_scale")
 
 
 def _sizes_text(sizes) -> str:
@@ -69,6 +71,8 @@ class GenerationRequest:
     # The image size in pixels, one the converted models take (--latent-sizes); None: their default size
     height: int = None
     width: int = None
+    control_image: Image.Image = None  # --controlnet's condition image (edges, depth...): resized to the image size
+    controlnet_scale: float = 1.0  # the ControlNet's residuals are multiplied by this
 
     def validate(self):
         if not self.prompt or not self.prompt.strip():
@@ -78,6 +82,8 @@ class GenerationRequest:
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED} (NumPy's RandomState seeds, which every "
                             "backend and the Swift package share)")
+        if not math.isfinite(self.controlnet_scale):
+            raise UserError(f"--controlnet-scale must be a finite number, got {self.controlnet_scale}")
         if not math.isfinite(self.guidance_scale):
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
         if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
@@ -118,7 +124,47 @@ class StableDiffusionPipeline:
         self.unet_batch, self.latent_channels, self.latent_h, self.latent_w = shapes["sample"]
         self.sequence_length = models["text_encoder"].input_shapes.get("input_ids", (1, 77))[1]
         self.latent_sizes = self._check_sizes()
+        self._check_controlnet()
         self._clip_processor = _clip_processor(models) if "safety_checker" in models else None
+
+    def _check_controlnet(self):
+        if "controlnet" not in self.models:
+            return
+        if RESIDUAL.format(0) not in self.models.unet_input_shapes():
+            raise UserError("a ControlNet was given but this UNet takes no ControlNet residuals (additional_residual_0, "
+                            "...); convert it with --convert-unet --unet-support-controlnet")
+        cond = self.models["controlnet"].input_shapes.get("controlnet_cond")
+        if cond and tuple(cond[2:]) != self.image_size:
+            raise UserError(f"the ControlNet was converted for {cond[2]}x{cond[3]} images but the UNet makes "
+                            f"{self.image_size[0]}x{self.image_size[1]}; convert both with the same --latent-h/--latent-w")
+
+    def control_inputs(self, request) -> dict:
+        """The ControlNet's condition image (diffusers' preprocessing: RGB, resized, [0, 1], NCHW) and scale,
+        [unconditional, conditional] like every input of the guided UNet."""
+        if (request.control_image is None) != ("controlnet" not in self.models):
+            raise UserError("--controlnet needs --control-image IMAGE" if request.control_image is None
+                            else "--control-image needs --controlnet NAME (and a UNet converted for ControlNets)")
+        if request.control_image is None:
+            return {}
+        h, w = self.image_size
+        width, height = request.control_image.size
+        if abs(width / height - w / h) > 0.01:
+            raise UserError(f"--control-image is {width}x{height}, not the {w}x{h} aspect ratio of the images this "
+                            "UNet makes; crop it to that ratio (it is then resized)")
+        image = np.asarray(request.control_image.convert("RGB").resize((w, h), Image.LANCZOS), np.float32) / 255
+        cond = image.transpose(2, 0, 1)[None]
+        return {"controlnet_cond": np.concatenate([cond, cond]),
+                "controlnet_scale": np.full((2,), request.controlnet_scale, np.float32)}
+
+    def run_unet(self, inputs: dict, unet: str) -> np.ndarray:
+        """The UNet, after the ControlNet (when the inputs carry its image): its scaled residuals join the inputs."""
+        if "controlnet_cond" in inputs:
+            inputs = dict(inputs)
+            scale = float(inputs.pop("controlnet_scale")[0])
+            residuals = self.models["controlnet"].predict({name: inputs.pop(name) if name in CONTROL_INPUTS else
+                                                          inputs[name] for name in CONTROLNET.inputs})
+            inputs.update({name: value * np.float32(scale) for name, value in residuals.items()})
+        return self.models.run_unet(inputs, unet)
 
     def _check_sizes(self) -> list:
         """The latent sizes (h, w) both the UNet and the VAE decoder take, the UNet's default first."""
@@ -256,12 +302,11 @@ class StableDiffusionPipeline:
         timestep = np.full((2,), float(t), dtype=np.float32)
         added = added or {}  # SDXL's inputs beyond SD's, by name (components.UNET_XL_INPUTS)
         if self.models.unet_input_shapes(unet)["sample"][0] == 2:
-            out = self.models.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added},
-                                       unet)
+            out = self.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added}, unet)
             uncond, cond = out[0:1], out[1:2]
         else:
-            uncond, cond = (self.models.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
-                                                  **{k: v[i:i + 1] for k, v in added.items()}}, unet)
+            uncond, cond = (self.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
+                                           **{k: v[i:i + 1] for k, v in added.items()}}, unet)
                             for i in (0, 1))
         return uncond + guidance_scale * (cond - uncond)
 
@@ -367,6 +412,7 @@ class StableDiffusionPipeline:
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         encoded = {}  # SDXL: each text encoded once, for the base and the refiner
         embeddings, added, intermediates = self.conditioning(request, encoded)
+        added = {**added, **self.control_inputs(request)}
         intermediates = dict(intermediates)
         latents, timesteps = self.initial_latents(request, scheduler, rng)
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}

@@ -21,17 +21,20 @@ def check_device(device: str) -> None:
 
 
 def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False,
-                     model_version=None) -> ModelSet:
+                     model_version=None, controlnet=None) -> ModelSet:
     if models_dir is None:
         raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
     needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
     # SDXL's text_encoder_2 is required by the pipeline once it sees the UNet's added conditions
-    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version)
+    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version, controlnet)
 
 
-def reference_models(source, latent_hw, device="cpu", precision="float32", refiner=None) -> ModelSet:
+def reference_models(source, latent_hw, device="cpu", precision="float32", refiner=None, controlnet=None) -> ModelSet:
     dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
-    return load_torch(source, latent_hw, device=device, dtype=dtype, refiner=refiner)
+    if controlnet is not None:
+        from ..controlnets import resolve_controlnet
+        controlnet = resolve_controlnet(controlnet)
+    return load_torch(source, latent_hw, device=device, dtype=dtype, refiner=refiner, controlnet=controlnet)
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None) -> StableDiffusionPipeline:
@@ -65,9 +68,11 @@ def bundled_tokenizer(models_dir):
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
                   img2img=False, torch_precision="float32", progress=True,
-                  refiner_version=None) -> StableDiffusionPipeline:
+                  refiner_version=None, controlnet=None) -> StableDiffusionPipeline:
     """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
-    whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder)."""
+    whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder);
+    `controlnet`: a ControlNet (converted: its ControlNet_<name> package; torch: a folder or registry name) whose
+    residuals steer the UNet."""
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
@@ -81,9 +86,9 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         if refiner_version:
             from ..convert.sdxl import refiner_source
             refiner = refiner_source(refiner_version)
-        models = reference_models(source, latent_hw, device, torch_precision, refiner)
+        models = reference_models(source, latent_hw, device, torch_precision, refiner, controlnet)
     else:
-        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version)
+        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir))
 
 
@@ -91,7 +96,7 @@ def _latent_size_of(models_dir, model_version=None) -> tuple:
     """Latent size of converted models, so the reference path generates at the same size."""
     from .components import _package_inputs, check_inputs, find_packages
     found = find_packages(Path(models_dir), model_version)
-    component = "unet" if "unet" in found else "unet_chunk1"
+    component = next((c for c in ("unet", "unet_chunk1", "control-unet") if c in found), "unet")
     if component not in found:
         raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
     shapes = _package_inputs(found[component])[0]

@@ -278,7 +278,9 @@ class UNet2DConditionModelANE(nn.Module):
     def _pre_hook(self, state_dict, prefix, *args):
         reshape_linear_weights(self, state_dict, prefix)
 
-    def forward(self, sample, timestep, encoder_hidden_states, time_ids=None, text_embeds=None):
+    def forward(self, sample, timestep, encoder_hidden_states, time_ids=None, text_embeds=None, residuals=()):
+        """`residuals`: a ControlNet's, added to the skip states and to the mid block's output (diffusers'
+        down_block_additional_residuals and mid_block_additional_residual)."""
         flip, shift = self.config.get("flip_sin_to_cos", True), self.config.get("freq_shift", 0)
         t = sinusoidal_embedding(timestep.expand(sample.shape[0]), self.config["block_out_channels"][0], flip, shift)
         temb = self.time_embedding(t.to(sample.dtype))
@@ -289,7 +291,11 @@ class UNet2DConditionModelANE(nn.Module):
         for block in self.down_blocks:
             x, states = block(x, temb, encoder_hidden_states)
             skips.extend(states)
+        if residuals:
+            skips = [skip + residual for skip, residual in zip(skips, residuals[:-1], strict=True)]
         x = self.mid_block(x, temb, encoder_hidden_states)
+        if residuals:
+            x = x + residuals[-1]
         for block in self.up_blocks:
             x = block(x, skips, temb, encoder_hidden_states)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
@@ -303,12 +309,22 @@ class UNet2DConditionModelANE(nn.Module):
         return torch.cat([text_embeds[:, :, None, None].float(), times.reshape(batch, -1, 1, 1)], dim=1)
 
 
+class ControlledUNetANE(UNet2DConditionModelANE):
+    """The UNet taking a ControlNet's residuals as positional inputs after its own (what tracing needs; Apple's
+    additional_residual_0, ...: `components.residual_shapes`). SD 1.x / 2.x: no added conditions."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return super().forward(sample, timestep, encoder_hidden_states, residuals=residuals)
+
+
 def from_diffusers(unet, attention_implementation: str = "SPLIT_EINSUM",
-                   query_chunk: int = DEFAULT_QUERY_CHUNK) -> UNet2DConditionModelANE:
+                   query_chunk: int = DEFAULT_QUERY_CHUNK, controlled: bool = False) -> UNet2DConditionModelANE:
     """The Neural-Engine UNet holding a diffusers UNet2DConditionModel's own tensors (strict; built on the
-    meta device and assigned: no copy, no random initialisation). The converter and the tests use this."""
+    meta device and assigned: no copy, no random initialisation). The converter and the tests use this;
+    `controlled`: the ControlledUNetANE (same weights)."""
     with torch.device("meta"):
-        model = UNet2DConditionModelANE(dict(unet.config), attention_implementation, query_chunk)
+        model = (ControlledUNetANE if controlled else UNet2DConditionModelANE)(
+            dict(unet.config), attention_implementation, query_chunk)
     model.load_state_dict(unet.state_dict(), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -327,3 +343,28 @@ class DiffusersUNet(nn.Module):
         states = text_from_unet_layout(encoder_hidden_states)
         added = {"time_ids": time_ids, "text_embeds": text_embeds} if time_ids is not None else None
         return self.unet(sample, timestep, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class DiffusersControlledUNet(DiffusersUNet):
+    """A diffusers UNet behind the controlled UNet's interface: a ControlNet's residuals as positional inputs
+    after the UNet's own (diffusers' down_block_additional_residuals, then mid_block_additional_residual)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states=text_from_unet_layout(encoder_hidden_states),
+                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+                         return_dict=False)[0]
+
+
+class DiffusersControlNet(nn.Module):
+    """A diffusers ControlNetModel behind the converted ControlNet's interface (sample, timestep,
+    encoder_hidden_states in the (B, C, 1, S) layout, controlnet_cond in [0, 1]) -> its residuals as one flat
+    tuple, down blocks' then the mid block's (Apple's additional_residual_0, ...). Converter and reference."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=text_from_unet_layout(encoder_hidden_states),
+                                    controlnet_cond=controlnet_cond, return_dict=False)
+        return (*down, mid)

@@ -1,0 +1,62 @@
+"""ControlNets as users name them (`--convert-controlnet MODEL`, `--controlnet NAME`): a diffusers
+ControlNetModel folder or a registry name (the embedded `tiny-controlnet`), and the check that one fits the
+UNet it is to control."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import registry
+from .errors import UserError
+from .model_sources import load_diffusers_model, read_json_object
+
+# What a ControlNet shares with the UNet it controls: the shapes of its residuals and of its text input.
+MATCHING_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    name: str  # what the user passed; names the package (Apple's ControlNet_<name>.mlpackage)
+    root: Path  # the diffusers folder: config.json and the weights
+
+    def config(self) -> dict:
+        return read_json_object(self.root / "config.json")
+
+    def load(self):
+        from diffusers import ControlNetModel
+        from .weights import refuse_pickles
+        refuse_pickles(self.root)
+        try:
+            return load_diffusers_model(ControlNetModel, self.root).eval()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot load ControlNet {self.name!r} from {self.root}: {str(exc).splitlines()[0]}") from exc
+
+    def check_fits(self, unet_config: dict, model: str) -> None:
+        """A UserError unless this is an SD 1.x / 2.x ControlNetModel made for a UNet of this architecture."""
+        config = self.config()
+        if config.get("_class_name") != "ControlNetModel":
+            raise UserError(f"{self.root} holds a {config.get('_class_name')!r}, not a diffusers ControlNetModel")
+        if config.get("addition_embed_type") == "text_time" or unet_config.get("addition_embed_type") == "text_time":
+            raise UserError(f"ControlNet {self.name!r} or model {model!r} is SDXL's: ControlNets are supported for "
+                            "SD 1.x / 2.x models")
+        for key in MATCHING_KEYS:
+            theirs, ours = config.get(key), unet_config.get(key)
+            if key in unet_config and theirs is not None and list(_seq(theirs)) != list(_seq(ours)):
+                raise UserError(f"ControlNet {self.name!r} is for another model family: its {key} {theirs!r} is not "
+                                f"the {ours!r} of {model!r}'s UNet; use a ControlNet made for that model")
+
+
+def _seq(value):
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+def resolve_controlnet(name: str) -> ControlNetSource:
+    """`name` -> a ControlNet folder, or a UserError naming the fix."""
+    path = Path(name).expanduser()
+    entry = registry.named_controlnet(name)
+    if entry and not path.exists():
+        from .random_models import materialized_controlnet_dir
+        return ControlNetSource(name, materialized_controlnet_dir(name))
+    if not (path / "config.json").is_file():
+        known = ", ".join(registry.controlnet_names())
+        raise UserError(f"ControlNet {name!r} is not a diffusers ControlNetModel folder (config.json and weights) "
+                        f"nor a known name ({known})")
+    return ControlNetSource(name, path.resolve())
