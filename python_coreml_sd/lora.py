@@ -1,9 +1,9 @@
 """`--lora FILE[:SCALE]`: LoRA weights merged into the UNet and text encoder before conversion.
 
 Files in diffusers / PEFT format and in kohya's (AUTOMATIC1111's) format are read by diffusers'
-`lora_state_dict` (which maps kohya names to diffusers'), attached with diffusers' loaders and merged
-with its `fuse_lora` at the given scale, one LoRA at a time, then the LoRA layers are removed: what
-is converted is a plain model with merged weights. diffusers' LoRA loading runs on PEFT only (its
+`lora_state_dict` (which maps kohya names to diffusers'), attached with diffusers' loaders (SDXL's
+second text encoder too) and merged with its `fuse_lora` at the given scale, one LoRA at a time, then
+the LoRA layers are removed: what is converted is a plain model with merged weights. diffusers' LoRA loading runs on PEFT only (its
 non-PEFT paths are gone), so peft is a dependency (setup.py, constraints.txt).
 """
 import logging
@@ -14,7 +14,7 @@ from .errors import UserError
 
 log = logging.getLogger("python_coreml_sd")
 
-COMPONENT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
+COMPONENT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
 # Names of the LoRA tensors of one module, in the formats lora_state_dict returns.
 _LORA_SUFFIX = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_linear_layer\.down|"
                           r"lora_linear_layer\.up|lora_magnitude_vector)(\.[^.]+)?\.weight$|\.alpha$|\.(lora_A|lora_B)\.bias$")
@@ -35,24 +35,35 @@ def read_lora(path: Path, allow_pickle: bool = False) -> dict:
     return read_safetensors(path)
 
 
-def lora_state_dict(path: Path, allow_pickle: bool = False):
-    """(state dict with `unet.` / `text_encoder.` prefixes, network alphas) in diffusers' naming."""
+def lora_state_dict(path: Path, allow_pickle: bool = False, xl: bool = False):
+    """(state dict with `unet.` / `text_encoder.` / `text_encoder_2.` prefixes, network alphas) in diffusers'
+    naming; `xl`: the model is SDXL (else an SDXL LoRA is refused)."""
     from diffusers import StableDiffusionPipeline
 
     tensors = read_lora(path, allow_pickle)
     if not tensors:
         raise UserError(f"LoRA {path} holds no tensors")
-    if any(k.startswith(("lora_te2_", "lora_te1_")) for k in tensors) or any(
-            "add_embedding" in k or k.startswith("text_encoder_2.") for k in tensors):
-        raise UserError(f"LoRA {path} is for SDXL (it has a second text encoder); SDXL is not supported yet")
-    try:
+    if not xl and _is_xl(tensors):
+        raise _not_sd(path)
+    try:  # one reader for both families: diffusers' SD and SDXL loaders share it (kohya lora_te1_/te2_ included)
         state, alphas = StableDiffusionPipeline.lora_state_dict(tensors)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
         raise UserError(f"LoRA {path} is in no format diffusers reads (diffusers/PEFT or kohya): "
                         f"{_first_line(exc)}") from None
-    if any(k.startswith("text_encoder_2.") for k in state):
-        raise UserError(f"LoRA {path} is for SDXL (it has a second text encoder); SDXL is not supported yet")
+    if not xl and _is_xl(state):
+        raise _not_sd(path)
     return state, alphas
+
+
+def _is_xl(names) -> bool:
+    """Names only SDXL LoRAs have: a second text encoder (kohya's te1 / te2, diffusers' text_encoder_2), the
+    UNet's added (text_time) embedding."""
+    return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or "add_embedding" in k for k in names)
+
+
+def _not_sd(path) -> UserError:
+    return UserError(f"LoRA {path} is for SDXL (it has a second text encoder or SDXL's added embedding), but the "
+                     "model is SD 1.x / 2.x; use an SDXL model, or a LoRA made for this model's family")
 
 
 def lora_modules(state: dict, component: str) -> set:
@@ -92,7 +103,7 @@ def merge_loras(model, component: str, loras: list, model_name: str) -> dict:
             if component == "unet":
                 StableDiffusionPipeline.load_lora_into_unet(state, alphas, model, adapter_name=name)
             else:
-                StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, model, prefix="text_encoder",
+                StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, model, prefix=component,
                                                                     adapter_name=name)
         except ValueError as exc:
             if "not found in the base model" in str(exc) or "Target modules" in str(exc):

@@ -2,8 +2,8 @@
 `--custom-vae-version` applied, as a diffusers folder in the cache like any other ModelSource.
 
 The edited folder is built once (keyed by the base model's files and the sha256 and settings of each
-edit), component by component: the UNet and the text encoder are loaded, edited, saved and released
-one at a time; untouched components are hard-linked. Every converter then runs unchanged on it.
+edit), component by component: the UNet and the text encoder(s) (SDXL's two) are loaded, edited, saved
+and released one at a time; untouched components are hard-linked. Every converter then runs unchanged on it.
 """
 import json
 import logging
@@ -65,42 +65,37 @@ def _custom_vae(options, base: ModelSource) -> Path:
     return other.root / "vae"
 
 
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # SDXL has both encoders
+
+
 def _build(dest: Path, base: ModelSource, options, vae) -> None:
+    from .components import SDXL
     from .model_cache import link_component
 
     index = dict(base.index)
+    xl = base.interface == SDXL
     lora_states = []
     if options.loras:
         from .lora import lora_state_dict
-        lora_states = [(spec, *lora_state_dict(spec.path, options.allow_pickle)) for spec in options.loras]
+        lora_states = [(spec, *lora_state_dict(spec.path, options.allow_pickle, xl)) for spec in options.loras]
+    edits_text = bool(lora_states or options.textual_inversions)
     counts = {}
     for component in sorted(p.name for p in base.root.iterdir() if p.is_dir()):
-        src = base.root / component
         if component == "unet" and lora_states and base.has("unet"):
             from .lora import merge_loras
             unet = base.load_unet()
             counts["unet"] = merge_loras(unet, "unet", lora_states, base.name)
             unet.save_pretrained(str(dest / "unet"), safe_serialization=True)
             del unet
-        elif component == "text_encoder" and (lora_states or options.textual_inversions) and base.has("text_encoder"):
-            text_encoder = base.load_text_encoder()
-            if lora_states:
-                from .lora import merge_loras
-                counts["text_encoder"] = merge_loras(text_encoder, "text_encoder", lora_states, base.name)
-            if options.textual_inversions:
-                from .textual_inversion import add_embeddings
-                tokenizer = base.load_tokenizer()
-                tokens = add_embeddings(text_encoder, tokenizer, options.textual_inversions, options.allow_pickle)
-                log.warning("textual inversion: added token(s) %s", ", ".join(tokens))
-                tokenizer.save_pretrained(str(dest / "tokenizer"))
-            text_encoder.save_pretrained(str(dest / "text_encoder"), safe_serialization=True)
-            del text_encoder
+        elif component in TOKENIZERS and edits_text and base.has(component):
+            counts.update(_edit_text_encoder(dest, base, component, options, lora_states, xl))
         elif component == "vae" and vae is not None:
             continue
-        elif component == "tokenizer" and options.textual_inversions:
-            continue  # written with the text encoder
+        elif (component in TOKENIZERS.values() and options.textual_inversions
+              and any(base.has(encoder) for encoder, tok in TOKENIZERS.items() if tok == component)):
+            continue  # written with its text encoder
         else:
-            link_component(src, dest / component)
+            link_component(base.root / component, dest / component)
     if lora_states:
         from .lora import check_counts
         check_counts(options.loras, counts)
@@ -108,6 +103,25 @@ def _build(dest: Path, base: ModelSource, options, vae) -> None:
         _write_vae(vae, dest / "vae", base)
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (dest / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _edit_text_encoder(dest: Path, base: ModelSource, component: str, options, lora_states, xl: bool) -> dict:
+    """A text encoder with the LoRAs merged and the embeddings added (its tokenizer saved with their
+    tokens; SDXL's: each encoder its own part of the embedding); returns its LoRA counts."""
+    text_encoder = getattr(base, f"load_{component}")()
+    counts = {}
+    if lora_states:
+        from .lora import merge_loras
+        counts[component] = merge_loras(text_encoder, component, lora_states, base.name)
+    if options.textual_inversions:
+        from .textual_inversion import XL_KEYS, add_embeddings
+        tokenizer = getattr(base, f"load_{TOKENIZERS[component]}")()
+        tokens = add_embeddings(text_encoder, tokenizer, options.textual_inversions, options.allow_pickle,
+                                XL_KEYS[component] if xl else None)
+        log.warning("textual inversion (%s): added token(s) %s", component, ", ".join(tokens))
+        tokenizer.save_pretrained(str(dest / TOKENIZERS[component]))
+    text_encoder.save_pretrained(str(dest / component), safe_serialization=True)
+    return counts
 
 
 def _write_vae(vae: Path, dest: Path, base: ModelSource) -> None:

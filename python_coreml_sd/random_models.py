@@ -28,7 +28,7 @@ def build_components(family_name: str, seed: int = 0) -> dict:
         components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
         components["tokenizer_2"] = load_clip_tokenizer(arch["tokenizer_2"]["pad_token"])
     components["vae"] = AutoencoderKL(**arch["vae"])
-    components["scheduler"] = _scheduler(entry)
+    components["scheduler"] = scheduler_for(entry)
     if "safety_checker" in arch:
         components["safety_checker"], components["feature_extractor"] = _build_safety_checker(
             arch["safety_checker"], arch["text_encoder"])
@@ -38,7 +38,7 @@ def build_components(family_name: str, seed: int = 0) -> dict:
     return components
 
 
-def _scheduler(entry: dict):
+def scheduler_for(entry: dict):
     """The family's scheduler (SDXL's EulerDiscrete config, as published), else SD's PNDM."""
     import diffusers
     if "scheduler" in entry:

@@ -22,30 +22,46 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 in transformers' layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14 in open_clip's layout
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L/14 (transformers' layout)
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG/14 (open_clip's layout)
+XL_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP ViT-bigG/14 alone
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 # Tensors a checkpoint may hold that the diffusers models do not have (buffers, OpenCLIP's projection).
 IGNORED_TEXT_KEYS = ("position_ids", "text_projection.weight", "logit_scale")
+MODEL_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "text_encoder": ["transformers", "CLIPTextModel"],
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """One text encoder of a checkpoint: its diffusers folder, its layout ("clip": transformers' names,
+    "open_clip": open_clip's fused in_proj / resblocks) and the prefix of its tensors."""
+    folder: str
+    layout: str
+    prefix: str
 
 
 @dataclass(frozen=True)
 class Kind:
-    """A checkpoint layout: how its text encoder is stored, and the registry families it may be."""
+    """A checkpoint layout: how its text encoders are stored, and the registry families it may be."""
     name: str
-    text_layout: str = None  # "clip" or "open_clip"; None: not supported yet
+    texts: tuple = ()  # TextLayouts, one per text encoder
     families: tuple = ()  # registry families to try, the preferred first (equal shapes: the first wins)
     unsupported: str = None  # why it is refused
 
 
 KINDS = (
-    # SDXL (issue 16): recognised here so that its files get a clear refusal; supporting it is a text
-    # layout for each of its two encoders and its registry families in these entries.
-    Kind("sdxl-base", unsupported="SDXL base"),
-    Kind("sdxl-refiner", unsupported="SDXL refiner"),
-    Kind("sd1", "clip", ("sd1", "tiny")),
+    # SDXL base and Turbo have the same tensors: a base-architecture file is taken as SDXL base 1.0.
+    Kind("sdxl-base", (TextLayout("text_encoder", "clip", XL_CLIP_PREFIX),
+                       TextLayout("text_encoder_2", "open_clip", XL_OPEN_CLIP_PREFIX)), ("sdxl", "tiny-xl")),
+    Kind("sdxl-refiner", (TextLayout("text_encoder_2", "open_clip", XL_REFINER_PREFIX),),
+         ("sdxl-refiner", "tiny-xl-refiner")),
+    Kind("sd1", (TextLayout("text_encoder", "clip", CLIP_PREFIX),), ("sd1", "tiny")),
     # SD 2.x base and 768-v have the same tensors; as diffusers does, a 2.x file is taken as 768-v
     # (v-prediction), the more common of the two (SD 2.0 / 2.1).
-    Kind("sd2", "open_clip", ("sd2-v", "sd2-base", "tiny-sd2")),
+    Kind("sd2", (TextLayout("text_encoder", "open_clip", OPEN_CLIP_PREFIX),), ("sd2-v", "sd2-base", "tiny-sd2")),
 )
 
 
@@ -56,9 +72,9 @@ def checkpoint_kind(keys) -> Kind:
         return any(k.startswith(prefix) for k in keys)
 
     by_name = {kind.name: kind for kind in KINDS}
-    if has("conditioner.embedders.1.") or has("conditioner.embedders.0.transformer."):
+    if has("conditioner.embedders.1.") or has(XL_CLIP_PREFIX):
         return by_name["sdxl-base"]  # two text encoders: CLIP ViT-L (embedders.0) and OpenCLIP bigG (embedders.1)
-    if has("conditioner.embedders.0.model."):
+    if has(XL_REFINER_PREFIX):
         return by_name["sdxl-refiner"]  # OpenCLIP bigG alone
     if has(UNET_PREFIX):
         if has(CLIP_PREFIX):
@@ -90,30 +106,37 @@ def recognise(path: Path, entries: dict) -> Recognised:
     kind = checkpoint_kind(entries)
     if kind is None:
         raise UserError(f"{path}: unknown model family (no Stable Diffusion UNet and text encoder tensors: "
-                        f"{_sample_keys(entries)}); supported single files: SD 1.x, SD 2.x (base, 768-v, inpainting) "
-                        "checkpoints in the original (CompVis / Stability) layout")
-    if kind.unsupported:
-        raise UserError(f"{path} is an {kind.unsupported} checkpoint; SDXL is not supported yet as a single file "
-                        "(see issue 16): pass an SDXL diffusers folder, or use an SD 1.x or 2.x checkpoint")
+                        f"{_sample_keys(entries)}); supported single files: SD 1.x, SD 2.x (base, 768-v, inpainting), "
+                        "SDXL base and refiner checkpoints in the original (CompVis / Stability) layout")
     meta = _meta_checkpoint(entries)
     conv_in = entries.get(UNET_PREFIX + "input_blocks.0.0.weight")
     in_channels = conv_in["shape"][1] if conv_in and len(conv_in["shape"]) == 4 else None
     variant = "inpainting" if in_channels == 9 else ""
     has_vae = any(k.startswith(VAE_PREFIXES) for k in entries)
+    components = ("unet",) + tuple(text.folder for text in kind.texts) + (("vae",) if has_vae else ())
     tried = []
     for name in kind.families:
         arch = registry.family(name)["architecture"]
         if in_channels:
             arch["unet"]["in_channels"] = in_channels
-        mismatch = (_mismatch("unet", _convert_unet(meta, arch["unet"]), _meta_model("unet", arch))
-                    or _mismatch("text_encoder", _convert_text(meta, kind, arch), _meta_model("text_encoder", arch))
-                    or (has_vae and _mismatch("vae", _convert_vae(meta, arch["vae"]), _meta_model("vae", arch))))
+        jobs = converters(kind, arch)
+        mismatch = next((m for m in (_mismatch(c, jobs[c][1](meta), _meta_model(c, arch)) for c in components) if m),
+                        "")
         if not mismatch:
-            components = ("unet", "text_encoder") + (("vae",) if has_vae else ())
             return Recognised(kind, name, variant, arch, components)
         tried.append(f"{name} ({mismatch})")
     raise UserError(f"{path}: a {kind.name} checkpoint whose shapes match no known architecture; tried "
                     + "; ".join(tried))
+
+
+def converters(kind: Kind, arch: dict) -> dict:
+    """component -> (which checkpoint tensors it reads, checkpoint -> its diffusers state dict)."""
+    jobs = {"unet": (lambda name: name.startswith(UNET_PREFIX), lambda ck: _convert_unet(ck, arch["unet"])),
+            "vae": (lambda name: name.startswith(VAE_PREFIXES), lambda ck: _convert_vae(ck, arch["vae"]))}
+    for text in kind.texts:
+        jobs[text.folder] = (lambda name, text=text: name.startswith(text.prefix),
+                             lambda ck, text=text: _convert_text(ck, text, arch))
+    return jobs
 
 
 def _sample_keys(entries) -> str:
@@ -151,8 +174,9 @@ def _build(component: str, arch: dict):
     if component == "vae":
         from diffusers import AutoencoderKL
         return AutoencoderKL(**arch["vae"])
-    from transformers import CLIPTextConfig, CLIPTextModel
-    return CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    return cls(CLIPTextConfig(**arch[component]))
 
 
 def _convert_unet(checkpoint: dict, config: dict) -> dict:
@@ -165,16 +189,19 @@ def _convert_vae(checkpoint: dict, config: dict) -> dict:
     return convert_ldm_vae_checkpoint(checkpoint, config)
 
 
-def _convert_text(checkpoint: dict, kind: Kind, arch: dict) -> dict:
+def _convert_text(checkpoint: dict, text: TextLayout, arch: dict) -> dict:
     from diffusers.loaders import single_file_utils as sfu
-    if kind.text_layout == "clip":
-        converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    model = _meta_model(text.folder, arch)
+    if text.layout == "clip":
+        converted = sfu.convert_ldm_clip_checkpoint(checkpoint, remove_prefix=text.prefix)
     else:
-        converted = sfu.convert_open_clip_checkpoint(_meta_model("text_encoder", arch), checkpoint,
-                                                     prefix=OPEN_CLIP_PREFIX)
-    # transformers 5 CLIPTextModel has no `text_model.` level (diffusers strips it the same way).
-    converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    return {k: v for k, v in converted.items() if not k.endswith(IGNORED_TEXT_KEYS)}
+        converted = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=text.prefix)
+    if not hasattr(model, "text_model"):
+        # transformers 5 CLIPTextModel has no `text_model.` level (diffusers strips it the same way);
+        # CLIPTextModelWithProjection (SDXL's second encoder) still has it.
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    expected = model.state_dict()
+    return {k: v for k, v in converted.items() if k in expected or not k.endswith(IGNORED_TEXT_KEYS)}
 
 
 # ---- reading
@@ -250,17 +277,11 @@ def _write_folder(dest: Path, found: Recognised, load) -> None:
     import gc
 
     import torch
-    from diffusers import PNDMScheduler
 
-    from .random_models import load_clip_tokenizer
+    from .random_models import load_clip_tokenizer, scheduler_for
 
     arch = found.architecture
-    jobs = {
-        "unet": (lambda name: name.startswith(UNET_PREFIX), lambda ck: _convert_unet(ck, arch["unet"])),
-        "text_encoder": (lambda name: name.startswith(("cond_stage_model.",)),
-                         lambda ck: _convert_text(ck, found.kind, arch)),
-        "vae": (lambda name: name.startswith(VAE_PREFIXES), lambda ck: _convert_vae(ck, arch["vae"])),
-    }
+    jobs = converters(found.kind, arch)
     for component in found.components:
         keep, convert = jobs[component]
         state = convert(load(keep))
@@ -276,17 +297,28 @@ def _write_folder(dest: Path, found: Recognised, load) -> None:
         del state, model
         gc.collect()
     family = registry.family(found.family)
-    load_clip_tokenizer(arch["tokenizer"]["pad_token"]).save_pretrained(str(dest / "tokenizer"))
-    PNDMScheduler(**registry.scheduler_config(), prediction_type=family["prediction_type"]).save_pretrained(
-        str(dest / "scheduler"))
-    index = {
-        "_class_name": "StableDiffusionInpaintPipeline" if found.variant == "inpainting" else "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderKL"] if "vae" in found.components else [None, None],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }
+    for text in found.kind.texts:
+        tokenizer = text.folder.replace("text_encoder", "tokenizer")
+        load_clip_tokenizer(arch[tokenizer]["pad_token"]).save_pretrained(str(dest / tokenizer))
+    scheduler = scheduler_for(family)
+    scheduler.save_pretrained(str(dest / "scheduler"))
+    index = _model_index(found, family, type(scheduler).__name__)
     (dest / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _model_index(found: Recognised, family: dict, scheduler: str) -> dict:
+    """model_index.json: the family's pipeline (SDXL's with its config), its inpainting variant for 9 channels."""
+    pipeline = family.get("pipeline", "StableDiffusionPipeline")
+    index = {"_class_name": pipeline.replace("Pipeline", "InpaintPipeline") if found.variant == "inpainting"
+             else pipeline, **family.get("pipeline_config", {})}
+    for component in ("unet", "vae") + tuple(text.folder for text in found.kind.texts):
+        index[component] = MODEL_CLASSES[component] if component in found.components else [None, None]
+    for text in found.kind.texts:
+        index[text.folder.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    index["scheduler"] = ["diffusers", scheduler]
+    if "pipeline" not in family:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    return index
 
 
 def convert_vae_file(path: Path, dest: Path, base) -> None:

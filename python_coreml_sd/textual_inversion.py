@@ -10,6 +10,8 @@ from pathlib import Path
 from .errors import UserError
 
 A1111_SAFETENSORS_KEY = "emb_params"
+# SDXL embeddings (as distributed, and as diffusers' docs load them): one tensor per text encoder.
+XL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 def read_embedding(path: Path, allow_pickle: bool = False):
@@ -49,9 +51,34 @@ class _Host:
     components = {}
 
 
-def add_embeddings(text_encoder, tokenizer, specs, allow_pickle: bool = False) -> list:
-    """Add every embedding; returns the tokens added (multi-vector ones expanded)."""
+def _vectors(spec, state, part):
+    """The embedding tensor of a file's state: SDXL's `part` ("clip_l" / "clip_g") for an SDXL model (part
+    given), else the one tensor of diffusers' or AUTOMATIC1111's formats."""
     import torch
+    xl_file = isinstance(state, dict) and set(XL_KEYS.values()) <= set(state)
+    if xl_file != (part is not None):
+        if xl_file:
+            raise UserError(f"textual inversion {spec.path} is an SDXL embedding (clip_l and clip_g), but the model "
+                            "is SD 1.x / 2.x; use an embedding made for this model's family")
+        found = _vectors(spec, state, None)
+        raise UserError(f"textual inversion {spec.path}: one embedding of width {found.shape[-1]} (SD 1.x / 2.x's "
+                        "format), but an SDXL model needs an embedding with clip_l and clip_g tensors")
+    if xl_file:
+        return state[part]
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) == A1111_SAFETENSORS_KEY:
+        state = next(iter(state.values()))
+    vectors = state if isinstance(state, torch.Tensor) else (
+        state["string_to_param"]["*"] if isinstance(state, dict) and "string_to_param" in state
+        else next(iter(state.values())) if isinstance(state, dict) and len(state) == 1 else None)
+    if not isinstance(vectors, torch.Tensor):
+        raise UserError(f"textual inversion {spec.path}: no embedding found (expected one tensor, "
+                        "AUTOMATIC1111's string_to_param, or SDXL's clip_l and clip_g)")
+    return vectors
+
+
+def add_embeddings(text_encoder, tokenizer, specs, allow_pickle: bool = False, part: str = None) -> list:
+    """Add every embedding (of an SDXL model: its `part`, XL_KEYS of the encoder); returns the tokens added
+    (multi-vector ones expanded)."""
     from diffusers.loaders import TextualInversionLoaderMixin
 
     host = type("TextualInversionHost", (_Host, TextualInversionLoaderMixin), {})()
@@ -59,14 +86,7 @@ def add_embeddings(text_encoder, tokenizer, specs, allow_pickle: bool = False) -
     before = len(tokenizer)
     for spec in specs:
         state = read_embedding(spec.path, allow_pickle)
-        if isinstance(state, dict) and len(state) == 1 and next(iter(state)) == A1111_SAFETENSORS_KEY:
-            state = next(iter(state.values()))
-        vectors = state if isinstance(state, torch.Tensor) else (
-            state["string_to_param"]["*"] if isinstance(state, dict) and "string_to_param" in state
-            else next(iter(state.values())) if isinstance(state, dict) and len(state) == 1 else None)
-        if not isinstance(vectors, torch.Tensor):
-            raise UserError(f"textual inversion {spec.path}: no embedding found (expected one tensor, or "
-                            "AUTOMATIC1111's string_to_param)")
+        vectors = _vectors(spec, state, part)
         if vectors.shape[-1] != width:
             raise UserError(f"textual inversion {spec.path}: embeddings of width {vectors.shape[-1]}, but the text "
                             f"encoder's are {width} wide (an embedding for another model family)")

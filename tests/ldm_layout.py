@@ -3,6 +3,12 @@ Stability "LDM") key layout, the inverse of diffusers' single-file conversion, f
 
 SD 1.x text encoders are stored under `cond_stage_model.transformer.text_model.`, SD 2.x ones in
 open_clip's layout under `cond_stage_model.model.` (fused q/k/v `in_proj`, `resblocks`, `ln_final`).
+SDXL (Stability's SGM layout) keeps the UNet and VAE prefixes, adds the UNet's `label_emb` (diffusers'
+`add_embedding`), and stores CLIP ViT-L under `conditioner.embedders.0.transformer.text_model.` and
+OpenCLIP bigG in open_clip's layout under `conditioner.embedders.1.model.`, with its real
+`text_projection` ([width, projection], the transpose of transformers' Linear weight). diffusers has no
+diffusers -> original conversion (its scripts go the other way only for SD 1.x UNets and VAEs), hence
+these mappings, written from diffusers' own DIFFUSERS_TO_LDM_MAPPING read in reverse.
 """
 import re
 
@@ -11,7 +17,8 @@ import torch
 RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 
 
 def _resnet(rest: str) -> str:
@@ -84,21 +91,24 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
-def clip_to_ldm(state: dict) -> dict:
-    return {"cond_stage_model.transformer.text_model." + k: v for k, v in state.items()}
+def clip_to_ldm(state: dict, prefix: str = "cond_stage_model.transformer.text_model.") -> dict:
+    return {prefix + k: v for k, v in state.items()}
 
 
 OPEN_CLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
                    ("self_attn.out_proj", "attn.out_proj"))
 
 
-def open_clip_to_ldm(state: dict, hidden: int) -> dict:
-    prefix = "cond_stage_model.model."
+def open_clip_to_ldm(state: dict, hidden: int, prefix: str = "cond_stage_model.model.") -> dict:
+    """open_clip's layout of a CLIPTextModel state dict; a CLIPTextModelWithProjection's (`text_model.`
+    keys, `text_projection.weight`) keeps its projection, SD 2.x's gets the identity."""
+    projection = state.get("text_projection.weight")
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out = {prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
            prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
            prefix + "ln_final.weight": state["final_layer_norm.weight"],
            prefix + "ln_final.bias": state["final_layer_norm.bias"],
-           prefix + "text_projection": torch.eye(hidden)}
+           prefix + "text_projection": torch.eye(hidden) if projection is None else projection.T}
     layers = sorted({int(m[1]) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
     for i in layers:
         src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
@@ -110,15 +120,35 @@ def open_clip_to_ldm(state: dict, hidden: int) -> dict:
     return out
 
 
+def _text_state(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def xl_text_to_ldm(source) -> dict:
+    """SDXL's text encoders in the SGM layout: the base's two (embedders 0 and 1), the refiner's OpenCLIP
+    alone (embedders 0)."""
+    state = {}
+    if source.has("text_encoder"):
+        state = clip_to_ldm(_text_state(source.load_text_encoder()), "conditioner.embedders.0.transformer.text_model.")
+    second = source.load_text_encoder_2()
+    state.update(open_clip_to_ldm(_text_state(second), second.config.hidden_size,
+                                  f"conditioner.embedders.{len(state) and 1}.model."))
+    return state
+
+
 def write_checkpoint(source, dest, text_layout: str = "clip", with_vae: bool = True, dtype=None) -> None:
-    """Write a ModelSource's UNet, text encoder and VAE as one original-layout .safetensors file."""
+    """Write a ModelSource's UNet, text encoder(s) and VAE as one original-layout .safetensors file;
+    text_layout "clip" (SD 1.x), "open_clip" (SD 2.x) or "sdxl" (both of SDXL's encoders)."""
     from safetensors.torch import save_file
 
-    unet, text = source.load_unet(), source.load_text_encoder()
+    unet = source.load_unet()
     state = unet_to_ldm(unet.state_dict(), dict(unet.config))
-    text_state = {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
-    state.update(clip_to_ldm(text_state) if text_layout == "clip"
-                 else open_clip_to_ldm(text_state, text.config.hidden_size))
+    if text_layout == "sdxl":
+        state.update(xl_text_to_ldm(source))
+    else:
+        text = source.load_text_encoder()
+        state.update(clip_to_ldm(_text_state(text)) if text_layout == "clip"
+                     else open_clip_to_ldm(_text_state(text), text.config.hidden_size))
     if with_vae:
         vae = source.load_vae()
         state.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))

@@ -20,9 +20,15 @@ def _pairs(model, targets, rank, generator, scale=0.5):
 def lora_pairs(source, rank=4, seed=0, text=True):
     generator = torch.Generator().manual_seed(seed)
     pairs = {"unet": _pairs(source.load_unet(), UNET_TARGETS, rank, generator)}
-    if text:
-        pairs["text_encoder"] = _pairs(source.load_text_encoder(), TEXT_TARGETS, rank, generator)
+    for encoder in ("text_encoder", "text_encoder_2") if text else ():  # SDXL has both
+        if source.has(encoder):
+            pairs[encoder] = _pairs(getattr(source, f"load_{encoder}")(), TEXT_TARGETS, rank, generator)
     return pairs
+
+
+KOHYA_PREFIXES = {False: {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"},
+                  True: {"unet": "lora_unet_", "text_encoder": "lora_te1_text_model_",
+                         "text_encoder_2": "lora_te2_text_model_"}}
 
 
 def write_peft_lora(pairs, dest) -> None:
@@ -37,19 +43,26 @@ def write_peft_lora(pairs, dest) -> None:
 
 
 def write_kohya_lora(pairs, dest, alpha=None) -> None:
-    """kohya-ss / AUTOMATIC1111: `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    """kohya-ss / AUTOMATIC1111: `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+    SDXL's text encoders are `lora_te1_` and `lora_te2_`."""
     from safetensors.torch import save_file
+    xl = "text_encoder_2" in pairs
     state = {}
     for component, modules in pairs.items():
         for name, (down, up) in modules.items():
-            if component == "unet":
-                key = "lora_unet_" + name.replace(".", "_")
-            else:
-                key = "lora_te_text_model_" + name.replace(".", "_")
+            key = KOHYA_PREFIXES[xl][component] + name.removeprefix("text_model.").replace(".", "_")
             state[f"{key}.lora_down.weight"] = down.contiguous()
             state[f"{key}.lora_up.weight"] = up.contiguous()
             state[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else down.shape[0]))
     save_file(state, str(dest))
+
+
+def write_xl_embedding(dest, widths=(32, 64), vectors=1, seed=0) -> None:
+    """SDXL's format: `clip_l` (the first text encoder's width) and `clip_g` (the second's), [vectors, width]."""
+    from safetensors.torch import save_file
+    generator = torch.Generator().manual_seed(seed)
+    save_file({key: torch.randn(vectors, width, generator=generator) for key, width in zip(("clip_l", "clip_g"), widths)},
+              str(dest))
 
 
 def write_embedding(dest, width, vectors=1, seed=0, token=None, a1111=False) -> None:

@@ -149,7 +149,7 @@ def test_sdxl_lora_is_refused(tmp_path, capsys):
     save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4)}, str(path))
     code, err = _cli(capsys, "--convert-text-encoder", "--lora", str(path), "-o", str(tmp_path / "out"))
-    assert_one_line(code, err, "SDXL is not supported yet", prog="torch2coreml")
+    assert_one_line(code, err, "is for SDXL", "the model is SD 1.x / 2.x", prog="torch2coreml")
 
 
 def test_truncated_lora_is_refused(tmp_path, capsys):

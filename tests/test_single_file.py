@@ -35,7 +35,8 @@ def test_single_file_converts_to_packages_identical_in_weights(tmp_path, tiny_ch
         assert _weights(package) == _weights(tiny_fp16_packages[package_name("tiny", component)]), component
 
 
-@pytest.mark.parametrize("family,layout", [("tiny", "clip"), ("tiny-sd2", "open_clip")])
+@pytest.mark.parametrize("family,layout", [("tiny", "clip"), ("tiny-sd2", "open_clip"), ("tiny-xl", "sdxl"),
+                                           ("tiny-xl-refiner", "sdxl")])
 def test_family_recognised_and_weights_mapped_exactly(tmp_path, family, layout):
     from python_coreml_sd import single_file
     from python_coreml_sd.model_sources import ModelSource, resolve
@@ -49,7 +50,10 @@ def test_family_recognised_and_weights_mapped_exactly(tmp_path, family, layout):
     assert (found.family, found.variant) == (family, "")
     converted = ModelSource(str(path), single_file.materialize(path))
     assert converted.config("scheduler")["prediction_type"] == source.config("scheduler")["prediction_type"]
-    for component in ("unet", "text_encoder", "vae"):
+    assert (converted.pipeline_class, converted.interface, converted.is_refiner) == (
+        source.pipeline_class, source.interface, source.is_refiner)
+    assert found.components == tuple(c for c in ("unet", "text_encoder", "text_encoder_2", "vae") if source.has(c))
+    for component in found.components:
         a, b = (getattr(s, f"load_{component}")().state_dict() for s in (source, converted))
         assert set(a) == set(b), component
         assert all(torch.equal(a[k], b[k]) for k in a), component
@@ -80,19 +84,35 @@ def _cli(capsys, *argv):
     return exit_info.value.code, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("kind,keys", [
-    ("SDXL base", {"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
-                   "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (8, 8),
-                   "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (8,)}),
-    ("SDXL refiner", {"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
-                      "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": (8,)}),
-])
-def test_sdxl_is_recognised_and_refused(tmp_path, capsys, kind, keys):
-    path = _header_only(tmp_path / "xl.safetensors", keys)
-    out = tmp_path / "out"
-    code, err = _cli(capsys, "--convert-unet", "--model-version", str(path), "-o", str(out))
-    assert_one_line(code, err, f"is an {kind} checkpoint", "SDXL is not supported yet", prog="torch2coreml")
-    assert not out.exists()
+@pytest.fixture(scope="module")
+def xl_checkpoint(tmp_path_factory):
+    from python_coreml_sd.model_sources import resolve
+    path = tmp_path_factory.mktemp("xl_ckpt") / "tiny-xl-original.safetensors"
+    ldm_layout.write_checkpoint(resolve("tiny-xl"), path, "sdxl")
+    return path
+
+
+def test_sdxl_fixture_is_what_diffusers_from_single_file_reads(xl_checkpoint):
+    """The SGM layout written by tests/ldm_layout.py is the one diffusers' own SDXL single-file loader
+    reads (offline: the tiny-xl folder as its config): it loads the tiny-xl weights back exactly."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from python_coreml_sd.model_sources import resolve
+    source = resolve("tiny-xl")
+    pipe = StableDiffusionXLPipeline.from_single_file(str(xl_checkpoint), config=str(source.root),
+                                                      local_files_only=True)
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(source, f"load_{component}")().state_dict(), getattr(pipe, component).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), component
+
+
+def test_sdxl_single_file_converts_to_packages_identical_in_weights(tmp_path, xl_checkpoint):
+    components = ["text_encoder", "unet"]  # --convert-text-encoder writes both SDXL encoders
+    ours = convert(ConversionOptions(str(xl_checkpoint), tmp_path / "file"), components)
+    folder = convert(ConversionOptions("tiny-xl", tmp_path / "folder"), components)
+    assert len(ours) == len(folder) == 3
+    for a, b in zip(ours, folder):
+        assert _weights(a) == _weights(b), a.name
 
 
 def test_unknown_family_is_refused(tmp_path, capsys):
