@@ -74,6 +74,16 @@ def test_embedding_goes_into_both_encoders_and_tokenizers(tmp_path, embedding):
     assert json.loads((tmp_path / "added_tokens.json").read_text(encoding="utf-8")) == dict(zip(tokens, ids))
 
 
+def test_the_pipelines_second_tokenizer_takes_the_bundles_tokens(tmp_path, xl):
+    """A bundle's added_tokens.json reaches tokenizer_2 too, not only the bundled first tokenizer."""
+    from python_coreml_sd.generation.setup import second_tokenizer
+    prompt = f"a photo of {TOKEN}"
+    assert 49408 not in second_tokenizer(xl, tmp_path)(prompt).input_ids  # no added_tokens.json: plain BPE
+    (tmp_path / "added_tokens.json").write_text(json.dumps({TOKEN: 49408}), encoding="utf-8")
+    assert second_tokenizer(xl, tmp_path)(prompt).input_ids[4] == 49408
+    assert second_tokenizer(resolve("tiny"), tmp_path) is None
+
+
 def _cli(capsys, *argv):
     from python_coreml_sd import torch2coreml
     capsys.readouterr()  # what building the fixtures printed (transformers' loading bars) is not the CLI's

@@ -37,15 +37,25 @@ def reference_models(source, latent_hw, device="cpu", precision="float32", refin
     return load_torch(source, latent_hw, device=device, dtype=dtype, refiner=refiner, controlnet=controlnet)
 
 
-def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None) -> StableDiffusionPipeline:
+def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None, models_dir=None) -> StableDiffusionPipeline:
     """The loop over `models`, with `source`'s tokenizers, scheduler and VAE scaling (SDXL's 0.13025) and, for
-    SDXL, its model_index.json's force_zeros_for_empty_prompt."""
+    SDXL, its model_index.json's force_zeros_for_empty_prompt. `models_dir`: a bundle whose added tokens
+    (textual inversion) the second tokenizer takes too."""
     vae_config = source.config("vae")
-    xl = source.has("tokenizer_2")
     return StableDiffusionPipeline(models, tokenizer or source.load_tokenizer(), source.config("scheduler"),
                                    vae_scaling_factor=vae_config.get("scaling_factor", 0.18215), progress=progress,
-                                   tokenizer_2=source.load_tokenizer_2() if xl else None,
+                                   tokenizer_2=second_tokenizer(source, models_dir),
                                    force_zeros_for_empty_prompt=bool(source.index.get("force_zeros_for_empty_prompt")))
+
+
+def second_tokenizer(source, models_dir=None):
+    """SDXL's tokenizer_2 with the bundle's added tokens (the same ids as the first's: both vocabularies have
+    49,408 entries), or None for a model with one text encoder."""
+    if not source.has("tokenizer_2"):
+        return None
+    from ..tokenizer_files import load_added_tokens
+    tokenizer = source.load_tokenizer_2()
+    return load_added_tokens(tokenizer, models_dir) if models_dir is not None else tokenizer
 
 
 def bundled_tokenizer(models_dir):
@@ -89,7 +99,7 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         models = reference_models(source, latent_hw, device, torch_precision, refiner, controlnet)
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet)
-    return build_pipeline(models, source, progress, bundled_tokenizer(models_dir))
+    return build_pipeline(models, source, progress, bundled_tokenizer(models_dir), models_dir)
 
 
 def _latent_size_of(models_dir, model_version=None) -> tuple:
