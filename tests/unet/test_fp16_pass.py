@@ -10,6 +10,7 @@ import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program
 
+from python_coreml_sd.convert.common import input_dtype
 from python_coreml_sd import registry
 from python_coreml_sd.convert import unet as U
 from python_coreml_sd.convert import ConversionOptions
@@ -33,7 +34,7 @@ def mil_program(diffusers_unet, implementation: str, halve: bool):
     U.assign_weights(traced, weights)
     with U.half_weights_as_constexpr(traced):
         prog = ct.convert(traced, convert_to="milinternal", source="pytorch",
-                          inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=U.input_dtype(k, options))
+                          inputs=[ct.TensorType(name=k, shape=tuple(v.shape), dtype=input_dtype(k, options))
                                   for k, v in inputs.items()],
                           outputs=[ct.TensorType(name="noise_pred", dtype=np.float32)],
                           compute_precision=ct.precision.FLOAT32, minimum_deployment_target=ct.target.macOS13,
