@@ -19,7 +19,7 @@ SPLIT_EINSUM), fp16, cached under --cache-dir. Rows (CUDA-graph rows on CUDA onl
 median of --iters calls after --warmup calls (CUDA events on a GPU), timed in interleaved rounds (every
 row once per round; --sequential: one row after another, one model in memory at a time). The diffusers
 rows keep inputs and output on the device; the MIL rows go through MILModel.predict, numpy in and out, so
-they also pay the host <-> device copies. PSNR is against the diffusers eager float16 output of the same
+they also pay the host <-> device copies (the "device tensors" rows call predict_tensors instead). PSNR is against the diffusers eager float16 output of the same
 run. "setup" is what a row pays once, up to the end of its first call: compilation, graph capture, or
 MILModel loading, plus that call; the torch.compile + CUDA graph row reuses the compiled module of the
 row before it.
@@ -163,8 +163,6 @@ def _inference(run):
 
 def mil_rows(path, feed, args, attention):
     """Yields the MIL runtime rows of one package, each ready to time (its first call already made)."""
-    from python_coreml_sd.runtime.mil import MILModel
-
     graphs = args.device == "cuda" and not args.no_cuda_graph
     variants = [("per-op", dict(fuse=False)), ("fused", dict(fuse=True))]
     variants += [("fused + CUDA graph", dict(fuse=True, cuda_graph=True))] if graphs else []
@@ -175,18 +173,23 @@ def mil_rows(path, feed, args, attention):
     for name, kw in variants:
         for on_device in (False, True) if args.device_tensors and kw.get("cuda_graph") else (False,):
             yield mil_row(f"MIL runtime {attention}, {name}" + (", device tensors" if on_device else ""),
-                          MILModel, path, feed, args, kw, on_device)
+                          path, feed, args, kw, on_device)
 
 
-def mil_row(label, MILModel, path, feed, args, kw, on_device):
+def mil_row(label, path, feed, args, kw, on_device):
     """One MIL row; on_device: inputs placed on the device once and predict_tensors called (what a loop of
     UNet steps that keeps its latents on the GPU pays), else predict with numpy in and out."""
+    from python_coreml_sd.runtime.mil import MILModel
+
     try:
         t0 = time.perf_counter()
         model = MILModel(path, device=args.device, **kw)
-        stored = torch.float16 if args.device == "cuda" else torch.float32  # dtypes.storage_dtype of fp16 inputs
-        tensors = {n: torch.from_numpy(v).to(args.device, stored) for n, v in feed.items()}
-        call = (lambda: model.predict_tensors(tensors)) if on_device else (lambda: model.predict(feed))
+        if on_device:
+            stored = torch.float16 if args.device == "cuda" else torch.float32  # storage_dtype of fp16 inputs
+            tensors = {n: torch.from_numpy(v).to(args.device, stored) for n, v in feed.items()}
+            call = lambda: model.predict_tensors(tensors)  # noqa: E731
+        else:
+            call = lambda: model.predict(feed)  # noqa: E731
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = call()["noise_pred"]  # compiles and captures the graph, if any

@@ -395,10 +395,6 @@ class MILModel:
                 other.run = _eager_runner(other.plan)
             return spec.run(tensors)
 
-    @staticmethod
-    def _run(plan, tensors):
-        return _eager_runner(plan)(tensors)
-
     def _run_graph(self, spec, tensors):
         if spec.graph is None:
             try:
