@@ -88,3 +88,59 @@ def test_attention_fusion_channels_first_layout(tmp_path):
     model = MILModel(next(tmp_path.glob("*.mlpackage")), fuse=True)
     assert model.plan.num_fused == 1
     np.testing.assert_allclose(list(model.predict({"q": q, "k": k, "v": v}).values())[0], out, rtol=1e-5, atol=1e-5)
+
+
+def _softmax(s, axis):
+    e = np.exp(s - s.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+@pytest.mark.parametrize("scores_eq, axis, out_eq, probs_first", [
+    ("bkhc,bchq->bkhq", 1, "bchk,bkhq->bchq", False),  # SPLIT_EINSUM: one head, keys first
+    ("bqhc,bchk->bqhk", 3, "bqhk,bkhc->bqhc", True),   # queries first, probabilities first
+    ("khc,chq->khq", 0, "chk,khq->chq", False),        # rank 3
+])  # MIL's einsum takes only the "nchw,nwhu->nchu" form (and its rank-3 one), under any letters
+def test_einsum_attention_fusion_matches_numpy(tmp_path, scores_eq, axis, out_eq, probs_first):
+    """einsum -> softmax(key axis) -> einsum becomes one SDPA whatever the subscripts' order, and gives
+    the per-op numbers."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import run_mil
+
+    rng = np.random.default_rng(2)
+    sizes = dict(b=2, h=3, c=4, q=5, k=6)
+    (x_sub, y_sub), s_sub = scores_eq.split("->")[0].split(","), scores_eq.split("->")[1]
+    p_sub, v_sub = out_eq.split("->")[0].split(",")[:: 1 if probs_first else -1]
+    feed = {"x": rng.normal(size=[sizes[t] for t in x_sub]).astype(np.float32),
+            "y": rng.normal(size=[sizes[t] for t in y_sub]).astype(np.float32),
+            "v": rng.normal(size=[sizes[t] for t in v_sub]).astype(np.float32)}
+
+    def build(x, y, v):
+        probs = mb.softmax(x=mb.einsum(values=(x, y), equation=scores_eq), axis=axis)
+        return mb.einsum(values=(probs, v) if probs_first else (v, probs), equation=out_eq)
+
+    out = run_mil(build, feed, tmp_path)[0]
+    probs = _softmax(np.einsum(scores_eq, feed["x"], feed["y"]), axis)
+    expected = np.einsum(out_eq, *((probs, feed["v"]) if probs_first else (feed["v"], probs)))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    model = MILModel(next(tmp_path.glob("*.mlpackage")), fuse=True)
+    assert model.plan.num_fused == 1
+    np.testing.assert_allclose(list(model.predict(feed).values())[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_softmax_over_queries_is_not_fused(tmp_path):
+    """softmax over the query axis is not attention: the chain stays op by op."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import run_mil
+
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.normal(size=(2, 6, 1, 4)).astype(np.float32), "y": rng.normal(size=(2, 4, 1, 5)).astype(np.float32),
+            "v": rng.normal(size=(2, 4, 1, 6)).astype(np.float32)}
+
+    def build(x, y, v):
+        probs = mb.softmax(x=mb.einsum(values=(x, y), equation="bkhc,bchq->bkhq"), axis=3)
+        return mb.einsum(values=(v, probs), equation="bchk,bkhq->bchq")
+
+    out = run_mil(build, feed, tmp_path)[0]
+    model = MILModel(next(tmp_path.glob("*.mlpackage")), fuse=True)
+    assert model.plan.num_fused == 0
+    np.testing.assert_allclose(list(model.predict(feed).values())[0], out, rtol=1e-6, atol=1e-6)

@@ -2,7 +2,8 @@
 the single fused PyTorch kernel (used on CUDA by default).
 
 - attention: matmul(q, k, transpose_y) -> softmax(-1) -> matmul(., v) becomes
-  F.scaled_dot_product_attention (flash / memory-efficient kernels; no L x L tensor in memory).
+  F.scaled_dot_product_attention (flash / memory-efficient kernels; no L x L tensor in memory); so does
+  the SPLIT_EINSUM layouts' einsum(q, k) -> softmax(key axis) -> einsum(., v), one head per chain.
 - group norm: reshape to groups -> mean -> sub -> square -> mean -> add eps -> sqrt -> real_div ->
   reshape back becomes F.group_norm.
 
@@ -61,6 +62,80 @@ def _attention(softmax, outputs):
         return _t(y) if flip else y
 
     return out, [scores, softmax, out], fn, [scores.x, scores.y, values]
+
+
+def _einsum_letters(op):
+    """The operands' and the result's subscripts of a two-operand einsum without `...`, else None."""
+    equation = _scalar(op.equation)
+    if not isinstance(equation, str) or "." in equation or len(op.values) != 2:
+        return None
+    ins, out = equation.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    if any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    return a, b, out
+
+
+def _einsum_scores(scores, axis):
+    """Roles of scores = einsum(x, y) with softmax over `axis`: (batch letters, q, k, c, which operand
+    holds the queries), or None. Each operand is batch + {query or key} + {contracted channel}."""
+    letters = _einsum_letters(scores)
+    if letters is None:
+        return None
+    a, b, s = letters
+    k = s[axis]
+    batch = [t for t in s if t in a and t in b]
+    free = [t for t in s if t not in batch and t != k]
+    contracted = [t for t in a if t in b and t not in s]
+    if len(free) != 1 or len(contracted) != 1 or len(batch) + 2 != len(s):
+        return None
+    q, c = free[0], contracted[0]
+    q_first = set(a) == {*batch, q, c} and set(b) == {*batch, k, c}
+    if not q_first and not (set(b) == {*batch, q, c} and set(a) == {*batch, k, c}):
+        return None
+    return batch, q, k, c, q_first
+
+
+def _einsum_attention(softmax, outputs):
+    """softmax(einsum(q, k)) along the key axis, then einsum with v: the SPLIT_EINSUM(_V2) layouts."""
+    scores = softmax.x.op
+    if scores is None or scores.op_type != "einsum" or _only_consumer(scores.outputs[0], outputs) is not softmax:
+        return None
+    rank = len(softmax.x.shape)
+    roles = _einsum_scores(scores, int(_scalar(softmax.axis)) % rank)
+    out = _only_consumer(softmax.outputs[0], outputs)
+    if roles is None or out is None or out.op_type != "einsum" or _einsum_letters(out) is None:
+        return None
+    batch, q, k, c, q_first = roles
+    s = _einsum_letters(scores)[2]
+    probs = softmax.outputs[0]
+    x2, y2, o2 = _einsum_letters(out)
+    if out.values[0] is probs and out.values[1] is not probs:
+        p2, v2, values = x2, y2, out.values[1]
+    elif out.values[1] is probs and out.values[0] is not probs:
+        p2, v2, values = y2, x2, out.values[0]
+    else:
+        return None
+    rename = dict(zip(s, p2))  # probs' letters in the second equation, by position
+    batch2, q2, k2 = [rename[t] for t in batch], rename[q], rename[k]
+    channel = [t for t in v2 if t not in p2]
+    if len(channel) != 1 or set(v2) != {*batch2, k2, *channel} or set(o2) != {*batch2, q2, *channel}:
+        return None
+    a, b, _ = _einsum_letters(scores)
+    (queries, q_sub), (keys, k_sub) = ((scores.values[0], a), (scores.values[1], b))[::1 if q_first else -1]
+    sizes = [dict(zip(sub, var.shape)) for var, sub in ((queries, q_sub), (keys, k_sub), (values, v2))]
+    if any(sizes[0][t] != sizes[1][t] or sizes[0][t] != sizes[2][rename[t]] for t in batch):
+        return None  # broadcast batch dimensions: left to the per-op steps
+    to_q = [q_sub.index(t) for t in (*batch, q, c)]
+    to_k = [k_sub.index(t) for t in (*batch, k, c)]
+    to_v = [v2.index(t) for t in (*batch2, k2, channel[0])]
+    back = [[*batch2, q2, channel[0]].index(t) for t in o2]
+
+    def fn(x, y, v):
+        y_out = F.scaled_dot_product_attention(x.permute(to_q), y.permute(to_k), v.permute(to_v), scale=1.0)
+        return y_out.permute(back)
+
+    return out, [scores, softmax, out], fn, [queries, keys, values]
 
 
 def _chain(var, outputs, *types):
@@ -123,7 +198,7 @@ def find_fusions(function):
             continue
         match = None
         if op.op_type == "softmax":
-            match = _attention(op, outputs)
+            match = _attention(op, outputs) or _einsum_attention(op, outputs)
         elif op.op_type == "reshape":
             match = _group_norm(op, outputs)
         if match is None:
