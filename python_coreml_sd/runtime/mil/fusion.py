@@ -31,6 +31,13 @@ def _t(x):
     return x.transpose(-1, -2)
 
 
+def _sdpa(q, k, v):
+    """softmax(q k^T) v (no scaling: the programs scale q themselves). Flash and memory-efficient kernels
+    need each operand's last dimension contiguous; transposed views would send SDPA (and Inductor) to
+    the math path, an L x L softmax in memory, so they are copied first (a few MB against L^2)."""
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=1.0)
+
+
 def _attention(softmax, outputs):
     """S = softmax(Q K^T) then S V (diffusers) or V' S^T (channels-first layouts), any transposes."""
     if _scalar(softmax.axis) not in (-1, len(softmax.x.shape) - 1):
@@ -58,7 +65,7 @@ def _attention(softmax, outputs):
     def fn(a, b, v):
         q = _t(a) if q_t else a
         k = b if k_t else _t(b)
-        y = F.scaled_dot_product_attention(q, k, _t(v) if v_t else v, scale=1.0)
+        y = _sdpa(q, k, _t(v) if v_t else v)
         return _t(y) if flip else y
 
     return out, [scores, softmax, out], fn, [scores.x, scores.y, values]
@@ -132,8 +139,7 @@ def _einsum_attention(softmax, outputs):
     back = [[*batch2, q2, channel[0]].index(t) for t in o2]
 
     def fn(x, y, v):
-        y_out = F.scaled_dot_product_attention(x.permute(to_q), y.permute(to_k), v.permute(to_v), scale=1.0)
-        return y_out.permute(back)
+        return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v)).permute(back)
 
     return out, [scores, softmax, out], fn, [queries, keys, values]
 
