@@ -49,6 +49,7 @@ final class LongPromptTests: XCTestCase {
             let warning = settings.truncationWarning(prompts: [config().prompt, config().negativePrompt],
                                                      tokenizer: Golden.tokenizer)
             XCTAssertEqual(warning.map { [$0] } ?? [], run["warnings"] as! [String])
+            XCTAssertEqual(pipeline(maxChunks: settings.maxPromptChunks).truncationWarning(config()), warning)
         }
     }
 

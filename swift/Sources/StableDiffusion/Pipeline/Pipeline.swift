@@ -118,6 +118,13 @@ public struct StableDiffusionPipeline {
         tokenizer.windows(text, length: sequenceLength, minCount: minCount, maxCount: promptChunkCounts.last!)
     }
 
+    /// The Python pipeline's warning when the request's prompt or negative prompt has more windows than the
+    /// UNet takes (generate keeps the first ones); nil when both fit. For apps to show; the CLI prints it.
+    public func truncationWarning(_ config: GenerationConfig) -> String? {
+        guard [config.prompt, config.negativePrompt].contains(where: { promptWindows($0).truncated }) else { return nil }
+        return PromptWindows.truncationWarning(windows: promptChunkCounts.last!, length: sequenceLength)
+    }
+
     /// (1, windows x sequenceLength, C): each window encoded on its own and weighted (A1111's emphasis is
     /// per window), then the windows side by side along the sequence.
     func embeddings(_ windows: PromptWindows) throws -> Tensor {

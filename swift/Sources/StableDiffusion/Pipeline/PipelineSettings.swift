@@ -58,7 +58,7 @@ extension PipelineSettings {
         let truncated = prompts.contains {
             tokenizer.windows($0, length: sequenceLength, maxCount: maxPromptChunks).truncated
         }
-        return truncated ? "prompt is longer than \(sequenceLength * maxPromptChunks) tokens and was truncated" : nil
+        return truncated ? PromptWindows.truncationWarning(windows: maxPromptChunks, length: sequenceLength) : nil
     }
 
     /// The latent (height, width) for `--height`/`--width` in pixels (nil: the default size's), one of

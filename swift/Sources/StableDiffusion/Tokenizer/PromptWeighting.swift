@@ -110,6 +110,11 @@ public struct PromptWindows: Equatable, Sendable {
     public var truncated = false
 
     public var count: Int { ids.count }
+
+    /// The Python pipeline's warning text for a prompt cut to `windows` windows of `length` tokens.
+    public static func truncationWarning(windows: Int, length: Int) -> String {
+        "prompt is longer than \(length * windows) tokens and was truncated"
+    }
 }
 
 extension BPETokenizer {
