@@ -137,6 +137,17 @@ def test_bundle_settings_list_the_sizes_and_prompt_windows():
     assert "latent_sizes" not in bundle.pipeline_settings(ConversionOptions("tiny", "out"))
 
 
+def test_apps_read_the_sizes_and_prompt_windows_back():
+    """bundle.shapes_of, the reading the Swift CLI does too (golden vectors of scripts/make_prompt_vectors.py)."""
+    from python_coreml_sd import bundle
+    settings = bundle.pipeline_settings(ConversionOptions("tiny", "out", latent_sizes=((8, 24), (16, 16)),
+                                                          max_prompt_chunks=3))
+    assert bundle.resources.shapes_of(settings) == {"latent_sizes": [[8, 24], [16, 16]], "prompt_chunk_counts": [1, 2, 3]}
+    plain = bundle.pipeline_settings(ConversionOptions("tiny", "out"))
+    assert bundle.resources.shapes_of(plain) == {"latent_sizes": [plain["latent_size"]], "prompt_chunk_counts": [1]}
+    assert bundle.resources.shapes_of({}) == {"latent_sizes": [], "prompt_chunk_counts": [1]}
+
+
 @pytest.mark.parametrize("attention, sizes, chunks", [("ORIGINAL", SIZES, 1), ("SPLIT_EINSUM_V2", (), 2)])
 def test_other_attention_implementations_at_each_shape(tmp_path, tiny_source, attention, sizes, chunks):
     from python_coreml_sd.convert.unet import convert_unet

@@ -95,6 +95,15 @@ def shape_settings(sizes: tuple, max_prompt_chunks: int) -> dict:
     return settings
 
 
+def shapes_of(settings: dict) -> dict:
+    """What an app (the Swift CLI too) reads back from pipeline_config.json: the latent sizes, default first
+    (the one size without `latent_sizes`; none when the file names no size: the UNet's own shape decides), and
+    the prompt-window counts the UNet takes, 1..max_prompt_chunks."""
+    sizes = settings.get("latent_sizes") or ([settings["latent_size"]] if "latent_size" in settings else [])
+    chunks = int(settings.get("max_prompt_chunks", 1))
+    return {"latent_sizes": [[int(h), int(w)] for h, w in sizes], "prompt_chunk_counts": list(range(1, chunks + 1))}
+
+
 def write_model_files(options, dest: Path) -> None:
     from ..model_edits import source_for
     source = source_for(options)  # with its edits: textual-inversion tokens

@@ -16,7 +16,7 @@ enum CLIRunner {
                                           computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory)
         let schedulerConfig = try resources.schedulerConfig()
         var config = options.generationConfig(schedulerConfig: schedulerConfig)
-        config.latentShape = try pipeline.latentShape()
+        config.latentShape = try pipeline.latentShape(height: options.height, width: options.width)
         if let path = options.imagePath { config.startImage = try ImageFile.read(path: path, shape: config.latentShape) }
         let images = try pipeline.pipeline.generate(config) { step, total in
             print("step \(step)/\(total)")

@@ -23,12 +23,16 @@ do {
     let tokenizer = try resources.tokenizer()
     // A bad scheduler_config.json or pipeline_config.json fails here, on any platform.
     _ = try resources.schedulerConfig()
-    _ = try resources.pipelineSettings()
+    let settings = try resources.pipelineSettings()
     if let image = options.imagePath, !FileManager.default.fileExists(atPath: image) {
         throw UsageError("--image \(image) does not exist")
     }
-    if tokenizer.tokenize(options.prompt).count > 75 {
-        FileHandle.standardError.write(Data("StableDiffusionCLI: note: the prompt is longer than 75 tokens and is truncated\n".utf8))
+    // A size the bundle does not list fails here, on any platform; without a list the UNet's shape decides (Core ML).
+    if !settings.latentSizes.isEmpty {
+        _ = try PipelineSettings.latentSize(height: options.height, width: options.width, sizes: settings.latentSizes)
+    }
+    if let warning = settings.truncationWarning(prompts: [options.prompt, options.negativePrompt], tokenizer: tokenizer) {
+        FileHandle.standardError.write(Data("StableDiffusionCLI: warning: \(warning)\n".utf8))
     }
     try CLIRunner.run(options, resources: resources, tokenizer: tokenizer)
 } catch let error as UsageError {

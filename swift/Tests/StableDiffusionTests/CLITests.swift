@@ -57,12 +57,9 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(result.stderr, "StableDiffusionCLI: error: resource folder /nonexistent/sd does not exist\n")
     }
 
-    func testValidFolderWithoutCoreMLSaysSo() throws {
-        #if canImport(CoreML) && !os(Linux)
-        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
-        #else
+    /// A Resources folder of placeholder models and the project's tokenizer; the caller removes it.
+    func placeholderFolder() throws -> URL {
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("sd-cli-\(UUID())")
-        defer { try? FileManager.default.removeItem(at: folder) }
         for name in ["TextEncoder.mlmodelc", "VAEDecoder.mlmodelc", "Unet.mlmodelc"] {
             try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
         }
@@ -70,6 +67,15 @@ final class CLITests: XCTestCase {
             try FileManager.default.copyItem(at: Golden.repositoryRoot.appendingPathComponent("models/tokenizer/\(name)"),
                                              to: folder.appendingPathComponent(name))
         }
+        return folder
+    }
+
+    func testValidFolderWithoutCoreMLSaysSo() throws {
+        #if canImport(CoreML) && !os(Linux)
+        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
+        #else
+        let folder = try placeholderFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
         let result = try run(["--resource-path", folder.path, "--prompt", "a cat", "--scheduler", "dpmpp"])
         XCTAssertEqual(result.status, 3)
         XCTAssertTrue(result.stderr.contains("needs Core ML"), result.stderr)
@@ -85,6 +91,32 @@ final class CLITests: XCTestCase {
         let withImage = try run(["--resource-path", folder.path, "--prompt", "a cat", "--image", "in.png"])
         XCTAssertEqual(withImage.status, 2)
         XCTAssertTrue(withImage.stderr.contains("VAEEncoder.mlmodelc"), withImage.stderr)
+        #endif
+    }
+
+    func testSizesAndLongPromptsOfTheBundle() throws {
+        #if canImport(CoreML) && !os(Linux)
+        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
+        #else
+        let folder = try placeholderFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let config = #"{"latent_size": [64, 64], "latent_sizes": [[64, 64], [96, 64]], "max_prompt_chunks": 2}"#
+        try Data(config.utf8).write(to: folder.appendingPathComponent("pipeline_config.json"))
+        let base = ["--resource-path", folder.path, "--prompt", "a cat"]
+        let wrong = try run(base + ["--height", "512", "--width", "768"])
+        XCTAssertEqual(wrong.status, 2)
+        XCTAssertEqual(wrong.stderr, "StableDiffusionCLI: error: --height 512 --width 768: the models take 512x512, "
+                       + "768x512 pixels (height x width); pass one of them, or reconvert with --latent-sizes\n")
+        XCTAssertEqual(try run(base + ["--height", "768"]).status, 3)  // a listed size: on to the models
+        // 150 tokens fill two windows of 75; one more does not fit.
+        let twoWindows = Array(repeating: "cat", count: 150).joined(separator: " ")
+        let fits = try run(["--resource-path", folder.path, "--prompt", twoWindows])
+        XCTAssertEqual(fits.status, 3)
+        XCTAssertFalse(fits.stderr.contains("warning"), fits.stderr)
+        let long = try run(["--resource-path", folder.path, "--prompt", "a", "--negative-prompt", twoWindows + " dog"])
+        XCTAssertEqual(long.status, 3)
+        XCTAssertTrue(long.stderr.hasPrefix("StableDiffusionCLI: warning: prompt is longer than 154 tokens and was truncated\n"),
+                      long.stderr)
         #endif
     }
 }

@@ -19,6 +19,9 @@ public struct CommandLineOptions: Equatable {
     public var outputPath = "."
     public var imagePath: String?
     public var strength = 0.75
+    /// Image size in pixels, one of the sizes the bundle's models take; nil: the default size's.
+    public var height: Int?
+    public var width: Int?
     public var disableSafety = false
     public var reduceMemory = false
     public var help = false
@@ -71,6 +74,9 @@ public struct CommandLineOptions: Equatable {
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
       --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75)
+      --height <n>, --width <n> image size in pixels: one of the sizes the models were converted
+                                for (--latent-sizes; pipeline_config.json lists them); default:
+                                the first of them
       --disable-safety          skip the safety checker
       --reduce-memory           load each model only while it runs
       --help                    show this text
@@ -117,6 +123,8 @@ public struct CommandLineOptions: Equatable {
         case "--seed": seed = try Self.number(name, text, in: 0...UInt32.max)
         case "--guidance-scale": guidanceScale = try Self.number(name, text, in: 0...100)
         case "--strength": strength = try Self.number(name, text, in: 0...1)
+        case "--height": height = try Self.number(name, text, in: 8...16384)
+        case "--width": width = try Self.number(name, text, in: 8...16384)
         case "--scheduler": scheduler = try Self.choice(name, text)
         case "--prediction-type": predictionType = try Self.choice(name, text) as PredictionType
         case "--timestep-spacing": timestepSpacing = try Self.choice(name, text) as TimestepSpacing
@@ -128,7 +136,8 @@ public struct CommandLineOptions: Equatable {
 
     private static let valueOptions: Set<String> = [
         "--resource-path", "--prompt", "--negative-prompt", "--output-path", "--image", "--image-count", "--step-count",
-        "--seed", "--guidance-scale", "--strength", "--scheduler", "--prediction-type", "--timestep-spacing", "--rng", "--compute-units",
+        "--seed", "--guidance-scale", "--strength", "--height", "--width", "--scheduler", "--prediction-type",
+        "--timestep-spacing", "--rng", "--compute-units",
     ]
 
     private static let flags: [String: WritableKeyPath<CommandLineOptions, Bool>] = [

@@ -16,7 +16,7 @@ public struct CoreMLTextEncoder: TextEncoding {
     }
 }
 
-/// `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77) -> `noise_pred`, as one model or as
+/// `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77 x windows) -> `noise_pred`, as one model or as
 /// UnetChunk1 + UnetChunk2 where the second chunk takes the first chunk's outputs by name.
 public struct CoreMLUnet: NoisePredicting {
     public let chunks: [ManagedModel]
@@ -67,19 +67,8 @@ public struct CoreMLUnet: NoisePredicting {
         try chunk.perform { Array($0.modelDescription.outputDescriptionsByName.keys) }
     }
 
-    /// (B, 77, C) text embeddings -> the (B, C, 1, 77) layout the Neural Engine UNet takes.
-    static func unetLayout(_ hidden: Tensor) -> Tensor {
-        let (batch, length, channels) = (hidden.shape[0], hidden.shape[1], hidden.shape[2])
-        var scalars = [Float](repeating: 0, count: hidden.count)
-        for b in 0..<batch {
-            for s in 0..<length {
-                for c in 0..<channels {
-                    scalars[(b * channels + c) * length + s] = hidden.scalars[(b * length + s) * channels + c]
-                }
-            }
-        }
-        return Tensor(shape: [batch, channels, 1, length], scalars: scalars)
-    }
+    /// (B, S, C) text embeddings -> the (B, C, 1, S) layout the Neural Engine UNet takes; S is 77 per prompt window.
+    static func unetLayout(_ hidden: Tensor) -> Tensor { hidden.unetTextLayout() }
 }
 
 /// `z` (latents / 0.18215) -> `image` (1, 3, H, W) in [-1, 1].
@@ -170,12 +159,15 @@ public struct CoreMLSafetyChecker: SafetyChecking {
 public struct CoreMLPipeline {
     public let pipeline: StableDiffusionPipeline
     public let unet: CoreMLUnet
+    /// The bundle's pipeline_config.json: latent scale, sequence length, sizes and prompt windows.
+    public let settings: PipelineSettings
 
     /// Only kept so the group outlives the models that point to it weakly.
     public let residency: ResidencyGroup?
 
     public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool) throws {
         let settings = try resources.pipelineSettings()
+        self.settings = settings
         let group = reduceMemory ? ResidencyGroup() : nil
         residency = group
         let model = { (name: String, stage: String) in
@@ -191,14 +183,16 @@ public struct CoreMLPipeline {
             encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
             safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
-                                           latentScale: settings.latentScale)
+                                           latentScale: settings.latentScale, promptChunkCounts: settings.promptChunkCounts)
     }
 
-    /// (1, 4, h, w) as the UNet declares its `sample` input.
-    public func latentShape() throws -> [Int] {
+    /// (1, 4, h, w) for `height` x `width` pixels (nil: the default size's), one of the bundle's latent
+    /// sizes; a bundle that lists none has the one size the UNet declares for its `sample` input.
+    public func latentShape(height: Int? = nil, width: Int? = nil) throws -> [Int] {
         let shape = try unet.sampleShape()
         guard shape.count == 4 else { throw CoreMLModelError.badShape("UNet sample", shape) }
-        return [1] + shape.dropFirst()
+        let sizes = settings.latentSizes.isEmpty ? [Array(shape[2...])] : settings.latentSizes
+        return [1, shape[1]] + (try PipelineSettings.latentSize(height: height, width: width, sizes: sizes))
     }
 }
 #endif

@@ -76,13 +76,18 @@ public struct StableDiffusionPipeline {
     public let models: PipelineModels
     public let sequenceLength: Int
     public let latentScale: Float
+    /// How many text-encoder windows the UNet takes side by side, ascending (the bundle's
+    /// PipelineSettings.promptChunkCounts; one window for UNets of one context).
+    public let promptChunkCounts: [Int]
 
     public init(tokenizer: BPETokenizer, models: PipelineModels, sequenceLength: Int = 77,
-                latentScale: Float = defaultLatentScale) {
+                latentScale: Float = defaultLatentScale, promptChunkCounts: [Int] = [1]) {
+        precondition(!promptChunkCounts.isEmpty && promptChunkCounts.allSatisfy { $0 > 0 }, "prompt window counts must be positive")
         self.latentScale = latentScale
         self.tokenizer = tokenizer
         self.models = models
         self.sequenceLength = sequenceLength
+        self.promptChunkCounts = promptChunkCounts.sorted()
     }
 
     /// `progress(step, stepCount)` runs after each step; returning false cancels.
@@ -93,14 +98,40 @@ public struct StableDiffusionPipeline {
         }
     }
 
-    /// [negative/unconditional, conditional] embeddings of the prompts' first windows, weighted as
-    /// PromptWeighting reads `(word:1.3)`; the UNet takes one window (longer prompts are truncated).
+    /// [negative/unconditional, conditional] embeddings (2, windows x sequenceLength, C), as the Python
+    /// pipeline's encode_prompts: both prompts in the fewest windows the UNet takes that hold the longer.
     func textEmbeddings(_ config: GenerationConfig) throws -> Tensor {
-        let embeddings = try [config.negativePrompt, config.prompt].map { prompt -> Tensor in
-            let windows = tokenizer.windows(prompt, length: sequenceLength)
-            return PromptWeighting.apply(windows.weights[0], to: try models.textEncoder.encode(tokenIds: windows.ids[0]))
+        let texts = [config.negativePrompt, config.prompt]
+        var windows = texts.map { promptWindows($0) }
+        let longest = windows.map(\.count).max()!
+        let count = promptChunkCounts.first { $0 >= longest } ?? longest  // truncation keeps longest <= the last
+        // Only a prompt of other length is windowed again, padded to `count` windows.
+        for i in windows.indices where windows[i].count != count {
+            windows[i] = promptWindows(texts[i], minCount: count)
         }
-        return Tensor.concatenateBatch(embeddings)
+        return Tensor.concatenateBatch(try windows.map(embeddings))
+    }
+
+    /// A prompt's weighted windows, at most as many as the UNet takes (the rest dropped; see
+    /// PipelineSettings.truncationWarning for the warning).
+    public func promptWindows(_ text: String, minCount: Int = 1) -> PromptWindows {
+        tokenizer.windows(text, length: sequenceLength, minCount: minCount, maxCount: promptChunkCounts.last!)
+    }
+
+    /// The Python pipeline's warning when the request's prompt or negative prompt has more windows than the
+    /// UNet takes (generate keeps the first ones); nil when both fit. For apps to show; the CLI prints it.
+    public func truncationWarning(_ config: GenerationConfig) -> String? {
+        guard [config.prompt, config.negativePrompt].contains(where: { promptWindows($0).truncated }) else { return nil }
+        return PromptWindows.truncationWarning(windows: promptChunkCounts.last!, length: sequenceLength)
+    }
+
+    /// (1, windows x sequenceLength, C): each window encoded on its own and weighted (A1111's emphasis is
+    /// per window), then the windows side by side along the sequence.
+    func embeddings(_ windows: PromptWindows) throws -> Tensor {
+        let parts = try zip(windows.ids, windows.weights).map { ids, weights in
+            PromptWeighting.apply(weights, to: try models.textEncoder.encode(tokenIds: ids))
+        }
+        return Tensor.concatenateSequence(parts)
     }
 
     private func generateOne(_ config: GenerationConfig, seed: UInt32, hidden: Tensor,

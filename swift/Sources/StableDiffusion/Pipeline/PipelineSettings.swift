@@ -2,9 +2,10 @@ import Foundation
 
 /// What the loop needs from the model besides its Core ML files, from the bundle's
 /// pipeline_config.json (written by the converter's bundle step): the VAE's latent scaling factor,
-/// the text encoder's sequence length and the size the models were made for. Bundles without the
-/// file, or keys it leaves out, get SD 1.x's values; the UNet's declared input still decides the
-/// latent shape the loop runs at.
+/// the text encoder's sequence length, the size the models were made for and, for packages of several
+/// shapes (--latent-sizes, --max-prompt-chunks), their latent sizes and prompt windows. Bundles without
+/// the file, or keys it leaves out, get SD 1.x's values; without listed sizes the UNet's declared input
+/// decides the latent shape the loop runs at.
 public struct PipelineSettings: Equatable, Sendable {
     public static let fileName = "pipeline_config.json"
 
@@ -13,6 +14,13 @@ public struct PipelineSettings: Equatable, Sendable {
     /// (height, width) of the latents and of the images; nil when the bundle does not say.
     public var latentSize: [Int]?
     public var imageSize: [Int]?
+    /// Latent (height, width) sizes the models take, the default first: `latent_sizes`, else `latent_size`
+    /// alone, else none (python_coreml_sd.bundle.resources.shapes_of reads them the same way).
+    public var latentSizes: [[Int]] = []
+    /// The UNet takes text contexts of 1...maxPromptChunks windows (77 tokens each) side by side.
+    public var maxPromptChunks = 1
+
+    public var promptChunkCounts: [Int] { Array(1...maxPromptChunks) }
 
     public init() {}
 
@@ -25,8 +33,13 @@ public struct PipelineSettings: Equatable, Sendable {
         if let length = object["text_sequence_length"] as? NSNumber { sequenceLength = length.intValue }
         latentSize = (object["latent_size"] as? [NSNumber])?.map(\.intValue)
         imageSize = (object["image_size"] as? [NSNumber])?.map(\.intValue)
-        guard latentScale.isFinite, latentScale > 0, (2...1024).contains(sequenceLength),
-              [latentSize, imageSize].allSatisfy({ $0 == nil || ($0!.count == 2 && $0!.allSatisfy { $0 > 0 }) }) else {
+        let sizes = (object["latent_sizes"] as? [[NSNumber]])?.map { $0.map(\.intValue) }
+        latentSizes = sizes ?? latentSize.map { [$0] } ?? []
+        if let chunks = object["max_prompt_chunks"] as? NSNumber { maxPromptChunks = chunks.intValue }
+        let pairs = [latentSize, imageSize].compactMap { $0 } + latentSizes
+        guard latentScale.isFinite, latentScale > 0, (2...1024).contains(sequenceLength), (1...1000).contains(maxPromptChunks),
+              object["latent_sizes"] == nil || sizes?.isEmpty == false,
+              pairs.allSatisfy({ $0.count == 2 && $0.allSatisfy { $0 > 0 } }) else {
             throw UsageError("\(Self.fileName) has an unusable value: \(object)")
         }
     }
@@ -35,5 +48,27 @@ public struct PipelineSettings: Equatable, Sendable {
         let url = folder.appendingPathComponent(fileName)
         guard FileManager.default.fileExists(atPath: url.path) else { return PipelineSettings() }
         return try PipelineSettings(json: Data(contentsOf: url))
+    }
+}
+
+extension PipelineSettings {
+    /// The Python pipeline's warning when a prompt has more windows than the UNet takes (it keeps the first
+    /// ones); nil when every prompt fits.
+    public func truncationWarning(prompts: [String], tokenizer: BPETokenizer) -> String? {
+        let truncated = prompts.contains {
+            tokenizer.windows($0, length: sequenceLength, maxCount: maxPromptChunks).truncated
+        }
+        return truncated ? PromptWindows.truncationWarning(windows: maxPromptChunks, length: sequenceLength) : nil
+    }
+
+    /// The latent (height, width) for `--height`/`--width` in pixels (nil: the default size's), one of
+    /// `sizes` (latent sizes, default first); any other size is one error line listing those there are.
+    public static func latentSize(height: Int?, width: Int?, sizes: [[Int]]) throws -> [Int] {
+        guard let first = sizes.first else { throw UsageError("the models list no latent size") }
+        let wanted = [height ?? 8 * first[0], width ?? 8 * first[1]]
+        if let size = sizes.first(where: { $0.map { 8 * $0 } == wanted }) { return size }
+        let listed = sizes.map { "\(8 * $0[0])x\(8 * $0[1])" }.joined(separator: ", ")
+        throw UsageError("--height \(wanted[0]) --width \(wanted[1]): the models take \(listed) pixels (height x width); "
+                         + "pass one of them, or reconvert with --latent-sizes")
     }
 }

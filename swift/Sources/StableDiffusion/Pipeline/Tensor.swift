@@ -36,4 +36,28 @@ public struct Tensor: Equatable, Sendable {
         let rest = Array(items[0].shape.dropFirst())
         return Tensor(shape: [items.count] + rest, scalars: items.flatMap(\.scalars))
     }
+
+    /// Joins (1, S_i, C) text embeddings along the sequence into (1, sum S_i, C): the prompt windows side by
+    /// side, as the Python pipeline concatenates them (axis 1) before the UNet layout.
+    public static func concatenateSequence(_ items: [Tensor]) -> Tensor {
+        let channels = items[0].shape[2]
+        precondition(items.allSatisfy { $0.shape.count == 3 && $0.shape[0] == 1 && $0.shape[2] == channels },
+                     "sequence concatenation takes (1, S, \(channels)) tensors")
+        return Tensor(shape: [1, items.map { $0.shape[1] }.reduce(0, +), channels], scalars: items.flatMap(\.scalars))
+    }
+
+    /// (B, S, C) text embeddings -> (B, C, 1, S), the layout the converted UNet takes (Python's
+    /// components.text_to_unet_layout).
+    public func unetTextLayout() -> Tensor {
+        let (batch, length, channels) = (shape[0], shape[1], shape[2])
+        var out = [Float](repeating: 0, count: count)
+        for b in 0..<batch {
+            for s in 0..<length {
+                for c in 0..<channels {
+                    out[(b * channels + c) * length + s] = scalars[(b * length + s) * channels + c]
+                }
+            }
+        }
+        return Tensor(shape: [batch, channels, 1, length], scalars: out)
+    }
 }

@@ -106,11 +106,21 @@ public enum PromptWeighting {
 public struct PromptWindows: Equatable, Sendable {
     public var ids: [[Int]]
     public var weights: [[Float]]
+    /// Whether windows past the limit were dropped (the Python pipeline's truncation).
+    public var truncated = false
+
+    public var count: Int { ids.count }
+
+    /// The Python pipeline's warning text for a prompt cut to `windows` windows of `length` tokens.
+    public static func truncationWarning(windows: Int, length: Int) -> String {
+        "prompt is longer than \(length * windows) tokens and was truncated"
+    }
 }
 
 extension BPETokenizer {
-    /// Windows of `length` ids (at least `minCount`) of a weighted prompt, fragment by fragment.
-    public func windows(_ text: String, length: Int = 77, minCount: Int = 1) -> PromptWindows {
+    /// Windows of `length` ids (at least `minCount`, at most `maxCount`) of a weighted prompt, fragment by
+    /// fragment; windows past `maxCount` are dropped, as python_coreml_sd's pipeline truncates.
+    public func windows(_ text: String, length: Int = 77, minCount: Int = 1, maxCount: Int = .max) -> PromptWindows {
         var ids: [Int] = []
         var weights: [Float] = []
         for (fragment, weight) in PromptWeighting.parse(text) {
@@ -119,9 +129,9 @@ extension BPETokenizer {
             weights += Array(repeating: Float(weight), count: tokens.count)
         }
         let body = max(length - 2, 1)
-        let count = max(minCount, (ids.count + body - 1) / body, 1)
-        var result = PromptWindows(ids: [], weights: [])
-        for k in 0..<count {
+        let needed = max(minCount, (ids.count + body - 1) / body, 1)
+        var result = PromptWindows(ids: [], weights: [], truncated: needed > maxCount)
+        for k in 0..<min(needed, maxCount) {
             let slice = Array(ids.dropFirst(k * body).prefix(body))
             let sliceWeights = Array(weights.dropFirst(k * body).prefix(body))
             let fill = body - slice.count
