@@ -77,6 +77,8 @@ def generate_images(job: ImageJob, parameters=lambda request: {}) -> list:
     targets = job.targets()
     _check_job(job.requests, job.output_dir, targets, job.overwrite)
     pipe = job.models.open(img2img=any(r.image is not None for r in job.requests))
+    for request in job.requests:  # what these models cannot do, before the folder is made
+        pipe.check_request(request)
     prepare_output_dir(Path(job.output_dir))
     written = []
     for request, target in zip(job.requests, targets):
