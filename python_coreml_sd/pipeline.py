@@ -22,6 +22,7 @@ from .generation.schedulers import SCHEDULERS
 from .generation.jobs import generate_images
 from .generation.setup import PIPELINE_BACKENDS
 from .runtime import default_backend
+from .single_file import PREDICTION_HELP, PREDICTION_TYPES
 
 PROG = "pipeline"
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
@@ -54,6 +55,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-version", default="tiny",
                    help="model whose tokenizer, scheduler config (and, for --backend torch, weights) to use: a "
                         f"diffusers folder, hub id or one of {', '.join(registry.model_names())} (default: tiny)")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="with --model-version FILE: " + PREDICTION_HELP + " (as it was converted with)")
     p.add_argument("--compute-unit", choices=COMPUTE_UNITS, default="ALL",
                    help="Core ML compute units for --backend coreml (default: ALL)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -99,7 +102,7 @@ def models_from_args(args):
     """The `--backend` / `-i` / `--model-version` / device flags as a typed `Models` (shared with parity)."""
     from .generation.jobs import Models
     return Models(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                  args.torch_precision, args.refiner_version, args.controlnet)
+                  args.torch_precision, args.refiner_version, args.controlnet, args.prediction_type)
 
 
 def requests_from_args(args, seeds) -> list:
