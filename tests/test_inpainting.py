@@ -173,3 +173,55 @@ def test_converter_refuses_a_unet_of_other_input_channels(tmp_path, capsys):
     assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "8 input channels", "9 (inpainting)",
                     prog="torch2coreml")
     assert not (tmp_path / "out").exists()
+
+
+# ---- SDXL: tiny-xl-inpaint, its UNet's sample (2, 9, 16, 16) after SDXL's added conditions' interface
+
+XL = "tiny-xl-inpaint"
+
+
+@pytest.fixture(scope="module")
+def xl_models_dir(tmp_path_factory):
+    """tiny-xl-inpaint fp32 (the comparison with diffusers is of the UNet package too), both text encoders."""
+    out = tmp_path_factory.mktemp("xl_inpaint")
+    convert(ConversionOptions(model_version=XL, output_dir=out, compute_precision="float32"),
+            ["text_encoder", "vae_decoder", "vae_encoder", "unet"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def xl_pipes(xl_models_dir):
+    return {backend: open_pipeline(backend, xl_models_dir, model_version=XL, progress=False)
+            for backend in ("mil", "torch")}
+
+
+def diffusers_xl_inpaint(source, request):
+    """diffusers' StableDiffusionXLInpaintPipeline at strength 1 with our two draws, as `diffusers_inpaint`."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(source.root), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    draws = np.random.RandomState(request.seed)
+    start, posterior_noise = (torch.from_numpy(draws.randn(1, 4, 16, 16).astype(np.float32)) for _ in range(2))
+    image = pipe.image_processor.preprocess(request.image, height=128, width=128)
+    mask = pipe.mask_processor.preprocess(request.mask, height=128, width=128)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(image * (mask < 0.5)).latent_dist
+        masked_latents = pipe.vae.config.scaling_factor * (posterior.mean + posterior.std * posterior_noise)
+        return pipe(request.prompt, image=request.image, mask_image=request.mask, masked_image_latents=masked_latents,
+                    latents=start, strength=1.0, num_inference_steps=request.num_inference_steps, height=128,
+                    width=128, guidance_scale=request.guidance_scale, output_type="latent").images.numpy()
+
+
+def test_xl_inpainting_unet_package_has_nine_channels(xl_models_dir):
+    from python_coreml_sd.generation.components import _package_inputs
+    shapes = _package_inputs(xl_models_dir / f"Stable_Diffusion_version_{XL}_unet.mlpackage")[0]
+    assert tuple(shapes) == TABLE["unet"].io("sdxl").inputs and shapes["sample"] == (2, 9, 16, 16)
+
+
+def test_xl_torch_loop_is_diffusers_and_mil_matches(xl_pipes, picture, mask):
+    request = request_with(picture, mask, scheduler="EulerDiscrete", guidance_scale=5.0)
+    ours = xl_pipes["torch"].generate(request)
+    reference = diffusers_xl_inpaint(resolve(XL), request)
+    assert psnr(reference, ours.intermediates["final_latents"]) >= 60
+    mil = xl_pipes["mil"].generate(request)
+    assert psnr(ours.intermediates["final_latents"], mil.intermediates["final_latents"]) >= 40  # fp32 packages
