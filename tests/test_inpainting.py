@@ -168,9 +168,19 @@ def test_converter_refuses_a_unet_of_other_input_channels(tmp_path, capsys):
     components = build_components("tiny")
     components["unet"] = UNet2DConditionModel(**dict(registry.family("tiny")["architecture"]["unet"], in_channels=8))
     save_diffusers_folder(components, tmp_path / "pix2pix")
+    capsys.readouterr()  # what building the model printed (transformers' notices)
     with pytest.raises(SystemExit) as exit_info:
         torch2coreml.main(["--model-version", str(tmp_path / "pix2pix"), "--convert-unet", "-o", str(tmp_path / "out")])
     assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "8 input channels", "9 (inpainting)",
+                    prog="torch2coreml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundles_of_inpainting_models_are_refused(tmp_path, capsys):
+    from python_coreml_sd import torch2coreml
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(["--model-version", MODEL, "--convert-unet", "--bundle-packages", "-o", str(tmp_path / "out")])
+    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "bundles do not hold inpainting models",
                     prog="torch2coreml")
     assert not (tmp_path / "out").exists()
 
