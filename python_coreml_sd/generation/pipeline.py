@@ -102,7 +102,6 @@ class GenerationRequest:
             if pair is not None and (len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair)):
                 raise UserError(f"{flag} takes two numbers of at least 0 (height width, or y x), got {pair}")
 
-
     def _validate_mask(self):
         if self.mask is None:
             return
@@ -139,10 +138,10 @@ class StableDiffusionPipeline:
         self.scheduler_config, self.vae_scaling_factor = dict(scheduler_config), vae_scaling_factor
         self.progress = progress
         shapes = models.unet_input_shapes()
-        self.unet_batch, sample_channels, self.latent_h, self.latent_w = shapes["sample"]
+        self.unet_batch, self.sample_channels, self.latent_h, self.latent_w = shapes["sample"]
         self.latent_channels = models["vae_decoder"].input_shapes.get("z", (1, Dims.latent_channels))[1]
         # an inpainting UNet: its sample takes the mask and the masked image's latents after the latents
-        self.inpaint = sample_channels == inpainting_channels(self.latent_channels)
+        self.inpaint = self.sample_channels == inpainting_channels(self.latent_channels)
         self.sequence_length = models["text_encoder"].input_shapes.get("input_ids", (1, 77))[1]
         self.latent_sizes = self._check_sizes()
         self._check_controlnet()
@@ -160,11 +159,11 @@ class StableDiffusionPipeline:
                             f"{self.image_size[0]}x{self.image_size[1]}; convert both with the same --latent-h/--latent-w")
 
     def check_request(self, request) -> None:
-        """What these models cannot do for `request` (before any work): a mask needs an inpainting UNet, which
-        needs one."""
+        """What these models cannot do for `request` (checked before any work): a mask needs an inpainting UNet, and
+        an inpainting UNet a mask."""
         if request.mask is not None and not self.inpaint:
             raise UserError(f"--mask needs an inpainting UNet (its sample takes {inpainting_channels(self.latent_channels)} "
-                            f"channels: latents, mask, masked-image latents) and this one takes {self.latent_channels}; "
+                            f"channels: latents, mask, masked-image latents) and this one takes {self.sample_channels}; "
                             "convert an inpainting model (e.g. tiny-inpaint); the ControlNet inpaint route for "
                             "ordinary UNets is not supported yet")
         if self.inpaint and request.mask is None:
@@ -382,7 +381,8 @@ class StableDiffusionPipeline:
         h, w = self.image_size
         mask = np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32)[None, None] / 255
         mask = (mask >= 0.5).astype(np.float32)
-        moments = encoder.predict(VAE_ENCODER.feed(self.preprocess(request.image) * (mask < 0.5)))[VAE_ENCODER.outputs[0]]
+        masked_image = self.preprocess(request.image) * (mask < 0.5)
+        moments = encoder.predict(VAE_ENCODER.feed(masked_image))[VAE_ENCODER.outputs[0]]
         noise = rng.normal((1, self.latent_channels, self.latent_h, self.latent_w))
         latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, noise)
         small = torch.nn.functional.interpolate(torch.from_numpy(mask), size=(self.latent_h, self.latent_w)).numpy()
