@@ -235,3 +235,20 @@ def test_xl_torch_loop_is_diffusers_and_mil_matches(xl_pipes, picture, mask):
     assert psnr(reference, ours.intermediates["final_latents"]) >= 60
     mil = xl_pipes["mil"].generate(request)
     assert psnr(ours.intermediates["final_latents"], mil.intermediates["final_latents"]) >= 40  # fp32 packages
+
+
+def test_chunked_inpainting_unet_generates_as_the_whole(tmp_path, models_dir, pipes, picture, mask):
+    """--chunk-unet: chunk 1 takes the 9-channel sample; the pipeline, fed by name, gives the whole UNet's result."""
+    from python_coreml_sd.components import component_of
+    from python_coreml_sd.generation.components import _package_inputs
+    paths = {component_of(p): p for p in convert_to(tmp_path / "chunked", ["unet"], chunk_unet=True).values()}
+    assert _package_inputs(paths["unet_chunk1"])[0]["sample"] == (2, 9, 16, 16)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for path in [*(p for p in models_dir.iterdir() if component_of(p) != "unet"), paths["unet_chunk1"],
+                 paths["unet_chunk2"]]:
+        (folder / path.name).symlink_to(path)
+    chunked = open_pipeline("mil", folder, model_version=MODEL, progress=False)
+    assert "unet" not in chunked.models and chunked.inpaint
+    whole, parts = (p.generate(request_with(picture, mask)).intermediates["final_latents"] for p in (pipes["mil"], chunked))
+    assert psnr(whole, parts) >= 60

@@ -120,3 +120,11 @@ def test_prediction_type_on_a_folder_is_refused(tmp_path, capsys):
     assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "--prediction-type is for single-file",
                     prog="torch2coreml")
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_prediction_type_on_a_folder_is_refused(tmp_path, capsys):
+    from tests.support import run_pipeline_cli
+    code, err = run_pipeline_cli(capsys, "--prompt", "a cat", "--backend", "torch", "--model-version", "tiny",
+                                 "--prediction-type", "epsilon", "-o", str(tmp_path / "out"))
+    assert_one_line(code, err, "--prediction-type is for single-file")
+    assert not (tmp_path / "out").exists()
