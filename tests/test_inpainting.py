@@ -252,3 +252,11 @@ def test_chunked_inpainting_unet_generates_as_the_whole(tmp_path, models_dir, pi
     assert "unet" not in chunked.models and chunked.inpaint
     whole, parts = (p.generate(request_with(picture, mask)).intermediates["final_latents"] for p in (pipes["mil"], chunked))
     assert psnr(whole, parts) >= 60
+
+
+def test_parity_covers_the_masked_image_latents(tmp_path, models_dir, picture, mask):
+    from python_coreml_sd.generation.jobs import Models, ParityJob, run_parity
+    job = ParityJob(Models("mil", models_dir, MODEL), [request_with(picture, mask)], tmp_path / "parity")
+    report = run_parity(job)
+    values = report["results"][0]["psnr_db"]
+    assert report["passed"] and {"masked_image_latents", "final_latents", "final_image"} <= set(values), values
