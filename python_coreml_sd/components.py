@@ -23,6 +23,26 @@ def interface_of(unet_config: dict) -> str:
     return SDXL if unet_config.get("addition_embed_type") == "text_time" else SD
 
 
+# Inpainting UNets (diffusers' StableDiffusionInpaintPipeline; Apple's converter keeps the name `sample`, with
+# in_channels channels) take, concatenated on channels: the noisy latents, the mask at latent size (1 channel) and
+# the masked image's latents.
+MASK_CHANNELS = 1
+
+
+def inpainting_channels(latent_channels: int = 4) -> int:
+    return 2 * latent_channels + MASK_CHANNELS
+
+
+def is_inpainting(unet_config: dict) -> bool:
+    """An inpainting UNet, from its config: 9 input channels for 4 latent (output) channels."""
+    return unet_config.get("in_channels", 4) == inpainting_channels(unet_config.get("out_channels", 4))
+
+
+def sample_dims(unet_config: dict) -> dict:
+    """The Dims fields a UNet's config decides for its `sample`: latent channels, inpainting."""
+    return {"latent_channels": unet_config.get("out_channels", 4), "inpaint": is_inpainting(unet_config)}
+
+
 @dataclass(frozen=True)
 class Dims:
     """The sizes every interface shape is a function of (from the model's configs and the options)."""
@@ -38,6 +58,12 @@ class Dims:
     # ControlNet: (channels, height, width) of each residual it adds to the UNet, down blocks' then the mid
     # block's (`residual_shapes`); the ControlNet's outputs and the controlled UNet's extra inputs
     residuals: tuple = ()
+    inpaint: bool = False  # the UNet's sample also carries the mask and the masked image's latents
+
+    @property
+    def sample_channels(self) -> int:
+        """The UNet's `sample` channels: the latents, or for an inpainting UNet those of `inpainting_channels`."""
+        return inpainting_channels(self.latent_channels) if self.inpaint else self.latent_channels
 
     @property
     def image_hw(self) -> tuple:
@@ -150,7 +176,7 @@ def _text_shapes(d: Dims) -> tuple:
 
 def _unet_shapes(d: Dims) -> tuple:
     # encoder_hidden_states in the (B, C, 1, S) layout: text_to_unet_layout below.
-    return (d.unet_batch, d.latent_channels, d.latent_h, d.latent_w), (d.unet_batch,), \
+    return (d.unet_batch, d.sample_channels, d.latent_h, d.latent_w), (d.unet_batch,), \
         (d.unet_batch, d.text_hidden, 1, d.sequence)
 
 

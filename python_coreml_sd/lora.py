@@ -30,7 +30,7 @@ def read_lora(path: Path, allow_pickle: bool = False) -> dict:
             raise UserError(f"LoRA {path} is not a .safetensors file; pickles are loaded only with --allow-pickle "
                             "(unpickling can run code)")
         from .single_file import _load_pickle
-        return _load_pickle(path)
+        return _load_pickle(path)[0]
     from .weights import read_safetensors
     return read_safetensors(path)
 

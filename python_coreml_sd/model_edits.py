@@ -17,7 +17,7 @@ log = logging.getLogger("python_coreml_sd")
 
 def source_for(options) -> ModelSource:
     """The ModelSource of a conversion (or bundle): the model with its edits applied."""
-    base = resolve(options.model_version, options.allow_pickle)
+    base = resolve(options.model_version, options.allow_pickle, options.prediction_type)
     if not options.edits_model:
         return base
     from .model_cache import cached_folder, folder_fingerprint, sha256_file

@@ -191,14 +191,18 @@ def load_diffusers_model(cls, folder: Path, convert=None):
     return model
 
 
-def resolve(model_version: str, allow_pickle: bool = False) -> ModelSource:
+def resolve(model_version: str, allow_pickle: bool = False, prediction_type: str = None) -> ModelSource:
     """Turn `--model-version` into a ModelSource, or raise UserError naming the cause and the fix.
     A single checkpoint file becomes a diffusers folder in the cache (python_coreml_sd.single_file);
-    `allow_pickle` lets a pickled one (.ckpt) be loaded."""
+    `allow_pickle` lets a pickled one (.ckpt) be loaded; `prediction_type` (--prediction-type) says what its UNet
+    predicts where the tensors cannot (SD 2.x base or 768-v)."""
     path = Path(model_version).expanduser()
     if path.is_file():
         from .single_file import materialize
-        return ModelSource(model_version, materialize(path, allow_pickle))
+        return ModelSource(model_version, materialize(path, allow_pickle, prediction_type))
+    if prediction_type:
+        raise UserError(f"--prediction-type is for single-file checkpoints; {model_version!r} is not one (a model "
+                        "folder's scheduler/scheduler_config.json says what its UNet predicts)")
     entry = registry.named_model(model_version)
     explicit_path = model_version.startswith((".", "/", "~"))
     # A registry name wins over a same-named folder that holds no model (`-o tiny` for `tiny`).

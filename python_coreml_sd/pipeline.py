@@ -22,6 +22,7 @@ from .generation.schedulers import SCHEDULERS
 from .generation.jobs import generate_images
 from .generation.setup import PIPELINE_BACKENDS
 from .runtime import default_backend
+from .single_file import PREDICTION_HELP, PREDICTION_TYPES
 
 PROG = "pipeline"
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
@@ -45,11 +46,17 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                         "default: their first)")
     p.add_argument("--width", type=positive_int, help="image width in pixels (as --height)")
     p.add_argument("--image", type=Path, help="img2img: start from this image (needs a converted VAE encoder)")
-    p.add_argument("--strength", type=float, default=0.75,
-                   help="img2img: how much to change --image, in (0, 1] (default: 0.75)")
+    p.add_argument("--strength", type=float,
+                   help="img2img: how much to change --image, in (0, 1] (default: 0.75; with --mask 1, as diffusers' "
+                        "inpainting)")
+    p.add_argument("--mask", type=Path,
+                   help="inpainting: repaint the white part of --image (a mask of its size; needs an inpainting UNet, "
+                        "9 input channels, and the VAE encoder)")
     p.add_argument("--model-version", default="tiny",
                    help="model whose tokenizer, scheduler config (and, for --backend torch, weights) to use: a "
                         f"diffusers folder, hub id or one of {', '.join(registry.model_names())} (default: tiny)")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="with --model-version FILE: " + PREDICTION_HELP + " (as it was converted with)")
     p.add_argument("--compute-unit", choices=COMPUTE_UNITS, default="ALL",
                    help="Core ML compute units for --backend coreml (default: ALL)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -95,7 +102,7 @@ def models_from_args(args):
     """The `--backend` / `-i` / `--model-version` / device flags as a typed `Models` (shared with parity)."""
     from .generation.jobs import Models
     return Models(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                  args.torch_precision, args.refiner_version, args.controlnet)
+                  args.torch_precision, args.refiner_version, args.controlnet, args.prediction_type)
 
 
 def requests_from_args(args, seeds) -> list:
@@ -104,7 +111,8 @@ def requests_from_args(args, seeds) -> list:
     return requests_for([args.prompt], seeds, negative_prompt=args.negative_prompt,
                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         scheduler=args.scheduler, image=load_image(args.image) if args.image else None,
-                        strength=args.strength, original_size=tuple(args.original_size) if args.original_size else None,
+                        strength=args.strength, mask=load_image(args.mask, "--mask") if args.mask else None,
+                        original_size=tuple(args.original_size) if args.original_size else None,
                         crops_coords_top_left=tuple(args.crops_coords_top_left),
                         target_size=tuple(args.target_size) if args.target_size else None,
                         refiner_start=args.refiner_start, height=args.height, width=args.width,
@@ -126,6 +134,7 @@ def parameters(job, request) -> dict:
             "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
             "scheduler": request.scheduler, "backend": job.models.backend, "device": job.models.device,
             "model_version": job.models.model_version, "strength": request.strength if request.image else None,
+            "inpainting": request.mask is not None,
             "refiner_start": request.refiner_start, "controlnet": job.models.controlnet,
             "controlnet_scale": request.controlnet_scale if request.control_image else None,
             "generator": "python_coreml_sd"}

@@ -59,8 +59,7 @@ KINDS = (
     Kind("sdxl-refiner", (TextLayout("text_encoder_2", "open_clip", XL_REFINER_PREFIX),),
          ("sdxl-refiner", "tiny-xl-refiner")),
     Kind("sd1", (TextLayout("text_encoder", "clip", CLIP_PREFIX),), ("sd1", "tiny")),
-    # SD 2.x base and 768-v have the same tensors; as diffusers does, a 2.x file is taken as 768-v
-    # (v-prediction), the more common of the two (SD 2.0 / 2.1).
+    # SD 2.x base and 768-v have the same tensors: `prediction_type` below chooses between them.
     Kind("sd2", (TextLayout("text_encoder", "open_clip", OPEN_CLIP_PREFIX),), ("sd2-v", "sd2-base", "tiny-sd2")),
 )
 
@@ -91,6 +90,26 @@ class Recognised:
     variant: str  # "" or "inpainting"
     architecture: dict = field(repr=False, default=None)
     components: tuple = ()  # diffusers components the file holds
+    prediction_type: str = None  # the scheduler's: the family's unless chosen (`prediction_type`)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_HELP = ("a single-file checkpoint's UNet predicts this (SD 2.x base: epsilon, 768-v: v_prediction; the "
+                   "tensors cannot tell); default: as diffusers decides, v_prediction for SD 2.x files except inpainting "
+                   "ones and the SD 2 base's .ckpt (epsilon), the family's for others")
+SD2_BASE_GLOBAL_STEP = 875000  # the training step stored in Stability's SD 2.0 base .ckpt (diffusers' heuristic)
+
+
+def prediction_type(kind: Kind, variant: str, asked: str = None, global_step: int = None):
+    """What the UNet predicts, where the tensors cannot tell: SD 2.x base (epsilon) and 768-v (v_prediction) have
+    the same shapes. `asked` (--prediction-type) wins; else as diffusers' single-file loader decides: inpainting
+    files are epsilon (SD 2 inpainting was trained from the 512 base), a .ckpt at the SD 2 base's global step
+    875000 is the base, any other SD 2.x file 768-v, the more common (2.0 / 2.1). None: the family's own."""
+    if asked:
+        return asked
+    if kind.name == "sd2" and (variant == "inpainting" or global_step == SD2_BASE_GLOBAL_STEP):
+        return "epsilon"
+    return None
 
 
 def _meta_checkpoint(entries: dict) -> dict:
@@ -101,8 +120,9 @@ def _meta_checkpoint(entries: dict) -> dict:
             for name, entry in entries.items()}
 
 
-def recognise(path: Path, entries: dict) -> Recognised:
-    """Family, variant and architecture of a checkpoint from its tensor names and shapes (no data read)."""
+def recognise(path: Path, entries: dict, asked_prediction: str = None, global_step: int = None) -> Recognised:
+    """Family, variant and architecture of a checkpoint from its tensor names and shapes (no data read); of the
+    families whose shapes match, one of the chosen prediction type (`prediction_type`) is preferred."""
     kind = checkpoint_kind(entries)
     if kind is None:
         raise UserError(f"{path}: unknown model family (no Stable Diffusion UNet and text encoder tensors: "
@@ -114,8 +134,9 @@ def recognise(path: Path, entries: dict) -> Recognised:
     variant = "inpainting" if in_channels == 9 else ""
     has_vae = any(k.startswith(VAE_PREFIXES) for k in entries)
     components = ("unet",) + tuple(text.folder for text in kind.texts) + (("vae",) if has_vae else ())
+    wanted = prediction_type(kind, variant, asked_prediction, global_step)
     tried = []
-    for name in kind.families:
+    for name in sorted(kind.families, key=lambda name: bool(wanted) and registry.family(name)["prediction_type"] != wanted):
         arch = registry.family(name)["architecture"]
         if in_channels:
             arch["unet"]["in_channels"] = in_channels
@@ -123,7 +144,7 @@ def recognise(path: Path, entries: dict) -> Recognised:
         mismatch = next((m for m in (_mismatch(c, jobs[c][1](meta), _meta_model(c, arch)) for c in components) if m),
                         "")
         if not mismatch:
-            return Recognised(kind, name, variant, arch, components)
+            return Recognised(kind, name, variant, arch, components, wanted or registry.family(name)["prediction_type"])
         tried.append(f"{name} ({mismatch})")
     raise UserError(f"{path}: a {kind.name} checkpoint whose shapes match no known architecture; tried "
                     + "; ".join(tried))
@@ -217,21 +238,22 @@ def check_suffix(path: Path, allow_pickle: bool) -> None:
 
 
 def read_entries(path: Path, allow_pickle: bool):
-    """(name -> {dtype, shape} entries, loader(keep) -> tensors) of a checkpoint file."""
+    """(name -> {dtype, shape} entries, loader(keep) -> tensors, the .ckpt's global_step or None) of a checkpoint."""
     check_suffix(path, allow_pickle)
     if path.suffix == ".safetensors":
         from .weights import read_header, read_safetensors
         entries = read_header(path)["entries"]
-        return entries, lambda keep: read_safetensors(path, keep=keep)
-    state = _load_pickle(path)
+        return entries, lambda keep: read_safetensors(path, keep=keep), None
+    state, global_step = _load_pickle(path)
     from .weights import DTYPES
     names = {dtype: name for name, dtype in DTYPES.items()}
     entries = {k: {"dtype": names.get(v.dtype, "F32"), "shape": list(v.shape)} for k, v in state.items()}
-    return entries, lambda keep: {k: v for k, v in state.items() if keep(k)}
+    return entries, lambda keep: {k: v for k, v in state.items() if keep(k)}, global_step
 
 
-def _load_pickle(path: Path) -> dict:
-    """torch.load in weights_only mode (tensors and plain containers only, even with --allow-pickle)."""
+def _load_pickle(path: Path) -> tuple:
+    """(tensors, global_step or None): torch.load in weights_only mode (tensors and plain containers only, even
+    with --allow-pickle)."""
     import pickle
 
     import torch
@@ -244,11 +266,13 @@ def _load_pickle(path: Path) -> dict:
             raise _unloadable(path, exc) from None
     except (pickle.UnpicklingError, OSError, EOFError, ValueError) as exc:
         raise _unloadable(path, exc) from None
+    global_step = state.get("global_step") if isinstance(state, dict) else None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return tensors, global_step if isinstance(global_step, int) else None
 
 
 def _unloadable(path: Path, exc: Exception) -> UserError:
@@ -260,16 +284,18 @@ def _unloadable(path: Path, exc: Exception) -> UserError:
 # ---- materializing
 
 
-def materialize(path: Path, allow_pickle: bool = False) -> Path:
-    """The diffusers folder (in the cache) holding the checkpoint's components."""
+def materialize(path: Path, allow_pickle: bool = False, asked_prediction: str = None) -> Path:
+    """The diffusers folder (in the cache) holding the checkpoint's components; `asked_prediction`:
+    --prediction-type (`prediction_type`)."""
     from .model_cache import cached_folder, sha256_file
 
     path = Path(path).expanduser()
-    entries, load = read_entries(path, allow_pickle)
-    found = recognise(path, entries)
-    log.info("%s: %s%s checkpoint, architecture %s", path, found.kind.name,
-             f" {found.variant}" if found.variant else "", found.family)
-    spec = {"file_sha256": sha256_file(path), "family": found.family, "variant": found.variant}
+    entries, load, global_step = read_entries(path, allow_pickle)
+    found = recognise(path, entries, asked_prediction, global_step)
+    log.info("%s: %s%s checkpoint, architecture %s, %s", path, found.kind.name,
+             f" {found.variant}" if found.variant else "", found.family, found.prediction_type)
+    spec = {"file_sha256": sha256_file(path), "family": found.family, "variant": found.variant,
+            "prediction_type": found.prediction_type}
     return cached_folder(f"single-file-{path.stem[:40]}", spec, lambda tmp: _write_folder(tmp, found, load))
 
 
@@ -296,7 +322,7 @@ def _write_folder(dest: Path, found: Recognised, load) -> None:
         model.save_pretrained(str(dest / component), safe_serialization=True)
         del state, model
         gc.collect()
-    family = registry.family(found.family)
+    family = with_prediction(registry.family(found.family), found.prediction_type)
     for text in found.kind.texts:
         tokenizer = text.folder.replace("text_encoder", "tokenizer")
         load_clip_tokenizer(arch[tokenizer]["pad_token"]).save_pretrained(str(dest / tokenizer))
@@ -304,6 +330,14 @@ def _write_folder(dest: Path, found: Recognised, load) -> None:
     scheduler.save_pretrained(str(dest / "scheduler"))
     index = _model_index(found, family, type(scheduler).__name__)
     (dest / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def with_prediction(family: dict, prediction: str) -> dict:
+    """A family entry whose scheduler (SD's PNDM, or SDXL's published config) predicts `prediction`."""
+    family["prediction_type"] = prediction
+    if "scheduler" in family:
+        family["scheduler"]["prediction_type"] = prediction
+    return family
 
 
 def _model_index(found: Recognised, family: dict, scheduler: str) -> dict:
@@ -329,7 +363,7 @@ def convert_vae_file(path: Path, dest: Path, base) -> None:
     from diffusers import AutoencoderKL
 
     config = dict(base.config("vae")) if base.has("vae") else registry.family("sd1")["architecture"]["vae"]
-    entries, load = read_entries(path, allow_pickle=True)  # the caller checked pickles against --allow-pickle
+    entries, load, _ = read_entries(path, allow_pickle=True)  # the caller checked pickles against --allow-pickle
     with torch.device("meta"):
         model = AutoencoderKL.from_config(config)
     diffusers_layout = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in entries)

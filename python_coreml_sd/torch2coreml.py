@@ -21,6 +21,7 @@ from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
 from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec, parse_latent_sizes
 from .errors import CheckFailed, UserError
+from .single_file import PREDICTION_HELP, PREDICTION_TYPES
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
 PROG = "torch2coreml"
@@ -72,6 +73,8 @@ def parser_spec() -> argparse.ArgumentParser:
     edits.add_argument("--allow-pickle", action="store_true",
                        help="load pickled files (.ckpt, .pt, .bin) for --model-version, --lora, --textual-inversion, "
                             "--custom-vae-version, as tensors only (torch.load weights_only); only for files you trust")
+    edits.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                       help=PREDICTION_HELP)
     shape = p.add_argument_group("shapes")
     shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
     shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")
@@ -149,7 +152,7 @@ def options_from_args(args) -> ConversionOptions:
         mixed_bit_recipe=str(args.mixed_bit_recipe) if args.mixed_bit_recipe else None,
         palettize_granularity=args.palettize_granularity, palettize_group_size=args.palettize_group_size,
         check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold,
-        allow_pickle=args.allow_pickle, loras=tuple(LoraSpec.parse(v) for v in args.lora),
+        allow_pickle=args.allow_pickle, prediction_type=args.prediction_type, loras=tuple(LoraSpec.parse(v) for v in args.lora),
         textual_inversions=tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion),
         custom_vae_version=args.custom_vae_version, xl_version=args.xl_version,
         refiner_version=args.refiner_version, controlnets=tuple(args.convert_controlnet),

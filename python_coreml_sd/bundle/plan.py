@@ -51,6 +51,17 @@ def _tree_digest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def check_not_inpainting(options) -> None:
+    """Bundles are for the Swift pipeline, which has no inpainting (Apple's neither): a 9-channel UNet would fail there."""
+    from ..components import is_inpainting
+    from ..model_edits import source_for
+    source = source_for(options)
+    if source.has("unet") and is_inpainting(source.config("unet")):
+        raise UserError(f"bundles do not hold inpainting models yet ({options.model_version!r} has a 9-channel UNet; "
+                        "the Swift pipeline has no inpainting): convert without --bundle-packages / "
+                        "--bundle-resources-for-swift-cli and run the Python pipeline with --mask")
+
+
 def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePlan:
     """None when no bundle is asked for; raises UserError for what would fail only after converting."""
     if zip_ and not (compiled or packages):
@@ -60,6 +71,7 @@ def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePl
     if options.controlnets or options.unet_support_controlnet:
         raise UserError("bundles do not hold ControlNets yet (Apple's Resources/controlnet/, ControlledUnet): convert "
                         "them without --bundle-packages / --bundle-resources-for-swift-cli")
+    check_not_inpainting(options)
     if compiled:
         require_compiler()
     kind = "compiled" if compiled else "packages"

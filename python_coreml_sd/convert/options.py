@@ -69,6 +69,7 @@ class ConversionOptions:
     palettize_granularity: str = "per_tensor"  # or "per_grouped_channel" (iOS18 targets)
     palettize_group_size: int = 32
     allow_pickle: bool = False  # load pickled checkpoints (.ckpt) as tensors (torch.load weights_only)
+    prediction_type: str = None  # a single file's UNet predicts this (SD 2.x base or 768-v); None: single_file decides
     loras: tuple = ()  # LoraSpec, merged in order
     textual_inversions: tuple = ()  # EmbeddingSpec
     custom_vae_version: str = None  # a model (folder, registry name, hub id) whose VAE replaces the model's, or a VAE file

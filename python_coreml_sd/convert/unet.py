@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..components import RESIDUAL, SD, SDXL, TABLE, Dims, interface_of, residual_shapes
+from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, inpainting_channels, interface_of, residual_shapes,
+                          sample_dims)
 from ..errors import UserError
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
                            check_supported, from_diffusers)
@@ -27,7 +28,8 @@ from .common import (_deployment_target, brief_program_strings, check_correctnes
                      kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
 DESCRIPTIONS = {
-    "sample": "Noisy latents being denoised, (B, 4, latent height, latent width)",
+    "sample": "Noisy latents being denoised, (B, 4, latent height, latent width); an inpainting UNet's (B, 9, ...): "
+              "the latents, the mask (1: repaint) and the masked image's latents, concatenated on channels",
     "timestep": "The scheduler's current timestep, one value per batch entry",
     "encoder_hidden_states": "Text embeddings from the text encoder in (B, C, 1, S) layout: batch entry 0 is the "
                              "negative/unconditional prompt, 1 the prompt (S tokens; longer prompts are truncated)",
@@ -66,6 +68,7 @@ def check_options(source, options, component: str = "unet") -> None:
     """Before any conversion: each latent size must pass through every downsampling of this UNet, the shapes
     must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's, whole, of one shape."""
     config = source.config("unet", CONFIG_KEYS)
+    check_channels(config)
     if component == "control-unet" and (options.chunk_unet or interface_of(config) != SD):
         raise UserError("--unet-support-controlnet converts SD 1.x / 2.x UNets, unchunked: drop --chunk-unet"
                         if options.chunk_unet else f"--unet-support-controlnet: {source.name!r} is SDXL's, and "
@@ -83,6 +86,14 @@ def check_options(source, options, component: str = "unet") -> None:
                 raise UserError(f"{flag} is not a multiple of {step}, which this UNet's {step}x downsampling needs; "
                                 f"use {nearest}")
     check_flexible(options)
+
+
+def check_channels(config: dict) -> None:
+    """A UNet's `sample` is its latents or an inpainting UNet's latents, mask and masked-image latents."""
+    latent = config.get("out_channels", 4)
+    if config.get("in_channels", 4) not in (latent, inpainting_channels(latent)):
+        raise UserError(f"this UNet takes {config.get('in_channels')} input channels for {latent} latent channels; "
+                        f"supported: {latent} (text-to-image) or {inpainting_channels(latent)} (inpainting)")
 
 
 def check_flexible(options) -> None:
@@ -127,7 +138,7 @@ def unet_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_poole
     """The Dims of a UNet of this config (SD's or SDXL's) at one latent size and context length."""
     if interface_of(config) == SDXL:
         return xl_dims(config, batch, h, w, seq_len, text_pooled)
-    return Dims(h, w, batch, config.get("in_channels", 4), config["cross_attention_dim"], seq_len)
+    return Dims(h, w, batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, **sample_dims(config))
 
 
 def enumerated_shapes(config: dict, inputs: dict, options, component: str = "unet") -> dict:
@@ -149,8 +160,8 @@ def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled:
         raise UserError(f"this SDXL UNet's added embeddings ({config['projection_class_embeddings_input_dim']} wide) do "
                         f"not fit {text_pooled}-wide pooled text embeddings and {config['addition_time_embed_dim']}-wide "
                         "time-id embeddings: its text_encoder_2 is another model's")
-    return Dims(h, w, unet_batch=batch, latent_channels=config.get("in_channels", 4),
-                text_hidden=config["cross_attention_dim"], sequence=seq_len, time_ids=ids, text_pooled=text_pooled)
+    return Dims(h, w, unet_batch=batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, time_ids=ids,
+                text_pooled=text_pooled, **sample_dims(config))
 
 
 def text_pooled_width(source):

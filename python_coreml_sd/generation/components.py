@@ -12,7 +12,7 @@ import torch
 
 from dataclasses import replace
 
-from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes
+from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims
 from ..layers.unet import DiffusersControlledUNet, DiffusersControlNet, DiffusersUNet
 from ..errors import UserError
 
@@ -248,7 +248,7 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
     family = source.interface
     text_encoder, unet, vae = source.load_text_encoder(), source.load_unet(), source.load_vae()
     checker = source.load_safety_checker() if with_safety_checker and source.has("safety_checker") else None
-    dims = Dims(*latent_hw, latent_channels=unet.config.in_channels, text_hidden=unet.config.cross_attention_dim,
+    dims = Dims(*latent_hw, text_hidden=unet.config.cross_attention_dim, **sample_dims(unet.config),
                 sequence=text_encoder.config.max_position_embeddings,
                 clip_image=checker.config.vision_config.image_size if checker else Dims.clip_image)
     modules = {"text_encoder": wrapper_for(text_encoder, family), "unet": DiffusersUNet(unet),

@@ -46,12 +46,12 @@ def _umask() -> int:
 MAX_IMAGE_SIDE = 8192  # checked on the header, before any pixel is decoded
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, flag: str = "--image") -> Image.Image:
     try:
         with Image.open(path) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
-                raise UserError(f"--image {path} is {image.size[0]}x{image.size[1]}; images up to "
+                raise UserError(f"{flag} {path} is {image.size[0]}x{image.size[1]}; images up to "
                                 f"{MAX_IMAGE_SIDE} pixels a side are read (resize it first)")
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read --image {path}: {exc}") from exc
+        raise UserError(f"cannot read {flag} {path}: {exc}") from exc

@@ -24,16 +24,19 @@ class Models:
     torch_precision: str = "float32"
     refiner_version: str = None  # SDXL: the refiner whose UNet the torch backend runs (converted: its package)
     controlnet: str = None  # a ControlNet steering the UNet (converted: its ControlNet_<name> package)
+    prediction_type: str = None  # --prediction-type of a single-file --model-version
 
     def open(self, img2img: bool = False, progress: bool = True):
         return setup.open_pipeline(self.backend, self.models_dir, self.model_version, self.device, self.compute_unit,
                                    img2img=img2img, torch_precision=self.torch_precision, progress=progress,
-                                   refiner_version=self.refiner_version, controlnet=self.controlnet)
+                                   refiner_version=self.refiner_version, controlnet=self.controlnet,
+                                   prediction_type=self.prediction_type)
 
     def reference(self, torch_precision: str = "float32") -> "Models":
         """The original modules of the same model on the same device."""
         return Models("torch", self.models_dir, self.model_version, self.device, torch_precision=torch_precision,
-                      refiner_version=self.refiner_version, controlnet=self.controlnet)
+                      refiner_version=self.refiner_version, controlnet=self.controlnet,
+                      prediction_type=self.prediction_type)
 
 
 @dataclass
@@ -77,6 +80,8 @@ def generate_images(job: ImageJob, parameters=lambda request: {}) -> list:
     targets = job.targets()
     _check_job(job.requests, job.output_dir, targets, job.overwrite)
     pipe = job.models.open(img2img=any(r.image is not None for r in job.requests))
+    for request in job.requests:  # what these models cannot do, before the folder is made
+        pipe.check_request(request)
     prepare_output_dir(Path(job.output_dir))
     written = []
     for request, target in zip(job.requests, targets):

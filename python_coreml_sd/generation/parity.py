@@ -5,9 +5,10 @@ from PIL import Image
 
 from ..metrics import psnr
 
-# SDXL's runs also record each encoder's penultimate states, the pooled text_embeds and the refiner's first step.
-STAGES = ("text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "text_embeddings", "first_noise_pred",
-          "first_noise_pred_refiner", "final_latents", "decoded_image")
+# SDXL's runs also record each encoder's penultimate states, the pooled text_embeds and the refiner's first step;
+# inpainting runs the masked image's latents.
+STAGES = ("text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "text_embeddings",
+          "masked_image_latents", "first_noise_pred", "first_noise_pred_refiner", "final_latents", "decoded_image")
 
 
 def compare(reference, converted) -> dict:

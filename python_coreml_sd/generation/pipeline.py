@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..components import RESIDUAL, SD, SDXL, TABLE, text_to_unet_layout
+from ..components import RESIDUAL, SD, SDXL, TABLE, Dims, inpainting_channels, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
 from .prompts import PromptChunks, chunk_prompt, weighted
@@ -57,8 +57,9 @@ class GenerationRequest:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     scheduler: str = "PNDM"
-    image: Image.Image = None  # img2img start image
-    strength: float = 0.75
+    image: Image.Image = None  # img2img start image (inpainting: the image to repaint)
+    strength: float = None  # None: 0.75 for img2img, 1 with a mask (diffusers' defaults)
+    mask: Image.Image = None  # inpainting: white is repainted, black kept (the size of `image`)
     # SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline): None means the image size, as there.
     original_size: tuple = None  # (height, width) in pixels
     crops_coords_top_left: tuple = (0, 0)  # (y, x)
@@ -74,6 +75,10 @@ class GenerationRequest:
     control_image: Image.Image = None  # --controlnet's condition image (edges, depth...): resized to the image size
     controlnet_scale: float = 1.0  # the ControlNet's residuals are multiplied by this
 
+    def __post_init__(self):
+        if self.strength is None:
+            self.strength = 1.0 if self.mask is not None else 0.75
+
     def validate(self):
         if not self.prompt or not self.prompt.strip():
             raise UserError("the prompt is empty; pass --prompt TEXT")
@@ -88,6 +93,7 @@ class GenerationRequest:
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
         if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        self._validate_mask()
         if self.refiner_start is not None and not 0 < self.refiner_start < 1:  # also refuses nan
             raise UserError(f"--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got "
                             f"{self.refiner_start}")
@@ -95,6 +101,17 @@ class GenerationRequest:
                            ("--target-size", self.target_size)):
             if pair is not None and (len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair)):
                 raise UserError(f"{flag} takes two numbers of at least 0 (height width, or y x), got {pair}")
+
+    def _validate_mask(self):
+        if self.mask is None:
+            return
+        if self.image is None:
+            raise UserError("--mask needs --image IMAGE: the picture whose white-masked part is repainted")
+        if self.mask.size != self.image.size:
+            raise UserError(f"--mask is {self.mask.size[0]}x{self.mask.size[1]} but --image is {self.image.size[0]}x"
+                            f"{self.image.size[1]}; the mask must cover the image pixel for pixel (white: repaint)")
+        if self.refiner_start is not None:
+            raise UserError("--mask with --refiner-start is not supported yet: inpaint with the base alone")
 
 
 @dataclass
@@ -121,7 +138,10 @@ class StableDiffusionPipeline:
         self.scheduler_config, self.vae_scaling_factor = dict(scheduler_config), vae_scaling_factor
         self.progress = progress
         shapes = models.unet_input_shapes()
-        self.unet_batch, self.latent_channels, self.latent_h, self.latent_w = shapes["sample"]
+        self.unet_batch, self.sample_channels, self.latent_h, self.latent_w = shapes["sample"]
+        self.latent_channels = models["vae_decoder"].input_shapes.get("z", (1, Dims.latent_channels))[1]
+        # an inpainting UNet: its sample takes the mask and the masked image's latents after the latents
+        self.inpaint = self.sample_channels == inpainting_channels(self.latent_channels)
         self.sequence_length = models["text_encoder"].input_shapes.get("input_ids", (1, 77))[1]
         self.latent_sizes = self._check_sizes()
         self._check_controlnet()
@@ -137,6 +157,20 @@ class StableDiffusionPipeline:
         if cond and tuple(cond[2:]) != self.image_size:
             raise UserError(f"the ControlNet was converted for {cond[2]}x{cond[3]} images but the UNet makes "
                             f"{self.image_size[0]}x{self.image_size[1]}; convert both with the same --latent-h/--latent-w")
+
+    def check_request(self, request) -> None:
+        """What these models cannot do for `request` (checked before any work): a mask needs an inpainting UNet, and
+        an inpainting UNet a mask."""
+        if request.mask is not None and not self.inpaint:
+            raise UserError(f"--mask needs an inpainting UNet (its sample takes {inpainting_channels(self.latent_channels)} "
+                            f"channels: latents, mask, masked-image latents) and this one takes {self.sample_channels}; "
+                            "convert an inpainting model (e.g. tiny-inpaint); the ControlNet inpaint route for "
+                            "ordinary UNets is not supported yet")
+        if self.inpaint and request.mask is None:
+            raise UserError("this UNet is an inpainting UNet (its sample takes the mask and the masked image too): "
+                            "pass --image IMAGE and --mask MASK")
+        if self.inpaint and "controlnet" in self.models:
+            raise UserError("--mask with --controlnet is not supported yet: inpaint without the ControlNet")
 
     def control_inputs(self, request) -> dict:
         """The ControlNet's condition image (diffusers' preprocessing: RGB, resized, [0, 1], NCHW) and scale,
@@ -314,7 +348,8 @@ class StableDiffusionPipeline:
         shape = (1, self.latent_channels, self.latent_h, self.latent_w)
         scheduler.set_timesteps(request.num_inference_steps)
         timesteps = scheduler.timesteps
-        if request.image is None:
+        # diffusers' inpainting at strength 1 starts from noise alone (the image enters through the mask inputs)
+        if request.image is None or (request.mask is not None and request.strength == 1):
             return rng.normal(shape) * float(scheduler.init_noise_sigma), timesteps
         if "vae_encoder" not in self.models:
             raise UserError("img2img needs a VAE encoder; convert it with --convert-vae-encoder")
@@ -333,6 +368,26 @@ class StableDiffusionPipeline:
         diagonal_noise, noise = rng.normal(shape), rng.normal(shape)
         latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, diagonal_noise)
         return np.float32(signal) * latents + np.float32(noise_scale) * noise, timesteps
+
+    def inpaint_condition(self, request, rng: RandomSource, intermediates: dict) -> np.ndarray:
+        """(1, 1 + latent channels, h, w): the mask at latent size and the masked image's latents, as diffusers'
+        StableDiffusionInpaintPipeline makes them: the mask resized to the image size (Lanczos), grey, binarised at
+        0.5; the image kept where the mask is below 0.5; its VAE posterior sampled (the next draw) and scaled; the
+        mask resized to latent size (nearest)."""
+        encoder = self.models["vae_encoder"] if "vae_encoder" in self.models else None
+        if encoder is None or "x" not in encoder.input_shapes:
+            raise UserError("inpainting needs a VAE encoder with the `x` -> `latent` moments interface; convert it "
+                            "with --convert-vae-encoder")
+        h, w = self.image_size
+        mask = np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32)[None, None] / 255
+        mask = (mask >= 0.5).astype(np.float32)
+        masked_image = self.preprocess(request.image) * (mask < 0.5)
+        moments = encoder.predict(VAE_ENCODER.feed(masked_image))[VAE_ENCODER.outputs[0]]
+        noise = rng.normal((1, self.latent_channels, self.latent_h, self.latent_w))
+        latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, noise)
+        small = torch.nn.functional.interpolate(torch.from_numpy(mask), size=(self.latent_h, self.latent_w)).numpy()
+        intermediates.update(mask=small, masked_image_latents=latents)
+        return np.concatenate([small, latents], axis=1)
 
     def _legacy_encoder_latents(self, request, rng, shape, signal, noise_scale):
         """Encoders converted before the moments interface (`sample`, `diagonal_noise`, `noise`,
@@ -391,10 +446,13 @@ class StableDiffusionPipeline:
         return base, refiner, refiner.timesteps[begin:]
 
     def denoise(self, latents, scheduler, timesteps, embeddings, added, request, step_kwargs, unet="unet",
-                intermediates=None):
+                intermediates=None, condition=None):
+        """`condition`: an inpainting UNet's mask and masked-image latents, after the scaled latents at each step."""
         from tqdm import tqdm
         for i, t in enumerate(tqdm(timesteps, desc=f"denoising ({unet})", unit="step", disable=not self.progress)):
             model_input = scheduler.scale_model_input(torch.from_numpy(latents), t).numpy()
+            if condition is not None:
+                model_input = np.concatenate([model_input, condition], axis=1)
             noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale, added, unet)
             if i == 0 and intermediates is not None:
                 intermediates[f"first_noise_pred{'_refiner' if unet == 'refiner' else ''}"] = noise
@@ -404,6 +462,7 @@ class StableDiffusionPipeline:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         request.validate()
+        self.check_request(request)
         self.use_size(request.height, request.width)
         if request.refiner_start is not None and self.family != SDXL:
             raise UserError("--refiner-start is for SDXL models with a refiner; this UNet is not SDXL's")
@@ -415,6 +474,7 @@ class StableDiffusionPipeline:
         added = {**added, **self.control_inputs(request)}
         intermediates = dict(intermediates)
         latents, timesteps = self.initial_latents(request, scheduler, rng)
+        condition = self.inpaint_condition(request, rng, intermediates) if self.inpaint else None
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
         stages = [("unet", scheduler, timesteps, embeddings, added)]
         if request.refiner_start is not None:
@@ -424,7 +484,7 @@ class StableDiffusionPipeline:
         loop_start = time.perf_counter()
         for unet, stage_scheduler, stage_steps, stage_embeddings, stage_added in stages:
             latents = self.denoise(latents, stage_scheduler, stage_steps, stage_embeddings, stage_added, request,
-                                   step_kwargs, unet, intermediates)
+                                   step_kwargs, unet, intermediates, condition if unet == "unet" else None)
         steps = sum(len(stage[2]) for stage in stages)
         per_step = (time.perf_counter() - loop_start) / max(steps, 1)
         intermediates["final_latents"] = latents

@@ -78,18 +78,18 @@ def bundled_tokenizer(models_dir):
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
                   img2img=False, torch_precision="float32", progress=True,
-                  refiner_version=None, controlnet=None) -> StableDiffusionPipeline:
+                  refiner_version=None, controlnet=None, prediction_type=None) -> StableDiffusionPipeline:
     """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
     whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder);
     `controlnet`: a ControlNet (converted: its ControlNet_<name> package; torch: a folder or registry name) whose
-    residuals steer the UNet."""
+    residuals steer the UNet; `prediction_type`: a single-file model_version's (--prediction-type)."""
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
     if models_dir is not None:  # a .zip bundle is extracted (checked, once) into the cache
         from ..bundle import models_folder
         models_dir = models_folder(models_dir)
-    source = resolve(model_version)
+    source = resolve(model_version, prediction_type=prediction_type)
     if backend == "torch":
         latent_hw = _latent_size_of(models_dir, model_version) if models_dir else (source.config("unet")["sample_size"],) * 2
         refiner = None
