@@ -61,6 +61,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="Core ML compute units for --backend coreml (default: ALL)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device of the mil and torch backends (default: cpu)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="--backend mil: run the UNet through torch.compile (Inductor). The first image pays the "
+                        "compilation (about a minute for a full-size UNet on a GPU, less once Inductor's cache "
+                        "holds the kernels); later steps run fused kernels (docs/benchmarks.md)")
     p.add_argument("--torch-precision", choices=("float32", "float16"), default="float32",
                    help="precision of the torch backend (default: float32; float16 wants --device cuda)")
     xl = p.add_argument_group("SDXL")
@@ -102,7 +106,8 @@ def models_from_args(args):
     """The `--backend` / `-i` / `--model-version` / device flags as a typed `Models` (shared with parity)."""
     from .generation.jobs import Models
     return Models(args.backend, args.models_dir, args.model_version, args.device, args.compute_unit,
-                  args.torch_precision, args.refiner_version, args.controlnet, args.prediction_type)
+                  args.torch_precision, args.refiner_version, args.controlnet, args.prediction_type,
+                  args.torch_compile)
 
 
 def requests_from_args(args, seeds) -> list:

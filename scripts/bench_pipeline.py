@@ -17,10 +17,13 @@ Rows:
                                        and replayed as a CUDA graph; on CPU torch.compile alone. If that
                                        fails on CUDA the row falls back to eager + CUDA graph and says so.
   mil                                  the converted fp16 packages; on CUDA the UNet replays as a CUDA graph
+  mil, UNet torch.compile              the same with the pipeline's --torch-compile (the MIL runtime's UNet
+                                       under torch.compile, then the CUDA graph on CUDA)
 Each row: one 2-step warm-up image (compilation, graph capture, lazy init; reported as "warm-up s"), then
 one timed image.
 """
 import argparse
+import gc
 import os
 import sys
 import time
@@ -62,11 +65,11 @@ def torch_models(folder, models_dir, device, precision, safety_checker):
                               with_safety_checker=safety_checker)
 
 
-def mil_models(folder, models_dir, device, safety_checker):
+def mil_models(folder, models_dir, device, safety_checker, torch_compile=False):
     from python_coreml_sd.generation.setup import converted_models
     from python_coreml_sd.model_sources import resolve
 
-    models = converted_models(models_dir, "mil", device)
+    models = converted_models(models_dir, "mil", device, torch_compile=torch_compile)
     if not safety_checker:
         models.components.pop("safety_checker", None)
     return resolve(str(folder)), models
@@ -110,6 +113,7 @@ def main():
     parser.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
                         help="neither side runs the safety checker (default: both do)")
     parser.add_argument("--no-fast-torch", action="store_true", help="skip the torch.compile (+ CUDA graph) row")
+    parser.add_argument("--no-compiled-mil", action="store_true", help="skip the mil, UNet torch.compile row")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/python_coreml_sd_bench"))
     args = parser.parse_args()
     import numpy as np
@@ -149,11 +153,13 @@ def main():
             result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
         rows.append((label, result, warmup))
     del models
-    import gc
     gc.collect()
-    source, models = mil_models(folder, models_dir, args.device, args.safety_checker)
-    result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
-    rows.append(("mil", result, warmup))
+    for label, torch_compile in [("mil", False)] + ([] if args.no_compiled_mil else [("mil, UNet torch.compile", True)]):
+        source, models = mil_models(folder, models_dir, args.device, args.safety_checker, torch_compile)
+        result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
+        rows.append((label, result, warmup))
+        del models
+        gc.collect()
 
     reference = np.asarray(rows[0][1].image, np.float32)
     size = rows[0][1].image.size

@@ -222,3 +222,24 @@ def test_a_folder_with_vocab_and_merges_brings_its_tokenizer(tmp_path, tiny_mode
     (folder / "merges.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UserError, match="not a CLIP tokenizer"):
         open_pipeline("mil", folder, progress=False)
+
+
+def test_torch_compile_runs_the_unet_compiled_with_the_same_image(pipes, tiny_models_dir):
+    """--torch-compile: the mil backend's UNet runs through torch.compile, the other components op by op,
+    and the picture is the uncompiled one (fused fp32 kernels aside)."""
+    compiled = open_pipeline("mil", tiny_models_dir, progress=False, torch_compile=True)
+    assert compiled.models["unet"].model._torch_compile
+    assert not compiled.models["vae_decoder"].model._torch_compile
+    request = GenerationRequest(prompt="a lighthouse at dusk", seed=7, num_inference_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to op by op would warn
+        result = compiled.generate(request)
+    assert compiled.models["unet"].model._torch_compile  # still compiled: it did not fall back
+    assert image_psnr(pipes["mil"].generate(request), result) >= 40
+
+
+def test_torch_compile_needs_the_mil_backend(tmp_path, capsys):
+    code, err = run_cli(capsys, "--prompt", "x", "--backend", "torch", "--torch-compile", "-o", str(tmp_path / "out"))
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "--torch-compile" in err and "--backend mil" in err
+    assert not (tmp_path / "out").exists()

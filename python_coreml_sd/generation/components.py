@@ -178,7 +178,8 @@ def with_controlnet(found: dict, folder: Path, controlnet: str = None) -> dict:
 
 
 def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit: str = "ALL",
-                   needed=(), model_version: str = None, controlnet: str = None) -> ModelSet:
+                   needed=(), model_version: str = None, controlnet: str = None,
+                   torch_compile: bool = False) -> ModelSet:
     from ..runtime import load_model
     found = with_controlnet(find_packages(folder, model_version), folder, controlnet)
     missing = [name for name in needed if name not in found and not (name == "unet" and "unet_chunk1" in found)]
@@ -193,15 +194,17 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
     for name, path in found.items():
         check_inputs(name, path, inputs[name][0])
     return ModelSet({name: Component(load_model(path, backend=backend, device=device, compute_unit=compute_unit,
-                                                **_runtime_options(name, backend, device)),
+                                                **_runtime_options(name, backend, device, torch_compile)),
                                      *inputs[name]) for name, path in found.items()})
 
 
-def _runtime_options(component: str, backend: str, device: str) -> dict:
-    # The UNet runs every step with the same shapes: one captured CUDA graph replaces ~2,000 launches.
-    if backend == "mil" and device == "cuda" and is_unet(component):
-        return {"cuda_graph": True}
-    return {}
+def _runtime_options(component: str, backend: str, device: str, torch_compile: bool = False) -> dict:
+    """MILModel options: the UNet runs every step with the same shapes, so on CUDA one captured graph replaces
+    ~2,000 launches, and (torch_compile) Inductor's fused kernels repay their compile time over the steps.
+    Components that run once per image stay op by op: compiling them would cost more than it saves."""
+    if backend != "mil" or not is_unet(component):
+        return {}
+    return {**({"cuda_graph": True} if device == "cuda" else {}), **({"torch_compile": True} if torch_compile else {})}
 
 
 class TorchModel:

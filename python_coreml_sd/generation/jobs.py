@@ -25,12 +25,13 @@ class Models:
     refiner_version: str = None  # SDXL: the refiner whose UNet the torch backend runs (converted: its package)
     controlnet: str = None  # a ControlNet steering the UNet (converted: its ControlNet_<name> package)
     prediction_type: str = None  # --prediction-type of a single-file --model-version
+    torch_compile: bool = False  # mil: run the UNet through torch.compile (MILModel(torch_compile=True))
 
     def open(self, img2img: bool = False, progress: bool = True):
         return setup.open_pipeline(self.backend, self.models_dir, self.model_version, self.device, self.compute_unit,
                                    img2img=img2img, torch_precision=self.torch_precision, progress=progress,
                                    refiner_version=self.refiner_version, controlnet=self.controlnet,
-                                   prediction_type=self.prediction_type)
+                                   prediction_type=self.prediction_type, torch_compile=self.torch_compile)
 
     def reference(self, torch_precision: str = "float32") -> "Models":
         """The original modules of the same model on the same device."""

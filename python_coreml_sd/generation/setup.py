@@ -21,12 +21,13 @@ def check_device(device: str) -> None:
 
 
 def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False,
-                     model_version=None, controlnet=None) -> ModelSet:
+                     model_version=None, controlnet=None, torch_compile=False) -> ModelSet:
     if models_dir is None:
         raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
     needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
     # SDXL's text_encoder_2 is required by the pipeline once it sees the UNet's added conditions
-    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version, controlnet)
+    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version, controlnet,
+                          torch_compile)
 
 
 def reference_models(source, latent_hw, device="cpu", precision="float32", refiner=None, controlnet=None) -> ModelSet:
@@ -78,7 +79,8 @@ def bundled_tokenizer(models_dir):
 
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
                   img2img=False, torch_precision="float32", progress=True,
-                  refiner_version=None, controlnet=None, prediction_type=None) -> StableDiffusionPipeline:
+                  refiner_version=None, controlnet=None, prediction_type=None,
+                  torch_compile=False) -> StableDiffusionPipeline:
     """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
     whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder);
     `controlnet`: a ControlNet (converted: its ControlNet_<name> package; torch: a folder or registry name) whose
@@ -86,6 +88,8 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
+    if torch_compile and backend != "mil":
+        raise UserError(f"--torch-compile compiles the MIL runtime's UNet: it needs --backend mil, not {backend}")
     if models_dir is not None:  # a .zip bundle is extracted (checked, once) into the cache
         from ..bundle import models_folder
         models_dir = models_folder(models_dir)
@@ -98,7 +102,8 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
             refiner = refiner_source(refiner_version)
         models = reference_models(source, latent_hw, device, torch_precision, refiner, controlnet)
     else:
-        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet)
+        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet,
+                                  torch_compile)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir), models_dir)
 
 
