@@ -103,40 +103,50 @@ def _einsum_scores(scores, axis):
     return batch, q, k, c, q_first
 
 
-def _einsum_attention(softmax, outputs):
-    """softmax(einsum(q, k)) along the key axis, then einsum with v: the SPLIT_EINSUM(_V2) layouts."""
-    scores = softmax.x.op
-    if scores is None or scores.op_type != "einsum" or _only_consumer(scores.outputs[0], outputs) is not softmax:
+def _einsum_values(out, probs, roles):
+    """The value side of the second einsum: (values var, its subscripts, the result's subscripts, and the
+    batch / query / key / channel letters renamed as that equation writes them), or None."""
+    letters = _einsum_letters(out)
+    if letters is None:
         return None
-    rank = len(softmax.x.shape)
-    roles = _einsum_scores(scores, int(_scalar(softmax.axis)) % rank)
-    out = _only_consumer(softmax.outputs[0], outputs)
-    if roles is None or out is None or out.op_type != "einsum" or _einsum_letters(out) is None:
-        return None
-    batch, q, k, c, q_first = roles
-    s = _einsum_letters(scores)[2]
-    probs = softmax.outputs[0]
-    x2, y2, o2 = _einsum_letters(out)
+    (x2, y2, o2), (s, batch, q, k) = letters, roles
     if out.values[0] is probs and out.values[1] is not probs:
         p2, v2, values = x2, y2, out.values[1]
     elif out.values[1] is probs and out.values[0] is not probs:
         p2, v2, values = y2, x2, out.values[0]
     else:
         return None
-    rename = dict(zip(s, p2))  # probs' letters in the second equation, by position
+    rename = dict(zip(s, p2))  # the probabilities' letters in the second equation, by position
     batch2, q2, k2 = [rename[t] for t in batch], rename[q], rename[k]
     channel = [t for t in v2 if t not in p2]
     if len(channel) != 1 or set(v2) != {*batch2, k2, *channel} or set(o2) != {*batch2, q2, *channel}:
         return None
-    a, b, _ = _einsum_letters(scores)
+    return values, v2, o2, batch2, q2, k2, channel[0]
+
+
+def _einsum_attention(softmax, outputs):
+    """softmax(einsum(q, k)) along the key axis, then einsum with v: the SPLIT_EINSUM(_V2) layouts."""
+    scores = softmax.x.op
+    if scores is None or scores.op_type != "einsum" or _only_consumer(scores.outputs[0], outputs) is not softmax:
+        return None
+    roles = _einsum_scores(scores, int(_scalar(softmax.axis)) % len(softmax.x.shape))
+    out = _only_consumer(softmax.outputs[0], outputs)
+    if roles is None or out is None or out.op_type != "einsum":
+        return None
+    batch, q, k, c, q_first = roles
+    a, b, s = _einsum_letters(scores)
+    value_side = _einsum_values(out, softmax.outputs[0], (s, batch, q, k))
+    if value_side is None:
+        return None
+    values, v_sub, o_sub, batch2, q2, k2, channel = value_side
     (queries, q_sub), (keys, k_sub) = ((scores.values[0], a), (scores.values[1], b))[::1 if q_first else -1]
-    sizes = [dict(zip(sub, var.shape)) for var, sub in ((queries, q_sub), (keys, k_sub), (values, v2))]
-    if any(sizes[0][t] != sizes[1][t] or sizes[0][t] != sizes[2][rename[t]] for t in batch):
+    sizes = [dict(zip(sub, var.shape)) for var, sub in ((queries, q_sub), (keys, k_sub), (values, v_sub))]
+    if any(sizes[0][t] != sizes[1][t] or sizes[0][t] != sizes[2][t2] for t, t2 in zip(batch, batch2)):
         return None  # broadcast batch dimensions: left to the per-op steps
     to_q = [q_sub.index(t) for t in (*batch, q, c)]
     to_k = [k_sub.index(t) for t in (*batch, k, c)]
-    to_v = [v2.index(t) for t in (*batch2, k2, channel[0])]
-    back = [[*batch2, q2, channel[0]].index(t) for t in o2]
+    to_v = [v_sub.index(t) for t in (*batch2, k2, channel)]
+    back = [[*batch2, q2, channel].index(t) for t in o_sub]
 
     def fn(x, y, v):
         return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v)).permute(back)
