@@ -92,12 +92,13 @@ def request_with(image, mask, **kwargs):
                              **kwargs)
 
 
-def diffusers_inpaint(source, request):
-    """diffusers' StableDiffusionInpaintPipeline with our random draws (RandomSource: the initial latents, then the
-    masked image's posterior noise), everything else its own: mask and image preprocessing, the masked image,
-    its encoding, the concatenation per step."""
+def diffusers_inpaint(source, request, pipeline_class=None, **extra):
+    """diffusers' inpaint pipeline (SD: StableDiffusionInpaintPipeline; else `pipeline_class`) with our random
+    draws (RandomSource: the initial latents, then the masked image's posterior noise), everything else its own:
+    mask and image preprocessing, the masked image, its encoding, the concatenation per step.
+    Returns (final latents, the mask at latent size, the masked image's latents)."""
     from diffusers import StableDiffusionInpaintPipeline
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(source.root), use_safetensors=True)
+    pipe = (pipeline_class or StableDiffusionInpaintPipeline).from_pretrained(str(source.root), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     draws = np.random.RandomState(request.seed)
     start, posterior_noise = (torch.from_numpy(draws.randn(1, 4, 16, 16).astype(np.float32)) for _ in range(2))
@@ -108,7 +109,7 @@ def diffusers_inpaint(source, request):
         masked_latents = pipe.vae.config.scaling_factor * (posterior.mean + posterior.std * posterior_noise)
         latents = pipe(request.prompt, image=request.image, mask_image=request.mask, masked_image_latents=masked_latents,
                        latents=start, num_inference_steps=request.num_inference_steps, height=128, width=128,
-                       guidance_scale=request.guidance_scale, output_type="latent").images
+                       guidance_scale=request.guidance_scale, output_type="latent", **extra).images
     small_mask = torch.nn.functional.interpolate(mask, size=(16, 16))
     return latents.numpy(), small_mask.numpy(), masked_latents.numpy()
 
@@ -205,23 +206,6 @@ def xl_pipes(xl_models_dir):
             for backend in ("mil", "torch")}
 
 
-def diffusers_xl_inpaint(source, request):
-    """diffusers' StableDiffusionXLInpaintPipeline at strength 1 with our two draws, as `diffusers_inpaint`."""
-    from diffusers import StableDiffusionXLInpaintPipeline
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(source.root), use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    draws = np.random.RandomState(request.seed)
-    start, posterior_noise = (torch.from_numpy(draws.randn(1, 4, 16, 16).astype(np.float32)) for _ in range(2))
-    image = pipe.image_processor.preprocess(request.image, height=128, width=128)
-    mask = pipe.mask_processor.preprocess(request.mask, height=128, width=128)
-    with torch.no_grad():
-        posterior = pipe.vae.encode(image * (mask < 0.5)).latent_dist
-        masked_latents = pipe.vae.config.scaling_factor * (posterior.mean + posterior.std * posterior_noise)
-        return pipe(request.prompt, image=request.image, mask_image=request.mask, masked_image_latents=masked_latents,
-                    latents=start, strength=1.0, num_inference_steps=request.num_inference_steps, height=128,
-                    width=128, guidance_scale=request.guidance_scale, output_type="latent").images.numpy()
-
-
 def test_xl_inpainting_unet_package_has_nine_channels(xl_models_dir):
     from python_coreml_sd.generation.components import _package_inputs
     shapes = _package_inputs(xl_models_dir / f"Stable_Diffusion_version_{XL}_unet.mlpackage")[0]
@@ -231,7 +215,8 @@ def test_xl_inpainting_unet_package_has_nine_channels(xl_models_dir):
 def test_xl_torch_loop_is_diffusers_and_mil_matches(xl_pipes, picture, mask):
     request = request_with(picture, mask, scheduler="EulerDiscrete", guidance_scale=5.0)
     ours = xl_pipes["torch"].generate(request)
-    reference = diffusers_xl_inpaint(resolve(XL), request)
+    from diffusers import StableDiffusionXLInpaintPipeline
+    reference = diffusers_inpaint(resolve(XL), request, StableDiffusionXLInpaintPipeline, strength=1.0)[0]
     assert psnr(reference, ours.intermediates["final_latents"]) >= 60
     mil = xl_pipes["mil"].generate(request)
     assert psnr(ours.intermediates["final_latents"], mil.intermediates["final_latents"]) >= 40  # fp32 packages
