@@ -133,10 +133,15 @@ class StableDiffusionPipeline:
         if RESIDUAL.format(0) not in self.models.unet_input_shapes():
             raise UserError("a ControlNet was given but this UNet takes no ControlNet residuals (additional_residual_0, "
                             "...); convert it with --convert-unet --unet-support-controlnet")
-        cond = self.models["controlnet"].input_shapes.get("controlnet_cond")
-        if cond and tuple(cond[2:]) != self.image_size:
-            raise UserError(f"the ControlNet was converted for {cond[2]}x{cond[3]} images but the UNet makes "
-                            f"{self.image_size[0]}x{self.image_size[1]}; convert both with the same --latent-h/--latent-w")
+        if "controlnet_cond" not in self.models["controlnet"].input_shapes:
+            return
+        # The sizes both take (the ControlNet's condition image is 8x the latents), the UNet's default among them.
+        sizes = [(h // 8, w // 8) for *_, h, w in self.models["controlnet"].allowed("controlnet_cond")]
+        if self.latent_sizes[0] not in sizes:
+            raise UserError(f"the ControlNet was converted for {_sizes_text((8 * h, 8 * w) for h, w in sizes)} images "
+                            f"but the UNet makes {self.image_size[0]}x{self.image_size[1]}; convert both with the "
+                            "same --latent-h/--latent-w or --latent-sizes")
+        self.latent_sizes = [size for size in self.latent_sizes if size in sizes]
 
     def control_inputs(self, request) -> dict:
         """The ControlNet's condition image (diffusers' preprocessing: RGB, resized, [0, 1], NCHW) and scale,
