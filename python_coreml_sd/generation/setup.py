@@ -123,8 +123,8 @@ def requested_latent_sizes(source, sizes) -> tuple:
 
 
 def _unet_of(models_dir, model_version=None) -> tuple:
-    """(component, path) of the converted UNet package (whole, first chunk, or controlled) the torch backend
-    reads its shapes from."""
+    """(component, path, every package found) of the converted UNet (whole, first chunk, or controlled) the torch
+    backend reads its shapes from."""
     from .components import find_packages
     found = find_packages(Path(models_dir), model_version)
     component = next((c for c in ("unet", "unet_chunk1", "control-unet") if c in found), None)
