@@ -303,6 +303,7 @@ def test_full_size_sd1_unet_at_two_sizes_agrees_with_diffusers(tmp_path):
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     source = ModelSource("sd1-random", tmp_path / "m")
     sizes = ((64, 64), (48, 80))
+    (tmp_path / "out").mkdir()
     (package,) = convert_unet(source, ConversionOptions("sd1-random", tmp_path / "out", latent_sizes=sizes))
     model, unet = MILModel(str(package)), source.load_unet()
     for size in sizes:
