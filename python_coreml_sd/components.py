@@ -203,6 +203,11 @@ CONTROLLED_UNET = Interface(UNET_INPUTS, ("noise_pred",), lambda d: _unet_shapes
                             more_inputs=RESIDUAL)
 
 
+def with_residuals(variants: list, unet_config: dict) -> list:
+    """Each of `variants` (Dims.variants) with the ControlNet residuals of its own latent size."""
+    return [replace(d, residuals=residual_shapes(unet_config, d.latent_h, d.latent_w)) for d in variants]
+
+
 def residual_shapes(unet_config: dict, latent_h: int, latent_w: int) -> tuple:
     """(channels, h, w) of the states a ControlNet adds to a UNet (diffusers' down_block_res_samples after
     conv_in, each resnet and each downsampler, then mid_block_res_sample), from the UNet's config."""

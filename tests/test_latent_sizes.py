@@ -14,6 +14,7 @@ from python_coreml_sd.convert.unet import diffusers_reference, sample_inputs
 from python_coreml_sd.convert.vae import VAEDecoder
 from python_coreml_sd.metrics import psnr
 from python_coreml_sd.runtime.mil import MILModel
+from python_coreml_sd.generation.pipeline import GenerationRequest
 from tests.support import assert_one_line, run_pipeline_cli
 
 SIZES = ((16, 16), (8, 24))  # tiny's own 16x16 the default; 8x24 a wide one (multiples of its 4x downsampling)
@@ -110,7 +111,8 @@ def test_a_size_the_models_lack_is_one_line(capsys, tmp_path, packages):
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--latent-h", "8"], "either --latent-sizes or --latent-h"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--attention-implementation", "SPLIT_EINSUM_V2"],
      "SPLIT_EINSUM_V2 cuts"),
-    (["--convert-unet", "--max-prompt-chunks", "2", "--chunk-unet"], "--chunk-unet cuts a UNet of one shape"),
+    (["--convert-unet", "--max-prompt-chunks", "2", "--chunk-unet"], "--chunk-unet with several shapes needs "
+                                                                      "--min-deployment-target iOS18"),
 ])
 def test_bad_shape_flags_are_one_line_and_write_nothing(capsys, tmp_path, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -180,3 +182,142 @@ def test_aspect_shorthand_and_size_lists_parse():
     options = torch2coreml.options_from_args(torch2coreml.parser_spec().parse_args(
         ["--convert-unet", "--latent-sizes", "aspect:1024", "--max-prompt-chunks", "2"]))
     assert options.latent_sizes[0] == (128, 128) and len(options.latent_sizes) == 5 and options.max_prompt_chunks == 2
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(packages):
+    from python_coreml_sd.generation.setup import open_pipeline
+    return open_pipeline("torch", packages["unet"].parent, progress=False)
+
+
+def test_torch_backend_takes_the_converted_sizes_and_windows(torch_pipe, pipe):
+    assert torch_pipe.latent_sizes == pipe.latent_sizes == [(16, 16), (8, 24)]
+    assert torch_pipe.prompt_chunk_counts == pipe.prompt_chunk_counts == [1, 2, 3]
+    words = " ".join(f"word{i} fox" for i in range(52))
+    request = GenerationRequest(words, num_inference_steps=2, height=64, width=192, seed=3)
+    reference, converted = torch_pipe.generate(request), pipe.generate(request)
+    assert reference.image.size == converted.image.size == (192, 64)
+    assert reference.intermediates["text_embeddings"].shape[-1] == 3 * 77
+    assert psnr(reference.intermediates["final_latents"], converted.intermediates["final_latents"]) >= 30
+
+
+def test_torch_backend_without_converted_models_takes_the_requested_size(capsys, tmp_path):
+    from python_coreml_sd.generation.setup import open_pipeline
+    pipe = open_pipeline("torch", None, "tiny", progress=False, sizes=((64, 192),))
+    assert pipe.generate(GenerationRequest("a fox", num_inference_steps=1, height=64, width=192)).image.size == (192, 64)
+    code, err = run_pipeline_cli(capsys, "--prompt", "a fox", "--backend", "torch", "-o", str(tmp_path / "o"),
+                                 "--num-inference-steps", "1", "--height", "72", "--width", "128")
+    assert_one_line(code, err, "--height 72 --width 128", "multiples of 32 pixels")
+    assert not (tmp_path / "o").exists()
+
+
+def test_parity_cli_at_another_size(tmp_path, packages):
+    import json
+    from python_coreml_sd import parity
+    out = tmp_path / "report"
+    assert parity.main(["--prompt", "a red fox", "-i", str(packages["unet"].parent), "-o", str(out), "--height", "64",
+                        "--width", "192", "--num-inference-steps", "2"]) == 0
+    (entry,) = json.loads((out / "report.json").read_text())["results"]
+    assert entry["passed"] and {"first_noise_pred", "final_latents", "final_image"} <= set(entry["psnr_db"])
+
+
+def test_chunked_unet_takes_every_shape_as_the_whole(tmp_path, packages, pipe):
+    """--chunk-unet with --latent-sizes and --max-prompt-chunks (iOS 18): both chunks enumerate their inputs' shapes
+    in the whole UNet's order, chunk 2 its crossing tensors at the shapes chunk 1 gives them; the pipeline on the
+    chunks alone takes the same sizes and windows and makes the whole UNet's image."""
+    import shutil
+    from python_coreml_sd.generation.setup import open_pipeline
+    options = ConversionOptions("tiny", tmp_path / "c", latent_sizes=SIZES, max_prompt_chunks=3, chunk_unet=True,
+                                min_deployment_target="iOS18")
+    whole, *chunks = convert(options, ["unet"])
+    first, _ = enumerated(chunks[0])
+    second, _ = enumerated(chunks[1])
+    assert first["sample"] == enumerated(whole)[0]["sample"] and len(second) > 1
+    assert all(len(shapes) == len(SIZES) * 3 for _, shapes in second.values())
+    folder = tmp_path / "chunked"
+    folder.mkdir()
+    for path in (*chunks, packages["text_encoder"], packages["vae_decoder"]):
+        shutil.copytree(path, folder / path.name)
+    chunked = open_pipeline("mil", folder, progress=False)
+    assert "unet" not in chunked.models and chunked.latent_sizes == pipe.latent_sizes
+    assert chunked.prompt_chunk_counts == [1, 2, 3]
+    request = GenerationRequest(" ".join(f"word{i} fox" for i in range(52)), num_inference_steps=2, height=64,
+                                width=192)
+    assert psnr(np.asarray(pipe.generate(request).image, np.float32),
+                np.asarray(chunked.generate(request).image, np.float32)) >= 60
+
+
+@pytest.fixture(scope="module")
+def control_dir(tmp_path_factory, packages):
+    """The controlled UNet and tiny-controlnet at both sizes by 1..2 windows (iOS 18), beside `packages`' text
+    encoder and VAE decoder."""
+    import shutil
+    out = tmp_path_factory.mktemp("control_sizes")
+    common = dict(latent_sizes=SIZES, max_prompt_chunks=2, min_deployment_target="iOS18")
+    convert(ConversionOptions("tiny", out, controlnets=("tiny-controlnet",), **common), ["controlnet"])
+    convert(ConversionOptions("tiny", out, unet_support_controlnet=True, **common), ["unet"])
+    for name in ("text_encoder", "vae_decoder"):
+        shutil.copytree(packages[name], out / packages[name].name)
+    return out
+
+
+@pytest.mark.parametrize("size, chunks", [((16, 16), 1), ((8, 24), 2)])
+def test_controlnet_and_controlled_unet_agree_with_diffusers_at_each_shape(control_dir, tiny_source, size, chunks):
+    from python_coreml_sd.controlnets import resolve_controlnet
+    from python_coreml_sd.convert.controlnet import example_inputs
+    from python_coreml_sd.convert.unet import residual_inputs
+    from python_coreml_sd.layers.unet import DiffusersControlNet
+    config, unet = tiny_source.config("unet"), tiny_source.load_unet()
+    inputs = example_inputs(config, 2, *size, 77 * chunks)
+    with torch.no_grad():
+        reference = DiffusersControlNet(resolve_controlnet("tiny-controlnet").load())(*inputs.values())
+    out = MILModel(str(control_dir / "ControlNet_tiny-controlnet.mlpackage")).predict(
+        {k: v.numpy() for k, v in inputs.items()})
+    assert all(psnr(ref.numpy(), got) >= 40 for ref, got in zip(reference, out.values()))
+    unet_inputs = {**sample_inputs(dict(unet.config), 2, *size, 77 * chunks), **residual_inputs(config, 2, *size)}
+    noise = MILModel(str(control_dir / "Stable_Diffusion_version_tiny_control-unet.mlpackage")).predict(
+        {k: v.numpy() for k, v in unet_inputs.items()})["noise_pred"]
+    assert noise.shape == (2, 4, *size) and psnr(diffusers_reference(unet, unet_inputs), noise) >= 40
+
+
+def test_controlnet_generation_at_another_size_matches_torch(control_dir):
+    from PIL import Image
+    from python_coreml_sd.generation.setup import open_pipeline
+    edges = Image.fromarray((np.indices((64, 192)).sum(0) // 16 % 2 * 255).astype(np.uint8)).convert("RGB")
+    request = GenerationRequest("a house", num_inference_steps=2, height=64, width=192, control_image=edges)
+    results = [open_pipeline(backend, control_dir, progress=False, controlnet="tiny-controlnet").generate(request)
+               for backend in ("mil", "torch")]
+    assert results[0].image.size == (192, 64)
+    assert psnr(results[1].intermediates["final_latents"], results[0].intermediates["final_latents"]) >= 30
+
+
+def test_controlnets_of_several_sizes_need_ios18(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        torch2coreml.main(["--model-version", "tiny", "-o", str(tmp_path / "out"), "--convert-controlnet",
+                           "tiny-controlnet", "--latent-sizes", "16x16,8x24"])
+    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "ControlNets", "iOS18", prog="torch2coreml")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_full_size_sd1_unet_at_two_sizes_agrees_with_diffusers(tmp_path):
+    """SD 1.5's architecture with random weights (3.4 GB fp32), fp16 package of 64x64 and 48x80 latents, each size
+    vs diffusers in fp32 (the 40 dB bar of the tiny tests). Minutes and ~12 GB of memory: -m slow."""
+    import json
+    from python_coreml_sd import registry
+    from python_coreml_sd.convert.unet import convert_unet
+    from python_coreml_sd.model_sources import ModelSource
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    UNet2DConditionModel(**registry.family("sd1")["architecture"]["unet"]).save_pretrained(str(tmp_path / "m" / "unet"))
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    source = ModelSource("sd1-random", tmp_path / "m")
+    sizes = ((64, 64), (48, 80))
+    (tmp_path / "out").mkdir()
+    (package,) = convert_unet(source, ConversionOptions("sd1-random", tmp_path / "out", latent_sizes=sizes))
+    model, unet = MILModel(str(package)), source.load_unet()
+    for size in sizes:
+        inputs = sample_inputs(dict(unet.config), 2, *size, 77)
+        out = model.predict({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+        assert out.shape == (2, 4, *size) and psnr(diffusers_reference(unet, inputs), out) >= 40, size

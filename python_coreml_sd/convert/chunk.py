@@ -172,8 +172,11 @@ def make_second_chunk(prog, cut: int) -> list:
 
 def program_to_mlmodel(prog, min_deployment_target: str):
     import coremltools as ct
+    import warnings
     # FLOAT32 here only means "no further fp16 casting": the program is already in its final precision.
-    with brief_program_strings():
+    # A cut program of enumerated shapes gets coremltools' placeholder ranges, which declare_shapes replaces.
+    with brief_program_strings(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some dimensions in the input shape are unknown")
         return ct.convert(prog, convert_to="mlprogram", source="milinternal", compute_precision=ct.precision.FLOAT32,
                           minimum_deployment_target=_deployment_target(min_deployment_target),
                           pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
@@ -197,12 +200,53 @@ def _copy_description(source, mlmodel, chunk: int, crossing: list) -> None:
     meta["com.python_coreml_sd.chunk"] = f"{chunk}/2"
 
 
-def _write_chunk(package: Path, dest: Path, chunk: int, cut: int, options) -> list:
+def package_variants(mlmodel) -> list:
+    """[{input name: shape}] per shape a package takes: its enumerated shapes index by index (the component
+    table's Dims.variants, pinned in that order), fixed inputs the same in each; one entry without enumerated ones."""
+    inputs = mlmodel.get_spec().description.input
+    lists = {f.name: [tuple(e.shape) for e in f.type.multiArrayType.enumeratedShapes.shapes] for f in inputs
+             if f.type.multiArrayType.WhichOneof("ShapeFlexibility") == "enumeratedShapes"}
+    count = max((len(v) for v in lists.values()), default=1)
+    return [{f.name: lists[f.name][i] if f.name in lists else tuple(f.type.multiArrayType.shape) for f in inputs}
+            for i in range(count)]
+
+
+def declare_shapes(mlmodel, variants: list) -> None:
+    """Each input of a chunk as its shapes in `variants` ({name: shape} each) say: fixed when one, else Core ML
+    enumerated shapes in variant order (paired index by index across inputs, as the whole UNet's), the first the
+    default. Cutting a program of enumerated shapes leaves coremltools' ranges, which pair nothing."""
+    for feature in mlmodel._spec.description.input:
+        shapes = [variant[feature.name] for variant in variants]
+        array = feature.type.multiArrayType
+        array.ClearField("ShapeFlexibility")
+        del array.shape[:]
+        array.shape.extend(shapes[0])
+        if len(set(shapes)) > 1:
+            for shape in shapes:
+                array.enumeratedShapes.shapes.add().shape.extend(shape)
+
+
+def crossing_shapes(first_chunk: Path, variants: list) -> list:
+    """[{crossing tensor: shape}] of chunk 1's outputs at each variant of its inputs, by the MIL type inference
+    of the program specialized to those shapes (no weights are run)."""
+    from ..runtime.mil.model import load_program
+    shapes = []
+    for variant in variants:
+        _, function = load_program(first_chunk, input_shapes=variant)
+        shapes.append({var.name: tuple(int(d) for d in var.shape) for var in function.outputs})
+    return shapes
+
+
+def _write_chunk(package: Path, dest: Path, chunk: int, cut: int, options, variants: list = None) -> list:
+    """One chunk; `variants`: the shapes of its inputs in each shape the whole takes (None: one shape)."""
     prog, source = program_of_package(package)
     crossing = (make_first_chunk if chunk == 1 else make_second_chunk)(prog, cut)
     mlmodel = program_to_mlmodel(prog, options.min_deployment_target)
     del prog
     _copy_description(source, mlmodel, chunk, crossing)
+    if variants is not None:
+        names = {f.name for f in mlmodel._spec.description.input}
+        declare_shapes(mlmodel, [{k: v for k, v in variant.items() if k in names} for variant in variants])
     save_mlmodel(mlmodel, dest, overwrite=True)
     return crossing
 
@@ -214,13 +258,18 @@ def chunk_mlpackage(package: Path, options) -> list:
     memory at a time.
     """
     package = Path(package)
-    prog, _ = program_of_package(package)
+    prog, whole = program_of_package(package)
     cut = choose_cut(prog.functions["main"])
-    del prog
+    variants = package_variants(whole)
+    flexible = len(variants) > 1  # chunk 2 then takes chunk 1's outputs at the shapes each variant gives them
+    del prog, whole
     gc.collect()
     paths = chunk_paths(package)
-    for chunk, dest in enumerate(paths, 1):
-        crossing = _write_chunk(package, dest, chunk, cut, options)
-        gc.collect()
+    _write_chunk(package, paths[0], 1, cut, options, variants if flexible else None)
+    gc.collect()
+    if flexible:
+        variants = [{**variant, **crossing} for variant, crossing in zip(variants, crossing_shapes(paths[0], variants))]
+    crossing = _write_chunk(package, paths[1], 2, cut, options, variants if flexible else None)
+    gc.collect()
     log.info("unet: split into %s and %s; %d tensors cross the cut", paths[0].name, paths[1].name, len(crossing))
     return list(paths)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from ..components import SD, TABLE, Dims, residual_shapes
+from ..components import SD, TABLE, Dims, residual_shapes, with_residuals
 from ..controlnets import resolve_controlnet
 from ..layers.unet import DiffusersControlNet
 from .common import convert_traced_component, kept_existing
-from .unet import DESCRIPTIONS, latent_size, sample_inputs, text_sequence_length
+from .unet import DESCRIPTIONS, check_controlled_sizes, latent_size, sample_inputs, text_sequence_length
 
 CONTROLNET_DESCRIPTIONS = {
     **{k: DESCRIPTIONS[k] for k in ("sample", "timestep", "encoder_hidden_states")},
@@ -28,6 +28,7 @@ def check_request(source, options) -> None:
     unet_config = source.config("unet")
     for name in options.controlnets:
         resolve_controlnet(name).check_fits(unet_config, source.name)
+    check_controlled_sizes(options)
 
 
 def controlnet_dims(unet_config: dict, batch: int, h: int, w: int, seq_len: int) -> Dims:
@@ -42,17 +43,26 @@ def example_inputs(unet_config: dict, batch: int, h: int, w: int, seq_len: int) 
     return inputs
 
 
+def enumerated_shapes(unet_config: dict, dims: Dims, options) -> dict:
+    """The ControlNet inputs' enumerated shapes: each --latent-sizes size (its residuals) by 1..--max-prompt-chunks
+    windows, as the controlled UNet's, so that the two pair variant by variant; {} for one shape."""
+    variants = with_residuals(dims.variants(options.sizes_or(unet_config["sample_size"]), options.max_prompt_chunks),
+                              unet_config)
+    return TABLE["controlnet"].enumerated_shapes(variants, SD)
+
+
 def convert_controlnets(source, options) -> list:
     unet_config = source.config("unet")
     batch, (h, w) = 1 if options.unet_batch_one else 2, latent_size(unet_config, options)
     inputs = example_inputs(unet_config, batch, h, w, text_sequence_length(source, options))
-    outputs = TABLE["controlnet"].io(SD).output_names(controlnet_dims(unet_config, batch, h, w, 1))
+    dims = controlnet_dims(unet_config, batch, h, w, inputs["encoder_hidden_states"].shape[-1])
+    outputs, enumerated = TABLE["controlnet"].io(SD).output_names(dims), enumerated_shapes(unet_config, dims, options)
     written = []
     for name, out in zip(options.controlnets, output_paths(options)):
         if not kept_existing([out], options, "controlnet"):
             module = DiffusersControlNet(resolve_controlnet(name).load())
             convert_traced_component(module, inputs, list(outputs), options, "controlnet",
                                      {**CONTROLNET_DESCRIPTIONS, **dict.fromkeys(outputs, RESIDUAL_DESCRIPTION)},
-                                     out=out)
+                                     enumerated=enumerated, out=out)
         written.append(out)
     return written

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, inpainting_channels, interface_of, residual_shapes,
-                          sample_dims)
+                          sample_dims, with_residuals)
 from ..errors import UserError
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
                            check_supported, from_diffusers)
+from .options import IOS18_TARGETS
 from .common import (_deployment_target, brief_program_strings, check_correctness, describe, fresh_op_names,
                      kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
@@ -73,9 +74,8 @@ def check_options(source, options, component: str = "unet") -> None:
         raise UserError("--unet-support-controlnet converts SD 1.x / 2.x UNets, unchunked: drop --chunk-unet"
                         if options.chunk_unet else f"--unet-support-controlnet: {source.name!r} is SDXL's, and "
                         "ControlNets are supported for SD 1.x / 2.x models")
-    if component == "control-unet" and (len(options.latent_sizes) > 1 or options.max_prompt_chunks > 1):
-        raise UserError("--unet-support-controlnet converts a UNet of one shape: drop --latent-sizes' extra sizes "
-                        "and --max-prompt-chunks (the ControlNet's residuals are sized for one latent size)")
+    if component == "control-unet":
+        check_controlled_sizes(options)
     step = 2 ** (len(config["block_out_channels"]) - 1)
     for size in options.sizes_or(config["sample_size"]):
         flags = [f"--latent-sizes {size[0]}x{size[1]}: {v}" for v in size] if options.latent_sizes else \
@@ -96,14 +96,24 @@ def check_channels(config: dict) -> None:
                         f"supported: {latent} (text-to-image) or {inpainting_channels(latent)} (inpainting)")
 
 
+def check_controlled_sizes(options) -> None:
+    """The controlled UNet and the ControlNet take a residual per block, each sized by the latent size: several
+    sizes enumerate many inputs together, which Core ML allows from iOS 18."""
+    if len(options.latent_sizes) > 1 and options.min_deployment_target not in IOS18_TARGETS:
+        raise UserError("--latent-sizes with several sizes and ControlNets (--unet-support-controlnet, "
+                        "--convert-controlnet) need --min-deployment-target iOS18 or macOS15: the residuals' shapes "
+                        "follow the latent size, and before iOS 18 Core ML enumerates the shapes of one input only")
+
+
 def check_flexible(options) -> None:
     """What enumerated shapes cannot be combined with (yet)."""
     if len(options.latent_sizes) > 1 and options.attention_implementation == "SPLIT_EINSUM_V2":
         raise UserError("--latent-sizes with several sizes needs --attention-implementation ORIGINAL or SPLIT_EINSUM: "
                         "SPLIT_EINSUM_V2 cuts the attention's queries in chunks fixed by one latent size")
-    if options.flexible and options.chunk_unet:
-        raise UserError("--chunk-unet cuts a UNet of one shape; it cannot be combined with several --latent-sizes "
-                        "or --max-prompt-chunks above 1 yet")
+    if options.flexible and options.chunk_unet and options.min_deployment_target not in IOS18_TARGETS:
+        raise UserError("--chunk-unet with several shapes needs --min-deployment-target iOS18 or macOS15: the second "
+                        "chunk takes several tensors whose shapes follow the shape chosen, and before iOS 18 Core ML "
+                        "enumerates the shapes of one input only")
 
 
 def latent_size(config: dict, options) -> tuple:
@@ -147,8 +157,10 @@ def enumerated_shapes(config: dict, inputs: dict, options, component: str = "une
     batch, _, h, w = inputs["sample"].shape
     pooled = inputs["text_embeds"].shape[-1] if "text_embeds" in inputs else None
     dims = unet_dims(config, batch, h, w, inputs["encoder_hidden_states"].shape[-1], pooled)
-    sizes = options.sizes_or(config["sample_size"])
-    return TABLE[component].enumerated_shapes(dims.variants(sizes, options.max_prompt_chunks), interface_of(config))
+    variants = dims.variants(options.sizes_or(config["sample_size"]), options.max_prompt_chunks)
+    if controlled(inputs):  # each size its own residuals
+        variants = with_residuals(variants, config)
+    return TABLE[component].enumerated_shapes(variants, interface_of(config))
 
 
 def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int):

@@ -12,7 +12,7 @@ import torch
 
 from dataclasses import replace
 
-from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims
+from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims, with_residuals
 from ..layers.unet import DiffusersControlledUNet, DiffusersControlNet, DiffusersUNet
 from ..errors import UserError
 
@@ -60,8 +60,12 @@ class ModelSet:
         return {k: v for k, v in {**second, **first}.items() if k in TABLE[unet].io(SDXL).inputs}
 
     def unet_allowed(self, name: str, unet: str = "unet") -> list:
-        """The shapes the UNet's input `name` takes (chunked UNets have one shape)."""
-        return self[unet].allowed(name) if unet in self else [self.unet_input_shapes(unet)[name]]
+        """The shapes the UNet's input `name` takes (chunked: those of the first chunk taking it; the chunks'
+        enumerated shapes pair index by index)."""
+        if unet in self:
+            return self[unet].allowed(name)
+        return next(self[chunk].allowed(name) for chunk in (f"{unet}_chunk1", f"{unet}_chunk2")
+                    if name in self[chunk].input_shapes)
 
     @property
     def family(self) -> str:
@@ -238,11 +242,13 @@ def names(component: str, family: str = SD, dims: Dims = None) -> tuple:
 
 
 def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True,
-               refiner=None, controlnet=None) -> ModelSet:
+               refiner=None, controlnet=None, latent_sizes=(), prompt_chunks: int = 1) -> ModelSet:
     """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them;
     `refiner`: an SDXL refiner's ModelSource, whose UNet joins them (its text encoder is the base's second, as
     the SDXL models share it and Apple's pipeline uses it); `controlnet`: a ControlNetSource, run with the UNet
-    taking its residuals in the UNet's place."""
+    taking its residuals in the UNet's place. `latent_sizes` ((h, w), `latent_hw` first when absent) and
+    `prompt_chunks`: the shapes the modules are declared to take, as a package converted with --latent-sizes and
+    --max-prompt-chunks would (PyTorch takes any; the pipeline picks among the declared ones)."""
     from ..convert.safety_checker import SafetyChecker
     from ..convert.text_encoder import wrapper_for
     from ..convert.unet import text_pooled_width, xl_dims
@@ -267,11 +273,24 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
         dims = replace(dims, residuals=residual_shapes(unet.config, *latent_hw))
         modules.update(unet=DiffusersControlledUNet(unet), controlnet=DiffusersControlNet(controlnet.load()))
         specs.update(unet="control-unet", controlnet="controlnet")
-    shapes = {name: TABLE[specs[name]].input_shapes(dims, family) for name in modules}
+    all_dims = {name: dims for name in modules}
     if refiner is not None:
         refiner_unet = refiner.load_unet()
-        modules["refiner"] = DiffusersUNet(refiner_unet)
-        shapes["refiner"] = TABLE["refiner"].input_shapes(xl_dims(dict(refiner_unet.config), dims.unet_batch, *latent_hw,
-                                                                  dims.sequence, text_pooled_width(refiner)), SDXL)
-    return ModelSet({name: Component(TorchModel(module, *names(specs.get(name, name), family, dims), device, dtype),
-                                     shapes[name]) for name, module in modules.items()})
+        modules["refiner"], specs["refiner"] = DiffusersUNet(refiner_unet), "refiner"
+        all_dims["refiner"] = xl_dims(dict(refiner_unet.config), dims.unet_batch, *latent_hw, dims.sequence,
+                                      text_pooled_width(refiner))
+    sizes = tuple(latent_sizes) or (tuple(latent_hw),)
+    return ModelSet({name: Component(TorchModel(module, *names(specs[name], family, dims), device, dtype),
+                                     TABLE[specs[name]].input_shapes(all_dims[name], family),
+                                     enumerated=declared_shapes(specs[name], all_dims[name], family, sizes,
+                                                                prompt_chunks, unet.config))
+                     for name, module in modules.items()})
+
+
+def declared_shapes(component: str, dims: Dims, family: str, sizes: tuple, prompt_chunks: int, unet_config) -> dict:
+    """The enumerated shapes a package of `component` converted for `sizes` and `prompt_chunks` declares (the
+    context windows reach the UNets and the ControlNet only; each size its own residuals)."""
+    chunks = prompt_chunks if is_unet(component) or component == "controlnet" else 1
+    variants = dims.variants(sizes, chunks)
+    return TABLE[component].enumerated_shapes(with_residuals(variants, unet_config) if dims.residuals else variants,
+                                              family)

@@ -27,11 +27,13 @@ class Models:
     prediction_type: str = None  # --prediction-type of a single-file --model-version
     torch_compile: bool = False  # mil: run the UNet through torch.compile (MILModel(torch_compile=True))
 
-    def open(self, img2img: bool = False, progress: bool = True):
+    def open(self, img2img: bool = False, progress: bool = True, sizes=()):
+        """`sizes`: the requests' (height, width) pixel sizes (the torch backend without converted models takes them)."""
         return setup.open_pipeline(self.backend, self.models_dir, self.model_version, self.device, self.compute_unit,
                                    img2img=img2img, torch_precision=self.torch_precision, progress=progress,
                                    refiner_version=self.refiner_version, controlnet=self.controlnet,
-                                   prediction_type=self.prediction_type, torch_compile=self.torch_compile)
+                                   prediction_type=self.prediction_type, torch_compile=self.torch_compile,
+                                   sizes=sizes)
 
     def reference(self, torch_precision: str = "float32") -> "Models":
         """The original modules of the same model on the same device."""
@@ -80,7 +82,7 @@ def generate_images(job: ImageJob, parameters=lambda request: {}) -> list:
     """PNG files of the job's requests (with `parameters(request)` in their text chunks); returns their paths."""
     targets = job.targets()
     _check_job(job.requests, job.output_dir, targets, job.overwrite)
-    pipe = job.models.open(img2img=any(r.image is not None for r in job.requests))
+    pipe = job.models.open(img2img=any(r.image is not None for r in job.requests), sizes=requested_sizes(job.requests))
     for request in job.requests:  # what these models cannot do, before the folder is made
         pipe.check_request(request)
     prepare_output_dir(Path(job.output_dir))
@@ -102,7 +104,7 @@ def run_parity(job: ParityJob) -> dict:
     _check_job(job.requests, job.output_dir, targets, job.overwrite)
     img2img = any(r.image is not None for r in job.requests)
     converted = job.converted.open(img2img=img2img, progress=False)
-    reference = job.converted.reference(job.torch_precision).open(progress=False)
+    reference = job.converted.reference(job.torch_precision).open(progress=False, sizes=requested_sizes(job.requests))
     report, pairs = parity.run(reference, converted, job.requests, job.threshold_db)
     report.update(backend=job.converted.backend, device=job.converted.device,
                   model_version=job.converted.model_version, models_dir=str(job.converted.models_dir))
@@ -110,6 +112,11 @@ def run_parity(job: ParityJob) -> dict:
     replace_atomically(lambda tmp: tmp.write_text(json.dumps(report, indent=2)), targets[0], job.overwrite)
     replace_atomically(lambda tmp: parity.grid(pairs).save(tmp, format="PNG"), targets[1], job.overwrite)
     return report
+
+
+def requested_sizes(requests) -> tuple:
+    """The (height, width) pixel sizes the requests ask for (None: the models' default)."""
+    return tuple(dict.fromkeys((r.height, r.width) for r in requests if r.height or r.width))
 
 
 def requests_for(prompts, seeds, **common) -> list:

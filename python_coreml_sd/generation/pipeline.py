@@ -12,7 +12,7 @@ from PIL import Image
 from ..components import RESIDUAL, SD, SDXL, TABLE, Dims, inpainting_channels, text_to_unet_layout
 from ..errors import UserError
 from .components import ModelSet
-from .prompts import PromptChunks, chunk_prompt, weighted
+from .prompts import PromptChunks, chunk_prompt, padded, weighted
 from .random_source import MAX_SEED, RandomSource
 from .schedulers import make_scheduler
 
@@ -153,10 +153,15 @@ class StableDiffusionPipeline:
         if RESIDUAL.format(0) not in self.models.unet_input_shapes():
             raise UserError("a ControlNet was given but this UNet takes no ControlNet residuals (additional_residual_0, "
                             "...); convert it with --convert-unet --unet-support-controlnet")
-        cond = self.models["controlnet"].input_shapes.get("controlnet_cond")
-        if cond and tuple(cond[2:]) != self.image_size:
-            raise UserError(f"the ControlNet was converted for {cond[2]}x{cond[3]} images but the UNet makes "
-                            f"{self.image_size[0]}x{self.image_size[1]}; convert both with the same --latent-h/--latent-w")
+        if "controlnet_cond" not in self.models["controlnet"].input_shapes:
+            return
+        # The sizes both take (the ControlNet's condition image is 8x the latents), the UNet's default among them.
+        sizes = [(h // 8, w // 8) for *_, h, w in self.models["controlnet"].allowed("controlnet_cond")]
+        if self.latent_sizes[0] not in sizes:
+            raise UserError(f"the ControlNet was converted for {_sizes_text((8 * h, 8 * w) for h, w in sizes)} images "
+                            f"but the UNet makes {self.image_size[0]}x{self.image_size[1]}; convert both with the "
+                            "same --latent-h/--latent-w or --latent-sizes")
+        self.latent_sizes = [size for size in self.latent_sizes if size in sizes]
 
     def check_request(self, request) -> None:
         """What these models cannot do for `request` (checked before any work): a mask needs an inpainting UNet, and
@@ -266,41 +271,70 @@ class StableDiffusionPipeline:
                            weights) for ids, weights in zip(chunks.ids, chunks.weights)]
         return text_to_unet_layout(np.concatenate(hidden, axis=1)).astype(np.float32)
 
+    def window_count(self, counts) -> int:
+        """The fewest windows the UNet takes that hold the longest of these prompts' windows (a UNet of one
+        context: exactly its count)."""
+        longest = max(counts)
+        return min(k for k in self.prompt_chunk_counts if k >= longest)
+
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple:
         """(conditional, [unconditional, conditional]) embeddings, both with as many windows as the longer."""
         chunks = [self.prompt_chunks(text) for text in (prompt, negative_prompt)]
-        # The fewest windows the UNet takes that hold the longer prompt (a UNet of one context: exactly its count).
-        count = min(k for k in self.prompt_chunk_counts if k >= max(c.count for c in chunks))
-        # Only the shorter prompt is chunked again, padded to the longer's windows (no second truncation warning).
-        cond, uncond = (self.encode_text(text, count, c if c.count == count else None)
+        count = self.window_count(c.count for c in chunks)
+        # Padded to the longer's windows, not chunked again (no second truncation warning).
+        cond, uncond = (self.encode_text(text, chunks=padded(c, count, self.tokenizer))
                         for text, c in zip((prompt, negative_prompt), chunks))
         return cond, np.concatenate([uncond, cond])
 
-    def encode_xl(self, text: str, cache: dict = None) -> dict:
-        """SDXL's text conditioning, as diffusers' encode_prompt: each encoder's penultimate states, side by side
-        on channels, in the UNet's (1, C, 1, S) layout, and text_encoder_2's pooled text_embeds (1, P).
-        `cache`: text -> encodings of one generation (the refiner reuses the base's)."""
+    def xl_tokenizers(self) -> dict:
+        return {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
+
+    def xl_windows(self, texts) -> dict:
+        """{text: {encoder: PromptChunks}}: each text's windows for both SDXL tokenizers, all padded to one count
+        (the fewest the UNet takes that hold the longest), so the prompt and its negative pair up."""
+        chunks = {text: {name: self.prompt_chunks(text, tokenizer=tokenizer)
+                         for name, tokenizer in self.xl_tokenizers().items()} for text in dict.fromkeys(texts)}
+        count = self.window_count(c.count for per_text in chunks.values() for c in per_text.values())
+        return {text: {name: padded(c, count, self.xl_tokenizers()[name]) for name, c in per_text.items()}
+                for text, per_text in chunks.items()}
+
+    def encode_xl(self, text: str, cache: dict = None, windows: dict = None) -> dict:
+        """SDXL's text conditioning, as diffusers' encode_prompt, window by window as compel and A1111 do: each
+        encoder's penultimate states side by side on channels, the windows one after another on the sequence, in
+        the UNet's (1, C, 1, S) layout; text_encoder_2's pooled text_embeds (1, P) of the first window.
+        `windows`: {encoder: PromptChunks} (default: this text's own); `cache`: text -> encodings of one generation
+        (the refiner reuses the base's)."""
         if cache is not None and text in cache:
             return cache[text]
-        chunks = {name: self.prompt_chunks(text, tokenizer=tokenizer)
-                  for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2))}
-        out = {name: self.models[name].predict(TABLE[name].feed(c.ids[:1].astype(np.float32), family=SDXL))
-               for name, c in chunks.items()}
+        windows = windows or self.xl_windows([text])[text]
         states, pooled = TABLE["text_encoder_2"].io(SDXL).outputs
         # Prompt weights scale each encoder's states (the pooled embedding stays unweighted, as A1111's).
-        hidden = {name: weighted(out[name][states], chunks[name].weights[0]) for name in out}
+        hidden, first_pooled = {}, None
+        for name, chunks in windows.items():
+            outs = [self.models[name].predict(TABLE[name].feed(ids[None].astype(np.float32), family=SDXL))
+                    for ids in chunks.ids]
+            hidden[name] = np.concatenate([weighted(out[states], w) for out, w in zip(outs, chunks.weights)], axis=1)
+            first_pooled = outs[0][pooled] if name == "text_encoder_2" else first_pooled
         encoded = {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
                    "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
-                   "pooled_embeddings": out["text_encoder_2"][pooled].astype(np.float32)}
+                   "pooled_embeddings": first_pooled.astype(np.float32)}
         if cache is not None:
             cache[text] = encoded
         return encoded
+
+    def encode_xl_pair(self, request, cache: dict = None) -> tuple:
+        """(conditional, unconditional) encode_xl of the prompt and negative prompt, with as many windows each."""
+        texts = (request.prompt, request.negative_prompt)
+        if cache is not None and all(text in cache for text in texts):  # the refiner's, after the base's
+            return tuple(cache[text] for text in texts)
+        windows = self.xl_windows(texts)
+        return tuple(self.encode_xl(text, cache, windows[text]) for text in texts)
 
     def refiner_conditioning(self, request, cache: dict = None) -> tuple:
         """The refiner's (embeddings, added conditions): text_encoder_2's states alone, its pooled embeds, time
         ids with the aesthetic scores; the negative prompt always encoded (the refiner's
         force_zeros_for_empty_prompt is false)."""
-        cond, uncond = self.encode_xl(request.prompt, cache), self.encode_xl(request.negative_prompt, cache)
+        cond, uncond = self.encode_xl_pair(request, cache)
         states = [text_to_unet_layout(e["text_encoder_2_hidden"]) for e in (uncond, cond)]
         return np.concatenate(states), {"time_ids": self.time_ids(request, "refiner"), "text_embeds": np.concatenate(
             [uncond["pooled_embeddings"], cond["pooled_embeddings"]])}
@@ -311,11 +345,9 @@ class StableDiffusionPipeline:
         if self.family == SD:
             cond, embeddings = self.encode_prompts(request.prompt, request.negative_prompt)
             return embeddings, {}, {"text_embeddings": cond}
-        cond = self.encode_xl(request.prompt, cache)
+        cond, uncond = self.encode_xl_pair(request, cache)
         if self.force_zeros_for_empty_prompt and not request.negative_prompt:
             uncond = {k: np.zeros_like(v) for k, v in cond.items()}
-        else:
-            uncond = self.encode_xl(request.negative_prompt, cache)
         added = {"time_ids": self.time_ids(request), "text_embeds": np.concatenate([uncond["pooled_embeddings"],
                                                                                     cond["pooled_embeddings"]])}
         return np.concatenate([uncond["text_embeddings"], cond["text_embeddings"]]), added, cond

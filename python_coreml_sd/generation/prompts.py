@@ -89,6 +89,14 @@ def chunk_prompt(tokenizer, text: str, min_chunks: int = 1, window: int = CHUNK_
     return PromptChunks(np.asarray(rows_ids, np.int64), np.asarray(rows_weights, np.float32))
 
 
+def padded(chunks: PromptChunks, count: int, tokenizer) -> PromptChunks:
+    """`chunks` with empty windows (begin, end, padding; weight 1) appended up to `count` windows."""
+    if chunks.count >= count:
+        return chunks
+    empty = chunk_prompt(tokenizer, "", count - chunks.count, chunks.ids.shape[1])
+    return PromptChunks(np.concatenate([chunks.ids, empty.ids]), np.concatenate([chunks.weights, empty.weights]))
+
+
 def weighted(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """One chunk's (1, S, C) embeddings with each token scaled by its weight, then the whole rescaled to the
     unweighted mean (A1111's default emphasis); unchanged when every weight is 1."""

@@ -30,12 +30,14 @@ def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2
                           torch_compile)
 
 
-def reference_models(source, latent_hw, device="cpu", precision="float32", refiner=None, controlnet=None) -> ModelSet:
+def reference_models(source, latent_sizes, device="cpu", precision="float32", refiner=None, controlnet=None,
+                     prompt_chunks: int = 1) -> ModelSet:
     dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
     if controlnet is not None:
         from ..controlnets import resolve_controlnet
         controlnet = resolve_controlnet(controlnet)
-    return load_torch(source, latent_hw, device=device, dtype=dtype, refiner=refiner, controlnet=controlnet)
+    return load_torch(source, latent_sizes[0], device=device, dtype=dtype, refiner=refiner, controlnet=controlnet,
+                      latent_sizes=latent_sizes, prompt_chunks=prompt_chunks)
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None, models_dir=None) -> StableDiffusionPipeline:
@@ -80,11 +82,14 @@ def bundled_tokenizer(models_dir):
 def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", compute_unit="ALL",
                   img2img=False, torch_precision="float32", progress=True,
                   refiner_version=None, controlnet=None, prediction_type=None,
-                  torch_compile=False) -> StableDiffusionPipeline:
+                  torch_compile=False, sizes=()) -> StableDiffusionPipeline:
     """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
     whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder);
     `controlnet`: a ControlNet (converted: its ControlNet_<name> package; torch: a folder or registry name) whose
-    residuals steer the UNet; `prediction_type`: a single-file model_version's (--prediction-type)."""
+    residuals steer the UNet; `prediction_type`: a single-file model_version's (--prediction-type); `sizes`:
+    (height, width) pixel sizes the requests ask for, which the torch backend without converted models takes
+    besides the model's own (with them, it takes theirs, as parity compares); `torch_compile`: the mil
+    backend's UNet under torch.compile."""
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
     check_device(device)
@@ -95,25 +100,62 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         models_dir = models_folder(models_dir)
     source = resolve(model_version, prediction_type=prediction_type)
     if backend == "torch":
-        latent_hw = _latent_size_of(models_dir, model_version) if models_dir else (source.config("unet")["sample_size"],) * 2
+        latent_sizes, prompt_chunks = (_converted_shapes(models_dir, model_version) if models_dir else
+                                       (requested_latent_sizes(source, sizes), 1))
         refiner = None
         if refiner_version:
             from ..convert.sdxl import refiner_source
             refiner = refiner_source(refiner_version)
-        models = reference_models(source, latent_hw, device, torch_precision, refiner, controlnet)
+        models = reference_models(source, latent_sizes, device, torch_precision, refiner, controlnet, prompt_chunks)
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet,
                                   torch_compile)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir), models_dir)
 
 
-def _latent_size_of(models_dir, model_version=None) -> tuple:
-    """Latent size of converted models, so the reference path generates at the same size."""
-    from .components import _package_inputs, check_inputs, find_packages
+def requested_latent_sizes(source, sizes) -> tuple:
+    """The model's own latent size, then those of the requested (height, width) pixel sizes (None: the default's
+    side): each side a multiple of 8 times the UNet's downsampling, or one line saying so."""
+    config = source.config("unet")
+    default = config["sample_size"]
+    step = 8 * 2 ** (len(config["block_out_channels"]) - 1)
+    latent = [(default, default)]
+    for height, width in sizes:
+        h, w = height or 8 * default, width or 8 * default
+        if h % step or w % step:
+            raise UserError(f"--height {h} --width {w}: {source.name}'s UNet makes images whose sides are multiples "
+                            f"of {step} pixels")
+        latent.append((h // 8, w // 8))
+    return tuple(dict.fromkeys(latent))
+
+
+def _unet_of(models_dir, model_version=None) -> tuple:
+    """(component, path, every package found) of the converted UNet (whole, first chunk, or controlled) the torch
+    backend reads its shapes from."""
+    from .components import find_packages
     found = find_packages(Path(models_dir), model_version)
-    component = next((c for c in ("unet", "unet_chunk1", "control-unet") if c in found), "unet")
-    if component not in found:
+    component = next((c for c in ("unet", "unet_chunk1", "control-unet") if c in found), None)
+    if component is None:
         raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
-    shapes = _package_inputs(found[component])[0]
-    check_inputs(component, found[component], shapes)
-    return tuple(shapes["sample"][2:])
+    return component, found[component], found
+
+
+def _converted_shapes(models_dir, model_version=None) -> tuple:
+    """(latent sizes, default first; prompt windows) of the converted UNet, so the reference takes the same."""
+    from .components import _package_inputs, check_inputs
+    component, path, found = _unet_of(models_dir, model_version)
+    shapes, _, enumerated = _package_inputs(path)
+    check_inputs(component, path, shapes)
+    if component == "unet_chunk1" and "unet_chunk2" in found:  # the context may reach the second chunk only
+        more, _, more_enumerated = _package_inputs(found["unet_chunk2"])
+        shapes, enumerated = {**more, **shapes}, {**more_enumerated, **enumerated}
+    sizes = tuple(dict.fromkeys(tuple(s[2:]) for s in enumerated.get("sample", [shapes["sample"]])))
+    text = found.get("text_encoder")
+    sequence = _package_inputs(text)[0].get("input_ids", (1, 77))[1] if text else 77
+    contexts = [s[-1] for s in enumerated.get("encoder_hidden_states", [shapes["encoder_hidden_states"]])]
+    return sizes, max(max(c // sequence for c in contexts), 1)
+
+
+def _latent_size_of(models_dir, model_version=None) -> tuple:
+    """Default latent size of converted models, so the reference path generates at the same size."""
+    return _converted_shapes(models_dir, model_version)[0][0]
