@@ -57,8 +57,13 @@ def test_unet_agrees_with_diffusers_at_each_shape(packages, tiny_source, size, c
 
 
 def test_vae_decoder_agrees_with_diffusers_at_each_size(packages, tiny_source):
-    decoder, model = VAEDecoder(tiny_source.load_vae()).eval(), MILModel(str(packages["vae_decoder"]))
-    for h, w in SIZES:
+    check_vae_decoder_sizes(tiny_source, packages["vae_decoder"], SIZES)
+
+
+def check_vae_decoder_sizes(source, package, sizes):
+    """The decoder package at each latent size against the PyTorch VAE decoder (also for tiny-xl)."""
+    decoder, model = VAEDecoder(source.load_vae()).eval(), MILModel(str(package))
+    for h, w in sizes:
         z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h))
         with torch.no_grad():
             reference = decoder(z).numpy()

@@ -120,3 +120,72 @@ def test_sd_embedding_on_sdxl_is_refused(tmp_path, capsys):
 
 def test_sdxl_embedding_on_sd_is_refused(tmp_path, capsys, embedding):
     _refused(tmp_path, capsys, "tiny", "--textual-inversion", embedding, "is an SDXL embedding")
+
+
+@pytest.fixture(scope="module")
+def xl_lora(tmp_path_factory, xl_pairs):
+    """xl_pairs at 0.3x per factor: a LoRA that changes weights by a fraction of their size, as trained ones do.
+    At full size the pairs outweigh tiny-xl's own attention weights several times over, and the saturated
+    fp16 attention logits then cost the fp16 package about 25 dB against fp32 that no real model would show."""
+    path = tmp_path_factory.mktemp("xl_lora") / "xl_style_peft.safetensors"
+    small = {c: {n: (0.3 * down, 0.3 * up) for n, (down, up) in modules.items()} for c, modules in xl_pairs.items()}
+    lora_fixtures.write_peft_lora(small, path)
+    return path
+
+
+def _mil(package, inputs):
+    import numpy as np
+    from python_coreml_sd.runtime import load_model
+    return load_model(package, backend="mil").predict({k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()})
+
+
+def test_converted_sdxl_with_lora_agrees_with_diffusers_fused_lora(tmp_path, xl, xl_lora):
+    """End to end: tiny-xl converted (fp16) with --lora and run by the MIL runtime against diffusers'
+    StableDiffusionXLPipeline with the same LoRA loaded and fused (fp32), for the UNet and text_encoder_2;
+    the same packages without the LoRA do not agree."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from python_coreml_sd.components import component_of
+    from python_coreml_sd.convert import convert
+    from python_coreml_sd.convert import text_encoder as te
+    from python_coreml_sd.convert import unet as un
+    from python_coreml_sd.metrics import psnr
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl.root))
+    pipe.load_lora_weights(str(xl_lora))
+    pipe.fuse_lora(lora_scale=SCALE)
+    pipe.unload_lora_weights()
+    packaged = {}
+    for name, loras in (("merged", (LoraSpec(xl_lora, SCALE),)), ("plain", ())):
+        options = ConversionOptions("tiny-xl", tmp_path / name, loras=loras)
+        packaged[name] = {component_of(p): p for p in convert(options, ["text_encoder_2", "unet"])}
+    inputs = un.sample_inputs(dict(xl.config("unet")), 2, 16, 16, 77, un.text_pooled_width(xl))
+    reference = un.diffusers_reference(pipe.unet, inputs)
+    merged, plain = (_mil(packaged[n]["unet"], inputs)["noise_pred"] for n in ("merged", "plain"))
+    assert psnr(reference, merged) >= 40 > psnr(reference, plain), (psnr(reference, merged), psnr(reference, plain))
+
+    ids = te.sample_inputs(pipe.text_encoder_2, 77)
+    with torch.no_grad():
+        expected = pipe.text_encoder_2(ids["input_ids"].to(torch.int64), output_hidden_states=True).hidden_states[-2]
+    merged, plain = (_mil(packaged[n]["text_encoder_2"], ids)["hidden_embeds"] for n in ("merged", "plain"))
+    assert psnr(expected.numpy(), merged) >= 40 > psnr(expected.numpy(), plain), (psnr(expected.numpy(), merged),
+                                                                                  psnr(expected.numpy(), plain))
+
+
+def test_converted_encoders_with_embedding_read_the_new_tokens(tmp_path, embedding):
+    """End to end: both encoders converted (fp16) with --textual-inversion, run by the MIL runtime on a prompt
+    with the new tokens, give the PyTorch encoders' (which hold the embedding) penultimate states."""
+    from python_coreml_sd.components import component_of
+    from python_coreml_sd.convert import convert
+    from python_coreml_sd.metrics import psnr
+    from python_coreml_sd.model_edits import source_for
+    options = ConversionOptions("tiny-xl", tmp_path, textual_inversions=(EmbeddingSpec(embedding, TOKEN),))
+    packages = {component_of(p): p for p in convert(options, ["text_encoder", "text_encoder_2"])}
+    source = source_for(options)
+    ids = source.load_tokenizer()(f"a photo of {TOKEN} {TOKEN}_1", padding="max_length", max_length=77).input_ids
+    assert 49408 in ids and 49409 in ids
+    tokens = torch.tensor([ids])
+    for encoder in ("text_encoder", "text_encoder_2"):
+        with torch.no_grad():
+            expected = getattr(source, f"load_{encoder}")()(tokens, output_hidden_states=True).hidden_states[-2]
+        out = _mil(packages[encoder], {"input_ids": tokens.numpy()})["hidden_embeds"]
+        assert psnr(expected.numpy(), out) >= 40, encoder

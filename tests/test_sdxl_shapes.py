@@ -10,12 +10,11 @@ import torch
 from python_coreml_sd.components import component_of
 from python_coreml_sd.convert import ConversionOptions, convert
 from python_coreml_sd.convert.unet import diffusers_reference, sample_inputs, text_pooled_width
-from python_coreml_sd.convert.vae import VAEDecoder
 from python_coreml_sd.generation.pipeline import GenerationRequest
 from python_coreml_sd.metrics import psnr
 from python_coreml_sd.model_sources import resolve
 from python_coreml_sd.runtime.mil import MILModel
-from tests.test_latent_sizes import enumerated
+from tests.test_latent_sizes import check_vae_decoder_sizes, enumerated
 
 SIZES = ((16, 16), (8, 24))  # tiny-xl's own 16x16 the default; 8x24 a wide one (multiples of its 2x downsampling)
 CHUNKS = 3
@@ -57,13 +56,7 @@ def test_unet_agrees_with_diffusers_at_each_shape(packages, xl, size, chunks):
 
 
 def test_vae_decoder_agrees_with_diffusers_at_each_size(packages, xl):
-    decoder, model = VAEDecoder(xl.load_vae()).eval(), MILModel(str(packages["vae_decoder"]))
-    for h, w in SIZES:
-        z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(h))
-        with torch.no_grad():
-            reference = decoder(z).numpy()
-        out = model.predict({"z": z.numpy()})["image"]
-        assert out.shape == (1, 3, 8 * h, 8 * w) and psnr(reference, out) >= 35, (h, w)
+    check_vae_decoder_sizes(xl, packages["vae_decoder"], SIZES)
 
 
 def windowed_reference(xl, pipe, text: str, count: int) -> dict:
