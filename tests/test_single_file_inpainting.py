@@ -128,3 +128,17 @@ def test_pipeline_prediction_type_on_a_folder_is_refused(tmp_path, capsys):
                                  "--prediction-type", "epsilon", "-o", str(tmp_path / "out"))
     assert_one_line(code, err, "--prediction-type is for single-file")
     assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_inpainting_file_is_recognised_and_converts_identically(tmp_path):
+    """An SDXL inpainting checkpoint (SGM layout, 9-channel conv_in) is recognised as tiny-xl's inpainting
+    variant and converts to the UNet of the tiny-xl-inpaint folder, byte for byte."""
+    xl_inpaint = resolve("tiny-xl-inpaint")
+    path = tmp_path / "tiny-xl-inpainting.safetensors"
+    ldm_layout.write_checkpoint(xl_inpaint, path, "sdxl")
+    found = single_file.recognise(path, read_header(path)["entries"])
+    assert (found.variant, found.architecture["unet"]["in_channels"]) == ("inpainting", 9)
+    assert resolve(str(path)).pipeline_class == xl_inpaint.pipeline_class
+    ours = convert(ConversionOptions(str(path), tmp_path / "file"), ["unet"])
+    folder = convert(ConversionOptions("tiny-xl-inpaint", tmp_path / "folder"), ["unet"])
+    assert _weights(ours[0]) == _weights(folder[0])
