@@ -55,13 +55,13 @@ def prepare(family: str, work_dir: Path, attention: str, safety_checker: bool):
 
 def torch_models(folder, models_dir, device, precision, safety_checker):
     from python_coreml_sd.generation.components import load_torch
-    from python_coreml_sd.generation.setup import _latent_size_of
+    from python_coreml_sd.generation.setup import _converted_shapes
     from python_coreml_sd.model_sources import resolve
     import torch
 
     source = resolve(str(folder))
     dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
-    return source, load_torch(source, _latent_size_of(models_dir), device=device, dtype=dtype,
+    return source, load_torch(source, _converted_shapes(models_dir)[0][0], device=device, dtype=dtype,
                               with_safety_checker=safety_checker)
 
 

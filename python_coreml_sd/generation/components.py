@@ -4,13 +4,11 @@ Backends differ only here. `coreml` and `mil` run converted .mlpackage files; `t
 original diffusers modules through the very wrappers the converters trace, so all three take and
 return the same names, shapes and layouts.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from dataclasses import replace
 
 from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims, with_residuals
 from ..layers.unet import DiffusersControlledUNet, DiffusersControlNet, DiffusersUNet

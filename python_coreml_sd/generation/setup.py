@@ -155,7 +155,3 @@ def _converted_shapes(models_dir, model_version=None) -> tuple:
     contexts = [s[-1] for s in enumerated.get("encoder_hidden_states", [shapes["encoder_hidden_states"]])]
     return sizes, max(max(c // sequence for c in contexts), 1)
 
-
-def _latent_size_of(models_dir, model_version=None) -> tuple:
-    """Default latent size of converted models, so the reference path generates at the same size."""
-    return _converted_shapes(models_dir, model_version)[0][0]
