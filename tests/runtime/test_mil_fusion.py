@@ -90,6 +90,31 @@ def test_attention_fusion_channels_first_layout(tmp_path):
     np.testing.assert_allclose(list(model.predict({"q": q, "k": k, "v": v}).values())[0], out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("probs_as_x", [False, True])
+def test_attention_fusion_with_explicit_transpose_of_the_scores(tmp_path, probs_as_x):
+    """The converter's ORIGINAL UNet writes S^T as a transpose op: v @ transpose(S), or transpose(S) read
+    back with transpose_x (S @ v^T). Both are fused into one SDPA and give the per-op numbers."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import run_mil
+
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.normal(size=(2, 3, 4, n)).astype(np.float32) for n in (5, 6, 6))
+
+    def build(q, k, v):
+        probs_t = mb.transpose(x=mb.softmax(x=mb.matmul(x=q, y=k, transpose_x=True), axis=-1), perm=[0, 1, 3, 2])
+        if probs_as_x:
+            return mb.matmul(x=probs_t, y=v, transpose_x=True, transpose_y=True)
+        return mb.matmul(x=v, y=probs_t)
+
+    probs = _softmax(np.swapaxes(q, -1, -2) @ k, -1)
+    expected = probs @ np.swapaxes(v, -1, -2) if probs_as_x else v @ np.swapaxes(probs, -1, -2)
+    out = run_mil(build, {"q": q, "k": k, "v": v}, tmp_path)[0]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    model = MILModel(next(tmp_path.glob("*.mlpackage")), fuse=True)
+    assert model.plan.num_fused == 1 and len(model.plan.steps) == 1  # matmul, softmax, transpose, matmul: one SDPA
+    np.testing.assert_allclose(list(model.predict({"q": q, "k": k, "v": v}).values())[0], out, rtol=1e-5, atol=1e-5)
+
+
 def _softmax(s, axis):
     e = np.exp(s - s.max(axis, keepdims=True))
     return e / e.sum(axis, keepdims=True)

@@ -47,16 +47,21 @@ def _attention(softmax, outputs):
         return None
     if _only_consumer(scores.outputs[0], outputs) is not softmax:
         return None
-    out = _only_consumer(softmax.outputs[0], outputs)
-    if out is None or out.op_type != "matmul":
+    probs, absorbed = softmax.outputs[0], [scores, softmax]
+    out = _only_consumer(probs, outputs)
+    swapped = out is not None and _swaps_last_axes(out)  # our ORIGINAL layout: an explicit S^T op
+    if swapped:
+        absorbed.append(out)
+        probs = out.outputs[0]
+        out = _only_consumer(probs, outputs)
+    if out is None or out.op_type != "matmul" or (out.x is probs) == (out.y is probs):
         return None
-    probs = softmax.outputs[0]
     q_t, k_t = bool(_scalar(scores.transpose_x)), bool(_scalar(scores.transpose_y))
     o_tx, o_ty = bool(_scalar(out.transpose_x)), bool(_scalar(out.transpose_y))
-    if out.x is probs and out.y is not probs and not o_tx:
+    if out.x is probs and o_tx == swapped:
         values, flip = out.y, False  # S @ V (V^T if transpose_y)
         v_t = o_ty
-    elif out.y is probs and out.x is not probs and o_ty:
+    elif out.y is probs and o_ty != swapped:
         values, flip = out.x, True  # V' @ S^T = (S @ V'^T)^T, V' = V^T if transpose_x
         v_t = not o_tx
     else:
@@ -68,7 +73,14 @@ def _attention(softmax, outputs):
         y = _sdpa(q, k, _t(v) if v_t else v)
         return _t(y) if flip else y
 
-    return out, [scores, softmax, out], fn, [scores.x, scores.y, values]
+    return out, absorbed + [out], fn, [scores.x, scores.y, values]
+
+
+def _swaps_last_axes(op):
+    if op.op_type != "transpose" or op.perm.val is None:
+        return False
+    perm = [int(i) for i in op.perm.val]
+    return perm[-2:] == [len(perm) - 1, len(perm) - 2] and perm[:-2] == list(range(len(perm) - 2))
 
 
 def _einsum_letters(op):
