@@ -159,23 +159,45 @@ def read_json_object(path: Path) -> dict:
 
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_INDEX = DIFFUSERS_WEIGHTS + ".index.json"  # save_pretrained's, for weights over its shard size
 CLIP_POSITIONS = 77
 # transformers 5 loads in the dtype a config.json names ("auto"); a model saved in fp16 (with fp16 variant
 # files, as many published ones are) would come back fp16. The converters and references need fp32.
 FLOAT32 = "float32"
 
 
+def _safetensors_files(folder: Path):
+    """The weight files of a diffusers component folder: its one safetensors file, or the shards that its
+    index names (each a plain file name in the folder, as save_pretrained writes them; the index is
+    untrusted input, so no path may leave the folder); None for other layouts."""
+    if (folder / DIFFUSERS_WEIGHTS).is_file():
+        return [folder / DIFFUSERS_WEIGHTS]
+    index = folder / SHARD_INDEX
+    if not index.is_file():
+        return None
+    weight_map = read_json_object(index).get("weight_map")
+    names = set(weight_map.values()) if isinstance(weight_map, dict) and weight_map else {None}
+    if not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in names):
+        raise UserError(f"{index} has no valid weight_map (tensor -> shard file name in the same folder); "
+                        "re-save the model with diffusers' save_pretrained()")
+    missing = sorted(n for n in names if not (folder / n).is_file())
+    if missing:
+        raise UserError(f"{index} names {len(missing)} shard(s) that are missing, e.g. {missing[0]}; "
+                        "download the whole folder again")
+    return [folder / n for n in sorted(names)]
+
+
 def load_diffusers_model(cls, folder: Path, convert=None):
-    """`cls.from_pretrained(folder)` in fp32, but with the weights of a single safetensors file read into
-    memory of their own (python_coreml_sd.weights says why) and assigned to a model built on the meta
-    device; `convert`, if given, then applies to each fp32 tensor as soon as it is read. Other layouts
-    (sharded, .bin, variants) go through diffusers, and `convert` is not applied there."""
+    """`cls.from_pretrained(folder)` in fp32, but with the weights of a safetensors file (or of the shards
+    its index names) read into memory of their own (python_coreml_sd.weights says why) and assigned to a
+    model built on the meta device; `convert`, if given, then applies to each fp32 tensor as soon as it is
+    read. Other layouts (.bin, variants) go through diffusers, and `convert` is not applied there."""
     import torch
 
     from .weights import read_safetensors
 
-    weights = folder / DIFFUSERS_WEIGHTS
-    if not weights.is_file():
+    files = _safetensors_files(folder)
+    if files is None:
         return cls.from_pretrained(str(folder), use_safetensors=True)  # never a pickle
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(str(folder)))
@@ -184,7 +206,9 @@ def load_diffusers_model(cls, folder: Path, convert=None):
         tensor = tensor.float() if tensor.is_floating_point() else tensor
         return convert(tensor) if convert else tensor
 
-    state = read_safetensors(weights, convert=loaded)
+    state = {}
+    for path in files:  # shard by shard: a shard's tensors are converted before the next is read
+        state.update(read_safetensors(path, convert=loaded))
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
         return cls.from_pretrained(str(folder), use_safetensors=True)

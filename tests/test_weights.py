@@ -57,6 +57,47 @@ def test_diffusers_models_load_identically_to_from_pretrained(tiny_source):
         assert not any(t.is_meta for t in ours.parameters())
 
 
+@pytest.fixture(scope="module")
+def sharded_unet(tiny_source, tmp_path_factory):
+    """The tiny UNet saved as save_pretrained shards it (an index and several safetensors files), as
+    full-size SDXL UNets are (10 GB over diffusers' default shard size)."""
+    from diffusers import UNet2DConditionModel
+    folder = tmp_path_factory.mktemp("sharded") / "unet"
+    UNet2DConditionModel.from_pretrained(str(tiny_source.root / "unet")).save_pretrained(folder, max_shard_size="200KB")
+    assert len(list(folder.glob("*.safetensors"))) > 2 and not (folder / "diffusion_pytorch_model.safetensors").exists()
+    return folder
+
+
+def test_sharded_weights_load_identically_and_convert_as_they_are_read(sharded_unet, tiny_source):
+    from diffusers import UNet2DConditionModel
+    seen = []
+
+    def halve(tensor):
+        seen.append(tensor.dtype)
+        return tensor.half()
+
+    ours = load_diffusers_model(UNet2DConditionModel, sharded_unet, convert=halve)
+    theirs = UNet2DConditionModel.from_pretrained(str(tiny_source.root / "unet"))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and len(seen) == len(b)  # every tensor went through convert, none through diffusers
+    assert all(torch.equal(a[k], b[k].half()) for k in a)
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ({"conv_in.weight": "../unet/x.safetensors"}, "no valid weight_map"),
+    ({"conv_in.weight": "/etc/passwd"}, "no valid weight_map"),
+    ({}, "no valid weight_map"),
+    ({"conv_in.weight": "gone-00009-of-00009.safetensors"}, "1 shard(s) that are missing"),
+])
+def test_a_bad_shard_index_is_one_line(sharded_unet, tmp_path, weight_map, message):
+    import shutil
+    from diffusers import UNet2DConditionModel
+    folder = shutil.copytree(sharded_unet, tmp_path / "unet")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_diffusers_model(UNet2DConditionModel, folder)
+
+
 def write_raw(path, header, data=b""):
     encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
