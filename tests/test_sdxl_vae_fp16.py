@@ -148,3 +148,13 @@ def test_full_size_sdxl_vae_hot_and_as_drawn(tmp_path_factory):
         print(f"full-size SDXL VAE decoder, factor {factor}: {value:.1f} dB, scales "
               f"{metadata(package).get(STREAM_SCALE_KEY)}")
         assert value >= 35
+
+
+def test_a_rescaling_that_changes_the_output_is_refused(hot_vae, monkeypatch):
+    """The rescaled copy is checked in fp32 against the original: a VAE the rescaling does not know (here: a
+    rescaling that forgets the resnets) is one UserError pointing at --compute-precision float32, not a package."""
+    from python_coreml_sd.errors import UserError
+    monkeypatch.setattr(vae_fp16, "scale_stream", lambda part, scales, peaks, component: part.conv_in.weight.data.mul_(0.5))
+    (z,) = inputs_of(hot_vae, "vae_decoder", (16, 16)).values()
+    with pytest.raises(UserError, match="--compute-precision float32"):
+        vae_fp16.fp16_safe(VAEDecoder(hot_vae).eval(), "decoder", (z,), "vae_decoder")
