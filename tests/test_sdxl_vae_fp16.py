@@ -56,29 +56,34 @@ def metadata(package) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hot(tmp_path_factory):
-    """tiny-xl with a VAE whose GroupNorm inputs reach ~5000 (fp16 squares overflow past 256), converted plain
-    (no rescaling: SAFE_PEAK infinite) and as the converter does, with --check-output-correctness."""
-    folder = hot_vae_dir(tmp_path_factory, resolve("tiny-xl").load_vae(), 1000.0)
+def hot_folder(tmp_path_factory):
+    """tiny-xl's VAE heated: its GroupNorm inputs reach ~5000 (fp16 squares overflow from 256 on)."""
+    return hot_vae_dir(tmp_path_factory, resolve("tiny-xl").load_vae(), 1000.0)
+
+
+@pytest.fixture(scope="module")
+def hot_vae(hot_folder):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL.from_pretrained(str(hot_folder)).eval()
+
+
+@pytest.fixture(scope="module")
+def hot(tmp_path_factory, hot_folder):
+    """tiny-xl with the heated VAE, converted plain (no rescaling: SAFE_PEAK infinite) and as the converter does,
+    with --check-output-correctness (which fails the conversion under 35 dB)."""
     packages = {}
     for label in ("plain", "rescaled"):
         out = tmp_path_factory.mktemp(label)
         saved = vae_fp16.SAFE_PEAK
         vae_fp16.SAFE_PEAK = float("inf") if label == "plain" else saved
         try:
-            paths = convert(ConversionOptions("tiny-xl", out, custom_vae_version=str(folder),
+            paths = convert(ConversionOptions("tiny-xl", out, custom_vae_version=str(hot_folder),
                                               check_output_correctness=label == "rescaled"),
                             ["vae_decoder", "vae_encoder"])
         finally:
             vae_fp16.SAFE_PEAK = saved
         packages[label] = dict(zip(("vae_decoder", "vae_encoder"), paths))
-    return folder, packages
-
-
-@pytest.fixture(scope="module")
-def hot_vae(hot):
-    from diffusers import AutoencoderKL
-    return AutoencoderKL.from_pretrained(str(hot[0])).eval()
+    return packages
 
 
 @pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
@@ -87,13 +92,13 @@ def test_the_hot_vae_overflows_fp16_plainly_and_not_rescaled(hot, hot_vae, compo
     ref = reference(hot_vae, component, inputs)
     peak = max(vae_fp16.norm_input_peaks(module_of(hot_vae, component), tuple(inputs.values())).values())
     assert peak > 256  # (x - mean)^2 passes fp16's 65504 inside GroupNorm
-    plain, rescaled = (mil(hot[1][label][component], inputs) for label in ("plain", "rescaled"))
+    plain, rescaled = (mil(hot[label][component], inputs) for label in ("plain", "rescaled"))
     plain_psnr = psnr(ref, plain) if np.isfinite(plain).all() else float("nan")
     print(f"{component}: GroupNorm peak {peak:.0f}, plain fp16 {plain_psnr:.1f} dB, rescaled {psnr(ref, rescaled):.1f} dB")
     assert not plain_psnr >= 30, plain_psnr
     assert psnr(ref, rescaled) >= 35
-    assert STREAM_SCALE_KEY not in metadata(hot[1]["plain"][component])
-    scales = [int(s) for s in metadata(hot[1]["rescaled"][component])[STREAM_SCALE_KEY].split(",")]
+    assert STREAM_SCALE_KEY not in metadata(hot["plain"][component])
+    scales = [int(s) for s in metadata(hot["rescaled"][component])[STREAM_SCALE_KEY].split(",")]
     assert max(scales) > 1 and all(s & (s - 1) == 0 for s in scales)  # powers of two
 
 
