@@ -39,7 +39,11 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", dest="output_dir", type=Path, default=Path("."), help="folder for the PNG files (default: .)")
     p.add_argument("--seed", type=int, default=93, help="random seed of the initial latents (default: 93)")
     p.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance; at most 1 means none, as diffusers: the UNet runs once per step on "
+                        "the prompt alone (default: 7.5; 0 for stabilityai/sdxl-turbo, distilled without guidance: "
+                        "pass --model-version stabilityai/sdxl-turbo, ideally with a UNet converted with "
+                        "--unet-batch-one, and 1-4 steps)")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="PNDM", help="diffusers scheduler (default: PNDM)")
     p.add_argument("--height", type=positive_int,
                    help="image height in pixels: one of the sizes the models were converted for (--latent-sizes; "
@@ -114,7 +118,9 @@ def requests_from_args(args, seeds) -> list:
     from .generation.images import load_image
     from .generation.jobs import requests_for
     return requests_for([args.prompt], seeds, negative_prompt=args.negative_prompt,
-                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        num_inference_steps=args.num_inference_steps,
+                        guidance_scale=(registry.default_guidance_scale(args.model_version) if args.guidance_scale is None
+                                        else args.guidance_scale),
                         scheduler=args.scheduler, image=load_image(args.image) if args.image else None,
                         strength=args.strength, mask=load_image(args.mask, "--mask") if args.mask else None,
                         original_size=tuple(args.original_size) if args.original_size else None,

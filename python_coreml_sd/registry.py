@@ -46,6 +46,17 @@ def named_controlnet(name: str):
     return copy.deepcopy(entry) if entry else None
 
 
+# diffusers' StableDiffusionPipeline default; a family distilled without guidance (SDXL-Turbo) says 0.
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+def default_guidance_scale(model_version: str) -> float:
+    """The guidance scale a named model generates with unless told: its family's `guidance_scale`, else 7.5."""
+    entry = named_model(model_version) if model_version else None
+    return float(family(entry["family"]).get("guidance_scale", DEFAULT_GUIDANCE_SCALE) if entry
+                 else DEFAULT_GUIDANCE_SCALE)
+
+
 def controlnet_names() -> list:
     return sorted(_registry().get("controlnets", {}))
 

@@ -1,6 +1,7 @@
 """SDXL (issue 16) on `tiny-xl` and `tiny-xl-refiner`: the converted components against diffusers in fp32, their
 interface against the component table and Apple's names, the Neural-Engine UNet's added conditions, the
 pipeline on mil vs torch and the torch loop vs diffusers' own StableDiffusionXLPipeline, and bad input."""
+import dataclasses
 import json
 import shutil
 
@@ -164,10 +165,20 @@ def pipes(xl_packages):
             for backend in ("mil", "torch")}
 
 
-@pytest.mark.parametrize("negative, refiner_start", [("", None), ("blurry, low quality", None), ("", 0.5)])
-def test_mil_matches_torch(pipes, negative, refiner_start):
+def start_image(size=128):
+    """A smooth colour gradient, the img2img start picture (as tests/test_pipeline.py's)."""
+    from PIL import Image
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), 255 - np.add.outer(ramp, 0 * ramp)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("negative, refiner_start, strength", [
+    ("", None, None), ("blurry, low quality", None, None), ("", 0.5, None), ("", None, 0.6), ("", 0.5, 0.8)])
+def test_mil_matches_torch(pipes, negative, refiner_start, strength):
     request = GenerationRequest("a lighthouse at dusk, oil painting", negative_prompt=negative, seed=7,
-                                num_inference_steps=STEPS, scheduler="EulerDiscrete", refiner_start=refiner_start)
+                                num_inference_steps=STEPS, scheduler="EulerDiscrete", refiner_start=refiner_start,
+                                image=start_image() if strength else None, strength=strength)
     reference, converted = pipes["torch"].generate(request), pipes["mil"].generate(request)
     values = compare(reference, converted)
     assert {"text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "first_noise_pred", "final_latents",
@@ -225,6 +236,60 @@ def test_refiner_hand_off_is_diffusers(pipes, xl, refiner, scheduler, fraction):
     assert psnr(final.numpy(), ours.intermediates["final_latents"]) >= 60
     alone = pipes["torch"].generate(GenerationRequest(request.prompt, seed=9, num_inference_steps=5, scheduler=scheduler))
     assert not np.allclose(alone.intermediates["final_latents"], ours.intermediates["final_latents"], atol=1e-3)  # refined
+
+
+@pytest.fixture
+def shared_draws(monkeypatch):
+    """diffusers' randn_tensor, where its SDXL img2img draws (the VAE posterior's sample, then the noise), takes
+    RandomSource's stream instead: the draws our img2img makes in that order, so both start alike."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+
+    def use(seed):
+        state = np.random.RandomState(seed)
+
+        def draw(shape, generator=None, device=None, dtype=None, layout=None):
+            return torch.from_numpy(state.randn(*shape).astype(np.float32)).to(dtype or torch.float32)
+        for module in (vae_module, img2img_module):
+            monkeypatch.setattr(module, "randn_tensor", draw)
+    return use
+
+
+@pytest.mark.parametrize("scheduler, strength, change", [
+    ("EulerDiscrete", 0.3, dict()),  # diffusers' default strength for SDXL img2img
+    ("EulerDiscrete", 0.75, dict(negative_prompt="blurry")),
+    ("DPMSolverMultistep", 0.6, dict(original_size=(64, 96), crops_coords_top_left=(8, 16), target_size=(256, 256))),
+    ("EulerAncestralDiscrete", 1.0, dict()),
+])
+def test_torch_img2img_is_diffusers_sdxl_img2img(pipes, xl, shared_draws, scheduler, strength, change):
+    """--image / --strength on SDXL vs diffusers' StableDiffusionXLImg2ImgPipeline on the same draws: the encoded,
+    sampled and noised start, the timesteps strength keeps, the micro-conditioning time ids (6: the base UNet takes
+    no aesthetic score, as diffusers' requires_aesthetics_score=False)."""
+    import diffusers
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    request = GenerationRequest("a red fox in the snow", seed=5, num_inference_steps=5, scheduler=scheduler,
+                                guidance_scale=5.0, image=start_image(), strength=strength, **change)
+    ours = pipes["torch"].generate(request).intermediates["final_latents"]
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(xl.root), use_safetensors=True)
+    assert not pipe.config.requires_aesthetics_score
+    pipe.scheduler = getattr(diffusers, f"{scheduler}Scheduler").from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    shared_draws(request.seed)
+    kwargs = {k: getattr(request, k) for k in ("original_size", "target_size") if getattr(request, k)}
+    theirs = pipe(request.prompt, image=request.image, strength=strength, negative_prompt=request.negative_prompt or None,
+                  num_inference_steps=5, guidance_scale=5.0, crops_coords_top_left=request.crops_coords_top_left,
+                  output_type="latent", generator=torch.Generator().manual_seed(request.seed), **kwargs).images
+    assert psnr(theirs.numpy(), ours) >= 60
+
+
+def test_sdxl_img2img_follows_the_image_and_strength(pipes):
+    def latents(image, strength):
+        request = GenerationRequest("a red fox", seed=3, num_inference_steps=4, scheduler="EulerDiscrete",
+                                    image=image, strength=strength)
+        return pipes["torch"].generate(request).intermediates["final_latents"]
+    low = latents(start_image(), 0.5)
+    assert not np.allclose(low, latents(start_image().rotate(90), 0.5), atol=1e-3)
+    assert not np.allclose(low, latents(start_image(), 1.0), atol=1e-3)
 
 
 def test_micro_conditioning_and_empty_prompt_change_the_result(pipes):
@@ -345,6 +410,61 @@ def test_chunked_unet_and_refiner_generate_as_the_whole(tmp_path, xl_packages, p
                                 refiner_start=0.5)
     whole = pipes["mil"].generate(request)
     assert psnr(whole.intermediates["final_latents"], chunked.generate(request).intermediates["final_latents"]) >= 60
+
+
+@pytest.fixture(scope="module")
+def batch_one(tmp_path_factory, xl_packages):
+    """tiny-xl with its UNet converted --unet-batch-one (Apple's flag: batch 1, one call per prediction)."""
+    out = tmp_path_factory.mktemp("batch_one")
+    [unet] = convert(ConversionOptions(model_version="tiny-xl", output_dir=out / "unet", unet_batch_one=True), ["unet"])
+    folder = out / "models"
+    folder.mkdir()
+    for path in [*(xl_packages[n] for n in ("text_encoder", "text_encoder_2", "vae_decoder")), unet]:
+        (folder / path.name).symlink_to(path)
+    return open_pipeline("mil", folder, "tiny-xl", progress=False)
+
+
+def count_unet_calls(pipe, monkeypatch) -> list:
+    calls = []
+    run = pipe.models.run_unet
+    monkeypatch.setattr(pipe.models, "run_unet", lambda inputs, unet: calls.append(inputs["sample"].shape[0]) or
+                        run(inputs, unet))
+    return calls
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_guidance_at_most_one_is_diffusers_without_guidance(pipes, xl, guidance):
+    """SDXL-Turbo's guidance 0 (and any scale <= 1), as diffusers: no classifier-free guidance, the conditional
+    prediction alone (guidance 0 is not the unconditional one)."""
+    request = GenerationRequest("a red fox in the snow", seed=5, num_inference_steps=STEPS, scheduler="EulerDiscrete",
+                                guidance_scale=guidance)
+    ours = pipes["torch"].generate(request).intermediates["final_latents"]
+    start = np.random.RandomState(request.seed).randn(1, 4, 16, 16).astype(np.float32)
+    assert psnr(diffusers_latents(xl, request, start), ours) >= 60
+    guided = pipes["torch"].generate(dataclasses.replace(request, guidance_scale=5.0)).intermediates["final_latents"]
+    assert not np.allclose(ours, guided, atol=1e-3)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 5.0])
+def test_batch_one_unet_matches_torch_with_and_without_guidance(pipes, batch_one, monkeypatch, guidance):
+    """A batch-one UNet: one call per step without guidance, two with; mil (batch one) vs torch."""
+    request = GenerationRequest("a lighthouse at dusk", seed=7, num_inference_steps=STEPS, scheduler="EulerAncestralDiscrete",
+                                guidance_scale=guidance)
+    calls = count_unet_calls(batch_one, monkeypatch)
+    converted = batch_one.generate(request)
+    assert calls == [1] * STEPS * (2 if guidance > 1 else 1)
+    values = compare(pipes["torch"].generate(request), converted)
+    assert all(v >= 30 for v in values.values()), values
+
+
+def test_sdxl_turbo_defaults_to_no_guidance(monkeypatch):
+    from python_coreml_sd import pipeline, registry
+    assert registry.default_guidance_scale("stabilityai/sdxl-turbo") == 0.0
+    assert registry.default_guidance_scale("tiny-xl") == registry.default_guidance_scale("/some/folder") == 7.5
+    for argv, expected in ([], 0.0), (["--guidance-scale", "2"], 2.0):
+        args = pipeline.parser_spec().parse_args(["--prompt", "x", "--model-version", "stabilityai/sdxl-turbo", *argv])
+        assert [r.guidance_scale for r in pipeline.requests_from_args(args, [1])] == [expected]
+    assert "0 for stabilityai/sdxl-turbo" in " ".join(pipeline.parser_spec().format_help().split())
 
 
 @pytest.mark.parametrize("family, billions", [("sdxl", 2.567), ("sdxl-refiner", 2.260), ("sdxl-turbo", 2.567)])

@@ -299,14 +299,16 @@ def _recorded_flags_of(package: Path) -> dict:
 
 def convert_traced_component(module, inputs: "OrderedDict[str, torch.Tensor]", output_names: list,
                              options: ConversionOptions, component: str, descriptions: dict,
-                             checked_outputs: list = None, enumerated: dict = None, out: Path = None) -> list:
-    """Trace `module`, convert (`enumerated`: the inputs' enumerated shapes), describe, palettize if asked, save
-    atomically (to `out`, default the component's output path), and with --check-output-correctness compare
-    `checked_outputs` (default: all) with PyTorch."""
+                             checked_outputs: list = None, enumerated: dict = None, out: Path = None,
+                             metadata: dict = None) -> list:
+    """Trace `module`, convert (`enumerated`: the inputs' enumerated shapes), describe (plus the user-defined
+    `metadata`), palettize if asked, save atomically (to `out`, default the component's output path), and with
+    --check-output-correctness compare `checked_outputs` (default: all) with PyTorch."""
     out = out or output_path(options, component)
     fresh_op_names()
     mlmodel = to_mlprogram(trace(module, tuple(inputs.values())), inputs, output_names, options, enumerated=enumerated)
     describe(mlmodel, options, component, descriptions)
+    mlmodel.user_defined_metadata.update(metadata or {})
     save_converted(mlmodel, options, component, enumerated, out)
     if options.check_output_correctness:
         with torch.no_grad():

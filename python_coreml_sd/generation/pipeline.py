@@ -364,17 +364,21 @@ class StableDiffusionPipeline:
         return np.asarray(rows, dtype=np.float32)
 
     def predict_noise(self, latents, t, embeddings, guidance_scale, added: dict = None, unet: str = "unet") -> np.ndarray:
-        """Classifier-free guidance; embeddings (and SDXL's added conditions) are [unconditional, conditional]."""
+        """Classifier-free guidance; embeddings (and SDXL's added conditions) are [unconditional, conditional].
+        guidance_scale <= 1 is no guidance, as diffusers' do_classifier_free_guidance (SDXL-Turbo's 0): the
+        conditional prediction alone, one UNet call per step on a batch-one UNet."""
         timestep = np.full((2,), float(t), dtype=np.float32)
         added = added or {}  # SDXL's inputs beyond SD's, by name (components.UNET_XL_INPUTS)
+        guided = guidance_scale > 1
         if self.models.unet_input_shapes(unet)["sample"][0] == 2:
             out = self.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added}, unet)
             uncond, cond = out[0:1], out[1:2]
         else:
-            uncond, cond = (self.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
-                                           **{k: v[i:i + 1] for k, v in added.items()}}, unet)
-                            for i in (0, 1))
-        return uncond + guidance_scale * (cond - uncond)
+            def half(i):  # 0: unconditional, 1: conditional
+                return self.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
+                                      **{k: v[i:i + 1] for k, v in added.items()}}, unet)
+            uncond, cond = half(0) if guided else None, half(1)
+        return uncond + guidance_scale * (cond - uncond) if guided else cond
 
     def initial_latents(self, request, scheduler, rng: RandomSource):
         shape = (1, self.latent_channels, self.latent_h, self.latent_w)

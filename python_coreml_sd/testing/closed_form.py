@@ -216,7 +216,8 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
         clean = sample_latents(moments, diagonal_noise)
         t = torch.tensor([timesteps[0]])
         latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
-    for t, step_t in zip(timesteps, schedule):  # guidance at every scale, as python_coreml_sd.generation.pipeline does
+    # guidance at every scale, as the Swift loop; the Python pipeline skips it at scales <= 1 (diffusers), never compared
+    for t, step_t in zip(timesteps, schedule):
         model_input = scheduler.scale_model_input(torch.from_numpy(latents)[None], step_t)[0].numpy()
         uncond = denoise(model_input, t, hidden[0])
         cond = denoise(model_input, t, hidden[1])
