@@ -95,6 +95,7 @@ def build() -> dict:
     from python_coreml_sd.components import TIME_IDS
     from python_coreml_sd.testing import closed_form as cf
     return {"generator": "scripts/make_sdxl_vectors.py", "scheduler_config": scheduler_config(),
+            "tokenizer_2_pad_token": tokenizers()[1].pad_token,
             "widths": cf.XL_WIDTHS, "pooled": cf.XL_POOLED, "gains": cf.XL_GAINS,
             "time_ids": {k: list(v) for k, v in TIME_IDS.items()}, "cases": [run_case(spec) for spec in CASES]}
 
