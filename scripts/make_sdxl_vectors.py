@@ -54,6 +54,15 @@ def tokenizers() -> tuple:
     return tuple(load_clip_tokenizer(pad) for pad in pads)
 
 
+def bundle_config() -> str:
+    """pipeline_config.json of a tiny-xl bundle with its refiner, as torch2coreml --bundle-packages writes it (the
+    Swift tests read the second tokenizer's pad token, force_zeros_for_empty_prompt and time ids from it)."""
+    from python_coreml_sd.bundle import pipeline_settings
+    from python_coreml_sd.convert import ConversionOptions
+    settings = pipeline_settings(ConversionOptions("tiny-xl", ".", refiner_version="tiny-xl-refiner"))
+    return json.dumps(settings, indent=2, sort_keys=True) + "\n"
+
+
 def floats(values) -> list:
     return [float(v) for v in np.asarray(values, dtype=np.float32).reshape(-1)]
 
@@ -95,7 +104,7 @@ def build() -> dict:
     from python_coreml_sd.components import TIME_IDS
     from python_coreml_sd.testing import closed_form as cf
     return {"generator": "scripts/make_sdxl_vectors.py", "scheduler_config": scheduler_config(),
-            "tokenizer_2_pad_token": tokenizers()[1].pad_token,
+            "pipeline_config": bundle_config(),
             "widths": cf.XL_WIDTHS, "pooled": cf.XL_POOLED, "gains": cf.XL_GAINS,
             "time_ids": {k: list(v) for k, v in TIME_IDS.items()}, "cases": [run_case(spec) for spec in CASES]}
 

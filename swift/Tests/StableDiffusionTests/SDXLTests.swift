@@ -20,8 +20,11 @@ final class SDXLTests: XCTestCase {
     /// Weighted prompts rescale to the unweighted mean in float32 on each side (LongPromptTests' bound).
     static let weightedTolerance: Float = 1e-5
 
+    /// pipeline_config.json of a tiny-xl bundle (python_coreml_sd.bundle.pipeline_settings).
+    static let settings: PipelineSettings = try! PipelineSettings(json: Data((golden["pipeline_config"] as! String).utf8))
+
     static func tokenizer2() throws -> BPETokenizer {
-        try Golden.tokenizer.padding(with: golden["tokenizer_2_pad_token"] as! String)
+        try Golden.tokenizer.padding(with: settings.tokenizer2PadToken!)
     }
 
     static func pipeline(_ entry: [String: Any], refiner: Bool = true) throws -> StableDiffusionXLPipeline {
@@ -61,6 +64,35 @@ final class SDXLTests: XCTestCase {
         let timeIds = Self.golden["time_ids"] as! [String: [String]]
         XCTAssertEqual(timeIds["unet"], TimeId.base.map(\.rawValue))
         XCTAssertEqual(timeIds["refiner"], TimeId.refiner.map(\.rawValue))
+    }
+
+    func testPipelineConfigOfAnSDXLBundle() throws {
+        let settings = Self.settings
+        XCTAssertEqual(settings.family, .sdxl)
+        XCTAssertTrue(settings.forceZerosForEmptyPrompt)
+        XCTAssertEqual(settings.tokenizer2PadToken, "!")
+        XCTAssertEqual(settings.timeIds, TimeId.base)
+        XCTAssertEqual(settings.refinerTimeIds, TimeId.refiner)
+        XCTAssertEqual(settings.latentScale, StableDiffusionXLPipeline.defaultLatentScale)
+        XCTAssertEqual(try PipelineSettings(json: Data("{}".utf8)).family, .sd)  // older and SD bundles
+        for bad in [#"{"family": "flux"}"#, #"{"time_ids": ["original_height", "seconds"]}"#, #"{"refiner_time_ids": []}"#] {
+            XCTAssertThrowsError(try PipelineSettings(json: Data(bad.utf8)), bad) { error in
+                XCTAssertTrue(error is UsageError, bad)
+            }
+        }
+    }
+
+    func testTimeIdsFollowTheBundlesLayout() throws {
+        var config = GenerationConfig(prompt: "p")
+        config.originalSize = [64, 96]
+        config.cropsCoordsTopLeft = [8, 16]
+        let size: [Double] = [128, 256]
+        XCTAssertEqual(try StableDiffusionXLPipeline.timeIdRow(TimeId.base, config: config, imageSize: size, aestheticScore: 6),
+                       [64, 96, 8, 16, 128, 256])  // the target defaults to the image size
+        XCTAssertEqual(try StableDiffusionXLPipeline.timeIdRow(TimeId.refiner, config: config, imageSize: size, aestheticScore: 2.5),
+                       [64, 96, 8, 16, 2.5])
+        XCTAssertEqual(try StableDiffusionXLPipeline.timeIdRow([.targetWidth, .cropTop], config: config, imageSize: size,
+                                                               aestheticScore: 6), [256, 8])
     }
 
     func testConditioningMatchesPython() throws {
