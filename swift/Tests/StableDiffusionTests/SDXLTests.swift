@@ -82,6 +82,35 @@ final class SDXLTests: XCTestCase {
         }
     }
 
+    func testResourceFolderFindsTheSDXLModels() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("sdxl-resources-\(UUID())")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        for name in ["TextEncoder", "TextEncoder2", "UnetChunk1", "UnetChunk2", "UnetRefinerChunk1", "UnetRefinerChunk2",
+                     "VAEDecoder"] {
+            try FileManager.default.createDirectory(at: folder.appendingPathComponent("\(name).mlpackage"),
+                                                    withIntermediateDirectories: true)
+        }
+        for name in ["vocab.json", "merges.txt"] {
+            try FileManager.default.copyItem(at: Golden.repositoryRoot.appendingPathComponent("models/tokenizer/\(name)"),
+                                             to: folder.appendingPathComponent(name))
+        }
+        try Data((Self.golden["pipeline_config"] as! String).utf8).write(to: folder.appendingPathComponent("pipeline_config.json"))
+        let resources = try ResourceFolder(path: folder.path)
+        XCTAssertTrue(resources.chunkedUnet)
+        XCTAssertEqual(resources.refinerNames, ["UnetRefinerChunk1", "UnetRefinerChunk2"])
+        let first = try resources.tokenizer()
+        let second = try resources.tokenizer2(settings: try resources.pipelineSettings(), first: first)
+        XCTAssertEqual([first.padId, second.padId], [49407, 0])
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("UnetRefiner.mlpackage"),
+                                                withIntermediateDirectories: true)
+        try FileManager.default.removeItem(at: folder.appendingPathComponent("UnetRefinerChunk2.mlpackage"))
+        XCTAssertEqual(try ResourceFolder(path: folder.path).refinerNames, ["UnetRefiner"])
+        try FileManager.default.removeItem(at: folder.appendingPathComponent("TextEncoder2.mlpackage"))
+        XCTAssertThrowsError(try ResourceFolder(path: folder.path)) { error in
+            XCTAssertTrue("\(error)".contains("TextEncoder2.mlmodelc"), "\(error)")
+        }
+    }
+
     func testTimeIdsFollowTheBundlesLayout() throws {
         var config = GenerationConfig(prompt: "p")
         config.originalSize = [64, 96]
