@@ -405,14 +405,15 @@ def test_sdxl_bundle_has_apples_names_and_what_swift_needs(xl_bundle, xl_package
         assert {"TextEncoder2.mlpackage", "UnetRefiner.mlpackage"} <= {n.split("/")[1] for n in z.namelist()}
 
 
-def test_sdxl_bundle_generates_as_the_converted_folder(xl_bundle, pipes):
-    """The Python pipeline reads the bundle (zip and folder) as it reads the converted folder: same image, refiner
-    hand-off included, bit for bit."""
+def test_sdxl_bundle_generates_as_the_converted_folder(xl_bundle, pipes, tmp_path):
+    """The Python pipeline reads the bundle (folder, and the zip extracted and checked) as it reads the converted
+    folder: same image, refiner hand-off included, bit for bit."""
+    from python_coreml_sd import bundle
     resources, archive = xl_bundle
     request = GenerationRequest("a red fox", seed=3, num_inference_steps=STEPS, scheduler="EulerDiscrete",
                                 refiner_start=0.5)
     expected = pipes["mil"].generate(request).intermediates["final_latents"]
-    for models_dir in (resources, archive):
+    for models_dir in (resources, bundle.extract_bundle(archive, tmp_path / "extracted")):
         bundled = open_pipeline("mil", models_dir, "tiny-xl", progress=False)
         np.testing.assert_array_equal(bundled.generate(request).intermediates["final_latents"], expected)
 
