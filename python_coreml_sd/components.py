@@ -181,6 +181,10 @@ def _unet_shapes(d: Dims) -> tuple:
 
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+# What each of SDXL's time_ids is, in order (diffusers' _get_add_time_ids): the base UNet's six (Dims.time_ids),
+# the refiner's five (the aesthetic score instead of the target size). Bundles name them in pipeline_config.json.
+TIME_IDS = {"unet": ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"),
+            "refiner": ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")}
 # SDXL's added conditions, Apple's names: time ids (B, 6; the refiner's 5) and text_encoder_2's pooled embeds.
 UNET_XL_INPUTS = UNET_INPUTS + ("time_ids", "text_embeds")
 UNET_INTERFACES = {

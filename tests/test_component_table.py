@@ -7,7 +7,7 @@ from pathlib import Path
 import coremltools as ct
 
 from python_coreml_sd import registry
-from python_coreml_sd.components import CONTROL, CONVERTIBLE, SD, TABLE, Dims, component_of
+from python_coreml_sd.components import CONTROL, CONVERTIBLE, SD, SDXL, TABLE, TIME_IDS, Dims, component_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SWIFT = ROOT / "swift" / "Sources" / "StableDiffusion"
@@ -66,9 +66,12 @@ def test_swift_feeds_and_reads_the_tables_names():
         spec = TABLE[component]
         assert set(names) <= set(spec.inputs + spec.outputs), component  # the list above is the table's
         assert set(names) <= literals, (component, set(names) - literals)
-    # SDXL's components (TextEncoder2, UnetRefiner, ...) wait for the Swift SDXL pipeline (issue 16, later).
+    # SDXL's (issue 16): both encoders' and both UNets' whole interfaces, and what each time id is
+    for component in ("text_encoder", "text_encoder_2", "unet", "refiner"):
+        assert set(TABLE[component].names(SDXL)) <= literals, (component, set(TABLE[component].names(SDXL)) - literals)
+    assert {name for layout in TIME_IDS.values() for name in layout} <= literals
     # ControlNet's (ControlledUnet, controlnet/) wait for the Swift ControlNet pipeline (issue 19, later).
-    assert {spec.resource for name, spec in TABLE.items() if SD in spec.interfaces and name not in CONTROL} <= literals
+    assert {spec.resource for name, spec in TABLE.items() if name not in CONTROL} <= literals
 
 
 def imports_of(path: Path, package_root: Path) -> set:

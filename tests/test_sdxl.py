@@ -4,6 +4,7 @@ pipeline on mil vs torch and the torch loop vs diffusers' own StableDiffusionXLP
 import dataclasses
 import json
 import shutil
+import zipfile
 
 import coremltools as ct
 import numpy as np
@@ -480,3 +481,86 @@ def test_full_size_architectures_fit_the_neural_engine_unet(family, billions):
     theirs = unet.state_dict()
     assert round(sum(v.numel() for v in theirs.values()) / 1e9, 3) == billions
     assert set(ours) == set(theirs) and all(ours[k].numel() == v.numel() for k, v in theirs.items())
+
+
+# ------------------------------------------------------------------------------ bundles (the Swift pipeline's Resources)
+
+@pytest.fixture(scope="module")
+def xl_bundle(tmp_path_factory, xl_packages):
+    """`torch2coreml --bundle-packages --zip` on tiny-xl with its refiner: the packages of xl_packages (copied, so
+    the conversion reuses them: same flags) laid out as Resources/."""
+    out = tmp_path_factory.mktemp("tiny_xl_bundle")
+    for path in xl_packages.values():
+        shutil.copytree(path, out / path.name)
+    assert torch2coreml.main(["--model-version", "tiny-xl", "--refiner-version", "tiny-xl-refiner", "-o", str(out),
+                              "--convert-text-encoder", "--convert-unet", "--convert-vae-decoder",
+                              "--convert-vae-encoder", "--bundle-packages", "--zip"]) == 0
+    return out / "Resources", next(out.glob("*.zip"))
+
+
+def test_sdxl_bundle_has_apples_names_and_what_swift_needs(xl_bundle, xl_packages, xl):
+    """Apple's SDXL Resources (StableDiffusionXL+Resources.swift: TextEncoder2, UnetRefiner) and, in
+    pipeline_config.json, what the Swift SDXL pipeline reads: the family, force_zeros_for_empty_prompt, the second
+    tokenizer's pad token, and what each of the base's and the refiner's time ids is."""
+    from python_coreml_sd.components import TIME_IDS
+    resources, archive = xl_bundle
+    assert {p.name for p in resources.iterdir()} == {
+        "TextEncoder.mlpackage", "TextEncoder2.mlpackage", "Unet.mlpackage", "UnetRefiner.mlpackage",
+        "VAEDecoder.mlpackage", "VAEEncoder.mlpackage", "vocab.json", "merges.txt", "scheduler_config.json",
+        "pipeline_config.json"}
+    for component in ("text_encoder_2", "refiner"):
+        package = resources / f"{TABLE[component].resource}.mlpackage"
+        assert (package / "Manifest.json").read_bytes() == (xl_packages[component] / "Manifest.json").read_bytes()
+    settings = json.loads((resources / "pipeline_config.json").read_text())
+    tokenizer_2 = xl.load_tokenizer_2()
+    vocab = json.loads((resources / "vocab.json").read_text(encoding="utf-8"))
+    assert settings["family"] == SDXL and settings["vae_scaling_factor"] == xl.config("vae")["scaling_factor"]
+    assert settings["force_zeros_for_empty_prompt"] is xl.index["force_zeros_for_empty_prompt"] is True
+    # tokenizer_2 pads with "!" (id 0), the first tokenizer with its end token (49407)
+    assert vocab[settings["tokenizer_2_pad_token"]] == tokenizer_2.pad_token_id == 0 != xl.load_tokenizer().pad_token_id
+    unet_ids, refiner_ids = (declared(xl_packages[c])[0]["time_ids"][-1] for c in ("unet", "refiner"))
+    assert settings["time_ids"] == list(TIME_IDS["unet"]) and len(settings["time_ids"]) == unet_ids == 6
+    assert settings["refiner_time_ids"] == list(TIME_IDS["refiner"]) and len(settings["refiner_time_ids"]) == refiner_ids
+    with zipfile.ZipFile(archive) as z:
+        assert {"TextEncoder2.mlpackage", "UnetRefiner.mlpackage"} <= {n.split("/")[1] for n in z.namelist()}
+
+
+def test_sdxl_bundle_generates_as_the_converted_folder(xl_bundle, pipes, tmp_path):
+    """The Python pipeline reads the bundle (folder, and the zip extracted and checked) as it reads the converted
+    folder: same image, refiner hand-off included, bit for bit."""
+    from python_coreml_sd import bundle
+    resources, archive = xl_bundle
+    request = GenerationRequest("a red fox", seed=3, num_inference_steps=STEPS, scheduler="EulerDiscrete",
+                                refiner_start=0.5)
+    expected = pipes["mil"].generate(request).intermediates["final_latents"]
+    for models_dir in (resources, bundle.extract_bundle(archive, tmp_path / "extracted")):
+        bundled = open_pipeline("mil", models_dir, "tiny-xl", progress=False)
+        np.testing.assert_array_equal(bundled.generate(request).intermediates["final_latents"], expected)
+
+
+@pytest.mark.parametrize("written, expected", [
+    (["o/Stable_Diffusion_version_m_refiner.mlpackage", "o/Stable_Diffusion_version_m_refiner_chunk1.mlpackage",
+      "o/Stable_Diffusion_version_m_refiner_chunk2.mlpackage", "o/Stable_Diffusion_version_m_unet.mlpackage"],
+     ["Unet", "UnetRefinerChunk1", "UnetRefinerChunk2"]),
+    (["o/Stable_Diffusion_version_m_refiner.mlpackage", "o/Stable_Diffusion_version_m_text_encoder_2.mlpackage"],
+     ["TextEncoder2", "UnetRefiner"]),
+])
+def test_chunked_refiner_is_bundled_as_its_chunks(written, expected):
+    from python_coreml_sd import bundle
+    assert sorted(bundle.resource_entries(written)) == expected
+
+
+def test_bundle_refuses_sdxl_tokenizers_of_two_vocabularies(capsys, tmp_path, xl):
+    """Resources hold one vocab.json + merges.txt for both encoders: another tokenizer_2 vocabulary is refused
+    before any work, in one line."""
+    model = copy_model(xl, tmp_path / "model")
+    path = model / "tokenizer_2" / "tokenizer.json"  # transformers 5 saves the vocabulary there
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    vocab = saved["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[1:3]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    path.write_text(json.dumps(saved), encoding="utf-8")
+    code, err = run_main(capsys, "--model-version", str(model), "-o", str(tmp_path / "out"), "--convert-text-encoder",
+                         "--bundle-packages")
+    assert code == 2 and err.count("\n") == 0 and "tokenizer_2 has another vocab.json than its tokenizer" in err, err
+    assert not (tmp_path / "out").exists()

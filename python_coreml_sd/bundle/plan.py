@@ -7,7 +7,7 @@ from ..components import TOKENIZER_FILES
 from ..errors import UserError
 from .archive import make_zip, manifest_fields, sha256_file, zip_name
 from .compile import require_compiler
-from .resources import bundle_compiled, bundle_packages, resource_entries
+from .resources import bundle_compiled, bundle_packages, check_shared_tokenizer, resource_entries
 
 
 @dataclasses.dataclass
@@ -72,6 +72,8 @@ def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePl
         raise UserError("bundles do not hold ControlNets yet (Apple's Resources/controlnet/, ControlledUnet): convert "
                         "them without --bundle-packages / --bundle-resources-for-swift-cli")
     check_not_inpainting(options)
+    from ..model_edits import source_for
+    check_shared_tokenizer(source_for(options))
     if compiled:
         require_compiler()
     kind = "compiled" if compiled else "packages"

@@ -3,9 +3,10 @@ names (from the component table) plus the tokenizer files, scheduler_config.json
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from ..components import TABLE, TOKENIZER_FILES, component_of
+from ..components import SDXL, TABLE, TIME_IDS, TOKENIZER_FILES, component_of
 from ..errors import UserError
 from ..package_io import replace_atomically
 from .compile import compile_package, require_compiler
@@ -24,8 +25,9 @@ def resource_entries(written_paths) -> dict:
         if component is None:
             raise UserError(f"{path} is not a converted Stable Diffusion component; cannot bundle it")
         by_component[component] = path
-    if "unet_chunk1" in by_component and "unet_chunk2" in by_component:
-        by_component.pop("unet", None)  # apps load the chunks; the whole UNet would double the download
+    for unet in ("unet", "refiner"):  # apps load the chunks; the whole UNet would double the download
+        if f"{unet}_chunk1" in by_component and f"{unet}_chunk2" in by_component:
+            by_component.pop(unet, None)
     if not by_component:
         raise UserError("nothing to bundle: no converted packages")
     return {BASE_NAMES[c]: p for c, p in sorted(by_component.items())}
@@ -36,15 +38,39 @@ def write_tokenizer(model_version: str, dest: Path, source=None) -> None:
     from ..tokenizer_files import write_added_tokens
     tokenizer = (source or resolve(model_version)).load_tokenizer()
     write_added_tokens(tokenizer, dest)  # textual-inversion tokens: added_tokens.json
+    save_bpe_files(tokenizer, dest)
+    missing = [name for name in TOKENIZER_FILES if not (dest / name).is_file()]
+    if missing:
+        raise UserError(f"the tokenizer of {model_version!r} wrote no {', '.join(missing)}; "
+                        "the Swift pipeline needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
+
+
+def save_bpe_files(tokenizer, dest: Path) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # transformers 5 tokenizers are `tokenizers`-backed: their BPE model writes both files
         backend.model.save(str(dest))
     else:
         tokenizer.save_vocabulary(str(dest))
-    missing = [name for name in TOKENIZER_FILES if not (dest / name).is_file()]
-    if missing:
-        raise UserError(f"the tokenizer of {model_version!r} wrote no {', '.join(missing)}; "
-                        "the Swift pipeline needs a CLIP BPE tokenizer (vocab.json + merges.txt)")
+
+
+def check_shared_tokenizer(source) -> None:
+    """SDXL's two tokenizers must share vocab.json and merges.txt (they differ only in the pad token, which
+    pipeline_config.json records): a Resources folder holds one pair, as Apple's SDXL pipeline reads it.
+    Called before any conversion work."""
+    if not source.has("tokenizer_2"):
+        return
+    with tempfile.TemporaryDirectory(prefix="python_coreml_sd_tokenizers.") as scratch:
+        folders = [Path(scratch) / name for name in ("tokenizer", "tokenizer_2")]
+        for folder, tokenizer in zip(folders, (source.load_tokenizer(), source.load_tokenizer_2())):
+            folder.mkdir()
+            save_bpe_files(tokenizer, folder)
+        differing = [name for name in TOKENIZER_FILES
+                     if not all((f / name).is_file() for f in folders)
+                     or (folders[0] / name).read_bytes() != (folders[1] / name).read_bytes()]
+    if differing:
+        raise UserError(f"the model's tokenizer_2 has another {' and '.join(differing)} than its tokenizer; bundles "
+                        "hold one CLIP vocabulary for both SDXL text encoders (as Apple's Resources do): convert "
+                        "without --bundle-packages / --bundle-resources-for-swift-cli")
 
 
 def write_scheduler_config(model_version: str, dest: Path, source=None) -> None:
@@ -83,6 +109,26 @@ def pipeline_settings(options) -> dict:
         settings["latent_size"] = [int(v) for v in latent]
         settings["image_size"] = [8 * int(v) for v in latent]
     settings.update(shape_settings(sizes, getattr(options, "max_prompt_chunks", 1)))
+    settings.update(xl_settings(source, getattr(options, "refiner_version", None)))
+    return settings
+
+
+def xl_settings(source, refiner_version: str = None) -> dict:
+    """What an SDXL pipeline needs besides SD's: the family; diffusers' force_zeros_for_empty_prompt (from
+    model_index.json: no negative prompt -> zero negative conditioning); the second tokenizer's pad token
+    (SDXL's tokenizer_2 shares vocab.json and merges.txt with the first but pads with "!", where the first pads
+    with its end token); and what each time id is, the base's and, with --refiner-version, the refiner's."""
+    if source.interface != SDXL:
+        return {}
+    settings = {"family": SDXL, "force_zeros_for_empty_prompt": bool(source.index.get("force_zeros_for_empty_prompt")),
+                "time_ids": list(TIME_IDS["unet"])}
+    if source.has("tokenizer_2"):
+        tokenizer = source.load_tokenizer_2()
+        # A tokenizer without a pad token pads with its end token (generation.prompts.chunk_prompt).
+        settings["tokenizer_2_pad_token"] = str(tokenizer.pad_token if tokenizer.pad_token_id is not None
+                                                else tokenizer.eos_token)
+    if refiner_version:
+        settings["refiner_time_ids"] = list(TIME_IDS["refiner"])
     return settings
 
 

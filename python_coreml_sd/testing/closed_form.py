@@ -6,13 +6,13 @@ check, img2img start) around them, so comparing final latents checks the loop lo
 without any real weights. Every formula rounds to float32 at the same points on both sides:
 scalars are computed in float64 and rounded once, tensors are float32.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import math
 
 import numpy as np
 import torch
 
-from ..components import TABLE, Dims, text_from_unet_layout
+from ..components import SD, SDXL, TABLE, TIME_IDS, Dims, text_from_unet_layout
 
 LATENT_SCALE = 0.18215
 HIDDEN_SIZE = 8
@@ -262,7 +262,83 @@ def model_set(latent_size: int = 8, unet_batch: int = 2):
     return ModelSet({name: Component(_Model(_named(name, predicts[name])), shapes[name]) for name in predicts})
 
 
-def _named(component: str, compute):
+def _named(component: str, compute, family: str = SD):
     """`compute` behind the component's predict interface: {input name: array} -> {output name: array}."""
-    spec = TABLE[component]
-    return lambda inputs: dict(zip(spec.outputs, compute(*(inputs[name] for name in spec.inputs))))
+    io = TABLE[component].io(family)
+    return lambda inputs: dict(zip(io.outputs, compute(*(inputs[name] for name in io.inputs))))
+
+
+# SDXL (issue 16): two text encoders of their own widths and phases, the second's pooled embedding, and UNets
+# taking the added conditions (time ids, pooled text embeds); the refiner's context is the second encoder's alone.
+# swift/Tests/TestSupport/ClosedFormModels.swift (ClosedForm.XL...) implements the same formulas.
+XL_WIDTHS = {"text_encoder": HIDDEN_SIZE, "text_encoder_2": 12}
+XL_PHASES = {"text_encoder": 0.0, "text_encoder_2": 0.5}
+XL_POOLED = 4
+XL_GAINS = {"unet": 0.1, "refiner": 0.12}  # the refiner answers otherwise, so the hand-off shows in the latents
+
+
+def encode_text_xl(ids, width: int, phase: float) -> np.ndarray:
+    """Fake SDXL text encoder states: (S,) token ids -> (S, width) float32."""
+    out = np.empty((len(ids), width), dtype=np.float32)
+    for i, token in enumerate(ids):
+        for j in range(width):
+            out[i, j] = np.float32(math.sin(0.001 * token * (j + 1) + 0.1 * i + phase))
+    return out
+
+
+def pooled_xl(ids) -> np.ndarray:
+    """Fake pooled text_embeds (XL_POOLED,) from the sum of the ids (padding included: it tells the pad tokens apart)."""
+    total = sum(int(token) for token in ids)
+    return np.asarray([math.cos(1e-5 * total * (j + 1)) for j in range(XL_POOLED)], dtype=np.float32)
+
+
+def denoise_xl(sample: np.ndarray, timestep: float, hidden: np.ndarray, time_ids, text_embeds, gain: float):
+    """Fake SDXL UNet for one batch item: gain * sample + a per-channel constant from the timestep, the text, the
+    time ids (weighted by position) and the pooled embeds; sums in float64 in order, rounded once."""
+    mean = embedding_mean(hidden)
+    positional = 0.0
+    for k, value in enumerate(np.asarray(time_ids).reshape(-1)):
+        positional += (k + 1) * float(value)
+    extra = 1e-4 * positional + 0.02 * embedding_mean(np.asarray(text_embeds))
+    out = np.empty_like(sample)
+    for c in range(sample.shape[0]):
+        bias = np.float32(0.01 * math.cos(timestep / 100.0) + 0.05 * (c + 1) * mean + (c + 1) * extra)
+        out[c] = np.float32(gain) * sample[c] + bias
+    return out
+
+
+def xl_model_set(latent_size: int = 8, max_prompt_chunks: int = 1, refiner: bool = True):
+    """The SDXL closed-form models behind python_coreml_sd.generation's component interface (the table's SDXL
+    names and shapes), so the real pipeline runs them: both encoders, the UNet, the refiner, the VAE decoder.
+    The UNets take contexts of 1..max_prompt_chunks text-encoder windows."""
+    from python_coreml_sd.generation.components import Component, ModelSet
+
+    def encoder(name):
+        def compute(input_ids):
+            ids = [int(v) for v in input_ids[0]]
+            return encode_text_xl(ids, XL_WIDTHS[name], XL_PHASES[name])[None], pooled_xl(ids)[None]
+        return compute
+
+    def unet(name):
+        def compute(sample, timestep, encoder_hidden_states, time_ids, text_embeds):
+            hidden = text_from_unet_layout(encoder_hidden_states)
+            return (np.stack([denoise_xl(x, float(t), h, ids, e, XL_GAINS[name])
+                              for x, t, h, ids, e in zip(sample, timestep, hidden, time_ids, text_embeds)]),)
+        return compute
+
+    dims = {"unet": Dims(latent_size, latent_size, text_hidden=sum(XL_WIDTHS.values()), text_pooled=XL_POOLED)}
+    dims["refiner"] = replace(dims["unet"], text_hidden=XL_WIDTHS["text_encoder_2"], time_ids=len(TIME_IDS["refiner"]))
+    predicts = {"text_encoder": encoder("text_encoder"), "text_encoder_2": encoder("text_encoder_2"),
+                "unet": unet("unet"), "vae_decoder": lambda z: (decode(z[0])[None],)}
+    if refiner:
+        predicts["refiner"] = unet("refiner")
+    components = {}
+    for name, compute in predicts.items():
+        shapes = TABLE[name].input_shapes(dims.get(name, dims["unet"]), SDXL)
+        component = Component(_Model(_named(name, compute, SDXL)), shapes)
+        if name in XL_GAINS:  # encoder_hidden_states (B, C, 1, S) of 1..max_prompt_chunks windows
+            batch, channels, _, length = shapes["encoder_hidden_states"]
+            component.enumerated["encoder_hidden_states"] = [(batch, channels, 1, length * k)
+                                                            for k in range(1, max_prompt_chunks + 1)]
+        components[name] = component
+    return ModelSet(components)

@@ -18,7 +18,7 @@ enum CLIRunner {
         var config = options.generationConfig(schedulerConfig: schedulerConfig)
         config.latentShape = try pipeline.latentShape(height: options.height, width: options.width)
         if let path = options.imagePath { config.startImage = try ImageFile.read(path: path, shape: config.latentShape) }
-        let images = try pipeline.pipeline.generate(config) { step, total in
+        let images = try pipeline.generate(config) { step, total in
             print("step \(step)/\(total)")
             return true
         }

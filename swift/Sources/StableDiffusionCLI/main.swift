@@ -7,6 +7,21 @@ func fail(_ message: String, code: Int32) -> Never {
     exit(code)
 }
 
+/// SDXL's flags need an SDXL bundle (and --refiner-start its refiner); SDXL has no image-to-image here yet.
+func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, resources: ResourceFolder) throws {
+    guard settings.family == .sdxl else {
+        if let flag = options.xlFlags.first {
+            throw UsageError("\(flag) is for SDXL bundles (pipeline_config.json's family \"sdxl\"); \(resources.url.path) is not one")
+        }
+        return
+    }
+    if options.refinerStart != nil && resources.refinerNames == nil {
+        throw UsageError("--refiner-start needs the refiner's UNet: \(resources.url.path) has no UnetRefiner.mlmodelc; convert "
+                         + "with --refiner-version MODEL and bundle again")
+    }
+    if options.imagePath != nil { throw UsageError("--image: SDXL image-to-image is not supported yet") }
+}
+
 let options: CommandLineOptions
 do {
     options = try CommandLineOptions.parse(Array(CommandLine.arguments.dropFirst()))
@@ -24,6 +39,7 @@ do {
     // A bad scheduler_config.json or pipeline_config.json fails here, on any platform.
     _ = try resources.schedulerConfig()
     let settings = try resources.pipelineSettings()
+    try checkFamily(options, settings: settings, resources: resources)
     if let image = options.imagePath, !FileManager.default.fileExists(atPath: image) {
         throw UsageError("--image \(image) does not exist")
     }

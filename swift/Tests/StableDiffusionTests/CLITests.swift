@@ -94,6 +94,39 @@ final class CLITests: XCTestCase {
         #endif
     }
 
+    func testSDXLBundlesAndFlags() throws {
+        #if canImport(CoreML) && !os(Linux)
+        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
+        #else
+        let folder = try placeholderFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let base = ["--resource-path", folder.path, "--prompt", "a cat"]
+        let sdOnly = try run(base + ["--refiner-start", "0.8"])
+        XCTAssertEqual(sdOnly.status, 2)
+        XCTAssertTrue(sdOnly.stderr.contains("--refiner-start is for SDXL bundles"), sdOnly.stderr)
+        let config = SDXLTests.golden["pipeline_config"] as! String
+        try Data(config.utf8).write(to: folder.appendingPathComponent("pipeline_config.json"))
+        let noEncoder2 = try run(base)
+        XCTAssertEqual(noEncoder2.status, 2)
+        XCTAssertTrue(noEncoder2.stderr.contains("TextEncoder2.mlmodelc"), noEncoder2.stderr)
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("TextEncoder2.mlpackage"),
+                                                withIntermediateDirectories: true)
+        let xl = ["--original-size", "64", "96", "--crops-coords-top-left", "8", "16", "--target-size", "128", "128"]
+        XCTAssertEqual(try run(base + xl).status, 3)  // valid: on to Core ML
+        let noRefiner = try run(base + ["--refiner-start", "0.8"])
+        XCTAssertEqual(noRefiner.status, 2)
+        XCTAssertTrue(noRefiner.stderr.contains("has no UnetRefiner.mlmodelc"), noRefiner.stderr)
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("UnetRefiner.mlmodelc"),
+                                                withIntermediateDirectories: true)
+        XCTAssertEqual(try run(base + ["--refiner-start", "0.8", "--aesthetic-score", "7"]).status, 3)
+        for bad in [["--refiner-start", "1"], ["--original-size", "64"], ["--original-size=64", "64"]] {
+            let result = try run(base + bad)
+            XCTAssertEqual(result.status, 2, "\(bad)")
+            XCTAssertEqual(result.stderr.filter { $0 == "\n" }.count, 1, result.stderr)
+        }
+        #endif
+    }
+
     func testSizesAndLongPromptsOfTheBundle() throws {
         #if canImport(CoreML) && !os(Linux)
         throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")

@@ -25,6 +25,29 @@ final class CommandLineTests: XCTestCase {
         XCTAssertEqual(options.predictionType, .vPrediction)
     }
 
+    func testSDXLFlagsReachTheRequest() throws {
+        let options = try CommandLineOptions.parse([
+            "--resource-path", "r", "--prompt", "p", "--original-size", "512", "768", "--crops-coords-top-left", "0", "32",
+            "--target-size", "1024", "1024", "--refiner-start", "0.8", "--aesthetic-score", "7", "--negative-aesthetic-score", "2",
+        ])
+        let config = options.generationConfig()
+        XCTAssertEqual(config.originalSize, [512, 768])
+        XCTAssertEqual(config.cropsCoordsTopLeft, [0, 32])
+        XCTAssertEqual(config.targetSize, [1024, 1024])
+        XCTAssertEqual(config.refinerStart, 0.8)
+        XCTAssertEqual([config.aestheticScore, config.negativeAestheticScore], [7, 2])
+        XCTAssertEqual(options.xlFlags, ["--original-size", "--crops-coords-top-left", "--target-size", "--refiner-start",
+                                         "--aesthetic-score"])
+        let plain = try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p"])
+        XCTAssertEqual(plain.xlFlags, [])
+        XCTAssertNil(plain.generationConfig().refinerStart)  // the Python pipeline's defaults
+        XCTAssertEqual([plain.aestheticScore, plain.negativeAestheticScore], [6, 2.5])
+        for start in ["0", "1", "-0.1", "nan", "x"] {
+            XCTAssertThrowsError(try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--refiner-start", start]))
+        }
+        XCTAssertThrowsError(try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--target-size", "5"]))
+    }
+
     func testDefaultsMatchThePythonPipeline() throws {
         let options = try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p"])
         XCTAssertEqual(options.rng, .numpy)

@@ -120,3 +120,73 @@ public enum ClosedForm {
         return RGBImage(width: width, height: height, bytes: bytes).tensor()
     }
 }
+
+/// The SDXL stand-ins of `closed_form.py` (XL_WIDTHS, XL_PHASES, XL_POOLED, XL_GAINS, encode_text_xl,
+/// pooled_xl, denoise_xl): two text encoders of their own widths and phases, the pooled embedding, and UNets
+/// taking the added conditions.
+public enum ClosedFormXL {
+    public static let widths = [8, 12]
+    public static let phases = [0.0, 0.5]
+    public static let pooledSize = 4
+    public static let baseGain = 0.1
+    public static let refinerGain = 0.12
+
+    public static func models(refiner: Bool = true) -> XLPipelineModels {
+        XLPipelineModels(textEncoder: TextEncoder(width: widths[0], phase: phases[0]),
+                         textEncoder2: TextEncoder(width: widths[1], phase: phases[1]), unet: Denoiser(gain: baseGain),
+                         refiner: refiner ? Denoiser(gain: refinerGain) : nil, decoder: ClosedForm.Decoder())
+    }
+
+    /// sin(0.001 token (j + 1) + 0.1 i + phase); pooled: cos(1e-5 sum(ids) (j + 1)).
+    public struct TextEncoder: XLTextEncoding {
+        public let width: Int
+        public let phase: Double
+
+        public init(width: Int, phase: Double) {
+            self.width = width
+            self.phase = phase
+        }
+
+        public func encodeXL(tokenIds: [Int]) throws -> (hidden: Tensor, pooled: Tensor) {
+            var scalars: [Float] = []
+            for (i, token) in tokenIds.enumerated() {
+                for j in 0..<width {
+                    scalars.append(Float(sin(0.001 * Double(token) * Double(j + 1) + 0.1 * Double(i) + phase)))
+                }
+            }
+            let total = Double(tokenIds.reduce(0, +))
+            let pooled = (0..<pooledSize).map { Float(cos(1e-5 * total * Double($0 + 1))) }
+            return (Tensor(shape: [1, tokenIds.count, width], scalars: scalars), Tensor(shape: [1, pooledSize], scalars: pooled))
+        }
+    }
+
+    /// gain * sample + (0.01 cos(t / 100) + 0.05 (c + 1) mean(text) + (c + 1) (1e-4 sum_k (k + 1) id_k
+    /// + 0.02 mean(text_embeds))) per channel c.
+    public struct Denoiser: ConditionedNoisePredicting {
+        public let gain: Double
+
+        public init(gain: Double) { self.gain = gain }
+
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor {
+            let items = (0..<latents.shape[0]).map { b -> Tensor in
+                let sample = latents.batchItem(b)
+                let mean = Self.mean(hiddenStates.batchItem(b))
+                let ids = added.timeIds.batchItem(b).scalars
+                let positional = ids.enumerated().reduce(0.0) { $0 + Double($1.offset + 1) * Double($1.element) }
+                let extra = 1e-4 * positional + 0.02 * Self.mean(added.textEmbeds.batchItem(b))
+                let plane = sample.count / sample.shape[1]
+                var out = sample.scalars
+                for c in 0..<sample.shape[1] {
+                    let bias = Float(0.01 * cos(timestep / 100.0) + 0.05 * Double(c + 1) * mean + Double(c + 1) * extra)
+                    for i in (c * plane)..<((c + 1) * plane) { out[i] = Float(gain) * out[i] + bias }
+                }
+                return Tensor(shape: sample.shape, scalars: out)
+            }
+            return Tensor.concatenateBatch(items)
+        }
+
+        static func mean(_ tensor: Tensor) -> Double {
+            tensor.scalars.reduce(0.0) { $0 + Double($1) } / Double(tensor.count)
+        }
+    }
+}

@@ -24,6 +24,14 @@ public struct CommandLineOptions: Equatable {
     public var width: Int?
     public var disableSafety = false
     public var reduceMemory = false
+    /// SDXL bundles: micro-conditioning in pixels (nil sizes: the image's), the refiner's aesthetic scores and
+    /// the hand-off to the refiner (nil: the base alone).
+    public var originalSize: [Double]?
+    public var cropsCoordsTopLeft: [Double] = [0, 0]
+    public var targetSize: [Double]?
+    public var aestheticScore = 6.0
+    public var negativeAestheticScore = 2.5
+    public var refinerStart: Double?
     public var help = false
 
     public init() {}
@@ -77,6 +85,15 @@ public struct CommandLineOptions: Equatable {
       --height <n>, --width <n> image size in pixels: one of the sizes the models were converted
                                 for (--latent-sizes; pipeline_config.json lists them); default:
                                 the first of them
+      --original-size <h> <w>   SDXL: the size the time ids say the image had (default: its size)
+      --crops-coords-top-left <y> <x>
+                                SDXL: the crop the time ids say it was cut at (default: 0 0)
+      --target-size <h> <w>     SDXL: the size the time ids ask for (default: the image's)
+      --refiner-start <x>       SDXL: the base runs the schedule down to this fraction, then
+                                UnetRefiner.mlmodelc the rest, 0 < x < 1 (default: base only)
+      --aesthetic-score <x>, --negative-aesthetic-score <x>
+                                the refiner's time ids for the prompt and the negative prompt
+                                (default: 6 and 2.5)
       --disable-safety          skip the safety checker
       --reduce-memory           load each model only while it runs
       --help                    show this text
@@ -130,6 +147,22 @@ public struct CommandLineOptions: Equatable {
         case "--timestep-spacing": timestepSpacing = try Self.choice(name, text) as TimestepSpacing
         case "--rng": rng = try Self.choice(name, text)
         case "--compute-units": computeUnits = try Self.choice(name, text)
+        case "--original-size", "--crops-coords-top-left", "--target-size":
+            // Two values, as the Python CLI takes them (nargs=2)
+            if hasInline { throw UsageError("\(name) takes two values: \(name) A B") }
+            let pair = try [text, try value()].map { try Self.number(name, $0, in: 0...1e6) as Double }
+            switch name {
+            case "--original-size": originalSize = pair
+            case "--target-size": targetSize = pair
+            default: cropsCoordsTopLeft = pair
+            }
+        case "--aesthetic-score": aestheticScore = try Self.number(name, text, in: 0...100)
+        case "--negative-aesthetic-score": negativeAestheticScore = try Self.number(name, text, in: 0...100)
+        case "--refiner-start":
+            guard let start = Double(text), start > 0, start < 1 else {
+                throw UsageError("--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got '\(text)'")
+            }
+            refinerStart = start
         default: throw UsageError("unknown option '\(name)' (see --help)")
         }
     }
@@ -137,8 +170,20 @@ public struct CommandLineOptions: Equatable {
     private static let valueOptions: Set<String> = [
         "--resource-path", "--prompt", "--negative-prompt", "--output-path", "--image", "--image-count", "--step-count",
         "--seed", "--guidance-scale", "--strength", "--height", "--width", "--scheduler", "--prediction-type",
-        "--timestep-spacing", "--rng", "--compute-units",
+        "--timestep-spacing", "--rng", "--compute-units", "--original-size", "--crops-coords-top-left", "--target-size",
+        "--aesthetic-score", "--negative-aesthetic-score", "--refiner-start",
     ]
+
+    /// The options only SDXL bundles take, by flag, where they differ from their defaults.
+    public var xlFlags: [String] {
+        var flags: [String] = []
+        if originalSize != nil { flags.append("--original-size") }
+        if cropsCoordsTopLeft != [0, 0] { flags.append("--crops-coords-top-left") }
+        if targetSize != nil { flags.append("--target-size") }
+        if refinerStart != nil { flags.append("--refiner-start") }
+        if aestheticScore != 6 || negativeAestheticScore != 2.5 { flags.append("--aesthetic-score") }
+        return flags
+    }
 
     private static let flags: [String: WritableKeyPath<CommandLineOptions, Bool>] = [
         "--disable-safety": \.disableSafety, "--reduce-memory": \.reduceMemory, "--karras-sigmas": \.karrasSigmas, "--help": \.help, "-h": \.help,
@@ -185,6 +230,12 @@ public struct CommandLineOptions: Equatable {
         config.rng = rng
         config.strength = strength
         config.disableSafety = disableSafety
+        config.originalSize = originalSize
+        config.cropsCoordsTopLeft = cropsCoordsTopLeft
+        config.targetSize = targetSize
+        config.aestheticScore = aestheticScore
+        config.negativeAestheticScore = negativeAestheticScore
+        config.refinerStart = refinerStart
         return config
     }
 }

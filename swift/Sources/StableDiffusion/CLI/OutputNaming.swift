@@ -29,6 +29,7 @@ public enum OutputNaming {
             "prediction_type": effective.predictionType.rawValue,
         ]
         if options.imagePath != nil { values["strength"] = options.strength }
+        if let start = options.refinerStart { values["refiner_start"] = start }
         if let spacing = effective.timestepSpacing { values["timestep_spacing"] = spacing.rawValue }
         if effective.useKarrasSigmas { values["use_karras_sigmas"] = true }
         let data = (try? JSONSerialization.data(withJSONObject: values, options: [.sortedKeys])) ?? Data()

@@ -16,9 +16,24 @@ public struct CoreMLTextEncoder: TextEncoding {
     }
 }
 
+/// SDXL's encoders: `input_ids` float32 (1, 77) -> `hidden_embeds` (1, 77, C), the penultimate layer's states, and
+/// `pooled_outputs` (1, P).
+public struct CoreMLXLTextEncoder: XLTextEncoding {
+    public let model: ManagedModel
+
+    public init(model: ManagedModel) { self.model = model }
+
+    public func encodeXL(tokenIds: [Int]) throws -> (hidden: Tensor, pooled: Tensor) {
+        let ids = Tensor(shape: [1, tokenIds.count], scalars: tokenIds.map { Float($0) })
+        let outputs = try model.predict(["input_ids": ids], outputs: ["hidden_embeds", "pooled_outputs"])
+        return (outputs["hidden_embeds"]!, outputs["pooled_outputs"]!)
+    }
+}
+
 /// `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77 x windows) -> `noise_pred`, as one model or as
-/// UnetChunk1 + UnetChunk2 where the second chunk takes the first chunk's outputs by name.
-public struct CoreMLUnet: NoisePredicting {
+/// UnetChunk1 + UnetChunk2 where the second chunk takes the first chunk's outputs by name. SDXL's UNets (base and
+/// refiner) also take `time_ids` and `text_embeds`.
+public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting {
     public let chunks: [ManagedModel]
 
     public init(chunks: [ManagedModel]) {
@@ -29,28 +44,39 @@ public struct CoreMLUnet: NoisePredicting {
     public func sampleShape() throws -> [Int] { try chunks[0].inputShape("sample") }
 
     public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
+        try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates, added: [:])
+    }
+
+    public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor {
+        try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates,
+                         added: ["time_ids": added.timeIds, "text_embeds": added.textEmbeds])
+    }
+
+    /// `added`: inputs beyond SD's, by name, one row per batch item.
+    private func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: [String: Tensor]) throws -> Tensor {
         let modelBatch = try sampleShape()[0]
         let batch = latents.shape[0]
         if batch == modelBatch {
-            return try run(latents, timestep: timestep, hidden: Self.unetLayout(hiddenStates))
+            return try run(latents, timestep: timestep, hidden: Self.unetLayout(hiddenStates), added: added)
         }
         // A batch-1 model runs guidance item by item; a batch-2 model without guidance runs the
         // single item twice and keeps one answer.
+        let repeated = { (tensor: Tensor, b: Int) in Tensor.concatenateBatch(Array(repeating: tensor.batchItem(b), count: modelBatch)) }
         let outputs = try (0..<batch).map { b -> Tensor in
-            let sample = Tensor.concatenateBatch(Array(repeating: latents.batchItem(b), count: modelBatch))
-            let hidden = Tensor.concatenateBatch(Array(repeating: hiddenStates.batchItem(b), count: modelBatch))
-            return try run(sample, timestep: timestep, hidden: Self.unetLayout(hidden)).batchItem(0)
+            try run(repeated(latents, b), timestep: timestep, hidden: Self.unetLayout(repeated(hiddenStates, b)),
+                    added: added.mapValues { repeated($0, b) }).batchItem(0)
         }
         return Tensor.concatenateBatch(outputs)
     }
 
-    private func run(_ sample: Tensor, timestep: Double, hidden: Tensor) throws -> Tensor {
+    private func run(_ sample: Tensor, timestep: Double, hidden: Tensor, added: [String: Tensor]) throws -> Tensor {
         let batch = sample.shape[0]
         var features: [String: Tensor] = [
             "sample": sample,
             "timestep": Tensor(shape: [batch], scalars: Array(repeating: Float(timestep), count: batch)),
             "encoder_hidden_states": hidden,
         ]
+        features.merge(added) { _, new in new }
         for (index, chunk) in chunks.enumerated() {
             let outputs = index == chunks.count - 1 ? ["noise_pred"] : try chunkOutputNames(chunk)
             let inputNames = try chunk.perform { Set($0.modelDescription.inputDescriptionsByName.keys) }
@@ -157,7 +183,10 @@ public struct CoreMLSafetyChecker: SafetyChecking {
 /// The pipeline over a Resources folder: the models it finds, the chosen compute units, and
 /// --reduce-memory's load-per-use.
 public struct CoreMLPipeline {
-    public let pipeline: StableDiffusionPipeline
+    /// SD 1.x / 2.x bundles'; nil for SDXL's (`xlPipeline`).
+    public let pipeline: StableDiffusionPipeline?
+    /// SDXL bundles' (pipeline_config.json's family "sdxl"): TextEncoder2 and, when present, UnetRefiner.
+    public let xlPipeline: StableDiffusionXLPipeline?
     public let unet: CoreMLUnet
     /// The bundle's pipeline_config.json: latent scale, sequence length, sizes and prompt windows.
     public let settings: PipelineSettings
@@ -176,6 +205,22 @@ public struct CoreMLPipeline {
         }
         let unetNames = resources.chunkedUnet ? ["UnetChunk1", "UnetChunk2"] : ["Unet"]
         unet = CoreMLUnet(chunks: unetNames.map { model($0, "unet") })
+        if settings.family == .sdxl {
+            let models = XLPipelineModels(
+                textEncoder: CoreMLXLTextEncoder(model: model("TextEncoder", "text")),
+                textEncoder2: CoreMLXLTextEncoder(model: model("TextEncoder2", "text")),
+                unet: unet,
+                refiner: resources.refinerNames.map { names in CoreMLUnet(chunks: names.map { model($0, "refiner") }) },
+                decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")))
+            xlPipeline = StableDiffusionXLPipeline(
+                tokenizer: tokenizer, tokenizer2: try resources.tokenizer2(settings: settings, first: tokenizer), models: models,
+                sequenceLength: settings.sequenceLength, latentScale: settings.latentScale,
+                promptChunkCounts: settings.promptChunkCounts, forceZerosForEmptyPrompt: settings.forceZerosForEmptyPrompt,
+                timeIds: settings.timeIds, refinerTimeIds: settings.refinerTimeIds)
+            pipeline = nil
+            return
+        }
+        xlPipeline = nil
         let models = PipelineModels(
             textEncoder: CoreMLTextEncoder(model: model("TextEncoder", "text")),
             unet: unet,
@@ -184,6 +229,12 @@ public struct CoreMLPipeline {
             safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
                                            latentScale: settings.latentScale, promptChunkCounts: settings.promptChunkCounts)
+    }
+
+    /// Generates with whichever pipeline the bundle holds.
+    public func generate(_ config: GenerationConfig, progress: (Int, Int) -> Bool = { _, _ in true }) throws -> [GeneratedImage] {
+        if let xlPipeline { return try xlPipeline.generate(config, progress: progress) }
+        return try pipeline!.generate(config, progress: progress)
     }
 
     /// (1, 4, h, w) for `height` x `width` pixels (nil: the default size's), one of the bundle's latent

@@ -47,3 +47,52 @@ public struct PipelineModels {
         self.safetyChecker = safetyChecker
     }
 }
+
+/// SDXL's text encoders (both): the penultimate layer's hidden states (1, sequence, hidden) and the pooled,
+/// projected embedding (1, pooled) for one padded sequence of token ids. The pipeline uses the second
+/// encoder's pooled embedding; the first's is ignored, as in diffusers.
+public protocol XLTextEncoding {
+    func encodeXL(tokenIds: [Int]) throws -> (hidden: Tensor, pooled: Tensor)
+}
+
+/// SDXL's conditions beyond the text, one row per batch item in the hidden states' order: the time ids
+/// (B, 6 for the base: original size, crop top-left, target size; B, 5 for the refiner: the aesthetic score
+/// instead of the target size) and the second encoder's pooled text embeddings (B, pooled).
+public struct AddedConditions: Equatable, Sendable {
+    public var timeIds: Tensor
+    public var textEmbeds: Tensor
+
+    public init(timeIds: Tensor, textEmbeds: Tensor) {
+        self.timeIds = timeIds
+        self.textEmbeds = textEmbeds
+    }
+
+    /// Batch item `index` of both, keeping a batch of 1.
+    public func batchItem(_ index: Int) -> AddedConditions {
+        AddedConditions(timeIds: timeIds.batchItem(index), textEmbeds: textEmbeds.batchItem(index))
+    }
+}
+
+/// An SDXL UNet (base or refiner): NoisePredicting's inputs plus the added conditions.
+public protocol ConditionedNoisePredicting {
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor
+}
+
+/// The models of an SDXL pipeline: two text encoders, the base UNet, optionally the refiner UNet
+/// (`--refiner-start`), the VAE decoder. SDXL has no safety checker.
+public struct XLPipelineModels {
+    public var textEncoder: any XLTextEncoding
+    public var textEncoder2: any XLTextEncoding
+    public var unet: any ConditionedNoisePredicting
+    public var refiner: (any ConditionedNoisePredicting)?
+    public var decoder: any LatentDecoding
+
+    public init(textEncoder: any XLTextEncoding, textEncoder2: any XLTextEncoding, unet: any ConditionedNoisePredicting,
+                refiner: (any ConditionedNoisePredicting)? = nil, decoder: any LatentDecoding) {
+        self.textEncoder = textEncoder
+        self.textEncoder2 = textEncoder2
+        self.unet = unet
+        self.refiner = refiner
+        self.decoder = decoder
+    }
+}

@@ -22,6 +22,17 @@ public struct GenerationConfig: Sendable {
     public var startImage: Tensor?
     public var strength = 0.75
     public var disableSafety = false
+    /// SDXL's micro-conditioning in pixels: original (height, width), crop top-left (y, x), target (height,
+    /// width); nil sizes mean the image's size, as in diffusers.
+    public var originalSize: [Double]?
+    public var cropsCoordsTopLeft: [Double] = [0, 0]
+    public var targetSize: [Double]?
+    /// The SDXL refiner's time ids: the aesthetic score of the prompt and of the negative prompt.
+    public var aestheticScore = 6.0
+    public var negativeAestheticScore = 2.5
+    /// SDXL: the base denoises the schedule down to this fraction, the refiner the rest (diffusers'
+    /// denoising_end / denoising_start); nil: the base alone.
+    public var refinerStart: Double?
 
     public init(prompt: String) {
         self.prompt = prompt
@@ -53,6 +64,10 @@ public enum PipelineError: Error, CustomStringConvertible {
     case strengthTooSmall(Double, steps: Int)
     case cancelled
     case badEncoderOutput([Int])
+    case badRefinerStart(Double)
+    case missingRefiner
+    case xlImageToImage
+    case badTimeIds(String)
 
     public var description: String {
         switch self {
@@ -63,6 +78,11 @@ public enum PipelineError: Error, CustomStringConvertible {
         case .cancelled: return "generation cancelled"
         case .badEncoderOutput(let shape):
             return "the VAE encoder returned shape \(shape); expected its `latent` moments (1, 2 x latent channels, h, w)"
+        case .badRefinerStart(let value):
+            return "--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got \(value)"
+        case .missingRefiner: return "--refiner-start needs the refiner's UNet (UnetRefiner.mlmodelc)"
+        case .xlImageToImage: return "SDXL image-to-image is not supported yet: drop --image"
+        case .badTimeIds(let detail): return detail
         }
     }
 }
@@ -150,15 +170,31 @@ public struct StableDiffusionPipeline {
             let sigma = scheduler.initNoiseSigma
             latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
         }
+        latents = try Self.denoise(latents, scheduler: &scheduler, timesteps: timesteps, random: &random,
+                                   progress: { progress($0, timesteps.count) }) { input, t in
+            try guidedOutput(input, timestep: t, hidden: hidden, config: config)
+        }
+        return try finish(latents, config: config, timesteps: timesteps)
+    }
+
+    /// The steps of one denoising stage over `timesteps`: the guided model output of each scaled input, stepped
+    /// by `scheduler`. `progress(steps done)` returning false cancels.
+    static func denoise(_ start: Tensor, scheduler: inout any Scheduler, timesteps: [Double], random: inout any RandomSource,
+                        progress: (Int) -> Bool, guided: (Tensor, Double) throws -> Tensor) throws -> Tensor {
+        var latents = start
         for (index, t) in timesteps.enumerated() {
-            let input = scheduler.scaleModelInput(latents, timestep: t)
-            let output = try guidedOutput(input, timestep: t, hidden: hidden, config: config)
+            let output = try guided(scheduler.scaleModelInput(latents, timestep: t), t)
             // Ancestral samplers draw their step noise after the model, from the same source.
             let noise = scheduler.needsNoise ? random.normalTensor(shape: latents.shape) : nil
             latents = scheduler.step(output: output, timestep: t, sample: latents, noise: noise)
-            if !progress(index + 1, timesteps.count) { throw PipelineError.cancelled }
+            if !progress(index + 1) { throw PipelineError.cancelled }
         }
-        return try finish(latents, config: config, timesteps: timesteps)
+        return latents
+    }
+
+    /// Classifier-free guidance on a batch-2 model output [unconditional, conditional]: uncond + g (cond - uncond).
+    static func guide(_ output: Tensor, scale g: Float) -> Tensor {
+        output.batchItem(0).zip(output.batchItem(1)) { uncond, cond in uncond + g * (cond - uncond) }
     }
 
     /// Index of the first timestep img2img runs, as diffusers picks it.
@@ -202,8 +238,7 @@ public struct StableDiffusionPipeline {
     func guidedOutput(_ latents: Tensor, timestep: Double, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
         let batch = Tensor.concatenateBatch([latents, latents])
         let output = try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden)
-        let g = config.guidanceScale
-        return output.batchItem(0).zip(output.batchItem(1)) { uncond, cond in uncond + g * (cond - uncond) }
+        return Self.guide(output, scale: config.guidanceScale)
     }
 
     private func finish(_ latents: Tensor, config: GenerationConfig, timesteps: [Double]) throws -> GeneratedImage {

@@ -19,6 +19,15 @@ public struct PipelineSettings: Equatable, Sendable {
     public var latentSizes: [[Int]] = []
     /// The UNet takes text contexts of 1...maxPromptChunks windows (77 tokens each) side by side.
     public var maxPromptChunks = 1
+    /// SDXL bundles say `"family": "sdxl"` (python_coreml_sd.components.SDXL); others are SD 1.x / 2.x.
+    public var family = ModelFamily.sd
+    /// SDXL: no negative prompt -> zero negative conditioning (diffusers' force_zeros_for_empty_prompt).
+    public var forceZerosForEmptyPrompt = false
+    /// SDXL: the second tokenizer's pad token (SDXL's pads with "!"); nil: it pads as the first.
+    public var tokenizer2PadToken: String?
+    /// What each of the base UNet's and the refiner's time ids is (the bundle's `time_ids`, `refiner_time_ids`).
+    public var timeIds = TimeId.base
+    public var refinerTimeIds = TimeId.refiner
 
     public var promptChunkCounts: [Int] { Array(1...maxPromptChunks) }
 
@@ -36,11 +45,34 @@ public struct PipelineSettings: Equatable, Sendable {
         let sizes = (object["latent_sizes"] as? [[NSNumber]])?.map { $0.map(\.intValue) }
         latentSizes = sizes ?? latentSize.map { [$0] } ?? []
         if let chunks = object["max_prompt_chunks"] as? NSNumber { maxPromptChunks = chunks.intValue }
+        try readXL(object)
         let pairs = [latentSize, imageSize].compactMap { $0 } + latentSizes
         guard latentScale.isFinite, latentScale > 0, (2...1024).contains(sequenceLength), (1...1000).contains(maxPromptChunks),
               object["latent_sizes"] == nil || sizes?.isEmpty == false,
               pairs.allSatisfy({ $0.count == 2 && $0.allSatisfy { $0 > 0 } }) else {
             throw UsageError("\(Self.fileName) has an unusable value: \(object)")
+        }
+    }
+
+    /// SDXL's keys (python_coreml_sd.bundle.resources.xl_settings); time ids of names this package does not know
+    /// are refused rather than fed in the wrong order.
+    private mutating func readXL(_ object: [String: Any]) throws {
+        if let name = object["family"] {
+            guard let text = name as? String, let parsed = ModelFamily(rawValue: text) else {
+                throw UsageError("\(Self.fileName): unknown family \(name) (this package runs sd and sdxl)")
+            }
+            family = parsed
+        }
+        forceZerosForEmptyPrompt = (object["force_zeros_for_empty_prompt"] as? Bool) ?? false
+        tokenizer2PadToken = object["tokenizer_2_pad_token"] as? String
+        for (key, path) in [("time_ids", \PipelineSettings.timeIds), ("refiner_time_ids", \PipelineSettings.refinerTimeIds)] {
+            guard let value = object[key] else { continue }
+            guard let names = value as? [String], !names.isEmpty,
+                  case let ids = names.compactMap(TimeId.init(rawValue:)), ids.count == names.count else {
+                throw UsageError("\(Self.fileName): \(key) \(value) names time ids this package does not know "
+                                 + "(it knows \(TimeId.allCases.map(\.rawValue).joined(separator: ", ")))")
+            }
+            self[keyPath: path] = ids
         }
     }
 

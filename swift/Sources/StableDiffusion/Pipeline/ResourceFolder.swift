@@ -11,6 +11,8 @@ public struct ResourceFolder {
     public let chunkedUnet: Bool
     public let hasEncoder: Bool
     public let hasSafetyChecker: Bool
+    /// SDXL's refiner: ["UnetRefiner"], its two chunks, or nil when the folder has none.
+    public let refinerNames: [String]?
 
     public init(path: String, needsEncoder: Bool = false) throws {
         let url = URL(fileURLWithPath: path, isDirectory: true)
@@ -23,7 +25,12 @@ public struct ResourceFolder {
         chunkedUnet = !has("Unet") && has("UnetChunk1") && has("UnetChunk2")
         hasEncoder = has("VAEEncoder")
         hasSafetyChecker = has("SafetyChecker")
+        refinerNames = has("UnetRefinerChunk1") && has("UnetRefinerChunk2") ? ["UnetRefinerChunk1", "UnetRefinerChunk2"]
+            : has("UnetRefiner") ? ["UnetRefiner"] : nil
+        // An SDXL bundle (pipeline_config.json's family) needs the second text encoder too.
+        let xl = try PipelineSettings.load(folder: url).family == .sdxl
         var missing = ["TextEncoder", "VAEDecoder"].filter { !has($0) }.map { "\($0).mlmodelc" }
+        if xl && !has("TextEncoder2") { missing.append("TextEncoder2.mlmodelc (an SDXL bundle's second text encoder)") }
         missing += ["vocab.json", "merges.txt"].filter { !FileManager.default.fileExists(atPath: url.appendingPathComponent($0).path) }
         if !chunkedUnet && !has("Unet") { missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)") }
         if needsEncoder && !hasEncoder { missing.append("VAEEncoder.mlmodelc (needed by --image)") }
@@ -52,6 +59,12 @@ public struct ResourceFolder {
     /// Latent scale, sequence length and model size from pipeline_config.json; SD 1.x's without it.
     public func pipelineSettings() throws -> PipelineSettings {
         try PipelineSettings.load(folder: url)
+    }
+
+    /// SDXL's second tokenizer: `first` (this folder's tokenizer) padding with the bundle's tokenizer_2_pad_token.
+    public func tokenizer2(settings: PipelineSettings, first: BPETokenizer) throws -> BPETokenizer {
+        guard let token = settings.tokenizer2PadToken else { return first }
+        return try first.padding(with: token)
     }
 
     public func tokenizer() throws -> BPETokenizer {

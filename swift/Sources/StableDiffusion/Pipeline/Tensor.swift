@@ -46,6 +46,23 @@ public struct Tensor: Equatable, Sendable {
         return Tensor(shape: [1, items.map { $0.shape[1] }.reduce(0, +), channels], scalars: items.flatMap(\.scalars))
     }
 
+    /// Joins (1, S, C_i) text embeddings on channels into (1, S, sum C_i): SDXL's two encoders' states side by
+    /// side, as the Python pipeline concatenates them (last axis).
+    public static func concatenateChannels(_ items: [Tensor]) -> Tensor {
+        let length = items[0].shape[1]
+        precondition(items.allSatisfy { $0.shape.count == 3 && $0.shape[0] == 1 && $0.shape[1] == length },
+                     "channel concatenation takes (1, \(length), C) tensors")
+        var scalars: [Float] = []
+        scalars.reserveCapacity(items.map(\.count).reduce(0, +))
+        for s in 0..<length {
+            for item in items {
+                let channels = item.shape[2]
+                scalars += item.scalars[(s * channels)..<((s + 1) * channels)]
+            }
+        }
+        return Tensor(shape: [1, length, items.map { $0.shape[2] }.reduce(0, +)], scalars: scalars)
+    }
+
     /// (B, S, C) text embeddings -> (B, C, 1, S), the layout the converted UNet takes (Python's
     /// components.text_to_unet_layout).
     public func unetTextLayout() -> Tensor {

@@ -11,8 +11,8 @@ public struct BPETokenizer: Sendable {
     let ranks: [MergePair: Int]
     public let startId: Int
     public let endId: Int
-    /// SD 1.x pads with the end token.
-    public let padId: Int
+    /// SD 1.x pads with the end token (SDXL's second tokenizer with "!": `padding(with:)`).
+    public private(set) var padId: Int
     /// Tokens beyond the BPE vocabulary (textual-inversion embeddings), normalized, longest first:
     /// matched as Hugging Face's `normalized` added tokens are, anywhere in the normalized text.
     let addedTokens: [(scalars: [Unicode.Scalar], id: Int)]
@@ -42,6 +42,15 @@ public struct BPETokenizer: Sendable {
             added = try Self.readVocab(url)
         }
         try self.init(vocab: try Self.readVocab(vocabURL), merges: try Self.readMerges(mergesURL), addedTokens: added)
+    }
+
+    /// The same tokenizer padding with `token` (SDXL's second tokenizer shares the first's vocab.json and
+    /// merges.txt but pads with "!", as the bundle's tokenizer_2_pad_token says).
+    public func padding(with token: String) throws -> BPETokenizer {
+        guard let id = vocab[token] else { throw TokenizerError.missingPadToken(token) }
+        var copy = self
+        copy.padId = id
+        return copy
     }
 
     /// Ids for `text`: start token, up to `length - 2` text tokens, end token, end-token padding.
@@ -161,12 +170,14 @@ public enum TokenizerError: Error, CustomStringConvertible {
     case missingSpecialTokens
     case badVocab(String)
     case badMerges(String)
+    case missingPadToken(String)
 
     public var description: String {
         switch self {
         case .missingSpecialTokens: return "vocab.json lacks <|startoftext|> or <|endoftext|>"
         case .badVocab(let path): return "\(path) is not a JSON object of token -> id"
         case .badMerges(let path): return "\(path) has a line that is not two space-separated symbols"
+        case .missingPadToken(let token): return "vocab.json lacks the pad token \(token.debugDescription)"
         }
     }
 }
