@@ -216,12 +216,13 @@ def run_loop(config: LoopConfig, tokenize) -> LoopResult:
         clean = sample_latents(moments, diagonal_noise)
         t = torch.tensor([timesteps[0]])
         latents = scheduler.add_noise(torch.from_numpy(clean)[None], torch.from_numpy(noise)[None], t)[0].numpy()
-    # guidance at every scale, as the Swift loop; the Python pipeline skips it at scales <= 1 (diffusers), never compared
+    # guidance <= 1 is the conditional prediction alone, as the pipelines (Swift and Python) and diffusers
     for t, step_t in zip(timesteps, schedule):
         model_input = scheduler.scale_model_input(torch.from_numpy(latents)[None], step_t)[0].numpy()
         uncond = denoise(model_input, t, hidden[0])
         cond = denoise(model_input, t, hidden[1])
-        guided = uncond + np.float32(config.guidance_scale) * (cond - uncond)
+        guided = (uncond + np.float32(config.guidance_scale) * (cond - uncond) if config.guidance_scale > 1
+                  else cond)
         with step_noise_from(rng, config.scheduler):
             out = scheduler.step(torch.from_numpy(guided)[None], step_t if not whole else t,
                                  torch.from_numpy(latents)[None])

@@ -61,12 +61,14 @@ final class PipelineTests: XCTestCase {
         XCTAssertEqual(Set(output.scalars), [1 + 3 * (2 - 1)])  // uncond + g (cond - uncond)
     }
 
-    func testGuidanceRunsAtEveryScaleLikeThePythonPipeline() throws {
-        let unet = RecordingUnet()
+    func testScaleAtMostOneIsTheConditionalPredictionAlone() throws {
         var config = smallConfig()
-        config.guidanceScale = 1
-        _ = try pipeline(unet: unet).generate(config)
-        XCTAssertTrue(unet.calls.allSatisfy { $0.batch == 2 })
+        for scale: Float in [0, 0.5, 1] {  // diffusers' do_classifier_free_guidance is false; SDXL-Turbo runs at 0
+            config.guidanceScale = scale
+            let output = try pipeline(unet: RecordingUnet()).guidedOutput(
+                Tensor(zeros: [1, 4, 2, 2]), timestep: 1, hidden: Tensor(zeros: [2, 77, 8]), config: config)
+            XCTAssertEqual(Set(output.scalars), [2], "scale \(scale)")  // cond, not uncond + g (cond - uncond)
+        }
     }
 
     func testImg2ImgNeedsAtLeastOneStep() {

@@ -193,8 +193,11 @@ public struct StableDiffusionPipeline {
     }
 
     /// Classifier-free guidance on a batch-2 model output [unconditional, conditional]: uncond + g (cond - uncond).
+    /// uncond + g * (cond - uncond); g <= 1 is no guidance, the conditional prediction alone (diffusers'
+    /// do_classifier_free_guidance, SDXL-Turbo's 0), as the Python pipeline.
     static func guide(_ output: Tensor, scale g: Float) -> Tensor {
-        output.batchItem(0).zip(output.batchItem(1)) { uncond, cond in uncond + g * (cond - uncond) }
+        if g <= 1 { return output.batchItem(1) }
+        return output.batchItem(0).zip(output.batchItem(1)) { uncond, cond in uncond + g * (cond - uncond) }
     }
 
     /// Index of the first timestep img2img runs, as diffusers picks it.
@@ -233,8 +236,7 @@ public struct StableDiffusionPipeline {
         return Tensor(shape: noise.shape, scalars: scalars)
     }
 
-    /// Classifier-free guidance: uncond + g * (cond - uncond) from one batch-2 UNet call. It runs at
-    /// every scale (diffusers skips it at g <= 1; the Python pipeline does not, and parity wins).
+    /// Classifier-free guidance (`guide`) from one batch-2 UNet call.
     func guidedOutput(_ latents: Tensor, timestep: Double, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
         let batch = Tensor.concatenateBatch([latents, latents])
         let output = try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden)
