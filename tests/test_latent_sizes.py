@@ -114,8 +114,10 @@ def test_a_size_the_models_lack_is_one_line(capsys, tmp_path, packages):
     (["--convert-unet", "--max-prompt-chunks", "0"], "--max-prompt-chunks: 0 must be at least 1"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--max-prompt-chunks", "2"], "need --min-deployment-target iOS18"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--latent-h", "8"], "either --latent-sizes or --latent-h"),
-    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--attention-implementation", "SPLIT_EINSUM_V2"],
-     "SPLIT_EINSUM_V2 cuts"),
+    # level 0: 16 and 17424 queries, which share no number of equal chunks of at most 512 (gcd 16 < 35)
+    (["--convert-unet", "--latent-sizes", "4x4,132x132", "--attention-implementation", "SPLIT_EINSUM_V2"],
+     "--latent-sizes 4x4,132x132 with SPLIT_EINSUM_V2: the attention at 1/1 of the latent has 4x4: 16, 132x132: "
+     "17424 queries"),
     (["--convert-unet", "--max-prompt-chunks", "2", "--chunk-unet"], "--chunk-unet with several shapes needs "
                                                                       "--min-deployment-target iOS18"),
 ])
@@ -166,6 +168,52 @@ def test_other_attention_implementations_at_each_shape(tmp_path, tiny_source, at
             inputs = sample_inputs(dict(unet.config), 2, *size, 77 * k)
             out = model.predict({name: v.numpy() for name, v in inputs.items()})["noise_pred"]
             assert psnr(diffusers_reference(unet, inputs), out) >= 40, (size, k)
+
+
+V2_SIZES = ((16, 16), (32, 48))  # level 0: 256 and 1536 queries, both cut in 4 equal chunks (64 and 384)
+
+
+def softmax_count(package) -> int:
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    block = next(iter(spec.mlProgram.functions["main"].block_specializations.values()))
+    return sum(op.type == "softmax" for op in block.operations)
+
+
+def expected_softmaxes(config: dict, chunks_per_level: dict) -> int:
+    """One softmax per head and query chunk of every attention layer of the Neural-Engine UNet."""
+    from python_coreml_sd.layers.attention import CrossAttention
+    from python_coreml_sd.layers.unet import UNet2DConditionModelANE
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(config, "SPLIT_EINSUM_V2")
+    last = len(config["block_out_channels"]) - 1
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, CrossAttention):
+            kind, index = name.split(".")[:2]  # down_blocks.i / up_blocks.i / mid_block (the last level)
+            level = int(index) if kind == "down_blocks" else last - int(index) if kind == "up_blocks" else last
+            total += module.heads * chunks_per_level.get(level, 1)
+    return total
+
+
+@pytest.mark.parametrize("family, sizes, chunks_per_level", [
+    ("tiny", V2_SIZES, {0: 4}),
+    ("tiny-xl", ((16, 16), (48, 48)), {1: 2}),  # attention from level 1: 64 and 576 queries, in 2 chunks
+])
+def test_split_einsum_v2_at_several_sizes_shares_its_query_chunks(tmp_path, family, sizes, chunks_per_level):
+    """One program for every size: each attention level cuts its queries in the same number of equal chunks at
+    each size, and agrees with diffusers there (the bar of the other implementations: 40 dB)."""
+    from python_coreml_sd.convert.unet import convert_unet, text_pooled_width
+    from python_coreml_sd.model_sources import resolve
+    source = resolve(family)
+    options = ConversionOptions(family, tmp_path, latent_sizes=sizes, attention_implementation="SPLIT_EINSUM_V2")
+    package = convert_unet(source, options)[0]
+    unet = source.load_unet()
+    assert softmax_count(package) == expected_softmaxes(dict(unet.config), chunks_per_level)
+    model = MILModel(str(package))
+    for size in sizes:
+        inputs = sample_inputs(dict(unet.config), 2, *size, 77, text_pooled_width(source))
+        out = model.predict({name: v.numpy() for name, v in inputs.items()})["noise_pred"]
+        assert out.shape == (2, 4, *size) and psnr(diffusers_reference(unet, inputs), out) >= 40, size
 
 
 def test_vae_encoder_agrees_with_diffusers_at_each_size(tmp_path, tiny_source):
