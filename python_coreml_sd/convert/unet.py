@@ -68,13 +68,12 @@ CONFIG_KEYS = ("sample_size", "cross_attention_dim", "block_out_channels", "down
 
 def check_options(source, options, component: str = "unet") -> None:
     """Before any conversion: each latent size must pass through every downsampling of this UNet, the shapes
-    must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's, whole, of one shape."""
+    must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's."""
     config = source.config("unet", CONFIG_KEYS)
     check_channels(config)
-    if component == "control-unet" and (options.chunk_unet or interface_of(config) != SD):
-        raise UserError("--unet-support-controlnet converts SD 1.x / 2.x UNets, unchunked: drop --chunk-unet"
-                        if options.chunk_unet else f"--unet-support-controlnet: {source.name!r} is SDXL's, and "
-                        "ControlNets are supported for SD 1.x / 2.x models")
+    if component == "control-unet" and interface_of(config) != SD:
+        raise UserError(f"--unet-support-controlnet: {source.name!r} is SDXL's, and ControlNets are supported for "
+                        "SD 1.x / 2.x models")
     if component == "control-unet":
         check_controlled_sizes(options)
     step = 2 ** (len(config["block_out_channels"]) - 1)
