@@ -264,6 +264,35 @@ def test_torch_backend_without_converted_models_takes_the_requested_size(capsys,
     assert not (tmp_path / "o").exists()
 
 
+def test_torch_backend_without_converted_models_takes_a_long_prompt_whole():
+    """No package fixes the context there (diffusers' UNet takes any length): a ~200-token prompt fills 3 windows,
+    each the PyTorch text encoder's on its 75 tokens with begin, end and padding (compel / A1111), the empty negative
+    padded to as many, and the image differs from that of its first 75 tokens alone."""
+    import warnings
+    from python_coreml_sd.generation.setup import open_pipeline
+    from python_coreml_sd.model_sources import resolve
+    pipe = open_pipeline("torch", None, "tiny", progress=False)
+    words = " ".join(f"word{i} fox" for i in range(52))
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(words, add_special_tokens=False).input_ids
+    assert 150 < len(ids) <= 225
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing truncated
+        cond, pair = pipe.encode_prompts(words, "")
+    rows = [[tokenizer.bos_token_id, *ids[i:i + 75], tokenizer.eos_token_id] for i in range(0, len(ids), 75)]
+    rows = torch.tensor([row + [tokenizer.pad_token_id] * (77 - len(row)) for row in rows])
+    encoder = resolve("tiny").load_text_encoder()
+    with torch.no_grad():
+        reference = torch.cat([encoder(row[None]).last_hidden_state for row in rows], dim=1).numpy()
+    assert cond.shape[-1] == pair.shape[-1] == 3 * 77 and pair.shape[0] == 2
+    assert psnr(reference, cond[:, :, 0, :].swapaxes(1, 2)) >= 60
+    first = tokenizer.decode(ids[:75])
+    long, short = (pipe.generate(GenerationRequest(text, num_inference_steps=2, seed=1)) for text in (words, first))
+    assert long.intermediates["text_embeddings"].shape[-1] == 3 * 77
+    assert short.intermediates["text_embeddings"].shape[-1] == 77
+    assert psnr(np.asarray(short.image, np.float32), np.asarray(long.image, np.float32)) < 40
+
+
 def test_parity_cli_at_another_size(tmp_path, packages):
     import json
     from python_coreml_sd import parity
