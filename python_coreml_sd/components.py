@@ -266,6 +266,8 @@ TABLE = {spec.name: spec for spec in (
     # --convert-unet --unet-support-controlnet: the UNet taking a ControlNet's residuals, Apple's names
     ComponentSpec("control-unet", "ControlledUnet", "unet", {SD: CONTROLLED_UNET}, "unet:convert_controlled_unet",
                   converted_with="unet"),
+    # with --chunk-unet: chunk 1 and 2 each take the residuals its ops add (Apple's ControlledUnetChunk1/2)
+    *_chunks("control-unet", "ControlledUnet", (SD,)),
     # --convert-controlnet MODEL...: one package per ControlNet, named after it (Apple's ControlNet_<model>)
     ComponentSpec("controlnet", "ControlNet", "unet", {SD: CONTROLNET}, "controlnet:convert_controlnets",
                   package="ControlNet_{model}.mlpackage"),
@@ -282,7 +284,7 @@ CONVERTIBLE = tuple(name for name, spec in TABLE.items() if spec.converter)
 FLAGGED = tuple(name for name in CONVERTIBLE if not TABLE[name].converted_with)  # a --convert-* flag each
 BY_RESOURCE = {spec.resource: name for name, spec in TABLE.items()}
 BY_PREFIX = {spec.package.split("{")[0]: name for name, spec in TABLE.items() if spec.package}
-CONTROL = ("control-unet", "controlnet")  # the components a ControlNet generation adds
+CONTROL = ("control-unet", "control-unet_chunk1", "control-unet_chunk2", "controlnet")  # what ControlNets add
 _SUFFIX = re.compile(r"_(" + "|".join(sorted(TABLE, key=len, reverse=True)) + r")$")
 
 

@@ -199,3 +199,45 @@ def test_converter_refuses_a_controlnet_of_another_family(tmp_path, capsys):
                             "-o", str(tmp_path / "out"))
     assert_one_line(code, err, "bundles do not hold ControlNets", prog="torch2coreml")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def chunked_controlled(models_dir, tmp_path_factory):
+    """--unet-support-controlnet --chunk-unet, as models_dir's controlled UNet (fp16): the whole and its chunks."""
+    whole, *chunks = convert(ConversionOptions("tiny", tmp_path_factory.mktemp("control_chunks"), chunk_unet=True,
+                                               unet_support_controlnet=True), ["unet"])
+    return whole, chunks
+
+
+def test_chunked_controlled_unet_equals_the_whole(chunked_controlled):
+    """Apple's names (control-unet_chunk1/2); each residual is an input of the one chunk whose ops add it, and
+    chunk 1 then chunk 2 give the whole UNet's noise_pred."""
+    from python_coreml_sd.components import component_of
+    from python_coreml_sd.convert.unet import residual_inputs, sample_inputs
+    whole, chunks = chunked_controlled
+    assert [component_of(c) for c in chunks] == ["control-unet_chunk1", "control-unet_chunk2"]
+    config = dict(resolve_unet_config())
+    inputs = {**sample_inputs(config, 2, 16, 16, 77), **residual_inputs(config, 2, 16, 16)}
+    inputs = {name: value.numpy() for name, value in inputs.items()}
+    first, second = (load_model(c, backend="mil") for c in chunks)
+    taken = [{n for n in model.input_description if n.startswith(RESIDUAL.format(""))} for model in (first, second)]
+    residuals = {n for n in inputs if n.startswith(RESIDUAL.format(""))}
+    assert taken[0] | taken[1] == residuals and not taken[0] & taken[1]
+    hidden = first.predict({k: v for k, v in inputs.items() if k in first.input_description})
+    out = second.predict({k: v for k, v in {**inputs, **hidden}.items() if k in second.input_description})["noise_pred"]
+    assert psnr(run(whole, inputs)["noise_pred"], out) >= 60
+
+
+def test_pipeline_runs_the_chunked_controlled_unet_as_the_whole(chunked_controlled, models_dir, pipes, tmp_path,
+                                                                control_image):
+    """A folder whose controlled UNet is chunked only: --controlnet runs the chunks and gives the whole's image."""
+    folder = tmp_path / "chunked"
+    folder.mkdir()
+    for package in [*chunked_controlled[1], *models_dir.iterdir()]:
+        if not package.name.endswith(("_control-unet.mlpackage", "_unet.mlpackage")):
+            shutil.copytree(package, folder / package.name)
+    chunked = open_pipeline("mil", folder, progress=False, controlnet=NAME)
+    assert "unet" not in chunked.models.components and "unet_chunk2" in chunked.models.components
+    whole, cut = (p.generate(request_with(control_image)) for p in (pipes["mil"], chunked))
+    assert psnr(np.asarray(whole.image, np.float32), np.asarray(cut.image, np.float32)) >= 60
+    assert psnr(whole.intermediates["final_latents"], cut.intermediates["final_latents"]) >= 60

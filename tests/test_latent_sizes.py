@@ -114,8 +114,10 @@ def test_a_size_the_models_lack_is_one_line(capsys, tmp_path, packages):
     (["--convert-unet", "--max-prompt-chunks", "0"], "--max-prompt-chunks: 0 must be at least 1"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--max-prompt-chunks", "2"], "need --min-deployment-target iOS18"),
     (["--convert-unet", "--latent-sizes", "16x16,8x8", "--latent-h", "8"], "either --latent-sizes or --latent-h"),
-    (["--convert-unet", "--latent-sizes", "16x16,8x8", "--attention-implementation", "SPLIT_EINSUM_V2"],
-     "SPLIT_EINSUM_V2 cuts"),
+    # level 0: 16 and 17424 queries, which share no number of equal chunks of at most 512 (gcd 16 < 35)
+    (["--convert-unet", "--latent-sizes", "4x4,132x132", "--attention-implementation", "SPLIT_EINSUM_V2"],
+     "--latent-sizes 4x4,132x132 with SPLIT_EINSUM_V2: the attention at 1/1 of the latent has 4x4: 16, 132x132: "
+     "17424 queries"),
     (["--convert-unet", "--max-prompt-chunks", "2", "--chunk-unet"], "--chunk-unet with several shapes needs "
                                                                       "--min-deployment-target iOS18"),
 ])
@@ -168,6 +170,52 @@ def test_other_attention_implementations_at_each_shape(tmp_path, tiny_source, at
             assert psnr(diffusers_reference(unet, inputs), out) >= 40, (size, k)
 
 
+V2_SIZES = ((16, 16), (32, 48))  # level 0: 256 and 1536 queries, both cut in 4 equal chunks (64 and 384)
+
+
+def softmax_count(package) -> int:
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    block = next(iter(spec.mlProgram.functions["main"].block_specializations.values()))
+    return sum(op.type == "softmax" for op in block.operations)
+
+
+def expected_softmaxes(config: dict, chunks_per_level: dict) -> int:
+    """One softmax per head and query chunk of every attention layer of the Neural-Engine UNet."""
+    from python_coreml_sd.layers.attention import CrossAttention
+    from python_coreml_sd.layers.unet import UNet2DConditionModelANE
+    with torch.device("meta"):
+        model = UNet2DConditionModelANE(config, "SPLIT_EINSUM_V2")
+    last = len(config["block_out_channels"]) - 1
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, CrossAttention):
+            kind, index = name.split(".")[:2]  # down_blocks.i / up_blocks.i / mid_block (the last level)
+            level = int(index) if kind == "down_blocks" else last - int(index) if kind == "up_blocks" else last
+            total += module.heads * chunks_per_level.get(level, 1)
+    return total
+
+
+@pytest.mark.parametrize("family, sizes, chunks_per_level", [
+    ("tiny", V2_SIZES, {0: 4}),
+    ("tiny-xl", ((16, 16), (48, 48)), {1: 2}),  # attention from level 1: 64 and 576 queries, in 2 chunks
+])
+def test_split_einsum_v2_at_several_sizes_shares_its_query_chunks(tmp_path, family, sizes, chunks_per_level):
+    """One program for every size: each attention level cuts its queries in the same number of equal chunks at
+    each size, and agrees with diffusers there (the bar of the other implementations: 40 dB)."""
+    from python_coreml_sd.convert.unet import convert_unet, text_pooled_width
+    from python_coreml_sd.model_sources import resolve
+    source = resolve(family)
+    options = ConversionOptions(family, tmp_path, latent_sizes=sizes, attention_implementation="SPLIT_EINSUM_V2")
+    package = convert_unet(source, options)[0]
+    unet = source.load_unet()
+    assert softmax_count(package) == expected_softmaxes(dict(unet.config), chunks_per_level)
+    model = MILModel(str(package))
+    for size in sizes:
+        inputs = sample_inputs(dict(unet.config), 2, *size, 77, text_pooled_width(source))
+        out = model.predict({name: v.numpy() for name, v in inputs.items()})["noise_pred"]
+        assert out.shape == (2, 4, *size) and psnr(diffusers_reference(unet, inputs), out) >= 40, size
+
+
 def test_vae_encoder_agrees_with_diffusers_at_each_size(tmp_path, tiny_source):
     from python_coreml_sd.convert.vae import VAEEncoder, convert_vae_encoder
     model = MILModel(str(convert_vae_encoder(tiny_source, ConversionOptions("tiny", tmp_path, latent_sizes=SIZES))[0]))
@@ -214,6 +262,35 @@ def test_torch_backend_without_converted_models_takes_the_requested_size(capsys,
                                  "--num-inference-steps", "1", "--height", "72", "--width", "128")
     assert_one_line(code, err, "--height 72 --width 128", "multiples of 32 pixels")
     assert not (tmp_path / "o").exists()
+
+
+def test_torch_backend_without_converted_models_takes_a_long_prompt_whole():
+    """No package fixes the context there (diffusers' UNet takes any length): a ~200-token prompt fills 3 windows,
+    each the PyTorch text encoder's on its 75 tokens with begin, end and padding (compel / A1111), the empty negative
+    padded to as many, and the image differs from that of its first 75 tokens alone."""
+    import warnings
+    from python_coreml_sd.generation.setup import open_pipeline
+    from python_coreml_sd.model_sources import resolve
+    pipe = open_pipeline("torch", None, "tiny", progress=False)
+    words = " ".join(f"word{i} fox" for i in range(52))
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(words, add_special_tokens=False).input_ids
+    assert 150 < len(ids) <= 225
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing truncated
+        cond, pair = pipe.encode_prompts(words, "")
+    rows = [[tokenizer.bos_token_id, *ids[i:i + 75], tokenizer.eos_token_id] for i in range(0, len(ids), 75)]
+    rows = torch.tensor([row + [tokenizer.pad_token_id] * (77 - len(row)) for row in rows])
+    encoder = resolve("tiny").load_text_encoder()
+    with torch.no_grad():
+        reference = torch.cat([encoder(row[None]).last_hidden_state for row in rows], dim=1).numpy()
+    assert cond.shape[-1] == pair.shape[-1] == 3 * 77 and pair.shape[0] == 2
+    assert psnr(reference, cond[:, :, 0, :].swapaxes(1, 2)) >= 60
+    first = tokenizer.decode(ids[:75])
+    long, short = (pipe.generate(GenerationRequest(text, num_inference_steps=2, seed=1)) for text in (words, first))
+    assert long.intermediates["text_embeddings"].shape[-1] == 3 * 77
+    assert short.intermediates["text_embeddings"].shape[-1] == 77
+    assert psnr(np.asarray(short.image, np.float32), np.asarray(long.image, np.float32)) < 40
 
 
 def test_parity_cli_at_another_size(tmp_path, packages):

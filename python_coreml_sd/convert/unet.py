@@ -22,8 +22,9 @@ import torch
 from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, inpainting_channels, interface_of, residual_shapes,
                           sample_dims, with_residuals)
 from ..errors import UserError
+from ..layers.attention import DEFAULT_QUERY_CHUNK
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
-                           check_supported, from_diffusers)
+                           check_supported, from_diffusers, query_chunk_plan)
 from .options import IOS18_TARGETS
 from .common import (_deployment_target, brief_program_strings, check_correctness, describe, fresh_op_names,
                      kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
@@ -67,13 +68,12 @@ CONFIG_KEYS = ("sample_size", "cross_attention_dim", "block_out_channels", "down
 
 def check_options(source, options, component: str = "unet") -> None:
     """Before any conversion: each latent size must pass through every downsampling of this UNet, the shapes
-    must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's, whole, of one shape."""
+    must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's."""
     config = source.config("unet", CONFIG_KEYS)
     check_channels(config)
-    if component == "control-unet" and (options.chunk_unet or interface_of(config) != SD):
-        raise UserError("--unet-support-controlnet converts SD 1.x / 2.x UNets, unchunked: drop --chunk-unet"
-                        if options.chunk_unet else f"--unet-support-controlnet: {source.name!r} is SDXL's, and "
-                        "ControlNets are supported for SD 1.x / 2.x models")
+    if component == "control-unet" and interface_of(config) != SD:
+        raise UserError(f"--unet-support-controlnet: {source.name!r} is SDXL's, and ControlNets are supported for "
+                        "SD 1.x / 2.x models")
     if component == "control-unet":
         check_controlled_sizes(options)
     step = 2 ** (len(config["block_out_channels"]) - 1)
@@ -85,7 +85,7 @@ def check_options(source, options, component: str = "unet") -> None:
                 nearest = " or ".join(str(v) for v in (value - value % step, value - value % step + step) if v > 0)
                 raise UserError(f"{flag} is not a multiple of {step}, which this UNet's {step}x downsampling needs; "
                                 f"use {nearest}")
-    check_flexible(options)
+    check_flexible(options, config)
 
 
 def check_channels(config: dict) -> None:
@@ -105,15 +105,31 @@ def check_controlled_sizes(options) -> None:
                         "follow the latent size, and before iOS 18 Core ML enumerates the shapes of one input only")
 
 
-def check_flexible(options) -> None:
-    """What enumerated shapes cannot be combined with (yet)."""
-    if len(options.latent_sizes) > 1 and options.attention_implementation == "SPLIT_EINSUM_V2":
-        raise UserError("--latent-sizes with several sizes needs --attention-implementation ORIGINAL or SPLIT_EINSUM: "
-                        "SPLIT_EINSUM_V2 cuts the attention's queries in chunks fixed by one latent size")
+def check_flexible(options, config: dict) -> None:
+    """What enumerated shapes cannot be combined with."""
+    query_chunks(config, options)  # SPLIT_EINSUM_V2: sizes that share no chunking are refused here
     if options.flexible and options.chunk_unet and options.min_deployment_target not in IOS18_TARGETS:
         raise UserError("--chunk-unet with several shapes needs --min-deployment-target iOS18 or macOS15: the second "
                         "chunk takes several tensors whose shapes follow the shape chosen, and before iOS 18 Core ML "
                         "enumerates the shapes of one input only")
+
+
+def query_chunks(config: dict, options) -> dict:
+    """SPLIT_EINSUM_V2 at several latent sizes: {query sequence length at the default size: number of equal
+    chunks} for every attention level (`layers.unet.query_chunk_plan`), so that one program cuts every size alike;
+    None otherwise (one size keeps chunks of DEFAULT_QUERY_CHUNK queries, its package as before)."""
+    sizes = options.sizes_or(config["sample_size"])
+    if options.attention_implementation != "SPLIT_EINSUM_V2" or len(sizes) < 2:
+        return None
+    plan = query_chunk_plan(config, sizes)
+    for level, (_, count) in plan.items():
+        if count is None:
+            lengths = ", ".join(f"{h}x{w}: {(h >> level) * (w >> level)}" for h, w in sizes)
+            raise UserError(f"--latent-sizes {','.join(f'{h}x{w}' for h, w in sizes)} with SPLIT_EINSUM_V2: the attention "
+                            f"at 1/{2 ** level} of the latent has {lengths} queries, which no one number of equal chunks "
+                            f"of at most {DEFAULT_QUERY_CHUNK} divides; use sides that are multiples of a higher power "
+                            "of 2, or --attention-implementation SPLIT_EINSUM")
+    return {length: count for length, count in plan.values()}
 
 
 def latent_size(config: dict, options) -> tuple:
@@ -305,7 +321,7 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     (ModelSource.load_unet does), or ignore it: the weights are halved here again, which changes nothing.
     The reference output needs the fp32 UNet, so it gets no `convert`.
     """
-    holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs)}
+    holder = {"traced": traced_skeleton(config, options.attention_implementation, inputs, query_chunks(config, options))}
     release_free_memory()
     log_memory("traced with stand-in weights")
     halve = options.compute_precision == "float16"
@@ -329,12 +345,13 @@ def build_mlprogram(load_unet, inputs: dict, options, config: dict, component: s
     return mlmodel, reference
 
 
-def traced_skeleton(config: dict, attention_implementation: str, inputs: dict):
+def traced_skeleton(config: dict, attention_implementation: str, inputs: dict, chunks: dict = None):
     """The Neural-Engine UNet traced with stand-in weights (one zero per tensor, expanded to its shape):
     the graph depends on shapes only, and the weights are module attributes that `assign_weights` sets.
-    The trace's forward pass runs on `trace_inputs`, smaller than the real ones."""
+    The trace's forward pass runs on `trace_inputs`, smaller than the real ones. `chunks`: `query_chunks`."""
     with torch.device("meta"):
-        model = (ControlledUNetANE if controlled(inputs) else UNet2DConditionModelANE)(dict(config), attention_implementation)
+        model = (ControlledUNetANE if controlled(inputs) else UNet2DConditionModelANE)(
+            dict(config), attention_implementation, query_chunks=chunks)
     stand_ins = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(stand_ins, strict=True, assign=True)
     return trace(model.requires_grad_(False), trace_inputs(config, attention_implementation, inputs))

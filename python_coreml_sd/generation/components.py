@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims, with_residuals
+from ..components import RESIDUAL, SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims, with_residuals
 from ..layers.unet import DiffusersControlledUNet, DiffusersControlNet, DiffusersUNet
 from ..errors import UserError
 
@@ -36,6 +36,9 @@ class Component:
 @dataclass
 class ModelSet:
     components: dict = field(default_factory=dict)  # name -> Component
+    # The UNet takes a text context of any number of windows (the torch modules without converted packages:
+    # diffusers' UNet takes any sequence length), so each prompt gets as many as its tokens fill.
+    any_prompt_length: bool = False
 
     def __contains__(self, name):
         return name in self.components
@@ -55,7 +58,9 @@ class ModelSet:
         if unet in self:
             return self[unet].input_shapes
         first, second = self[f"{unet}_chunk1"].input_shapes, self[f"{unet}_chunk2"].input_shapes
-        return {k: v for k, v in {**second, **first}.items() if k in TABLE[unet].io(SDXL).inputs}
+        # the UNet's own inputs, not the tensors crossing the cut: a controlled UNet's residuals too
+        return {k: v for k, v in {**second, **first}.items()
+                if k in TABLE[unet].io(SDXL).inputs or k.startswith(RESIDUAL.format(""))}
 
     def unet_allowed(self, name: str, unet: str = "unet") -> list:
         """The shapes the UNet's input `name` takes (chunked: those of the first chunk taking it; the chunks'
@@ -74,9 +79,10 @@ class ModelSet:
     def run_unet(self, inputs: dict, unet: str = "unet") -> np.ndarray:
         if unet in self:
             return self[unet].predict(inputs)["noise_pred"]
-        # Chunk 2 reads chunk 1's outputs and whichever original inputs it still needs, by name.
+        # Each chunk reads the original inputs it needs (a controlled UNet's residuals go to the chunk adding
+        # them), chunk 2 also chunk 1's outputs, by name.
         first, second = self[f"{unet}_chunk1"], self[f"{unet}_chunk2"]
-        hidden = first.predict(inputs)
+        hidden = first.predict({k: v for k, v in inputs.items() if k in first.input_shapes})
         return second.predict({k: v for k, v in {**inputs, **hidden}.items() if k in second.input_shapes})["noise_pred"]
 
 
@@ -164,12 +170,17 @@ def with_controlnet(found: dict, folder: Path, controlnet: str = None) -> dict:
     """The packages a generation runs: with `controlnet`, its package and the controlled UNet in the UNet's place
     (as Apple's pipeline); without, no controlled UNet."""
     controlled = found.pop("control-unet", None)
+    # the chunked controlled UNet (--chunk-unet), run as the whole when that is absent, as the plain UNet's chunks
+    chunks = {name: found.pop(f"control-unet_{name}", None) for name in ("chunk1", "chunk2")}
     if controlnet is None:
         return found
     path = Path(folder) / TABLE["controlnet"].package_name(controlnet)
     if not path.exists():
         raise UserError(f"models folder {folder} has no {path.name}; convert the ControlNet with python -m "
                         f"python_coreml_sd.torch2coreml --convert-controlnet {controlnet}")
+    if controlled is None and all(chunks.values()):  # in the plain UNet's place, as its chunks
+        found.pop("unet", None)
+        return {**found, **{f"unet_{name}": chunk for name, chunk in chunks.items()}, "controlnet": path}
     if controlled is None:
         raise UserError(f"--controlnet needs a UNet taking ControlNet residuals and models folder {folder} has none "
                         "(its UNet has no additional_residual inputs); convert one with --convert-unet "

@@ -251,12 +251,13 @@ class StableDiffusionPipeline:
 
     @property
     def max_prompt_chunks(self) -> int:
-        return self.prompt_chunk_counts[-1]
+        """The most windows a prompt may fill; None: any (`ModelSet.any_prompt_length`)."""
+        return None if self.models.any_prompt_length else self.prompt_chunk_counts[-1]
 
     def prompt_chunks(self, text: str, min_chunks: int = 1, tokenizer=None) -> PromptChunks:
         """The prompt's weighted tokens in windows (generation/prompts.py); warns when the UNet takes fewer."""
         chunks = chunk_prompt(tokenizer or self.tokenizer, text, min_chunks, self.sequence_length)
-        if chunks.count > self.max_prompt_chunks:
+        if self.max_prompt_chunks is not None and chunks.count > self.max_prompt_chunks:
             warnings.warn(f"prompt is longer than {self.sequence_length * self.max_prompt_chunks} tokens and was "
                           "truncated", UserWarning)
             chunks = PromptChunks(chunks.ids[:self.max_prompt_chunks], chunks.weights[:self.max_prompt_chunks])
@@ -273,8 +274,10 @@ class StableDiffusionPipeline:
 
     def window_count(self, counts) -> int:
         """The fewest windows the UNet takes that hold the longest of these prompts' windows (a UNet of one
-        context: exactly its count)."""
+        context: exactly its count; one of any context: the longest's)."""
         longest = max(counts)
+        if self.models.any_prompt_length:
+            return longest
         return min(k for k in self.prompt_chunk_counts if k >= longest)
 
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple:

@@ -107,6 +107,7 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
             from ..convert.sdxl import refiner_source
             refiner = refiner_source(refiner_version)
         models = reference_models(source, latent_sizes, device, torch_precision, refiner, controlnet, prompt_chunks)
+        models.any_prompt_length = models_dir is None  # no package fixes the context's windows
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet,
                                   torch_compile)
@@ -134,7 +135,7 @@ def _unet_of(models_dir, model_version=None) -> tuple:
     backend reads its shapes from."""
     from .components import find_packages
     found = find_packages(Path(models_dir), model_version)
-    component = next((c for c in ("unet", "unet_chunk1", "control-unet") if c in found), None)
+    component = next((c for c in ("unet", "unet_chunk1", "control-unet", "control-unet_chunk1") if c in found), None)
     if component is None:
         raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
     return component, found[component], found
@@ -146,8 +147,9 @@ def _converted_shapes(models_dir, model_version=None) -> tuple:
     component, path, found = _unet_of(models_dir, model_version)
     shapes, _, enumerated = _package_inputs(path)
     check_inputs(component, path, shapes)
-    if component == "unet_chunk1" and "unet_chunk2" in found:  # the context may reach the second chunk only
-        more, _, more_enumerated = _package_inputs(found["unet_chunk2"])
+    second = component.replace("_chunk1", "_chunk2")
+    if component != second and second in found:  # the context may reach the second chunk only
+        more, _, more_enumerated = _package_inputs(found[second])
         shapes, enumerated = {**more, **shapes}, {**more_enumerated, **enumerated}
     sizes = tuple(dict.fromkeys(tuple(s[2:]) for s in enumerated.get("sample", [shapes["sample"]])))
     text = found.get("text_encoder")

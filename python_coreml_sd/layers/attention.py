@@ -5,9 +5,13 @@ SPLIT_EINSUM: one small einsum per head, keys laid out (B, S_k, 1, C) so that no
     of a rank-4 tensor whose last axis is large (what the Neural Engine of iOS 16 / macOS 13 likes).
 SPLIT_EINSUM_V2: SPLIT_EINSUM with the query sequence also cut into chunks, which keeps each softmax
     and its attention-weight tensor small enough for the Neural Engine of iOS 17 / macOS 14 to keep
-    on chip for large latents.
+    on chip for large latents. A package of one latent size cuts each sequence in chunks of
+    DEFAULT_QUERY_CHUNK queries (the last one shorter); a package of several sizes (Core ML enumerated
+    shapes) runs one program for all of them, so each attention layer cuts its queries in the same number
+    of equal chunks at every size (`shared_query_chunks`), by a reshape that needs no size of the sequence.
 """
 import math
+from functools import reduce
 
 import torch
 from torch import nn
@@ -33,8 +37,27 @@ def _one_head(q_h, k_h, v_h):
     return torch.einsum("bkhq,bchk->bchq", weights, v_h)
 
 
-def split_einsum_attention(q, k, v, heads: int, query_chunk: int = None):
+def shared_query_chunks(lengths, chunk: int = DEFAULT_QUERY_CHUNK):
+    """The number of equal query chunks one attention layer can use at every one of its sequence `lengths`
+    (one per latent size): the fewest that divide every length and leave no chunk over `chunk` queries
+    (1: no cutting, when no length exceeds it); None when no such number exists."""
+    need, common = -(-max(lengths) // chunk), reduce(math.gcd, lengths)
+    return next((n for n in range(need, common + 1) if common % n == 0), None)
+
+
+def _equal_query_chunks(q_h, count: int):
+    """(b, dh, n, S / n) -> n tensors (b, dh, 1, S / n), chunk i holding queries i * S / n ... (the layout of
+    a reshape of (b, dh, 1, S)): the split of an axis of constant size, which a program of enumerated shapes
+    can hold (a split of the sequence axis needs its size when converted)."""
+    return q_h.split(1, dim=2) if count > 1 else (q_h,)
+
+
+def split_einsum_attention(q, k, v, heads: int, query_chunk: int = None, query_chunks: int = None):
+    """`query_chunk`: cut queries in chunks of that many (SPLIT_EINSUM_V2 at one latent size); `query_chunks`:
+    in that many equal chunks instead (SPLIT_EINSUM_V2 at several, `shared_query_chunks`)."""
     dh = q.shape[1] // heads
+    if query_chunks and query_chunks > 1:  # one reshape for all heads: (b, c, 1, S) -> (b, c, n, S / n)
+        q = q.reshape(q.shape[0], q.shape[1], query_chunks, -1)
     # One split op per tensor rather than a slice per head: a full-size UNet has 128 attention layers,
     # and conversion passes cost time in the number of ops.
     q_heads = q.split(dh, dim=1)
@@ -42,7 +65,10 @@ def split_einsum_attention(q, k, v, heads: int, query_chunk: int = None):
     v_heads = v.split(dh, dim=1)
     outputs = []
     for q_h, k_h, v_h in zip(q_heads, k_heads, v_heads):
-        if query_chunk and q.shape[3] > query_chunk:
+        if query_chunks:
+            outputs.append(torch.cat([_one_head(q_c, k_h, v_h) for q_c in _equal_query_chunks(q_h, query_chunks)],
+                                     dim=3))
+        elif query_chunk and q.shape[3] > query_chunk:
             outputs.append(torch.cat([_one_head(q_c, k_h, v_h) for q_c in q_h.split(query_chunk, dim=3)], dim=3))
         else:
             outputs.append(_one_head(q_h, k_h, v_h))
@@ -54,12 +80,16 @@ class CrossAttention(nn.Module):
     its state_dict once linear weights are reshaped (see unet.reshape_linear_weights)."""
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int,
-                 implementation: str = "SPLIT_EINSUM", query_chunk: int = DEFAULT_QUERY_CHUNK):
+                 implementation: str = "SPLIT_EINSUM", query_chunk: int = DEFAULT_QUERY_CHUNK,
+                 query_chunks: dict = None):
+        """`query_chunks` (SPLIT_EINSUM_V2 at several latent sizes): {query sequence length at the traced size:
+        number of equal chunks}; a length it lacks is cut in chunks of `query_chunk` (the same values)."""
         super().__init__()
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"unknown attention implementation {implementation!r}")
         inner = heads * dim_head
         self.heads, self.implementation, self.query_chunk = heads, implementation, query_chunk
+        self.query_chunks = query_chunks or {}
         self.scale = 1.0 / math.sqrt(dim_head)
         self.to_q = nn.Conv2d(query_dim, inner, 1, bias=False)
         self.to_k = nn.Conv2d(context_dim, inner, 1, bias=False)
@@ -74,6 +104,9 @@ class CrossAttention(nn.Module):
         if self.implementation == "ORIGINAL":
             out = batched_attention(q, k, v, self.heads)
         else:
-            chunk = self.query_chunk if self.implementation == "SPLIT_EINSUM_V2" else None
-            out = split_einsum_attention(q, k, v, self.heads, chunk)
+            v2 = self.implementation == "SPLIT_EINSUM_V2"
+            # int(): under torch.jit.trace a size is a 0-d tensor, which no dict key equals
+            chunks = self.query_chunks.get(int(q.shape[3])) if v2 and self.query_chunks else None
+            chunk = self.query_chunk if v2 else None
+            out = split_einsum_attention(q, k, v, self.heads, chunk, chunks)
         return self.to_out[0](out)

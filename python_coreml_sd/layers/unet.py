@@ -13,7 +13,7 @@ from torch import nn
 
 from ..components import text_from_unet_layout
 from ..errors import UserError
-from .attention import DEFAULT_QUERY_CHUNK, CrossAttention
+from .attention import DEFAULT_QUERY_CHUNK, CrossAttention, shared_query_chunks
 from .layer_norm import LayerNormANE
 
 DOWN_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}
@@ -238,7 +238,8 @@ class UNet2DConditionModelANE(nn.Module):
     (addition_embed_type "text_time") also take time_ids (B, N) and text_embeds (B, P)."""
 
     def __init__(self, config: dict, attention_implementation: str = "SPLIT_EINSUM",
-                 query_chunk: int = DEFAULT_QUERY_CHUNK):
+                 query_chunk: int = DEFAULT_QUERY_CHUNK, query_chunks: dict = None):
+        """`query_chunks`: SPLIT_EINSUM_V2's equal query chunks at several latent sizes (`query_chunk_plan`)."""
         super().__init__()
         check_supported(config)
         self.config = dict(config)
@@ -249,7 +250,8 @@ class UNet2DConditionModelANE(nn.Module):
         depth = _per_block(config.get("transformer_layers_per_block", 1), n)
         layers = config.get("layers_per_block", 2)
         temb = channels[0] * 4
-        attention = {"implementation": attention_implementation, "query_chunk": query_chunk}
+        attention = {"implementation": attention_implementation, "query_chunk": query_chunk,
+                     "query_chunks": query_chunks}
 
         def transformer(i):
             return {"context_dim": config["cross_attention_dim"], "heads": heads[i], "layers": depth[i],
@@ -315,6 +317,24 @@ class ControlledUNetANE(UNet2DConditionModelANE):
 
     def forward(self, sample, timestep, encoder_hidden_states, *residuals):
         return super().forward(sample, timestep, encoder_hidden_states, residuals=residuals)
+
+
+def attention_levels(config: dict) -> list:
+    """The resolution levels (0: the latent's, i: 2**i times smaller) holding attention: each cross-attention
+    down block's (its up block mirrors it) and the mid block's, at the last level."""
+    last = len(config["block_out_channels"]) - 1
+    return sorted({i for i, kind in enumerate(config["down_block_types"]) if kind == "CrossAttnDownBlock2D"} | {last})
+
+
+def query_chunk_plan(config: dict, sizes, chunk: int = DEFAULT_QUERY_CHUNK) -> dict:
+    """SPLIT_EINSUM_V2 at several latent `sizes` (the first the traced one): {level: (its query sequence length
+    at the first size, the number of equal chunks every size can share, or None where none can)}. Each level
+    halves both sides (diffusers' downsampling convolutions: stride 2, padding 1, on even sides)."""
+    plan = {}
+    for level in attention_levels(config):
+        lengths = [(h >> level) * (w >> level) for h, w in sizes]
+        plan[level] = (lengths[0], shared_query_chunks(lengths, chunk))
+    return plan
 
 
 def from_diffusers(unet, attention_implementation: str = "SPLIT_EINSUM",

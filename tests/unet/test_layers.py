@@ -84,6 +84,27 @@ def test_split_einsum_equals_batched_attention(query_chunk):
     assert torch.allclose(split_einsum_attention(q, k, v, heads=4, query_chunk=query_chunk), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("query_chunks", [1, 4, 20])
+def test_split_einsum_in_equal_query_chunks_equals_batched_attention(query_chunks):
+    """SPLIT_EINSUM_V2 at several latent sizes: the queries cut in `query_chunks` equal chunks by a reshape."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, 1, 20), torch.randn(2, 16, 1, 11), torch.randn(2, 16, 1, 11)
+    expected = batched_attention(q, k, v, heads=4)
+    assert torch.allclose(split_einsum_attention(q, k, v, heads=4, query_chunks=query_chunks), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths, chunks", [
+    ((256,), 1), ((4096,), 8), ((256, 1536), 4),  # none over 512 queries, each count divided evenly
+    ((4096, 6144), 16), ((4096, 3840), 8), ((1024, 768, 960), 2),
+    ((16, 17424), None),  # gcd 16, but 35 chunks needed for 17424: no shared number
+])
+def test_shared_query_chunks(lengths, chunks):
+    from python_coreml_sd.layers.attention import shared_query_chunks
+    assert shared_query_chunks(lengths) == chunks
+    if chunks:
+        assert all(n % chunks == 0 and n // chunks <= 512 for n in lengths)
+
+
 @pytest.mark.parametrize("change", [{"up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D"]},
                                     {"time_embedding_type": "fourier"}, {"class_embed_type": "timestep"}])
 def test_unsupported_configs_are_user_errors(change):
