@@ -258,6 +258,7 @@ def test_torch_backend_without_converted_models_takes_the_requested_size(capsys,
     from python_coreml_sd.generation.setup import open_pipeline
     pipe = open_pipeline("torch", None, "tiny", progress=False, sizes=((64, 192),))
     assert pipe.generate(GenerationRequest("a fox", num_inference_steps=1, height=64, width=192)).image.size == (192, 64)
+    capsys.readouterr()  # the library call's loading bars (run alone, nothing has quieted transformers yet)
     code, err = run_pipeline_cli(capsys, "--prompt", "a fox", "--backend", "torch", "-o", str(tmp_path / "o"),
                                  "--num-inference-steps", "1", "--height", "72", "--width", "128")
     assert_one_line(code, err, "--height 72 --width 128", "multiples of 32 pixels")
