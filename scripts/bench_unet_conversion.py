@@ -66,10 +66,12 @@ def warm_page_cache(folder: Path) -> None:
                 pass
 
 
-def bench_inputs(unet, latent: int):
-    """Our converter's sample inputs: encoder_hidden_states in the (B, C, 1, S) layout."""
-    from python_coreml_sd.convert.unet import sample_inputs
-    return sample_inputs(dict(unet.config), 2, latent, latent, 77)
+def bench_inputs(unet, latent: int, folder: Path):
+    """Our converter's sample inputs: encoder_hidden_states in the (B, C, 1, S) layout (SDXL: the added
+    conditions too, text_embeds as wide as the folder's text_encoder_2 pools)."""
+    from python_coreml_sd.convert.unet import sample_inputs, text_pooled_width
+    from python_coreml_sd.model_sources import ModelSource
+    return sample_inputs(dict(unet.config), 2, latent, latent, 77, text_pooled_width(ModelSource(str(folder), Path(folder))))
 
 
 def diffusers_layout(inputs: dict) -> dict:
@@ -101,7 +103,7 @@ def child_plain(args, out: Path, which: str) -> dict:
         phases[name] = time.perf_counter() - start - sum(phases.values())
 
     unet = load_diffusers_unet(args.model_folder)
-    inputs = bench_inputs(unet, args.latent)  # the converted UNet's layout, as DiffusersUNet takes it
+    inputs = bench_inputs(unet, args.latent, args.model_folder)  # the converted UNet's layout, as DiffusersUNet takes it
     phase("load")
     with torch.no_grad():
         if which == "export":
@@ -156,7 +158,7 @@ def child_agreement(args, workdir: Path) -> dict:
     from python_coreml_sd.metrics import psnr
     from python_coreml_sd.runtime.mil import MILModel
     unet = load_diffusers_unet(args.model_folder)
-    inputs = bench_inputs(unet, args.latent)
+    inputs = bench_inputs(unet, args.latent, args.model_folder)
     reference = diffusers_reference(unet, inputs)
     del unet
     gc.collect()
