@@ -44,6 +44,14 @@ class ControlNetSource:
                                 f"the {ours!r} of {model!r}'s UNet; use a ControlNet made for that model")
 
 
+def controlnet_names(value) -> tuple:
+    """The ControlNets a generation runs, in order, from None, one name or several (diffusers'
+    MultiControlNetModel: their residuals, each scaled, are summed)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, (str, Path)) else tuple(value)
+
+
 def _seq(value):
     return value if isinstance(value, (list, tuple)) else [value]
 
