@@ -47,8 +47,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=positive_int, help="image width in pixels (as --height)")
     p.add_argument("--image", type=Path, help="img2img: start from this image (needs a converted VAE encoder)")
     p.add_argument("--strength", type=float,
-                   help="img2img: how much to change --image, in (0, 1] (default: 0.75; with --mask 1, as diffusers' "
-                        "inpainting)")
+                   help="img2img: how much to change --image, in (0, 1] (default: 0.75; with --mask 1, SDXL's 0.9999, "
+                        "as diffusers' inpainting pipelines)")
     p.add_argument("--mask", type=Path,
                    help="inpainting: repaint the white part of --image (a mask of its size; needs the VAE encoder "
                         "and an inpainting UNet, 9 input channels, or an ordinary UNet with an inpaint --controlnet, "

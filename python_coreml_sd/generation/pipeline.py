@@ -3,7 +3,7 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ class GenerationRequest:
     guidance_scale: float = 7.5
     scheduler: str = "PNDM"
     image: Image.Image = None  # img2img start image (inpainting: the image to repaint)
-    strength: float = None  # None: 0.75 for img2img, 1 with a mask (diffusers' defaults)
+    # None: 0.75 for img2img; with a mask the model's inpainting default (INPAINT_STRENGTH), which the pipeline fills in
+    strength: float = None
     mask: Image.Image = None  # inpainting: white is repainted, black kept (the size of `image`)
     # SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline): None means the image size, as there.
     original_size: tuple = None  # (height, width) in pixels
@@ -85,8 +86,8 @@ class GenerationRequest:
     controlnet_scale: tuple = 1.0
 
     def __post_init__(self):
-        if self.strength is None:
-            self.strength = 1.0 if self.mask is not None else 0.75
+        if self.strength is None and self.mask is None:
+            self.strength = 0.75
         if self.control_image is not None:
             self.control_image = (self.control_image,) if isinstance(self.control_image, Image.Image) else \
                 tuple(self.control_image)
@@ -105,7 +106,7 @@ class GenerationRequest:
             raise UserError(f"--controlnet-scale takes finite numbers, got {' '.join(map(str, self.controlnet_scale))}")
         if not math.isfinite(self.guidance_scale):
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
-        if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
+        if self.image is not None and self.strength is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
         self._validate_mask()
         if self.refiner_start is not None and not 0 < self.refiner_start < 1:  # also refuses nan
@@ -126,6 +127,11 @@ class GenerationRequest:
                             f"{self.image.size[1]}; the mask must cover the image pixel for pixel (white: repaint)")
         if self.refiner_start is not None:
             raise UserError("--mask with --refiner-start is not supported yet: inpaint with the base alone")
+
+
+# diffusers' default strength with a mask: StableDiffusionInpaintPipeline's 1, StableDiffusionXLInpaintPipeline's
+# 0.9999 (so SDXL's inpainting starts from the image noised, one step fewer, rather than from noise alone)
+INPAINT_STRENGTH = {SD: 1.0, SDXL: 0.9999}
 
 
 def check_control_counts(request: GenerationRequest, count: int, names=()) -> None:
@@ -466,7 +472,9 @@ class StableDiffusionPipeline:
         start = min(int(request.num_inference_steps * request.strength), request.num_inference_steps)
         timesteps = timesteps[request.num_inference_steps - start:]
         if len(timesteps) == 0:
-            raise UserError("--strength is too small for this many steps: no denoising step would run")
+            raise UserError(f"--strength {request.strength} is too small for {request.num_inference_steps} steps: no "
+                            "denoising step would run (with a mask, SDXL's default is 0.9999, as diffusers'); pass more "
+                            "--num-inference-steps or a larger --strength")
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(request.num_inference_steps - start)
         signal, noise_scale = self._noise_coefficients(scheduler, timesteps[0])
@@ -612,8 +620,15 @@ class StableDiffusionPipeline:
                 latents = blend(latents, scheduler, timesteps, i)
         return latents
 
+    def with_default_strength(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with a mask and no strength given: with this model family's inpainting default."""
+        if request.mask is None or request.strength is not None:
+            return request
+        return replace(request, strength=INPAINT_STRENGTH[self.family])
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         request.validate()
+        request = self.with_default_strength(request)
         self.check_request(request)
         self.use_size(request.height, request.width)
         if request.refiner_start is not None and self.family != SDXL:
