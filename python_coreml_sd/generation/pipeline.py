@@ -275,7 +275,7 @@ class StableDiffusionPipeline:
             cond = inputs.pop(control_input("controlnet_cond", key))
             scale = np.float32(inputs.pop(control_input("controlnet_scale", key))[0])
             out = self.models[key].predict({name: cond if name == "controlnet_cond" else inputs[name]
-                                            for name in CONTROLNET.inputs})
+                                            for name in CONTROLNET.io(self.family).inputs})
             if record is not None:
                 record[f"{RESIDUALS_STAGE}{key}"] = np.concatenate([value.ravel() for value in out.values()])
             for name, value in out.items():
