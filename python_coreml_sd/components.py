@@ -207,6 +207,20 @@ CONTROLLED_UNET = Interface(UNET_INPUTS, ("noise_pred",), lambda d: _unet_shapes
                             more_inputs=RESIDUAL)
 
 
+def _xl_added_shapes(d: Dims) -> tuple:
+    return (d.unet_batch, d.time_ids), (d.unet_batch, d.text_pooled)
+
+
+# SDXL's (Apple has none; ours): the ControlNet and the controlled UNet take the UNet's added conditions too, after
+# the UNet's three inputs, as the SDXL UNet does
+CONTROLNET_XL = Interface(UNET_XL_INPUTS + ("controlnet_cond",), (),
+                          lambda d: _unet_shapes(d) + _xl_added_shapes(d) + ((d.unet_batch, 3, *d.image_hw),),
+                          more_outputs=RESIDUAL)
+CONTROLLED_UNET_XL = Interface(UNET_XL_INPUTS, ("noise_pred",),
+                               lambda d: _unet_shapes(d) + _xl_added_shapes(d) + _residual_shapes(d),
+                               more_inputs=RESIDUAL)
+
+
 def with_residuals(variants: list, unet_config: dict) -> list:
     """Each of `variants` (Dims.variants) with the ControlNet residuals of its own latent size."""
     return [replace(d, residuals=residual_shapes(unet_config, d.latent_h, d.latent_w)) for d in variants]
@@ -264,12 +278,14 @@ TABLE = {spec.name: spec for spec in (
                   converted_with="unet"),
     *_chunks("refiner", "UnetRefiner", (SDXL,)),
     # --convert-unet --unet-support-controlnet: the UNet taking a ControlNet's residuals, Apple's names
-    ComponentSpec("control-unet", "ControlledUnet", "unet", {SD: CONTROLLED_UNET}, "unet:convert_controlled_unet",
+    ComponentSpec("control-unet", "ControlledUnet", "unet", {SD: CONTROLLED_UNET, SDXL: CONTROLLED_UNET_XL},
+                  "unet:convert_controlled_unet",
                   converted_with="unet"),
     # with --chunk-unet: chunk 1 and 2 each take the residuals its ops add (Apple's ControlledUnetChunk1/2)
     *_chunks("control-unet", "ControlledUnet", (SD,)),
     # --convert-controlnet MODEL...: one package per ControlNet, named after it (Apple's ControlNet_<model>)
-    ComponentSpec("controlnet", "ControlNet", "unet", {SD: CONTROLNET}, "controlnet:convert_controlnets",
+    ComponentSpec("controlnet", "ControlNet", "unet", {SD: CONTROLNET, SDXL: CONTROLNET_XL},
+                  "controlnet:convert_controlnets",
                   package="ControlNet_{model}.mlpackage"),
     ComponentSpec("safety_checker", "SafetyChecker", "safety_checker",
                   _any(Interface(("clip_input", "images", "adjustment"),

@@ -45,7 +45,7 @@ def print_report(report) -> None:
         print(f"seed {entry['seed']} ({entry['scheduler']}, {entry['steps']} steps):")
         for stage, value in entry["psnr_db"].items():
             mark = "ok" if value >= report["threshold_db"] else "FAIL"
-            print(f"  {stage:18s} {value:7.1f} dB  {mark}")
+            print(f"  {stage:30s} {value:7.1f} dB  {mark}")
 
 
 def main(argv=None) -> int:

@@ -51,11 +51,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=positive_int, help="image width in pixels (as --height)")
     p.add_argument("--image", type=Path, help="img2img: start from this image (needs a converted VAE encoder)")
     p.add_argument("--strength", type=float,
-                   help="img2img: how much to change --image, in (0, 1] (default: 0.75; with --mask 1, as diffusers' "
-                        "inpainting)")
+                   help="img2img: how much to change --image, in (0, 1] (default: 0.75; with --mask 1, SDXL's 0.9999, "
+                        "as diffusers' inpainting pipelines)")
     p.add_argument("--mask", type=Path,
-                   help="inpainting: repaint the white part of --image (a mask of its size; needs an inpainting UNet, "
-                        "9 input channels, and the VAE encoder)")
+                   help="inpainting: repaint the white part of --image (a mask of its size; needs the VAE encoder "
+                        "and an inpainting UNet, 9 input channels, or an ordinary UNet with an inpaint --controlnet, "
+                        "whose condition is then the masked image unless --control-image is given)")
     p.add_argument("--model-version", default="tiny",
                    help="model whose tokenizer, scheduler config (and, for --backend torch, weights) to use: a "
                         f"diffusers folder, hub id or one of {', '.join(registry.model_names())} (default: tiny)")
@@ -84,15 +85,18 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                          "--refiner-version)")
     xl.add_argument("--refiner-version", metavar="MODEL",
                     help="the SDXL refiner the torch backend runs with --refiner-start (e.g. tiny-xl-refiner)")
-    control = p.add_argument_group("ControlNet (SD 1.x / 2.x)")
-    control.add_argument("--controlnet", metavar="NAME",
-                         help="steer the UNet with this ControlNet: converted backends load ControlNet_<NAME>.mlpackage "
+    control = p.add_argument_group("ControlNet (SD 1.x / 2.x; SDXL on the torch backend)")
+    control.add_argument("--controlnet", metavar="NAME", nargs="+",
+                         help="steer the UNet with these ControlNets (several: their scaled residuals summed, as "
+                              "diffusers' MultiControlNetModel): converted backends load ControlNet_<NAME>.mlpackage "
                               "and the UNet converted with --unet-support-controlnet from -i; torch loads NAME (a "
                               f"diffusers ControlNetModel folder or {', '.join(registry.controlnet_names())})")
-    control.add_argument("--control-image", type=Path,
-                         help="the ControlNet's condition image (edges, depth...), resized to the image size")
-    control.add_argument("--controlnet-scale", type=float, default=1.0,
-                         help="multiplies the ControlNet's residuals (default: 1)")
+    control.add_argument("--control-image", type=Path, nargs="+", metavar="IMAGE",
+                         help="the ControlNets' condition images (edges, depth...), one per --controlnet in its order, "
+                              "each resized to the image size")
+    control.add_argument("--controlnet-scale", type=float, nargs="+", default=[1.0], metavar="S",
+                         help="multiplies the ControlNets' residuals: one scale for all or one per --controlnet "
+                              "(default: 1)")
     p.add_argument("--verbose", action="store_true", help="show the log of torch, diffusers and coremltools")
 
 
@@ -127,8 +131,8 @@ def requests_from_args(args, seeds) -> list:
                         crops_coords_top_left=tuple(args.crops_coords_top_left),
                         target_size=tuple(args.target_size) if args.target_size else None,
                         refiner_start=args.refiner_start, height=args.height, width=args.width,
-                        control_image=load_image(args.control_image) if args.control_image else None,
-                        controlnet_scale=args.controlnet_scale)
+                        control_image=[load_image(path, "--control-image") for path in args.control_image]
+                        if args.control_image else None, controlnet_scale=tuple(args.controlnet_scale))
 
 
 def job_from_args(args):
@@ -146,8 +150,8 @@ def parameters(job, request) -> dict:
             "scheduler": request.scheduler, "backend": job.models.backend, "device": job.models.device,
             "model_version": job.models.model_version, "strength": request.strength if request.image else None,
             "inpainting": request.mask is not None,
-            "refiner_start": request.refiner_start, "controlnet": job.models.controlnet,
-            "controlnet_scale": request.controlnet_scale if request.control_image else None,
+            "refiner_start": request.refiner_start, "controlnet": list(job.models.controlnet) or None,
+            "controlnet_scale": list(request.controlnet_scale) if request.control_image else None,
             "generator": "python_coreml_sd"}
 
 

@@ -116,7 +116,7 @@ def diffusers_inpaint(source, request, pipeline_class=None, **extra):
 
 def test_torch_loop_is_diffusers_inpaint_pipeline(pipes, source, picture, mask):
     request = request_with(picture, mask)
-    assert request.strength == 1  # diffusers' inpainting default
+    assert pipes["torch"].with_default_strength(request).strength == 1  # StableDiffusionInpaintPipeline's default
     ours = pipes["torch"].generate(request).intermediates
     latents, small_mask, masked_latents = diffusers_inpaint(source, request)
     assert np.array_equal(ours["mask"], small_mask) and 0 < small_mask.mean() < 1
@@ -213,13 +213,57 @@ def test_xl_inpainting_unet_package_has_nine_channels(xl_models_dir):
 
 
 def test_xl_torch_loop_is_diffusers_and_mil_matches(xl_pipes, picture, mask):
-    request = request_with(picture, mask, scheduler="EulerDiscrete", guidance_scale=5.0)
+    request = request_with(picture, mask, scheduler="EulerDiscrete", guidance_scale=5.0, strength=1.0)
     ours = xl_pipes["torch"].generate(request)
     from diffusers import StableDiffusionXLInpaintPipeline
     reference = diffusers_inpaint(resolve(XL), request, StableDiffusionXLInpaintPipeline, strength=1.0)[0]
     assert psnr(reference, ours.intermediates["final_latents"]) >= 60
     mil = xl_pipes["mil"].generate(request)
     assert psnr(ours.intermediates["final_latents"], mil.intermediates["final_latents"]) >= 40  # fp32 packages
+
+
+def diffusers_xl_inpaint_default_strength(request) -> np.ndarray:
+    """Final latents of StableDiffusionXLInpaintPipeline at its default strength (0.9999: the image's latents noised
+    to the first kept timestep, one step fewer) with our draws: RandomSource's img2img pair (the image's posterior
+    noise, then the noise) and the masked image's posterior noise; the VAE encodings and the noising are diffusers'."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as module
+    pipe = module.StableDiffusionXLInpaintPipeline.from_pretrained(str(resolve(XL).root), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    draws = np.random.RandomState(request.seed)
+    image_noise, noise, masked_noise = (torch.from_numpy(draws.randn(1, 4, 16, 16).astype(np.float32)) for _ in range(3))
+    scale = pipe.vae.config.scaling_factor
+
+    def sample(image, posterior_noise):
+        posterior = pipe.vae.encode(image).latent_dist
+        return scale * (posterior.mean + posterior.std * posterior_noise)
+
+    image = pipe.image_processor.preprocess(request.image, height=128, width=128)
+    mask = pipe.mask_processor.preprocess(request.mask, height=128, width=128)
+    pipe._encode_vae_image = lambda image, generator: sample(image, image_noise)
+    original = module.randn_tensor
+    module.randn_tensor = lambda shape, **kwargs: noise
+    try:
+        with torch.no_grad():
+            return pipe(request.prompt, image=request.image, mask_image=request.mask, height=128, width=128,
+                        masked_image_latents=sample(image * (mask < 0.5), masked_noise),
+                        num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                        output_type="latent").images.numpy()
+    finally:
+        module.randn_tensor = original
+
+
+def test_xl_default_strength_is_diffusers(xl_pipes, picture, mask):
+    """No --strength with a mask: SDXL's inpainting default, 0.9999 (diffusers'), not SD's 1."""
+    import inspect
+    from diffusers import StableDiffusionXLInpaintPipeline
+    request = request_with(picture, mask, scheduler="EulerDiscrete", guidance_scale=5.0)
+    default = inspect.signature(StableDiffusionXLInpaintPipeline.__call__).parameters["strength"].default
+    assert request.strength is None and xl_pipes["torch"].with_default_strength(request).strength == default < 1
+    ours = xl_pipes["torch"].generate(request).intermediates["final_latents"]
+    assert psnr(diffusers_xl_inpaint_default_strength(request), ours) >= 60
+    at_one = xl_pipes["torch"].generate(request_with(picture, mask, scheduler="EulerDiscrete", guidance_scale=5.0,
+                                                     strength=1.0)).intermediates["final_latents"]
+    assert psnr(ours, at_one) < 60  # the default is not strength 1's result
 
 
 def test_chunked_inpainting_unet_generates_as_the_whole(tmp_path, models_dir, pipes, picture, mask):

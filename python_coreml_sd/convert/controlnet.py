@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..components import SD, TABLE, Dims, residual_shapes, with_residuals
+from ..components import SD, TABLE, Dims, interface_of, residual_shapes, with_residuals
 from ..controlnets import resolve_controlnet
+from ..errors import UserError
 from ..layers.unet import DiffusersControlNet
 from .common import convert_traced_component, kept_existing
 from .unet import DESCRIPTIONS, check_controlled_sizes, latent_size, sample_inputs, text_sequence_length
@@ -26,6 +27,9 @@ def output_paths(options) -> list:
 def check_request(source, options) -> None:
     """Before any conversion: each ControlNet exists and fits the model's UNet."""
     unet_config = source.config("unet")
+    if interface_of(unet_config) != SD:
+        raise UserError(f"--convert-controlnet: {source.name!r} is SDXL's; SDXL ControlNets run on the pipeline's "
+                        "torch backend only for now, and convert for SD 1.x / 2.x models")
     for name in options.controlnets:
         resolve_controlnet(name).check_fits(unet_config, source.name)
     check_controlled_sizes(options)

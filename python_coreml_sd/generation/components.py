@@ -71,6 +71,11 @@ class ModelSet:
                     if name in self[chunk].input_shapes)
 
     @property
+    def controlnets(self) -> list:
+        """The keys of the ControlNets steering the UNet, in the order their residuals are summed."""
+        return [name for name in self.components if is_controlnet_key(name)]
+
+    @property
     def family(self) -> str:
         """The interface family of these models (python_coreml_sd.components): SDXL when the UNet takes
         SDXL's added conditions."""
@@ -84,6 +89,20 @@ class ModelSet:
         first, second = self[f"{unet}_chunk1"], self[f"{unet}_chunk2"]
         hidden = first.predict({k: v for k, v in inputs.items() if k in first.input_shapes})
         return second.predict({k: v for k, v in {**inputs, **hidden}.items() if k in second.input_shapes})["noise_pred"]
+
+
+def controlnet_key(index: int) -> str:
+    """The ModelSet key of the index-th ControlNet (several may run at once; each is a `controlnet` component)."""
+    return f"controlnet_{index}"
+
+
+def is_controlnet_key(name: str) -> bool:
+    return name.startswith("controlnet_") and name[len("controlnet_"):].isdigit()
+
+
+def table_name(key: str) -> str:
+    """The component-table entry of a ModelSet key."""
+    return "controlnet" if is_controlnet_key(key) else key
 
 
 def find_packages(folder: Path, model_version: str = None) -> dict:
@@ -166,35 +185,37 @@ def check_inputs(component: str, path: Path, shapes: dict) -> None:
                         "with python -m python_coreml_sd.torch2coreml")
 
 
-def with_controlnet(found: dict, folder: Path, controlnet: str = None) -> dict:
-    """The packages a generation runs: with `controlnet`, its package and the controlled UNet in the UNet's place
-    (as Apple's pipeline); without, no controlled UNet."""
+def with_controlnet(found: dict, folder: Path, controlnets=()) -> dict:
+    """The packages a generation runs: with `controlnets` (names), their packages and the controlled UNet in the
+    UNet's place (as Apple's pipeline); without, no controlled UNet."""
     controlled = found.pop("control-unet", None)
     # the chunked controlled UNet (--chunk-unet), run as the whole when that is absent, as the plain UNet's chunks
     chunks = {name: found.pop(f"control-unet_{name}", None) for name in ("chunk1", "chunk2")}
-    if controlnet is None:
+    if not controlnets:
         return found
-    path = Path(folder) / TABLE["controlnet"].package_name(controlnet)
-    if not path.exists():
-        raise UserError(f"models folder {folder} has no {path.name}; convert the ControlNet with python -m "
-                        f"python_coreml_sd.torch2coreml --convert-controlnet {controlnet}")
+    paths = [Path(folder) / TABLE["controlnet"].package_name(name) for name in controlnets]
+    for name, path in zip(controlnets, paths):
+        if not path.exists():
+            raise UserError(f"models folder {folder} has no {path.name}; convert the ControlNet with python -m "
+                            f"python_coreml_sd.torch2coreml --convert-controlnet {name}")
+    nets = {controlnet_key(i): path for i, path in enumerate(paths)}
     if controlled is None and all(chunks.values()):  # in the plain UNet's place, as its chunks
         found.pop("unet", None)
-        return {**found, **{f"unet_{name}": chunk for name, chunk in chunks.items()}, "controlnet": path}
+        return {**found, **{f"unet_{name}": chunk for name, chunk in chunks.items()}, **nets}
     if controlled is None:
         raise UserError(f"--controlnet needs a UNet taking ControlNet residuals and models folder {folder} has none "
                         "(its UNet has no additional_residual inputs); convert one with --convert-unet "
                         "--unet-support-controlnet")
     for name in ("unet_chunk1", "unet_chunk2"):
         found.pop(name, None)
-    return {**found, "unet": controlled, "controlnet": path}
+    return {**found, "unet": controlled, **nets}
 
 
 def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit: str = "ALL",
-                   needed=(), model_version: str = None, controlnet: str = None,
+                   needed=(), model_version: str = None, controlnets=(),
                    torch_compile: bool = False) -> ModelSet:
     from ..runtime import load_model
-    found = with_controlnet(find_packages(folder, model_version), folder, controlnet)
+    found = with_controlnet(find_packages(folder, model_version), folder, controlnets)
     missing = [name for name in needed if name not in found and not (name == "unet" and "unet_chunk1" in found)]
     if missing:
         raise UserError(f"models folder {folder} has no {', '.join(missing)} package; convert it with "
@@ -205,7 +226,7 @@ def load_converted(folder: Path, backend: str, device: str = "cpu", compute_unit
     # Every package is checked (safe, the inputs the pipeline feeds) before the first one loads.
     inputs = {name: _package_inputs(path) for name, path in found.items()}
     for name, path in found.items():
-        check_inputs(name, path, inputs[name][0])
+        check_inputs(table_name(name), path, inputs[name][0])
     return ModelSet({name: Component(load_model(path, backend=backend, device=device, compute_unit=compute_unit,
                                                 **_runtime_options(name, backend, device, torch_compile)),
                                      *inputs[name]) for name, path in found.items()})
@@ -251,11 +272,11 @@ def names(component: str, family: str = SD, dims: Dims = None) -> tuple:
 
 
 def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True,
-               refiner=None, controlnet=None, latent_sizes=(), prompt_chunks: int = 1) -> ModelSet:
+               refiner=None, controlnets=(), latent_sizes=(), prompt_chunks: int = 1) -> ModelSet:
     """The reference path: the original diffusers modules of `source`, wrapped like the converters wrap them;
     `refiner`: an SDXL refiner's ModelSource, whose UNet joins them (its text encoder is the base's second, as
-    the SDXL models share it and Apple's pipeline uses it); `controlnet`: a ControlNetSource, run with the UNet
-    taking its residuals in the UNet's place. `latent_sizes` ((h, w), `latent_hw` first when absent) and
+    the SDXL models share it and Apple's pipeline uses it); `controlnets`: ControlNetSources, run with the UNet
+    taking their residuals in the UNet's place. `latent_sizes` ((h, w), `latent_hw` first when absent) and
     `prompt_chunks`: the shapes the modules are declared to take, as a package converted with --latent-sizes and
     --max-prompt-chunks would (PyTorch takes any; the pipeline picks among the declared ones)."""
     from ..convert.safety_checker import SafetyChecker
@@ -277,11 +298,13 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
     if checker is not None:
         modules["safety_checker"] = SafetyChecker(checker)
     specs = {name: name for name in modules}  # module -> its table entry
-    if controlnet is not None:
-        controlnet.check_fits(dict(unet.config), source.name)
+    if controlnets:
+        for controlnet in controlnets:
+            controlnet.check_fits(dict(unet.config), source.name)
         dims = replace(dims, residuals=residual_shapes(unet.config, *latent_hw))
-        modules.update(unet=DiffusersControlledUNet(unet), controlnet=DiffusersControlNet(controlnet.load()))
-        specs.update(unet="control-unet", controlnet="controlnet")
+        modules["unet"], specs["unet"] = DiffusersControlledUNet(unet), "control-unet"
+        for i, controlnet in enumerate(controlnets):
+            modules[controlnet_key(i)], specs[controlnet_key(i)] = DiffusersControlNet(controlnet.load()), "controlnet"
     all_dims = {name: dims for name in modules}
     if refiner is not None:
         refiner_unet = refiner.load_unet()

@@ -6,11 +6,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..controlnets import controlnet_names
 from ..errors import UserError
 from ..package_io import check_output_dir, prepare_output_dir, replace_atomically
 from . import parity, setup
 from .images import output_name, save_png
-from .pipeline import GenerationRequest
+from .pipeline import GenerationRequest, check_control_counts
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,14 @@ class Models:
     compute_unit: str = "ALL"
     torch_precision: str = "float32"
     refiner_version: str = None  # SDXL: the refiner whose UNet the torch backend runs (converted: its package)
-    controlnet: str = None  # a ControlNet steering the UNet (converted: its ControlNet_<name> package)
+    # ControlNets steering the UNet, their residuals scaled and summed (converted: their ControlNet_<name> packages);
+    # one name or several, kept as a tuple
+    controlnet: tuple = ()
     prediction_type: str = None  # --prediction-type of a single-file --model-version
     torch_compile: bool = False  # mil: run the UNet through torch.compile (MILModel(torch_compile=True))
+
+    def __post_init__(self):
+        object.__setattr__(self, "controlnet", controlnet_names(self.controlnet))
 
     def open(self, img2img: bool = False, progress: bool = True, sizes=()):
         """`sizes`: the requests' (height, width) pixel sizes (the torch backend without converted models takes them)."""
@@ -67,11 +73,14 @@ class ParityJob:
         return [Path(self.output_dir) / name for name in self.outputs]
 
 
-def _check_job(requests: list, output_dir: Path, targets: list, overwrite: bool) -> None:
+def _check_job(requests: list, output_dir: Path, targets: list, overwrite: bool, controlnets=None) -> None:
     if not requests:
         raise UserError("nothing to generate: no prompt and seed given")
     for request in requests:
         request.validate()
+    if controlnets is not None:
+        for request in requests:
+            check_control_counts(request, len(controlnets), controlnets)
     check_output_dir(output_dir)
     for target in targets:  # refuse before generating, not after
         if target.exists() and not overwrite:
@@ -81,7 +90,7 @@ def _check_job(requests: list, output_dir: Path, targets: list, overwrite: bool)
 def generate_images(job: ImageJob, parameters=lambda request: {}) -> list:
     """PNG files of the job's requests (with `parameters(request)` in their text chunks); returns their paths."""
     targets = job.targets()
-    _check_job(job.requests, job.output_dir, targets, job.overwrite)
+    _check_job(job.requests, job.output_dir, targets, job.overwrite, job.models.controlnet)
     pipe = job.models.open(img2img=any(r.image is not None for r in job.requests), sizes=requested_sizes(job.requests))
     for request in job.requests:  # what these models cannot do, before the folder is made
         pipe.check_request(request)
@@ -101,7 +110,7 @@ def run_parity(job: ParityJob) -> dict:
     """Generate with the reference and the converted models; returns the report and writes report.json and
     grid.png (converted beside reference, and their amplified difference) to the job's output folder."""
     targets = job.targets()
-    _check_job(job.requests, job.output_dir, targets, job.overwrite)
+    _check_job(job.requests, job.output_dir, targets, job.overwrite, job.converted.controlnet)
     img2img = any(r.image is not None for r in job.requests)
     converted = job.converted.open(img2img=img2img, progress=False)
     reference = job.converted.reference(job.torch_precision).open(progress=False, sizes=requested_sizes(job.requests))

@@ -4,17 +4,29 @@ import numpy as np
 from PIL import Image
 
 from ..metrics import psnr
+from .pipeline import RESIDUALS_STAGE
 
 # SDXL's runs also record each encoder's penultimate states, the pooled text_embeds and the refiner's first step;
-# inpainting runs the masked image's latents.
+# inpainting runs the masked image's latents (a 4-channel UNet's ControlNet route: the image's); ControlNet runs
+# each ControlNet's residuals at the first step (`first_residuals_controlnet_<i>`, before the first noise_pred).
 STAGES = ("text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "text_embeddings",
-          "masked_image_latents", "first_noise_pred", "first_noise_pred_refiner", "final_latents", "decoded_image")
+          "masked_image_latents", "image_latents", RESIDUALS_STAGE, "first_noise_pred", "first_noise_pred_refiner",
+          "final_latents", "decoded_image")
+
+
+def stages_of(intermediates: dict) -> list:
+    """The stages a run recorded, in STAGES' order (the ControlNets' residuals in theirs)."""
+    found = []
+    for stage in STAGES:
+        found += [k for k in intermediates if k.startswith(stage)] if stage == RESIDUALS_STAGE else \
+            [stage] * (stage in intermediates)
+    return found
 
 
 def compare(reference, converted) -> dict:
     """PSNR of every stage both runs recorded and of the final 8-bit images."""
-    values = {stage: psnr(reference.intermediates[stage], converted.intermediates[stage]) for stage in STAGES
-              if stage in reference.intermediates and stage in converted.intermediates}
+    values = {stage: psnr(reference.intermediates[stage], converted.intermediates[stage])
+              for stage in stages_of(reference.intermediates) if stage in converted.intermediates}
     values["final_image"] = psnr(np.asarray(reference.image, np.float32), np.asarray(converted.image, np.float32))
     return values
 

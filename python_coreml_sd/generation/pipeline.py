@@ -3,7 +3,7 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -37,8 +37,13 @@ def sample_posterior(moments: np.ndarray, noise: np.ndarray) -> np.ndarray:
 
 TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER, CONTROLNET = (
     TABLE[name] for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker", "controlnet"))
-# The ControlNet's inputs beyond the UNet's, passed with the UNet's inputs (per batch entry, like SDXL's)
-CONTROL_INPUTS = ("controlnet_cond", "controlnet_scale")
+RESIDUALS_STAGE = "first_residuals_"  # + a ControlNet's key: its residuals at the first step (parity's stages)
+
+
+def control_input(name: str, key: str) -> str:
+    """The name under which a ControlNet's inputs beyond the UNet's (controlnet_cond, controlnet_scale) travel with
+    the UNet's inputs (per batch entry, like SDXL's added conditions): one pair per ControlNet `key`."""
+    return f"{name}:{key}"
 
 
 def _sizes_text(sizes) -> str:
@@ -58,7 +63,8 @@ class GenerationRequest:
     guidance_scale: float = 7.5
     scheduler: str = "PNDM"
     image: Image.Image = None  # img2img start image (inpainting: the image to repaint)
-    strength: float = None  # None: 0.75 for img2img, 1 with a mask (diffusers' defaults)
+    # None: 0.75 for img2img; with a mask the model's inpainting default (INPAINT_STRENGTH), which the pipeline fills in
+    strength: float = None
     mask: Image.Image = None  # inpainting: white is repainted, black kept (the size of `image`)
     # SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline): None means the image size, as there.
     original_size: tuple = None  # (height, width) in pixels
@@ -72,12 +78,21 @@ class GenerationRequest:
     # The image size in pixels, one the converted models take (--latent-sizes); None: their default size
     height: int = None
     width: int = None
-    control_image: Image.Image = None  # --controlnet's condition image (edges, depth...): resized to the image size
-    controlnet_scale: float = 1.0  # the ControlNet's residuals are multiplied by this
+    # --controlnet's condition images (edges, depth...), one per ControlNet (an image or a sequence; kept as a
+    # tuple): each resized to the image size
+    control_image: tuple = None
+    # Each ControlNet's residuals are multiplied by its scale: one number (or a sequence of one) for all, or one per
+    # ControlNet (kept as a tuple), as diffusers' controlnet_conditioning_scale
+    controlnet_scale: tuple = 1.0
 
     def __post_init__(self):
-        if self.strength is None:
-            self.strength = 1.0 if self.mask is not None else 0.75
+        if self.strength is None and self.mask is None:
+            self.strength = 0.75
+        if self.control_image is not None:
+            self.control_image = (self.control_image,) if isinstance(self.control_image, Image.Image) else \
+                tuple(self.control_image)
+        scales = self.controlnet_scale
+        self.controlnet_scale = tuple(float(v) for v in (scales if isinstance(scales, (list, tuple)) else (scales,)))
 
     def validate(self):
         if not self.prompt or not self.prompt.strip():
@@ -87,11 +102,11 @@ class GenerationRequest:
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED} (NumPy's RandomState seeds, which every "
                             "backend and the Swift package share)")
-        if not math.isfinite(self.controlnet_scale):
-            raise UserError(f"--controlnet-scale must be a finite number, got {self.controlnet_scale}")
+        if not self.controlnet_scale or not all(math.isfinite(v) for v in self.controlnet_scale):
+            raise UserError(f"--controlnet-scale takes finite numbers, got {' '.join(map(str, self.controlnet_scale))}")
         if not math.isfinite(self.guidance_scale):
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
-        if self.image is not None and not 0 < self.strength <= 1:  # also refuses nan
+        if self.image is not None and self.strength is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
         self._validate_mask()
         if self.refiner_start is not None and not 0 < self.refiner_start < 1:  # also refuses nan
@@ -112,6 +127,51 @@ class GenerationRequest:
                             f"{self.image.size[1]}; the mask must cover the image pixel for pixel (white: repaint)")
         if self.refiner_start is not None:
             raise UserError("--mask with --refiner-start is not supported yet: inpaint with the base alone")
+
+
+# diffusers' default strength with a mask: StableDiffusionInpaintPipeline's 1, StableDiffusionXLInpaintPipeline's
+# 0.9999 (so SDXL's inpainting starts from the image noised, one step fewer, rather than from noise alone)
+INPAINT_STRENGTH = {SD: 1.0, SDXL: 0.9999}
+
+
+def check_control_counts(request: GenerationRequest, count: int, names=()) -> None:
+    """One condition image per ControlNet (`count` of them; `names`: theirs, for the message), and one scale for
+    all or one each, as diffusers' MultiControlNetModel takes them; with --mask, one ControlNet may go without its
+    image (an inpaint ControlNet: the masked image is its condition). A UserError naming the fix otherwise."""
+    listed = f" (--controlnet {' '.join(map(str, names))})" if names else ""
+    images = len(request.control_image or ())
+    if count and not images and not (request.mask is not None and count == 1):
+        raise UserError(f"--controlnet needs --control-image IMAGE, one per ControlNet{listed}")
+    if count and images and images != count:
+        raise UserError(f"--control-image: {images} image{'s' * (images != 1)} for {count} ControlNet"
+                        f"{'s' * (count != 1)}{listed}; pass one condition image per ControlNet, in the same order")
+    if not count and images:
+        raise UserError("--control-image needs --controlnet NAME (and a UNet converted for ControlNets)")
+    scales = len(request.controlnet_scale)
+    if count and scales not in (1, count):
+        raise UserError(f"--controlnet-scale: {scales} scales for {count} ControlNets{listed}; pass one scale for all "
+                        "or one per ControlNet")
+
+
+def scales_for(request: GenerationRequest, count: int) -> tuple:
+    """Each ControlNet's scale (one given: the same for all)."""
+    return request.controlnet_scale * count if len(request.controlnet_scale) == 1 else request.controlnet_scale
+
+
+@dataclass(frozen=True)
+class MaskBlend:
+    """Inpainting with a 4-channel UNet (diffusers' StableDiffusionControlNetInpaintPipeline): after each step the
+    latents outside the mask are the image's, noised to the next step's timestep (after the last: as they are)."""
+    mask: np.ndarray  # (1, 1, h, w) at latent size, 1: repaint
+    image_latents: np.ndarray  # (1, C, h, w), scaled
+    noise: np.ndarray  # the start's draw, which re-noises them
+
+    def __call__(self, latents, scheduler, timesteps, i: int) -> np.ndarray:
+        kept = self.image_latents
+        if i < len(timesteps) - 1:
+            kept = scheduler.add_noise(torch.from_numpy(kept), torch.from_numpy(self.noise),
+                                       torch.tensor([timesteps[i + 1]])).numpy()
+        return ((1 - self.mask) * kept + self.mask * latents).astype(np.float32)
 
 
 @dataclass
@@ -148,62 +208,79 @@ class StableDiffusionPipeline:
         self._clip_processor = _clip_processor(models) if "safety_checker" in models else None
 
     def _check_controlnet(self):
-        if "controlnet" not in self.models:
+        if not self.models.controlnets:
             return
         if RESIDUAL.format(0) not in self.models.unet_input_shapes():
             raise UserError("a ControlNet was given but this UNet takes no ControlNet residuals (additional_residual_0, "
                             "...); convert it with --convert-unet --unet-support-controlnet")
-        if "controlnet_cond" not in self.models["controlnet"].input_shapes:
-            return
-        # The sizes both take (the ControlNet's condition image is 8x the latents), the UNet's default among them.
-        sizes = [(h // 8, w // 8) for *_, h, w in self.models["controlnet"].allowed("controlnet_cond")]
-        if self.latent_sizes[0] not in sizes:
-            raise UserError(f"the ControlNet was converted for {_sizes_text((8 * h, 8 * w) for h, w in sizes)} images "
-                            f"but the UNet makes {self.image_size[0]}x{self.image_size[1]}; convert both with the "
-                            "same --latent-h/--latent-w or --latent-sizes")
-        self.latent_sizes = [size for size in self.latent_sizes if size in sizes]
+        for key in self.models.controlnets:
+            if "controlnet_cond" not in self.models[key].input_shapes:
+                continue
+            # The sizes both take (the ControlNet's condition image is 8x the latents), the UNet's default among them.
+            sizes = [(h // 8, w // 8) for *_, h, w in self.models[key].allowed("controlnet_cond")]
+            if self.latent_sizes[0] not in sizes:
+                raise UserError(f"the ControlNet was converted for {_sizes_text((8 * h, 8 * w) for h, w in sizes)} "
+                                f"images but the UNet makes {self.image_size[0]}x{self.image_size[1]}; convert both "
+                                "with the same --latent-h/--latent-w or --latent-sizes")
+            self.latent_sizes = [size for size in self.latent_sizes if size in sizes]
 
     def check_request(self, request) -> None:
         """What these models cannot do for `request` (checked before any work): a mask needs an inpainting UNet, and
         an inpainting UNet a mask."""
-        if request.mask is not None and not self.inpaint:
+        if request.mask is not None and not self.inpaint and not self.models.controlnets:
             raise UserError(f"--mask needs an inpainting UNet (its sample takes {inpainting_channels(self.latent_channels)} "
                             f"channels: latents, mask, masked-image latents) and this one takes {self.sample_channels}; "
-                            "convert an inpainting model (e.g. tiny-inpaint); the ControlNet inpaint route for "
-                            "ordinary UNets is not supported yet")
+                            "convert an inpainting model (e.g. tiny-inpaint), or take the ControlNet inpaint route: "
+                            "--controlnet with an inpaint ControlNet and a UNet converted with --unet-support-controlnet")
         if self.inpaint and request.mask is None:
             raise UserError("this UNet is an inpainting UNet (its sample takes the mask and the masked image too): "
                             "pass --image IMAGE and --mask MASK")
-        if self.inpaint and "controlnet" in self.models:
+        if self.inpaint and self.models.controlnets:
             raise UserError("--mask with --controlnet is not supported yet: inpaint without the ControlNet")
 
     def control_inputs(self, request) -> dict:
-        """The ControlNet's condition image (diffusers' preprocessing: RGB, resized, [0, 1], NCHW) and scale,
-        [unconditional, conditional] like every input of the guided UNet."""
-        if (request.control_image is None) != ("controlnet" not in self.models):
-            raise UserError("--controlnet needs --control-image IMAGE" if request.control_image is None
-                            else "--control-image needs --controlnet NAME (and a UNet converted for ControlNets)")
-        if request.control_image is None:
+        """Each ControlNet's condition image (diffusers' preprocessing: RGB, resized, [0, 1], NCHW) and scale,
+        [unconditional, conditional] like every input of the guided UNet, under its `control_input` names."""
+        keys = self.models.controlnets
+        check_control_counts(request, len(keys))
+        if not keys:
             return {}
+        inputs = {}
+        # With --mask and no --control-image, the one ControlNet is an inpaint ControlNet: the masked image steers it
+        conds = ([self.control_condition(image) for image in request.control_image] if request.control_image
+                 else [self.inpaint_control_condition(request)])
+        for key, cond, scale in zip(keys, conds, scales_for(request, len(keys))):
+            inputs[control_input("controlnet_cond", key)] = np.concatenate([cond, cond])
+            inputs[control_input("controlnet_scale", key)] = np.full((2,), scale, np.float32)
+        return inputs
+
+    def control_condition(self, image: Image.Image) -> np.ndarray:
+        """(1, 3, H, W) in [0, 1]: a condition image resized to the image size (of its aspect ratio, or refused)."""
         h, w = self.image_size
-        width, height = request.control_image.size
+        width, height = image.size
         if abs(width / height - w / h) > 0.01:
             raise UserError(f"--control-image is {width}x{height}, not the {w}x{h} aspect ratio of the images this "
                             "UNet makes; crop it to that ratio (it is then resized)")
-        image = np.asarray(request.control_image.convert("RGB").resize((w, h), Image.LANCZOS), np.float32) / 255
-        cond = image.transpose(2, 0, 1)[None]
-        return {"controlnet_cond": np.concatenate([cond, cond]),
-                "controlnet_scale": np.full((2,), request.controlnet_scale, np.float32)}
+        array = np.asarray(image.convert("RGB").resize((w, h), Image.LANCZOS), np.float32) / 255
+        return array.transpose(2, 0, 1)[None]
 
-    def run_unet(self, inputs: dict, unet: str) -> np.ndarray:
-        """The UNet, after the ControlNet (when the inputs carry its image): its scaled residuals join the inputs."""
-        if "controlnet_cond" in inputs:
-            inputs = dict(inputs)
-            scale = float(inputs.pop("controlnet_scale")[0])
-            residuals = self.models["controlnet"].predict({name: inputs.pop(name) if name in CONTROL_INPUTS else
-                                                          inputs[name] for name in CONTROLNET.inputs})
-            inputs.update({name: value * np.float32(scale) for name, value in residuals.items()})
-        return self.models.run_unet(inputs, unet)
+    def run_unet(self, inputs: dict, unet: str, record: dict = None) -> np.ndarray:
+        """The UNet, after the ControlNets whose images the inputs carry: their residuals, each scaled, summed
+        (diffusers' MultiControlNetModel) join the inputs. `record`: receives each ControlNet's residuals, unscaled
+        and flattened into one array, as `first_residuals_<key>` (parity compares them)."""
+        inputs, residuals = dict(inputs), {}
+        for key in self.models.controlnets:
+            if control_input("controlnet_cond", key) not in inputs:
+                continue
+            cond = inputs.pop(control_input("controlnet_cond", key))
+            scale = np.float32(inputs.pop(control_input("controlnet_scale", key))[0])
+            out = self.models[key].predict({name: cond if name == "controlnet_cond" else inputs[name]
+                                            for name in CONTROLNET.io(self.family).inputs})
+            if record is not None:
+                record[f"{RESIDUALS_STAGE}{key}"] = np.concatenate([value.ravel() for value in out.values()])
+            for name, value in out.items():
+                residuals[name] = value * scale + residuals[name] if name in residuals else value * scale
+        return self.models.run_unet({**inputs, **residuals}, unet)
 
     def _check_sizes(self) -> list:
         """The latent sizes (h, w) both the UNet and the VAE decoder take, the UNet's default first."""
@@ -366,36 +443,45 @@ class StableDiffusionPipeline:
             rows = [head + tuple(request.target_size or size)] * 2
         return np.asarray(rows, dtype=np.float32)
 
-    def predict_noise(self, latents, t, embeddings, guidance_scale, added: dict = None, unet: str = "unet") -> np.ndarray:
+    def predict_noise(self, latents, t, embeddings, guidance_scale, added: dict = None, unet: str = "unet",
+                      record: dict = None) -> np.ndarray:
         """Classifier-free guidance; embeddings (and SDXL's added conditions) are [unconditional, conditional].
         guidance_scale <= 1 is no guidance, as diffusers' do_classifier_free_guidance (SDXL-Turbo's 0): the
-        conditional prediction alone, one UNet call per step on a batch-one UNet."""
+        conditional prediction alone, one UNet call per step on a batch-one UNet. `record`: receives each
+        ControlNet's residuals (run_unet)."""
         timestep = np.full((2,), float(t), dtype=np.float32)
         added = added or {}  # SDXL's inputs beyond SD's, by name (components.UNET_XL_INPUTS)
         guided = guidance_scale > 1
         if self.models.unet_input_shapes(unet)["sample"][0] == 2:
-            out = self.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added}, unet)
+            out = self.run_unet({**UNET.feed(np.concatenate([latents, latents]), timestep, embeddings), **added}, unet,
+                                record)
             uncond, cond = out[0:1], out[1:2]
         else:
-            def half(i):  # 0: unconditional, 1: conditional
+            def half(i):  # 0: unconditional, 1: conditional (`record` keeps the last call's, the conditional's)
                 return self.run_unet({**UNET.feed(latents, timestep[:1], embeddings[i:i + 1]),
-                                      **{k: v[i:i + 1] for k, v in added.items()}}, unet)
+                                      **{k: v[i:i + 1] for k, v in added.items()}}, unet, record)
             uncond, cond = half(0) if guided else None, half(1)
         return uncond + guidance_scale * (cond - uncond) if guided else cond
 
-    def initial_latents(self, request, scheduler, rng: RandomSource):
+    def initial_latents(self, request, scheduler, rng: RandomSource, draws: dict = None):
+        """(latents, timesteps) the loop starts from; `draws` (a dict), when given, receives the draw `noise` and,
+        for img2img, the image's `image_latents` (what a 4-channel UNet's mask blend re-noises)."""
         shape = (1, self.latent_channels, self.latent_h, self.latent_w)
+        draws = {} if draws is None else draws
         scheduler.set_timesteps(request.num_inference_steps)
         timesteps = scheduler.timesteps
         # diffusers' inpainting at strength 1 starts from noise alone (the image enters through the mask inputs)
         if request.image is None or (request.mask is not None and request.strength == 1):
-            return rng.normal(shape) * float(scheduler.init_noise_sigma), timesteps
+            draws["noise"] = rng.normal(shape)
+            return draws["noise"] * float(scheduler.init_noise_sigma), timesteps
         if "vae_encoder" not in self.models:
             raise UserError("img2img needs a VAE encoder; convert it with --convert-vae-encoder")
         start = min(int(request.num_inference_steps * request.strength), request.num_inference_steps)
         timesteps = timesteps[request.num_inference_steps - start:]
         if len(timesteps) == 0:
-            raise UserError("--strength is too small for this many steps: no denoising step would run")
+            raise UserError(f"--strength {request.strength} is too small for {request.num_inference_steps} steps: no "
+                            "denoising step would run (with a mask, SDXL's default is 0.9999, as diffusers'); pass more "
+                            "--num-inference-steps or a larger --strength")
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(request.num_inference_steps - start)
         signal, noise_scale = self._noise_coefficients(scheduler, timesteps[0])
@@ -406,27 +492,65 @@ class StableDiffusionPipeline:
         moments = encoder.predict(VAE_ENCODER.feed(self.preprocess(request.image)))[VAE_ENCODER.outputs[0]]
         diagonal_noise, noise = rng.normal(shape), rng.normal(shape)
         latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, diagonal_noise)
+        draws.update(noise=noise, image_latents=latents)
         return np.float32(signal) * latents + np.float32(noise_scale) * noise, timesteps
 
-    def inpaint_condition(self, request, rng: RandomSource, intermediates: dict) -> np.ndarray:
-        """(1, 1 + latent channels, h, w): the mask at latent size and the masked image's latents, as diffusers'
-        StableDiffusionInpaintPipeline makes them: the mask resized to the image size (Lanczos), grey, binarised at
-        0.5; the image kept where the mask is below 0.5; its VAE posterior sampled (the next draw) and scaled; the
-        mask resized to latent size (nearest)."""
+    def _moments_encoder(self):
         encoder = self.models["vae_encoder"] if "vae_encoder" in self.models else None
         if encoder is None or "x" not in encoder.input_shapes:
             raise UserError("inpainting needs a VAE encoder with the `x` -> `latent` moments interface; convert it "
                             "with --convert-vae-encoder")
+        return encoder
+
+    def encode_image(self, image: np.ndarray, rng: RandomSource) -> np.ndarray:
+        """The scaled latents of a preprocessed image: its VAE posterior sampled with the next draw."""
+        moments = self._moments_encoder().predict(VAE_ENCODER.feed(image))[VAE_ENCODER.outputs[0]]
+        noise = rng.normal((1, self.latent_channels, self.latent_h, self.latent_w))
+        return np.float32(self.vae_scaling_factor) * sample_posterior(moments, noise)
+
+    def pixel_mask(self, request) -> np.ndarray:
+        """(1, 1, H, W): the mask as diffusers' mask processor makes it: resized to the image size (Lanczos), grey,
+        binarised at 0.5 (1: repaint)."""
         h, w = self.image_size
         mask = np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32)[None, None] / 255
-        mask = (mask >= 0.5).astype(np.float32)
-        masked_image = self.preprocess(request.image) * (mask < 0.5)
-        moments = encoder.predict(VAE_ENCODER.feed(masked_image))[VAE_ENCODER.outputs[0]]
-        noise = rng.normal((1, self.latent_channels, self.latent_h, self.latent_w))
-        latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, noise)
-        small = torch.nn.functional.interpolate(torch.from_numpy(mask), size=(self.latent_h, self.latent_w)).numpy()
+        return (mask >= 0.5).astype(np.float32)
+
+    def latent_mask(self, mask: np.ndarray) -> np.ndarray:
+        """The pixel mask at latent size (nearest), as diffusers' prepare_mask_latents."""
+        return torch.nn.functional.interpolate(torch.from_numpy(mask), size=(self.latent_h, self.latent_w)).numpy()
+
+    def inpaint_condition(self, request, rng: RandomSource, intermediates: dict) -> np.ndarray:
+        """(1, 1 + latent channels, h, w): the mask at latent size and the masked image's latents, as diffusers'
+        StableDiffusionInpaintPipeline makes them: the image kept where the mask is below 0.5; its VAE posterior
+        sampled (the next draw) and scaled."""
+        self._moments_encoder()
+        mask = self.pixel_mask(request)
+        latents = self.encode_image(self.preprocess(request.image) * (mask < 0.5), rng)
+        small = self.latent_mask(mask)
         intermediates.update(mask=small, masked_image_latents=latents)
         return np.concatenate([small, latents], axis=1)
+
+    def mask_blend(self, request, rng: RandomSource, start: dict, intermediates: dict) -> "MaskBlend":
+        """A 4-channel UNet's inpainting (the ControlNet inpaint route, diffusers'
+        StableDiffusionControlNetInpaintPipeline): the image's latents (img2img's; at strength 1 the image encoded
+        with the next draw) and the start's noise, blended outside the mask after every step."""
+        self._moments_encoder()
+        image_latents = start.get("image_latents")
+        if image_latents is None:
+            image_latents = self.encode_image(self.preprocess(request.image), rng)
+        mask = self.latent_mask(self.pixel_mask(request))
+        intermediates.update(mask=mask, image_latents=image_latents)
+        return MaskBlend(mask, image_latents, start["noise"])
+
+    def inpaint_control_condition(self, request) -> np.ndarray:
+        """(1, 3, H, W): an inpaint ControlNet's condition, as diffusers' make_inpaint_condition (its
+        ControlNet inpainting docs): the image in [0, 1] with the masked pixels (grey mask above 0.5) set to -1;
+        image and mask resized to the image size first."""
+        h, w = self.image_size
+        image = np.asarray(request.image.convert("RGB").resize((w, h), Image.LANCZOS), np.float32) / 255
+        mask = np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32) / 255
+        image = np.where((mask > 0.5)[..., None], np.float32(-1), image)
+        return image.transpose(2, 0, 1)[None].astype(np.float32)
 
     def _legacy_encoder_latents(self, request, rng, shape, signal, noise_scale):
         """Encoders converted before the moments interface (`sample`, `diagonal_noise`, `noise`,
@@ -485,22 +609,33 @@ class StableDiffusionPipeline:
         return base, refiner, refiner.timesteps[begin:]
 
     def denoise(self, latents, scheduler, timesteps, embeddings, added, request, step_kwargs, unet="unet",
-                intermediates=None, condition=None):
-        """`condition`: an inpainting UNet's mask and masked-image latents, after the scaled latents at each step."""
+                intermediates=None, condition=None, blend=None):
+        """`condition`: an inpainting UNet's mask and masked-image latents, after the scaled latents at each step;
+        `blend`: a 4-channel UNet's MaskBlend, applied after each step."""
         from tqdm import tqdm
         for i, t in enumerate(tqdm(timesteps, desc=f"denoising ({unet})", unit="step", disable=not self.progress)):
             model_input = scheduler.scale_model_input(torch.from_numpy(latents), t).numpy()
             if condition is not None:
                 model_input = np.concatenate([model_input, condition], axis=1)
-            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale, added, unet)
+            noise = self.predict_noise(model_input, t, embeddings, request.guidance_scale, added, unet,
+                                       intermediates if i == 0 else None)
             if i == 0 and intermediates is not None:
                 intermediates[f"first_noise_pred{'_refiner' if unet == 'refiner' else ''}"] = noise
             latents = scheduler.step(torch.from_numpy(noise), t, torch.from_numpy(latents),
                                      **step_kwargs).prev_sample.numpy().astype(np.float32)
+            if blend is not None:
+                latents = blend(latents, scheduler, timesteps, i)
         return latents
+
+    def with_default_strength(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with a mask and no strength given: with this model family's inpainting default."""
+        if request.mask is None or request.strength is not None:
+            return request
+        return replace(request, strength=INPAINT_STRENGTH[self.family])
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         request.validate()
+        request = self.with_default_strength(request)
         self.check_request(request)
         self.use_size(request.height, request.width)
         if request.refiner_start is not None and self.family != SDXL:
@@ -512,8 +647,11 @@ class StableDiffusionPipeline:
         embeddings, added, intermediates = self.conditioning(request, encoded)
         added = {**added, **self.control_inputs(request)}
         intermediates = dict(intermediates)
-        latents, timesteps = self.initial_latents(request, scheduler, rng)
+        start_draws = {}
+        latents, timesteps = self.initial_latents(request, scheduler, rng, start_draws)
         condition = self.inpaint_condition(request, rng, intermediates) if self.inpaint else None
+        blend = (self.mask_blend(request, rng, start_draws, intermediates)
+                 if request.mask is not None and not self.inpaint else None)
         step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
         stages = [("unet", scheduler, timesteps, embeddings, added)]
         if request.refiner_start is not None:
@@ -523,7 +661,7 @@ class StableDiffusionPipeline:
         loop_start = time.perf_counter()
         for unet, stage_scheduler, stage_steps, stage_embeddings, stage_added in stages:
             latents = self.denoise(latents, stage_scheduler, stage_steps, stage_embeddings, stage_added, request,
-                                   step_kwargs, unet, intermediates, condition if unet == "unet" else None)
+                                   step_kwargs, unet, intermediates, condition if unet == "unet" else None, blend)
         steps = sum(len(stage[2]) for stage in stages)
         per_step = (time.perf_counter() - loop_start) / max(steps, 1)
         intermediates["final_latents"] = latents

@@ -3,7 +3,8 @@
 Initial latents and img2img noise come from NumPy's legacy Mersenne Twister,
 `np.random.RandomState(seed).randn(...)`, drawn in this order: latents (text-to-image) or
 diagonal_noise then noise (img2img); inpainting then draws the masked image's posterior noise (after the
-latents at strength 1, after img2img's two otherwise). The Swift package reproduces this stream bit for bit.
+latents at strength 1, after img2img's two otherwise); the ControlNet inpaint route (a 4-channel UNet) at strength
+1 draws the image's posterior noise after the latents (below 1 it reuses img2img's). The Swift package reproduces this stream bit for bit.
 Ancestral schedulers draw their per-step noise from `torch.Generator().manual_seed(seed)` on the CPU.
 """
 import numpy as np

@@ -4,6 +4,7 @@ from pathlib import Path
 import torch
 
 from ..components import TOKENIZER_FILES
+from ..controlnets import controlnet_names
 from ..errors import UserError
 from ..model_sources import resolve
 from ..runtime import RUNTIME_BACKENDS
@@ -21,23 +22,22 @@ def check_device(device: str) -> None:
 
 
 def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False,
-                     model_version=None, controlnet=None, torch_compile=False) -> ModelSet:
+                     model_version=None, controlnets=(), torch_compile=False) -> ModelSet:
     if models_dir is None:
         raise UserError(f"backend {backend!r} runs converted models: pass -i with their folder")
     needed = ["text_encoder", "unet", "vae_decoder"] + (["vae_encoder"] if img2img else [])
     # SDXL's text_encoder_2 is required by the pipeline once it sees the UNet's added conditions
-    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version, controlnet,
+    return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version, controlnets,
                           torch_compile)
 
 
-def reference_models(source, latent_sizes, device="cpu", precision="float32", refiner=None, controlnet=None,
+def reference_models(source, latent_sizes, device="cpu", precision="float32", refiner=None, controlnets=(),
                      prompt_chunks: int = 1) -> ModelSet:
+    from ..controlnets import resolve_controlnet
     dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
-    if controlnet is not None:
-        from ..controlnets import resolve_controlnet
-        controlnet = resolve_controlnet(controlnet)
-    return load_torch(source, latent_sizes[0], device=device, dtype=dtype, refiner=refiner, controlnet=controlnet,
-                      latent_sizes=latent_sizes, prompt_chunks=prompt_chunks)
+    return load_torch(source, latent_sizes[0], device=device, dtype=dtype, refiner=refiner,
+                      controlnets=[resolve_controlnet(name) for name in controlnets], latent_sizes=latent_sizes,
+                      prompt_chunks=prompt_chunks)
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None, models_dir=None) -> StableDiffusionPipeline:
@@ -85,8 +85,8 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
                   torch_compile=False, sizes=()) -> StableDiffusionPipeline:
     """Library entry point behind `python -m python_coreml_sd.pipeline`. `refiner_version`: the SDXL refiner
     whose UNet the torch backend runs after --refiner-start (converted backends find its package in the folder);
-    `controlnet`: a ControlNet (converted: its ControlNet_<name> package; torch: a folder or registry name) whose
-    residuals steer the UNet; `prediction_type`: a single-file model_version's (--prediction-type); `sizes`:
+    `controlnet`: a ControlNet or several (converted: their ControlNet_<name> packages; torch: folders or registry
+    names) whose residuals, scaled and summed, steer the UNet; `prediction_type`: a single-file model_version's (--prediction-type); `sizes`:
     (height, width) pixel sizes the requests ask for, which the torch backend without converted models takes
     besides the model's own (with them, it takes theirs, as parity compares); `torch_compile`: the mil
     backend's UNet under torch.compile."""
@@ -99,6 +99,7 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         from ..bundle import models_folder
         models_dir = models_folder(models_dir)
     source = resolve(model_version, prediction_type=prediction_type)
+    controlnets = controlnet_names(controlnet)
     if backend == "torch":
         latent_sizes, prompt_chunks = (_converted_shapes(models_dir, model_version) if models_dir else
                                        (requested_latent_sizes(source, sizes), 1))
@@ -106,10 +107,10 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         if refiner_version:
             from ..convert.sdxl import refiner_source
             refiner = refiner_source(refiner_version)
-        models = reference_models(source, latent_sizes, device, torch_precision, refiner, controlnet, prompt_chunks)
+        models = reference_models(source, latent_sizes, device, torch_precision, refiner, controlnets, prompt_chunks)
         models.any_prompt_length = models_dir is None  # no package fixes the context's windows
     else:
-        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnet,
+        models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnets,
                                   torch_compile)
     return build_pipeline(models, source, progress, bundled_tokenizer(models_dir), models_dir)
 

@@ -369,10 +369,19 @@ class DiffusersControlledUNet(DiffusersUNet):
     """A diffusers UNet behind the controlled UNet's interface: a ControlNet's residuals as positional inputs
     after the UNet's own (diffusers' down_block_additional_residuals, then mid_block_additional_residual)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        added, residuals = _added_and_rest(self.unet, rest)
         return self.unet(sample, timestep, encoder_hidden_states=text_from_unet_layout(encoder_hidden_states),
-                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
-                         return_dict=False)[0]
+                         added_cond_kwargs=added, down_block_additional_residuals=residuals[:-1],
+                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+
+
+def _added_and_rest(model, inputs: tuple) -> tuple:
+    """(SDXL's added_cond_kwargs or None, the inputs after them): an SDXL model (`text_time` added embedding) takes
+    time_ids and text_embeds first, as the component table's SDXL ControlNet interfaces order them."""
+    if model.config.get("addition_embed_type") != "text_time":
+        return None, inputs
+    return {"time_ids": inputs[0], "text_embeds": inputs[1]}, inputs[2:]
 
 
 class DiffusersControlNet(nn.Module):
@@ -384,7 +393,9 @@ class DiffusersControlNet(nn.Module):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        """`rest`: controlnet_cond, after SDXL's time_ids and text_embeds for an SDXL ControlNet."""
+        added, (controlnet_cond,) = _added_and_rest(self.controlnet, rest)
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states=text_from_unet_layout(encoder_hidden_states),
-                                    controlnet_cond=controlnet_cond, return_dict=False)
+                                    controlnet_cond=controlnet_cond, added_cond_kwargs=added, return_dict=False)
         return (*down, mid)
