@@ -80,3 +80,76 @@ def test_six_bit_unets_run_close_to_diffusers_fp32(six_bit, unet, model):
     chunked = run_chunks(six_bit[f"{unet}_chunk1"], six_bit[f"{unet}_chunk2"], arrays)
     assert psnr(reference, whole) >= SIX_BIT_PSNR, psnr(reference, whole)
     assert psnr(whole, chunked) >= 60  # the same palettized weights, cut in two
+
+
+# The mixed-bit pre-analysis on an SDXL UNet: the added conditions come from the component table (the
+# converter's sample inputs), the recipe names its layers canonically and torch2coreml applies it.
+
+@pytest.fixture(scope="module")
+def xl_recipe(tmp_path_factory):
+    """A recipe from the mixed-bit CLI for tiny-xl (two candidate widths, to keep it short), and the
+    torch2coreml packages it gives: --chunk-unet, batch one."""
+    from python_coreml_sd import torch2coreml
+    from python_coreml_sd.compression import mixed_bit
+    folder = tmp_path_factory.mktemp("xl_recipe")
+    recipe = folder / "r.json"
+    assert mixed_bit.main(["--model-version", "tiny-xl", "--bits", "6,4", "--target-bits", "5",
+                           "--out", str(recipe)]) == 0
+    assert torch2coreml.main(["--model-version", "tiny-xl", "--convert-unet", "--chunk-unet", "--unet-batch-one",
+                              "--mixed-bit-recipe", str(recipe), "-o", str(folder / "out")]) == 0
+    return json.loads(recipe.read_text()), folder / "out"
+
+
+def lut_bits(model) -> dict:
+    return {name: int(np.log2(entries)) for name, entries in lut_entries(model).items()}
+
+
+def recipe_bits(layers: dict) -> dict:
+    """The recipe's layers as the converter names their MIL weights (tests/compression/test_mixed_bit_cli.py)."""
+    return {name.replace(".", "_") + "_weight_to_fp16": bits for name, bits in layers.items() if bits != 16}
+
+
+def test_xl_recipe_covers_the_added_conditions_and_mixes_bits(xl_recipe):
+    from python_coreml_sd.compression.sensitivity import palettizable_layers
+    doc, _ = xl_recipe
+    unet = resolve("tiny-xl").load_unet()
+    assert set(doc["layers"]) == set(palettizable_layers(unet))  # every layer, canonically named
+    assert {"add_embedding.linear_1", "add_embedding.linear_2"} <= set(doc["layers"])  # SDXL's added embedding
+    assert {6, 4} <= set(doc["layers"].values()) and 4.5 < doc["average_bits"] <= 5
+    assert doc["model"] == "tiny-xl" and abs(doc["measured_psnr"] - doc["predicted_psnr"]) < 2
+
+
+def test_xl_recipe_applies_to_the_converted_unet_and_its_chunks(xl_recipe):
+    doc, out = xl_recipe
+    name = "Stable_Diffusion_version_tiny-xl_unet"
+    expected = recipe_bits(doc["layers"])
+    assert lut_bits(load(out / f"{name}.mlpackage")) == expected  # each layer at the recipe's bits
+    chunks = [lut_bits(load(out / f"{name}_chunk{i}.mlpackage")) for i in (1, 2)]
+    assert chunks[0] and chunks[1] and {**chunks[0], **chunks[1]} == expected
+
+
+def test_xl_recipe_output_psnr_is_as_predicted(xl_recipe):
+    """The converted mixed-bit UNet on the MIL runtime vs diffusers fp32, on the analysis' own inputs (the
+    converter's batch-one sample inputs): near what the pre-analysis predicted (fp16 activations add a little)."""
+    from python_coreml_sd.convert.unet import diffusers_reference, sample_inputs, text_pooled_width
+    doc, out = xl_recipe
+    source = resolve("tiny-xl")
+    unet = source.load_unet()
+    size = unet.config.sample_size
+    inputs = sample_inputs(dict(unet.config), 1, size, size, source.text_positions(), text_pooled_width(source))
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    reference = diffusers_reference(unet, inputs)
+    measured = psnr(reference, run(out / "Stable_Diffusion_version_tiny-xl_unet.mlpackage", arrays)["noise_pred"])
+    assert abs(measured - doc["predicted_psnr"]) < 2, (measured, doc["predicted_psnr"])
+    # and the recipe really costs accuracy: the fp16-only error is far smaller (the SDXL fp16 test: >= 45 dB)
+    assert measured < 42, measured
+
+
+def test_bare_sdxl_unet_folder_is_refused_in_one_line(capsys, tmp_path):
+    from python_coreml_sd.compression import mixed_bit
+    with pytest.raises(SystemExit) as exit_info:
+        mixed_bit.main(["--unet-dir", str(resolve("tiny-xl").root / "unet"), "--target-bits", "5",
+                        "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0 and "is an SDXL UNet: give its model folder" in err
+    assert not (tmp_path / "r.json").exists()
