@@ -15,7 +15,9 @@ from python_coreml_sd.model_sources import resolve
 from python_coreml_sd.runtime import load_model
 from tests.test_quantize_flags import distinct_values, large_float_consts, lut_entries
 
-SIX_BIT_PSNR = 25  # as the SD 6-bit test's --psnr-threshold (tests/test_quantize_flags.py)
+# The SD 6-bit test asks 25 dB (tests/test_quantize_flags.py); tiny-xl's 6-bit UNets measure ~39 dB against
+# fp32 (fp16 alone: ~45), so 33 keeps a margin and still catches a layer gone wrong.
+SIX_BIT_PSNR = 33
 
 
 def load(path):
