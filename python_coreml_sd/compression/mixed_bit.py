@@ -11,6 +11,10 @@ noise; the chosen recipe is then measured for real. The picture: ``compression/p
 Recipes (``compression/recipes.py``) name layers canonically, by the diffusers UNet's own module
 paths (``down_blocks.0.resnets.0.conv1``), which the converter's MIL weights are named after.
 
+SDXL UNets (``--model-version tiny-xl``, a local SDXL folder): the sample inputs are the converter's own
+(``convert.unet.sample_inputs``, batch one), with the added conditions ``time_ids`` and ``text_embeds`` as wide as
+the model's text_encoder_2 pools; a bare SDXL UNet folder is refused (its pooled width is not in its config).
+
     python -m python_coreml_sd.compression.mixed_bit --model-version tiny --target-bits 3 \\
         --out recipe.json [--plot recipe.png] [--apply SRC.mlpackage DST.mlpackage]
     python -m python_coreml_sd.torch2coreml --model-version tiny --convert-unet --mixed-bit-recipe recipe.json
@@ -59,7 +63,8 @@ def parser_spec() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--model-version", help="a diffusers model folder, a Hugging Face repo id (needs the hub), or "
                       f"a registry name: {', '.join(registry.model_names())} (default: tiny); only its UNet is loaded")
-    what.add_argument("--unet-dir", type=Path, help="a diffusers UNet folder (config.json and weights), or a model folder")
+    what.add_argument("--unet-dir", type=Path, help="a diffusers UNet folder (config.json and weights), or a model "
+                      "folder (needed for SDXL: its text_encoder_2 gives the pooled text width)")
     what.add_argument("--config", choices=UNET_CONFIGS, help="a random-weight UNet built in memory (sd15: full-size "
                       "SD 1.5), weights from --seed; nothing is written but the outputs")
     p.add_argument("--seed", type=int, default=0, help="weights of --config (default: 0)")
@@ -140,20 +145,39 @@ def load_subject(args):
     if args.config:
         model, inputs = testbed.unet(args.config, args.seed)
         return f"{args.config} (random weights, seed {args.seed})", model, inputs, palettizable_layers(model.unet)
-    name, unet, length = _load_unet(args)
+    name, unet, length, pooled = _load_unet(args)
     model = DiffusersUNet(unet.requires_grad_(False)).eval()
-    return name, model, testbed.unet_inputs(unet.config, length), palettizable_layers(unet)
+    return name, model, _sample_inputs(unet.config, length, pooled), palettizable_layers(unet)
+
+
+def _sample_inputs(config, length: int, pooled):
+    """SD: testbed's inputs (as before). SDXL: the converter's own sample inputs at batch one (the component
+    table's shapes, with the added conditions time_ids and text_embeds), so the recipe is measured on the
+    interface the converted UNet has."""
+    from python_coreml_sd.compression import testbed
+
+    if pooled is None:
+        return testbed.unet_inputs(config, length)
+    from python_coreml_sd.convert.unet import sample_inputs
+    size = config.sample_size
+    return sample_inputs(dict(config), 1, size, size, length, pooled)
 
 
 def _load_unet(args):
-    """(name, diffusers UNet, text sequence length) for --model-version or --unet-dir."""
+    """(name, diffusers UNet, text sequence length, pooled text width or None) for --model-version or --unet-dir."""
+    from python_coreml_sd.components import SDXL, interface_of
+    from python_coreml_sd.convert.unet import text_pooled_width
     from python_coreml_sd.model_sources import resolve
 
     unet_dir = args.unet_dir
     if unet_dir is not None and not (unet_dir / "model_index.json").is_file():
-        return str(unet_dir), _unet_from_folder(unet_dir), 77
+        unet = _unet_from_folder(unet_dir)
+        if interface_of(dict(unet.config)) == SDXL:  # its added embeddings' width mixes pooled width and time ids
+            raise UserError(f"--unet-dir {unet_dir} is an SDXL UNet: give its model folder (the one with "
+                            "model_index.json), whose text_encoder_2 sets the pooled text embeddings' width")
+        return str(unet_dir), unet, 77, None
     source = resolve(str(unet_dir) if unet_dir is not None else args.model_version or "tiny")
-    return source.name, source.load_unet(), source.text_positions()
+    return source.name, source.load_unet(), source.text_positions(), text_pooled_width(source)
 
 
 def _unet_from_folder(path: Path):
