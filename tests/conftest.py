@@ -56,3 +56,22 @@ def tiny_models_dir(tiny_fp16_packages):
 def sd2_fp16_packages(tmp_path_factory, sd2_source):
     out = tmp_path_factory.mktemp("sd2_fp16")
     return _convert_all(sd2_source, out, ["text_encoder", "vae_decoder", "vae_encoder"])
+
+
+@pytest.fixture(scope="session")
+def picture():
+    """A 128x128 RGB gradient to inpaint (the tiny families' 16x16 latents)."""
+    import numpy as np
+    from PIL import Image
+    yy, xx = np.mgrid[0:128, 0:128]
+    return Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy) % 256], axis=-1).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def mask():
+    """Its inpainting mask: white (repaint) over a 64x60 box."""
+    import numpy as np
+    from PIL import Image
+    pixels = np.zeros((128, 128, 3), np.uint8)
+    pixels[32:96, 40:100] = 255
+    return Image.fromarray(pixels)

@@ -5,7 +5,6 @@ re-noised. The torch loop against diffusers (same draws), mil against torch, and
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from python_coreml_sd.convert import ConversionOptions, convert
 from python_coreml_sd.generation.pipeline import GenerationRequest
@@ -24,19 +23,6 @@ def models_dir(tmp_path_factory):
     convert(ConversionOptions(model_version="tiny", output_dir=out, controlnets=(NAME,), unet_support_controlnet=True),
             ["text_encoder", "vae_decoder", "vae_encoder", "unet", "controlnet"])
     return out
-
-
-@pytest.fixture(scope="module")
-def picture():
-    yy, xx = np.mgrid[0:128, 0:128]
-    return Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy) % 256], axis=-1).astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def mask():
-    pixels = np.zeros((128, 128, 3), np.uint8)
-    pixels[32:96, 40:100] = 255  # white: repaint
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")

@@ -69,19 +69,6 @@ def test_inpainting_unet_package_matches_diffusers_fp32(fp32_unets, attention, s
 
 
 @pytest.fixture(scope="module")
-def picture():
-    yy, xx = np.mgrid[0:128, 0:128]
-    return Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy) % 256], axis=-1).astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def mask():
-    pixels = np.zeros((128, 128, 3), np.uint8)
-    pixels[32:96, 40:100] = 255  # white: repaint
-    return Image.fromarray(pixels)
-
-
-@pytest.fixture(scope="module")
 def pipes(models_dir):
     return {backend: open_pipeline(backend, models_dir, model_version=MODEL, progress=False)
             for backend in ("mil", "torch")}
