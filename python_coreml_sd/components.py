@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .errors import UserError
+
 
 # The interfaces a component can have, by model family: SD 1.x / 2.x, and SDXL (base and refiner), whose
 # converted text encoders return penultimate hidden states and whose UNets take added conditions.
@@ -219,6 +221,38 @@ CONTROLNET_XL = Interface(UNET_XL_INPUTS + ("controlnet_cond",), (),
 CONTROLLED_UNET_XL = Interface(UNET_XL_INPUTS, ("noise_pred",),
                                lambda d: _unet_shapes(d) + _xl_added_shapes(d) + _residual_shapes(d),
                                more_inputs=RESIDUAL)
+
+
+def unet_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int = None) -> Dims:
+    """The Dims of a UNet of this config (SD's or SDXL's) at one latent size and context length."""
+    if interface_of(config) == SDXL:
+        return xl_dims(config, batch, h, w, seq_len, text_pooled)
+    return Dims(h, w, batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, **sample_dims(config))
+
+
+def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int):
+    """Dims of an SDXL UNet: the number of time ids follows from its added-embedding input width,
+    projection_class_embeddings_input_dim = pooled width + ids * addition_time_embed_dim (base 6, refiner 5)."""
+    ids, rest = divmod(config["projection_class_embeddings_input_dim"] - text_pooled, config["addition_time_embed_dim"])
+    if rest or ids < 1:
+        raise UserError(f"this SDXL UNet's added embeddings ({config['projection_class_embeddings_input_dim']} wide) do "
+                        f"not fit {text_pooled}-wide pooled text embeddings and {config['addition_time_embed_dim']}-wide "
+                        "time-id embeddings: its text_encoder_2 is another model's")
+    return Dims(h, w, unet_batch=batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, time_ids=ids,
+                text_pooled=text_pooled, **sample_dims(config))
+
+
+def text_pooled_width(source):
+    """The pooled text embeddings' width an SDXL UNet takes: text_encoder_2's projection; None for SD."""
+    if interface_of(source.config("unet")) != SDXL:
+        return None
+    return source.config("text_encoder_2", ("projection_dim",))["projection_dim"]
+
+
+def example_time_ids(h: int, w: int, count: int) -> list:
+    """Time ids as the pipelines make them for an h x w latent: original size, crop (0, 0), then the target
+    size (base, 6 ids) or an aesthetic score of 6 (refiner, 5)."""
+    return [8.0 * h, 8.0 * w, 0.0, 0.0] + ([8.0 * h, 8.0 * w] if count == 6 else [6.0])
 
 
 def with_residuals(variants: list, unet_config: dict) -> list:

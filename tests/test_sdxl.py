@@ -62,7 +62,7 @@ def declared(package) -> tuple:
 
 
 def xl_dims(source, unet_config, batch=2) -> Dims:
-    from python_coreml_sd.convert.unet import text_pooled_width, xl_dims as dims
+    from python_coreml_sd.components import text_pooled_width, xl_dims as dims
     size = unet_config["sample_size"]
     return dims(unet_config, batch, size, size, 77, text_pooled_width(source))
 

@@ -11,8 +11,8 @@ noise; the chosen recipe is then measured for real. The picture: ``compression/p
 Recipes (``compression/recipes.py``) name layers canonically, by the diffusers UNet's own module
 paths (``down_blocks.0.resnets.0.conv1``), which the converter's MIL weights are named after.
 
-SDXL UNets (``--model-version tiny-xl``, a local SDXL folder): the sample inputs are the converter's own
-(``convert.unet.sample_inputs``, batch one), with the added conditions ``time_ids`` and ``text_embeds`` as wide as
+SDXL UNets (``--model-version tiny-xl``, a local SDXL folder): the sample inputs (``testbed.unet_inputs``, batch
+one) take the component table's shapes, with the added conditions ``time_ids`` and ``text_embeds`` as wide as
 the model's text_encoder_2 pools; a bare SDXL UNet folder is refused (its pooled width is not in its config).
 
     python -m python_coreml_sd.compression.mixed_bit --model-version tiny --target-bits 3 \\
@@ -147,26 +147,12 @@ def load_subject(args):
         return f"{args.config} (random weights, seed {args.seed})", model, inputs, palettizable_layers(model.unet)
     name, unet, length, pooled = _load_unet(args)
     model = DiffusersUNet(unet.requires_grad_(False)).eval()
-    return name, model, _sample_inputs(unet.config, length, pooled), palettizable_layers(unet)
-
-
-def _sample_inputs(config, length: int, pooled):
-    """SD: testbed's inputs (as before). SDXL: the converter's own sample inputs at batch one (the component
-    table's shapes, with the added conditions time_ids and text_embeds), so the recipe is measured on the
-    interface the converted UNet has."""
-    from python_coreml_sd.compression import testbed
-
-    if pooled is None:
-        return testbed.unet_inputs(config, length)
-    from python_coreml_sd.convert.unet import sample_inputs
-    size = config.sample_size
-    return sample_inputs(dict(config), 1, size, size, length, pooled)
+    return name, model, testbed.unet_inputs(unet.config, length, text_pooled=pooled), palettizable_layers(unet)
 
 
 def _load_unet(args):
     """(name, diffusers UNet, text sequence length, pooled text width or None) for --model-version or --unet-dir."""
-    from python_coreml_sd.components import SDXL, interface_of
-    from python_coreml_sd.convert.unet import text_pooled_width
+    from python_coreml_sd.components import SDXL, interface_of, text_pooled_width
     from python_coreml_sd.model_sources import resolve
 
     unet_dir = args.unet_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import text_to_unet_layout
+from ..components import SDXL, TABLE, example_time_ids, text_to_unet_layout, unet_dims
 from ..layers.unet import DiffusersUNet
 from ..package_io import save_mlmodel
 
@@ -58,15 +58,23 @@ def unet(config: str = "tiny", seed: int = 0):
     return model, unet_inputs(model.unet.config, 77 if config == "sd15" else 8, seed)
 
 
-def unet_inputs(cfg, sequence_length: int, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+def unet_inputs(cfg, sequence_length: int, seed: int = 0,
+                text_pooled: int = None) -> "OrderedDict[str, torch.Tensor]":
     """Batch-1 sample inputs for a diffusers UNet config: latents, timestep 500, text embeddings in the
-    converted UNet's (B, C, 1, S) layout (DiffusersUNet's)."""
+    converted UNet's (B, C, 1, S) layout (DiffusersUNet's); an SDXL UNet's also its added conditions, time ids
+    and `text_pooled`-wide text_embeds (the component table's shapes)."""
     g = torch.Generator().manual_seed(seed + 1)
-    return OrderedDict(
+    inputs = OrderedDict(
         sample=torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
         timestep=torch.tensor([500.0]),
         encoder_hidden_states=text_to_unet_layout(torch.randn(1, sequence_length, cfg.cross_attention_dim, generator=g)),
     )
+    if text_pooled is not None:
+        size = cfg.sample_size
+        shapes = TABLE["unet"].input_shapes(unet_dims(dict(cfg), 1, size, size, sequence_length, text_pooled), SDXL)
+        inputs["time_ids"] = torch.tensor([example_time_ids(size, size, shapes["time_ids"][1])])
+        inputs["text_embeds"] = torch.randn(*shapes["text_embeds"], generator=g)
+    return inputs
 
 
 def convert(module, inputs: "OrderedDict[str, torch.Tensor]", dest, output_name: str = "output") -> Path:

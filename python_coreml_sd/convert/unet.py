@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, inpainting_channels, interface_of, residual_shapes,
-                          sample_dims, with_residuals)
+from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, example_time_ids, inpainting_channels, interface_of,
+                          residual_shapes, text_pooled_width, unet_dims, with_residuals)
 from ..errors import UserError
 from ..layers.attention import DEFAULT_QUERY_CHUNK
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
@@ -153,18 +153,9 @@ def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int,
         encoder_hidden_states=torch.randn(*shapes["encoder_hidden_states"], generator=generator),
     )
     if family == SDXL:  # the added conditions
-        # time ids as the pipelines make them: original size, crop (0, 0), then target size or aesthetic score
-        ids = [8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w] if shapes["time_ids"][1] == 6 else [8.0 * h, 8.0 * w, 0, 0, 6.0]
-        inputs["time_ids"] = torch.tensor([ids] * batch)
+        inputs["time_ids"] = torch.tensor([example_time_ids(h, w, shapes["time_ids"][1])] * batch)
         inputs["text_embeds"] = torch.randn(*shapes["text_embeds"], generator=generator)
     return inputs
-
-
-def unet_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int = None) -> Dims:
-    """The Dims of a UNet of this config (SD's or SDXL's) at one latent size and context length."""
-    if interface_of(config) == SDXL:
-        return xl_dims(config, batch, h, w, seq_len, text_pooled)
-    return Dims(h, w, batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, **sample_dims(config))
 
 
 def enumerated_shapes(config: dict, inputs: dict, options, component: str = "unet") -> dict:
@@ -177,26 +168,6 @@ def enumerated_shapes(config: dict, inputs: dict, options, component: str = "une
     if controlled(inputs):  # each size its own residuals
         variants = with_residuals(variants, config)
     return TABLE[component].enumerated_shapes(variants, interface_of(config))
-
-
-def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int):
-    """Dims of an SDXL UNet: the number of time ids follows from its added-embedding input width,
-    projection_class_embeddings_input_dim = pooled width + ids * addition_time_embed_dim (base 6, refiner 5)."""
-    from ..components import Dims
-    ids, rest = divmod(config["projection_class_embeddings_input_dim"] - text_pooled, config["addition_time_embed_dim"])
-    if rest or ids < 1:
-        raise UserError(f"this SDXL UNet's added embeddings ({config['projection_class_embeddings_input_dim']} wide) do "
-                        f"not fit {text_pooled}-wide pooled text embeddings and {config['addition_time_embed_dim']}-wide "
-                        "time-id embeddings: its text_encoder_2 is another model's")
-    return Dims(h, w, unet_batch=batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, time_ids=ids,
-                text_pooled=text_pooled, **sample_dims(config))
-
-
-def text_pooled_width(source):
-    """The pooled text embeddings' width an SDXL UNet takes: text_encoder_2's projection; None for SD."""
-    if interface_of(source.config("unet")) != SDXL:
-        return None
-    return source.config("text_encoder_2", ("projection_dim",))["projection_dim"]
 
 
 def residual_inputs(config: dict, batch: int, h: int, w: int) -> "OrderedDict[str, torch.Tensor]":

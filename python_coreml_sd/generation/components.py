@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import RESIDUAL, SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims, with_residuals
+from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, component_of, is_unet, residual_shapes, sample_dims,
+                          text_pooled_width, with_residuals, xl_dims)
 from ..layers.unet import DiffusersControlledUNet, DiffusersControlNet, DiffusersUNet
 from ..errors import UserError
 
@@ -281,7 +282,6 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
     --max-prompt-chunks would (PyTorch takes any; the pipeline picks among the declared ones)."""
     from ..convert.safety_checker import SafetyChecker
     from ..convert.text_encoder import wrapper_for
-    from ..convert.unet import text_pooled_width, xl_dims
     from ..convert.vae import VAEDecoder, VAEEncoder
 
     family = source.interface
