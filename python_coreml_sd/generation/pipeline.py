@@ -511,9 +511,12 @@ class StableDiffusionPipeline:
     def pixel_mask(self, request) -> np.ndarray:
         """(1, 1, H, W): the mask as diffusers' mask processor makes it: resized to the image size (Lanczos), grey,
         binarised at 0.5 (1: repaint)."""
+        return (self.grey_mask(request)[None, None] >= 0.5).astype(np.float32)
+
+    def grey_mask(self, request) -> np.ndarray:
+        """(H, W) in [0, 1]: the mask resized to the image size (Lanczos), grey, as diffusers' processors read it."""
         h, w = self.image_size
-        mask = np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32)[None, None] / 255
-        return (mask >= 0.5).astype(np.float32)
+        return np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32) / 255
 
     def latent_mask(self, mask: np.ndarray) -> np.ndarray:
         """The pixel mask at latent size (nearest), as diffusers' prepare_mask_latents."""
@@ -523,7 +526,6 @@ class StableDiffusionPipeline:
         """(1, 1 + latent channels, h, w): the mask at latent size and the masked image's latents, as diffusers'
         StableDiffusionInpaintPipeline makes them: the image kept where the mask is below 0.5; its VAE posterior
         sampled (the next draw) and scaled."""
-        self._moments_encoder()
         mask = self.pixel_mask(request)
         latents = self.encode_image(self.preprocess(request.image) * (mask < 0.5), rng)
         small = self.latent_mask(mask)
@@ -548,8 +550,7 @@ class StableDiffusionPipeline:
         image and mask resized to the image size first."""
         h, w = self.image_size
         image = np.asarray(request.image.convert("RGB").resize((w, h), Image.LANCZOS), np.float32) / 255
-        mask = np.asarray(request.mask.resize((w, h), Image.LANCZOS).convert("L"), np.float32) / 255
-        image = np.where((mask > 0.5)[..., None], np.float32(-1), image)
+        image = np.where((self.grey_mask(request) > 0.5)[..., None], np.float32(-1), image)
         return image.transpose(2, 0, 1)[None].astype(np.float32)
 
     def _legacy_encoder_latents(self, request, rng, shape, signal, noise_scale):
