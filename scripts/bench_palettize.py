@@ -2,6 +2,7 @@
 
     python scripts/bench_palettize.py --config tiny
     python scripts/bench_palettize.py --config sd15 --cap-minutes 15   # full-size SD 1.5, random weights
+    python scripts/bench_palettize.py --model-folder DIR --fp16-package PKG --output-psnr torch  # e.g. SDXL
 
 Prints wall time (load + palettize + save, each side in a fresh interpreter), per-tensor weight SNR
 (mean / min over palettized tensors, and how many tensors each side has the larger error on) and output
@@ -226,6 +227,13 @@ def main(argv=None):
                    help="time coremltools only on tensors up to this size quantile (its largest take minutes each)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="keep packages here; an fp16.mlpackage already there (same --config/--seed) is reused")
+    p.add_argument("--model-folder", type=Path, default=None,
+                   help="instead of --config: a diffusers model folder (e.g. python_coreml_sd.random_models' "
+                        "full-size SDXL), whose UNet --fp16-package was converted from; needs --output-psnr torch")
+    p.add_argument("--fp16-package", type=Path, default=None,
+                   help="with --model-folder: its UNet converted by our converter (scripts/bench_unet_conversion.py "
+                        "--keep writes one); a full-size SDXL UNet traced and converted in this process would not "
+                        "fit in 24 GiB beside the benchmark")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--child", choices=("ours", "coremltools"), help=argparse.SUPPRESS)
     p.add_argument("--src", type=Path, help=argparse.SUPPRESS)
@@ -234,32 +242,23 @@ def main(argv=None):
     if args.child:
         return child(args.child, args.src, args.dst, args.nbits)
     require_kmeans1d()
+    if args.model_folder and (args.fp16_package is None or args.output_psnr != "torch"):
+        p.error("--model-folder needs --fp16-package and --output-psnr torch")
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_palettize_"))
     work.mkdir(parents=True, exist_ok=True)
-    result = {"config": args.config, "nbits": args.nbits, "cpu_count": os.cpu_count()}
+    result = {"config": str(args.model_folder or args.config), "nbits": args.nbits, "cpu_count": os.cpu_count()}
     t0 = time.perf_counter()
-    model, inputs = testbed.unet(args.config, args.seed)
-    src = work / "fp16.mlpackage"
-    if src.is_dir():  # a --work-dir of an earlier run with the same config and seed
-        print(f"reusing {src}", flush=True)
-    else:
-        src = testbed.convert(model, inputs, src)
-    x = testbed.numpy_inputs(inputs)
-    how = args.output_psnr
-    psnr_args = (x, how, model, inputs)
+    src, subject = fp16_source(args, work)
     result["convert_s"] = time.perf_counter() - t0
     originals = large_consts(src)
     result["tensors"] = len(originals)
     result["elements"] = int(sum(w.size for w in originals.values()))
-    print(f"converted {args.config}: {len(originals)} weights > {WEIGHT_THRESHOLD} elements,"
+    print(f"converted {result['config']}: {len(originals)} weights > {WEIGHT_THRESHOLD} elements,"
           f" {result['elements'] / 1e6:.1f} M values, {result['convert_s']:.0f}s", flush=True)
 
     ours_pkg, result["ours"] = run_ours(src, work, args.nbits, originals)
     print("ours:", json.dumps({k: v for k, v in result["ours"].items() if k != "snr_db"}), flush=True)
-    result["output_psnr_by"] = how
-    result["ours"]["output_psnr_db"] = output_psnr(src, ours_pkg, *psnr_args)
-    print(f"ours output PSNR {result['ours']['output_psnr_db']:.2f} dB", flush=True)
 
     seconds, elements, snrs, counts = coremltools_sample(originals, args.nbits, args.sample, args.max_sample_fraction)
     estimate = seconds * result["elements"] / elements
@@ -267,17 +266,54 @@ def main(argv=None):
                                     "kmeans_backends": counts,
                                     "snr_db": {n: {"coremltools": a, "ours": b} for n, (a, b) in snrs.items()}}
     print(f"coremltools k-means estimate for the whole model: {estimate:.0f}s", flush=True)
+    ct_pkg = None
     if estimate <= args.cap_minutes * 60:
         ct_pkg, result["coremltools"] = run_coremltools(src, work, args.nbits, originals)
-        result["coremltools"]["output_psnr_db"] = output_psnr(src, ct_pkg, *psnr_args)
         result["ours"]["worse_tensors"] = worse_count(result["ours"]["snr_db"], result["coremltools"]["snr_db"])
         result["coremltools"]["worse_tensors"] = worse_count(result["coremltools"]["snr_db"], result["ours"]["snr_db"])
     else:
         result["coremltools"] = {"wall_s_estimated": estimate, "capped": True, "kmeans_backends": counts}
+    # Output PSNR last, after the weights are released: a full-size SDXL module in fp32 (10 GB) beside them and a
+    # palettizer child would not fit in 24 GiB.
+    del originals
+    result["output_psnr_by"] = args.output_psnr
+    model, inputs = subject()
+    psnr_args = (testbed.numpy_inputs(inputs), args.output_psnr, model, inputs)
+    for side, pkg in (("ours", ours_pkg), ("coremltools", ct_pkg)):
+        if pkg is not None:
+            result[side]["output_psnr_db"] = output_psnr(src, pkg, *psnr_args)
+            print(f"{side} output PSNR {result[side]['output_psnr_db']:.2f} dB", flush=True)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+def fp16_source(args, work: Path):
+    """(the fp16 package both sides palettize, a function giving (wrapped UNet, batch-1 inputs) for the output
+    PSNR): --config's UNet, built in memory and traced, or --model-folder's with its --fp16-package."""
+    if args.model_folder:
+        return args.fp16_package, lambda: folder_unet(args.model_folder, args.seed)
+    model, inputs = testbed.unet(args.config, args.seed)
+    src = work / "fp16.mlpackage"
+    if src.is_dir():  # a --work-dir of an earlier run with the same config and seed
+        print(f"reusing {src}", flush=True)
+    else:
+        src = testbed.convert(model, inputs, src)
+    return src, lambda: (model, inputs)
+
+
+def folder_unet(folder: Path, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    from python_coreml_sd.components import text_pooled_width
+    from python_coreml_sd.layers.unet import DiffusersUNet
+    from python_coreml_sd.model_sources import ModelSource
+
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
+    source = ModelSource(str(folder), Path(folder))
+    inputs = testbed.unet_inputs(unet.config, source.text_positions(), seed, text_pooled=text_pooled_width(source))
+    return DiffusersUNet(unet).eval(), inputs
 
 
 def print_table(r):

@@ -65,8 +65,8 @@ def parser_spec() -> argparse.ArgumentParser:
                       f"a registry name: {', '.join(registry.model_names())} (default: tiny); only its UNet is loaded")
     what.add_argument("--unet-dir", type=Path, help="a diffusers UNet folder (config.json and weights), or a model "
                       "folder (needed for SDXL: its text_encoder_2 gives the pooled text width)")
-    what.add_argument("--config", choices=UNET_CONFIGS, help="a random-weight UNet built in memory (sd15: full-size "
-                      "SD 1.5), weights from --seed; nothing is written but the outputs")
+    what.add_argument("--config", choices=UNET_CONFIGS, help="a random-weight UNet built in memory (sd15, sdxl: "
+                      "full-size SD 1.5, SDXL base), weights from --seed; nothing is written but the outputs")
     p.add_argument("--seed", type=int, default=0, help="weights of --config (default: 0)")
     p.add_argument("--target-bits", type=float, help="average bit width to reach (e.g. 2.8)")
     p.add_argument("--target-psnr", type=float, help="lowest predicted output PSNR (dB) to accept")

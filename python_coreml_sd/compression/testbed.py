@@ -16,7 +16,8 @@ from ..components import SDXL, TABLE, example_time_ids, text_to_unet_layout, une
 from ..layers.unet import DiffusersUNet
 from ..package_io import save_mlmodel
 
-UNET_CONFIGS = ("tiny", "sd15")
+# --config name -> registry family whose UNet architecture it builds (sd15, sdxl: full size)
+UNET_CONFIGS = {"tiny": "tiny", "sd15": "sd1", "sdxl": "sdxl"}
 
 
 class SmallNet(torch.nn.Module):
@@ -45,17 +46,18 @@ def small_net(seed: int = 0):
 
 def unet(config: str = "tiny", seed: int = 0):
     """(wrapped UNet, sample inputs) with weights drawn from ``seed``: tiny's registry
-    architecture, or the full-size SD 1.5 architecture."""
+    architecture, or the full-size SD 1.5 or SDXL base architecture."""
     from diffusers import UNet2DConditionModel
 
     from python_coreml_sd import registry
 
     if config not in UNET_CONFIGS:
-        raise ValueError(f"unknown UNet config {config!r}; use one of {UNET_CONFIGS}")
-    arch = registry.family({"tiny": "tiny", "sd15": "sd1"}[config])["architecture"]["unet"]
+        raise ValueError(f"unknown UNet config {config!r}; use one of {tuple(UNET_CONFIGS)}")
+    arch = registry.family(UNET_CONFIGS[config])["architecture"]
     torch.manual_seed(seed)
-    model = DiffusersUNet(UNet2DConditionModel(**arch).eval()).eval()
-    return model, unet_inputs(model.unet.config, 77 if config == "sd15" else 8, seed)
+    model = DiffusersUNet(UNet2DConditionModel(**arch["unet"]).eval()).eval()
+    pooled = arch["text_encoder_2"]["projection_dim"] if "text_encoder_2" in arch else None
+    return model, unet_inputs(model.unet.config, 8 if config == "tiny" else 77, seed, text_pooled=pooled)
 
 
 def unet_inputs(cfg, sequence_length: int, seed: int = 0,
