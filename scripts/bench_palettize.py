@@ -75,14 +75,20 @@ def output_psnr(src, dst, inputs, how, module=None, torch_inputs=None):
     from python_coreml_sd.compression.recipes import _match
     from python_coreml_sd.compression.sensitivity import palettizable_layers
 
-    layers = palettizable_layers(module)
+    # The inner UNet's layer names: a traced wrapper's consts carry its "unet_" prefix, our converter's do not,
+    # and _match takes either by suffix.
+    layers = palettizable_layers(module.unet)
     with torch.no_grad():
         ref = module(*torch_inputs.values()).numpy()
         saved = {n: m.weight.data.clone() for n, m in layers.items()}
-        for const, values in lut_weights(ct_model(dst)).items():
+        decoded = lut_weights(ct_model(dst))
+        unmatched = [const for const in decoded if _match(const, layers) is None]
+        if unmatched:  # an unreplaced weight would leave the output closer to the reference than it is
+            raise SystemExit(f"{len(unmatched)} palettized weights match no layer of the PyTorch UNet "
+                             f"(e.g. {unmatched[0]}): is --fp16-package converted from --model-folder?")
+        for const, values in decoded.items():
             name = _match(const, layers)
-            if name is not None:
-                layers[name].weight.data = torch.from_numpy(values.astype(np.float32)).reshape(saved[name].shape)
+            layers[name].weight.data = torch.from_numpy(values.astype(np.float32)).reshape(saved[name].shape)
         out = module(*torch_inputs.values()).numpy()
         for n, w in saved.items():
             layers[n].weight.data = w
@@ -244,12 +250,15 @@ def main(argv=None):
     require_kmeans1d()
     if args.model_folder and (args.fp16_package is None or args.output_psnr != "torch"):
         p.error("--model-folder needs --fp16-package and --output-psnr torch")
+    if args.fp16_package and not (args.fp16_package / "Manifest.json").is_file():
+        p.error(f"--fp16-package {args.fp16_package} is not an .mlpackage (no Manifest.json)")
+    source = model_source(args.model_folder, p) if args.model_folder else None  # a bad folder stops here
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_palettize_"))
     work.mkdir(parents=True, exist_ok=True)
     result = {"config": str(args.model_folder or args.config), "nbits": args.nbits, "cpu_count": os.cpu_count()}
     t0 = time.perf_counter()
-    src, subject = fp16_source(args, work)
+    src, subject = fp16_source(args, work, source)
     result["convert_s"] = time.perf_counter() - t0
     originals = large_consts(src)
     result["tensors"] = len(originals)
@@ -289,11 +298,11 @@ def main(argv=None):
     return result
 
 
-def fp16_source(args, work: Path):
+def fp16_source(args, work: Path, source):
     """(the fp16 package both sides palettize, a function giving (wrapped UNet, batch-1 inputs) for the output
-    PSNR): --config's UNet, built in memory and traced, or --model-folder's with its --fp16-package."""
-    if args.model_folder:
-        return args.fp16_package, lambda: folder_unet(args.model_folder, args.seed)
+    PSNR): --config's UNet, built in memory and traced, or --model-folder's (``source``) with its --fp16-package."""
+    if source is not None:
+        return args.fp16_package, lambda: folder_unet(source, args.seed)
     model, inputs = testbed.unet(args.config, args.seed)
     src = work / "fp16.mlpackage"
     if src.is_dir():  # a --work-dir of an earlier run with the same config and seed
@@ -303,15 +312,22 @@ def fp16_source(args, work: Path):
     return src, lambda: (model, inputs)
 
 
-def folder_unet(folder: Path, seed: int):
-    from diffusers import UNet2DConditionModel
+def model_source(folder: Path, parser):
+    from python_coreml_sd.errors import UserError
+    from python_coreml_sd.model_sources import resolve
 
+    try:
+        return resolve(str(folder))
+    except UserError as err:
+        parser.error(str(err))
+
+
+def folder_unet(source, seed: int):
+    """The source's UNet in fp32, as the converter reads it (model_sources), with batch-1 inputs of its shapes."""
     from python_coreml_sd.components import text_pooled_width
     from python_coreml_sd.layers.unet import DiffusersUNet
-    from python_coreml_sd.model_sources import ModelSource
 
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
-    source = ModelSource(str(folder), Path(folder))
+    unet = source.load_unet().eval()
     inputs = testbed.unet_inputs(unet.config, source.text_positions(), seed, text_pooled=text_pooled_width(source))
     return DiffusersUNet(unet).eval(), inputs
 
