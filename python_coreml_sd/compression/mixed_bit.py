@@ -77,6 +77,10 @@ def parser_spec() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH,
                    help=f"candidates per forward pass (default: {DEFAULT_BATCH})")
     p.add_argument("--workers", type=positive_int, help="worker processes (default: one per CPU core)")
+    p.add_argument("--max-memory", type=float, metavar="GB",
+                   help="peak memory the CPU pre-analysis may take, in GB (default: what this machine has "
+                        "available); it measures one forward pass, then uses smaller batches, then fewer "
+                        "workers, until its estimate fits")
     p.add_argument("--out", type=Path, required=True, help="recipe JSON to write")
     p.add_argument("--plot", type=Path, help="PNG of PSNR vs model size (measures 16 more recipes)")
     p.add_argument("--apply", nargs=2, type=Path, metavar=("SRC", "DST"),
@@ -107,6 +111,8 @@ def check_args(args) -> None:
         raise UserError("give --target-bits and/or --target-psnr")
     if args.target_bits is not None and not 1 <= args.target_bits <= KEEP_FP16:
         raise UserError(f"--target-bits must be between 1 and {KEEP_FP16}, got {args.target_bits:g}")
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise UserError(f"--max-memory must be a positive number of GB, got {args.max_memory:g}")
     outputs = [("--out", args.out), ("--plot", args.plot)] + ([("--apply DST", args.apply[1])] if args.apply else [])
     for flag, path in outputs:
         if path is not None:
@@ -187,10 +193,11 @@ def run(args) -> dict:
     _progress(f"model: {name}, {len(layers)} palettizable layers, loaded in {time.perf_counter() - start:.1f} s")
     probe = Probe(module, inputs, layers, args.bits, args.batch)
     start = time.perf_counter()
-    analysis = sensitivity(probe, args.device, args.workers, log=_progress)
+    max_memory = None if args.max_memory is None else int(args.max_memory * 1e9)
+    analysis = sensitivity(probe, args.device, args.workers, log=_progress, max_memory=max_memory)
     seconds = time.perf_counter() - start
     print(f"pre-analysis: {len(layers)} layers x {len(args.bits)} bit widths in {seconds:.1f} s "
-          f"({args.device}, batch {args.batch})", flush=True)
+          f"({args.device}, batch {probe.batch})", flush=True)
     doc = recipe_document(probe, analysis, args, name, seconds)
     if args.plot:
         doc["curve"], doc["uniform"] = tradeoff_curve(probe, analysis), uniform_points(probe, analysis, args.bits)

@@ -28,9 +28,10 @@ def make_probe(module, inputs, layers: dict | None = None, bits=CANDIDATE_BITS, 
     return Probe(module, inputs, palettizable_layers(module, threshold) if layers is None else layers, bits, batch)
 
 
-def sensitivity(probe: Probe, device: str = "cpu", workers: int | None = None, log=print) -> dict:
+def sensitivity(probe: Probe, device: str = "cpu", workers: int | None = None, log=print,
+                max_memory: int | None = None) -> dict:
     """{"reference_peak": .., "layers": {name: {"params": n, "psnr": {bits: dB}}}}."""
-    scores = analyse(probe, device, workers, log)
+    scores = analyse(probe, device, workers, log, max_memory=max_memory)
     return {"reference_peak": float(np.abs(probe.reference).max()),
             "layers": {n: {"params": int(probe.layers[n].weight.numel()), "psnr": scores[n]} for n in scores}}
 

@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -180,18 +181,22 @@ def resolve_device(device: str) -> str:
 
 
 def analyse(probe: Probe, device: str = "cpu", workers: int | None = None, log=print,
-            score_in_workers: bool | None = None) -> dict:
+            score_in_workers: bool | None = None, max_memory: int | None = None) -> dict:
     """{layer: {bits: PSNR}} for every layer of the probe, in the probe's layer order.
 
     The probe's module must be on the CPU. CPU: workers cluster and score groups of layers (the
     default, ``score_in_workers``); otherwise (CUDA) they only cluster, then the probe moves to
-    ``device`` and scores everything here.
+    ``device`` and scores everything here. CPU scoring first trims the batch, then workers, to what
+    ``fit_memory`` says fits ``max_memory`` bytes (default: the memory this machine has available).
     """
     workers = worker_count() if workers is None else workers
     names = list(probe.layers)
-    groups = _groups(names, max(1, probe.batch // max(1, len(probe.bits))))
     scores = {}
-    if score_in_workers if score_in_workers is not None else device == "cpu":
+    in_workers = score_in_workers if score_in_workers is not None else device == "cpu"
+    if in_workers:
+        workers, probe.batch = fit_memory(probe, workers, max_memory, log)
+    groups = _groups(names, max(1, probe.batch // max(1, len(probe.bits))))
+    if in_workers:
         for _, (group_scores, palettes) in _in_workers(probe, _sensitivity_task, groups, workers):
             probe.palettes.update(palettes)
             scores.update(_logged(group_scores, log, offset=len(scores)))
@@ -206,6 +211,67 @@ def analyse(probe: Probe, device: str = "cpu", workers: int | None = None, log=p
     for group in groups:
         scores.update(_logged(probe.sensitivity(group), log, offset=len(scores)))
     return scores
+
+
+def fit_memory(probe: Probe, workers: int, max_memory: int | None = None, log=print) -> tuple:
+    """(workers, batch), at most the requested ones, whose estimated peak fits in ``max_memory`` bytes of
+    RSS (default: this process's RSS plus the memory Linux calls available): smaller batches first, as
+    every worker keeps a core busy, then fewer workers.
+
+    Measured, not guessed from the architecture: the peak RSS of the batch-1 reference forward pass
+    over the RSS before it is one batch entry's activations; each worker adds ``batch`` of those and
+    the largest layer's transient dense weight (int64 codes twice, fp32 values); forked workers share
+    the weights. Without Linux's /proc (peak RSS cannot be reset) the request stands.
+    """
+    before = _rss_bytes(reset_peak=True)
+    probe.reference  # noqa: B018 (computed once, here, to measure it)
+    peak = _rss_bytes(peak=True)
+    if before is None or peak is None:
+        return workers, probe.batch
+    limit = max_memory if max_memory is not None else before + _available_bytes()
+    entry = max(peak - before, 1)
+    largest = max(layer.weight.numel() for layer in probe.layers.values())
+    palettes = sum(min(layer.weight.numel(), 1 << 16) for layer in probe.layers.values()) * (26 + len(probe.bits))
+
+    def need(w: int, b: int) -> int:
+        return peak + palettes + w * (b * entry + 20 * largest)
+
+    plans = [(w, b) for w in range(workers, 0, -1) for b in _halvings(probe.batch, len(probe.bits))]
+    fitting = next(((w, b) for w, b in plans if need(w, b) <= limit), None)
+    if fitting is None:
+        raise UserError(f"the pre-analysis needs about {_gb(need(*plans[-1]))} GB even with one worker at batch "
+                        f"{plans[-1][1]}; {_gb(limit)} GB is available: free memory, or run it with --device cuda")
+    if fitting != (workers, probe.batch) and log:
+        log(f"memory: {workers} workers at batch {probe.batch} need about {_gb(need(workers, probe.batch))} GB of "
+            f"{_gb(limit)} GB; using {fitting[0]} at batch {fitting[1]} (about {_gb(need(*fitting))} GB)")
+    return fitting
+
+
+def _halvings(batch: int, smallest: int) -> list:
+    sizes = [batch]
+    while sizes[-1] // 2 >= max(1, smallest):
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f}"
+
+
+def _rss_bytes(peak: bool = False, reset_peak: bool = False) -> int | None:
+    """This process's RSS (or its peak, VmHWM) from /proc; None where there is no /proc."""
+    try:
+        if reset_peak:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["VmHWM" if peak else "VmRSS"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _available_bytes() -> int:
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def _groups(names: list, size: int) -> list:

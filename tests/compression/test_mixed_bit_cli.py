@@ -99,6 +99,7 @@ def no_analysis(monkeypatch):
     (["--plot", "{tmp}/plot.jpg"], "name it *.png"),
     (["--bits", "5"], "bit widths must be among"),
     (["--target-bits", "0.5"], "--target-bits must be between 1 and 16"),
+    (["--max-memory", "0"], "--max-memory must be a positive number of GB"),
     (["--model-version", "tiny", "--config", "tiny"], "not allowed with argument"),
 ])
 def test_bad_input_is_one_line_before_the_analysis(capsys, tmp_path, no_analysis, argv, fragment):

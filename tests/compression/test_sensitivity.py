@@ -3,6 +3,7 @@
 No coremltools here: these also run on a GPU machine that has only PyTorch and diffusers.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from python_coreml_sd.compression import testbed
 from python_coreml_sd.compression.kmeans import palettize_array
-from python_coreml_sd.compression.sensitivity import Palette, Probe, analyse, palettizable_layers
+from python_coreml_sd.compression import sensitivity
+from python_coreml_sd.compression.sensitivity import Palette, Probe, analyse, fit_memory, palettizable_layers
+from python_coreml_sd.errors import UserError
 from python_coreml_sd.metrics import psnr
 
 
@@ -80,6 +83,33 @@ def test_workers_and_paths_agree(tiny):
     name = next(iter(subset))
     assert runs[0][name][4] == pytest.approx(one_at_a_time(model, inputs, layers, {name: 4}), abs=0.01)
     assert runs[0][name][1] < runs[0][name][4]
+
+
+linux_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
+
+
+@linux_proc
+def test_memory_fit_measures_a_forward_pass_and_keeps_a_request_that_fits(tiny):
+    model, inputs, layers = tiny
+    probe = Probe(model, inputs, dict(list(layers.items())[:6]), (4, 1), batch=16)
+    assert fit_memory(probe, 2, max_memory=10 ** 12, log=None) == (2, 16)
+    assert probe._reference is not None  # the measured pass is the reference, computed once
+    with pytest.raises(UserError, match=r"needs about .* GB even with one worker at batch 2; 0.0 GB is available"):
+        fit_memory(probe, 2, max_memory=1, log=None)
+
+
+@linux_proc
+def test_memory_fit_trims_the_batch_then_the_workers(tiny, monkeypatch):
+    model, inputs, layers = tiny
+    subset = dict(list(layers.items())[:6])
+    # a forward pass that peaks 100 MB over a 1 GB process: each batch entry of each worker costs 100 MB
+    monkeypatch.setattr(sensitivity, "_rss_bytes", lambda peak=False, reset_peak=False: 11 * 10 ** 8 if peak else 10 ** 9)
+    fixed = 11 * 10 ** 8 + 50 * 10 ** 6  # the peak plus room for the palettes and transients of this small model
+    said = []
+    plans = [fit_memory(Probe(model, inputs, subset, (4, 1), batch=16), 2, fixed + extra, said.append)
+             for extra in (33 * 10 ** 8, 17 * 10 ** 8, 9 * 10 ** 8, 5 * 10 ** 8, 3 * 10 ** 8)]
+    assert plans == [(2, 16), (2, 8), (2, 4), (2, 2), (1, 2)]
+    assert said[0].startswith("memory: 2 workers at batch 16 need about 4.3 GB of 2.9 GB; using 2 at batch 8 (about 2.7 GB)")
 
 
 class FoldsTheBatch(torch.nn.Module):
