@@ -122,6 +122,12 @@ class ModelSource:
         score (model_index.json's requires_aesthetics_score)."""
         return self.says_xl and bool(self.index.get("requires_aesthetics_score")) and not self.has("text_encoder")
 
+    def require_base(self) -> None:
+        """A refiner refines another model's latents: refused, in one line, where a base model is asked for."""
+        if self.is_refiner:
+            raise UserError(f"model {self.name!r} is an SDXL refiner (no text_encoder, aesthetic-score time ids); pass "
+                            "it as --refiner-version with the SDXL base as --model-version")
+
     def text_positions(self) -> int:
         """Tokens the text encoder takes (its position embeddings); CLIP's 77 when it does not say. SDXL's
         refiner has the second encoder only."""

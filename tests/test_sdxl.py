@@ -337,6 +337,7 @@ def drop_component(folder, name):
     (lambda xl, ref, tiny, d: (shutil.rmtree(copy_model(xl, d) / "unet"), shutil.copytree(tiny.root / "unet", d / "unet"),
                                d)[-1], ["--convert-unet"], "its UNet's addition_embed_type is None, not 'text_time'"),
     (lambda xl, ref, tiny, d: ref.root, ["--convert-unet"], "is an SDXL refiner"),
+    (lambda xl, ref, tiny, d: ref.root, ["--convert-text-encoder", "--bundle-packages"], "is an SDXL refiner"),
     (lambda xl, ref, tiny, d: tiny.root, ["--convert-unet", "--xl-version"], "--xl-version: model"),
     (lambda xl, ref, tiny, d: xl.root, ["--convert-unet", "--refiner-version", "tiny-xl"], "is not an SDXL refiner"),
     (lambda xl, ref, tiny, d: xl.root, ["--convert-text-encoder", "--refiner-version", "tiny-xl-refiner"],
@@ -368,6 +369,15 @@ def test_refiner_start_outside_the_open_unit_interval(capsys, tmp_path, fraction
     code, err = run_pipeline_cli(capsys, "--prompt", "x", "--backend", "torch", "--model-version", "tiny-xl",
                                  "--refiner-start", fraction, "-o", str(tmp_path / "out"))
     assert_one_line(code, err, "--refiner-start must be in (0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mil"])
+def test_pipeline_refuses_a_refiner_as_the_model(capsys, tmp_path, refiner, backend):
+    from tests.support import assert_one_line, run_pipeline_cli
+    code, err = run_pipeline_cli(capsys, "--prompt", "x", "--backend", backend, "--model-version", str(refiner.root),
+                                 "-o", str(tmp_path / "out"), *(["-i", str(tmp_path)] if backend == "mil" else []))
+    assert_one_line(code, err, "is an SDXL refiner", "pass it as --refiner-version")
     assert not (tmp_path / "out").exists()
 
 

@@ -73,7 +73,9 @@ def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePl
                         "them without --bundle-packages / --bundle-resources-for-swift-cli")
     check_not_inpainting(options)
     from ..model_edits import source_for
-    check_shared_tokenizer(source_for(options))
+    source = source_for(options)
+    source.require_base()
+    check_shared_tokenizer(source)
     if compiled:
         require_compiler()
     kind = "compiled" if compiled else "packages"

@@ -22,9 +22,7 @@ def check_base(source, options) -> None:
         if options.refiner_version:
             raise UserError(f"--refiner-version needs an SDXL base as --model-version; {source.name!r} is not SDXL")
         return
-    if source.is_refiner:
-        raise UserError(f"model {source.name!r} is an SDXL refiner (no text_encoder, aesthetic-score time ids); pass "
-                        "it as --refiner-version with the SDXL base as --model-version")
+    source.require_base()
     check_xl_shape(source, "text_encoder", "text_encoder_2", "unet")
 
 

@@ -99,6 +99,7 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
         from ..bundle import models_folder
         models_dir = models_folder(models_dir)
     source = resolve(model_version, prediction_type=prediction_type)
+    source.require_base()
     controlnets = controlnet_names(controlnet)
     if backend == "torch":
         latent_sizes, prompt_chunks = (_converted_shapes(models_dir, model_version) if models_dir else
