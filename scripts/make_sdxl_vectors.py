@@ -5,7 +5,8 @@ xl_model_set) with tiny-xl's two tokenizers (one CLIP vocabulary; the second pad
     python scripts/make_sdxl_vectors.py   # rewrites swift/Tests/StableDiffusionTests/Resources/sdxl_golden.json
 
 Each case holds the request, the conditioning the pipeline gives the UNet (both encoders' states side by side,
-the pooled text_embeds, the time ids; with --refiner-start also the refiner's) and the final latents and pixels.
+the pooled text_embeds, the time ids; with --refiner-start also the refiner's) and the final latents and pixels;
+img2img cases (`strength`) start from closed_form.test_image.
 SDXLTests (Swift) must compute the same; tests/test_sdxl_golden_vectors.py fails when this file drifts from what
 Python computes now.
 """
@@ -35,10 +36,14 @@ CASES = [
     dict(prompt="a (red:1.3) fox in [dark] woods", negative_prompt="(ugly:1.2)", seed=7, steps=6),
     dict(prompt=LONG_PROMPT, negative_prompt="blurry", seed=8, steps=4, max_prompt_chunks=2),
     dict(prompt=LONG_PROMPT, seed=9, steps=4, max_prompt_chunks=2, refiner_start=0.5),
+    dict(prompt="a lighthouse at dusk", seed=10, steps=10, strength=0.6),  # img2img from closed_form.test_image
+    dict(prompt="a red fox", negative_prompt="blurry", seed=11, steps=10, strength=0.75, scheduler="DPMSolverMultistep"),
+    dict(prompt="a red fox", seed=12, steps=10, strength=0.8, refiner_start=0.4),
+    dict(prompt="a red fox", seed=13, steps=10, strength=0.3, refiner_start=0.5),  # the refiner alone denoises
 ]
 DEFAULTS = dict(negative_prompt="", guidance_scale=7.5, scheduler="EulerDiscrete", original_size=None,
                 crops_coords_top_left=(0, 0), target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5,
-                refiner_start=None, force_zeros_for_empty_prompt=True, max_prompt_chunks=1)
+                refiner_start=None, force_zeros_for_empty_prompt=True, max_prompt_chunks=1, strength=None)
 
 
 def scheduler_config() -> dict:
@@ -63,6 +68,14 @@ def bundle_config() -> str:
     return json.dumps(settings, indent=2, sort_keys=True) + "\n"
 
 
+def start_image():
+    """img2img's start image: closed_form.test_image's bytes, as the Swift tests make them (ClosedForm.testImage)."""
+    from PIL import Image
+
+    from python_coreml_sd.testing.closed_form import test_image_bytes
+    return Image.fromarray(test_image_bytes(8 * LATENT_SIZE, 8 * LATENT_SIZE))
+
+
 def floats(values) -> list:
     return [float(v) for v in np.asarray(values, dtype=np.float32).reshape(-1)]
 
@@ -81,7 +94,8 @@ def run_case(spec: dict) -> dict:
         num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"], scheduler=case["scheduler"],
         original_size=case["original_size"], crops_coords_top_left=case["crops_coords_top_left"],
         target_size=case["target_size"], aesthetic_score=case["aesthetic_score"],
-        negative_aesthetic_score=case["negative_aesthetic_score"], refiner_start=case["refiner_start"])
+        negative_aesthetic_score=case["negative_aesthetic_score"], refiner_start=case["refiner_start"],
+        strength=case["strength"], image=None if case["strength"] is None else start_image())
     embeddings, added, _ = pipe.conditioning(request)
     out = {**{k: list(v) if isinstance(v, tuple) else v for k, v in case.items()},
            "scheduler": SCHEDULERS[case["scheduler"]], "vae_scaling_factor": 0.13025, "latent_size": LATENT_SIZE,

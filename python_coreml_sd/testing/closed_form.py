@@ -310,7 +310,8 @@ def denoise_xl(sample: np.ndarray, timestep: float, hidden: np.ndarray, time_ids
 
 def xl_model_set(latent_size: int = 8, max_prompt_chunks: int = 1, refiner: bool = True):
     """The SDXL closed-form models behind python_coreml_sd.generation's component interface (the table's SDXL
-    names and shapes), so the real pipeline runs them: both encoders, the UNet, the refiner, the VAE decoder.
+    names and shapes), so the real pipeline runs them: both encoders, the UNet, the refiner, the VAE decoder and
+    encoder.
     The UNets take contexts of 1..max_prompt_chunks text-encoder windows."""
     from python_coreml_sd.generation.components import Component, ModelSet
 
@@ -330,7 +331,8 @@ def xl_model_set(latent_size: int = 8, max_prompt_chunks: int = 1, refiner: bool
     dims = {"unet": Dims(latent_size, latent_size, text_hidden=sum(XL_WIDTHS.values()), text_pooled=XL_POOLED)}
     dims["refiner"] = replace(dims["unet"], text_hidden=XL_WIDTHS["text_encoder_2"], time_ids=len(TIME_IDS["refiner"]))
     predicts = {"text_encoder": encoder("text_encoder"), "text_encoder_2": encoder("text_encoder_2"),
-                "unet": unet("unet"), "vae_decoder": lambda z: (decode(z[0])[None],)}
+                "unet": unet("unet"), "vae_decoder": lambda z: (decode(z[0])[None],),
+                "vae_encoder": lambda x: (encode_image(x[0])[None],)}
     if refiner:
         predicts["refiner"] = unet("refiner")
     components = {}

@@ -5,7 +5,7 @@ import StableDiffusionTestSupport
 
 /// The SDXL pipeline with the closed-form SDXL models against the Python pipeline on the same models
 /// (scripts/make_sdxl_vectors.py writes Resources/sdxl_golden.json): both encoders' states, the pooled embeds,
-/// the time ids, force_zeros_for_empty_prompt, guidance, long prompts and the refiner hand-off.
+/// the time ids, force_zeros_for_empty_prompt, guidance, long prompts, the refiner hand-off and image-to-image.
 final class SDXLTests: XCTestCase {
     static let golden: [String: Any] = {
         let data = try! Data(contentsOf: Golden.testsFolder.appendingPathComponent("Resources/sdxl_golden.json"))
@@ -27,9 +27,9 @@ final class SDXLTests: XCTestCase {
         try Golden.tokenizer.padding(with: settings.tokenizer2PadToken!)
     }
 
-    static func pipeline(_ entry: [String: Any], refiner: Bool = true) throws -> StableDiffusionXLPipeline {
+    static func pipeline(_ entry: [String: Any], refiner: Bool = true, encoder: Bool = true) throws -> StableDiffusionXLPipeline {
         StableDiffusionXLPipeline(tokenizer: Golden.tokenizer, tokenizer2: try tokenizer2(),
-                                  models: ClosedFormXL.models(refiner: refiner),
+                                  models: ClosedFormXL.models(refiner: refiner, encoder: encoder),
                                   latentScale: Float((entry["vae_scaling_factor"] as! NSNumber).doubleValue),
                                   promptChunkCounts: Array(1...(entry["max_prompt_chunks"] as! Int)),
                                   forceZerosForEmptyPrompt: entry["force_zeros_for_empty_prompt"] as! Bool)
@@ -52,6 +52,10 @@ final class SDXLTests: XCTestCase {
         config.aestheticScore = (entry["aesthetic_score"] as! NSNumber).doubleValue
         config.negativeAestheticScore = (entry["negative_aesthetic_score"] as! NSNumber).doubleValue
         config.refinerStart = (entry["refiner_start"] as? NSNumber)?.doubleValue
+        if let strength = entry["strength"] as? NSNumber {  // img2img from the closed-form test image
+            config.strength = strength.doubleValue
+            config.startImage = ClosedForm.testImage(height: 8 * size, width: 8 * size)
+        }
         return config
     }
 
@@ -216,8 +220,12 @@ final class SDXLTests: XCTestCase {
         }
         config.refinerStart = nil
         config.startImage = ClosedForm.testImage(height: 64, width: 64)
+        XCTAssertThrowsError(try Self.pipeline(entry, encoder: false).generate(config)) { error in
+            XCTAssertEqual(error as? PipelineError, .missingImageEncoder)
+        }
+        config.strength = 0.05
         XCTAssertThrowsError(try Self.pipeline(entry).generate(config)) { error in
-            XCTAssertEqual(error as? PipelineError, .xlImageToImage)
+            XCTAssertEqual(error as? PipelineError, .strengthTooSmall(0.05, steps: config.stepCount))
         }
         config.startImage = nil
         config.originalSize = [64]

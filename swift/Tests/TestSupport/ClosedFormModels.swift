@@ -131,10 +131,11 @@ public enum ClosedFormXL {
     public static let baseGain = 0.1
     public static let refinerGain = 0.12
 
-    public static func models(refiner: Bool = true) -> XLPipelineModels {
+    public static func models(refiner: Bool = true, encoder: Bool = true) -> XLPipelineModels {
         XLPipelineModels(textEncoder: TextEncoder(width: widths[0], phase: phases[0]),
                          textEncoder2: TextEncoder(width: widths[1], phase: phases[1]), unet: Denoiser(gain: baseGain),
-                         refiner: refiner ? Denoiser(gain: refinerGain) : nil, decoder: ClosedForm.Decoder())
+                         refiner: refiner ? Denoiser(gain: refinerGain) : nil, decoder: ClosedForm.Decoder(),
+                         encoder: encoder ? ClosedForm.Encoder() : nil)
     }
 
     /// sin(0.001 token (j + 1) + 0.1 i + phase); pooled: cos(1e-5 sum(ids) (j + 1)).

@@ -211,7 +211,8 @@ public struct CoreMLPipeline {
                 textEncoder2: CoreMLXLTextEncoder(model: model("TextEncoder2", "text")),
                 unet: unet,
                 refiner: resources.refinerNames.map { names in CoreMLUnet(chunks: names.map { model($0, "refiner") }) },
-                decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")))
+                decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
+                encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil)
             xlPipeline = StableDiffusionXLPipeline(
                 tokenizer: tokenizer, tokenizer2: try resources.tokenizer2(settings: settings, first: tokenizer), models: models,
                 sequenceLength: settings.sequenceLength, latentScale: settings.latentScale,

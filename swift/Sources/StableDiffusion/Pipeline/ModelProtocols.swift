@@ -79,20 +79,23 @@ public protocol ConditionedNoisePredicting {
 }
 
 /// The models of an SDXL pipeline: two text encoders, the base UNet, optionally the refiner UNet
-/// (`--refiner-start`), the VAE decoder. SDXL has no safety checker.
+/// (`--refiner-start`), the VAE decoder, optionally the VAE encoder (image-to-image). SDXL has no safety checker.
 public struct XLPipelineModels {
     public var textEncoder: any XLTextEncoding
     public var textEncoder2: any XLTextEncoding
     public var unet: any ConditionedNoisePredicting
     public var refiner: (any ConditionedNoisePredicting)?
     public var decoder: any LatentDecoding
+    public var encoder: (any ImageEncoding)?
 
     public init(textEncoder: any XLTextEncoding, textEncoder2: any XLTextEncoding, unet: any ConditionedNoisePredicting,
-                refiner: (any ConditionedNoisePredicting)? = nil, decoder: any LatentDecoding) {
+                refiner: (any ConditionedNoisePredicting)? = nil, decoder: any LatentDecoding,
+                encoder: (any ImageEncoding)? = nil) {
         self.textEncoder = textEncoder
         self.textEncoder2 = textEncoder2
         self.unet = unet
         self.refiner = refiner
         self.decoder = decoder
+        self.encoder = encoder
     }
 }

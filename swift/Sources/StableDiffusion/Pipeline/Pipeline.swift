@@ -66,7 +66,6 @@ public enum PipelineError: Error, CustomStringConvertible {
     case badEncoderOutput([Int])
     case badRefinerStart(Double)
     case missingRefiner
-    case xlImageToImage
     case badTimeIds(String)
 
     public var description: String {
@@ -81,7 +80,6 @@ public enum PipelineError: Error, CustomStringConvertible {
         case .badRefinerStart(let value):
             return "--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got \(value)"
         case .missingRefiner: return "--refiner-start needs the refiner's UNet (UnetRefiner.mlmodelc)"
-        case .xlImageToImage: return "SDXL image-to-image is not supported yet: drop --image"
         case .badTimeIds(let detail): return detail
         }
     }
@@ -209,7 +207,14 @@ public struct StableDiffusionPipeline {
 
     private func startLatents(_ image: Tensor, timestep: Double, scheduler: any Scheduler,
                               random: inout any RandomSource, shape: [Int]) throws -> Tensor {
-        guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
+        try Self.startLatents(image, encoder: models.encoder, latentScale: latentScale, timestep: timestep,
+                              scheduler: scheduler, random: &random, shape: shape)
+    }
+
+    /// img2img's first latents (SD's and SDXL's): the image's VAE posterior sampled, scaled, and noised to `timestep`.
+    static func startLatents(_ image: Tensor, encoder: (any ImageEncoding)?, latentScale: Float, timestep: Double,
+                             scheduler: any Scheduler, random: inout any RandomSource, shape: [Int]) throws -> Tensor {
+        guard let encoder else { throw PipelineError.missingImageEncoder }
         // The Python pipeline's draw order, so img2img noise matches it for a seed.
         let diagonalNoise = random.normalTensor(shape: shape)
         let noise = random.normalTensor(shape: shape)

@@ -40,8 +40,9 @@ public struct XLConditioning: Equatable, Sendable {
 }
 
 /// The SDXL loop (diffusers' StableDiffusionXLPipeline as python_coreml_sd runs it): two text encoders, pooled
-/// embeddings, micro-conditioning time ids, force_zeros_for_empty_prompt, classifier-free guidance, and the
-/// refiner hand-off at `refinerStart`.
+/// embeddings, micro-conditioning time ids, force_zeros_for_empty_prompt, classifier-free guidance, the
+/// refiner hand-off at `refinerStart`, and image-to-image from `startImage` (diffusers'
+/// StableDiffusionXLImg2ImgPipeline at `strength`, with the VAE encoder).
 public struct StableDiffusionXLPipeline {
     /// SDXL's VAE `scaling_factor`.
     public static let defaultLatentScale: Float = 0.13025
@@ -83,7 +84,6 @@ public struct StableDiffusionXLPipeline {
     }
 
     private func check(_ config: GenerationConfig) throws {
-        if config.startImage != nil { throw PipelineError.xlImageToImage }
         if let start = config.refinerStart {
             guard start > 0, start < 1 else { throw PipelineError.badRefinerStart(start) }
             guard models.refiner != nil else { throw PipelineError.missingRefiner }
@@ -182,14 +182,31 @@ public struct StableDiffusionXLPipeline {
     private func generateOne(_ config: GenerationConfig, seed: UInt32, base: XLConditioning, refiner: XLConditioning?,
                              progress: (Int, Int) -> Bool) throws -> GeneratedImage {
         let schedulerConfig = config.effectiveSchedulerConfig
-        let scheduler = config.scheduler.make(stepCount: config.stepCount, config: schedulerConfig)
+        var scheduler = config.scheduler.make(stepCount: config.stepCount, config: schedulerConfig)
         var random = config.rng.makeSource(seed: seed)
-        let sigma = scheduler.initNoiseSigma
-        var latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
-        var stages = [(unet: models.unet, scheduler: scheduler, timesteps: scheduler.timesteps, conditioning: base)]
+        var latents: Tensor
+        var first = 0  // img2img's first timestep (the strength's)
+        if let image = config.startImage {
+            first = try StableDiffusionPipeline.img2imgStart(stepCount: config.stepCount, strength: config.strength,
+                                                             order: scheduler.order)
+            scheduler.startIndex = first
+            guard first < scheduler.timesteps.count else {
+                throw PipelineError.strengthTooSmall(config.strength, steps: config.stepCount)
+            }
+            latents = try StableDiffusionPipeline.startLatents(image, encoder: models.encoder, latentScale: latentScale,
+                                                               timestep: scheduler.timesteps[first], scheduler: scheduler,
+                                                               random: &random, shape: config.latentShape)
+        } else {
+            let sigma = scheduler.initNoiseSigma
+            latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
+        }
+        let timesteps = Array(scheduler.timesteps[first...])
+        var stages = [(unet: models.unet, scheduler: scheduler, timesteps: timesteps, conditioning: base)]
         if let start = config.refinerStart, let refiner, let refinerUnet = models.refiner {
             let split = Self.refinerSplit(start, kind: config.scheduler, stepCount: config.stepCount, config: schedulerConfig)
-            stages[0].timesteps = Array(scheduler.timesteps.prefix(split.baseCount))
+            // The base keeps those of its timesteps at or above the cutoff: the schedule's first baseCount, less
+            // the ones img2img skipped.
+            stages[0].timesteps = Array(timesteps.prefix(max(split.baseCount - first, 0)))
             stages.append((refinerUnet, split.refiner, Array(split.refiner.timesteps[split.refiner.startIndex...]), refiner))
         }
         let total = stages.map(\.timesteps.count).reduce(0, +)
