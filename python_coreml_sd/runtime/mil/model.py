@@ -108,6 +108,30 @@ def _scalar_epsilon_of_any_float_dtype():
         InputSpec.validate_inputs = original
 
 
+@contextlib.contextmanager
+def _variadic_dimensions():
+    """coremltools' reader, taking a tensor type of unknown rank (the output of `fill` or a
+    `random_*` op whose shape input has a run-time length) as PyMIL's variadic shape, as its builder
+    does, and matching it with any shape its type inference gives (a specialization fixes the rank)."""
+    from coremltools.converters.mil.frontend.milproto import helper
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.program import get_new_variadic_symbol
+
+    dim, compatible = helper.get_proto_dim, types.is_compatible_type
+
+    def variadic(t):
+        return types.is_tensor(t) and any(str(d).startswith("*") for d in t.get_shape())
+
+    helper.get_proto_dim = lambda d: get_new_variadic_symbol() if (
+        d.WhichOneof("dimension") == "unknown" and d.unknown.variadic) else dim(d)
+    types.is_compatible_type = lambda t1, t2: compatible(t1, t2) or (
+        variadic(t2) and types.is_tensor(t1) and t1.get_primitive() == t2.get_primitive())
+    try:
+        yield
+    finally:
+        helper.get_proto_dim, types.is_compatible_type = dim, compatible
+
+
 def load_program(path, function_name=None, input_shapes=None, spec=None):
     """(spec, PyMIL Function) of an ML Program package or .mlmodel, checked before it is read.
 
@@ -122,7 +146,7 @@ def load_program(path, function_name=None, input_shapes=None, spec=None):
     _check_ops(path, spec.mlProgram, name)
     to_load = specialized_spec(spec, name, input_shapes) if input_shapes else spec
     try:
-        with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype():
+        with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype(), _variadic_dimensions():
             program = read_program(to_load, _weights_dir(path))
     except UserError as e:  # an allocation over the bound
         raise UserError(f"{path}: {e}") from None
