@@ -90,3 +90,14 @@ def test_crop_resize_unalign_corners_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedOpError, match="crop_resize.*'UNALIGN_CORNERS'"):
         run_mil(lambda x: mb.crop_resize(x=x, roi=roi, target_height=2, target_width=2, normalized_coordinates=True,
                                          sampling_mode="UNALIGN_CORNERS"), {"x": x}, tmp_path, target="iOS15")
+
+
+@pytest.mark.cuda
+def test_random_ops_on_cuda_run_op_by_op_even_with_cuda_graph(tmp_path):
+    make = lambda: mb.random_normal(shape=SHAPE, mean=1.5, stddev=2.0, seed=5)  # noqa: E731
+    path = mil_package(lambda x: [mb.add(x=x, y=x), make()], {"x": ((1,), np.float32)}, tmp_path)
+    model = MILModel(path, device="cuda", cuda_graph=True)
+    assert not model._use_graph  # a captured graph would replay one draw
+    y = draws(model)
+    assert abs(y.mean() - 1.5) < 0.03 and abs(y.var() - 4.0) < 0.08
+    np.testing.assert_array_equal(y, draws(model))

@@ -12,6 +12,7 @@ from ...errors import UserError
 from .bounds import bounded_value_inference
 from .dtypes import is_float, mil_name, numpy_dtype, storage_dtype
 from .ops import BUILDERS
+from .ops.registry import STATISTICAL
 from .plan import Plan, UnsupportedOpError
 from .ops.states import StateCell
 from .shapes import allowed_shapes, specialized_spec
@@ -272,8 +273,10 @@ class MILModel:
         self._max_shapes = max(1, int(max_shapes))
         self._shared_constants = {}  # weights on the device, one copy for every specialization
         self._specializations = OrderedDict()
-        # A CUDA graph would bake the state tensors' addresses in; stateful models run op by op.
-        self._use_graph = bool(cuda_graph) and self.device.type == "cuda" and not states
+        # A CUDA graph would bake the state tensors' addresses (and a random op's draws) in;
+        # stateful models and those with random ops run op by op.
+        self._use_graph = (bool(cuda_graph) and self.device.type == "cuda" and not states
+                           and not STATISTICAL & set(self.op_types))
         self._torch_compile = bool(torch_compile) and not states  # state cells are not tensors
         key = tuple(d.shape for d in self.input_description.values())
         self._current = None
