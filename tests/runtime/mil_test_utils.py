@@ -39,19 +39,26 @@ def numpy_inputs(names, example_inputs):
     return {n: x.numpy().astype(_np_dtype(x)) for n, x in zip(names, example_inputs)}
 
 
-def run_mil(build, inputs, tmp_path, target="iOS17", dtypes=None):
+def run_mil(build, inputs, tmp_path, target="iOS17"):
     """Build a one-function MIL program with `build(**placeholders)`, save it as an .mlpackage
     (no optimisation passes, so the ops under test stay as written), run it with MILModel.
 
     inputs: {name: numpy array}; the placeholder dtype follows the array (fp16, fp32, int32, bool).
     Returns the list of output arrays, in the program's output order.
     """
-    import coremltools as ct
     from python_coreml_sd.runtime.mil import MILModel
 
+    shapes = {n: (a.shape, a.dtype) for n, a in inputs.items()}
+    return list(MILModel(mil_package(build, shapes, tmp_path, target)).predict(inputs).values())
+
+
+def mil_package(build, shapes, tmp_path, target="iOS17", ct_inputs=None):
+    """Path of a saved .mlpackage of `build(**placeholders)`; shapes: {name: (shape, numpy dtype)}
+    (a shape may hold PyMIL symbols, then ct_inputs give coremltools' flexible input types)."""
+    import coremltools as ct
     from coremltools.converters.mil.mil import Function, Placeholder, Program
 
-    placeholders = {n: Placeholder(a.shape, dtype=_mil_type(a.dtype)) for n, a in inputs.items()}
+    placeholders = {n: Placeholder(shape, dtype=_mil_type(dt)) for n, (shape, dt) in shapes.items()}
     with Function(placeholders, opset_version=getattr(ct.target, target)) as func:
         outs = build(**func.inputs)
         func.set_outputs(list(outs) if isinstance(outs, (tuple, list)) else [outs])
@@ -59,11 +66,10 @@ def run_mil(build, inputs, tmp_path, target="iOS17", dtypes=None):
     prog.add_function("main", func)
 
     path = tmp_path / f"op_{len(list(tmp_path.iterdir()))}.mlpackage"
-    model = ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
+    model = ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY, inputs=ct_inputs,
                        minimum_deployment_target=getattr(ct.target, target))
     model.save(str(path))
-    out = MILModel(path).predict(inputs)
-    return list(out.values())
+    return path
 
 
 def _mil_type(dtype):

@@ -149,11 +149,13 @@ def test_unsupported_op_inside_a_block_names_the_op_and_the_file(tmp_path):
 
     def build(x, p):
         def then():
-            return mb.add(x=x, y=mb.random_uniform(shape=np.array([3], np.int32)))
+            boxes, scores = np.zeros((1, 2, 4), np.float32), np.ones((1, 2, 1), np.float32)
+            nms = mb.non_maximum_suppression(boxes=boxes, scores=scores, iou_threshold=0.5, max_boxes=1)
+            return mb.add(x=x, y=mb.reduce_sum(x=nms[0]))
 
         return mb.cond(pred=mb.squeeze(x=p), _true_fn=then, _false_fn=lambda: mb.mul(x=x, y=2.0))
 
-    with pytest.raises(UnsupportedOpError, match=r"\.mlpackage: op '.*' of type 'random_uniform' is not supported"):
+    with pytest.raises(UnsupportedOpError, match=r"\.mlpackage: op '.*' of type 'non_maximum_suppression' is not supported"):
         run_mil(build, {"x": np.ones(3, np.float32), "p": np.array([True])}, tmp_path)
 
 

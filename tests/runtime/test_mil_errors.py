@@ -41,10 +41,11 @@ def test_good_inputs_run(package):
 
 
 def test_unknown_op_names_the_op_and_its_type(tmp_path):
-    x = np.ones((1, 1, 4, 4), np.float32)
-    assert "random_uniform" not in supported_ops()  # random ops stay out of scope (no Core ML stream to match)
-    with pytest.raises(UnsupportedOpError, match=r"op '.*random.*' of type 'random_uniform' is not supported") as info:
-        run_mil(lambda x: mb.add(x=x, y=mb.random_uniform(shape=np.array([1, 1, 4, 4], np.int32))), {"x": x}, tmp_path)
+    x = np.ones((1, 5, 4), np.float32)
+    assert "non_maximum_suppression" not in supported_ops()  # object detection: out of scope
+    with pytest.raises(UnsupportedOpError, match=r"op '.*' of type 'non_maximum_suppression' is not supported") as info:
+        run_mil(lambda x: mb.non_maximum_suppression(boxes=x, scores=mb.slice_by_size(x=x, begin=[0, 0, 0], size=[1, 5, 2]),
+                                                     iou_threshold=0.5, max_boxes=2), {"x": x}, tmp_path)
     assert isinstance(info.value, UserError)
     assert ".mlpackage" in str(info.value)
 

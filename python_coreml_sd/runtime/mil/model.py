@@ -12,6 +12,7 @@ from ...errors import UserError
 from .bounds import bounded_value_inference
 from .dtypes import is_float, mil_name, numpy_dtype, storage_dtype
 from .ops import BUILDERS
+from .ops.registry import STATISTICAL
 from .plan import Plan, UnsupportedOpError
 from .ops.states import StateCell
 from .shapes import allowed_shapes, specialized_spec
@@ -108,6 +109,30 @@ def _scalar_epsilon_of_any_float_dtype():
         InputSpec.validate_inputs = original
 
 
+@contextlib.contextmanager
+def _variadic_dimensions():
+    """coremltools' reader, taking a tensor type of unknown rank (the output of `fill` or a
+    `random_*` op whose shape input has a run-time length) as PyMIL's variadic shape, as its builder
+    does, and matching it with any shape its type inference gives (a specialization fixes the rank)."""
+    from coremltools.converters.mil.frontend.milproto import helper
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.program import get_new_variadic_symbol
+
+    dim, compatible = helper.get_proto_dim, types.is_compatible_type
+
+    def variadic(t):
+        return types.is_tensor(t) and any(str(d).startswith("*") for d in t.get_shape())
+
+    helper.get_proto_dim = lambda d: get_new_variadic_symbol() if (
+        d.WhichOneof("dimension") == "unknown" and d.unknown.variadic) else dim(d)
+    types.is_compatible_type = lambda t1, t2: compatible(t1, t2) or (
+        variadic(t2) and types.is_tensor(t1) and t1.get_primitive() == t2.get_primitive())
+    try:
+        yield
+    finally:
+        helper.get_proto_dim, types.is_compatible_type = dim, compatible
+
+
 def load_program(path, function_name=None, input_shapes=None, spec=None):
     """(spec, PyMIL Function) of an ML Program package or .mlmodel, checked before it is read.
 
@@ -122,7 +147,7 @@ def load_program(path, function_name=None, input_shapes=None, spec=None):
     _check_ops(path, spec.mlProgram, name)
     to_load = specialized_spec(spec, name, input_shapes) if input_shapes else spec
     try:
-        with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype():
+        with bounded_value_inference(), _scalar_epsilon_of_any_float_dtype(), _variadic_dimensions():
             program = read_program(to_load, _weights_dir(path))
     except UserError as e:  # an allocation over the bound
         raise UserError(f"{path}: {e}") from None
@@ -248,8 +273,10 @@ class MILModel:
         self._max_shapes = max(1, int(max_shapes))
         self._shared_constants = {}  # weights on the device, one copy for every specialization
         self._specializations = OrderedDict()
-        # A CUDA graph would bake the state tensors' addresses in; stateful models run op by op.
-        self._use_graph = bool(cuda_graph) and self.device.type == "cuda" and not states
+        # A CUDA graph would bake the state tensors' addresses (and a random op's draws) in;
+        # stateful models and those with random ops run op by op.
+        self._use_graph = (bool(cuda_graph) and self.device.type == "cuda" and not states
+                           and not STATISTICAL & set(self.op_types))
         self._torch_compile = bool(torch_compile) and not states  # state cells are not tensors
         key = tuple(d.shape for d in self.input_description.values())
         self._current = None

@@ -15,6 +15,7 @@ from .bounds import check_load_size
 from .dtypes import mil_name, storage_dtype
 from .fusion import find_fusions
 from .ops import BUILDERS, NotConstant, OpArgs
+from .ops.registry import STATISTICAL
 
 # Ops whose fp16 output equals an fp16 input element (or a copy), so CPU fp32 compute needs no
 # rounding back to fp16.
@@ -207,7 +208,7 @@ class Plan:
         if decompressed is not None:
             return []
         fn, ins = kernel or _build(op, slots.device, slots)
-        if all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
+        if op.op_type not in STATISTICAL and all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
             check_load_size(op, [v.sym_type for v in op.outputs])
             result = fn(*[slots.constant_tensor(v) for v in ins])
             results = result if len(op.outputs) > 1 else (result,)

@@ -120,8 +120,9 @@ def _crop_resize(a):
     sampling = str(a.scalar("sampling_mode", "DEFAULT"))
     pad = float(a.scalar("pad_value", 0.0))  # iOS16+; the iOS15 op has none, iOS16's default is 0
     if order is None or sampling not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS") or (normalized and scale != 1.0):
-        raise ValueError("only corner boxes with ALIGN_CORNERS / STRICT_ALIGN_CORNERS sampling (and no spatial "
-                         "scale on normalized boxes) have established semantics")
+        raise ValueError(f"sampling_mode {sampling!r}, box mode {a.scalar('box_coordinate_mode', 'CORNERS_HEIGHT_FIRST')!r}: "
+                         "only corner boxes with ALIGN_CORNERS / STRICT_ALIGN_CORNERS sampling (and no spatial "
+                         "scale on normalized boxes) have established semantics (docs/runtime.md)")
     n_img, _, h, w = a.in_shape()
     dev = a.device
 

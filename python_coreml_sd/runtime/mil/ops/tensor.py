@@ -267,10 +267,10 @@ def _shape(a):
 
 @op("fill")
 def _fill(a):
+    value, dt, dev = a.scalar("value", 0.0), a.out_torch_dtype(), a.device
+    if _runtime(a, "shape"):  # the shape's entries (or its length) known at run time only
+        return (lambda s: torch.full(tuple(s.tolist()), value, dtype=dt, device=s.device)), [a.var("shape")]
     shape = tuple(a.ints("shape"))
-    value = a.scalar("value", 0.0)
-    dt = a.out_torch_dtype()
-    dev = a.device
     return (lambda: torch.full(shape, value, dtype=dt, device=dev)), []
 
 
