@@ -119,4 +119,47 @@ final class ControlTests: XCTestCase {
         XCTAssertEqual(Array(sample.scalars[20..<36]), latents.scalars.map { $0 * StableDiffusionPipeline.defaultLatentScale })
         XCTAssertEqual(Array(sample.scalars[0..<36]), Array(sample.scalars[36...]))
     }
+
+    /// The Python pipeline's generations on the same closed-form models (scripts/make_control_vectors.py).
+    func testGenerationsMatchPython() throws {
+        let data = try Data(contentsOf: Golden.testsFolder.appendingPathComponent("Resources/control_golden.json"))
+        let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let schedulerConfig = try SchedulerConfig(json: try JSONSerialization.data(withJSONObject: golden["scheduler_config"]!))
+        let maskFrom = ints(golden["mask_from"])
+        for entry in try XCTUnwrap(golden["cases"] as? [[String: Any]]) {
+            let size = entry["latent_size"] as! Int
+            let image = ClosedForm.testImageBytes(height: 8 * size, width: 8 * size)
+            var config = GenerationConfig(prompt: entry["prompt"] as! String)
+            config.negativePrompt = entry["negative_prompt"] as! String
+            config.seed = UInt32(entry["seed"] as! Int)
+            config.stepCount = entry["steps"] as! Int
+            config.guidanceScale = Float((entry["guidance_scale"] as! NSNumber).doubleValue)
+            config.scheduler = try XCTUnwrap(SchedulerKind(rawValue: entry["scheduler"] as! String))
+            config.schedulerConfig = schedulerConfig
+            config.latentShape = [1, 4, size, size]
+            let gains = floats(entry["gains"])
+            config.controlInputs = gains.indices.map { k in
+                RGBImage(width: image.width, height: image.height, bytes: k % 2 == 0 ? image.bytes : image.bytes.map { 255 - $0 })
+                    .unitTensor()
+            }
+            config.controlScales = floats(entry["scales"])
+            let inpaint = entry["inpaint"] as! Bool
+            if inpaint {
+                config.startImage = image.tensor()
+                config.strength = (entry["strength"] as! NSNumber).doubleValue
+                config.mask = Tensor(shape: [1, 1, 8 * size, 8 * size], scalars: (0..<(64 * size * size)).map { i in
+                    i / (8 * size) >= maskFrom[0] && i % (8 * size) >= maskFrom[1] ? 1 : 0
+                })
+            }
+            let pipe = pipeline(unet: inpaint ? ClosedFormControl.InpaintUnet() : ClosedForm.Denoiser(),
+                                nets: gains.map { ClosedFormControl.ControlNet(gain: $0) },
+                                controlled: gains.isEmpty ? nil : ClosedFormControl.ControlledUnet())
+            let result = try XCTUnwrap(try pipe.generate(config).first)
+            let label = "\(config.prompt) seed \(config.seed)"
+            XCTAssertLessThanOrEqual(relativeError(result.latents.scalars, floats(entry["latents"])), 1e-6, label)
+            let rgb = RGBImage(decoderOutput: result.image)
+            XCTAssertEqual(rgb.bytes.prefix(48).map(Int.init), ints(entry["rgb_head"]), label)
+            XCTAssertEqual(Int(CRC32.checksum(rgb.bytes)), entry["rgb_crc32"] as! Int, label)
+        }
+    }
 }

@@ -108,6 +108,11 @@ public enum ClosedForm {
     /// The deterministic img2img start image: 8-bit, then (1, 3, H, W) in [-1, 1] the way the
     /// pipelines preprocess images (x / 127.5 - 1).
     public static func testImage(height: Int, width: Int) -> Tensor {
+        testImageBytes(height: height, width: width).tensor()
+    }
+
+    /// closed_form.test_image_bytes: the 8-bit test image itself.
+    public static func testImageBytes(height: Int, width: Int) -> RGBImage {
         var bytes: [UInt8] = []
         for y in 0..<height {
             for x in 0..<width {
@@ -117,7 +122,7 @@ public enum ClosedForm {
                 }
             }
         }
-        return RGBImage(width: width, height: height, bytes: bytes).tensor()
+        return RGBImage(width: width, height: height, bytes: bytes)
     }
 }
 
