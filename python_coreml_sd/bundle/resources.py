@@ -17,20 +17,27 @@ PIPELINE_CONFIG = "pipeline_config.json"
 DEFAULT_VAE_SCALING_FACTOR = 0.18215  # SD 1.x and 2.x; what Swift assumes without pipeline_config.json
 
 
+CONTROLNET_FOLDER = "controlnet"  # Apple's Resources/controlnet/<name>.mlmodelc, one per ControlNet
+
+
 def resource_entries(written_paths) -> dict:
-    """Apple base name -> converted package, for the packages a conversion wrote."""
+    """Apple base name -> converted package, for the packages a conversion wrote; ControlNet_<name> goes to
+    controlnet/<name>."""
     by_component = {}
     for path in map(Path, written_paths):
         component = component_of(path)
         if component is None:
             raise UserError(f"{path} is not a converted Stable Diffusion component; cannot bundle it")
+        if component == "controlnet":
+            prefix = TABLE["controlnet"].package.split("{")[0]
+            component = f"{CONTROLNET_FOLDER}/{path.stem[len(prefix):]}"
         by_component[component] = path
-    for unet in ("unet", "refiner"):  # apps load the chunks; the whole UNet would double the download
+    for unet in ("unet", "refiner", "control-unet"):  # apps load the chunks; the whole UNet would double the download
         if f"{unet}_chunk1" in by_component and f"{unet}_chunk2" in by_component:
             by_component.pop(unet, None)
     if not by_component:
         raise UserError("nothing to bundle: no converted packages")
-    return {BASE_NAMES[c]: p for c, p in sorted(by_component.items())}
+    return {BASE_NAMES.get(c, c): p for c, p in sorted(by_component.items())}
 
 
 def write_tokenizer(model_version: str, dest: Path, source=None) -> None:
@@ -167,7 +174,7 @@ def bundle_packages(options, written_paths, dest) -> Path:
     def build(tmp: Path):
         tmp.mkdir()
         for name, package in entries.items():
-            shutil.copytree(package, tmp / f"{name}.mlpackage")
+            shutil.copytree(package, tmp / f"{name}.mlpackage")  # copytree makes controlnet/ too
         write_model_files(options, tmp)
 
     return replace_atomically(build, Path(dest), options.overwrite)

@@ -111,6 +111,12 @@ final class CLITests: XCTestCase {
             try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
         }
         XCTAssertEqual(try run(arguments).status, 3)  // valid: only Core ML is missing
+        try FileManager.default.removeItem(at: folder.appendingPathComponent("Unet.mlmodelc"))  // a controlled UNet alone
+        XCTAssertEqual(try run(arguments).status, 3)
+        let plain = try run(Array(arguments.prefix(4)))
+        XCTAssertEqual(plain.status, 2)
+        XCTAssertTrue(plain.stderr.hasSuffix("holds only the controlled UNet (ControlledUnet.mlmodelc): pass --controlnet NAME "
+                                             + "--controlnet-inputs IMAGE\n"), plain.stderr)
         let missing = try run(Array(arguments.dropLast()) + ["/nonexistent/edges.png"])
         XCTAssertEqual(missing.stderr, "StableDiffusionCLI: error: --controlnet-inputs /nonexistent/edges.png does not exist\n")
         #endif

@@ -39,7 +39,10 @@ public struct ResourceFolder {
         var missing = ["TextEncoder", "VAEDecoder"].filter { !has($0) }.map { "\($0).mlmodelc" }
         if xl && !has("TextEncoder2") { missing.append("TextEncoder2.mlmodelc (an SDXL bundle's second text encoder)") }
         missing += ["vocab.json", "merges.txt"].filter { !FileManager.default.fileExists(atPath: url.appendingPathComponent($0).path) }
-        if !chunkedUnet && !has("Unet") { missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)") }
+        let hasUnet = chunkedUnet || has("Unet")
+        if !hasUnet && controlledUnetNames == nil {
+            missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)")
+        }
         if needsEncoder && !hasEncoder { missing.append("VAEEncoder.mlmodelc (needed by --image)") }
         if !controlNets.isEmpty && controlledUnetNames == nil {
             missing.append("ControlledUnet.mlmodelc (the UNet converted with --unet-support-controlnet, needed by --controlnet)")
@@ -47,6 +50,10 @@ public struct ResourceFolder {
         missing += controlNets.filter { !has(Self.controlNetPath($0)) }.map { "\(Self.controlNetPath($0)).mlmodelc" }
         guard missing.isEmpty else {
             throw UsageError("resource folder \(path) lacks \(missing.joined(separator: ", ")) (.mlpackage also works)")
+        }
+        if !hasUnet && controlNets.isEmpty {  // --unet-support-controlnet converts the UNet instead of the plain one
+            throw UsageError("resource folder \(path) holds only the controlled UNet (ControlledUnet.mlmodelc): pass "
+                             + "--controlnet NAME --controlnet-inputs IMAGE")
         }
     }
 
