@@ -356,6 +356,19 @@ def converter(component: str):
     return getattr(importlib.import_module(f"python_coreml_sd.convert.{module}"), function)
 
 
+# Resources keep each ControlNet as controlnet/<model> (Apple's layout: its CLI's --controlnet takes <model>).
+CONTROLNET_FOLDER = "controlnet"
+
+
+def resource_name(component: str, path: Path) -> str:
+    """The Resources base name of a converted package of `component` (component_of): the table's, or for a
+    ControlNet_<model> package controlnet/<model>."""
+    if component != "controlnet":
+        return TABLE[component].resource
+    prefix = TABLE[component].package.split("{")[0]
+    return f"{CONTROLNET_FOLDER}/{Path(path).stem[len(prefix):]}"
+
+
 def component_of(path: Path):
     """The component a package or compiled model holds, by its name (ours or Apple's); None if neither."""
     path = Path(path)

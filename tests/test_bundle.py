@@ -110,6 +110,10 @@ def test_pipeline_settings_follow_the_latent_size_flags():
       "o/Stable_Diffusion_version_m_text_encoder.mlpackage"], ["TextEncoder", "UnetChunk1", "UnetChunk2"]),
     (["o/Stable_Diffusion_version_m_unet.mlpackage", "o/Stable_Diffusion_version_m_unet_chunk1.mlpackage",
       "o/Stable_Diffusion_version_m_unet_chunk2.mlpackage"], ["UnetChunk1", "UnetChunk2"]),
+    (["o/Stable_Diffusion_version_m_control-unet_chunk1.mlpackage", "o/Stable_Diffusion_version_m_control-unet.mlpackage",
+      "o/Stable_Diffusion_version_m_control-unet_chunk2.mlpackage", "o/ControlNet_lllyasviel_sd-controlnet-canny.mlpackage",
+      "o/ControlNet_depth.mlpackage", "o/Stable_Diffusion_version_m_unet.mlpackage"],
+     ["ControlledUnetChunk1", "ControlledUnetChunk2", "Unet", "controlnet/depth", "controlnet/lllyasviel_sd-controlnet-canny"]),
 ])
 def test_chunked_unet_is_bundled_as_its_chunks(written, expected):
     assert sorted(bundle.resource_entries(written)) == expected

@@ -195,9 +195,9 @@ def test_converter_refuses_a_controlnet_of_another_family(tmp_path, capsys):
     code, err = convert_cli(capsys, "--model-version", "tiny", "--unet-support-controlnet", "--convert-text-encoder",
                             "-o", str(tmp_path / "out"))
     assert_one_line(code, err, "--convert-unet", prog="torch2coreml")
-    code, err = convert_cli(capsys, "--model-version", "tiny", "--convert-controlnet", NAME, "--bundle-packages",
-                            "-o", str(tmp_path / "out"))
-    assert_one_line(code, err, "bundles do not hold ControlNets", prog="torch2coreml")
+    code, err = convert_cli(capsys, "--model-version", "tiny-xl", "--convert-controlnet", "tiny-xl-controlnet",
+                            "--bundle-packages", "-o", str(tmp_path / "out"))
+    assert_one_line(code, err, "bundles do not hold SDXL ControlNets", prog="torch2coreml")
     assert not (tmp_path / "out").exists()
 
 
@@ -241,3 +241,15 @@ def test_pipeline_runs_the_chunked_controlled_unet_as_the_whole(chunked_controll
     whole, cut = (p.generate(request_with(control_image)) for p in (pipes["mil"], chunked))
     assert psnr(np.asarray(whole.image, np.float32), np.asarray(cut.image, np.float32)) >= 60
     assert psnr(whole.intermediates["final_latents"], cut.intermediates["final_latents"]) >= 60
+
+
+def test_bundle_holds_controlnets_in_apples_layout(tmp_path):
+    """--bundle-packages with a ControlNet: Resources/ControlledUnet.mlpackage and controlnet/<name>.mlpackage, where the
+    Swift ResourceFolder (and Apple's pipeline) look for them."""
+    argv = ["--model-version", "tiny", "--convert-unet", "--unet-support-controlnet", "--convert-controlnet", NAME,
+            "--convert-text-encoder", "--convert-vae-decoder", "--bundle-packages", "-o", str(tmp_path)]
+    assert torch2coreml.main(argv) == 0
+    resources = tmp_path / "Resources"
+    assert {p.name for p in resources.glob("*.mlpackage")} == {"ControlledUnet.mlpackage", "TextEncoder.mlpackage",
+                                                               "VAEDecoder.mlpackage"}
+    assert [p.name for p in (resources / "controlnet").iterdir()] == [f"{NAME}.mlpackage"]

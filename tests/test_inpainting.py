@@ -164,11 +164,13 @@ def test_converter_refuses_a_unet_of_other_input_channels(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_bundles_of_inpainting_models_are_refused(tmp_path, capsys):
+def test_bundles_of_sdxl_inpainting_models_are_refused(tmp_path, capsys):
+    """The Swift SD pipeline inpaints (bundles of tiny-inpaint are made); its SDXL pipeline does not."""
     from python_coreml_sd import torch2coreml
     with pytest.raises(SystemExit) as exit_info:
-        torch2coreml.main(["--model-version", MODEL, "--convert-unet", "--bundle-packages", "-o", str(tmp_path / "out")])
-    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "bundles do not hold inpainting models",
+        torch2coreml.main(["--model-version", "tiny-xl-inpaint", "--convert-unet", "--bundle-packages", "-o",
+                           str(tmp_path / "out")])
+    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "bundles do not hold SDXL inpainting models",
                     prog="torch2coreml")
     assert not (tmp_path / "out").exists()
 

@@ -30,5 +30,6 @@ def compile_package(package: Path, out_dir: Path, name: str) -> Path:
             raise UserError(f"xcrun coremlcompiler could not compile {package.name} (exit {result.returncode}"
                             f"{': ' + detail[-1] if detail else ''})")
         target = out_dir / f"{name}.mlmodelc"
+        target.parent.mkdir(parents=True, exist_ok=True)  # controlnet/<name>
         os.rename(compiled, target)
     return target

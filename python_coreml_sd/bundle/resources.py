@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..components import SDXL, TABLE, TIME_IDS, TOKENIZER_FILES, component_of
+from ..components import SDXL, TABLE, TIME_IDS, TOKENIZER_FILES, component_of, resource_name
 from ..errors import UserError
 from ..package_io import replace_atomically
 from .compile import compile_package, require_compiler
@@ -18,19 +18,20 @@ DEFAULT_VAE_SCALING_FACTOR = 0.18215  # SD 1.x and 2.x; what Swift assumes witho
 
 
 def resource_entries(written_paths) -> dict:
-    """Apple base name -> converted package, for the packages a conversion wrote."""
-    by_component = {}
+    """Apple base name -> converted package, for the packages a conversion wrote; ControlNet_<name> goes to
+    controlnet/<name>."""
+    by_component = {}  # component (a ControlNet: its Resources name, one each) -> package
     for path in map(Path, written_paths):
         component = component_of(path)
         if component is None:
             raise UserError(f"{path} is not a converted Stable Diffusion component; cannot bundle it")
-        by_component[component] = path
-    for unet in ("unet", "refiner"):  # apps load the chunks; the whole UNet would double the download
+        by_component[component if component != "controlnet" else resource_name(component, path)] = path
+    for unet in ("unet", "refiner", "control-unet"):  # apps load the chunks; the whole UNet would double the download
         if f"{unet}_chunk1" in by_component and f"{unet}_chunk2" in by_component:
             by_component.pop(unet, None)
     if not by_component:
         raise UserError("nothing to bundle: no converted packages")
-    return {BASE_NAMES[c]: p for c, p in sorted(by_component.items())}
+    return {resource_name(c, p) if c in TABLE else c: p for c, p in sorted(by_component.items())}
 
 
 def write_tokenizer(model_version: str, dest: Path, source=None) -> None:
@@ -167,7 +168,7 @@ def bundle_packages(options, written_paths, dest) -> Path:
     def build(tmp: Path):
         tmp.mkdir()
         for name, package in entries.items():
-            shutil.copytree(package, tmp / f"{name}.mlpackage")
+            shutil.copytree(package, tmp / f"{name}.mlpackage")  # copytree makes controlnet/ too
         write_model_files(options, tmp)
 
     return replace_atomically(build, Path(dest), options.overwrite)

@@ -345,3 +345,52 @@ def xl_model_set(latent_size: int = 8, max_prompt_chunks: int = 1, refiner: bool
                                                             for k in range(1, max_prompt_chunks + 1)]
         components[name] = component
     return ModelSet(components)
+
+
+# ControlNet and inpainting (issue 19): ControlNets of one gain each answering two residuals, the controlled UNet
+# adding them to `denoise`, and a 9-channel inpainting UNet. ClosedFormControl in the Swift stand-ins is the same.
+def control_residuals(sample, timestep: float, hidden, cond, gain: float) -> tuple:
+    """One batch item: (C, h, w) gain * sample + 0.01 cond[c mod 3] at each 8 x 8 block's top-left pixel, and
+    (C, 1, 1) gain * mean(cond) + 0.001 cos(t / 100) + 0.02 mean(text)."""
+    first = np.float32(gain) * sample + np.float32(0.01) * cond[np.arange(sample.shape[0]) % 3, ::8, ::8]
+    constant = np.float32(0.001 * math.cos(timestep / 100.0) + 0.02 * embedding_mean(hidden))
+    second = np.float32(gain) * np.float32(embedding_mean(cond)) + constant
+    return first.astype(np.float32), np.full((sample.shape[0], 1, 1), second, np.float32)
+
+
+def controlled_denoise(sample, timestep: float, hidden, first, second) -> np.ndarray:
+    return denoise(sample, timestep, hidden) + np.float32(0.5) * first + np.float32(0.1) * second
+
+
+def inpaint_denoise(sample, timestep: float, hidden) -> np.ndarray:
+    """`denoise` of the latents + 0.1 mask + 0.05 masked-image latents, channel by channel."""
+    return denoise(sample[:4], timestep, hidden) + np.float32(0.1) * sample[4:5] + np.float32(0.05) * sample[5:]
+
+
+def control_model_set(latent_size: int = 8, gains=(), inpaint: bool = False):
+    """model_set with ControlNets of `gains` (keys controlnet_0, ...) and the controlled UNet, or with the 9-channel
+    inpainting UNet; the real pipeline runs them."""
+    from python_coreml_sd.components import RESIDUAL
+    from python_coreml_sd.generation.components import Component, controlnet_key
+    models = model_set(latent_size)
+    dims = replace(Dims(latent_size, latent_size, text_hidden=HIDDEN_SIZE, inpaint=inpaint),
+                   residuals=((4, latent_size, latent_size), (4, 1, 1)))
+    names = (RESIDUAL.format(0), RESIDUAL.format(1))
+
+    def per_item(compute, inputs, *more):
+        hidden = text_from_unet_layout(inputs["encoder_hidden_states"])
+        return [compute(x, float(t), h, *rest) for x, t, h, *rest in
+                zip(inputs["sample"], inputs["timestep"], hidden, *(inputs[name] for name in more))]
+
+    if inpaint:
+        unet = lambda inputs: {"noise_pred": np.stack(per_item(inpaint_denoise, inputs))}
+        models.components["unet"] = Component(_Model(unet), TABLE["unet"].input_shapes(dims))
+        return models
+    controlled = lambda inputs: {"noise_pred": np.stack(per_item(controlled_denoise, inputs, *names))}
+    models.components["unet"] = Component(_Model(controlled), TABLE["control-unet"].input_shapes(dims))
+    for i, gain in enumerate(gains):
+        def net(inputs, gain=gain):
+            items = per_item(lambda *args: control_residuals(*args, gain), inputs, "controlnet_cond")
+            return {name: np.stack([item[k] for item in items]) for k, name in enumerate(names)}
+        models.components[controlnet_key(i)] = Component(_Model(net), TABLE["controlnet"].input_shapes(dims))
+    return models

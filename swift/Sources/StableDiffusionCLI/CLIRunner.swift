@@ -13,16 +13,33 @@ enum CLIRunner {
     #if canImport(CoreML) && (!os(Linux) || COREML_STAND_IN)
     static func run(_ options: CommandLineOptions, resources: ResourceFolder, tokenizer: BPETokenizer) throws {
         let pipeline = try CoreMLPipeline(resources: resources, tokenizer: tokenizer,
-                                          computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory)
+                                          computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory,
+                                          controlNets: options.controlNets)
         let schedulerConfig = try resources.schedulerConfig()
         var config = options.generationConfig(schedulerConfig: schedulerConfig)
         config.latentShape = try pipeline.latentShape(height: options.height, width: options.width)
         if let path = options.imagePath { config.startImage = try ImageFile.read(path: path, shape: config.latentShape) }
+        try checkInpainting(options, sampleChannels: try pipeline.unet.sampleShape()[1], latentChannels: config.latentShape[1])
+        if let path = options.maskPath { config.mask = try ImageFile.readMask(path: path, shape: config.latentShape) }
+        config.controlInputs = try options.controlNetInputs.map { try ImageFile.readCondition(path: $0, shape: config.latentShape) }
         let images = try pipeline.generate(config) { step, total in
             print("step \(step)/\(total)")
             return true
         }
         try save(images, options: options, schedulerConfig: schedulerConfig)
+    }
+
+    /// A mask needs an inpainting UNet (2C + 1 sample channels) and an inpainting UNet a mask.
+    static func checkInpainting(_ options: CommandLineOptions, sampleChannels: Int, latentChannels: Int) throws {
+        let inpainting = sampleChannels == 2 * latentChannels + 1
+        if options.maskPath != nil && !inpainting {
+            throw UsageError("--mask needs an inpainting UNet (its sample takes \(2 * latentChannels + 1) channels: latents, mask, "
+                             + "masked-image latents) and this bundle's takes \(sampleChannels); convert an inpainting model")
+        }
+        if inpainting && options.maskPath == nil {
+            throw UsageError("this bundle's UNet is an inpainting UNet (its sample takes the mask and the masked image too): "
+                             + "pass --image IMAGE and --mask MASK")
+        }
     }
 
     static func save(_ images: [GeneratedImage], options: CommandLineOptions, schedulerConfig: SchedulerConfig) throws {

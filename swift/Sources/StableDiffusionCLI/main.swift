@@ -20,6 +20,7 @@ func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, reso
                          + "with --refiner-version MODEL and bundle again")
     }
     if options.imagePath != nil { throw UsageError("--image: SDXL image-to-image is not supported yet") }
+    if !options.controlNets.isEmpty { throw UsageError("--controlnet: SDXL ControlNets are not supported here yet") }
 }
 
 let options: CommandLineOptions
@@ -34,14 +35,16 @@ if options.help {
 }
 
 do {
-    let resources = try ResourceFolder(path: options.resourcePath, needsEncoder: options.imagePath != nil)
+    let resources = try ResourceFolder(path: options.resourcePath, needsEncoder: options.imagePath != nil,
+                                       controlNets: options.controlNets)
     let tokenizer = try resources.tokenizer()
     // A bad scheduler_config.json or pipeline_config.json fails here, on any platform.
     _ = try resources.schedulerConfig()
     let settings = try resources.pipelineSettings()
     try checkFamily(options, settings: settings, resources: resources)
-    if let image = options.imagePath, !FileManager.default.fileExists(atPath: image) {
-        throw UsageError("--image \(image) does not exist")
+    let files = [("--image", options.imagePath), ("--mask", options.maskPath)] + options.controlNetInputs.map { ("--controlnet-inputs", $0) }
+    for case let (flag, path?) in files where !FileManager.default.fileExists(atPath: path) {
+        throw UsageError("\(flag) \(path) does not exist")
     }
     // A size the bundle does not list fails here, on any platform; without a list the UNet's shape decides (Core ML).
     if !settings.latentSizes.isEmpty {

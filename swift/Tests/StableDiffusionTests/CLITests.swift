@@ -94,6 +94,34 @@ final class CLITests: XCTestCase {
         #endif
     }
 
+    /// ControlNets need the controlled UNet and controlnet/<name> (Apple's layout); their images must exist.
+    func testControlNetBundleChecks() throws {
+        #if canImport(CoreML) && !os(Linux)
+        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
+        #else
+        let folder = try placeholderFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let image = folder.appendingPathComponent("vocab.json").path  // any existing file passes the existence check
+        let arguments = ["--resource-path", folder.path, "--prompt", "a cat", "--controlnet", "Canny", "--controlnet-inputs", image]
+        let noUnet = try run(arguments)
+        XCTAssertEqual(noUnet.status, 2)
+        XCTAssertTrue(noUnet.stderr.contains("lacks ControlledUnet.mlmodelc (the UNet converted with --unet-support-controlnet, "
+                                             + "needed by --controlnet), controlnet/Canny.mlmodelc"), noUnet.stderr)
+        for name in ["ControlledUnet.mlmodelc", "controlnet/Canny.mlpackage"] {
+            try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
+        }
+        XCTAssertEqual(try run(arguments).status, 3)  // valid: only Core ML is missing
+        try FileManager.default.removeItem(at: folder.appendingPathComponent("Unet.mlmodelc"))  // a controlled UNet alone
+        XCTAssertEqual(try run(arguments).status, 3)
+        let plain = try run(Array(arguments.prefix(4)))
+        XCTAssertEqual(plain.status, 2)
+        XCTAssertTrue(plain.stderr.hasSuffix("holds only the controlled UNet (ControlledUnet.mlmodelc): pass --controlnet NAME "
+                                             + "--controlnet-inputs IMAGE\n"), plain.stderr)
+        let missing = try run(Array(arguments.dropLast()) + ["/nonexistent/edges.png"])
+        XCTAssertEqual(missing.stderr, "StableDiffusionCLI: error: --controlnet-inputs /nonexistent/edges.png does not exist\n")
+        #endif
+    }
+
     func testSDXLBundlesAndFlags() throws {
         #if canImport(CoreML) && !os(Linux)
         throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")

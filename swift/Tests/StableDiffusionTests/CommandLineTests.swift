@@ -89,6 +89,40 @@ final class CommandLineTests: XCTestCase {
         XCTAssertTrue(try CommandLineOptions.parse(["--help"]).help)
     }
 
+    func testControlNetAndMaskFlags() throws {
+        let options = try CommandLineOptions.parse([
+            "--resource-path", "r", "--prompt", "p", "--controlnet", "Canny", "Depth", "--controlnet-inputs", "e.png", "d.png",
+            "--controlnet-scale", "0.5", "-1", "--image", "in.png", "--mask", "m.png", "--seed", "3",
+        ])
+        XCTAssertEqual(options.controlNets, ["Canny", "Depth"])
+        XCTAssertEqual(options.controlNetInputs, ["e.png", "d.png"])
+        XCTAssertEqual(options.maskPath, "m.png")
+        XCTAssertEqual(options.seed, 3)
+        let config = options.generationConfig()
+        XCTAssertEqual(config.controlScales, [0.5, -1])
+        XCTAssertEqual(config.strength, 1)  // inpainting's default
+        XCTAssertEqual(try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--image", "i.png"])
+            .generationConfig().strength, 0.75)
+    }
+
+    func testBadControlNetAndMaskInput() {
+        let base = ["--resource-path", "r", "--prompt", "p"]
+        let cases: [([String], String)] = [
+            (["--mask", "m.png"], "--mask needs --image IMAGE: the picture whose white-masked part is repainted"),
+            (["--controlnet", "A", "B", "--controlnet-inputs", "a.png"],
+             "--controlnet-inputs: 1 images for 2 ControlNets (--controlnet A B); pass one condition image per ControlNet, in the same order"),
+            (["--controlnet-inputs", "a.png"], "--controlnet-inputs needs --controlnet NAME, one per image"),
+            (["--controlnet", "--prompt", "q"], "--controlnet needs at least one value"),
+            (["--controlnet", "A", "B", "--controlnet-inputs", "a.png", "b.png", "--controlnet-scale", "1", "2", "3"],
+             "--controlnet-scale: 3 scales for 2 ControlNets (--controlnet A B); pass one for all or one each"),
+            (["--controlnet", "A", "--controlnet-inputs", "a.png", "--controlnet-scale", "x"],
+             "--controlnet-scale must be a number in -100.0 ... 100.0, got 'x'"),
+        ]
+        for (arguments, message) in cases {
+            XCTAssertThrowsError(try CommandLineOptions.parse(base + arguments)) { XCTAssertEqual("\($0)", message) }
+        }
+    }
+
     func testBadInputIsOneClearLine() {
         let cases: [([String], String)] = [
             (["--prompt", "p"], "--resource-path is required"),

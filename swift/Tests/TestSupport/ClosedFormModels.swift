@@ -108,6 +108,11 @@ public enum ClosedForm {
     /// The deterministic img2img start image: 8-bit, then (1, 3, H, W) in [-1, 1] the way the
     /// pipelines preprocess images (x / 127.5 - 1).
     public static func testImage(height: Int, width: Int) -> Tensor {
+        testImageBytes(height: height, width: width).tensor()
+    }
+
+    /// closed_form.test_image_bytes: the 8-bit test image itself.
+    public static func testImageBytes(height: Int, width: Int) -> RGBImage {
         var bytes: [UInt8] = []
         for y in 0..<height {
             for x in 0..<width {
@@ -117,7 +122,7 @@ public enum ClosedForm {
                 }
             }
         }
-        return RGBImage(width: width, height: height, bytes: bytes).tensor()
+        return RGBImage(width: width, height: height, bytes: bytes)
     }
 }
 
@@ -188,6 +193,73 @@ public enum ClosedFormXL {
 
         static func mean(_ tensor: Tensor) -> Double {
             tensor.scalars.reduce(0.0) { $0 + Double($1) } / Double(tensor.count)
+        }
+    }
+}
+
+/// The ControlNet and inpainting stand-ins of `closed_form.py` (control_residuals, controlled_denoise,
+/// inpaint_denoise): a ControlNet of one gain answering two residuals, the controlled UNet adding them to the
+/// Denoiser's output, and a 9-channel UNet reading the mask and the masked image's latents.
+public enum ClosedFormControl {
+    /// residual 0 (B, C, h, w): gain sample + 0.01 cond[c mod 3] at each 8 x 8 block's top-left pixel;
+    /// residual 1 (B, C, 1, 1): gain mean(cond) + 0.001 cos(t / 100) + 0.02 mean(text) per channel.
+    public struct ControlNet: ControlNetting {
+        public let gain: Float
+
+        public init(gain: Float) { self.gain = gain }
+
+        public func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, condition: Tensor) throws -> [Tensor] {
+            let (batch, channels, h, w) = (latents.shape[0], latents.shape[1], latents.shape[2], latents.shape[3])
+            let (height, width) = (condition.shape[2], condition.shape[3])
+            var first = latents.scalars, second: [Float] = []
+            for b in 0..<batch {
+                let cond = condition.batchItem(b).scalars
+                let mean = Float(cond.reduce(0.0) { $0 + Double($1) } / Double(cond.count))
+                let text = hiddenStates.batchItem(b).scalars.reduce(0.0) { $0 + Double($1) } / Double(hiddenStates.count / batch)
+                for c in 0..<channels {
+                    for y in 0..<h {
+                        for x in 0..<w {
+                            let i = ((b * channels + c) * h + y) * w + x
+                            first[i] = gain * first[i] + Float(0.01) * cond[((c % 3) * height + 8 * y) * width + 8 * x]
+                        }
+                    }
+                    second.append(gain * mean + Float(0.001 * cos(timestep / 100) + 0.02 * text))
+                }
+            }
+            return [Tensor(shape: latents.shape, scalars: first), Tensor(shape: [batch, channels, 1, 1], scalars: second)]
+        }
+    }
+
+    /// The Denoiser's output + 0.5 residual 0 + 0.1 residual 1 (per channel).
+    public struct ControlledUnet: ControlledNoisePredicting {
+        public init() {}
+
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, residuals: [Tensor]) throws -> Tensor {
+            let out = try ClosedForm.Denoiser().predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates)
+            let plane = latents.shape[2] * latents.shape[3]
+            return Tensor(shape: out.shape, scalars: out.scalars.enumerated().map { i, value in
+                value + Float(0.5) * residuals[0].scalars[i] + Float(0.1) * residuals[1].scalars[i / plane]
+            })
+        }
+    }
+
+    /// A 9-channel UNet: the Denoiser on the first 4 channels, + 0.1 mask + 0.05 masked-image latents (channel c).
+    public struct InpaintUnet: NoisePredicting {
+        public init() {}
+
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
+            let (batch, h, w) = (latents.shape[0], latents.shape[2], latents.shape[3])
+            let plane = h * w
+            let items = try (0..<batch).map { b -> Tensor in
+                let item = latents.batchItem(b).scalars
+                let sample = Tensor(shape: [1, 4, h, w], scalars: Array(item[0..<(4 * plane)]))
+                let out = try ClosedForm.Denoiser().predictNoise(latents: sample, timestep: timestep,
+                                                                 hiddenStates: hiddenStates.batchItem(b))
+                return Tensor(shape: out.shape, scalars: out.scalars.enumerated().map { i, value in
+                    value + Float(0.1) * item[4 * plane + i % plane] + Float(0.05) * item[5 * plane + i]
+                })
+            }
+            return Tensor.concatenateBatch(items)
         }
     }
 }

@@ -18,7 +18,15 @@ public struct CommandLineOptions: Equatable {
     public var computeUnits: ComputeUnitChoice = .all
     public var outputPath = "."
     public var imagePath: String?
-    public var strength = 0.75
+    /// nil: 0.75, or 1 with --mask (diffusers' inpainting default); `resolvedStrength`.
+    public var strength: Double?
+    /// Inpainting: white is repainted (an inpainting UNet's bundle; needs --image).
+    public var maskPath: String?
+    /// ControlNets by name (the bundle's controlnet/<name>.mlmodelc), one condition image each, and their scales
+    /// (one for all or one each).
+    public var controlNets: [String] = []
+    public var controlNetInputs: [String] = []
+    public var controlNetScales: [Float] = [1]
     /// Image size in pixels, one of the sizes the bundle's models take; nil: the default size's.
     public var height: Int?
     public var width: Int?
@@ -81,7 +89,15 @@ public struct CommandLineOptions: Equatable {
       --compute-units <name>    all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default: all)
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
-      --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75)
+      --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75;
+                                with --mask 1)
+      --mask <png>              inpainting (a bundle of an inpainting UNet): white is repainted,
+                                black kept; needs --image
+      --controlnet <name>...    ControlNets of the bundle's controlnet/ folder (needs
+                                ControlledUnet.mlmodelc), run together, residuals summed
+      --controlnet-inputs <png>...
+                                one condition image per --controlnet, in the same order
+      --controlnet-scale <x>... each ControlNet's residual scale: one for all or one each (default: 1)
       --height <n>, --width <n> image size in pixels: one of the sizes the models were converted
                                 for (--latent-sizes; pipeline_config.json lists them); default:
                                 the first of them
@@ -105,6 +121,12 @@ public struct CommandLineOptions: Equatable {
         while let argument = queue.popFirst() {
             guard argument.hasPrefix("--") else { throw UsageError("unexpected argument '\(argument)'") }
             let (name, inlineValue) = split(argument)
+            if Self.listOptions.contains(name) {  // values up to the next option, as Apple's CLI takes them
+                var values = inlineValue.map { [$0] } ?? []
+                while let next = queue.first, !next.hasPrefix("--") { values.append(queue.removeFirst()) }
+                try options.applyList(name, values)
+                continue
+            }
             try options.apply(name, value: { try inlineValue ?? nextValue(name, &queue) }, hasInline: inlineValue != nil)
         }
         if !options.help { try options.validate() }
@@ -121,6 +143,17 @@ public struct CommandLineOptions: Equatable {
         return value
     }
 
+    private static let listOptions: Set<String> = ["--controlnet", "--controlnet-inputs", "--controlnet-scale"]
+
+    private mutating func applyList(_ name: String, _ values: [String]) throws {
+        if values.isEmpty { throw UsageError("\(name) needs at least one value") }
+        switch name {
+        case "--controlnet": controlNets = values
+        case "--controlnet-inputs": controlNetInputs = values
+        default: controlNetScales = try values.map { try Self.number(name, $0, in: -100...100) }
+        }
+    }
+
     private mutating func apply(_ name: String, value: () throws -> String, hasInline: Bool) throws {
         if let flag = Self.flags[name] {
             if hasInline { throw UsageError("\(name) takes no value") }
@@ -135,6 +168,7 @@ public struct CommandLineOptions: Equatable {
         case "--negative-prompt": negativePrompt = text
         case "--output-path": outputPath = text
         case "--image": imagePath = text
+        case "--mask": maskPath = text
         case "--image-count": imageCount = try Self.number(name, text, in: 1...1000)
         case "--step-count": stepCount = try Self.number(name, text, in: 1...1000)
         case "--seed": seed = try Self.number(name, text, in: 0...UInt32.max)
@@ -168,7 +202,7 @@ public struct CommandLineOptions: Equatable {
     }
 
     private static let valueOptions: Set<String> = [
-        "--resource-path", "--prompt", "--negative-prompt", "--output-path", "--image", "--image-count", "--step-count",
+        "--resource-path", "--prompt", "--negative-prompt", "--output-path", "--image", "--mask", "--image-count", "--step-count",
         "--seed", "--guidance-scale", "--strength", "--height", "--width", "--scheduler", "--prediction-type",
         "--timestep-spacing", "--rng", "--compute-units", "--original-size", "--crops-coords-top-left", "--target-size",
         "--aesthetic-score", "--negative-aesthetic-score", "--refiner-start",
@@ -212,7 +246,26 @@ public struct CommandLineOptions: Equatable {
         if karrasSigmas && ![.dpmpp, .euler, .lms].contains(scheduler) {
             throw UsageError("--karras-sigmas needs --scheduler dpmpp, euler or lms")
         }
+        if maskPath != nil && imagePath == nil {
+            throw UsageError("--mask needs --image IMAGE: the picture whose white-masked part is repainted")
+        }
+        try validateControl()
     }
+
+    private func validateControl() throws {
+        let (nets, images, scales) = (controlNets.count, controlNetInputs.count, controlNetScales.count)
+        let listed = "(--controlnet \(controlNets.joined(separator: " ")))"
+        if nets == 0 && images > 0 { throw UsageError("--controlnet-inputs needs --controlnet NAME, one per image") }
+        if nets != images {
+            throw UsageError("--controlnet-inputs: \(images) images for \(nets) ControlNets \(listed); pass one condition "
+                             + "image per ControlNet, in the same order")
+        }
+        if scales != 1 && scales != nets {
+            throw UsageError("--controlnet-scale: \(scales) scales for \(nets) ControlNets \(listed); pass one for all or one each")
+        }
+    }
+
+    public var resolvedStrength: Double { strength ?? (maskPath != nil ? 1 : 0.75) }
 
     /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's).
     public func generationConfig(schedulerConfig: SchedulerConfig = .stableDiffusion) -> GenerationConfig {
@@ -228,7 +281,8 @@ public struct CommandLineOptions: Equatable {
         config.scheduler = scheduler
         config.predictionType = predictionType
         config.rng = rng
-        config.strength = strength
+        config.strength = resolvedStrength
+        config.controlScales = controlNetScales
         config.disableSafety = disableSafety
         config.originalSize = originalSize
         config.cropsCoordsTopLeft = cropsCoordsTopLeft

@@ -28,7 +28,7 @@ public enum OutputNaming {
             "scheduler": options.scheduler.rawValue, "rng": options.rng.rawValue,
             "prediction_type": effective.predictionType.rawValue,
         ]
-        if options.imagePath != nil { values["strength"] = options.strength }
+        if options.imagePath != nil { values["strength"] = options.resolvedStrength }
         if let start = options.refinerStart { values["refiner_start"] = start }
         if let spacing = effective.timestepSpacing { values["timestep_spacing"] = spacing.rawValue }
         if effective.useKarrasSigmas { values["use_karras_sigmas"] = true }

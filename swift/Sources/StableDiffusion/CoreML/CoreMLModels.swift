@@ -33,7 +33,7 @@ public struct CoreMLXLTextEncoder: XLTextEncoding {
 /// `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77 x windows) -> `noise_pred`, as one model or as
 /// UnetChunk1 + UnetChunk2 where the second chunk takes the first chunk's outputs by name. SDXL's UNets (base and
 /// refiner) also take `time_ids` and `text_embeds`.
-public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting {
+public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, ControlledNoisePredicting {
     public let chunks: [ManagedModel]
 
     public init(chunks: [ManagedModel]) {
@@ -50,6 +50,13 @@ public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting {
     public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor {
         try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates,
                          added: ["time_ids": added.timeIds, "text_embeds": added.textEmbeds])
+    }
+
+    /// The controlled UNet (ControlledUnet): the summed residuals as its additional_residual_<i> inputs.
+    public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, residuals: [Tensor]) throws -> Tensor {
+        let named = residuals.enumerated().map { (CoreMLControlNet.residualName($0.offset), $0.element) }
+        return try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates,
+                                added: Dictionary(uniqueKeysWithValues: named))
     }
 
     /// `added`: inputs beyond SD's, by name, one row per batch item.
@@ -95,6 +102,30 @@ public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting {
 
     /// (B, S, C) text embeddings -> the (B, C, 1, S) layout the Neural Engine UNet takes; S is 77 per prompt window.
     static func unetLayout(_ hidden: Tensor) -> Tensor { hidden.unetTextLayout() }
+}
+
+/// Apple's ControlNet_<name>: `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, S), `controlnet_cond`
+/// (B, 3, H, W) -> additional_residual_0, 1, ...; a batch-1 model runs the guidance batch item by item.
+public struct CoreMLControlNet: ControlNetting {
+    public let model: ManagedModel
+
+    public init(model: ManagedModel) { self.model = model }
+
+    static func residualName(_ index: Int) -> String { "additional_residual_\(index)" }
+
+    public func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, condition: Tensor) throws -> [Tensor] {
+        let count = try model.perform { $0.modelDescription.outputDescriptionsByName.keys.filter { $0.hasPrefix("additional_residual_") }.count }
+        let names = (0..<count).map(Self.residualName)
+        let run = { (items: [Int]) throws -> [String: Tensor] in
+            let pick = { (tensor: Tensor) in Tensor.concatenateBatch(items.map { tensor.batchItem($0) }) }
+            let timesteps = Tensor(shape: [items.count], scalars: Array(repeating: Float(timestep), count: items.count))
+            return try model.predict(["sample": pick(latents), "timestep": timesteps, "controlnet_cond": pick(condition),
+                                      "encoder_hidden_states": pick(hiddenStates).unetTextLayout()], outputs: names)
+        }
+        let batch = latents.shape[0]
+        let outputs = try model.inputShape("sample")[0] == batch ? [try run(Array(0..<batch))] : (0..<batch).map { try run([$0]) }
+        return names.map { name in Tensor.concatenateBatch(outputs.flatMap { out in (0..<out[name]!.shape[0]).map { out[name]!.batchItem($0) } }) }
+    }
 }
 
 /// `z` (latents / 0.18215) -> `image` (1, 3, H, W) in [-1, 1].
@@ -194,7 +225,9 @@ public struct CoreMLPipeline {
     /// Only kept so the group outlives the models that point to it weakly.
     public let residency: ResidencyGroup?
 
-    public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool) throws {
+    /// `controlNets`: names of the bundle's controlnet/ models to run with its ControlledUnet.
+    public init(resources: ResourceFolder, tokenizer: BPETokenizer, computeUnits: MLComputeUnits, reduceMemory: Bool,
+                controlNets: [String] = []) throws {
         let settings = try resources.pipelineSettings()
         self.settings = settings
         let group = reduceMemory ? ResidencyGroup() : nil
@@ -203,7 +236,8 @@ public struct CoreMLPipeline {
             ManagedModel(url: resources.model(name) ?? resources.file("\(name).mlmodelc"), computeUnits: computeUnits,
                          stage: stage, group: group)
         }
-        let unetNames = resources.chunkedUnet ? ["UnetChunk1", "UnetChunk2"] : ["Unet"]
+        let plainNames = resources.chunkedUnet ? ["UnetChunk1", "UnetChunk2"] : ["Unet"]
+        let unetNames = controlNets.isEmpty ? plainNames : resources.controlledUnetNames ?? plainNames
         unet = CoreMLUnet(chunks: unetNames.map { model($0, "unet") })
         if settings.family == .sdxl {
             let models = XLPipelineModels(
@@ -227,7 +261,9 @@ public struct CoreMLPipeline {
             unet: unet,
             decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
             encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
-            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil)
+            safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil,
+            controlNets: controlNets.map { CoreMLControlNet(model: model(ResourceFolder.controlNetPath($0), "controlnet")) },
+            controlledUnet: controlNets.isEmpty ? nil : unet)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
                                            latentScale: settings.latentScale, promptChunkCounts: settings.promptChunkCounts)
     }
@@ -244,7 +280,9 @@ public struct CoreMLPipeline {
         let shape = try unet.sampleShape()
         guard shape.count == 4 else { throw CoreMLModelError.badShape("UNet sample", shape) }
         let sizes = settings.latentSizes.isEmpty ? [Array(shape[2...])] : settings.latentSizes
-        return [1, shape[1]] + (try PipelineSettings.latentSize(height: height, width: width, sizes: sizes))
+        // An inpainting UNet's sample carries 2C + 1 channels (latents, mask, masked-image latents).
+        let channels = shape[1] % 2 == 1 ? (shape[1] - 1) / 2 : shape[1]
+        return [1, channels] + (try PipelineSettings.latentSize(height: height, width: width, sizes: sizes))
     }
 }
 #endif

@@ -4,13 +4,34 @@ import CoreGraphics
 import Foundation
 import ImageIO
 
-/// Reads an image file for img2img with ImageIO, redrawn at the model's size as 8-bit RGB.
+/// Reads an image file with ImageIO, redrawn at the model's size as 8-bit RGB: img2img's start image, a mask, a
+/// ControlNet's condition image.
 public enum ImageFile {
+    /// (1, 3, H, W) in [-1, 1].
     public static func read(path: String, shape latentShape: [Int]) throws -> Tensor {
+        try rgb(path: path, shape: latentShape, flag: "--image").tensor()
+    }
+
+    /// (1, 3, H, W) in [0, 1]: a --controlnet-inputs image.
+    public static func readCondition(path: String, shape latentShape: [Int]) throws -> Tensor {
+        try rgb(path: path, shape: latentShape, flag: "--controlnet-inputs").unitTensor()
+    }
+
+    /// (1, 1, H, W) in [0, 1]: a --mask, grey as PIL's convert("L") makes it (ITU-R 601-2 luma, rounded).
+    public static func readMask(path: String, shape latentShape: [Int]) throws -> Tensor {
+        let image = try rgb(path: path, shape: latentShape, flag: "--mask")
+        let grey = (0..<(image.width * image.height)).map { p -> Float in
+            let (r, g, b) = (Int(image.bytes[3 * p]), Int(image.bytes[3 * p + 1]), Int(image.bytes[3 * p + 2]))
+            return Float((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) / 255
+        }
+        return Tensor(shape: [1, 1, image.height, image.width], scalars: grey)
+    }
+
+    static func rgb(path: String, shape latentShape: [Int], flag: String) throws -> RGBImage {
         let width = latentShape[3] * 8, height = latentShape[2] * 8
         guard let source = CGImageSourceCreateWithURL(URL(fileURLWithPath: path) as CFURL, nil),
               let image = CGImageSourceCreateImageAtIndex(source, 0, nil) else {
-            throw UsageError("--image \(path) is not an image ImageIO can read")
+            throw UsageError("\(flag) \(path) is not an image ImageIO can read")
         }
         var rgba = [UInt8](repeating: 0, count: width * height * 4)
         let drawn: Bool = rgba.withUnsafeMutableBytes { buffer in
@@ -20,11 +41,11 @@ public enum ImageFile {
             context.draw(image, in: CGRect(x: 0, y: 0, width: width, height: height))
             return true
         }
-        guard drawn else { throw UsageError("--image \(path) could not be redrawn at \(width)x\(height)") }
+        guard drawn else { throw UsageError("\(flag) \(path) could not be redrawn at \(width)x\(height)") }
         var rgb = [UInt8]()
         rgb.reserveCapacity(width * height * 3)
         for pixel in 0..<(width * height) { rgb += rgba[(pixel * 4)..<(pixel * 4 + 3)] }
-        return RGBImage(width: width, height: height, bytes: rgb).tensor()
+        return RGBImage(width: width, height: height, bytes: rgb)
     }
 }
 #endif

@@ -32,12 +32,17 @@ public struct RGBImage: Equatable, Sendable {
     }
 
     /// (1, 3, H, W) in [-1, 1]: what the VAE encoder takes for img2img.
-    public func tensor() -> Tensor {
+    public func tensor() -> Tensor { planes { $0 / 127.5 - 1 } }
+
+    /// (1, 3, H, W) in [0, 1]: a ControlNet's condition image, as diffusers preprocesses control images.
+    public func unitTensor() -> Tensor { planes { $0 / 255 } }
+
+    private func planes(_ convert: (Float) -> Float) -> Tensor {
         let plane = width * height
         var scalars = [Float](repeating: 0, count: plane * 3)
         for pixel in 0..<plane {
             for channel in 0..<3 {
-                scalars[channel * plane + pixel] = Float(bytes[pixel * 3 + channel]) / 127.5 - 1
+                scalars[channel * plane + pixel] = convert(Float(bytes[pixel * 3 + channel]))
             }
         }
         return Tensor(shape: [1, 3, height, width], scalars: scalars)

@@ -30,21 +30,39 @@ public protocol SafetyChecking {
     func isUnsafe(image: Tensor) throws -> Bool
 }
 
-/// The models of one pipeline. The encoder and safety checker are optional, as in the bundles.
+/// A ControlNet (Apple's ControlNet_<name>: the UNet's inputs plus `controlnet_cond`, the condition image
+/// (B, 3, H, W) in [0, 1]): its residuals additional_residual_0, 1, ... in that order, unscaled.
+public protocol ControlNetting {
+    func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, condition: Tensor) throws -> [Tensor]
+}
+
+/// The UNet converted with --unet-support-controlnet (Apple's ControlledUnet): NoisePredicting's inputs plus
+/// the ControlNets' summed residuals, by the same names and order as a ControlNet's outputs.
+public protocol ControlledNoisePredicting {
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, residuals: [Tensor]) throws -> Tensor
+}
+
+/// The models of one pipeline. The encoder and safety checker are optional, as in the bundles; ControlNets
+/// need the controlled UNet.
 public struct PipelineModels {
     public var textEncoder: any TextEncoding
     public var unet: any NoisePredicting
     public var decoder: any LatentDecoding
     public var encoder: (any ImageEncoding)?
     public var safetyChecker: (any SafetyChecking)?
+    public var controlNets: [any ControlNetting]
+    public var controlledUnet: (any ControlledNoisePredicting)?
 
     public init(textEncoder: any TextEncoding, unet: any NoisePredicting, decoder: any LatentDecoding,
-                encoder: (any ImageEncoding)? = nil, safetyChecker: (any SafetyChecking)? = nil) {
+                encoder: (any ImageEncoding)? = nil, safetyChecker: (any SafetyChecking)? = nil,
+                controlNets: [any ControlNetting] = [], controlledUnet: (any ControlledNoisePredicting)? = nil) {
         self.textEncoder = textEncoder
         self.unet = unet
         self.decoder = decoder
         self.encoder = encoder
         self.safetyChecker = safetyChecker
+        self.controlNets = controlNets
+        self.controlledUnet = controlledUnet
     }
 }
 

@@ -21,6 +21,13 @@ public struct GenerationConfig: Sendable {
     /// img2img: (1, 3, H, W) in [-1, 1], and how much of the schedule to run on it (0...1).
     public var startImage: Tensor?
     public var strength = 0.75
+    /// Inpainting (a UNet taking 9 channels): (1, 1, H, W) in [0, 1] at the start image's size, white (>= 0.5)
+    /// repainted. Strength 1 starts from noise alone, as diffusers' StableDiffusionInpaintPipeline.
+    public var mask: Tensor?
+    /// ControlNets: one condition image (1, 3, H, W) in [0, 1] per model of PipelineModels.controlNets, in order,
+    /// and their scales: one for all or one each (diffusers' controlnet_conditioning_scale).
+    public var controlInputs: [Tensor] = []
+    public var controlScales: [Float] = [1]
     public var disableSafety = false
     /// SDXL's micro-conditioning in pixels: original (height, width), crop top-left (y, x), target (height,
     /// width); nil sizes mean the image's size, as in diffusers.
@@ -67,6 +74,9 @@ public enum PipelineError: Error, CustomStringConvertible {
     case badRefinerStart(Double)
     case missingRefiner
     case badTimeIds(String)
+    case maskWithoutImage
+    case controlCounts(nets: Int, images: Int, scales: Int)
+    case missingControlledUnet
 
     public var description: String {
         switch self {
@@ -81,6 +91,12 @@ public enum PipelineError: Error, CustomStringConvertible {
             return "--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got \(value)"
         case .missingRefiner: return "--refiner-start needs the refiner's UNet (UnetRefiner.mlmodelc)"
         case .badTimeIds(let detail): return detail
+        case .maskWithoutImage: return "--mask needs --image IMAGE: the picture whose white-masked part is repainted"
+        case .controlCounts(let nets, let images, let scales):
+            return "\(nets) ControlNets, \(images) --controlnet-inputs images and \(scales) scales: pass one image per"
+                + " ControlNet, in the same order, and one scale for all or one each"
+        case .missingControlledUnet:
+            return "ControlNets need the UNet converted with --unet-support-controlnet (ControlledUnet.mlmodelc)"
         }
     }
 }
@@ -110,6 +126,8 @@ public struct StableDiffusionPipeline {
 
     /// `progress(step, stepCount)` runs after each step; returning false cancels.
     public func generate(_ config: GenerationConfig, progress: (Int, Int) -> Bool = { _, _ in true }) throws -> [GeneratedImage] {
+        try checkControl(config)
+        if config.mask != nil && config.startImage == nil { throw PipelineError.maskWithoutImage }
         let hidden = try textEmbeddings(config)
         return try (0..<config.imageCount).map { index in
             try generateOne(config, seed: config.seed &+ UInt32(index), hidden: hidden, progress: progress)
@@ -158,7 +176,8 @@ public struct StableDiffusionPipeline {
         var random = config.rng.makeSource(seed: seed)
         var timesteps = scheduler.timesteps
         var latents: Tensor
-        if let image = config.startImage {
+        // diffusers' inpainting at strength 1 starts from noise alone (the image enters through the mask inputs)
+        if let image = config.startImage, config.mask == nil || config.strength != 1 {
             let start = try Self.img2imgStart(stepCount: config.stepCount, strength: config.strength, order: scheduler.order)
             scheduler.startIndex = start
             timesteps = Array(timesteps[start...])
@@ -168,9 +187,12 @@ public struct StableDiffusionPipeline {
             let sigma = scheduler.initNoiseSigma
             latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
         }
+        let condition = try config.mask.map { try inpaintCondition(mask: $0, image: config.startImage!, shape: config.latentShape, random: &random) }
         latents = try Self.denoise(latents, scheduler: &scheduler, timesteps: timesteps, random: &random,
                                    progress: { progress($0, timesteps.count) }) { input, t in
-            try guidedOutput(input, timestep: t, hidden: hidden, config: config)
+            // An inpainting UNet's sample: the scaled latents, then the mask and the masked image's latents.
+            let sample = condition.map { Self.concatenateChannels([input, $0]) } ?? input
+            return try guidedOutput(sample, timestep: t, hidden: hidden, config: config)
         }
         return try finish(latents, config: config, timesteps: timesteps)
     }
@@ -241,11 +263,69 @@ public struct StableDiffusionPipeline {
         return Tensor(shape: noise.shape, scalars: scalars)
     }
 
-    /// Classifier-free guidance (`guide`) from one batch-2 UNet call.
+    /// Classifier-free guidance (`guide`) from one batch-2 UNet call; with ControlNets, the controlled UNet's
+    /// after each ControlNet on the same batch.
     func guidedOutput(_ latents: Tensor, timestep: Double, hidden: Tensor, config: GenerationConfig) throws -> Tensor {
         let batch = Tensor.concatenateBatch([latents, latents])
-        let output = try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden)
-        return Self.guide(output, scale: config.guidanceScale)
+        guard let controlled = models.controlledUnet, !models.controlNets.isEmpty else {
+            return Self.guide(try models.unet.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden),
+                              scale: config.guidanceScale)
+        }
+        let each = try zip(models.controlNets, config.controlInputs).map { net, image in
+            try net.residuals(latents: batch, timestep: timestep, hiddenStates: hidden,
+                              condition: Tensor.concatenateBatch([image, image]))
+        }
+        let residuals = Self.combineResiduals(each, scales: config.controlScales)
+        return Self.guide(try controlled.predictNoise(latents: batch, timestep: timestep, hiddenStates: hidden,
+                                                      residuals: residuals), scale: config.guidanceScale)
+    }
+
+    private func checkControl(_ config: GenerationConfig) throws {
+        let (nets, images, scales) = (models.controlNets.count, config.controlInputs.count, config.controlScales.count)
+        guard nets == images, scales == 1 || scales == nets else {
+            throw PipelineError.controlCounts(nets: nets, images: images, scales: scales)
+        }
+        if nets > 0 && models.controlledUnet == nil { throw PipelineError.missingControlledUnet }
+    }
+
+    /// The ControlNets' residuals, each scaled by its ControlNet's scale (one scale: all), summed name by name in
+    /// ControlNet order (diffusers' MultiControlNetModel; the Python pipeline's run_unet: value * scale + sum).
+    public static func combineResiduals(_ each: [[Tensor]], scales: [Float]) -> [Tensor] {
+        var sum: [Tensor] = []
+        for (k, residuals) in each.enumerated() {
+            let scale = scales.count == 1 ? scales[0] : scales[k]
+            sum = k == 0 ? residuals.map { $0.map { $0 * scale } } : zip(residuals, sum).map { $0.zip($1) { $0 * scale + $1 } }
+        }
+        return sum
+    }
+
+    /// (1, 1 + C, h, w): the binarised mask at latent size and the masked image's latents, as diffusers'
+    /// StableDiffusionInpaintPipeline and the Python pipeline's inpaint_condition: pixels with mask >= 0.5 blanked,
+    /// the rest encoded, its posterior sampled with the next draw and scaled.
+    func inpaintCondition(mask: Tensor, image: Tensor, shape: [Int], random: inout any RandomSource) throws -> Tensor {
+        guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
+        let binary = mask.map { $0 >= 0.5 ? 1 : 0 }
+        let plane = binary.count
+        let masked = Tensor(shape: image.shape, scalars: image.scalars.enumerated().map { i, x in
+            x * (binary.scalars[i % plane] < 0.5 ? 1 : 0)
+        })
+        let noise = random.normalTensor(shape: shape)
+        let latents = try Self.samplePosterior(moments: try encoder.encode(image: masked), noise: noise).map { latentScale * $0 }
+        return Self.concatenateChannels([Self.nearest(binary, height: shape[2], width: shape[3]), latents])
+    }
+
+    /// A (1, 1, H, W) mask at (height, width) by nearest neighbour, as torch's interpolate (source floor(i H / h)).
+    static func nearest(_ mask: Tensor, height: Int, width: Int) -> Tensor {
+        let (sourceH, sourceW) = (mask.shape[2], mask.shape[3])
+        let scalars = (0..<(height * width)).map { i -> Float in
+            mask.scalars[(i / width) * sourceH / height * sourceW + (i % width) * sourceW / width]
+        }
+        return Tensor(shape: [1, 1, height, width], scalars: scalars)
+    }
+
+    /// Batch-1 NCHW tensors joined on channels (C order: one after the other).
+    static func concatenateChannels(_ items: [Tensor]) -> Tensor {
+        Tensor(shape: [1, items.map { $0.shape[1] }.reduce(0, +)] + items[0].shape[2...], scalars: items.flatMap(\.scalars))
     }
 
     private func finish(_ latents: Tensor, config: GenerationConfig, timesteps: [Double]) throws -> GeneratedImage {

@@ -13,8 +13,13 @@ public struct ResourceFolder {
     public let hasSafetyChecker: Bool
     /// SDXL's refiner: ["UnetRefiner"], its two chunks, or nil when the folder has none.
     public let refinerNames: [String]?
+    /// The UNet taking ControlNet residuals (Apple's ControlledUnet, or its two chunks); nil when absent.
+    public let controlledUnetNames: [String]?
+    /// Where ControlNets live, as in Apple's bundles: controlnet/<name>.mlmodelc.
+    public static let controlNetFolder = "controlnet"
 
-    public init(path: String, needsEncoder: Bool = false) throws {
+    /// `controlNets`: the names --controlnet asks for; each must be in controlnet/, with the controlled UNet.
+    public init(path: String, needsEncoder: Bool = false, controlNets: [String] = []) throws {
         let url = URL(fileURLWithPath: path, isDirectory: true)
         self.url = url
         var isDirectory: ObjCBool = false
@@ -27,17 +32,33 @@ public struct ResourceFolder {
         hasSafetyChecker = has("SafetyChecker")
         refinerNames = has("UnetRefinerChunk1") && has("UnetRefinerChunk2") ? ["UnetRefinerChunk1", "UnetRefinerChunk2"]
             : has("UnetRefiner") ? ["UnetRefiner"] : nil
+        controlledUnetNames = has("ControlledUnetChunk1") && has("ControlledUnetChunk2")
+            ? ["ControlledUnetChunk1", "ControlledUnetChunk2"] : has("ControlledUnet") ? ["ControlledUnet"] : nil
         // An SDXL bundle (pipeline_config.json's family) needs the second text encoder too.
         let xl = try PipelineSettings.load(folder: url).family == .sdxl
         var missing = ["TextEncoder", "VAEDecoder"].filter { !has($0) }.map { "\($0).mlmodelc" }
         if xl && !has("TextEncoder2") { missing.append("TextEncoder2.mlmodelc (an SDXL bundle's second text encoder)") }
         missing += ["vocab.json", "merges.txt"].filter { !FileManager.default.fileExists(atPath: url.appendingPathComponent($0).path) }
-        if !chunkedUnet && !has("Unet") { missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)") }
+        let hasUnet = chunkedUnet || has("Unet")
+        if !hasUnet && controlledUnetNames == nil {
+            missing.append("Unet.mlmodelc (or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc)")
+        }
         if needsEncoder && !hasEncoder { missing.append("VAEEncoder.mlmodelc (needed by --image)") }
+        if !controlNets.isEmpty && controlledUnetNames == nil {
+            missing.append("ControlledUnet.mlmodelc (the UNet converted with --unet-support-controlnet, needed by --controlnet)")
+        }
+        missing += controlNets.filter { !has(Self.controlNetPath($0)) }.map { "\(Self.controlNetPath($0)).mlmodelc" }
         guard missing.isEmpty else {
             throw UsageError("resource folder \(path) lacks \(missing.joined(separator: ", ")) (.mlpackage also works)")
         }
+        if !hasUnet && controlNets.isEmpty {  // --unet-support-controlnet converts the UNet instead of the plain one
+            throw UsageError("resource folder \(path) holds only the controlled UNet (ControlledUnet.mlmodelc): pass "
+                             + "--controlnet NAME --controlnet-inputs IMAGE")
+        }
     }
+
+    /// The model base name of ControlNet `name` inside the folder.
+    public static func controlNetPath(_ name: String) -> String { "\(controlNetFolder)/\(name)" }
 
     /// `name.mlmodelc` if present, else `name.mlpackage`.
     static func modelURL(in folder: URL, _ name: String) -> URL? {

@@ -1,0 +1,165 @@
+import XCTest
+@testable import StableDiffusion
+import StableDiffusionTestSupport
+
+/// Records the residuals the controlled UNet receives and answers zeros.
+final class RecordingControlledUnet: ControlledNoisePredicting {
+    var residuals: [[Tensor]] = []
+
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, residuals: [Tensor]) throws -> Tensor {
+        self.residuals.append(residuals)
+        return Tensor(zeros: latents.shape)
+    }
+}
+
+/// Answers fixed residuals, recording the condition it is given.
+final class FixedControlNet: ControlNetting {
+    let values: [Tensor]
+    var conditions: [Tensor] = []
+
+    init(_ values: [Tensor]) { self.values = values }
+
+    func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, condition: Tensor) throws -> [Tensor] {
+        conditions.append(condition)
+        return values
+    }
+}
+
+/// Records the UNet's sample.
+final class RecordingSampleUnet: NoisePredicting {
+    var samples: [Tensor] = []
+
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
+        samples.append(latents)
+        return Tensor(zeros: [latents.shape[0], 4] + latents.shape[2...])
+    }
+}
+
+final class ControlTests: XCTestCase {
+    private func config(steps: Int = 2) -> GenerationConfig {
+        var config = GenerationConfig(prompt: "a cat")
+        config.stepCount = steps
+        config.scheduler = .ddim
+        config.latentShape = [1, 4, 2, 2]
+        return config
+    }
+
+    private func pipeline(unet: NoisePredicting = ClosedForm.Denoiser(), nets: [ControlNetting] = [],
+                          controlled: ControlledNoisePredicting? = nil) -> StableDiffusionPipeline {
+        StableDiffusionPipeline(tokenizer: Golden.tokenizer, models: PipelineModels(
+            textEncoder: ClosedForm.TextEncoder(), unet: unet, decoder: ClosedForm.Decoder(), encoder: ClosedForm.Encoder(),
+            controlNets: nets, controlledUnet: controlled))
+    }
+
+    func testResidualsScaledAndSummedPerControlNet() {
+        let a = [Tensor(shape: [1, 2], scalars: [1, 2]), Tensor(shape: [1, 1], scalars: [3])]
+        let b = [Tensor(shape: [1, 2], scalars: [10, 20]), Tensor(shape: [1, 1], scalars: [30])]
+        XCTAssertEqual(StableDiffusionPipeline.combineResiduals([a, b], scales: [0.5, 2]),
+                       [Tensor(shape: [1, 2], scalars: [20.5, 41]), Tensor(shape: [1, 1], scalars: [61.5])])
+        XCTAssertEqual(StableDiffusionPipeline.combineResiduals([a, b], scales: [2]),
+                       [Tensor(shape: [1, 2], scalars: [22, 44]), Tensor(shape: [1, 1], scalars: [66])])
+    }
+
+    func testEachControlNetGetsItsImageTwiceAndTheUnetTheSum() throws {
+        let nets = [FixedControlNet([Tensor(shape: [1, 1], scalars: [1])]), FixedControlNet([Tensor(shape: [1, 1], scalars: [4])])]
+        let controlled = RecordingControlledUnet()
+        var config = config()
+        config.controlInputs = [Tensor(shape: [1, 3, 1, 1], scalars: [0.1, 0.2, 0.3]), Tensor(zeros: [1, 3, 1, 1])]
+        config.controlScales = [2, 0.25]
+        _ = try pipeline(nets: nets, controlled: controlled).generate(config)
+        XCTAssertEqual(nets[0].conditions.first, Tensor(shape: [2, 3, 1, 1], scalars: [0.1, 0.2, 0.3, 0.1, 0.2, 0.3]))
+        XCTAssertEqual(nets[1].conditions.count, 2)
+        XCTAssertEqual(controlled.residuals, [[Tensor(shape: [1, 1], scalars: [3])], [Tensor(shape: [1, 1], scalars: [3])]])
+    }
+
+    func testControlCountErrors() {
+        let nets = [FixedControlNet([]), FixedControlNet([])]
+        var config = config()
+        config.controlInputs = [Tensor(zeros: [1, 3, 16, 16])]
+        XCTAssertThrowsError(try pipeline(nets: nets, controlled: RecordingControlledUnet()).generate(config)) {
+            XCTAssertEqual("\($0)", "2 ControlNets, 1 --controlnet-inputs images and 1 scales: pass one image per ControlNet,"
+                           + " in the same order, and one scale for all or one each")
+        }
+        config.controlInputs += config.controlInputs
+        XCTAssertThrowsError(try pipeline(nets: nets).generate(config)) {
+            XCTAssertEqual("\($0)", PipelineError.missingControlledUnet.description)
+        }
+    }
+
+    func testMaskNeedsAnImage() {
+        var config = config()
+        config.mask = Tensor(zeros: [1, 1, 16, 16])
+        XCTAssertThrowsError(try pipeline().generate(config)) { XCTAssertEqual("\($0)", PipelineError.maskWithoutImage.description) }
+    }
+
+    func testNearestMaskTakesEachBlocksTopLeft() {
+        let mask = Tensor(shape: [1, 1, 4, 4], scalars: (0..<16).map(Float.init))
+        XCTAssertEqual(StableDiffusionPipeline.nearest(mask, height: 2, width: 2).scalars, [0, 2, 8, 10])
+    }
+
+    /// The 9 channels: the scaled latents, the binarised mask at latent size, the masked image's scaled latents
+    /// (its posterior sampled with the draw after the start noise).
+    func testInpaintSampleChannels() throws {
+        let unet = RecordingSampleUnet()
+        var config = config(steps: 1)
+        config.strength = 1
+        config.startImage = Tensor(shape: [1, 3, 16, 16], scalars: (0..<768).map { Float($0 % 7) / 7 })
+        config.mask = Tensor(shape: [1, 1, 16, 16], scalars: (0..<256).map { $0 % 16 < 8 ? 0.4 : 0.6 })
+        _ = try pipeline(unet: unet).generate(config)
+        let sample = try XCTUnwrap(unet.samples.first)
+        XCTAssertEqual(sample.shape, [2, 9, 2, 2])
+        XCTAssertEqual(Array(sample.scalars[16..<20]), [0, 1, 0, 1])  // left half kept, right half repainted
+        var random = config.rng.makeSource(seed: config.seed)
+        _ = random.normalTensor(shape: config.latentShape)
+        let noise = random.normalTensor(shape: config.latentShape)
+        let masked = Tensor(shape: [1, 3, 16, 16], scalars: config.startImage!.scalars.enumerated().map { i, x in
+            i % 16 < 8 ? x : 0
+        })
+        let latents = try StableDiffusionPipeline.samplePosterior(moments: ClosedForm.Encoder().encode(image: masked), noise: noise)
+        XCTAssertEqual(Array(sample.scalars[20..<36]), latents.scalars.map { $0 * StableDiffusionPipeline.defaultLatentScale })
+        XCTAssertEqual(Array(sample.scalars[0..<36]), Array(sample.scalars[36...]))
+    }
+
+    /// The Python pipeline's generations on the same closed-form models (scripts/make_control_vectors.py).
+    func testGenerationsMatchPython() throws {
+        let data = try Data(contentsOf: Golden.testsFolder.appendingPathComponent("Resources/control_golden.json"))
+        let golden = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let schedulerConfig = try SchedulerConfig(json: try JSONSerialization.data(withJSONObject: golden["scheduler_config"]!))
+        let maskFrom = ints(golden["mask_from"])
+        for entry in try XCTUnwrap(golden["cases"] as? [[String: Any]]) {
+            let size = entry["latent_size"] as! Int
+            let image = ClosedForm.testImageBytes(height: 8 * size, width: 8 * size)
+            var config = GenerationConfig(prompt: entry["prompt"] as! String)
+            config.negativePrompt = entry["negative_prompt"] as! String
+            config.seed = UInt32(entry["seed"] as! Int)
+            config.stepCount = entry["steps"] as! Int
+            config.guidanceScale = Float((entry["guidance_scale"] as! NSNumber).doubleValue)
+            config.scheduler = try XCTUnwrap(SchedulerKind(rawValue: entry["scheduler"] as! String))
+            config.schedulerConfig = schedulerConfig
+            config.latentShape = [1, 4, size, size]
+            let gains = floats(entry["gains"])
+            config.controlInputs = gains.indices.map { k in
+                RGBImage(width: image.width, height: image.height, bytes: k % 2 == 0 ? image.bytes : image.bytes.map { 255 - $0 })
+                    .unitTensor()
+            }
+            config.controlScales = floats(entry["scales"])
+            let inpaint = entry["inpaint"] as! Bool
+            if inpaint {
+                config.startImage = image.tensor()
+                config.strength = (entry["strength"] as! NSNumber).doubleValue
+                config.mask = Tensor(shape: [1, 1, 8 * size, 8 * size], scalars: (0..<(64 * size * size)).map { i in
+                    i / (8 * size) >= maskFrom[0] && i % (8 * size) >= maskFrom[1] ? 1 : 0
+                })
+            }
+            let pipe = pipeline(unet: inpaint ? ClosedFormControl.InpaintUnet() : ClosedForm.Denoiser(),
+                                nets: gains.map { ClosedFormControl.ControlNet(gain: $0) },
+                                controlled: gains.isEmpty ? nil : ClosedFormControl.ControlledUnet())
+            let result = try XCTUnwrap(try pipe.generate(config).first)
+            let label = "\(config.prompt) seed \(config.seed)"
+            XCTAssertLessThanOrEqual(relativeError(result.latents.scalars, floats(entry["latents"])), 1e-6, label)
+            let rgb = RGBImage(decoderOutput: result.image)
+            XCTAssertEqual(rgb.bytes.prefix(48).map(Int.init), ints(entry["rgb_head"]), label)
+            XCTAssertEqual(Int(CRC32.checksum(rgb.bytes)), entry["rgb_crc32"] as! Int, label)
+        }
+    }
+}
