@@ -194,7 +194,7 @@ UNET_INTERFACES = {
     SDXL: Interface(UNET_XL_INPUTS, ("noise_pred",),
                     lambda d: _unet_shapes(d) + ((d.unet_batch, d.time_ids), (d.unet_batch, d.text_pooled))),
 }
-# ControlNet (SD 1.x / 2.x), Apple's names: its residuals are the ControlNet's outputs and, by the same names,
+# ControlNet (SD 1.x / 2.x; SDXL's below), Apple's names: its residuals are the ControlNet's outputs and, by the same names,
 # the controlled UNet's inputs after the UNet's own; its condition image is 8x the latent size.
 RESIDUAL = "additional_residual_{}"
 
@@ -228,6 +228,12 @@ def unet_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_poole
     if interface_of(config) == SDXL:
         return xl_dims(config, batch, h, w, seq_len, text_pooled)
     return Dims(h, w, batch, text_hidden=config["cross_attention_dim"], sequence=seq_len, **sample_dims(config))
+
+
+def controlled_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int = None) -> Dims:
+    """The Dims of a ControlNet and of the controlled UNet it steers (SD's or SDXL's): the UNet's, with the
+    residuals of this latent size."""
+    return replace(unet_dims(config, batch, h, w, seq_len, text_pooled), residuals=residual_shapes(config, h, w))
 
 
 def xl_dims(config: dict, batch: int, h: int, w: int, seq_len: int, text_pooled: int):
@@ -316,7 +322,7 @@ TABLE = {spec.name: spec for spec in (
                   "unet:convert_controlled_unet",
                   converted_with="unet"),
     # with --chunk-unet: chunk 1 and 2 each take the residuals its ops add (Apple's ControlledUnetChunk1/2)
-    *_chunks("control-unet", "ControlledUnet", (SD,)),
+    *_chunks("control-unet", "ControlledUnet"),
     # --convert-controlnet MODEL...: one package per ControlNet, named after it (Apple's ControlNet_<model>)
     ComponentSpec("controlnet", "ControlNet", "unet", {SD: CONTROLNET, SDXL: CONTROLNET_XL},
                   "controlnet:convert_controlnets",

@@ -85,7 +85,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                          "--refiner-version)")
     xl.add_argument("--refiner-version", metavar="MODEL",
                     help="the SDXL refiner the torch backend runs with --refiner-start (e.g. tiny-xl-refiner)")
-    control = p.add_argument_group("ControlNet (SD 1.x / 2.x; SDXL on the torch backend)")
+    control = p.add_argument_group("ControlNet (SD 1.x / 2.x and SDXL)")
     control.add_argument("--controlnet", metavar="NAME", nargs="+",
                          help="steer the UNet with these ControlNets (several: their scaled residuals summed, as "
                               "diffusers' MultiControlNetModel): converted backends load ControlNet_<NAME>.mlpackage "

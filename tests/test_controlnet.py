@@ -106,7 +106,7 @@ def test_controlled_unet_matches_diffusers_with_residuals_fp32(fp32_packages, at
     from python_coreml_sd.convert.unet import residual_inputs, sample_inputs
     unet = tiny_source.load_unet()
     inputs = sample_inputs(dict(unet.config), 2, 16, 16, 77)
-    residuals = residual_inputs(dict(unet.config), 2, 16, 16)
+    residuals = residual_inputs(dict(unet.config), inputs)
     states = inputs["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
     with torch.no_grad():
         values = list(residuals.values())
@@ -217,7 +217,8 @@ def test_chunked_controlled_unet_equals_the_whole(chunked_controlled):
     whole, chunks = chunked_controlled
     assert [component_of(c) for c in chunks] == ["control-unet_chunk1", "control-unet_chunk2"]
     config = dict(resolve_unet_config())
-    inputs = {**sample_inputs(config, 2, 16, 16, 77), **residual_inputs(config, 2, 16, 16)}
+    inputs = sample_inputs(config, 2, 16, 16, 77)
+    inputs.update(residual_inputs(config, inputs))
     inputs = {name: value.numpy() for name, value in inputs.items()}
     first, second = (load_model(c, backend="mil") for c in chunks)
     taken = [{n for n in model.input_description if n.startswith(RESIDUAL.format(""))} for model in (first, second)]

@@ -357,7 +357,8 @@ def test_controlnet_and_controlled_unet_agree_with_diffusers_at_each_shape(contr
     out = MILModel(str(control_dir / "ControlNet_tiny-controlnet.mlpackage")).predict(
         {k: v.numpy() for k, v in inputs.items()})
     assert all(psnr(ref.numpy(), got) >= 40 for ref, got in zip(reference, out.values()))
-    unet_inputs = {**sample_inputs(dict(unet.config), 2, *size, 77 * chunks), **residual_inputs(config, 2, *size)}
+    unet_inputs = sample_inputs(dict(unet.config), 2, *size, 77 * chunks)
+    unet_inputs.update(residual_inputs(config, unet_inputs))
     noise = MILModel(str(control_dir / "Stable_Diffusion_version_tiny_control-unet.mlpackage")).predict(
         {k: v.numpy() for k, v in unet_inputs.items()})["noise_pred"]
     assert noise.shape == (2, 4, *size) and psnr(diffusers_reference(unet, unet_inputs), noise) >= 40

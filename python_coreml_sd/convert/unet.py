@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..components import (RESIDUAL, SD, SDXL, TABLE, Dims, example_time_ids, inpainting_channels, interface_of,
-                          residual_shapes, text_pooled_width, unet_dims, with_residuals)
+from ..components import (RESIDUAL, SDXL, TABLE, Dims, controlled_dims, example_time_ids, inpainting_channels,
+                          interface_of, text_pooled_width, unet_dims, with_residuals)
 from ..errors import UserError
 from ..layers.attention import DEFAULT_QUERY_CHUNK
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
@@ -68,12 +68,9 @@ CONFIG_KEYS = ("sample_size", "cross_attention_dim", "block_out_channels", "down
 
 def check_options(source, options, component: str = "unet") -> None:
     """Before any conversion: each latent size must pass through every downsampling of this UNet, the shapes
-    must suit the attention and chunking asked for; the controlled UNet is SD 1.x / 2.x's."""
+    must suit the attention and chunking asked for."""
     config = source.config("unet", CONFIG_KEYS)
     check_channels(config)
-    if component == "control-unet" and interface_of(config) != SD:
-        raise UserError(f"--unet-support-controlnet: {source.name!r} is SDXL's, and ControlNets are supported for "
-                        "SD 1.x / 2.x models")
     if component == "control-unet":
         check_controlled_sizes(options)
     step = 2 ** (len(config["block_out_channels"]) - 1)
@@ -158,24 +155,30 @@ def sample_inputs(config: dict, batch: int, h: int, w: int, seq_len: int,
     return inputs
 
 
+def example_dims(config: dict, inputs: dict, dims_of=unet_dims) -> Dims:
+    """The Dims of the example `inputs` (`sample_inputs`); `dims_of`: `components.controlled_dims` for the
+    ControlNet residuals of their size too."""
+    batch, _, h, w = inputs["sample"].shape
+    pooled = inputs["text_embeds"].shape[-1] if "text_embeds" in inputs else None
+    return dims_of(config, batch, h, w, inputs["encoder_hidden_states"].shape[-1], pooled)
+
+
 def enumerated_shapes(config: dict, inputs: dict, options, component: str = "unet") -> dict:
     """The UNet inputs' enumerated shapes (components.Dims.variants): every --latent-sizes size by every context
     of 1..--max-prompt-chunks windows; {} for a UNet of one shape. `inputs`: the default shape's example."""
-    batch, _, h, w = inputs["sample"].shape
-    pooled = inputs["text_embeds"].shape[-1] if "text_embeds" in inputs else None
-    dims = unet_dims(config, batch, h, w, inputs["encoder_hidden_states"].shape[-1], pooled)
-    variants = dims.variants(options.sizes_or(config["sample_size"]), options.max_prompt_chunks)
+    variants = example_dims(config, inputs).variants(options.sizes_or(config["sample_size"]), options.max_prompt_chunks)
     if controlled(inputs):  # each size its own residuals
         variants = with_residuals(variants, config)
     return TABLE[component].enumerated_shapes(variants, interface_of(config))
 
 
-def residual_inputs(config: dict, batch: int, h: int, w: int) -> "OrderedDict[str, torch.Tensor]":
-    """Example ControlNet residuals for the controlled UNet, as the table names and shapes them."""
+def residual_inputs(config: dict, inputs: dict) -> "OrderedDict[str, torch.Tensor]":
+    """Example ControlNet residuals for the controlled UNet (SD's or SDXL's) taking the example `inputs`
+    (`sample_inputs`), as the table names and shapes them."""
     generator = torch.Generator().manual_seed(1)
-    shapes = TABLE["control-unet"].input_shapes(Dims(h, w, batch, residuals=residual_shapes(config, h, w)), SD)
+    shapes = TABLE["control-unet"].input_shapes(example_dims(config, inputs, controlled_dims), interface_of(config))
     return OrderedDict((name, 0.5 * torch.randn(*shape, generator=generator))
-                       for name, shape in shapes.items() if name.startswith(RESIDUAL.format("")))
+                       for name, shape in shapes.items() if name not in inputs)
 
 
 def controlled(inputs: dict) -> bool:
@@ -243,7 +246,7 @@ def convert_unet(source, options, component: str = "unet") -> list:
     inputs = sample_inputs(config, batch, *latent_size(config, options), text_sequence_length(source, options),
                            text_pooled_width(source))
     if component == "control-unet":
-        inputs.update(residual_inputs(config, batch, *latent_size(config, options)))
+        inputs.update(residual_inputs(config, inputs))
     enumerated = enumerated_shapes(config, inputs, options, component)
     mlmodel, reference = build_mlprogram(source.load_unet, inputs, options, config, component, enumerated)
     out = save_converted(mlmodel, options, component, enumerated)

@@ -313,10 +313,11 @@ class UNet2DConditionModelANE(nn.Module):
 
 class ControlledUNetANE(UNet2DConditionModelANE):
     """The UNet taking a ControlNet's residuals as positional inputs after its own (what tracing needs; Apple's
-    additional_residual_0, ...: `components.residual_shapes`). SD 1.x / 2.x: no added conditions."""
+    additional_residual_0, ...: `components.residual_shapes`), after SDXL's time_ids and text_embeds for SDXL's."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
-        return super().forward(sample, timestep, encoder_hidden_states, residuals=residuals)
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        added, residuals = _added_and_rest(self, rest)
+        return super().forward(sample, timestep, encoder_hidden_states, **(added or {}), residuals=residuals)
 
 
 def attention_levels(config: dict) -> list:
