@@ -101,6 +101,18 @@ def fail(prog: str, message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def run_cli(prog: str, body, interrupted: str = "interrupted; no partial output was kept") -> int:
+    """`body()`'s exit status; a UserError or CheckFailed ends as one `prog: error:` line and its exit code,
+    Ctrl-C as `interrupted` and 130."""
+    from .errors import CheckFailed, UserError
+    try:
+        return body()
+    except (UserError, CheckFailed) as exc:
+        fail(prog, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail(prog, interrupted, 130)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
     try:

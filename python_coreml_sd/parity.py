@@ -13,8 +13,8 @@ if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl
 import argparse
 import sys
 
-from .console import OneLineErrorParser, fail, quiet_third_party
-from .errors import CheckFailed, UserError
+from .console import OneLineErrorParser, quiet_third_party, run_cli
+from .errors import CheckFailed
 from .generation.jobs import ParityJob, run_parity
 from .pipeline import add_generation_arguments, models_from_args, requests_from_args
 from .runtime import RUNTIME_BACKENDS
@@ -51,18 +51,15 @@ def print_report(report) -> None:
 def main(argv=None) -> int:
     args = parser_spec().parse_args(argv)
     quiet_third_party(args.verbose)
-    try:
-        report = run_parity(job_from_args(args))
-    except (UserError, CheckFailed) as exc:
-        fail(PROG, str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        fail(PROG, "interrupted; no partial output was kept", 130)
+    return run_cli(PROG, lambda: check(args, run_parity(job_from_args(args))))
+
+
+def check(args, report) -> int:
     print_report(report)
     if not report["passed"]:
-        fail(PROG, f"PSNR under {report['threshold_db']} dB (report: {args.output_dir / 'report.json'})", 1)
+        raise CheckFailed(f"PSNR under {report['threshold_db']} dB (report: {args.output_dir / 'report.json'})")
     print(f"parity passed; report and grid in {args.output_dir}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from . import registry
-from .console import OneLineErrorParser, fail, positive_int, quiet_third_party, show_own_warnings
-from .errors import CheckFailed, UserError
+from .console import OneLineErrorParser, positive_int, quiet_third_party, run_cli, show_own_warnings
+from .errors import UserError
 from .generation.schedulers import SCHEDULERS
 from .generation.jobs import generate_images
 from .generation.setup import PIPELINE_BACKENDS
@@ -159,15 +159,12 @@ def main(argv=None) -> int:
     args = parser_spec().parse_args(argv)
     quiet_third_party(args.verbose)
     show_own_warnings(PROG)
-    try:
+
+    def body() -> int:
         job = job_from_args(args)
         generate_images(job, lambda request: parameters(job, request))
-    except (UserError, CheckFailed) as exc:
-        fail(PROG, str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        fail(PROG, "interrupted", 130)
-    return 0
-
+        return 0
+    return run_cli(PROG, body, interrupted="interrupted")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,11 +16,10 @@ from pathlib import Path
 from . import registry
 from ._version import __version__
 from .components import FLAGGED, TABLE
-from .console import OneLineErrorParser, fail, positive_int, quiet_third_party
+from .console import OneLineErrorParser, fail, positive_int, quiet_third_party, run_cli
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
 from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec, parse_latent_sizes
-from .errors import CheckFailed, UserError
 from .single_file import PREDICTION_HELP, PREDICTION_TYPES
 from .layers.attention import ATTENTION_IMPLEMENTATIONS
 
@@ -168,20 +167,18 @@ def main(argv=None) -> int:
     if not requested_components(args):
         fail(PROG, "nothing to convert; pass at least one --convert-* flag (see --help)", 2)
     quiet_third_party(args.verbose)
-    try:
-        from .bundle import plan_bundle
-        options = options_from_args(args)
-        plan = plan_bundle(options, args.bundle_resources_for_swift_cli, args.bundle_packages, args.zip)  # fail fast
-        paths = convert(options, requested_components(args))
-        if plan:
-            plan.build(paths)
-    except (UserError, CheckFailed) as exc:
-        fail(PROG, str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        fail(PROG, "interrupted; no partial output was kept", 130)
+    return run_cli(PROG, lambda: run(args))
+
+
+def run(args) -> int:
+    from .bundle import plan_bundle
+    options = options_from_args(args)
+    plan = plan_bundle(options, args.bundle_resources_for_swift_cli, args.bundle_packages, args.zip)  # fail fast
+    paths = convert(options, requested_components(args))
+    if plan:
+        plan.build(paths)
     print(f"done: {len(paths)} package(s) in {args.o}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

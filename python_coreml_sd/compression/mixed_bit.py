@@ -91,19 +91,16 @@ def parser_spec() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from python_coreml_sd.console import fail, quiet_third_party
+    from python_coreml_sd.console import quiet_third_party, run_cli
 
     args = parser_spec().parse_args(argv)
     quiet_third_party(args.verbose, converters=bool(args.apply))  # coremltools only for --apply
-    try:
+
+    def body() -> int:
         check_args(args)
         run(args)
-    except UserError as err:
-        fail(PROG, str(err), err.exit_code)
-    except KeyboardInterrupt:
-        fail(PROG, "interrupted; no partial output was kept", 130)
-    return 0
-
+        return 0
+    return run_cli(PROG, body)
 
 def check_args(args) -> None:
     """Everything that can be checked before the analysis: one UserError, nothing written."""
