@@ -11,6 +11,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds: Ctrl
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from . import registry
@@ -140,22 +141,13 @@ def parser_spec() -> argparse.ArgumentParser:
 
 
 def options_from_args(args) -> ConversionOptions:
-    return ConversionOptions(
-        model_version=args.model_version, output_dir=args.o, compute_precision=args.compute_precision,
-        min_deployment_target=args.min_deployment_target, latent_h=args.latent_h, latent_w=args.latent_w,
-        latent_sizes=parse_latent_sizes(args.latent_sizes) if args.latent_sizes is not None else (),
-        max_prompt_chunks=args.max_prompt_chunks,
-        text_token_sequence_length=args.text_token_sequence_length,
-        attention_implementation=args.attention_implementation, unet_batch_one=args.unet_batch_one,
-        chunk_unet=args.chunk_unet, overwrite=args.overwrite, quantize_nbits=args.quantize_nbits,
-        mixed_bit_recipe=str(args.mixed_bit_recipe) if args.mixed_bit_recipe else None,
-        palettize_granularity=args.palettize_granularity, palettize_group_size=args.palettize_group_size,
-        check_output_correctness=args.check_output_correctness, psnr_threshold=args.psnr_threshold,
-        allow_pickle=args.allow_pickle, prediction_type=args.prediction_type, loras=tuple(LoraSpec.parse(v) for v in args.lora),
-        textual_inversions=tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion),
-        custom_vae_version=args.custom_vae_version, xl_version=args.xl_version,
-        refiner_version=args.refiner_version, controlnets=tuple(args.convert_controlnet),
-        unet_support_controlnet=args.unet_support_controlnet)
+    """The flags named as ConversionOptions' fields taken as they are; the others parsed."""
+    same = {field.name: getattr(args, field.name) for field in fields(ConversionOptions) if hasattr(args, field.name)}
+    return ConversionOptions(**{**same, "output_dir": args.o, "controlnets": tuple(args.convert_controlnet),
+        "latent_sizes": parse_latent_sizes(args.latent_sizes) if args.latent_sizes is not None else (),
+        "mixed_bit_recipe": str(args.mixed_bit_recipe) if args.mixed_bit_recipe else None,
+        "loras": tuple(LoraSpec.parse(v) for v in args.lora),
+        "textual_inversions": tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion)})
 
 
 def requested_components(args) -> list:
