@@ -17,6 +17,3 @@ def psnr(reference, output) -> float:
         return float("inf")
     return float(20 * np.log10(peak / rmse))
 
-
-def max_abs_error(reference, output) -> float:
-    return float(np.abs(np.asarray(output, np.float64) - np.asarray(reference, np.float64)).max())

@@ -65,9 +65,5 @@ def model_names() -> list:
     return sorted(_registry()["models"])
 
 
-def family_names() -> list:
-    return sorted(_registry()["families"])
-
-
 def scheduler_config() -> dict:
     return copy.deepcopy(_registry()["scheduler"])
