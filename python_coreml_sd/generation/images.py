@@ -1,15 +1,13 @@
 """PNG outputs: names from prompt and seed, generation parameters in text metadata, atomic writes."""
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import UserError
-from ..package_io import temp_prefix
+from ..package_io import replace_atomically
 
 
 def output_name(prompt: str, seed: int, index: int = 0) -> str:
@@ -25,22 +23,7 @@ def save_png(image: Image.Image, path: Path, parameters: dict, overwrite: bool =
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     for key, value in parameters.items():
         info.add_text(key, str(value))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return replace_atomically(lambda tmp: image.save(tmp, format="PNG", pnginfo=info), path, overwrite)
 
 
 MAX_IMAGE_SIDE = 8192  # checked on the header, before any pixel is decoded
