@@ -333,6 +333,11 @@ TABLE = {spec.name: spec for spec in (
                                  lambda d: ((1, 3, d.clip_image, d.clip_image), (1, *d.image_hw, 3), (1,)))),
                   "safety_checker:convert_safety_checker"),
 )}
+# A diffusers folder -> the (library, class) its model_index.json names: the class it is loaded as, the only one supported.
+MODEL_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                 "text_encoder": ("transformers", "CLIPTextModel"),
+                 "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+                 "safety_checker": ("stable_diffusion", "StableDiffusionSafetyChecker")}
 UNETS = ("unet", "refiner", "control-unet")  # the components converted by the UNet converter, with their chunks
 # The CLIP BPE tokenizer files a Resources folder carries beside the models (ours, Apple's, Hugging Face's).
 TOKENIZER_FILES = ("vocab.json", "merges.txt")

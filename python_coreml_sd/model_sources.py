@@ -3,23 +3,19 @@
 Every source ends up as a local diffusers folder that is loaded by the same code, component by
 component, so a full-size conversion never holds more than it needs in memory.
 """
+import functools
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
+from .components import MODEL_CLASSES
 from .errors import UserError
 
-COMPONENT_FOLDERS = ("unet", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "safety_checker",
-                     "scheduler", "feature_extractor")
-SUPPORTED_CLASSES = {
-    "unet": {"UNet2DConditionModel"},
-    "text_encoder": {"CLIPTextModel"},
-    "text_encoder_2": {"CLIPTextModelWithProjection"},
-    "vae": {"AutoencoderKL"},
-    "safety_checker": {"StableDiffusionSafetyChecker"},
-}
+# The module each model_index.json library's classes are imported from; a tokenizer folder is CLIP's.
+LIBRARY_MODULES = {"stable_diffusion": "diffusers.pipelines.stable_diffusion.safety_checker"}
+TOKENIZER = ("transformers", "CLIPTokenizer")
 
 
 @dataclass
@@ -41,9 +37,9 @@ class ModelSource:
                             f"or no entry in its model_index.json); drop --convert-{component.replace('_', '-')} "
                             "or use a model that has one")
         cls = (self.index[component] + [None, None])[1]
-        if component in SUPPORTED_CLASSES and cls not in SUPPORTED_CLASSES[component]:
+        if component in MODEL_CLASSES and cls != MODEL_CLASSES[component][1]:
             raise UserError(f"unsupported {component} class {cls!r} in {self.name!r}; supported: "
-                            f"{', '.join(sorted(SUPPORTED_CLASSES[component]))}")
+                            f"{MODEL_CLASSES[component][1]}")
 
     def check_weights(self, component: str) -> None:
         """Validate the header of every safetensors file of a component (cheap: no tensor is read); weights
@@ -53,50 +49,36 @@ class ModelSource:
         for path in sorted((self.root / component).glob("*.safetensors")):
             read_header(path)
 
-    def _load(self, component: str, loader):
-        self.require(component)
+    def load(self, component: str, convert=None):
+        """A component in fp32 (a tokenizer for tokenizer folders); with `convert` (tensor -> tensor), each weight
+        of a diffusers model is passed through it as it is read (the converter halves them there, so the fp32
+        weights never exist all at once)."""
+        import importlib
         from .weights import refuse_pickles
+        self.require(component)
         refuse_pickles(self.root / component)  # every weight loader comes here: torch2coreml, pipeline, parity
+        library, name = TOKENIZER if component.startswith("tokenizer") else MODEL_CLASSES[component]
+        cls = getattr(importlib.import_module(LIBRARY_MODULES.get(library, library)), name)
+        folder = self.root / component
         try:
-            module = loader(str(self.root / component))
+            if library == "diffusers":
+                module = load_diffusers_model(cls, folder, convert)
+            elif (library, name) == TOKENIZER:
+                module = cls.from_pretrained(str(folder))
+            else:
+                module = cls.from_pretrained(str(folder), dtype=FLOAT32, use_safetensors=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"cannot load {component} of {self.name!r} from {self.root / component}: "
+            raise UserError(f"cannot load {component} of {self.name!r} from {folder}: "
                             f"{str(exc).splitlines()[0]}") from exc
         return module.eval() if hasattr(module, "eval") else module
 
-    def load_unet(self, convert=None):
-        """The diffusers UNet in fp32; with `convert` (tensor -> tensor), each weight is passed through it as
-        it is read (the converter halves them there, so the fp32 weights never exist all at once)."""
-        from diffusers import UNet2DConditionModel
-        return self._load("unet", lambda folder: load_diffusers_model(UNet2DConditionModel, Path(folder), convert))
-
-    def load_text_encoder(self):
-        from transformers import CLIPTextModel
-        return self._load("text_encoder",
-                          lambda folder: CLIPTextModel.from_pretrained(folder, dtype=FLOAT32, use_safetensors=True))
-
-    def load_text_encoder_2(self):
-        from transformers import CLIPTextModelWithProjection
-        return self._load("text_encoder_2", lambda folder: CLIPTextModelWithProjection.from_pretrained(
-            folder, dtype=FLOAT32, use_safetensors=True))
-
-    def load_vae(self):
-        from diffusers import AutoencoderKL
-        return self._load("vae", lambda folder: load_diffusers_model(AutoencoderKL, Path(folder)))
-
-    def load_safety_checker(self):
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        return self._load("safety_checker",
-                          lambda folder: StableDiffusionSafetyChecker.from_pretrained(folder, dtype=FLOAT32,
-                                                                                      use_safetensors=True))
-
-    def load_tokenizer(self):
-        from transformers import CLIPTokenizer
-        return self._load("tokenizer", CLIPTokenizer.from_pretrained)
-
-    def load_tokenizer_2(self):
-        from transformers import CLIPTokenizer
-        return self._load("tokenizer_2", CLIPTokenizer.from_pretrained)
+    load_unet = functools.partialmethod(load, "unet")
+    load_text_encoder = functools.partialmethod(load, "text_encoder")
+    load_text_encoder_2 = functools.partialmethod(load, "text_encoder_2")
+    load_vae = functools.partialmethod(load, "vae")
+    load_safety_checker = functools.partialmethod(load, "safety_checker")
+    load_tokenizer = functools.partialmethod(load, "tokenizer")
+    load_tokenizer_2 = functools.partialmethod(load, "tokenizer_2")
 
     @property
     def pipeline_class(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
+from .components import MODEL_CLASSES
 from .errors import UserError
 
 log = logging.getLogger("python_coreml_sd")
@@ -29,9 +30,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 # Tensors a checkpoint may hold that the diffusers models do not have (buffers, OpenCLIP's projection).
 IGNORED_TEXT_KEYS = ("position_ids", "text_projection.weight", "logit_scale")
-MODEL_CLASSES = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                 "text_encoder": ["transformers", "CLIPTextModel"],
-                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
 
 
 @dataclass(frozen=True)
@@ -346,7 +344,7 @@ def _model_index(found: Recognised, family: dict, scheduler: str) -> dict:
     index = {"_class_name": pipeline.replace("Pipeline", "InpaintPipeline") if found.variant == "inpainting"
              else pipeline, **family.get("pipeline_config", {})}
     for component in ("unet", "vae") + tuple(text.folder for text in found.kind.texts):
-        index[component] = MODEL_CLASSES[component] if component in found.components else [None, None]
+        index[component] = list(MODEL_CLASSES[component]) if component in found.components else [None, None]
     for text in found.kind.texts:
         index[text.folder.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     index["scheduler"] = ["diffusers", scheduler]
