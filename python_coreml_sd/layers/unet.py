@@ -267,11 +267,9 @@ class UNet2DConditionModelANE(nn.Module):
             for i, kind in enumerate(config["down_block_types"])])
         self.mid_block = MidBlock(channels[-1], temb, groups, eps, transformer(n - 1))
         rev = channels[::-1]
-        rev_heads, rev_depth = heads[::-1], depth[::-1]
-        self.up_blocks = nn.ModuleList([
+        self.up_blocks = nn.ModuleList([  # the down blocks' settings, mirrored
             UpBlock(rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb, layers + 1, groups, eps, i < n - 1,
-                    {"context_dim": config["cross_attention_dim"], "heads": rev_heads[i], "layers": rev_depth[i],
-                     "attention": attention} if kind == "CrossAttnUpBlock2D" else None)
+                    transformer(n - 1 - i) if kind == "CrossAttnUpBlock2D" else None)
             for i, kind in enumerate(config["up_block_types"])])
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
         self.conv_out = nn.Conv2d(channels[0], config.get("out_channels", 4), 3, padding=1)
