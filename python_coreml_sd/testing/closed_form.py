@@ -241,9 +241,6 @@ class _Model:
 def model_set(latent_size: int = 8, unet_batch: int = 2):
     """The closed-form models behind python_coreml_sd.generation's component interface (names,
     shapes and layouts of the converted models), so the real pipeline can run them."""
-    from python_coreml_sd.generation.components import Component, ModelSet
-
-    # Each takes its inputs and gives its outputs in the table's order, under the table's names.
     def text_encoder(input_ids):
         return (encode_text([int(v) for v in input_ids[0]])[None],)
 
@@ -251,16 +248,28 @@ def model_set(latent_size: int = 8, unet_batch: int = 2):
         hidden = text_from_unet_layout(encoder_hidden_states)  # (B, 77, C) order for the mean
         return (np.stack([denoise(x, float(t), h) for x, t, h in zip(sample, timestep, hidden)]),)
 
-    def vae_decoder(z):
-        return (decode(z[0])[None],)
-
-    def vae_encoder(x):
-        return (encode_image(x[0])[None],)
-
     dims = Dims(latent_size, latent_size, unet_batch, text_hidden=HIDDEN_SIZE)
-    shapes = {name: TABLE[name].input_shapes(dims) for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
-    predicts = {"text_encoder": text_encoder, "unet": unet, "vae_decoder": vae_decoder, "vae_encoder": vae_encoder}
-    return ModelSet({name: Component(_Model(_named(name, predicts[name])), shapes[name]) for name in predicts})
+    return _model_set({"text_encoder": text_encoder, "unet": unet, **VAE}, {"unet": dims}, SD)
+
+
+# The VAE's closed forms behind its components' interfaces, SD's and SDXL's alike.
+VAE = {"vae_decoder": lambda z: (decode(z[0])[None],), "vae_encoder": lambda x: (encode_image(x[0])[None],)}
+
+
+def _model_set(predicts: dict, dims: dict, family: str, max_prompt_chunks: int = None):
+    """A ModelSet of `predicts` (component -> compute), each at the table's shapes for its `dims` (else the
+    UNet's); with `max_prompt_chunks`, the UNets take contexts of 1..max_prompt_chunks text-encoder windows."""
+    from python_coreml_sd.generation.components import Component, ModelSet
+    components = {}
+    for name, compute in predicts.items():
+        shapes = TABLE[name].input_shapes(dims.get(name, dims["unet"]), family)
+        component = Component(_Model(_named(name, compute, family)), shapes)
+        if max_prompt_chunks and name in ("unet", "refiner"):  # encoder_hidden_states (B, C, 1, S)
+            batch, channels, _, length = shapes["encoder_hidden_states"]
+            component.enumerated["encoder_hidden_states"] = [(batch, channels, 1, length * k)
+                                                            for k in range(1, max_prompt_chunks + 1)]
+        components[name] = component
+    return ModelSet(components)
 
 
 def _named(component: str, compute, family: str = SD):
@@ -313,8 +322,6 @@ def xl_model_set(latent_size: int = 8, max_prompt_chunks: int = 1, refiner: bool
     names and shapes), so the real pipeline runs them: both encoders, the UNet, the refiner, the VAE decoder and
     encoder.
     The UNets take contexts of 1..max_prompt_chunks text-encoder windows."""
-    from python_coreml_sd.generation.components import Component, ModelSet
-
     def encoder(name):
         def compute(input_ids):
             ids = [int(v) for v in input_ids[0]]
@@ -331,20 +338,10 @@ def xl_model_set(latent_size: int = 8, max_prompt_chunks: int = 1, refiner: bool
     dims = {"unet": Dims(latent_size, latent_size, text_hidden=sum(XL_WIDTHS.values()), text_pooled=XL_POOLED)}
     dims["refiner"] = replace(dims["unet"], text_hidden=XL_WIDTHS["text_encoder_2"], time_ids=len(TIME_IDS["refiner"]))
     predicts = {"text_encoder": encoder("text_encoder"), "text_encoder_2": encoder("text_encoder_2"),
-                "unet": unet("unet"), "vae_decoder": lambda z: (decode(z[0])[None],),
-                "vae_encoder": lambda x: (encode_image(x[0])[None],)}
+                "unet": unet("unet"), **VAE}
     if refiner:
         predicts["refiner"] = unet("refiner")
-    components = {}
-    for name, compute in predicts.items():
-        shapes = TABLE[name].input_shapes(dims.get(name, dims["unet"]), SDXL)
-        component = Component(_Model(_named(name, compute, SDXL)), shapes)
-        if name in XL_GAINS:  # encoder_hidden_states (B, C, 1, S) of 1..max_prompt_chunks windows
-            batch, channels, _, length = shapes["encoder_hidden_states"]
-            component.enumerated["encoder_hidden_states"] = [(batch, channels, 1, length * k)
-                                                            for k in range(1, max_prompt_chunks + 1)]
-        components[name] = component
-    return ModelSet(components)
+    return _model_set(predicts, dims, SDXL, max_prompt_chunks)
 
 
 # ControlNet and inpainting (issue 19): ControlNets of one gain each answering two residuals, the controlled UNet
