@@ -38,7 +38,8 @@ from python_coreml_sd.compression.search import (
     CANDIDATE_BITS, DEFAULT_BATCH, apply_recipe, average_bits, choose_recipe, megabytes, predicted_psnr, sensitivity,
     tradeoff_curve, uniform_points)
 from python_coreml_sd.compression.recipes import KEEP_FP16
-from python_coreml_sd.compression.sensitivity import Probe, palettizable_layers, resolve_device
+from python_coreml_sd.compression.palettize import resolve_device
+from python_coreml_sd.compression.sensitivity import Probe, palettizable_layers
 from python_coreml_sd.errors import UserError
 
 PROG = "mixed_bit"

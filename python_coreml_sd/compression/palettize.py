@@ -135,7 +135,7 @@ def palettize_model(mlmodel, nbits: int | None, granularity: str = "per_tensor",
 
     if nbits is None and not recipe:
         raise UserError("palettize: give nbits, a recipe, or both")
-    device = _resolve_device(device)
+    device = None if resolve_device(device) == "cpu" else "cuda"
     plan = LutPlan()
     bits_of = {} if nbits is None else {None: nbits}
 
@@ -208,19 +208,15 @@ def _palettize_program(mlmodel, palettizer, plan: LutPlan, bits_of: dict):
                        skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
 
 
-def _resolve_device(device: str) -> str | None:
-    """"cuda" or None (the CPU) for a user's "auto" / "cpu" / "cuda"."""
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda" for a user's "auto" / "cpu" / "cuda"."""
     if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"palettize: device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cpu":
-        return None
+        raise UserError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise UserError("palettize: device='cuda' but PyTorch sees no CUDA GPU; use 'cpu' or 'auto'")
-    return None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda', but PyTorch sees no CUDA GPU; use 'cpu' or 'auto'")
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def worker_count() -> int:

@@ -169,17 +169,6 @@ def _exact_cuda_math():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def resolve_device(device: str) -> str:
-    """"cpu" or "cuda" for a user's "auto" / "cpu" / "cuda"."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def analyse(probe: Probe, device: str = "cpu", workers: int | None = None, log=print,
             score_in_workers: bool | None = None, max_memory: int | None = None) -> dict:
     """{layer: {bits: PSNR}} for every layer of the probe, in the probe's layer order.
