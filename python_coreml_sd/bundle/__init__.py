@@ -13,7 +13,3 @@ from .plan import BundlePlan, plan_bundle
 from .resources import (BASE_NAMES, PIPELINE_CONFIG, SCHEDULER_CONFIG, bundle_compiled, bundle_packages,
                         pipeline_settings, resource_entries)
 
-__all__ = ["BASE_NAMES", "BundlePlan", "FORMAT", "MANIFEST", "MAX_COMPRESSION_RATIO", "MAX_EXTRACTED_BYTES",
-           "PIPELINE_CONFIG", "RATIO_EXEMPT_BYTES", "SCHEDULER_CONFIG", "bundle_compiled", "bundle_packages",
-           "extract_bundle", "make_zip", "manifest_fields", "models_folder", "pipeline_settings", "plan_bundle",
-           "resource_entries", "sha256_file", "zip_name"]
