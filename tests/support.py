@@ -29,3 +29,9 @@ def assert_one_line(code, err, *fragments, prog="pipeline"):
     assert err.count("\n") == 0 and err.startswith(f"{prog}: error:") and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in err, err
+
+
+def converted(model: str, out, components, **options) -> dict:
+    """{package file name: path} of `components` of `model` converted into `out` with ConversionOptions `options`."""
+    from python_coreml_sd.convert import ConversionOptions, convert
+    return {p.name: p for p in convert(ConversionOptions(model_version=model, output_dir=out, **options), components)}

@@ -16,7 +16,7 @@ from python_coreml_sd.generation.pipeline import GenerationRequest
 from python_coreml_sd.generation.setup import open_pipeline
 from python_coreml_sd.metrics import psnr
 from python_coreml_sd.runtime import load_model
-from tests.support import assert_one_line, run_pipeline_cli
+from tests.support import assert_one_line, converted, run_pipeline_cli
 
 NAME = "tiny-controlnet"
 STEPS = 4
@@ -29,7 +29,7 @@ def controlnet():
 
 
 def convert_to(out, components, **options):
-    return {p.name: p for p in convert(ConversionOptions(model_version="tiny", output_dir=out, **options), components)}
+    return converted("tiny", out, components, **options)
 
 
 @pytest.fixture(scope="module")

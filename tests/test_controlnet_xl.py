@@ -17,7 +17,7 @@ from python_coreml_sd.generation.setup import open_pipeline
 from python_coreml_sd.metrics import psnr
 from python_coreml_sd.model_sources import resolve
 from python_coreml_sd.runtime import load_model
-from tests.support import assert_one_line, run_pipeline_cli
+from tests.support import assert_one_line, converted, run_pipeline_cli
 
 MODEL, NAME = "tiny-xl", "tiny-xl-controlnet"
 ATTENTIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
@@ -40,7 +40,7 @@ def source():
 
 
 def convert_to(out, components, **options):
-    return {p.name: p for p in convert(ConversionOptions(model_version=MODEL, output_dir=out, **options), components)}
+    return converted(MODEL, out, components, **options)
 
 
 @pytest.fixture(scope="module")
