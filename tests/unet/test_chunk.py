@@ -6,6 +6,7 @@ import pytest
 
 from python_coreml_sd.convert import ConversionOptions
 from python_coreml_sd.convert.unet import convert_unet, sample_inputs
+from python_coreml_sd.metrics import psnr
 from python_coreml_sd.runtime.mil import MILModel
 
 
@@ -66,4 +67,7 @@ def test_chunk1_then_chunk2_equals_unchunked(chunked, unets):
     second_inputs = {**{k: v for k, v in inputs.items()}, **intermediate}
     names = set(interface(chunked[2])[0])
     output = second.predict({k: v for k, v in second_inputs.items() if k in names})["noise_pred"]
-    np.testing.assert_allclose(output, expected, rtol=0, atol=1e-6)
+    # fp16 rounding apart: the MIL runtime's 1x1 convolutions give channels-last tensors, which the whole passes on
+    # where chunk 2 receives NCHW arrays; so the same ops round differently (0.002 at most seen)
+    np.testing.assert_allclose(output, expected, rtol=0, atol=4e-3)
+    assert psnr(expected, output) >= 60
