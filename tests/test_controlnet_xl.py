@@ -189,3 +189,20 @@ def test_a_controlnet_of_the_other_family_is_refused(capsys, tmp_path, edges, mo
     assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "another model family", "SDXL's",
                     prog="torch2coreml")
     assert not (tmp_path / "out").exists()
+
+
+def test_parity_compares_the_sdxl_controlnets_residuals(capsys, tmp_path, models_dir, edges):
+    """parity on SDXL with a ControlNet: both encoders, pooled embeddings, the ControlNet's first-step residuals
+    and the controlled UNet's first step, each a stage; fp32 packages on the MIL runtime against PyTorch fp32."""
+    import json
+    from python_coreml_sd import parity
+    edges.save(tmp_path / "edges.png")
+    code = parity.main(["--prompt", "a house", "-i", str(models_dir), "--model-version", MODEL, "-o",
+                        str(tmp_path / "report"), "--controlnet", NAME, "--control-image", str(tmp_path / "edges.png"),
+                        "--num-inference-steps", "2", "--psnr-threshold", "60"])
+    values = json.loads((tmp_path / "report" / "report.json").read_text())["results"][0]["psnr_db"]
+    stages = ["text_encoder_hidden", "text_encoder_2_hidden", "pooled_embeddings", "first_residuals_controlnet_0",
+              "first_noise_pred", "final_latents"]
+    assert code == 0 and all(stage in values for stage in stages), values
+    assert all(values[s] >= 60 for s in stages), values
+    assert "first_residuals_controlnet_0" in capsys.readouterr().out
