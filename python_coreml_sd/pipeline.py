@@ -44,7 +44,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                         "the prompt alone (default: 7.5; 0 for stabilityai/sdxl-turbo, distilled without guidance: "
                         "pass --model-version stabilityai/sdxl-turbo, ideally with a UNet converted with "
                         "--unet-batch-one, and 1-4 steps)")
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="PNDM", help="diffusers scheduler (default: PNDM)")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS),
+                   help="diffusers scheduler (default: PNDM; EulerAncestralDiscrete for stabilityai/sdxl-turbo)")
     p.add_argument("--height", type=positive_int,
                    help="image height in pixels: one of the sizes the models were converted for (--latent-sizes; "
                         "default: their first)")
@@ -123,9 +124,9 @@ def requests_from_args(args, seeds) -> list:
     from .generation.jobs import requests_for
     return requests_for([args.prompt], seeds, negative_prompt=args.negative_prompt,
                         num_inference_steps=args.num_inference_steps,
-                        guidance_scale=(registry.default_guidance_scale(args.model_version) if args.guidance_scale is None
-                                        else args.guidance_scale),
-                        scheduler=args.scheduler, image=load_image(args.image) if args.image else None,
+                        guidance_scale=_or_default(args.guidance_scale, args.model_version, "guidance_scale"),
+                        scheduler=_or_default(args.scheduler, args.model_version, "scheduler"),
+                        image=load_image(args.image) if args.image else None,
                         strength=args.strength, mask=load_image(args.mask, "--mask") if args.mask else None,
                         original_size=tuple(args.original_size) if args.original_size else None,
                         crops_coords_top_left=tuple(args.crops_coords_top_left),
@@ -133,6 +134,10 @@ def requests_from_args(args, seeds) -> list:
                         refiner_start=args.refiner_start, height=args.height, width=args.width,
                         control_image=[load_image(path, "--control-image") for path in args.control_image]
                         if args.control_image else None, controlnet_scale=tuple(args.controlnet_scale))
+
+
+def _or_default(value, model_version: str, key: str):
+    return registry.generation_default(model_version, key) if value is None else value
 
 
 def job_from_args(args):

@@ -46,15 +46,16 @@ def named_controlnet(name: str):
     return copy.deepcopy(entry) if entry else None
 
 
-# diffusers' StableDiffusionPipeline default; a family distilled without guidance (SDXL-Turbo) says 0.
-DEFAULT_GUIDANCE_SCALE = 7.5
+# Generation defaults: diffusers' StableDiffusionPipeline and Apple's CLI, unless a family says otherwise (SDXL-Turbo,
+# distilled for 1-4 steps without guidance, samples with its own Euler-ancestral scheduler; PNDM needs more steps).
+GENERATION_DEFAULTS = {"guidance_scale": 7.5, "scheduler": "PNDM"}
 
 
-def default_guidance_scale(model_version: str) -> float:
-    """The guidance scale a named model generates with unless told: its family's `guidance_scale`, else 7.5."""
+def generation_default(model_version: str, key: str):
+    """What a named model generates with unless told (its family's `guidance_scale` / `scheduler_name`)."""
     entry = named_model(model_version) if model_version else None
-    return float(family(entry["family"]).get("guidance_scale", DEFAULT_GUIDANCE_SCALE) if entry
-                 else DEFAULT_GUIDANCE_SCALE)
+    own = family(entry["family"]) if entry else {}
+    return own.get({"scheduler": "scheduler_name"}.get(key, key), GENERATION_DEFAULTS[key])
 
 
 def controlnet_names() -> list:

@@ -468,14 +468,21 @@ def test_batch_one_unet_matches_torch_with_and_without_guidance(pipes, batch_one
     assert all(v >= 30 for v in values.values()), values
 
 
-def test_sdxl_turbo_defaults_to_no_guidance(monkeypatch):
+def test_sdxl_turbo_defaults_to_no_guidance_and_its_own_scheduler(monkeypatch):
     from python_coreml_sd import pipeline, registry
-    assert registry.default_guidance_scale("stabilityai/sdxl-turbo") == 0.0
-    assert registry.default_guidance_scale("tiny-xl") == registry.default_guidance_scale("/some/folder") == 7.5
-    for argv, expected in ([], 0.0), (["--guidance-scale", "2"], 2.0):
+    assert registry.generation_default("stabilityai/sdxl-turbo", "guidance_scale") == 0.0
+    assert registry.generation_default("tiny-xl", "guidance_scale") == 7.5
+    assert registry.generation_default("/some/folder", "guidance_scale") == 7.5
+    assert registry.generation_default("stabilityai/sdxl-turbo", "scheduler") == "EulerAncestralDiscrete"
+    assert registry.generation_default("tiny-xl", "scheduler") == "PNDM"
+    for argv, expected in ([], (0.0, "EulerAncestralDiscrete")), (["--guidance-scale", "2", "--scheduler", "DDIM"],
+                                                                  (2.0, "DDIM")):
         args = pipeline.parser_spec().parse_args(["--prompt", "x", "--model-version", "stabilityai/sdxl-turbo", *argv])
-        assert [r.guidance_scale for r in pipeline.requests_from_args(args, [1])] == [expected]
-    assert "0 for stabilityai/sdxl-turbo" in " ".join(pipeline.parser_spec().format_help().split())
+        assert [(r.guidance_scale, r.scheduler) for r in pipeline.requests_from_args(args, [1])] == [expected]
+    args = pipeline.parser_spec().parse_args(["--prompt", "x"])
+    assert [(r.guidance_scale, r.scheduler) for r in pipeline.requests_from_args(args, [1])] == [(7.5, "PNDM")]
+    help_text = " ".join(pipeline.parser_spec().format_help().split())
+    assert "0 for stabilityai/sdxl-turbo" in help_text and "EulerAncestralDiscrete for stabilityai/sdxl-turbo" in help_text
 
 
 @pytest.mark.parametrize("family, billions", [("sdxl", 2.567), ("sdxl-refiner", 2.260), ("sdxl-turbo", 2.567)])
