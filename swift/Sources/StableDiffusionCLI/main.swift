@@ -20,7 +20,6 @@ func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, reso
                          + "with --refiner-version MODEL and bundle again")
     }
     if options.imagePath != nil { throw UsageError("--image: SDXL image-to-image is not supported yet") }
-    if !options.controlNets.isEmpty { throw UsageError("--controlnet: SDXL ControlNets are not supported here yet") }
 }
 
 let options: CommandLineOptions

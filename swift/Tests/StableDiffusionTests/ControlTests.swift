@@ -51,6 +51,56 @@ final class ControlTests: XCTestCase {
             controlNets: nets, controlledUnet: controlled))
     }
 
+    /// The SDXL closed-form models of scripts/make_control_vectors.py (xl_control_model_set).
+    private func xlPipeline(gains: [Float], inpaint: Bool = false) throws -> StableDiffusionXLPipeline {
+        var models = ClosedFormXL.models(refiner: false)
+        models.controlNets = gains.map { ClosedFormXLControl.ControlNet(gain: $0) }
+        models.controlledUnet = gains.isEmpty ? nil : ClosedFormXLControl.ControlledUnet()
+        return StableDiffusionXLPipeline(tokenizer: Golden.tokenizer, tokenizer2: try SDXLTests.tokenizer2(), models: models)
+    }
+
+    /// SDXL's ControlNets get the base UNet's added conditions (time ids, pooled embeds) with the batch, and the
+    /// controlled UNet the residuals scaled and summed; counts and a missing controlled UNet are refused as SD's.
+    func testXLControlNetsGetTheAddedConditions() throws {
+        final class Recording: ConditionedControlNetting, ConditionedControlledNoisePredicting {
+            var added: [AddedConditions] = [], residuals: [[Tensor]] = []
+            func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                           condition: Tensor) throws -> [Tensor] {
+                self.added.append(added)
+                return [Tensor(shape: [1, 1], scalars: [2])]
+            }
+            func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                              residuals: [Tensor]) throws -> Tensor {
+                self.residuals.append(residuals)
+                return Tensor(zeros: latents.shape)
+            }
+        }
+        let recording = Recording()
+        var models = ClosedFormXL.models(refiner: false)
+        models.controlNets = [recording, recording]
+        models.controlledUnet = recording
+        let pipe = StableDiffusionXLPipeline(tokenizer: Golden.tokenizer, tokenizer2: try SDXLTests.tokenizer2(), models: models)
+        var config = config()
+        config.originalSize = [96, 64]
+        config.controlInputs = [Tensor(zeros: [1, 3, 16, 16]), Tensor(zeros: [1, 3, 16, 16])]
+        config.controlScales = [0.5, 1.5]
+        _ = try pipe.generate(config)
+        let conditioning = try pipe.baseConditioning(config, encodings: try pipe.encodePair(config))
+        XCTAssertEqual(recording.added.count, 4)
+        XCTAssertEqual(recording.added.first, conditioning.added)
+        XCTAssertEqual(recording.added.first?.timeIds.scalars.prefix(2), [96, 64])
+        XCTAssertEqual(recording.residuals, Array(repeating: [Tensor(shape: [1, 1], scalars: [4])], count: 2))
+        config.controlInputs.removeLast()
+        XCTAssertThrowsError(try pipe.generate(config)) { XCTAssertTrue("\($0)".hasPrefix("2 ControlNets, 1 --controlnet-inputs")) }
+        models.controlledUnet = nil
+        config.controlInputs += config.controlInputs
+        let uncontrolled = StableDiffusionXLPipeline(tokenizer: Golden.tokenizer, tokenizer2: try SDXLTests.tokenizer2(),
+                                                     models: models)
+        XCTAssertThrowsError(try uncontrolled.generate(config)) {
+            XCTAssertEqual("\($0)", PipelineError.missingControlledUnet.description)
+        }
+    }
+
     func testResidualsScaledAndSummedPerControlNet() {
         let a = [Tensor(shape: [1, 2], scalars: [1, 2]), Tensor(shape: [1, 1], scalars: [3])]
         let b = [Tensor(shape: [1, 2], scalars: [10, 20]), Tensor(shape: [1, 1], scalars: [30])]
@@ -151,11 +201,18 @@ final class ControlTests: XCTestCase {
                     i / (8 * size) >= maskFrom[0] && i % (8 * size) >= maskFrom[1] ? 1 : 0
                 })
             }
-            let pipe = pipeline(unet: inpaint ? ClosedFormControl.InpaintUnet() : ClosedForm.Denoiser(),
-                                nets: gains.map { ClosedFormControl.ControlNet(gain: $0) },
-                                controlled: gains.isEmpty ? nil : ClosedFormControl.ControlledUnet())
-            let result = try XCTUnwrap(try pipe.generate(config).first)
-            let label = "\(config.prompt) seed \(config.seed)"
+            let result: GeneratedImage
+            if entry["family"] as! String == "sdxl" {
+                config.originalSize = (entry["original_size"] as? [NSNumber])?.map(\.doubleValue)
+                config.cropsCoordsTopLeft = (entry["crops_coords_top_left"] as! [NSNumber]).map(\.doubleValue)
+                result = try XCTUnwrap(try xlPipeline(gains: gains, inpaint: inpaint).generate(config).first)
+            } else {
+                let pipe = pipeline(unet: inpaint ? ClosedFormControl.InpaintUnet() : ClosedForm.Denoiser(),
+                                    nets: gains.map { ClosedFormControl.ControlNet(gain: $0) },
+                                    controlled: gains.isEmpty ? nil : ClosedFormControl.ControlledUnet())
+                result = try XCTUnwrap(try pipe.generate(config).first)
+            }
+            let label = "\(entry["family"]!) \(config.prompt) seed \(config.seed)"
             XCTAssertLessThanOrEqual(relativeError(result.latents.scalars, floats(entry["latents"])), 1e-6, label)
             let rgb = RGBImage(decoderOutput: result.image)
             XCTAssertEqual(rgb.bytes.prefix(48).map(Int.init), ints(entry["rgb_head"]), label)

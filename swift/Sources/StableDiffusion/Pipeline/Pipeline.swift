@@ -281,11 +281,16 @@ public struct StableDiffusionPipeline {
     }
 
     private func checkControl(_ config: GenerationConfig) throws {
-        let (nets, images, scales) = (models.controlNets.count, config.controlInputs.count, config.controlScales.count)
+        try Self.checkControl(config, nets: models.controlNets.count, hasControlledUnet: models.controlledUnet != nil)
+    }
+
+    /// One condition image per ControlNet, one scale for all or one each, and the controlled UNet (SD's and SDXL's).
+    static func checkControl(_ config: GenerationConfig, nets: Int, hasControlledUnet: Bool) throws {
+        let (images, scales) = (config.controlInputs.count, config.controlScales.count)
         guard nets == images, scales == 1 || scales == nets else {
             throw PipelineError.controlCounts(nets: nets, images: images, scales: scales)
         }
-        if nets > 0 && models.controlledUnet == nil { throw PipelineError.missingControlledUnet }
+        if nets > 0 && !hasControlledUnet { throw PipelineError.missingControlledUnet }
     }
 
     /// The ControlNets' residuals, each scaled by its ControlNet's scale (one scale: all), summed name by name in

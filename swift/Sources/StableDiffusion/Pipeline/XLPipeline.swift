@@ -84,6 +84,8 @@ public struct StableDiffusionXLPipeline {
     }
 
     private func check(_ config: GenerationConfig) throws {
+        try StableDiffusionPipeline.checkControl(config, nets: models.controlNets.count,
+                                                 hasControlledUnet: models.controlledUnet != nil)
         if let start = config.refinerStart {
             guard start > 0, start < 1 else { throw PipelineError.badRefinerStart(start) }
             guard models.refiner != nil else { throw PipelineError.missingRefiner }
@@ -201,29 +203,47 @@ public struct StableDiffusionXLPipeline {
             latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
         }
         let timesteps = Array(scheduler.timesteps[first...])
-        var stages = [(unet: models.unet, scheduler: scheduler, timesteps: timesteps, conditioning: base)]
+        // The ControlNets steer the base alone (the refiner takes no residuals).
+        var stages = [(unet: models.unet, scheduler: scheduler, timesteps: timesteps, conditioning: base, base: true)]
         if let start = config.refinerStart, let refiner, let refinerUnet = models.refiner {
             let split = Self.refinerSplit(start, kind: config.scheduler, stepCount: config.stepCount, config: schedulerConfig)
             // The base keeps those of its timesteps at or above the cutoff: the schedule's first baseCount, less
             // the ones img2img skipped.
             stages[0].timesteps = Array(timesteps.prefix(max(split.baseCount - first, 0)))
-            stages.append((refinerUnet, split.refiner, Array(split.refiner.timesteps[split.refiner.startIndex...]), refiner))
+            stages.append((refinerUnet, split.refiner, Array(split.refiner.timesteps[split.refiner.startIndex...]), refiner, false))
         }
         let total = stages.map(\.timesteps.count).reduce(0, +)
         var done = 0
         for stage in stages {
             var stageScheduler = stage.scheduler
-            let (unet, conditioning, before) = (stage.unet, stage.conditioning, done)
+            let (unet, conditioning, before, isBase) = (stage.unet, stage.conditioning, done, stage.base)
             latents = try StableDiffusionPipeline.denoise(latents, scheduler: &stageScheduler, timesteps: stage.timesteps,
                                                           random: &random, progress: { progress(before + $0, total) }) { input, t in
-                let output = try unet.predictNoise(latents: Tensor.concatenateBatch([input, input]), timestep: t,
-                                                   hiddenStates: conditioning.hidden, added: conditioning.added)
+                let batch = Tensor.concatenateBatch([input, input])
+                let output = isBase && !models.controlNets.isEmpty
+                    ? try controlledOutput(batch, timestep: t, conditioning: conditioning, config: config)
+                    : try unet.predictNoise(latents: batch, timestep: t, hiddenStates: conditioning.hidden,
+                                            added: conditioning.added)
                 return StableDiffusionPipeline.guide(output, scale: config.guidanceScale)
             }
             done += stage.timesteps.count
         }
         let image = try models.decoder.decode(latents.map { $0 / latentScale })
         return GeneratedImage(latents: latents, image: image, isUnsafe: false, timesteps: stages.flatMap(\.timesteps))
+    }
+
+    /// The controlled base UNet's batch-2 output after each ControlNet on the same batch, its condition image
+    /// repeated for both halves, with the UNet's added conditions; the residuals scaled and summed as SD's.
+    func controlledOutput(_ batch: Tensor, timestep: Double, conditioning: XLConditioning,
+                          config: GenerationConfig) throws -> Tensor {
+        guard let controlled = models.controlledUnet else { throw PipelineError.missingControlledUnet }
+        let each = try zip(models.controlNets, config.controlInputs).map { net, image in
+            try net.residuals(latents: batch, timestep: timestep, hiddenStates: conditioning.hidden,
+                              added: conditioning.added, condition: Tensor.concatenateBatch([image, image]))
+        }
+        return try controlled.predictNoise(latents: batch, timestep: timestep, hiddenStates: conditioning.hidden,
+                                           added: conditioning.added,
+                                           residuals: StableDiffusionPipeline.combineResiduals(each, scales: config.controlScales))
     }
 
     /// The hand-off at `start` as diffusers' denoising_end / denoising_start: the base runs the timesteps at or
