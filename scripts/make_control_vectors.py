@@ -34,6 +34,10 @@ CASES = [
          scheduler="EulerDiscrete"),
     dict(family="sdxl", prompt="a red fox", negative_prompt="blurry", seed=22, steps=6, gains=[0.5, 0.25],
          scales=[0.8, 1.5], scheduler="DPMSolverMultistep", original_size=[96, 64], crops_coords_top_left=[8, 16]),
+    # SDXL inpainting (a 9-channel base UNet): SDXL's default strength 0.9999 (None here), then from noise alone
+    dict(family="sdxl", prompt="a lighthouse at dusk", seed=23, steps=5, inpaint=True, scheduler="EulerDiscrete"),
+    dict(family="sdxl", prompt="a red fox", negative_prompt="blurry", seed=24, steps=6, inpaint=True, strength=1.0,
+         scheduler="DPMSolverMultistep"),
 ]
 DEFAULTS = dict(family="sd", negative_prompt="", guidance_scale=7.5, scheduler="PNDM", gains=[], scales=[1.0],
                 inpaint=False, strength=None, original_size=None, crops_coords_top_left=[0, 0])

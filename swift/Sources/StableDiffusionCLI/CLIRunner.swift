@@ -16,7 +16,7 @@ enum CLIRunner {
                                           computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory,
                                           controlNets: options.controlNets)
         let schedulerConfig = try resources.schedulerConfig()
-        var config = options.generationConfig(schedulerConfig: schedulerConfig)
+        var config = options.generationConfig(schedulerConfig: schedulerConfig, family: pipeline.settings.family)
         config.latentShape = try pipeline.latentShape(height: options.height, width: options.width)
         if let path = options.imagePath { config.startImage = try ImageFile.read(path: path, shape: config.latentShape) }
         try checkInpainting(options, sampleChannels: try pipeline.unet.sampleShape()[1], latentChannels: config.latentShape[1])
@@ -35,6 +35,9 @@ enum CLIRunner {
         if options.maskPath != nil && !inpainting {
             throw UsageError("--mask needs an inpainting UNet (its sample takes \(2 * latentChannels + 1) channels: latents, mask, "
                              + "masked-image latents) and this bundle's takes \(sampleChannels); convert an inpainting model")
+        }
+        if inpainting && !options.controlNets.isEmpty {
+            throw UsageError("--mask with --controlnet is not supported yet for an inpainting UNet: inpaint without the ControlNet")
         }
         if inpainting && options.maskPath == nil {
             throw UsageError("this bundle's UNet is an inpainting UNet (its sample takes the mask and the masked image too): "

@@ -7,7 +7,7 @@ func fail(_ message: String, code: Int32) -> Never {
     exit(code)
 }
 
-/// SDXL's flags need an SDXL bundle (and --refiner-start its refiner); SDXL has no image-to-image here yet.
+/// SDXL's flags need an SDXL bundle (and --refiner-start its refiner, which inpainting does not take).
 func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, resources: ResourceFolder) throws {
     guard settings.family == .sdxl else {
         if let flag = options.xlFlags.first {
@@ -19,7 +19,9 @@ func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, reso
         throw UsageError("--refiner-start needs the refiner's UNet: \(resources.url.path) has no UnetRefiner.mlmodelc; convert "
                          + "with --refiner-version MODEL and bundle again")
     }
-    if options.imagePath != nil { throw UsageError("--image: SDXL image-to-image is not supported yet") }
+    if options.maskPath != nil && options.refinerStart != nil {
+        throw UsageError(PipelineError.maskWithRefiner.description)
+    }
 }
 
 let options: CommandLineOptions

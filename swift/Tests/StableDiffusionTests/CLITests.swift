@@ -147,6 +147,21 @@ final class CLITests: XCTestCase {
         try FileManager.default.createDirectory(at: folder.appendingPathComponent("UnetRefiner.mlmodelc"),
                                                 withIntermediateDirectories: true)
         XCTAssertEqual(try run(base + ["--refiner-start", "0.8", "--aesthetic-score", "7"]).status, 3)
+        // SDXL image-to-image, inpainting (not with the refiner) and ControlNets go on to Core ML
+        let image = folder.appendingPathComponent("vocab.json").path  // any existing file passes the existence check
+        let inpaint = base + ["--image", image, "--mask", image]
+        XCTAssertTrue(try run(inpaint).stderr.contains("lacks VAEEncoder.mlmodelc"))
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("VAEEncoder.mlmodelc"),
+                                                withIntermediateDirectories: true)
+        XCTAssertEqual(try run(base + ["--image", image]).status, 3)
+        XCTAssertEqual(try run(inpaint).status, 3)
+        let refined = try run(inpaint + ["--refiner-start", "0.8"])
+        XCTAssertEqual(refined.stderr, "StableDiffusionCLI: error: \(PipelineError.maskWithRefiner)\n")
+        XCTAssertEqual(refined.status, 2)
+        for name in ["ControlledUnet.mlmodelc", "controlnet/Canny.mlpackage"] {
+            try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
+        }
+        XCTAssertEqual(try run(base + ["--controlnet", "Canny", "--controlnet-inputs", image]).status, 3)
         for bad in [["--refiner-start", "1"], ["--original-size", "64"], ["--original-size=64", "64"]] {
             let result = try run(base + bad)
             XCTAssertEqual(result.status, 2, "\(bad)")

@@ -101,6 +101,7 @@ final class CommandLineTests: XCTestCase {
         let config = options.generationConfig()
         XCTAssertEqual(config.controlScales, [0.5, -1])
         XCTAssertEqual(config.strength, 1)  // inpainting's default
+        XCTAssertEqual(options.generationConfig(family: .sdxl).strength, StableDiffusionXLPipeline.defaultInpaintStrength)
         XCTAssertEqual(try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--image", "i.png"])
             .generationConfig().strength, 0.75)
     }

@@ -54,6 +54,7 @@ final class ControlTests: XCTestCase {
     /// The SDXL closed-form models of scripts/make_control_vectors.py (xl_control_model_set).
     private func xlPipeline(gains: [Float], inpaint: Bool = false) throws -> StableDiffusionXLPipeline {
         var models = ClosedFormXL.models(refiner: false)
+        if inpaint { models.unet = ClosedFormXLControl.InpaintUnet() }
         models.controlNets = gains.map { ClosedFormXLControl.ControlNet(gain: $0) }
         models.controlledUnet = gains.isEmpty ? nil : ClosedFormXLControl.ControlledUnet()
         return StableDiffusionXLPipeline(tokenizer: Golden.tokenizer, tokenizer2: try SDXLTests.tokenizer2(), models: models)
@@ -99,6 +100,17 @@ final class ControlTests: XCTestCase {
         XCTAssertThrowsError(try uncontrolled.generate(config)) {
             XCTAssertEqual("\($0)", PipelineError.missingControlledUnet.description)
         }
+    }
+
+    /// SDXL inpainting: a mask needs the start image, and the refiner is refused with it (as the Python pipeline).
+    func testXLMaskErrors() throws {
+        let pipe = try xlPipeline(gains: [], inpaint: true)
+        var config = config()
+        config.mask = Tensor(zeros: [1, 1, 16, 16])
+        XCTAssertThrowsError(try pipe.generate(config)) { XCTAssertEqual("\($0)", PipelineError.maskWithoutImage.description) }
+        config.startImage = Tensor(zeros: [1, 3, 16, 16])
+        config.refinerStart = 0.5
+        XCTAssertThrowsError(try pipe.generate(config)) { XCTAssertEqual("\($0)", PipelineError.maskWithRefiner.description) }
     }
 
     func testResidualsScaledAndSummedPerControlNet() {
@@ -196,7 +208,8 @@ final class ControlTests: XCTestCase {
             let inpaint = entry["inpaint"] as! Bool
             if inpaint {
                 config.startImage = image.tensor()
-                config.strength = (entry["strength"] as! NSNumber).doubleValue
+                // None: the family's inpainting default (the Python pipeline's INPAINT_STRENGTH)
+                config.strength = (entry["strength"] as? NSNumber)?.doubleValue ?? StableDiffusionXLPipeline.defaultInpaintStrength
                 config.mask = Tensor(shape: [1, 1, 8 * size, 8 * size], scalars: (0..<(64 * size * size)).map { i in
                     i / (8 * size) >= maskFrom[0] && i % (8 * size) >= maskFrom[1] ? 1 : 0
                 })

@@ -308,3 +308,26 @@ public enum ClosedFormXLControl {
         }
     }
 }
+
+extension ClosedFormXLControl {
+    /// A 9-channel SDXL base UNet: ClosedFormXL.Denoiser (base gain) on the first 4 channels, + 0.1 mask + 0.05
+    /// masked-image latents (channel c), as ClosedFormControl.InpaintUnet.
+    public struct InpaintUnet: ConditionedNoisePredicting {
+        public init() {}
+
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor {
+            let (batch, h, w) = (latents.shape[0], latents.shape[2], latents.shape[3])
+            let plane = h * w
+            let items = try (0..<batch).map { b -> Tensor in
+                let item = latents.batchItem(b).scalars
+                let sample = Tensor(shape: [1, 4, h, w], scalars: Array(item[0..<(4 * plane)]))
+                let out = try ClosedFormXL.Denoiser(gain: ClosedFormXL.baseGain).predictNoise(
+                    latents: sample, timestep: timestep, hiddenStates: hiddenStates.batchItem(b), added: added.batchItem(b))
+                return Tensor(shape: out.shape, scalars: out.scalars.enumerated().map { i, value in
+                    value + Float(0.1) * item[4 * plane + i % plane] + Float(0.05) * item[5 * plane + i]
+                })
+            }
+            return Tensor.concatenateBatch(items)
+        }
+    }
+}

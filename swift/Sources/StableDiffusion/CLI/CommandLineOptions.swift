@@ -90,9 +90,9 @@ public struct CommandLineOptions: Equatable {
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
       --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75;
-                                with --mask 1)
-      --mask <png>              inpainting (a bundle of an inpainting UNet): white is repainted,
-                                black kept; needs --image
+                                with --mask 1, SDXL's 0.9999)
+      --mask <png>              inpainting (a bundle of an inpainting UNet, SD's or SDXL's): white
+                                is repainted, black kept; needs --image
       --controlnet <name>...    ControlNets of the bundle's controlnet/ folder (needs
                                 ControlledUnet.mlmodelc), run together, residuals summed
       --controlnet-inputs <png>...
@@ -265,10 +265,15 @@ public struct CommandLineOptions: Equatable {
         }
     }
 
-    public var resolvedStrength: Double { strength ?? (maskPath != nil ? 1 : 0.75) }
+    public var resolvedStrength: Double { resolvedStrength(family: .sd) }
 
-    /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's).
-    public func generationConfig(schedulerConfig: SchedulerConfig = .stableDiffusion) -> GenerationConfig {
+    /// --strength, else 0.75, or with --mask the family's inpainting default (SD's 1, SDXL's 0.9999, as diffusers').
+    public func resolvedStrength(family: ModelFamily) -> Double {
+        strength ?? (maskPath == nil ? 0.75 : family == .sdxl ? StableDiffusionXLPipeline.defaultInpaintStrength : 1)
+    }
+
+    /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's) of `family`.
+    public func generationConfig(schedulerConfig: SchedulerConfig = .stableDiffusion, family: ModelFamily = .sd) -> GenerationConfig {
         var config = GenerationConfig(prompt: prompt)
         config.schedulerConfig = schedulerConfig
         config.timestepSpacing = timestepSpacing
@@ -281,7 +286,7 @@ public struct CommandLineOptions: Equatable {
         config.scheduler = scheduler
         config.predictionType = predictionType
         config.rng = rng
-        config.strength = resolvedStrength
+        config.strength = resolvedStrength(family: family)
         config.controlScales = controlNetScales
         config.disableSafety = disableSafety
         config.originalSize = originalSize

@@ -77,6 +77,7 @@ public enum PipelineError: Error, CustomStringConvertible {
     case maskWithoutImage
     case controlCounts(nets: Int, images: Int, scales: Int)
     case missingControlledUnet
+    case maskWithRefiner
 
     public var description: String {
         switch self {
@@ -95,6 +96,7 @@ public enum PipelineError: Error, CustomStringConvertible {
         case .controlCounts(let nets, let images, let scales):
             return "\(nets) ControlNets, \(images) --controlnet-inputs images and \(scales) scales: pass one image per"
                 + " ControlNet, in the same order, and one scale for all or one each"
+        case .maskWithRefiner: return "--mask with --refiner-start is not supported yet: inpaint with the base alone"
         case .missingControlledUnet:
             return "ControlNets need the UNet converted with --unet-support-controlnet (ControlledUnet.mlmodelc)"
         }
@@ -308,15 +310,22 @@ public struct StableDiffusionPipeline {
     /// StableDiffusionInpaintPipeline and the Python pipeline's inpaint_condition: pixels with mask >= 0.5 blanked,
     /// the rest encoded, its posterior sampled with the next draw and scaled.
     func inpaintCondition(mask: Tensor, image: Tensor, shape: [Int], random: inout any RandomSource) throws -> Tensor {
-        guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
+        try Self.inpaintCondition(mask: mask, image: image, shape: shape, encoder: models.encoder, latentScale: latentScale,
+                                  random: &random)
+    }
+
+    /// inpaintCondition for any latent scale and encoder (SD's and SDXL's).
+    static func inpaintCondition(mask: Tensor, image: Tensor, shape: [Int], encoder: (any ImageEncoding)?,
+                                 latentScale: Float, random: inout any RandomSource) throws -> Tensor {
+        guard let encoder else { throw PipelineError.missingImageEncoder }
         let binary = mask.map { $0 >= 0.5 ? 1 : 0 }
         let plane = binary.count
         let masked = Tensor(shape: image.shape, scalars: image.scalars.enumerated().map { i, x in
             x * (binary.scalars[i % plane] < 0.5 ? 1 : 0)
         })
         let noise = random.normalTensor(shape: shape)
-        let latents = try Self.samplePosterior(moments: try encoder.encode(image: masked), noise: noise).map { latentScale * $0 }
-        return Self.concatenateChannels([Self.nearest(binary, height: shape[2], width: shape[3]), latents])
+        let latents = try samplePosterior(moments: try encoder.encode(image: masked), noise: noise).map { latentScale * $0 }
+        return concatenateChannels([nearest(binary, height: shape[2], width: shape[3]), latents])
     }
 
     /// A (1, 1, H, W) mask at (height, width) by nearest neighbour, as torch's interpolate (source floor(i H / h)).

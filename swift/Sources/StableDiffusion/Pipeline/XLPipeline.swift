@@ -41,11 +41,15 @@ public struct XLConditioning: Equatable, Sendable {
 
 /// The SDXL loop (diffusers' StableDiffusionXLPipeline as python_coreml_sd runs it): two text encoders, pooled
 /// embeddings, micro-conditioning time ids, force_zeros_for_empty_prompt, classifier-free guidance, the
-/// refiner hand-off at `refinerStart`, and image-to-image from `startImage` (diffusers'
-/// StableDiffusionXLImg2ImgPipeline at `strength`, with the VAE encoder).
+/// refiner hand-off at `refinerStart`, image-to-image from `startImage` (diffusers'
+/// StableDiffusionXLImg2ImgPipeline at `strength`, with the VAE encoder), inpainting with `mask` and a 9-channel
+/// base UNet (StableDiffusionXLInpaintPipeline) and ControlNets with the controlled base UNet.
 public struct StableDiffusionXLPipeline {
     /// SDXL's VAE `scaling_factor`.
     public static let defaultLatentScale: Float = 0.13025
+    /// The strength of inpainting when none is given: diffusers' StableDiffusionXLInpaintPipeline's (and the Python
+    /// pipeline's) 0.9999, so it starts from the image noised, one step fewer, rather than from noise alone.
+    public static let defaultInpaintStrength = 0.9999
 
     public let tokenizer: BPETokenizer
     /// The second encoder's: the same vocabulary, its own pad token (SDXL's "!").
@@ -84,6 +88,10 @@ public struct StableDiffusionXLPipeline {
     }
 
     private func check(_ config: GenerationConfig) throws {
+        if config.mask != nil {
+            guard config.startImage != nil else { throw PipelineError.maskWithoutImage }
+            if config.refinerStart != nil { throw PipelineError.maskWithRefiner }
+        }
         try StableDiffusionPipeline.checkControl(config, nets: models.controlNets.count,
                                                  hasControlledUnet: models.controlledUnet != nil)
         if let start = config.refinerStart {
@@ -188,7 +196,8 @@ public struct StableDiffusionXLPipeline {
         var random = config.rng.makeSource(seed: seed)
         var latents: Tensor
         var first = 0  // img2img's first timestep (the strength's)
-        if let image = config.startImage {
+        // Inpainting at strength 1 starts from noise alone (the image enters through the mask inputs), as SD's.
+        if let image = config.startImage, config.mask == nil || config.strength != 1 {
             first = try StableDiffusionPipeline.img2imgStart(stepCount: config.stepCount, strength: config.strength,
                                                              order: scheduler.order)
             scheduler.startIndex = first
@@ -203,6 +212,11 @@ public struct StableDiffusionXLPipeline {
             latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
         }
         let timesteps = Array(scheduler.timesteps[first...])
+        // A 9-channel base UNet's mask and masked-image latents (the draw after the start's), after the latents.
+        let condition = try config.mask.map { mask in
+            try StableDiffusionPipeline.inpaintCondition(mask: mask, image: config.startImage!, shape: config.latentShape,
+                                                         encoder: models.encoder, latentScale: latentScale, random: &random)
+        }
         // The ControlNets steer the base alone (the refiner takes no residuals).
         var stages = [(unet: models.unet, scheduler: scheduler, timesteps: timesteps, conditioning: base, base: true)]
         if let start = config.refinerStart, let refiner, let refinerUnet = models.refiner {
@@ -219,7 +233,8 @@ public struct StableDiffusionXLPipeline {
             let (unet, conditioning, before, isBase) = (stage.unet, stage.conditioning, done, stage.base)
             latents = try StableDiffusionPipeline.denoise(latents, scheduler: &stageScheduler, timesteps: stage.timesteps,
                                                           random: &random, progress: { progress(before + $0, total) }) { input, t in
-                let batch = Tensor.concatenateBatch([input, input])
+                let sample = isBase ? condition.map { StableDiffusionPipeline.concatenateChannels([input, $0]) } ?? input : input
+                let batch = Tensor.concatenateBatch([sample, sample])
                 let output = isBase && !models.controlNets.isEmpty
                     ? try controlledOutput(batch, timestep: t, conditioning: conditioning, config: config)
                     : try unet.predictNoise(latents: batch, timestep: t, hiddenStates: conditioning.hidden,
