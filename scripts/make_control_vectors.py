@@ -38,9 +38,18 @@ CASES = [
     dict(family="sdxl", prompt="a lighthouse at dusk", seed=23, steps=5, inpaint=True, scheduler="EulerDiscrete"),
     dict(family="sdxl", prompt="a red fox", negative_prompt="blurry", seed=24, steps=6, inpaint=True, strength=1.0,
          scheduler="DPMSolverMultistep"),
+    # The ControlNet inpaint route (a mask with a 4-channel controlled UNet, blended after each step): an inpaint
+    # ControlNet steered by the masked image (no condition image; strength 1, from noise), two ControlNets with their
+    # images at strength 0.6, and SDXL's (its default strength 0.9999: from the image noised)
+    dict(prompt="a lighthouse at dusk", seed=31, steps=5, gains=[0.5], masked=True, inpaint_controlnet=True),
+    dict(prompt="a red fox", negative_prompt="blurry", seed=32, steps=8, gains=[0.5, 0.25], scales=[1.0, 0.5],
+         masked=True, strength=0.6, scheduler="EulerDiscrete"),
+    dict(family="sdxl", prompt="a castle", seed=33, steps=5, gains=[0.5], masked=True, inpaint_controlnet=True,
+         scheduler="EulerDiscrete"),
 ]
 DEFAULTS = dict(family="sd", negative_prompt="", guidance_scale=7.5, scheduler="PNDM", gains=[], scales=[1.0],
-                inpaint=False, strength=None, original_size=None, crops_coords_top_left=[0, 0])
+                inpaint=False, strength=None, original_size=None, crops_coords_top_left=[0, 0], masked=False,
+                inpaint_controlnet=False)
 XL_SCALE = 0.13025  # SDXL's vae_scaling_factor
 
 
@@ -125,6 +134,7 @@ def run_case(spec: dict) -> dict:
     from python_coreml_sd.random_models import load_clip_tokenizer
     from python_coreml_sd.testing import closed_form as cf
     case = {**DEFAULTS, **spec}
+    masked = case["inpaint"] or case["masked"]  # a 9-channel UNet, or the ControlNet route's 4-channel one
     if case["family"] == "sdxl":
         tokenizer, tokenizer_2 = xl_tokenizers()
         pipe = StableDiffusionPipeline(xl_control_model_set(case["gains"], case["inpaint"]), tokenizer,
@@ -136,9 +146,9 @@ def run_case(spec: dict) -> dict:
     request = GenerationRequest(
         prompt=case["prompt"], negative_prompt=case["negative_prompt"], seed=case["seed"],
         num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"], scheduler=case["scheduler"],
-        control_image=[Image.fromarray(image_bytes(k)) for k in range(len(case["gains"]))],
+        control_image=[] if case["inpaint_controlnet"] else [Image.fromarray(image_bytes(k)) for k in range(len(case["gains"]))],
         controlnet_scale=tuple(case["scales"]), strength=case["strength"],
-        image=Image.fromarray(image_bytes()) if case["inpaint"] else None, mask=mask() if case["inpaint"] else None,
+        image=Image.fromarray(image_bytes()) if masked else None, mask=mask() if masked else None,
         original_size=case["original_size"], crops_coords_top_left=tuple(case["crops_coords_top_left"]))
     result = pipe.generate(request)
     rgb = np.asarray(result.image)

@@ -41,7 +41,8 @@ def test_controlnets_and_mask_change_the_result(script):
     xl_silent = script.run_case({**xl, "scales": [0.0] * len(xl["gains"])})
     assert np.abs(np.subtract(script.run_case(xl)["latents"], xl_silent["latents"])).max() > 0.1
     xl_inpaint = next(spec for spec in script.CASES if spec.get("family") == "sdxl" and spec.get("inpaint"))
-    for spec in (script.CASES[3], xl_inpaint):
+    route = next(spec for spec in script.CASES if spec.get("masked"))  # the ControlNet inpaint route
+    for spec in (script.CASES[3], xl_inpaint, route):
         inpaint = script.run_case(spec)
         script.MASK_FROM, saved = (64, 64), script.MASK_FROM
         try:

@@ -22,6 +22,11 @@ enum CLIRunner {
         try checkInpainting(options, sampleChannels: try pipeline.unet.sampleShape()[1], latentChannels: config.latentShape[1])
         if let path = options.maskPath { config.mask = try ImageFile.readMask(path: path, shape: config.latentShape) }
         config.controlInputs = try options.controlNetInputs.map { try ImageFile.readCondition(path: $0, shape: config.latentShape) }
+        if let mask = config.mask, let path = options.imagePath, options.controlNets.count == 1, config.controlInputs.isEmpty {
+            // an inpaint ControlNet: the image in [0, 1] with the masked pixels at -1 is its condition
+            config.controlInputs = [StableDiffusionPipeline.inpaintControlCondition(
+                image: try ImageFile.readCondition(path: path, shape: config.latentShape), mask: mask)]
+        }
         let images = try pipeline.generate(config) { step, total in
             print("step \(step)/\(total)")
             return true
@@ -29,12 +34,14 @@ enum CLIRunner {
         try save(images, options: options, schedulerConfig: schedulerConfig)
     }
 
-    /// A mask needs an inpainting UNet (2C + 1 sample channels) and an inpainting UNet a mask.
+    /// A mask needs an inpainting UNet (2C + 1 sample channels) or ControlNets (the ControlNet inpaint route), and an
+    /// inpainting UNet a mask.
     static func checkInpainting(_ options: CommandLineOptions, sampleChannels: Int, latentChannels: Int) throws {
         let inpainting = sampleChannels == 2 * latentChannels + 1
-        if options.maskPath != nil && !inpainting {
+        if options.maskPath != nil && !inpainting && options.controlNets.isEmpty {
             throw UsageError("--mask needs an inpainting UNet (its sample takes \(2 * latentChannels + 1) channels: latents, mask, "
-                             + "masked-image latents) and this bundle's takes \(sampleChannels); convert an inpainting model")
+                             + "masked-image latents) and this bundle's takes \(sampleChannels); convert an inpainting model, "
+                             + "or take the ControlNet inpaint route: --controlnet with an inpaint ControlNet")
         }
         if inpainting && !options.controlNets.isEmpty {
             throw UsageError("--mask with --controlnet is not supported yet for an inpainting UNet: inpaint without the ControlNet")

@@ -111,6 +111,11 @@ final class CLITests: XCTestCase {
             try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
         }
         XCTAssertEqual(try run(arguments).status, 3)  // valid: only Core ML is missing
+        // the ControlNet inpaint route: --mask with one inpaint ControlNet and no condition image
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("VAEEncoder.mlmodelc"),
+                                                withIntermediateDirectories: true)
+        let route = try run(Array(arguments.prefix(6)) + ["--image", image, "--mask", image])
+        XCTAssertEqual(route.status, 3, route.stderr)
         try FileManager.default.removeItem(at: folder.appendingPathComponent("Unet.mlmodelc"))  // a controlled UNet alone
         XCTAssertEqual(try run(arguments).status, 3)
         let plain = try run(Array(arguments.prefix(4)))

@@ -113,6 +113,33 @@ final class ControlTests: XCTestCase {
         XCTAssertThrowsError(try pipe.generate(config)) { XCTAssertEqual("\($0)", PipelineError.maskWithRefiner.description) }
     }
 
+    /// The inpaint ControlNet's condition: the image in [0, 1], pixels of grey mask above 0.5 at -1.
+    func testInpaintControlCondition() {
+        let image = Tensor(shape: [1, 3, 1, 2], scalars: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+        XCTAssertEqual(StableDiffusionPipeline.inpaintControlCondition(image: image, mask: Tensor(shape: [1, 1, 1, 2], scalars: [0.5, 0.51])).scalars,
+                       [0.1, -1, 0.3, -1, 0.5, -1])
+    }
+
+    /// The ControlNet inpaint route: after each step the latents outside the mask are the image's latents noised to
+    /// the next timestep with the start's noise, after the last step the image's latents themselves.
+    func testMaskBlendKeepsTheImageOutsideTheMask() throws {
+        let nets = [ClosedFormControl.ControlNet(gain: 0.5)]
+        var config = config(steps: 3)
+        config.strength = 1
+        config.startImage = Tensor(shape: [1, 3, 16, 16], scalars: (0..<768).map { Float($0 % 7) / 7 })
+        config.mask = Tensor(shape: [1, 1, 16, 16], scalars: (0..<256).map { $0 % 16 < 8 ? 0 : 1 })
+        config.controlInputs = [Tensor(zeros: [1, 3, 16, 16])]
+        let result = try XCTUnwrap(try pipeline(nets: nets, controlled: ClosedFormControl.ControlledUnet()).generate(config).first)
+        var random = config.rng.makeSource(seed: config.seed)
+        _ = random.normalTensor(shape: config.latentShape)
+        let moments = try ClosedForm.Encoder().encode(image: config.startImage!)
+        let image = try StableDiffusionPipeline.samplePosterior(moments: moments, noise: random.normalTensor(shape: config.latentShape))
+        for i in 0..<16 {  // left column of each 2x2 channel plane kept
+            if i % 2 == 0 { XCTAssertEqual(result.latents.scalars[i], image.scalars[i] * StableDiffusionPipeline.defaultLatentScale) }
+        }
+        XCTAssertNotEqual(result.latents.scalars[1], image.scalars[1] * StableDiffusionPipeline.defaultLatentScale)
+    }
+
     func testResidualsScaledAndSummedPerControlNet() {
         let a = [Tensor(shape: [1, 2], scalars: [1, 2]), Tensor(shape: [1, 1], scalars: [3])]
         let b = [Tensor(shape: [1, 2], scalars: [10, 20]), Tensor(shape: [1, 1], scalars: [30])]
@@ -206,16 +233,20 @@ final class ControlTests: XCTestCase {
             }
             config.controlScales = floats(entry["scales"])
             let inpaint = entry["inpaint"] as! Bool
-            if inpaint {
+            let xl = entry["family"] as! String == "sdxl"
+            if inpaint || entry["masked"] as! Bool {  // a 9-channel UNet, or the ControlNet inpaint route
                 config.startImage = image.tensor()
                 // None: the family's inpainting default (the Python pipeline's INPAINT_STRENGTH)
-                config.strength = (entry["strength"] as? NSNumber)?.doubleValue ?? StableDiffusionXLPipeline.defaultInpaintStrength
+                config.strength = (entry["strength"] as? NSNumber)?.doubleValue ?? (xl ? StableDiffusionXLPipeline.defaultInpaintStrength : 1)
                 config.mask = Tensor(shape: [1, 1, 8 * size, 8 * size], scalars: (0..<(64 * size * size)).map { i in
                     i / (8 * size) >= maskFrom[0] && i % (8 * size) >= maskFrom[1] ? 1 : 0
                 })
             }
+            if entry["inpaint_controlnet"] as! Bool {  // the inpaint ControlNet's condition: the masked image
+                config.controlInputs = [StableDiffusionPipeline.inpaintControlCondition(image: image.unitTensor(), mask: config.mask!)]
+            }
             let result: GeneratedImage
-            if entry["family"] as! String == "sdxl" {
+            if xl {
                 config.originalSize = (entry["original_size"] as? [NSNumber])?.map(\.doubleValue)
                 config.cropsCoordsTopLeft = (entry["crops_coords_top_left"] as! [NSNumber]).map(\.doubleValue)
                 result = try XCTUnwrap(try xlPipeline(gains: gains, inpaint: inpaint).generate(config).first)

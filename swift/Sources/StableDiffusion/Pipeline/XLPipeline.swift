@@ -194,7 +194,7 @@ public struct StableDiffusionXLPipeline {
         let schedulerConfig = config.effectiveSchedulerConfig
         var scheduler = config.scheduler.make(stepCount: config.stepCount, config: schedulerConfig)
         var random = config.rng.makeSource(seed: seed)
-        var latents: Tensor
+        var start: StableDiffusionPipeline.StartDraws
         var first = 0  // img2img's first timestep (the strength's)
         // Inpainting at strength 1 starts from noise alone (the image enters through the mask inputs), as SD's.
         if let image = config.startImage, config.mask == nil || config.strength != 1 {
@@ -204,16 +204,21 @@ public struct StableDiffusionXLPipeline {
             guard first < scheduler.timesteps.count else {
                 throw PipelineError.strengthTooSmall(config.strength, steps: config.stepCount)
             }
-            latents = try StableDiffusionPipeline.startLatents(image, encoder: models.encoder, latentScale: latentScale,
-                                                               timestep: scheduler.timesteps[first], scheduler: scheduler,
-                                                               random: &random, shape: config.latentShape)
+            start = try StableDiffusionPipeline.startDraws(image, encoder: models.encoder, latentScale: latentScale,
+                                                           timestep: scheduler.timesteps[first], scheduler: scheduler,
+                                                           random: &random, shape: config.latentShape)
         } else {
-            let sigma = scheduler.initNoiseSigma
-            latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
+            start = StableDiffusionPipeline.noiseStart(scheduler: scheduler, random: &random, shape: config.latentShape)
         }
+        var latents = start.latents
         let timesteps = Array(scheduler.timesteps[first...])
-        // A 9-channel base UNet's mask and masked-image latents (the draw after the start's), after the latents.
-        let condition = try config.mask.map { mask in
+        // With ControlNets a mask is the ControlNet inpaint route (a 4-channel UNet, blended after each step), as SD's.
+        let blend = config.mask != nil && !models.controlNets.isEmpty
+            ? try MaskBlend(mask: config.mask!, image: config.startImage!, start: start, encoder: models.encoder,
+                            latentScale: latentScale, random: &random)
+            : nil
+        // Else a 9-channel base UNet's mask and masked-image latents (the draw after the start's), after the latents.
+        let condition = blend != nil ? nil : try config.mask.map { mask in
             try StableDiffusionPipeline.inpaintCondition(mask: mask, image: config.startImage!, shape: config.latentShape,
                                                          encoder: models.encoder, latentScale: latentScale, random: &random)
         }
@@ -232,7 +237,8 @@ public struct StableDiffusionXLPipeline {
             var stageScheduler = stage.scheduler
             let (unet, conditioning, before, isBase) = (stage.unet, stage.conditioning, done, stage.base)
             latents = try StableDiffusionPipeline.denoise(latents, scheduler: &stageScheduler, timesteps: stage.timesteps,
-                                                          random: &random, progress: { progress(before + $0, total) }) { input, t in
+                                                          random: &random, blend: blend,
+                                                          progress: { progress(before + $0, total) }) { input, t in
                 let sample = isBase ? condition.map { StableDiffusionPipeline.concatenateChannels([input, $0]) } ?? input : input
                 let batch = Tensor.concatenateBatch([sample, sample])
                 let output = isBase && !models.controlNets.isEmpty
