@@ -25,7 +25,7 @@ enum CLIRunner {
         if let mask = config.mask, let path = options.imagePath, options.controlNets.count == 1, config.controlInputs.isEmpty {
             // an inpaint ControlNet: the image in [0, 1] with the masked pixels at -1 is its condition
             config.controlInputs = [StableDiffusionPipeline.inpaintControlCondition(
-                image: try ImageFile.readCondition(path: path, shape: config.latentShape), mask: mask)]
+                image: try ImageFile.readUnit(path: path, shape: config.latentShape), mask: mask)]
         }
         let images = try pipeline.generate(config) { step, total in
             print("step \(step)/\(total)")

@@ -49,7 +49,13 @@ do {
     }
     // A size the bundle does not list fails here, on any platform; without a list the UNet's shape decides (Core ML).
     if !settings.latentSizes.isEmpty {
-        _ = try PipelineSettings.latentSize(height: options.height, width: options.width, sizes: settings.latentSizes)
+        let size = try PipelineSettings.latentSize(height: options.height, width: options.width, sizes: settings.latentSizes)
+        // Condition images of another aspect ratio are refused, not stretched (PNGs here; any format under Core ML).
+        for path in options.controlNetInputs {
+            guard let png = PNGHeader.size(path: path) else { continue }
+            try PipelineSettings.checkConditionAspect(path: path, width: png.width, height: png.height, imageWidth: 8 * size[1],
+                                                      imageHeight: 8 * size[0])
+        }
     }
     if let warning = settings.truncationWarning(prompts: [options.prompt, options.negativePrompt], tokenizer: tokenizer) {
         FileHandle.standardError.write(Data("StableDiffusionCLI: warning: \(warning)\n".utf8))

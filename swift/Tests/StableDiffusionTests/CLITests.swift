@@ -122,6 +122,19 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(plain.status, 2)
         XCTAssertTrue(plain.stderr.hasSuffix("holds only the controlled UNet (ControlledUnet.mlmodelc): pass --controlnet NAME "
                                              + "--controlnet-inputs IMAGE\n"), plain.stderr)
+        // A condition image of another aspect ratio is refused in one line (the Python pipeline's rule), not stretched.
+        try Data(#"{"latent_size": [64, 64], "latent_sizes": [[64, 64], [64, 96]]}"#.utf8)
+            .write(to: folder.appendingPathComponent("pipeline_config.json"))
+        let wide = Golden.testsFolder.appendingPathComponent("Resources/gradient_33x17.png").path
+        let square = folder.appendingPathComponent("square.png")
+        try PNGWriter.write(RGBImage(width: 16, height: 16, bytes: Array(repeating: 128, count: 768)), to: square)
+        let refused = try run(Array(arguments.dropLast()) + [wide])
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertEqual(refused.stderr, "StableDiffusionCLI: error: --controlnet-inputs \(wide) is 33x17, not the 512x512 aspect "
+                       + "ratio of the images this UNet makes; crop it to that ratio (it is then resized)\n")
+        XCTAssertEqual(try run(Array(arguments.dropLast()) + [square.path]).status, 3)
+        XCTAssertEqual(try run(Array(arguments.dropLast()) + [wide, "--width", "768"]).status, 2)
+        XCTAssertEqual(try run(Array(arguments.dropLast()) + [square.path, "--width", "768"]).status, 2)  // 512x768
         let missing = try run(Array(arguments.dropLast()) + ["/nonexistent/edges.png"])
         XCTAssertEqual(missing.stderr, "StableDiffusionCLI: error: --controlnet-inputs /nonexistent/edges.png does not exist\n")
         #endif
