@@ -15,6 +15,11 @@ enum CLIRunner {
         let pipeline = try CoreMLPipeline(resources: resources, tokenizer: tokenizer,
                                           computeUnits: options.computeUnits.coreML, reduceMemory: options.reduceMemory,
                                           controlNets: options.controlNets)
+        if !options.controlNets.isEmpty {
+            let nets = try zip(options.controlNets, pipeline.controlNetModels).map { (name: $0, inputs: try $1.inputNames()) }
+            try ResourceFolder.checkControlInputs(unetInputs: try pipeline.unet.inputNames(), controlNetInputs: nets,
+                                                  family: pipeline.settings.family)
+        }
         let schedulerConfig = try resources.schedulerConfig()
         var config = options.generationConfig(schedulerConfig: schedulerConfig, family: pipeline.settings.family)
         config.latentShape = try pipeline.latentShape(height: options.height, width: options.width)

@@ -140,6 +140,30 @@ final class ControlTests: XCTestCase {
         XCTAssertNotEqual(result.latents.scalars[1], image.scalars[1] * StableDiffusionPipeline.defaultLatentScale)
     }
 
+    /// The loaded models' inputs: the UNet must take residuals, and each ControlNet be of the bundle's family.
+    func testControlInputsOfTheModels() throws {
+        let sd: Set = ["sample", "timestep", "encoder_hidden_states", "controlnet_cond"]
+        let xl = sd.union(["time_ids", "text_embeds"])
+        let controlled: Set = ["sample", "additional_residual_0", "additional_residual_1"]
+        XCTAssertNoThrow(try ResourceFolder.checkControlInputs(unetInputs: controlled, controlNetInputs: [("Canny", sd)], family: .sd))
+        XCTAssertNoThrow(try ResourceFolder.checkControlInputs(unetInputs: controlled, controlNetInputs: [("Canny", xl)], family: .sdxl))
+        XCTAssertNoThrow(try ResourceFolder.checkControlInputs(unetInputs: ["sample"], controlNetInputs: [], family: .sd))
+        XCTAssertThrowsError(try ResourceFolder.checkControlInputs(unetInputs: ["sample"], controlNetInputs: [("Canny", sd)],
+                                                                   family: .sd)) {
+            XCTAssertTrue("\($0)".hasPrefix("a ControlNet was given but this bundle's UNet takes no ControlNet residuals"), "\($0)")
+        }
+        XCTAssertThrowsError(try ResourceFolder.checkControlInputs(unetInputs: controlled, controlNetInputs: [("Canny", sd)],
+                                                                   family: .sdxl)) {
+            XCTAssertEqual("\($0)", "--controlnet Canny is SD's (it lacks time_ids) and this is an SDXL bundle; convert a "
+                           + "ControlNet of the bundle's model")
+        }
+        XCTAssertThrowsError(try ResourceFolder.checkControlInputs(unetInputs: controlled, controlNetInputs: [("Depth", xl)],
+                                                                   family: .sd)) {
+            XCTAssertEqual("\($0)", "--controlnet Depth is SDXL's (it takes time_ids) and this is an SD bundle; convert a "
+                           + "ControlNet of the bundle's model")
+        }
+    }
+
     func testResidualsScaledAndSummedPerControlNet() {
         let a = [Tensor(shape: [1, 2], scalars: [1, 2]), Tensor(shape: [1, 1], scalars: [3])]
         let b = [Tensor(shape: [1, 2], scalars: [10, 20]), Tensor(shape: [1, 1], scalars: [30])]

@@ -44,6 +44,13 @@ public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, Controlle
 
     public func sampleShape() throws -> [Int] { try chunks[0].inputShape("sample") }
 
+    /// Every chunk's input names.
+    public func inputNames() throws -> Set<String> {
+        try chunks.reduce(into: Set<String>()) { names, chunk in
+            names.formUnion(try chunk.perform { $0.modelDescription.inputDescriptionsByName.keys })
+        }
+    }
+
     public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
         try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates, added: [:])
     }
@@ -120,6 +127,10 @@ public struct CoreMLControlNet: ControlNetting, ConditionedControlNetting {
     public let model: ManagedModel
 
     public init(model: ManagedModel) { self.model = model }
+
+    public func inputNames() throws -> Set<String> {
+        try model.perform { Set($0.modelDescription.inputDescriptionsByName.keys) }
+    }
 
     static func residualName(_ index: Int) -> String { "additional_residual_\(index)" }
 
@@ -243,6 +254,8 @@ public struct CoreMLPipeline {
     /// SDXL bundles' (pipeline_config.json's family "sdxl"): TextEncoder2 and, when present, UnetRefiner.
     public let xlPipeline: StableDiffusionXLPipeline?
     public let unet: CoreMLUnet
+    /// The --controlnet models, in order (both families' pipelines run these).
+    public let controlNetModels: [CoreMLControlNet]
     /// The bundle's pipeline_config.json: latent scale, sequence length, sizes and prompt windows.
     public let settings: PipelineSettings
 
@@ -263,6 +276,8 @@ public struct CoreMLPipeline {
         let plainNames = resources.chunkedUnet ? ["UnetChunk1", "UnetChunk2"] : ["Unet"]
         let unetNames = controlNets.isEmpty ? plainNames : resources.controlledUnetNames ?? plainNames
         unet = CoreMLUnet(chunks: unetNames.map { model($0, "unet") })
+        let nets = controlNets.map { CoreMLControlNet(model: model(ResourceFolder.controlNetPath($0), "controlnet")) }
+        controlNetModels = nets
         if settings.family == .sdxl {
             let models = XLPipelineModels(
                 textEncoder: CoreMLXLTextEncoder(model: model("TextEncoder", "text")),
@@ -271,7 +286,7 @@ public struct CoreMLPipeline {
                 refiner: resources.refinerNames.map { names in CoreMLUnet(chunks: names.map { model($0, "refiner") }) },
                 decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
                 encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
-                controlNets: controlNets.map { CoreMLControlNet(model: model(ResourceFolder.controlNetPath($0), "controlnet")) },
+                controlNets: nets,
                 controlledUnet: controlNets.isEmpty ? nil : unet)
             xlPipeline = StableDiffusionXLPipeline(
                 tokenizer: tokenizer, tokenizer2: try resources.tokenizer2(settings: settings, first: tokenizer), models: models,
@@ -288,7 +303,7 @@ public struct CoreMLPipeline {
             decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
             encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
             safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil,
-            controlNets: controlNets.map { CoreMLControlNet(model: model(ResourceFolder.controlNetPath($0), "controlnet")) },
+            controlNets: nets,
             controlledUnet: controlNets.isEmpty ? nil : unet)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
                                            latentScale: settings.latentScale, promptChunkCounts: settings.promptChunkCounts)
