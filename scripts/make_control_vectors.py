@@ -1,6 +1,9 @@
 """Golden ControlNet and inpainting generations for the Swift package (issue 19), from the Python side: the real
 python_coreml_sd.generation pipeline run on the closed-form ControlNets, controlled UNet and 9-channel inpainting
-UNet (python_coreml_sd/testing/closed_form.py, control_model_set) with the project's CLIP tokenizer.
+UNet (python_coreml_sd/testing/closed_form.py, control_model_set) with the project's CLIP tokenizer; for SDXL
+(issue 19's Swift part) this script's xl_control_model_set (closed-form SDXL ControlNets reading the added conditions,
+their controlled base UNet, a 9-channel SDXL UNet) with tiny-xl's two tokenizers; and the ControlNet inpaint route
+(a mask with a 4-channel controlled UNet) for both families.
 
     python scripts/make_control_vectors.py   # rewrites swift/Tests/StableDiffusionTests/Resources/control_golden.json
 
