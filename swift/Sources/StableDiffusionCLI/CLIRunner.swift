@@ -36,7 +36,7 @@ enum CLIRunner {
             print("step \(step)/\(total)")
             return true
         }
-        try save(images, options: options, schedulerConfig: schedulerConfig)
+        try save(images, options: options, schedulerConfig: schedulerConfig, family: pipeline.settings.family)
     }
 
     /// A mask needs an inpainting UNet (2C + 1 sample channels) or ControlNets (the ControlNet inpaint route), and an
@@ -57,7 +57,8 @@ enum CLIRunner {
         }
     }
 
-    static func save(_ images: [GeneratedImage], options: CommandLineOptions, schedulerConfig: SchedulerConfig) throws {
+    static func save(_ images: [GeneratedImage], options: CommandLineOptions, schedulerConfig: SchedulerConfig,
+                     family: ModelFamily) throws {
         let folder = URL(fileURLWithPath: options.outputPath, isDirectory: true)
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         for (index, image) in images.enumerated() {
@@ -66,7 +67,8 @@ enum CLIRunner {
                 print("the safety checker flagged seed \(seed); the image was replaced by a black one")
             }
             let url = folder.appendingPathComponent(OutputNaming.fileName(prompt: options.prompt, seed: seed))
-            let text = [(key: "parameters", value: OutputNaming.parameters(options, seed: seed, schedulerConfig: schedulerConfig))]
+            let text = [(key: "parameters", value: OutputNaming.parameters(options, seed: seed, schedulerConfig: schedulerConfig,
+                                                                                family: family))]
             try PNGWriter.write(RGBImage(decoderOutput: image.image), to: url, text: text)
             print("wrote \(url.path)")
         }

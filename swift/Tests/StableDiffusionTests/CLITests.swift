@@ -40,7 +40,8 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(result.status, 0)
         XCTAssertTrue(result.stdout.contains("--resource-path"))
         XCTAssertTrue(result.stdout.contains("--reduce-memory"))
-        for text in ["euler_a", "--timestep-spacing", "trailing", "--karras-sigmas"] {
+        for text in ["euler_a", "--timestep-spacing", "trailing", "--karras-sigmas", "SDXL's 0.9999", "ControlNet inpaint route",
+                     "aspect ratio"] {
             XCTAssertTrue(result.stdout.contains(text), text)
         }
     }

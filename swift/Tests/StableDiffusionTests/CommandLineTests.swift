@@ -102,6 +102,7 @@ final class CommandLineTests: XCTestCase {
         XCTAssertEqual(config.controlScales, [0.5, -1])
         XCTAssertEqual(config.strength, 1)  // inpainting's default
         XCTAssertEqual(options.generationConfig(family: .sdxl).strength, StableDiffusionXLPipeline.defaultInpaintStrength)
+        XCTAssertTrue(OutputNaming.parameters(options, seed: 1, family: .sdxl).contains(#""strength":0.9999"#))
         XCTAssertEqual(try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--image", "i.png"])
             .generationConfig().strength, 0.75)
         // The ControlNet inpaint route: one inpaint ControlNet needs no condition image with --mask; two do.

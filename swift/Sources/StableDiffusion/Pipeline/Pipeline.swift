@@ -21,7 +21,8 @@ public struct GenerationConfig: Sendable {
     /// img2img: (1, 3, H, W) in [-1, 1], and how much of the schedule to run on it (0...1).
     public var startImage: Tensor?
     public var strength = 0.75
-    /// Inpainting (a UNet taking 9 channels): (1, 1, H, W) in [0, 1] at the start image's size, white (>= 0.5)
+    /// Inpainting (a UNet taking 9 channels; with ControlNets the ControlNet inpaint route, a 4-channel UNet whose
+    /// latents keep the image outside the mask): (1, 1, H, W) in [0, 1] at the start image's size, white (>= 0.5)
     /// repainted. Strength 1 starts from noise alone, as diffusers' StableDiffusionInpaintPipeline.
     public var mask: Tensor?
     /// ControlNets: one condition image (1, 3, H, W) in [0, 1] per model of PipelineModels.controlNets, in order,
