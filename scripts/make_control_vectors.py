@@ -149,7 +149,8 @@ def run_case(spec: dict) -> dict:
     request = GenerationRequest(
         prompt=case["prompt"], negative_prompt=case["negative_prompt"], seed=case["seed"],
         num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"], scheduler=case["scheduler"],
-        control_image=[] if case["inpaint_controlnet"] else [Image.fromarray(image_bytes(k)) for k in range(len(case["gains"]))],
+        control_image=[] if case["inpaint_controlnet"] else [Image.fromarray(image_bytes(k))
+                                                             for k in range(len(case["gains"]))],
         controlnet_scale=tuple(case["scales"]), strength=case["strength"],
         image=Image.fromarray(image_bytes()) if masked else None, mask=mask() if masked else None,
         original_size=case["original_size"], crops_coords_top_left=tuple(case["crops_coords_top_left"]))

@@ -40,7 +40,8 @@ public enum ImageFile {
             throw UsageError("\(flag) \(path) is not an image ImageIO can read")
         }
         if sameAspect {
-            try PipelineSettings.checkConditionAspect(path: path, width: image.width, height: image.height, imageWidth: width, imageHeight: height)
+            try PipelineSettings.checkConditionAspect(path: path, width: image.width, height: image.height, imageWidth: width,
+                                                      imageHeight: height)
         }
         var rgba = [UInt8](repeating: 0, count: width * height * 4)
         let drawn: Bool = rgba.withUnsafeMutableBytes { buffer in

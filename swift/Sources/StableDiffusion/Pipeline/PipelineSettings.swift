@@ -111,8 +111,8 @@ extension PipelineSettings {
     public static func checkConditionAspect(path: String, width: Int, height: Int, imageWidth: Int, imageHeight: Int) throws {
         guard width > 0, height > 0,
               abs(Double(width) / Double(height) - Double(imageWidth) / Double(imageHeight)) <= 0.01 else {
-            throw UsageError("--controlnet-inputs \(path) is \(width)x\(height), not the \(imageWidth)x\(imageHeight) aspect ratio of "
-                             + "the images this UNet makes; crop it to that ratio (it is then resized)")
+            throw UsageError("--controlnet-inputs \(path) is \(width)x\(height), not the \(imageWidth)x\(imageHeight) aspect "
+                             + "ratio of the images this UNet makes; crop it to that ratio (it is then resized)")
         }
     }
 }
