@@ -37,10 +37,16 @@ def test_controlnets_and_mask_change_the_result(script):
     base = script.run_case(script.CASES[1])
     silent = script.run_case({**script.CASES[1], "scales": [0.0, 0.0]})
     assert np.abs(np.subtract(base["latents"], silent["latents"])).max() > 0.1
-    inpaint = script.run_case(script.CASES[3])
-    script.MASK_FROM, saved = (64, 64), script.MASK_FROM
-    try:
-        unmasked = script.run_case(script.CASES[3])
-    finally:
-        script.MASK_FROM = saved
-    assert np.abs(np.subtract(inpaint["latents"], unmasked["latents"])).max() > 0.01
+    xl = next(spec for spec in script.CASES if spec.get("family") == "sdxl" and spec.get("gains"))
+    xl_silent = script.run_case({**xl, "scales": [0.0] * len(xl["gains"])})
+    assert np.abs(np.subtract(script.run_case(xl)["latents"], xl_silent["latents"])).max() > 0.1
+    xl_inpaint = next(spec for spec in script.CASES if spec.get("family") == "sdxl" and spec.get("inpaint"))
+    route = next(spec for spec in script.CASES if spec.get("masked"))  # the ControlNet inpaint route
+    for spec in (script.CASES[3], xl_inpaint, route):
+        inpaint = script.run_case(spec)
+        script.MASK_FROM, saved = (64, 64), script.MASK_FROM
+        try:
+            unmasked = script.run_case(spec)
+        finally:
+            script.MASK_FROM = saved
+        assert np.abs(np.subtract(inpaint["latents"], unmasked["latents"])).max() > 0.01

@@ -7,7 +7,7 @@ func fail(_ message: String, code: Int32) -> Never {
     exit(code)
 }
 
-/// SDXL's flags need an SDXL bundle (and --refiner-start its refiner); SDXL has no image-to-image here yet.
+/// SDXL's flags need an SDXL bundle (and --refiner-start its refiner, which inpainting does not take).
 func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, resources: ResourceFolder) throws {
     guard settings.family == .sdxl else {
         if let flag = options.xlFlags.first {
@@ -19,8 +19,9 @@ func checkFamily(_ options: CommandLineOptions, settings: PipelineSettings, reso
         throw UsageError("--refiner-start needs the refiner's UNet: \(resources.url.path) has no UnetRefiner.mlmodelc; convert "
                          + "with --refiner-version MODEL and bundle again")
     }
-    if options.imagePath != nil { throw UsageError("--image: SDXL image-to-image is not supported yet") }
-    if !options.controlNets.isEmpty { throw UsageError("--controlnet: SDXL ControlNets are not supported here yet") }
+    if options.maskPath != nil && options.refinerStart != nil {
+        throw UsageError(PipelineError.maskWithRefiner.description)
+    }
 }
 
 let options: CommandLineOptions
@@ -48,7 +49,13 @@ do {
     }
     // A size the bundle does not list fails here, on any platform; without a list the UNet's shape decides (Core ML).
     if !settings.latentSizes.isEmpty {
-        _ = try PipelineSettings.latentSize(height: options.height, width: options.width, sizes: settings.latentSizes)
+        let size = try PipelineSettings.latentSize(height: options.height, width: options.width, sizes: settings.latentSizes)
+        // Condition images of another aspect ratio are refused, not stretched (PNGs here; any format under Core ML).
+        for path in options.controlNetInputs {
+            guard let png = PNGHeader.size(path: path) else { continue }
+            try PipelineSettings.checkConditionAspect(path: path, width: png.width, height: png.height, imageWidth: 8 * size[1],
+                                                      imageHeight: 8 * size[0])
+        }
     }
     if let warning = settings.truncationWarning(prompts: [options.prompt, options.negativePrompt], tokenizer: tokenizer) {
         FileHandle.standardError.write(Data("StableDiffusionCLI: warning: \(warning)\n".utf8))

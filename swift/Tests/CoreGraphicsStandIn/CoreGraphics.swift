@@ -5,7 +5,12 @@
 import Foundation
 
 /// .../cgimage — `class CGImage`
-public final class CGImage {}
+public final class CGImage {
+    /// .../cgimage/width — `var width: Int { get }`
+    public var width: Int { fatalError("stand-in") }
+    /// .../cgimage/height — `var height: Int { get }`
+    public var height: Int { fatalError("stand-in") }
+}
 
 /// .../cgcolorspace — `class CGColorSpace`
 public final class CGColorSpace {}

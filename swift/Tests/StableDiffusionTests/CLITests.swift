@@ -40,7 +40,8 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(result.status, 0)
         XCTAssertTrue(result.stdout.contains("--resource-path"))
         XCTAssertTrue(result.stdout.contains("--reduce-memory"))
-        for text in ["euler_a", "--timestep-spacing", "trailing", "--karras-sigmas"] {
+        for text in ["euler_a", "--timestep-spacing", "trailing", "--karras-sigmas", "SDXL's 0.9999", "ControlNet inpaint route",
+                     "aspect ratio"] {
             XCTAssertTrue(result.stdout.contains(text), text)
         }
     }
@@ -111,12 +112,30 @@ final class CLITests: XCTestCase {
             try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
         }
         XCTAssertEqual(try run(arguments).status, 3)  // valid: only Core ML is missing
+        // the ControlNet inpaint route: --mask with one inpaint ControlNet and no condition image
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("VAEEncoder.mlmodelc"),
+                                                withIntermediateDirectories: true)
+        let route = try run(Array(arguments.prefix(6)) + ["--image", image, "--mask", image])
+        XCTAssertEqual(route.status, 3, route.stderr)
         try FileManager.default.removeItem(at: folder.appendingPathComponent("Unet.mlmodelc"))  // a controlled UNet alone
         XCTAssertEqual(try run(arguments).status, 3)
         let plain = try run(Array(arguments.prefix(4)))
         XCTAssertEqual(plain.status, 2)
         XCTAssertTrue(plain.stderr.hasSuffix("holds only the controlled UNet (ControlledUnet.mlmodelc): pass --controlnet NAME "
                                              + "--controlnet-inputs IMAGE\n"), plain.stderr)
+        // A condition image of another aspect ratio is refused in one line (the Python pipeline's rule), not stretched.
+        try Data(#"{"latent_size": [64, 64], "latent_sizes": [[64, 64], [64, 96]]}"#.utf8)
+            .write(to: folder.appendingPathComponent("pipeline_config.json"))
+        let wide = Golden.testsFolder.appendingPathComponent("Resources/gradient_33x17.png").path
+        let square = folder.appendingPathComponent("square.png")
+        try PNGWriter.write(RGBImage(width: 16, height: 16, bytes: Array(repeating: 128, count: 768)), to: square)
+        let refused = try run(Array(arguments.dropLast()) + [wide])
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertEqual(refused.stderr, "StableDiffusionCLI: error: --controlnet-inputs \(wide) is 33x17, not the 512x512 aspect "
+                       + "ratio of the images this UNet makes; crop it to that ratio (it is then resized)\n")
+        XCTAssertEqual(try run(Array(arguments.dropLast()) + [square.path]).status, 3)
+        XCTAssertEqual(try run(Array(arguments.dropLast()) + [wide, "--width", "768"]).status, 2)
+        XCTAssertEqual(try run(Array(arguments.dropLast()) + [square.path, "--width", "768"]).status, 2)  // 512x768
         let missing = try run(Array(arguments.dropLast()) + ["/nonexistent/edges.png"])
         XCTAssertEqual(missing.stderr, "StableDiffusionCLI: error: --controlnet-inputs /nonexistent/edges.png does not exist\n")
         #endif
@@ -147,6 +166,21 @@ final class CLITests: XCTestCase {
         try FileManager.default.createDirectory(at: folder.appendingPathComponent("UnetRefiner.mlmodelc"),
                                                 withIntermediateDirectories: true)
         XCTAssertEqual(try run(base + ["--refiner-start", "0.8", "--aesthetic-score", "7"]).status, 3)
+        // SDXL image-to-image, inpainting (not with the refiner) and ControlNets go on to Core ML
+        let image = folder.appendingPathComponent("vocab.json").path  // any existing file passes the existence check
+        let inpaint = base + ["--image", image, "--mask", image]
+        XCTAssertTrue(try run(inpaint).stderr.contains("lacks VAEEncoder.mlmodelc"))
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("VAEEncoder.mlmodelc"),
+                                                withIntermediateDirectories: true)
+        XCTAssertEqual(try run(base + ["--image", image]).status, 3)
+        XCTAssertEqual(try run(inpaint).status, 3)
+        let refined = try run(inpaint + ["--refiner-start", "0.8"])
+        XCTAssertEqual(refined.stderr, "StableDiffusionCLI: error: \(PipelineError.maskWithRefiner)\n")
+        XCTAssertEqual(refined.status, 2)
+        for name in ["ControlledUnet.mlmodelc", "controlnet/Canny.mlpackage"] {
+            try FileManager.default.createDirectory(at: folder.appendingPathComponent(name), withIntermediateDirectories: true)
+        }
+        XCTAssertEqual(try run(base + ["--controlnet", "Canny", "--controlnet-inputs", image]).status, 3)
         for bad in [["--refiner-start", "1"], ["--original-size", "64"], ["--original-size=64", "64"]] {
             let result = try run(base + bad)
             XCTAssertEqual(result.status, 2, "\(bad)")

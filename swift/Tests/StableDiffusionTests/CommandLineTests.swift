@@ -101,8 +101,20 @@ final class CommandLineTests: XCTestCase {
         let config = options.generationConfig()
         XCTAssertEqual(config.controlScales, [0.5, -1])
         XCTAssertEqual(config.strength, 1)  // inpainting's default
+        XCTAssertEqual(options.generationConfig(family: .sdxl).strength, StableDiffusionXLPipeline.defaultInpaintStrength)
+        XCTAssertTrue(OutputNaming.parameters(options, seed: 1, family: .sdxl).contains(#""strength":0.9999"#))
         XCTAssertEqual(try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--image", "i.png"])
             .generationConfig().strength, 0.75)
+        // The ControlNet inpaint route: one inpaint ControlNet needs no condition image with --mask; two do.
+        let route = ["--resource-path", "r", "--prompt", "p", "--image", "i.png", "--mask", "m.png", "--controlnet", "Inpaint"]
+        XCTAssertEqual(try CommandLineOptions.parse(route).controlNetInputs, [])
+        XCTAssertThrowsError(try CommandLineOptions.parse(route + ["Canny"])) {
+            XCTAssertTrue("\($0)".hasPrefix("--controlnet-inputs: 0 images for 2 ControlNets"), "\($0)")
+        }
+        XCTAssertThrowsError(try CommandLineOptions.parse(Array(route.dropFirst(4).prefix(2)) + ["--resource-path", "r", "--prompt", "p",
+                                                                                              "--controlnet", "Inpaint"])) {
+            XCTAssertTrue("\($0)".hasPrefix("--controlnet-inputs: 0 images for 1 ControlNets"), "\($0)")
+        }
     }
 
     func testBadControlNetAndMaskInput() {

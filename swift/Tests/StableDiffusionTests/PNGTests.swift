@@ -123,4 +123,14 @@ final class PNGTests: XCTestCase {
             return Array(raw[(start + 1)...(start + width * 3)])
         }
     }
+
+    func testHeaderSize() {
+        let png = PNGWriter.encode(RGBImage(width: 5, height: 3, bytes: Array(repeating: 0, count: 45)))
+        XCTAssertEqual(PNGHeader.size(png).map { [$0.width, $0.height] }, [5, 3])
+        XCTAssertNil(PNGHeader.size(Array("GIF89a and more bytes here".utf8)))
+        XCTAssertNoThrow(try PipelineSettings.checkConditionAspect(path: "a.png", width: 1025, height: 1024, imageWidth: 512,
+                                                                   imageHeight: 512))
+        XCTAssertThrowsError(try PipelineSettings.checkConditionAspect(path: "a.png", width: 1040, height: 1024, imageWidth: 512,
+                                                                       imageHeight: 512))
+    }
 }

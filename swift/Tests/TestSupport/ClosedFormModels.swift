@@ -263,3 +263,71 @@ public enum ClosedFormControl {
         }
     }
 }
+
+/// The SDXL ControlNet and inpainting stand-ins of scripts/make_control_vectors.py (xl_control_model_set): the
+/// ClosedFormControl formulas with the added conditions, as ClosedFormXL.Denoiser reads them, in both the ControlNet's
+/// constant residual and the base UNet's output.
+public enum ClosedFormXLControl {
+    /// 1e-4 sum_k (k + 1) time_id_k + 0.02 mean(text_embeds) of batch item `b` (ClosedFormXL.Denoiser's).
+    static func extra(_ added: AddedConditions, _ b: Int) -> Double {
+        let ids = added.timeIds.batchItem(b).scalars
+        let positional = ids.enumerated().reduce(0.0) { $0 + Double($1.offset + 1) * Double($1.element) }
+        return 1e-4 * positional + 0.02 * ClosedFormXL.Denoiser.mean(added.textEmbeds.batchItem(b))
+    }
+
+    /// ClosedFormControl.ControlNet's residuals, + Float(extra) on residual 1 (float32, after the rest).
+    public struct ControlNet: ConditionedControlNetting {
+        public let gain: Float
+
+        public init(gain: Float) { self.gain = gain }
+
+        public func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                              condition: Tensor) throws -> [Tensor] {
+            var out = try ClosedFormControl.ControlNet(gain: gain).residuals(latents: latents, timestep: timestep,
+                                                                           hiddenStates: hiddenStates, condition: condition)
+            let channels = latents.shape[1]
+            out[1] = Tensor(shape: out[1].shape, scalars: out[1].scalars.enumerated().map { i, value in
+                value + Float(extra(added, i / channels))
+            })
+            return out
+        }
+    }
+
+    /// The base ClosedFormXL.Denoiser's output + 0.5 residual 0 + 0.1 residual 1 (per channel).
+    public struct ControlledUnet: ConditionedControlledNoisePredicting {
+        public init() {}
+
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                                 residuals: [Tensor]) throws -> Tensor {
+            let out = try ClosedFormXL.Denoiser(gain: ClosedFormXL.baseGain).predictNoise(
+                latents: latents, timestep: timestep, hiddenStates: hiddenStates, added: added)
+            let plane = latents.shape[2] * latents.shape[3]
+            return Tensor(shape: out.shape, scalars: out.scalars.enumerated().map { i, value in
+                value + Float(0.5) * residuals[0].scalars[i] + Float(0.1) * residuals[1].scalars[i / plane]
+            })
+        }
+    }
+}
+
+extension ClosedFormXLControl {
+    /// A 9-channel SDXL base UNet: ClosedFormXL.Denoiser (base gain) on the first 4 channels, + 0.1 mask + 0.05
+    /// masked-image latents (channel c), as ClosedFormControl.InpaintUnet.
+    public struct InpaintUnet: ConditionedNoisePredicting {
+        public init() {}
+
+        public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor {
+            let (batch, h, w) = (latents.shape[0], latents.shape[2], latents.shape[3])
+            let plane = h * w
+            let items = try (0..<batch).map { b -> Tensor in
+                let item = latents.batchItem(b).scalars
+                let sample = Tensor(shape: [1, 4, h, w], scalars: Array(item[0..<(4 * plane)]))
+                let out = try ClosedFormXL.Denoiser(gain: ClosedFormXL.baseGain).predictNoise(
+                    latents: sample, timestep: timestep, hiddenStates: hiddenStates.batchItem(b), added: added.batchItem(b))
+                return Tensor(shape: out.shape, scalars: out.scalars.enumerated().map { i, value in
+                    value + Float(0.1) * item[4 * plane + i % plane] + Float(0.05) * item[5 * plane + i]
+                })
+            }
+            return Tensor.concatenateBatch(items)
+        }
+    }
+}

@@ -90,13 +90,17 @@ public struct CommandLineOptions: Equatable {
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
       --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75;
-                                with --mask 1)
-      --mask <png>              inpainting (a bundle of an inpainting UNet): white is repainted,
-                                black kept; needs --image
+                                with --mask 1, SDXL's 0.9999)
+      --mask <png>              inpainting (a bundle of an inpainting UNet, SD's or SDXL's): white
+                                is repainted, black kept; needs --image. With --controlnet and
+                                a 4-channel controlled UNet: the ControlNet inpaint route (the
+                                image kept outside the mask after every step)
       --controlnet <name>...    ControlNets of the bundle's controlnet/ folder (needs
                                 ControlledUnet.mlmodelc), run together, residuals summed
       --controlnet-inputs <png>...
-                                one condition image per --controlnet, in the same order
+                                one condition image per --controlnet, in the same order, of the
+                                images' aspect ratio (resized); with --mask and one inpaint
+                                ControlNet leave it out: the masked --image is its condition
       --controlnet-scale <x>... each ControlNet's residual scale: one for all or one each (default: 1)
       --height <n>, --width <n> image size in pixels: one of the sizes the models were converted
                                 for (--latent-sizes; pipeline_config.json lists them); default:
@@ -256,7 +260,8 @@ public struct CommandLineOptions: Equatable {
         let (nets, images, scales) = (controlNets.count, controlNetInputs.count, controlNetScales.count)
         let listed = "(--controlnet \(controlNets.joined(separator: " ")))"
         if nets == 0 && images > 0 { throw UsageError("--controlnet-inputs needs --controlnet NAME, one per image") }
-        if nets != images {
+        // With --mask one ControlNet may go without its image: an inpaint ControlNet, steered by the masked image.
+        if nets != images && !(maskPath != nil && nets == 1 && images == 0) {
             throw UsageError("--controlnet-inputs: \(images) images for \(nets) ControlNets \(listed); pass one condition "
                              + "image per ControlNet, in the same order")
         }
@@ -265,10 +270,15 @@ public struct CommandLineOptions: Equatable {
         }
     }
 
-    public var resolvedStrength: Double { strength ?? (maskPath != nil ? 1 : 0.75) }
+    public var resolvedStrength: Double { resolvedStrength(family: .sd) }
 
-    /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's).
-    public func generationConfig(schedulerConfig: SchedulerConfig = .stableDiffusion) -> GenerationConfig {
+    /// --strength, else 0.75, or with --mask the family's inpainting default (SD's 1, SDXL's 0.9999, as diffusers').
+    public func resolvedStrength(family: ModelFamily) -> Double {
+        strength ?? (maskPath == nil ? 0.75 : family == .sdxl ? StableDiffusionXLPipeline.defaultInpaintStrength : 1)
+    }
+
+    /// The request for a model whose scheduler settings are `schedulerConfig` (the bundle's) of `family`.
+    public func generationConfig(schedulerConfig: SchedulerConfig = .stableDiffusion, family: ModelFamily = .sd) -> GenerationConfig {
         var config = GenerationConfig(prompt: prompt)
         config.schedulerConfig = schedulerConfig
         config.timestepSpacing = timestepSpacing
@@ -281,7 +291,7 @@ public struct CommandLineOptions: Equatable {
         config.scheduler = scheduler
         config.predictionType = predictionType
         config.rng = rng
-        config.strength = resolvedStrength
+        config.strength = resolvedStrength(family: family)
         config.controlScales = controlNetScales
         config.disableSafety = disableSafety
         config.originalSize = originalSize

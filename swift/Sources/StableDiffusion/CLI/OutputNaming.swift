@@ -20,7 +20,7 @@ public enum OutputNaming {
     /// The generation parameters as sorted-key JSON; the scheduler settings are the ones the run
     /// used (the flags over the bundle's `schedulerConfig`).
     public static func parameters(_ options: CommandLineOptions, seed: UInt32,
-                                  schedulerConfig: SchedulerConfig = .stableDiffusion) -> String {
+                                  schedulerConfig: SchedulerConfig = .stableDiffusion, family: ModelFamily = .sd) -> String {
         let effective = options.generationConfig(schedulerConfig: schedulerConfig).effectiveSchedulerConfig
         var values: [String: Any] = [
             "prompt": options.prompt, "negative_prompt": options.negativePrompt, "seed": Int(seed),
@@ -28,7 +28,7 @@ public enum OutputNaming {
             "scheduler": options.scheduler.rawValue, "rng": options.rng.rawValue,
             "prediction_type": effective.predictionType.rawValue,
         ]
-        if options.imagePath != nil { values["strength"] = options.resolvedStrength }
+        if options.imagePath != nil { values["strength"] = options.resolvedStrength(family: family) }
         if let start = options.refinerStart { values["refiner_start"] = start }
         if let spacing = effective.timestepSpacing { values["timestep_spacing"] = spacing.rawValue }
         if effective.useKarrasSigmas { values["use_karras_sigmas"] = true }

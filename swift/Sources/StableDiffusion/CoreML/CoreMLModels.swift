@@ -33,7 +33,8 @@ public struct CoreMLXLTextEncoder: XLTextEncoding {
 /// `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, 77 x windows) -> `noise_pred`, as one model or as
 /// UnetChunk1 + UnetChunk2 where the second chunk takes the first chunk's outputs by name. SDXL's UNets (base and
 /// refiner) also take `time_ids` and `text_embeds`.
-public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, ControlledNoisePredicting {
+public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, ControlledNoisePredicting,
+                          ConditionedControlledNoisePredicting {
     public let chunks: [ManagedModel]
 
     public init(chunks: [ManagedModel]) {
@@ -42,6 +43,13 @@ public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, Controlle
     }
 
     public func sampleShape() throws -> [Int] { try chunks[0].inputShape("sample") }
+
+    /// Every chunk's input names.
+    public func inputNames() throws -> Set<String> {
+        try chunks.reduce(into: Set<String>()) { names, chunk in
+            names.formUnion(try chunk.perform { $0.modelDescription.inputDescriptionsByName.keys })
+        }
+    }
 
     public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor) throws -> Tensor {
         try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates, added: [:])
@@ -57,6 +65,14 @@ public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, Controlle
         let named = residuals.enumerated().map { (CoreMLControlNet.residualName($0.offset), $0.element) }
         return try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates,
                                 added: Dictionary(uniqueKeysWithValues: named))
+    }
+
+    /// The controlled SDXL UNet: the added conditions and the summed residuals.
+    public func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                             residuals: [Tensor]) throws -> Tensor {
+        var inputs = ["time_ids": added.timeIds, "text_embeds": added.textEmbeds]
+        for (index, residual) in residuals.enumerated() { inputs[CoreMLControlNet.residualName(index)] = residual }
+        return try predictNoise(latents: latents, timestep: timestep, hiddenStates: hiddenStates, added: inputs)
     }
 
     /// `added`: inputs beyond SD's, by name, one row per batch item.
@@ -105,22 +121,41 @@ public struct CoreMLUnet: NoisePredicting, ConditionedNoisePredicting, Controlle
 }
 
 /// Apple's ControlNet_<name>: `sample`, `timestep`, `encoder_hidden_states` (B, C, 1, S), `controlnet_cond`
-/// (B, 3, H, W) -> additional_residual_0, 1, ...; a batch-1 model runs the guidance batch item by item.
-public struct CoreMLControlNet: ControlNetting {
+/// (B, 3, H, W) -> additional_residual_0, 1, ...; an SDXL one takes `time_ids` and `text_embeds` too. A batch-1
+/// model runs the guidance batch item by item.
+public struct CoreMLControlNet: ControlNetting, ConditionedControlNetting {
     public let model: ManagedModel
 
     public init(model: ManagedModel) { self.model = model }
 
+    public func inputNames() throws -> Set<String> {
+        try model.perform { Set($0.modelDescription.inputDescriptionsByName.keys) }
+    }
+
     static func residualName(_ index: Int) -> String { "additional_residual_\(index)" }
 
     public func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, condition: Tensor) throws -> [Tensor] {
+        try residuals(latents: latents, timestep: timestep, hiddenStates: hiddenStates, condition: condition, added: [:])
+    }
+
+    public func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                          condition: Tensor) throws -> [Tensor] {
+        try residuals(latents: latents, timestep: timestep, hiddenStates: hiddenStates, condition: condition,
+                      added: ["time_ids": added.timeIds, "text_embeds": added.textEmbeds])
+    }
+
+    /// `added`: inputs beyond SD's, by name, one row per batch item.
+    private func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, condition: Tensor,
+                           added: [String: Tensor]) throws -> [Tensor] {
         let count = try model.perform { $0.modelDescription.outputDescriptionsByName.keys.filter { $0.hasPrefix("additional_residual_") }.count }
         let names = (0..<count).map(Self.residualName)
         let run = { (items: [Int]) throws -> [String: Tensor] in
             let pick = { (tensor: Tensor) in Tensor.concatenateBatch(items.map { tensor.batchItem($0) }) }
             let timesteps = Tensor(shape: [items.count], scalars: Array(repeating: Float(timestep), count: items.count))
-            return try model.predict(["sample": pick(latents), "timestep": timesteps, "controlnet_cond": pick(condition),
-                                      "encoder_hidden_states": pick(hiddenStates).unetTextLayout()], outputs: names)
+            var inputs = ["sample": pick(latents), "timestep": timesteps, "controlnet_cond": pick(condition),
+                          "encoder_hidden_states": pick(hiddenStates).unetTextLayout()]
+            for (name, value) in added { inputs[name] = pick(value) }
+            return try model.predict(inputs, outputs: names)
         }
         let batch = latents.shape[0]
         let outputs = try model.inputShape("sample")[0] == batch ? [try run(Array(0..<batch))] : (0..<batch).map { try run([$0]) }
@@ -219,6 +254,8 @@ public struct CoreMLPipeline {
     /// SDXL bundles' (pipeline_config.json's family "sdxl"): TextEncoder2 and, when present, UnetRefiner.
     public let xlPipeline: StableDiffusionXLPipeline?
     public let unet: CoreMLUnet
+    /// The --controlnet models, in order (both families' pipelines run these).
+    public let controlNetModels: [CoreMLControlNet]
     /// The bundle's pipeline_config.json: latent scale, sequence length, sizes and prompt windows.
     public let settings: PipelineSettings
 
@@ -239,6 +276,8 @@ public struct CoreMLPipeline {
         let plainNames = resources.chunkedUnet ? ["UnetChunk1", "UnetChunk2"] : ["Unet"]
         let unetNames = controlNets.isEmpty ? plainNames : resources.controlledUnetNames ?? plainNames
         unet = CoreMLUnet(chunks: unetNames.map { model($0, "unet") })
+        let nets = controlNets.map { CoreMLControlNet(model: model(ResourceFolder.controlNetPath($0), "controlnet")) }
+        controlNetModels = nets
         if settings.family == .sdxl {
             let models = XLPipelineModels(
                 textEncoder: CoreMLXLTextEncoder(model: model("TextEncoder", "text")),
@@ -246,7 +285,9 @@ public struct CoreMLPipeline {
                 unet: unet,
                 refiner: resources.refinerNames.map { names in CoreMLUnet(chunks: names.map { model($0, "refiner") }) },
                 decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
-                encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil)
+                encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
+                controlNets: nets,
+                controlledUnet: controlNets.isEmpty ? nil : unet)
             xlPipeline = StableDiffusionXLPipeline(
                 tokenizer: tokenizer, tokenizer2: try resources.tokenizer2(settings: settings, first: tokenizer), models: models,
                 sequenceLength: settings.sequenceLength, latentScale: settings.latentScale,
@@ -262,7 +303,7 @@ public struct CoreMLPipeline {
             decoder: CoreMLDecoder(model: model("VAEDecoder", "decoder")),
             encoder: resources.hasEncoder ? CoreMLEncoder(model: model("VAEEncoder", "encoder")) : nil,
             safetyChecker: resources.hasSafetyChecker ? CoreMLSafetyChecker(model: model("SafetyChecker", "safety")) : nil,
-            controlNets: controlNets.map { CoreMLControlNet(model: model(ResourceFolder.controlNetPath($0), "controlnet")) },
+            controlNets: nets,
             controlledUnet: controlNets.isEmpty ? nil : unet)
         pipeline = StableDiffusionPipeline(tokenizer: tokenizer, models: models, sequenceLength: settings.sequenceLength,
                                            latentScale: settings.latentScale, promptChunkCounts: settings.promptChunkCounts)

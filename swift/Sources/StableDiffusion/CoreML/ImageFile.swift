@@ -13,8 +13,14 @@ public enum ImageFile {
     }
 
     /// (1, 3, H, W) in [0, 1]: a --controlnet-inputs image.
+    /// An image of another aspect ratio than the generated ones is refused (PipelineSettings.checkConditionAspect).
     public static func readCondition(path: String, shape latentShape: [Int]) throws -> Tensor {
-        try rgb(path: path, shape: latentShape, flag: "--controlnet-inputs").unitTensor()
+        try rgb(path: path, shape: latentShape, flag: "--controlnet-inputs", sameAspect: true).unitTensor()
+    }
+
+    /// The inpaint ControlNet's image in [0, 1] (the --image, already checked against the mask's size).
+    public static func readUnit(path: String, shape latentShape: [Int]) throws -> Tensor {
+        try rgb(path: path, shape: latentShape, flag: "--image").unitTensor()
     }
 
     /// (1, 1, H, W) in [0, 1]: a --mask, grey as PIL's convert("L") makes it (ITU-R 601-2 luma, rounded).
@@ -27,11 +33,15 @@ public enum ImageFile {
         return Tensor(shape: [1, 1, image.height, image.width], scalars: grey)
     }
 
-    static func rgb(path: String, shape latentShape: [Int], flag: String) throws -> RGBImage {
+    static func rgb(path: String, shape latentShape: [Int], flag: String, sameAspect: Bool = false) throws -> RGBImage {
         let width = latentShape[3] * 8, height = latentShape[2] * 8
         guard let source = CGImageSourceCreateWithURL(URL(fileURLWithPath: path) as CFURL, nil),
               let image = CGImageSourceCreateImageAtIndex(source, 0, nil) else {
             throw UsageError("\(flag) \(path) is not an image ImageIO can read")
+        }
+        if sameAspect {
+            try PipelineSettings.checkConditionAspect(path: path, width: image.width, height: image.height, imageWidth: width,
+                                                      imageHeight: height)
         }
         var rgba = [UInt8](repeating: 0, count: width * height * 4)
         let drawn: Bool = rgba.withUnsafeMutableBytes { buffer in

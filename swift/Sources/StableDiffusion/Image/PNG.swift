@@ -105,3 +105,22 @@ public enum PNGWriter {
         return bigEndian32(UInt32(data.count)) + typeBytes + data + bigEndian32(CRC32.checksum(typeBytes + data))
     }
 }
+
+/// Reading a PNG's size from its header, without decoding it (the CLI checks condition images before Core ML).
+public enum PNGHeader {
+    static let signature: [UInt8] = [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]
+
+    /// (width, height) of PNG bytes: the IHDR chunk right after the signature; nil for anything else.
+    public static func size(_ bytes: [UInt8]) -> (width: Int, height: Int)? {
+        guard bytes.count >= 24, Array(bytes[0..<8]) == signature, Array(bytes[12..<16]) == Array("IHDR".utf8) else { return nil }
+        let number = { (at: Int) in bytes[at..<(at + 4)].reduce(0) { $0 << 8 | Int($1) } }
+        return (number(16), number(20))
+    }
+
+    /// The size of the PNG file at `path`; nil when it is not one (or unreadable).
+    public static func size(path: String) -> (width: Int, height: Int)? {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        return size([UInt8](handle.readData(ofLength: 24)))
+    }
+}

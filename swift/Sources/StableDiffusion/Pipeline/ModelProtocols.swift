@@ -96,8 +96,23 @@ public protocol ConditionedNoisePredicting {
     func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions) throws -> Tensor
 }
 
+/// An SDXL ControlNet (ControlNet_<name> of an SDXL model, python_coreml_sd's CONTROLNET_XL): ControlNetting's
+/// inputs plus the UNet's added conditions (`time_ids`, `text_embeds`); its residuals additional_residual_0, 1, ...
+public protocol ConditionedControlNetting {
+    func residuals(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                   condition: Tensor) throws -> [Tensor]
+}
+
+/// The SDXL UNet converted with --unet-support-controlnet: ConditionedNoisePredicting's inputs plus the ControlNets'
+/// summed residuals, by the ControlNets' output names and order.
+public protocol ConditionedControlledNoisePredicting {
+    func predictNoise(latents: Tensor, timestep: Double, hiddenStates: Tensor, added: AddedConditions,
+                      residuals: [Tensor]) throws -> Tensor
+}
+
 /// The models of an SDXL pipeline: two text encoders, the base UNet, optionally the refiner UNet
-/// (`--refiner-start`), the VAE decoder, optionally the VAE encoder (image-to-image). SDXL has no safety checker.
+/// (`--refiner-start`), the VAE decoder, optionally the VAE encoder (image-to-image, inpainting), and ControlNets
+/// with the controlled base UNet they need. SDXL has no safety checker.
 public struct XLPipelineModels {
     public var textEncoder: any XLTextEncoding
     public var textEncoder2: any XLTextEncoding
@@ -105,15 +120,20 @@ public struct XLPipelineModels {
     public var refiner: (any ConditionedNoisePredicting)?
     public var decoder: any LatentDecoding
     public var encoder: (any ImageEncoding)?
+    public var controlNets: [any ConditionedControlNetting]
+    public var controlledUnet: (any ConditionedControlledNoisePredicting)?
 
     public init(textEncoder: any XLTextEncoding, textEncoder2: any XLTextEncoding, unet: any ConditionedNoisePredicting,
                 refiner: (any ConditionedNoisePredicting)? = nil, decoder: any LatentDecoding,
-                encoder: (any ImageEncoding)? = nil) {
+                encoder: (any ImageEncoding)? = nil, controlNets: [any ConditionedControlNetting] = [],
+                controlledUnet: (any ConditionedControlledNoisePredicting)? = nil) {
         self.textEncoder = textEncoder
         self.textEncoder2 = textEncoder2
         self.unet = unet
         self.refiner = refiner
         self.decoder = decoder
         self.encoder = encoder
+        self.controlNets = controlNets
+        self.controlledUnet = controlledUnet
     }
 }

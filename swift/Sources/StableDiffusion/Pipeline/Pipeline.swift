@@ -21,7 +21,8 @@ public struct GenerationConfig: Sendable {
     /// img2img: (1, 3, H, W) in [-1, 1], and how much of the schedule to run on it (0...1).
     public var startImage: Tensor?
     public var strength = 0.75
-    /// Inpainting (a UNet taking 9 channels): (1, 1, H, W) in [0, 1] at the start image's size, white (>= 0.5)
+    /// Inpainting (a UNet taking 9 channels; with ControlNets the ControlNet inpaint route, a 4-channel UNet whose
+    /// latents keep the image outside the mask): (1, 1, H, W) in [0, 1] at the start image's size, white (>= 0.5)
     /// repainted. Strength 1 starts from noise alone, as diffusers' StableDiffusionInpaintPipeline.
     public var mask: Tensor?
     /// ControlNets: one condition image (1, 3, H, W) in [0, 1] per model of PipelineModels.controlNets, in order,
@@ -77,6 +78,7 @@ public enum PipelineError: Error, CustomStringConvertible {
     case maskWithoutImage
     case controlCounts(nets: Int, images: Int, scales: Int)
     case missingControlledUnet
+    case maskWithRefiner
 
     public var description: String {
         switch self {
@@ -95,6 +97,7 @@ public enum PipelineError: Error, CustomStringConvertible {
         case .controlCounts(let nets, let images, let scales):
             return "\(nets) ControlNets, \(images) --controlnet-inputs images and \(scales) scales: pass one image per"
                 + " ControlNet, in the same order, and one scale for all or one each"
+        case .maskWithRefiner: return "--mask with --refiner-start is not supported yet: inpaint with the base alone"
         case .missingControlledUnet:
             return "ControlNets need the UNet converted with --unet-support-controlnet (ControlledUnet.mlmodelc)"
         }
@@ -175,20 +178,29 @@ public struct StableDiffusionPipeline {
         var scheduler = config.scheduler.make(stepCount: config.stepCount, config: config.effectiveSchedulerConfig)
         var random = config.rng.makeSource(seed: seed)
         var timesteps = scheduler.timesteps
-        var latents: Tensor
+        var start: StartDraws
         // diffusers' inpainting at strength 1 starts from noise alone (the image enters through the mask inputs)
         if let image = config.startImage, config.mask == nil || config.strength != 1 {
-            let start = try Self.img2imgStart(stepCount: config.stepCount, strength: config.strength, order: scheduler.order)
-            scheduler.startIndex = start
-            timesteps = Array(timesteps[start...])
+            let first = try Self.img2imgStart(stepCount: config.stepCount, strength: config.strength, order: scheduler.order)
+            scheduler.startIndex = first
+            timesteps = Array(timesteps[first...])
             if timesteps.isEmpty { throw PipelineError.strengthTooSmall(config.strength, steps: config.stepCount) }
-            latents = try startLatents(image, timestep: timesteps.first ?? 0, scheduler: scheduler, random: &random, shape: config.latentShape)
+            start = try Self.startDraws(image, encoder: models.encoder, latentScale: latentScale, timestep: timesteps.first ?? 0,
+                                        scheduler: scheduler, random: &random, shape: config.latentShape)
         } else {
-            let sigma = scheduler.initNoiseSigma
-            latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
+            start = Self.noiseStart(scheduler: scheduler, random: &random, shape: config.latentShape)
         }
-        let condition = try config.mask.map { try inpaintCondition(mask: $0, image: config.startImage!, shape: config.latentShape, random: &random) }
-        latents = try Self.denoise(latents, scheduler: &scheduler, timesteps: timesteps, random: &random,
+        var latents = start.latents
+        // With ControlNets a mask is the ControlNet inpaint route (a 4-channel UNet, blended after each step); else
+        // the UNet is an inpainting UNet taking the mask inputs.
+        let blend = config.mask != nil && !models.controlNets.isEmpty
+            ? try MaskBlend(mask: config.mask!, image: config.startImage!, start: start, encoder: models.encoder,
+                            latentScale: latentScale, random: &random)
+            : nil
+        let condition = blend != nil ? nil : try config.mask.map {
+            try inpaintCondition(mask: $0, image: config.startImage!, shape: config.latentShape, random: &random)
+        }
+        latents = try Self.denoise(latents, scheduler: &scheduler, timesteps: timesteps, random: &random, blend: blend,
                                    progress: { progress($0, timesteps.count) }) { input, t in
             // An inpainting UNet's sample: the scaled latents, then the mask and the masked image's latents.
             let sample = condition.map { Self.concatenateChannels([input, $0]) } ?? input
@@ -200,13 +212,15 @@ public struct StableDiffusionPipeline {
     /// The steps of one denoising stage over `timesteps`: the guided model output of each scaled input, stepped
     /// by `scheduler`. `progress(steps done)` returning false cancels.
     static func denoise(_ start: Tensor, scheduler: inout any Scheduler, timesteps: [Double], random: inout any RandomSource,
-                        progress: (Int) -> Bool, guided: (Tensor, Double) throws -> Tensor) throws -> Tensor {
+                        blend: MaskBlend? = nil, progress: (Int) -> Bool,
+                        guided: (Tensor, Double) throws -> Tensor) throws -> Tensor {
         var latents = start
         for (index, t) in timesteps.enumerated() {
             let output = try guided(scheduler.scaleModelInput(latents, timestep: t), t)
             // Ancestral samplers draw their step noise after the model, from the same source.
             let noise = scheduler.needsNoise ? random.normalTensor(shape: latents.shape) : nil
             latents = scheduler.step(output: output, timestep: t, sample: latents, noise: noise)
+            if let blend { latents = blend(latents, scheduler: scheduler, timesteps: timesteps, index: index) }
             if !progress(index + 1) { throw PipelineError.cancelled }
         }
         return latents
@@ -236,6 +250,28 @@ public struct StableDiffusionPipeline {
     /// img2img's first latents (SD's and SDXL's): the image's VAE posterior sampled, scaled, and noised to `timestep`.
     static func startLatents(_ image: Tensor, encoder: (any ImageEncoding)?, latentScale: Float, timestep: Double,
                              scheduler: any Scheduler, random: inout any RandomSource, shape: [Int]) throws -> Tensor {
+        try startDraws(image, encoder: encoder, latentScale: latentScale, timestep: timestep, scheduler: scheduler,
+                       random: &random, shape: shape).latents
+    }
+
+    /// The first latents and what made them: the noise drawn and, for img2img, the image's scaled latents (what the
+    /// ControlNet inpaint route's MaskBlend noises again).
+    struct StartDraws {
+        var latents: Tensor
+        var noise: Tensor
+        var imageLatents: Tensor?
+    }
+
+    /// From noise alone: the draw, scaled by the scheduler's init_noise_sigma.
+    static func noiseStart(scheduler: any Scheduler, random: inout any RandomSource, shape: [Int]) -> StartDraws {
+        let noise = random.normalTensor(shape: shape)
+        let sigma = scheduler.initNoiseSigma
+        return StartDraws(latents: noise.map { $0 * sigma }, noise: noise, imageLatents: nil)
+    }
+
+    /// startLatents with its draws.
+    static func startDraws(_ image: Tensor, encoder: (any ImageEncoding)?, latentScale: Float, timestep: Double,
+                           scheduler: any Scheduler, random: inout any RandomSource, shape: [Int]) throws -> StartDraws {
         guard let encoder else { throw PipelineError.missingImageEncoder }
         // The Python pipeline's draw order, so img2img noise matches it for a seed.
         let diagonalNoise = random.normalTensor(shape: shape)
@@ -243,7 +279,17 @@ public struct StableDiffusionPipeline {
         let (signal, noiseScale) = scheduler.noiseCoefficients(timestep: timestep)
         let moments = try encoder.encode(image: image)
         let latents = try Self.samplePosterior(moments: moments, noise: diagonalNoise).map { latentScale * $0 }
-        return latents.zip(noise) { signal * $0 + noiseScale * $1 }
+        return StartDraws(latents: latents.zip(noise) { signal * $0 + noiseScale * $1 }, noise: noise, imageLatents: latents)
+    }
+
+    /// (1, 3, H, W): an inpaint ControlNet's condition from the image in [0, 1] and the grey mask (1, 1, H, W), as
+    /// diffusers' make_inpaint_condition and the Python pipeline's inpaint_control_condition: masked pixels (grey
+    /// above 0.5) set to -1.
+    public static func inpaintControlCondition(image: Tensor, mask: Tensor) -> Tensor {
+        let plane = mask.count
+        return Tensor(shape: image.shape, scalars: image.scalars.enumerated().map { i, x in
+            mask.scalars[i % plane] > 0.5 ? -1 : x
+        })
     }
 
     /// A draw from the VAE posterior, as diffusers' DiagonalGaussianDistribution.sample and the Python
@@ -281,11 +327,16 @@ public struct StableDiffusionPipeline {
     }
 
     private func checkControl(_ config: GenerationConfig) throws {
-        let (nets, images, scales) = (models.controlNets.count, config.controlInputs.count, config.controlScales.count)
+        try Self.checkControl(config, nets: models.controlNets.count, hasControlledUnet: models.controlledUnet != nil)
+    }
+
+    /// One condition image per ControlNet, one scale for all or one each, and the controlled UNet (SD's and SDXL's).
+    static func checkControl(_ config: GenerationConfig, nets: Int, hasControlledUnet: Bool) throws {
+        let (images, scales) = (config.controlInputs.count, config.controlScales.count)
         guard nets == images, scales == 1 || scales == nets else {
             throw PipelineError.controlCounts(nets: nets, images: images, scales: scales)
         }
-        if nets > 0 && models.controlledUnet == nil { throw PipelineError.missingControlledUnet }
+        if nets > 0 && !hasControlledUnet { throw PipelineError.missingControlledUnet }
     }
 
     /// The ControlNets' residuals, each scaled by its ControlNet's scale (one scale: all), summed name by name in
@@ -303,15 +354,22 @@ public struct StableDiffusionPipeline {
     /// StableDiffusionInpaintPipeline and the Python pipeline's inpaint_condition: pixels with mask >= 0.5 blanked,
     /// the rest encoded, its posterior sampled with the next draw and scaled.
     func inpaintCondition(mask: Tensor, image: Tensor, shape: [Int], random: inout any RandomSource) throws -> Tensor {
-        guard let encoder = models.encoder else { throw PipelineError.missingImageEncoder }
+        try Self.inpaintCondition(mask: mask, image: image, shape: shape, encoder: models.encoder, latentScale: latentScale,
+                                  random: &random)
+    }
+
+    /// inpaintCondition for any latent scale and encoder (SD's and SDXL's).
+    static func inpaintCondition(mask: Tensor, image: Tensor, shape: [Int], encoder: (any ImageEncoding)?,
+                                 latentScale: Float, random: inout any RandomSource) throws -> Tensor {
+        guard let encoder else { throw PipelineError.missingImageEncoder }
         let binary = mask.map { $0 >= 0.5 ? 1 : 0 }
         let plane = binary.count
         let masked = Tensor(shape: image.shape, scalars: image.scalars.enumerated().map { i, x in
             x * (binary.scalars[i % plane] < 0.5 ? 1 : 0)
         })
         let noise = random.normalTensor(shape: shape)
-        let latents = try Self.samplePosterior(moments: try encoder.encode(image: masked), noise: noise).map { latentScale * $0 }
-        return Self.concatenateChannels([Self.nearest(binary, height: shape[2], width: shape[3]), latents])
+        let latents = try samplePosterior(moments: try encoder.encode(image: masked), noise: noise).map { latentScale * $0 }
+        return concatenateChannels([nearest(binary, height: shape[2], width: shape[3]), latents])
     }
 
     /// A (1, 1, H, W) mask at (height, width) by nearest neighbour, as torch's interpolate (source floor(i H / h)).
@@ -336,5 +394,41 @@ public struct StableDiffusionPipeline {
         }
         let shown = unsafe ? image.map { _ in -1 } : image
         return GeneratedImage(latents: latents, image: shown, isUnsafe: unsafe, timesteps: timesteps)
+    }
+}
+
+/// Inpainting with a 4-channel UNet (the ControlNet inpaint route, diffusers' StableDiffusionControlNetInpaintPipeline
+/// and the Python pipeline's MaskBlend): after each step the latents outside the mask are the image's, noised to the
+/// next step's timestep with the start's noise (after the last step: as they are).
+struct MaskBlend {
+    /// (1, 1, h, w): the binarised mask at latent size, 1 repainted.
+    let mask: Tensor
+    /// (1, C, h, w): the image's scaled latents (img2img's; at strength 1 the image encoded with the next draw).
+    let imageLatents: Tensor
+    let noise: Tensor
+
+    init(mask grey: Tensor, image: Tensor, start: StableDiffusionPipeline.StartDraws, encoder: (any ImageEncoding)?,
+         latentScale: Float, random: inout any RandomSource) throws {
+        guard let encoder else { throw PipelineError.missingImageEncoder }
+        let shape = start.noise.shape
+        if let latents = start.imageLatents {
+            imageLatents = latents
+        } else {
+            let moments = try encoder.encode(image: image)
+            let noise = random.normalTensor(shape: shape)
+            imageLatents = try StableDiffusionPipeline.samplePosterior(moments: moments, noise: noise).map { latentScale * $0 }
+        }
+        mask = StableDiffusionPipeline.nearest(grey.map { $0 >= 0.5 ? 1 : 0 }, height: shape[2], width: shape[3])
+        noise = start.noise
+    }
+
+    func callAsFunction(_ latents: Tensor, scheduler: any Scheduler, timesteps: [Double], index: Int) -> Tensor {
+        let kept = index < timesteps.count - 1
+            ? scheduler.addNoise(original: imageLatents, noise: noise, timestep: timesteps[index + 1]) : imageLatents
+        let plane = mask.count
+        return Tensor(shape: latents.shape, scalars: latents.scalars.enumerated().map { i, x in
+            let m = mask.scalars[i % plane]
+            return (1 - m) * kept.scalars[i] + m * x
+        })
     }
 }

@@ -104,3 +104,15 @@ extension PipelineSettings {
                          + "pass one of them, or reconvert with --latent-sizes")
     }
 }
+
+extension PipelineSettings {
+    /// A ControlNet condition image must have the aspect ratio of the images generated (within 0.01, as the Python
+    /// pipeline's control_condition; it is then resized): one line naming the fix otherwise.
+    public static func checkConditionAspect(path: String, width: Int, height: Int, imageWidth: Int, imageHeight: Int) throws {
+        guard width > 0, height > 0,
+              abs(Double(width) / Double(height) - Double(imageWidth) / Double(imageHeight)) <= 0.01 else {
+            throw UsageError("--controlnet-inputs \(path) is \(width)x\(height), not the \(imageWidth)x\(imageHeight) aspect "
+                             + "ratio of the images this UNet makes; crop it to that ratio (it is then resized)")
+        }
+    }
+}

@@ -94,3 +94,22 @@ public struct ResourceFolder {
                          addedTokensURL: url.appendingPathComponent("added_tokens.json"))
     }
 }
+
+extension ResourceFolder {
+    /// What the loaded models' inputs must show before ControlNets run (names from their model descriptions): the
+    /// UNet takes the residuals (additional_residual_0, ...), and each ControlNet is of the bundle's family (an SDXL
+    /// one takes `time_ids` and `text_embeds`, an SD one does not). One line naming the fix otherwise.
+    public static func checkControlInputs(unetInputs: Set<String>, controlNetInputs: [(name: String, inputs: Set<String>)],
+                                          family: ModelFamily) throws {
+        guard !controlNetInputs.isEmpty else { return }
+        if !unetInputs.contains("additional_residual_0") {
+            throw UsageError("a ControlNet was given but this bundle's UNet takes no ControlNet residuals (additional_residual_0, "
+                             + "...); convert it with --convert-unet --unet-support-controlnet")
+        }
+        for (name, inputs) in controlNetInputs where inputs.contains("time_ids") != (family == .sdxl) {
+            let (its, bundle) = inputs.contains("time_ids") ? ("SDXL's", "an SD bundle") : ("SD's", "an SDXL bundle")
+            throw UsageError("--controlnet \(name) is \(its) (it \(family == .sdxl ? "lacks" : "takes") time_ids) and this is "
+                             + "\(bundle); convert a ControlNet of the bundle's model")
+        }
+    }
+}

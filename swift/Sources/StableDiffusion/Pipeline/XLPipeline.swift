@@ -41,11 +41,15 @@ public struct XLConditioning: Equatable, Sendable {
 
 /// The SDXL loop (diffusers' StableDiffusionXLPipeline as python_coreml_sd runs it): two text encoders, pooled
 /// embeddings, micro-conditioning time ids, force_zeros_for_empty_prompt, classifier-free guidance, the
-/// refiner hand-off at `refinerStart`, and image-to-image from `startImage` (diffusers'
-/// StableDiffusionXLImg2ImgPipeline at `strength`, with the VAE encoder).
+/// refiner hand-off at `refinerStart`, image-to-image from `startImage` (diffusers'
+/// StableDiffusionXLImg2ImgPipeline at `strength`, with the VAE encoder), inpainting with `mask` and a 9-channel
+/// base UNet (StableDiffusionXLInpaintPipeline) and ControlNets with the controlled base UNet.
 public struct StableDiffusionXLPipeline {
     /// SDXL's VAE `scaling_factor`.
     public static let defaultLatentScale: Float = 0.13025
+    /// The strength of inpainting when none is given: diffusers' StableDiffusionXLInpaintPipeline's (and the Python
+    /// pipeline's) 0.9999, so it starts from the image noised, one step fewer, rather than from noise alone.
+    public static let defaultInpaintStrength = 0.9999
 
     public let tokenizer: BPETokenizer
     /// The second encoder's: the same vocabulary, its own pad token (SDXL's "!").
@@ -84,6 +88,12 @@ public struct StableDiffusionXLPipeline {
     }
 
     private func check(_ config: GenerationConfig) throws {
+        if config.mask != nil {
+            guard config.startImage != nil else { throw PipelineError.maskWithoutImage }
+            if config.refinerStart != nil { throw PipelineError.maskWithRefiner }
+        }
+        try StableDiffusionPipeline.checkControl(config, nets: models.controlNets.count,
+                                                 hasControlledUnet: models.controlledUnet != nil)
         if let start = config.refinerStart {
             guard start > 0, start < 1 else { throw PipelineError.badRefinerStart(start) }
             guard models.refiner != nil else { throw PipelineError.missingRefiner }
@@ -184,46 +194,77 @@ public struct StableDiffusionXLPipeline {
         let schedulerConfig = config.effectiveSchedulerConfig
         var scheduler = config.scheduler.make(stepCount: config.stepCount, config: schedulerConfig)
         var random = config.rng.makeSource(seed: seed)
-        var latents: Tensor
+        var start: StableDiffusionPipeline.StartDraws
         var first = 0  // img2img's first timestep (the strength's)
-        if let image = config.startImage {
+        // Inpainting at strength 1 starts from noise alone (the image enters through the mask inputs), as SD's.
+        if let image = config.startImage, config.mask == nil || config.strength != 1 {
             first = try StableDiffusionPipeline.img2imgStart(stepCount: config.stepCount, strength: config.strength,
                                                              order: scheduler.order)
             scheduler.startIndex = first
             guard first < scheduler.timesteps.count else {
                 throw PipelineError.strengthTooSmall(config.strength, steps: config.stepCount)
             }
-            latents = try StableDiffusionPipeline.startLatents(image, encoder: models.encoder, latentScale: latentScale,
-                                                               timestep: scheduler.timesteps[first], scheduler: scheduler,
-                                                               random: &random, shape: config.latentShape)
+            start = try StableDiffusionPipeline.startDraws(image, encoder: models.encoder, latentScale: latentScale,
+                                                           timestep: scheduler.timesteps[first], scheduler: scheduler,
+                                                           random: &random, shape: config.latentShape)
         } else {
-            let sigma = scheduler.initNoiseSigma
-            latents = random.normalTensor(shape: config.latentShape).map { $0 * sigma }
+            start = StableDiffusionPipeline.noiseStart(scheduler: scheduler, random: &random, shape: config.latentShape)
         }
+        var latents = start.latents
         let timesteps = Array(scheduler.timesteps[first...])
-        var stages = [(unet: models.unet, scheduler: scheduler, timesteps: timesteps, conditioning: base)]
+        // With ControlNets a mask is the ControlNet inpaint route (a 4-channel UNet, blended after each step), as SD's.
+        let blend = config.mask != nil && !models.controlNets.isEmpty
+            ? try MaskBlend(mask: config.mask!, image: config.startImage!, start: start, encoder: models.encoder,
+                            latentScale: latentScale, random: &random)
+            : nil
+        // Else a 9-channel base UNet's mask and masked-image latents (the draw after the start's), after the latents.
+        let condition = blend != nil ? nil : try config.mask.map { mask in
+            try StableDiffusionPipeline.inpaintCondition(mask: mask, image: config.startImage!, shape: config.latentShape,
+                                                         encoder: models.encoder, latentScale: latentScale, random: &random)
+        }
+        // The ControlNets steer the base alone (the refiner takes no residuals).
+        var stages = [(unet: models.unet, scheduler: scheduler, timesteps: timesteps, conditioning: base, base: true)]
         if let start = config.refinerStart, let refiner, let refinerUnet = models.refiner {
             let split = Self.refinerSplit(start, kind: config.scheduler, stepCount: config.stepCount, config: schedulerConfig)
             // The base keeps those of its timesteps at or above the cutoff: the schedule's first baseCount, less
             // the ones img2img skipped.
             stages[0].timesteps = Array(timesteps.prefix(max(split.baseCount - first, 0)))
-            stages.append((refinerUnet, split.refiner, Array(split.refiner.timesteps[split.refiner.startIndex...]), refiner))
+            stages.append((refinerUnet, split.refiner, Array(split.refiner.timesteps[split.refiner.startIndex...]), refiner, false))
         }
         let total = stages.map(\.timesteps.count).reduce(0, +)
         var done = 0
         for stage in stages {
             var stageScheduler = stage.scheduler
-            let (unet, conditioning, before) = (stage.unet, stage.conditioning, done)
+            let (unet, conditioning, before, isBase) = (stage.unet, stage.conditioning, done, stage.base)
             latents = try StableDiffusionPipeline.denoise(latents, scheduler: &stageScheduler, timesteps: stage.timesteps,
-                                                          random: &random, progress: { progress(before + $0, total) }) { input, t in
-                let output = try unet.predictNoise(latents: Tensor.concatenateBatch([input, input]), timestep: t,
-                                                   hiddenStates: conditioning.hidden, added: conditioning.added)
+                                                          random: &random, blend: blend,
+                                                          progress: { progress(before + $0, total) }) { input, t in
+                let sample = isBase ? condition.map { StableDiffusionPipeline.concatenateChannels([input, $0]) } ?? input : input
+                let batch = Tensor.concatenateBatch([sample, sample])
+                let output = isBase && !models.controlNets.isEmpty
+                    ? try controlledOutput(batch, timestep: t, conditioning: conditioning, config: config)
+                    : try unet.predictNoise(latents: batch, timestep: t, hiddenStates: conditioning.hidden,
+                                            added: conditioning.added)
                 return StableDiffusionPipeline.guide(output, scale: config.guidanceScale)
             }
             done += stage.timesteps.count
         }
         let image = try models.decoder.decode(latents.map { $0 / latentScale })
         return GeneratedImage(latents: latents, image: image, isUnsafe: false, timesteps: stages.flatMap(\.timesteps))
+    }
+
+    /// The controlled base UNet's batch-2 output after each ControlNet on the same batch, its condition image
+    /// repeated for both halves, with the UNet's added conditions; the residuals scaled and summed as SD's.
+    func controlledOutput(_ batch: Tensor, timestep: Double, conditioning: XLConditioning,
+                          config: GenerationConfig) throws -> Tensor {
+        guard let controlled = models.controlledUnet else { throw PipelineError.missingControlledUnet }
+        let each = try zip(models.controlNets, config.controlInputs).map { net, image in
+            try net.residuals(latents: batch, timestep: timestep, hiddenStates: conditioning.hidden,
+                              added: conditioning.added, condition: Tensor.concatenateBatch([image, image]))
+        }
+        return try controlled.predictNoise(latents: batch, timestep: timestep, hiddenStates: conditioning.hidden,
+                                           added: conditioning.added,
+                                           residuals: StableDiffusionPipeline.combineResiduals(each, scales: config.controlScales))
     }
 
     /// The hand-off at `start` as diffusers' denoising_end / denoising_start: the base runs the timesteps at or
