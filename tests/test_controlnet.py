@@ -195,10 +195,6 @@ def test_converter_refuses_a_controlnet_of_another_family(tmp_path, capsys):
     code, err = convert_cli(capsys, "--model-version", "tiny", "--unet-support-controlnet", "--convert-text-encoder",
                             "-o", str(tmp_path / "out"))
     assert_one_line(code, err, "--convert-unet", prog="torch2coreml")
-    code, err = convert_cli(capsys, "--model-version", "tiny-xl", "--convert-controlnet", "tiny-xl-controlnet",
-                            "--bundle-packages", "-o", str(tmp_path / "out"))
-    assert_one_line(code, err, "bundles do not hold SDXL ControlNets", prog="torch2coreml")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +253,16 @@ def test_bundle_holds_controlnets_in_apples_layout(tmp_path):
     assert {p.name for p in resources.glob("*.mlpackage")} == {"ControlledUnet.mlpackage", "TextEncoder.mlpackage",
                                                                "VAEDecoder.mlpackage"}
     assert [p.name for p in (resources / "controlnet").iterdir()] == [f"{NAME}.mlpackage"]
+
+
+def test_sdxl_bundle_holds_controlnets_in_apples_layout(tmp_path):
+    """SDXL too (the Swift SDXL pipeline takes ControlNets): ControlledUnet, both text encoders and
+    controlnet/tiny-xl-controlnet.mlpackage."""
+    argv = ["--model-version", "tiny-xl", "--convert-unet", "--unet-support-controlnet", "--convert-controlnet",
+            "tiny-xl-controlnet", "--convert-text-encoder", "--convert-vae-decoder", "--bundle-packages", "-o",
+            str(tmp_path)]
+    assert torch2coreml.main(argv) == 0
+    resources = tmp_path / "Resources"
+    assert {p.name for p in resources.glob("*.mlpackage")} == {
+        "ControlledUnet.mlpackage", "TextEncoder.mlpackage", "TextEncoder2.mlpackage", "VAEDecoder.mlpackage"}
+    assert [p.name for p in (resources / "controlnet").iterdir()] == ["tiny-xl-controlnet.mlpackage"]

@@ -164,15 +164,15 @@ def test_converter_refuses_a_unet_of_other_input_channels(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_bundles_of_sdxl_inpainting_models_are_refused(tmp_path, capsys):
-    """The Swift SD pipeline inpaints (bundles of tiny-inpaint are made); its SDXL pipeline does not."""
+def test_sdxl_inpainting_models_bundle_for_swift(tmp_path):
+    """The Swift SDXL pipeline inpaints too: a bundle of tiny-xl-inpaint holds its 9-channel UNet as Unet."""
     from python_coreml_sd import torch2coreml
-    with pytest.raises(SystemExit) as exit_info:
-        torch2coreml.main(["--model-version", "tiny-xl-inpaint", "--convert-unet", "--bundle-packages", "-o",
-                           str(tmp_path / "out")])
-    assert_one_line(exit_info.value.code, capsys.readouterr().err.strip(), "bundles do not hold SDXL inpainting models",
-                    prog="torch2coreml")
-    assert not (tmp_path / "out").exists()
+    assert torch2coreml.main(["--model-version", "tiny-xl-inpaint", "--convert-unet", "--convert-vae-encoder",
+                              "--bundle-packages", "-o", str(tmp_path)]) == 0
+    resources = tmp_path / "Resources"
+    assert {p.name for p in resources.glob("*.mlpackage")} == {"Unet.mlpackage", "VAEEncoder.mlpackage"}
+    from python_coreml_sd.generation.components import _package_inputs
+    assert _package_inputs(resources / "Unet.mlpackage")[0]["sample"] == (2, 9, 16, 16)
 
 
 # ---- SDXL: tiny-xl-inpaint, its UNet's sample (2, 9, 16, 16) after SDXL's added conditions' interface

@@ -51,20 +51,6 @@ def _tree_digest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def check_swift_supports(options, source) -> None:
-    """Bundles are for the Swift pipeline: its SD pipeline takes ControlNets and inpainting UNets, its SDXL one neither."""
-    from ..components import SDXL, is_inpainting
-    if source.interface != SDXL:
-        return
-    if options.controlnets or options.unet_support_controlnet:
-        raise UserError("bundles do not hold SDXL ControlNets yet (the Swift SDXL pipeline has none): convert them "
-                        "without --bundle-packages / --bundle-resources-for-swift-cli")
-    if source.has("unet") and is_inpainting(source.config("unet")):
-        raise UserError(f"bundles do not hold SDXL inpainting models yet ({options.model_version!r} has a 9-channel UNet; "
-                        "the Swift SDXL pipeline has no inpainting): convert without --bundle-packages / "
-                        "--bundle-resources-for-swift-cli and run the Python pipeline with --mask")
-
-
 def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePlan:
     """None when no bundle is asked for; raises UserError for what would fail only after converting."""
     if zip_ and not (compiled or packages):
@@ -73,7 +59,6 @@ def plan_bundle(options, compiled: bool, packages: bool, zip_: bool) -> BundlePl
         return None
     from ..model_edits import source_for
     source = source_for(options)
-    check_swift_supports(options, source)
     source.require_base()
     check_shared_tokenizer(source)
     if compiled:
