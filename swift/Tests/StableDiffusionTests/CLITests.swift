@@ -41,7 +41,7 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(result.stdout.contains("--resource-path"))
         XCTAssertTrue(result.stdout.contains("--reduce-memory"))
         for text in ["euler_a", "--timestep-spacing", "trailing", "--karras-sigmas", "SDXL's 0.9999", "ControlNet inpaint route",
-                     "aspect ratio"] {
+                     "aspect ratio", "of its pixel size"] {
             XCTAssertTrue(result.stdout.contains(text), text)
         }
     }
@@ -138,6 +138,42 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(try run(Array(arguments.dropLast()) + [square.path, "--width", "768"]).status, 2)  // 512x768
         let missing = try run(Array(arguments.dropLast()) + ["/nonexistent/edges.png"])
         XCTAssertEqual(missing.stderr, "StableDiffusionCLI: error: --controlnet-inputs /nonexistent/edges.png does not exist\n")
+        #endif
+    }
+
+    /// The Python pipeline's refusals of img2img and inpainting input, before any model loads: a mask of another pixel
+    /// size than the image (from the PNG headers), a strength that leaves no step.
+    func testMaskSizeAndStrengthChecks() throws {
+        #if canImport(CoreML) && !os(Linux)
+        throw XCTSkip("Core ML is present: the CLI would try to load the placeholder models")
+        #else
+        let folder = try placeholderFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        try FileManager.default.createDirectory(at: folder.appendingPathComponent("VAEEncoder.mlmodelc"),
+                                                withIntermediateDirectories: true)
+        let png = { (name: String, width: Int, height: Int) -> String in
+            let url = folder.appendingPathComponent(name)
+            try PNGWriter.write(RGBImage(width: width, height: height, bytes: Array(repeating: 255, count: 3 * width * height)),
+                                to: url)
+            return url.path
+        }
+        let (image, mask, wide) = (try png("image.png", 16, 16), try png("mask.png", 16, 16), try png("wide.png", 32, 16))
+        let base = ["--resource-path", folder.path, "--prompt", "a cat", "--image", image]
+        XCTAssertEqual(try run(base + ["--mask", mask]).status, 3)  // valid: on to Core ML
+        let refused = try run(base + ["--mask", wide])
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertEqual(refused.stderr, "StableDiffusionCLI: error: --mask \(wide) is 32x16 but --image \(image) is 16x16; "
+                       + "the mask must cover the image pixel for pixel (white: repaint)\n")
+        let other = folder.appendingPathComponent("vocab.json").path  // not a PNG: left to Core ML's reading
+        XCTAssertEqual(try run(base + ["--mask", other]).status, 3)
+        // Euler's 10 timesteps leave none at 0.05 (PNDM's 11 leave one, in Python too)
+        let small = try run(base + ["--strength", "0.05", "--step-count", "10", "--scheduler", "euler"])
+        XCTAssertEqual(small.status, 2)
+        XCTAssertTrue(small.stderr.hasPrefix("StableDiffusionCLI: error: --strength 0.05 is too small for 10 steps"), small.stderr)
+        XCTAssertEqual(small.stderr.filter { $0 == "\n" }.count, 1, small.stderr)
+        XCTAssertEqual(try run(base + ["--strength", "0"]).stderr, "StableDiffusionCLI: error: --strength must be in (0, 1], got 0\n")
+        XCTAssertEqual(try run(base + ["--strength", "0.05", "--step-count", "20", "--scheduler", "euler"]).status, 3)
+        XCTAssertEqual(try run(base + ["--strength", "0.05", "--step-count", "10"]).status, 3)
         #endif
     }
 

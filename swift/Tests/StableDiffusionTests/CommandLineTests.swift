@@ -109,11 +109,11 @@ final class CommandLineTests: XCTestCase {
         let route = ["--resource-path", "r", "--prompt", "p", "--image", "i.png", "--mask", "m.png", "--controlnet", "Inpaint"]
         XCTAssertEqual(try CommandLineOptions.parse(route).controlNetInputs, [])
         XCTAssertThrowsError(try CommandLineOptions.parse(route + ["Canny"])) {
-            XCTAssertTrue("\($0)".hasPrefix("--controlnet-inputs: 0 images for 2 ControlNets"), "\($0)")
+            XCTAssertEqual("\($0)", "--controlnet needs --controlnet-inputs IMAGE, one per ControlNet (--controlnet Inpaint Canny)")
         }
         XCTAssertThrowsError(try CommandLineOptions.parse(Array(route.dropFirst(4).prefix(2)) + ["--resource-path", "r", "--prompt", "p",
                                                                                               "--controlnet", "Inpaint"])) {
-            XCTAssertTrue("\($0)".hasPrefix("--controlnet-inputs: 0 images for 1 ControlNets"), "\($0)")
+            XCTAssertEqual("\($0)", "--controlnet needs --controlnet-inputs IMAGE, one per ControlNet (--controlnet Inpaint)")
         }
     }
 
@@ -122,7 +122,13 @@ final class CommandLineTests: XCTestCase {
         let cases: [([String], String)] = [
             (["--mask", "m.png"], "--mask needs --image IMAGE: the picture whose white-masked part is repainted"),
             (["--controlnet", "A", "B", "--controlnet-inputs", "a.png"],
-             "--controlnet-inputs: 1 images for 2 ControlNets (--controlnet A B); pass one condition image per ControlNet, in the same order"),
+             "--controlnet-inputs: 1 image for 2 ControlNets (--controlnet A B); pass one condition image per ControlNet, in the same order"),
+            (["--controlnet", "A", "--controlnet-inputs", "a.png", "b.png"],
+             "--controlnet-inputs: 2 images for 1 ControlNet (--controlnet A); pass one condition image per ControlNet, in the same order"),
+            (["--controlnet", "A"], "--controlnet needs --controlnet-inputs IMAGE, one per ControlNet (--controlnet A)"),
+            (["--image", "i.png", "--strength", "0"], "--strength must be in (0, 1], got 0"),
+            (["--controlnet", "A", "--controlnet-inputs", "a.png", "--controlnet-scale", "nan"],
+             "--controlnet-scale must be a number in -100.0 ... 100.0, got 'nan'"),
             (["--controlnet-inputs", "a.png"], "--controlnet-inputs needs --controlnet NAME, one per image"),
             (["--controlnet", "--prompt", "q"], "--controlnet needs at least one value"),
             (["--controlnet", "A", "B", "--controlnet-inputs", "a.png", "b.png", "--controlnet-scale", "1", "2", "3"],
@@ -133,6 +139,37 @@ final class CommandLineTests: XCTestCase {
         for (arguments, message) in cases {
             XCTAssertThrowsError(try CommandLineOptions.parse(base + arguments)) { XCTAssertEqual("\($0)", message) }
         }
+    }
+
+    /// A mask of another pixel size than the image is refused, as the Python pipeline refuses it (not resized to fit).
+    func testMaskMustHaveTheImageSize() throws {
+        XCTAssertNoThrow(try CommandLineOptions.checkMaskSize(mask: (64, 32), maskPath: "m", image: (64, 32), imagePath: "i"))
+        XCTAssertThrowsError(try CommandLineOptions.checkMaskSize(mask: (64, 64), maskPath: "m.png", image: (64, 32),
+                                                                  imagePath: "i.png")) {
+            XCTAssertEqual("\($0)", "--mask m.png is 64x64 but --image i.png is 64x32; the mask must cover the image pixel "
+                           + "for pixel (white: repaint)")
+        }
+        let options = try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--image", "i", "--mask", "m"])
+        XCTAssertThrowsError(try options.checkMaskSize { $0 == "m" ? (8, 8) : (16, 8) })
+        XCTAssertNoThrow(try options.checkMaskSize { $0 == "m" ? nil : (16, 8) })  // not a PNG: left to the reading
+        XCTAssertNoThrow(try options.checkMaskSize())  // no such files
+    }
+
+    /// img2img must leave a step to run, as the Python pipeline's initial_latents demands; checked before models load.
+    func testStrengthMustLeaveAStep() throws {
+        let base = ["--resource-path", "r", "--prompt", "p", "--image", "i.png"]
+        let check = { (arguments: [String], family: ModelFamily) in
+            try CommandLineOptions.parse(base + arguments).checkStrength(schedulerConfig: .stableDiffusion, family: family)
+        }
+        XCTAssertThrowsError(try check(["--strength", "0.05", "--step-count", "10", "--scheduler", "euler"], .sd)) {
+            XCTAssertEqual("\($0)", "--strength 0.05 is too small for 10 steps: no denoising step would run (with --mask, "
+                           + "SDXL's default is 0.9999, as diffusers'); pass more --step-count or a larger --strength")
+        }
+        XCTAssertNoThrow(try check(["--strength", "0.1", "--step-count", "10", "--scheduler", "euler"], .sd))
+        XCTAssertNoThrow(try check(["--mask", "m.png", "--step-count", "1", "--scheduler", "euler"], .sd))  // 1: from noise
+        XCTAssertThrowsError(try check(["--mask", "m.png", "--step-count", "1", "--scheduler", "euler"], .sdxl))  // 0.9999
+        XCTAssertNoThrow(try CommandLineOptions.parse(Array(base.prefix(4)) + ["--strength", "0.01"])
+            .checkStrength(schedulerConfig: .stableDiffusion, family: .sd))  // text to image: no strength used
     }
 
     func testBadInputIsOneClearLine() {

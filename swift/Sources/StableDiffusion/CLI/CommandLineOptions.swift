@@ -89,10 +89,11 @@ public struct CommandLineOptions: Equatable {
       --compute-units <name>    all | cpuOnly | cpuAndGPU | cpuAndNeuralEngine (default: all)
       --output-path <dir>       where PNGs go (default: .)
       --image <png>             start image for img2img (needs VAEEncoder.mlmodelc)
-      --strength <x>            img2img: share of the schedule to run, 0 ... 1 (default: 0.75;
+      --strength <x>            img2img: share of the schedule to run, (0, 1] (default: 0.75;
                                 with --mask 1, SDXL's 0.9999)
       --mask <png>              inpainting (a bundle of an inpainting UNet, SD's or SDXL's): white
-                                is repainted, black kept; needs --image. With --controlnet and
+                                is repainted, black kept; needs --image, of its pixel size (not
+                                resized to fit). With --controlnet and
                                 a 4-channel controlled UNet: the ControlNet inpaint route (the
                                 image kept outside the mask after every step)
       --controlnet <name>...    ControlNets of the bundle's controlnet/ folder (needs
@@ -253,6 +254,7 @@ public struct CommandLineOptions: Equatable {
         if maskPath != nil && imagePath == nil {
             throw UsageError("--mask needs --image IMAGE: the picture whose white-masked part is repainted")
         }
+        if imagePath != nil, let strength, strength == 0 { throw UsageError("--strength must be in (0, 1], got 0") }
         try validateControl()
     }
 
@@ -261,14 +263,20 @@ public struct CommandLineOptions: Equatable {
         let listed = "(--controlnet \(controlNets.joined(separator: " ")))"
         if nets == 0 && images > 0 { throw UsageError("--controlnet-inputs needs --controlnet NAME, one per image") }
         // With --mask one ControlNet may go without its image: an inpaint ControlNet, steered by the masked image.
-        if nets != images && !(maskPath != nil && nets == 1 && images == 0) {
-            throw UsageError("--controlnet-inputs: \(images) images for \(nets) ControlNets \(listed); pass one condition "
-                             + "image per ControlNet, in the same order")
+        if images == 0 && nets > 0 && !(maskPath != nil && nets == 1) {
+            throw UsageError("--controlnet needs --controlnet-inputs IMAGE, one per ControlNet \(listed)")
+        }
+        if nets != images && images > 0 {
+            throw UsageError("--controlnet-inputs: \(Self.count(images, "image")) for \(Self.count(nets, "ControlNet")) "
+                             + "\(listed); pass one condition image per ControlNet, in the same order")
         }
         if scales != 1 && scales != nets {
             throw UsageError("--controlnet-scale: \(scales) scales for \(nets) ControlNets \(listed); pass one for all or one each")
         }
     }
+
+    /// "1 image", "2 images".
+    private static func count(_ number: Int, _ noun: String) -> String { "\(number) \(noun)\(number == 1 ? "" : "s")" }
 
     public var resolvedStrength: Double { resolvedStrength(family: .sd) }
 

@@ -33,12 +33,19 @@ public enum ImageFile {
         return Tensor(shape: [1, 1, image.height, image.width], scalars: grey)
     }
 
+    /// (width, height) in pixels of an image ImageIO reads (any format); nil for anything else.
+    public static func size(path: String) -> (width: Int, height: Int)? {
+        cgImage(path: path).map { ($0.width, $0.height) }
+    }
+
+    static func cgImage(path: String) -> CGImage? {
+        guard let source = CGImageSourceCreateWithURL(URL(fileURLWithPath: path) as CFURL, nil) else { return nil }
+        return CGImageSourceCreateImageAtIndex(source, 0, nil)
+    }
+
     static func rgb(path: String, shape latentShape: [Int], flag: String, sameAspect: Bool = false) throws -> RGBImage {
         let width = latentShape[3] * 8, height = latentShape[2] * 8
-        guard let source = CGImageSourceCreateWithURL(URL(fileURLWithPath: path) as CFURL, nil),
-              let image = CGImageSourceCreateImageAtIndex(source, 0, nil) else {
-            throw UsageError("\(flag) \(path) is not an image ImageIO can read")
-        }
+        guard let image = cgImage(path: path) else { throw UsageError("\(flag) \(path) is not an image ImageIO can read") }
         if sameAspect {
             try PipelineSettings.checkConditionAspect(path: path, width: image.width, height: image.height, imageWidth: width,
                                                       imageHeight: height)
