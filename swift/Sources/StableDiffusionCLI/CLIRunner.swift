@@ -23,6 +23,7 @@ enum CLIRunner {
         let schedulerConfig = try resources.schedulerConfig()
         var config = options.generationConfig(schedulerConfig: schedulerConfig, family: pipeline.settings.family)
         config.latentShape = try pipeline.latentShape(height: options.height, width: options.width)
+        try options.checkImageSides(size: ImageFile.size(path:))
         try options.checkMaskSize(size: ImageFile.size(path:))
         if let path = options.imagePath { config.startImage = try ImageFile.read(path: path, shape: config.latentShape) }
         try checkInpainting(options, sampleChannels: try pipeline.unet.sampleShape()[1], latentChannels: config.latentShape[1])

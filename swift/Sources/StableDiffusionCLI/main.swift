@@ -44,11 +44,12 @@ do {
     let settings = try resources.pipelineSettings()
     try checkFamily(options, settings: settings, resources: resources)
     try options.checkStrength(schedulerConfig: schedulerConfig, family: settings.family)
-    let files = [("--image", options.imagePath), ("--mask", options.maskPath)] + options.controlNetInputs.map { ("--controlnet-inputs", $0) }
-    for case let (flag, path?) in files where !FileManager.default.fileExists(atPath: path) {
+    for (flag, path) in options.inputFiles where !FileManager.default.fileExists(atPath: path) {
         throw UsageError("\(flag) \(path) does not exist")
     }
-    try options.checkMaskSize()  // PNGs here; any format under Core ML
+    // PNGs here; any format under Core ML
+    try options.checkImageSides()
+    try options.checkMaskSize()
     // A size the bundle does not list fails here, on any platform; without a list the UNet's shape decides (Core ML).
     if !settings.latentSizes.isEmpty {
         let size = try PipelineSettings.latentSize(height: options.height, width: options.width, sizes: settings.latentSizes)

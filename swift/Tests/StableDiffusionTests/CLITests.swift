@@ -164,6 +164,9 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(refused.status, 2)
         XCTAssertEqual(refused.stderr, "StableDiffusionCLI: error: --mask \(wide) is 32x16 but --image \(image) is 16x16; "
                        + "the mask must cover the image pixel for pixel (white: repaint)\n")
+        let huge = try png("huge.png", 8193, 1)
+        XCTAssertEqual(try run(base + ["--mask", huge]).stderr, "StableDiffusionCLI: error: --mask \(huge) is 8193x1; images up "
+                       + "to 8192 pixels a side are read (resize it first)\n")
         let other = folder.appendingPathComponent("vocab.json").path  // not a PNG: left to Core ML's reading
         XCTAssertEqual(try run(base + ["--mask", other]).status, 3)
         // Euler's 10 timesteps leave none at 0.05 (PNDM's 11 leave one, in Python too)

@@ -155,6 +155,17 @@ final class CommandLineTests: XCTestCase {
         XCTAssertNoThrow(try options.checkMaskSize())  // no such files
     }
 
+    /// Images up to 8192 pixels a side are read, as the Python pipeline's load_image.
+    func testImagesUpTo8192PixelsASide() throws {
+        let options = try CommandLineOptions.parse(["--resource-path", "r", "--prompt", "p", "--image", "i", "--mask", "m",
+                                                    "--controlnet", "A", "--controlnet-inputs", "c"])
+        XCTAssertEqual(options.inputFiles.map(\.flag), ["--image", "--mask", "--controlnet-inputs"])
+        XCTAssertNoThrow(try options.checkImageSides { _ in (8192, 8192) })
+        XCTAssertThrowsError(try options.checkImageSides { $0 == "c" ? (100, 8193) : (8192, 10) }) {
+            XCTAssertEqual("\($0)", "--controlnet-inputs c is 100x8193; images up to 8192 pixels a side are read (resize it first)")
+        }
+    }
+
     /// img2img must leave a step to run, as the Python pipeline's initial_latents demands; checked before models load.
     func testStrengthMustLeaveAStep() throws {
         let base = ["--resource-path", "r", "--prompt", "p", "--image", "i.png"]

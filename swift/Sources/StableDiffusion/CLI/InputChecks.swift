@@ -19,6 +19,25 @@ extension CommandLineOptions {
         try Self.checkMaskSize(mask: mask, maskPath: maskPath, image: image, imagePath: imagePath)
     }
 
+    /// The image files given, by flag: --image, --mask, each --controlnet-inputs.
+    public var inputFiles: [(flag: String, path: String)] {
+        [("--image", imagePath), ("--mask", maskPath)].compactMap { flag, path in path.map { (flag, $0) } }
+            + controlNetInputs.map { ("--controlnet-inputs", $0) }
+    }
+
+    /// The largest side of an image read, as the Python pipeline's load_image (MAX_IMAGE_SIDE).
+    public static let maxImageSide = 8192
+
+    /// Each input image must be at most `maxImageSide` pixels a side (sized by `size`, as checkMaskSize): one line
+    /// naming the fix otherwise.
+    public func checkImageSides(size: (String) -> PixelSize? = PNGHeader.size(path:)) throws {
+        for (flag, path) in inputFiles {
+            guard let image = size(path), max(image.width, image.height) > Self.maxImageSide else { continue }
+            throw UsageError("\(flag) \(path) is \(image.width)x\(image.height); images up to \(Self.maxImageSide) pixels "
+                             + "a side are read (resize it first)")
+        }
+    }
+
     /// img2img must leave a denoising step to run (the pipelines' strengthTooSmall, checked here before the models load):
     /// the scheduler of `schedulerConfig` (the bundle's) decides, and `family` the default strength with --mask.
     public func checkStrength(schedulerConfig: SchedulerConfig, family: ModelFamily) throws {
