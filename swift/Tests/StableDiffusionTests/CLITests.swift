@@ -172,9 +172,11 @@ final class CLITests: XCTestCase {
         // Euler's 10 timesteps leave none at 0.05 (PNDM's 11 leave one, in Python too)
         let small = try run(base + ["--strength", "0.05", "--step-count", "10", "--scheduler", "euler"])
         XCTAssertEqual(small.status, 2)
-        XCTAssertTrue(small.stderr.hasPrefix("StableDiffusionCLI: error: --strength 0.05 is too small for 10 steps"), small.stderr)
+        XCTAssertTrue(small.stderr.hasPrefix("StableDiffusionCLI: error: --strength 0.05 is too small for 10 steps"),
+                      small.stderr)
         XCTAssertEqual(small.stderr.filter { $0 == "\n" }.count, 1, small.stderr)
-        XCTAssertEqual(try run(base + ["--strength", "0"]).stderr, "StableDiffusionCLI: error: --strength must be in (0, 1], got 0\n")
+        XCTAssertEqual(try run(base + ["--strength", "0"]).stderr,
+                       "StableDiffusionCLI: error: --strength must be in (0, 1], got 0\n")
         XCTAssertEqual(try run(base + ["--strength", "0.05", "--step-count", "20", "--scheduler", "euler"]).status, 3)
         XCTAssertEqual(try run(base + ["--strength", "0.05", "--step-count", "10"]).status, 3)
         #endif

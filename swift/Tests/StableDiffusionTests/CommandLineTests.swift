@@ -109,7 +109,8 @@ final class CommandLineTests: XCTestCase {
         let route = ["--resource-path", "r", "--prompt", "p", "--image", "i.png", "--mask", "m.png", "--controlnet", "Inpaint"]
         XCTAssertEqual(try CommandLineOptions.parse(route).controlNetInputs, [])
         XCTAssertThrowsError(try CommandLineOptions.parse(route + ["Canny"])) {
-            XCTAssertEqual("\($0)", "--controlnet needs --controlnet-inputs IMAGE, one per ControlNet (--controlnet Inpaint Canny)")
+            XCTAssertEqual("\($0)",
+                           "--controlnet needs --controlnet-inputs IMAGE, one per ControlNet (--controlnet Inpaint Canny)")
         }
         XCTAssertThrowsError(try CommandLineOptions.parse(Array(route.dropFirst(4).prefix(2)) + ["--resource-path", "r", "--prompt", "p",
                                                                                               "--controlnet", "Inpaint"])) {
@@ -122,9 +123,11 @@ final class CommandLineTests: XCTestCase {
         let cases: [([String], String)] = [
             (["--mask", "m.png"], "--mask needs --image IMAGE: the picture whose white-masked part is repainted"),
             (["--controlnet", "A", "B", "--controlnet-inputs", "a.png"],
-             "--controlnet-inputs: 1 image for 2 ControlNets (--controlnet A B); pass one condition image per ControlNet, in the same order"),
+             "--controlnet-inputs: 1 image for 2 ControlNets (--controlnet A B); pass one condition image per ControlNet, "
+             + "in the same order"),
             (["--controlnet", "A", "--controlnet-inputs", "a.png", "b.png"],
-             "--controlnet-inputs: 2 images for 1 ControlNet (--controlnet A); pass one condition image per ControlNet, in the same order"),
+             "--controlnet-inputs: 2 images for 1 ControlNet (--controlnet A); pass one condition image per ControlNet, "
+             + "in the same order"),
             (["--controlnet", "A"], "--controlnet needs --controlnet-inputs IMAGE, one per ControlNet (--controlnet A)"),
             (["--image", "i.png", "--strength", "0"], "--strength must be in (0, 1], got 0"),
             (["--controlnet", "A", "--controlnet-inputs", "a.png", "--controlnet-scale", "nan"],
@@ -162,7 +165,8 @@ final class CommandLineTests: XCTestCase {
         XCTAssertEqual(options.inputFiles.map(\.flag), ["--image", "--mask", "--controlnet-inputs"])
         XCTAssertNoThrow(try options.checkImageSides { _ in (8192, 8192) })
         XCTAssertThrowsError(try options.checkImageSides { $0 == "c" ? (100, 8193) : (8192, 10) }) {
-            XCTAssertEqual("\($0)", "--controlnet-inputs c is 100x8193; images up to 8192 pixels a side are read (resize it first)")
+            XCTAssertEqual("\($0)",
+                           "--controlnet-inputs c is 100x8193; images up to 8192 pixels a side are read (resize it first)")
         }
     }
 

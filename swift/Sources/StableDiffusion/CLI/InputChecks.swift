@@ -48,6 +48,7 @@ extension CommandLineOptions {
                                                              order: scheduler.order)
         guard first >= scheduler.timesteps.count else { return }
         throw UsageError("--strength \(config.strength) is too small for \(stepCount) steps: no denoising step would run "
-                         + "(with --mask, SDXL's default is 0.9999, as diffusers'); pass more --step-count or a larger --strength")
+                         + "(with --mask, SDXL's default is 0.9999, as diffusers'); pass more --step-count or a larger "
+                         + "--strength")
     }
 }
