@@ -182,3 +182,46 @@ def test_pointwise_conv_runs_as_gemm_with_conv_values(shape):
         y = _pointwise_conv(x, w, bias)
         assert y.shape == (shape[0], 4, *shape[2:])
         torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def _projections_package(tmp_path, dtype, linear):
+    """x -> three projections of equal input dims (q, k, v; one with a bias, one wider) and a fourth that
+    reads another value (not merged): a program whose weights are constants."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import mil_package
+
+    rng = np.random.default_rng(4)
+    c, widths = 6, (4, 4, 5)
+    ws = [rng.normal(size=(n, c) if linear else (n, c, 1, 1)).astype(dtype) for n in widths]
+    bias = rng.normal(size=(4,)).astype(dtype)
+    other = rng.normal(size=(3, c) if linear else (3, c, 1, 1)).astype(dtype)
+    shape = (2, 7, c) if linear else (2, c, 1, 7)
+
+    def project(x, w, b=None):
+        kw = {} if b is None else {"bias": b}
+        return mb.linear(x=x, weight=w, **kw) if linear else mb.conv(x=x, weight=w, **kw)
+
+    def build(x, y):
+        return [project(x, ws[0]), project(x, ws[1], bias), project(x, ws[2]), project(y, other)]
+
+    return mil_package(build, {"x": (shape, dtype), "y": (shape, dtype)}, tmp_path), shape
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_same_input_projections_merge_into_one_gemm(tmp_path, linear, dtype):
+    """Linears / 1x1 convs reading one value become one GEMM step writing their outputs; the results
+    are the per-op ones (fp32 to rounding order, fp16 to its rounding); another input stays apart."""
+    path, shape = _projections_package(tmp_path, dtype, linear)
+    per_op, fused = MILModel(path, fuse=False), MILModel(path, fuse=True)
+    assert len(per_op.plan.steps) == 4
+    assert fused.plan.num_fused == 1 and len(fused.plan.steps) == 2  # q, k, v in one step; y's alone
+    assert sorted(len(s[2]) if isinstance(s[2], tuple) else 1 for s in fused.plan.steps) == [1, 3]
+    rng = np.random.default_rng(5)
+    feed = {n: rng.normal(size=shape).astype(dtype) for n in ("x", "y")}
+    a, b = per_op.predict(feed), fused.predict(feed)
+    assert list(a) == list(b)
+    tol = 1e-5 if dtype == np.float32 else 2e-3
+    for name in a:
+        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype
+        np.testing.assert_allclose(b[name].astype(np.float32), a[name].astype(np.float32), rtol=tol, atol=tol)

@@ -4,6 +4,8 @@ the single fused PyTorch kernel (used on CUDA by default).
 - attention: matmul(q, k, transpose_y) -> softmax(-1) -> matmul(., v) becomes
   F.scaled_dot_product_attention (flash / memory-efficient kernels; no L x L tensor in memory); so does
   the SPLIT_EINSUM layouts' einsum(q, k) -> softmax(key axis) -> einsum(., v), one head per chain.
+- same-input projections: linears / 1x1 convolutions with constant weights reading one value (an
+  attention's q, k, v; cross-attention's k, v) become one GEMM over the weights concatenated at load.
 - group norm: reshape to groups -> mean -> sub -> square -> mean -> add eps -> sqrt -> real_div ->
   reshape back becomes F.group_norm.
 
@@ -11,7 +13,15 @@ A chain is fused only when its intermediate values feed nothing else, so the pro
 unchanged up to rounding: fused kernels keep intermediates in fp32, where the per-op semantics round
 each intermediate to the op's declared fp16.
 """
+import torch
 import torch.nn.functional as F
+
+
+class Derived:
+    """A constant the plan computes once, at load, as fn(*vars' values) (vars: constants)."""
+
+    def __init__(self, fn, vars):
+        self.fn, self.vars = fn, list(vars)
 
 
 def _only_consumer(var, outputs):
@@ -217,8 +227,73 @@ def _group_norm(reshape, outputs):
     return back, [reshape, mean, sub, square, *tail, div, back], fn, [x]
 
 
+def _is_weight(var):
+    return var is not None and var.op is not None and (var.op.op_type == "const" or var.op.op_type.startswith("constexpr_"))
+
+
+def _projection(op):
+    """(x, weight, bias or None) of a linear or a 1x1, stride-1, unpadded, ungrouped convolution whose
+    weight and bias are constants of x's dtype, else None."""
+    bias = op.bias if "bias" in op.inputs else None
+    if op.op_type not in ("linear", "conv") or not _is_weight(op.weight) or (bias is not None and not _is_weight(bias)):
+        return None
+    if any(v is not None and v.dtype != op.x.dtype for v in (op.weight, bias, op.outputs[0])):
+        return None
+    if op.op_type == "conv":
+        ints = lambda v: [] if v is None or v.val is None else [int(i) for i in v.val]  # noqa: E731
+        pads = ints(op.pad) if _scalar(op.pad_type) == "custom" else []
+        if len(op.weight.shape) != 4 or tuple(op.weight.shape[2:]) != (1, 1) or any(pads) or \
+                any(i != 1 for i in ints(op.strides)) or int(_scalar(op.groups) or 1) != 1:
+            return None
+    elif len(op.weight.shape) != 2:
+        return None
+    channels = op.x.shape[1 if op.op_type == "conv" else -1]
+    if not all(isinstance(d, int) for d in op.weight.shape) or op.weight.shape[1] != channels:
+        return None
+    return op.x, op.weight, bias
+
+
+def _merged_gemm(ops):
+    """One GEMM for same-input projections (same op type): weights concatenated along the output
+    channels at load (a missing bias is zeros: adding 0 changes no value), the result split back."""
+    sizes = [int(op.weight.shape[0]) for op in ops]
+    conv = ops[0].op_type == "conv"
+
+    def weights(*ws):
+        return torch.cat([w.reshape(w.shape[0], w.shape[1]) for w in ws])
+
+    ins = [ops[0].x, Derived(weights, [op.weight for op in ops])]
+    biases = [op.bias if "bias" in op.inputs else None for op in ops]
+    if any(b is not None for b in biases):
+        present = [b for b in biases if b is not None]
+
+        def bias(*bs):
+            it = iter(bs)
+            return torch.cat([next(it) if b is not None else bs[0].new_zeros(n) for b, n in zip(biases, sizes)])
+
+        ins.append(Derived(bias, present))
+
+    def fn(x, w, b=None):
+        if conv:  # as ops/nn._pointwise_conv: channels-last GEMM, logically NCHW
+            return tuple(y.movedim(-1, 1) for y in F.linear(x.movedim(1, -1), w, b).split(sizes, -1))
+        return F.linear(x, w, b).split(sizes, -1)
+
+    return ops[0], ops, fn, ins, [op.outputs[0] for op in ops]
+
+
+def _gemm_groups(function, absorbed):
+    """Projections not yet absorbed, grouped by (input var, op type), program order kept."""
+    groups = {}
+    for op in function.operations:
+        match = None if id(op) in absorbed else _projection(op)
+        if match is not None:
+            groups.setdefault((id(match[0]), op.op_type), []).append(op)
+    return [ops for ops in groups.values() if len(ops) > 1]
+
+
 def find_fusions(function):
-    """{id(anchor op): (fn, input vars)} and the ids of every op the fusions absorb."""
+    """{id(anchor op): (fn, input vars, output vars)} and the ids of every op the fusions absorb. The anchor's
+    step writes the outputs of all the ops it replaces (several for merged GEMMs)."""
     outputs = {id(v) for v in function.outputs}
     fused, absorbed = {}, set()
     for op in function.operations:
@@ -235,7 +310,9 @@ def find_fusions(function):
         if any(id(o) in absorbed for o in ops):
             continue
         absorbed.update(id(o) for o in ops)
-        fused[id(anchor)] = (fn, ins)
+        fused[id(anchor)] = (fn, ins, anchor.outputs)
+    for ops in _gemm_groups(function, absorbed):
+        anchor, ops, fn, ins, outs = _merged_gemm(ops)
+        absorbed.update(id(o) for o in ops)
+        fused[id(anchor)] = (fn, ins, outs)
     return fused, absorbed
-
-
