@@ -225,3 +225,36 @@ def test_same_input_projections_merge_into_one_gemm(tmp_path, linear, dtype):
     for name in a:
         assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype
         np.testing.assert_allclose(b[name].astype(np.float32), a[name].astype(np.float32), rtol=tol, atol=tol)
+
+
+def test_original_attention_head_reshapes_fold_into_one_sdpa_step(tmp_path):
+    """ORIGINAL's chain (q scaled, heads split by reshape, q transposed, S^T as a transpose op, heads merged
+    back) is one step from the flat projections; channels-last projections (1x1 convs as GEMMs) go in and
+    come out as views: the merged heads are (B, S, C) in memory, what the next GEMM reads."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import mil_package
+
+    b, h, d, n, m = 2, 3, 4, 5, 6
+    scale = 0.5
+
+    def build(q, k, v):
+        heads = [mb.reshape(x=t, shape=[b, h, d, s]) for t, s in ((mb.mul(x=q, y=np.float32(scale)), n), (k, m), (v, m))]
+        probs = mb.softmax(x=mb.matmul(x=mb.transpose(x=heads[0], perm=[0, 1, 3, 2]), y=heads[1]), axis=3)
+        out = mb.matmul(x=heads[2], y=mb.transpose(x=probs, perm=[0, 1, 3, 2]))
+        return mb.reshape(x=out, shape=[b, h * d, 1, n])
+
+    shapes = {"q": ((b, h * d, 1, n), np.float32), "k": ((b, h * d, 1, m), np.float32), "v": ((b, h * d, 1, m), np.float32)}
+    path = mil_package(build, shapes, tmp_path)
+    per_op, fused = MILModel(path, fuse=False), MILModel(path, fuse=True)
+    assert len(per_op.plan.steps) == 10 and fused.plan.num_fused == 1 and len(fused.plan.steps) == 1
+    rng = np.random.default_rng(6)
+    feed = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in shapes.items()}
+    qh, kh, vh = (feed[t].reshape(b, h, d, -1) for t in "qkv")
+    expected = (vh @ np.swapaxes(_softmax(np.swapaxes(qh * scale, -1, -2) @ kh, -1), -1, -2)).reshape(b, h * d, 1, n)
+    np.testing.assert_allclose(list(per_op.predict(feed).values())[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(list(fused.predict(feed).values())[0], expected, rtol=1e-5, atol=1e-5)
+    fn = fused.plan.steps[0][0]
+    channels_last = [torch.from_numpy(feed[t]).movedim(1, -1).contiguous().movedim(-1, 1) for t in "qkv"]
+    y = fn(*channels_last)
+    assert y.movedim(1, -1).is_contiguous()
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)

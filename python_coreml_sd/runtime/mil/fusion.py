@@ -41,11 +41,14 @@ def _t(x):
     return x.transpose(-1, -2)
 
 
-def _sdpa(q, k, v):
-    """softmax(q k^T) v (no scaling: the programs scale q themselves). Flash and memory-efficient kernels
-    need each operand's last dimension contiguous; transposed views would send SDPA (and Inductor) to
-    the math path, an L x L softmax in memory, so they are copied first (a few MB against L^2)."""
-    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=1.0)
+def _sdpa(q, k, v, scale=1.0):
+    """softmax(scale q k^T) v. Flash and memory-efficient kernels need each operand's last dimension
+    contiguous; other views would send SDPA (and Inductor) to the math path, an L x L softmax in memory,
+    so those are copied first (a few MB against L^2). A 4-d result is laid out (B, L, H, D) in memory
+    (flash and cuDNN give that; otherwise one copy), so merging heads back into channels is a view."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return y.transpose(1, 2).contiguous().transpose(1, 2) if y.dim() == 4 else y
 
 
 def _attention(softmax, outputs):
@@ -77,10 +80,10 @@ def _attention(softmax, outputs):
     else:
         return None
 
-    def fn(a, b, v):
+    def fn(a, b, v, scale=1.0):
         q = _t(a) if q_t else a
         k = b if k_t else _t(b)
-        y = _sdpa(q, k, _t(v) if v_t else v)
+        y = _sdpa(q, k, _t(v) if v_t else v, scale)
         return _t(y) if flip else y
 
     return out, absorbed + [out], fn, [scores.x, scores.y, values]
@@ -170,10 +173,71 @@ def _einsum_attention(softmax, outputs):
     to_v = [v_sub.index(t) for t in (*batch2, k2, channel)]
     back = [[*batch2, q2, channel].index(t) for t in o_sub]
 
-    def fn(x, y, v):
-        return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v)).permute(back)
+    def fn(x, y, v, scale=1.0):
+        return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v), scale).permute(back)
 
     return out, [scores, softmax, out], fn, [queries, keys, values]
+
+
+def _view(op):
+    """A reshape (to a fixed shape) or transpose as a torch function (a view where strides allow), else None."""
+    if op is None or op.op_type not in ("reshape", "transpose"):
+        return None
+    if op.op_type == "transpose":
+        perm = None if op.perm.val is None else [int(i) for i in op.perm.val]
+        return None if perm is None else (lambda t: t.permute(perm))
+    shape = op.outputs[0].shape
+    return (lambda t: t.reshape(shape)) if all(isinstance(d, int) for d in shape) else None
+
+
+def _scalar_factor(op):
+    """(the other operand, c) of a mul by a constant scalar c, else None."""
+    if op.op_type != "mul":
+        return None
+    for v, other in ((op.y, op.x), (op.x, op.y)):
+        c = _scalar(v) if v.val is not None and getattr(v.val, "size", 1) == 1 else None
+        if isinstance(c, float) and other.val is None:
+            return other, c
+    return None
+
+
+def _apply(t, fns):
+    for f in fns:
+        t = f(t)
+    return t
+
+
+def _with_views(match, outputs):
+    """Folds into an attention step the single-reader reshapes / transposes around it (ORIGINAL's head
+    split and merge) and a constant scalar multiplying the queries or keys (SDPA's scale, applied in fp32
+    rather than rounding q to fp16): the step reads the projections and writes the merged heads through
+    torch views, with no copies where strides allow and fewer steps."""
+    anchor, ops, fn, ins = match
+    pre, sources, scale = [], [], 1.0
+    for i, var in enumerate(ins):
+        views = []
+        while var.op is not None and _only_consumer(var, outputs) is not None:
+            view, factor = _view(var.op), None if i == 2 else _scalar_factor(var.op)
+            if view is None and factor is None:
+                break
+            ops.append(var.op)
+            if view is not None:
+                views.insert(0, view)
+                var = var.op.x
+            else:
+                var, scale = factor[0], scale * factor[1]
+        pre.append(views)
+        sources.append(var)
+    post = []
+    while _view(_only_consumer(anchor.outputs[0], outputs)) is not None:
+        anchor = _only_consumer(anchor.outputs[0], outputs)
+        post.append(_view(anchor))
+        ops.append(anchor)
+
+    def fused(*xs):
+        return _apply(fn(*[_apply(x, views) for x, views in zip(xs, pre)], scale=scale), post)
+
+    return anchor, ops, fused, sources
 
 
 def _chain(var, outputs, *types):
@@ -302,6 +366,7 @@ def find_fusions(function):
         match = None
         if op.op_type == "softmax":
             match = _attention(op, outputs) or _einsum_attention(op, outputs)
+            match = match and _with_views(match, outputs)
         elif op.op_type == "reshape":
             match = _group_norm(op, outputs)
         if match is None:

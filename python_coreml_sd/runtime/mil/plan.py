@@ -150,16 +150,15 @@ class _Args(OpArgs):
             return vals if isinstance(v, (tuple, list)) else vals[0]
 
 
-def _finisher(fn, op, device, outputs=None):
-    """Casts each output (`outputs`: a fused step's, else the op's) to its declared dtype; on CPU rounds
-    fp16 results through half precision."""
-    outputs = op.outputs if outputs is None else outputs
+def _finisher(fn, outputs, device, exact=False):
+    """Casts each output to its declared dtype; on CPU rounds fp16 results through half precision unless
+    `exact` (an op of EXACT_OPS)."""
     if not all(types.is_tensor(o.sym_type) or types.is_scalar(o.sym_type) for o in outputs):
         return fn  # list values (list ops, loops over lists) pass as they are
     specs = []
     for out in outputs:
         name = mil_name(out.dtype)
-        rounds = device.type == "cpu" and name == "fp16" and op.op_type not in EXACT_OPS
+        rounds = device.type == "cpu" and name == "fp16" and not exact
         specs.append((storage_dtype(name, device), rounds))
 
     def finish(y, dt, rounds):
@@ -192,7 +191,7 @@ def _build(op, device, slots):
         raise UnsupportedOpError(
             f"op {op.name!r} of type {op.op_type!r}: the MIL runtime does not implement input(s) {ignored}"
         )
-    return _finisher(fn, op, device), list(ins), list(op.outputs)
+    return _finisher(fn, op.outputs, device, op.op_type in EXACT_OPS), list(ins), list(op.outputs)
 
 
 class Plan:
@@ -215,7 +214,7 @@ class Plan:
                 kernel = fused.get(id(op))
                 if kernel is not None:
                     fn, ins, outs = kernel
-                    kernel = (_finisher(fn, op, self.device, outs), list(ins), list(outs))
+                    kernel = (_finisher(fn, outs, self.device), list(ins), list(outs))  # fused: never exact
                 steps.extend(self._compile_op(op, slots, kernel))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
