@@ -258,3 +258,41 @@ def test_original_attention_head_reshapes_fold_into_one_sdpa_step(tmp_path):
     y = fn(*channels_last)
     assert y.movedim(1, -1).is_contiguous()
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_read_elsewhere", [False, True])
+def test_split_einsum_heads_become_one_multi_head_sdpa(tmp_path, head_read_elsewhere):
+    """SPLIT_EINSUM's layout (q and v split by channel, k transposed then split, one einsum chain per head,
+    heads concatenated) runs as one SDPA step over all heads, with the per-op values; when a head's part
+    is also read elsewhere the heads are not independent and stay one SDPA each."""
+    from coremltools.converters.mil import Builder as mb
+    from mil_test_utils import mil_package
+
+    b, h, d, n, m = 2, 3, 4, 5, 6
+
+    def build(q, k, v):
+        qs = mb.split(x=mb.mul(x=q, y=np.float32(0.5)), num_splits=h, axis=1)
+        ks = mb.split(x=mb.transpose(x=k, perm=[0, 3, 2, 1]), num_splits=h, axis=3)
+        vs = mb.split(x=v, num_splits=h, axis=1)
+        outs = []
+        for qh, kh, vh in zip(qs, ks, vs):
+            probs = mb.softmax(x=mb.einsum(values=(kh, qh), equation="bkhc,bchq->bkhq"), axis=1)
+            outs.append(mb.einsum(values=(vh, probs), equation="bchk,bkhq->bchq"))
+        out = mb.concat(values=outs, axis=1)
+        return [out, mb.relu(x=qs[0])] if head_read_elsewhere else out
+
+    shapes = {"q": ((b, h * d, 1, n), np.float32), "k": ((b, h * d, 1, m), np.float32), "v": ((b, h * d, 1, m), np.float32)}
+    path = mil_package(build, shapes, tmp_path)
+    per_op, fused = MILModel(path, fuse=False), MILModel(path, fuse=True)
+    if head_read_elsewhere:
+        assert fused.plan.num_fused == h
+    else:
+        assert fused.plan.num_fused == 1 and len(fused.plan.steps) == 1  # mul, transpose, splits folded too
+    rng = np.random.default_rng(7)
+    feed = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in shapes.items()}
+    qh, kh, vh = (feed[t].reshape(b, h, d, -1) for t in "qkv")
+    expected = (vh @ np.swapaxes(_softmax(np.swapaxes(qh * 0.5, -1, -2) @ kh, -1), -1, -2)).reshape(b, h * d, 1, n)
+    a, y = list(per_op.predict(feed).values()), list(fused.predict(feed).values())
+    np.testing.assert_allclose(a[0], expected, rtol=1e-5, atol=1e-5)
+    for p, f in zip(a, y):
+        np.testing.assert_allclose(f, p, rtol=1e-5, atol=1e-5)

@@ -46,9 +46,14 @@ def _sdpa(q, k, v, scale=1.0):
     contiguous; other views would send SDPA (and Inductor) to the math path, an L x L softmax in memory,
     so those are copied first (a few MB against L^2). A 4-d result is laid out (B, L, H, D) in memory
     (flash and cuDNN give that; otherwise one copy), so merging heads back into channels is a view."""
+    lead = q.shape[:-3]
+    if q.dim() > 4:  # the fused kernels take 4-d operands: leading axes as one (a view for size-1 axes)
+        q, k, v = (t.flatten(0, -4) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return y.transpose(1, 2).contiguous().transpose(1, 2) if y.dim() == 4 else y
+    if y.dim() == 4:
+        y = y.transpose(1, 2).contiguous().transpose(1, 2)
+    return y.unflatten(0, lead) if len(lead) > 1 else y
 
 
 def _attention(softmax, outputs):
@@ -176,6 +181,7 @@ def _einsum_attention(softmax, outputs):
     def fn(x, y, v, scale=1.0):
         return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v), scale).permute(back)
 
+    fn.perms = tuple(map(tuple, (to_q, to_k, to_v, back)))  # for _multi_head
     return out, [scores, softmax, out], fn, [queries, keys, values]
 
 
@@ -238,6 +244,59 @@ def _with_views(match, outputs):
         return _apply(fn(*[_apply(x, views) for x, views in zip(xs, pre)], scale=scale), post)
 
     return anchor, ops, fused, sources
+
+
+def _head(value, concat, outputs):
+    """The einsum attention match whose result is `value`, read by `concat` alone, else None."""
+    out = value.op
+    if out is None or out.op_type != "einsum" or _only_consumer(value, outputs) is not concat:
+        return None
+    softmax = next((x.op for x in out.values if x.op is not None and x.op.op_type == "softmax"), None)
+    match = None if softmax is None else _einsum_attention(softmax, outputs)
+    return match if match is not None and match[0] is out else None
+
+
+def _head_splits(heads, outputs):
+    """For each operand, the split op whose i-th output head i reads (equal parts, all of them read
+    by that head alone), else None."""
+    splits = []
+    for j in range(3):
+        split = heads[0][3][j].op
+        if split is None or split.op_type != "split" or len(split.outputs) != len(heads) or split.axis.val is None:
+            return None
+        if len({tuple(o.shape) for o in split.outputs}) != 1 or any(
+                h[3][j] is not o or _only_consumer(o, outputs) is None for h, o in zip(heads, split.outputs)):
+            return None
+        splits.append(split)
+    return splits
+
+
+def _multi_head(concat, outputs):
+    """SPLIT_EINSUM(_V2): concat(one einsum attention per head), the heads cut from q, k and v by one
+    split each: one SDPA over the heads stacked as an axis, the heads' chains being parallel (the same
+    subscripts) and independent (each reads only its own parts)."""
+    if concat.axis.val is None or _scalar(concat.interleave) or len(concat.values) < 2:
+        return None
+    heads = [_head(v, concat, outputs) for v in concat.values]
+    if any(h is None for h in heads) or len({h[2].perms for h in heads}) != 1:
+        return None
+    splits = _head_splits(heads, outputs)
+    if splits is None:
+        return None
+    n, (to_q, to_k, to_v, back) = len(heads), heads[0][2].perms
+    axes = [int(_scalar(s.axis)) % len(s.x.shape) for s in splits]
+    axis = int(_scalar(concat.axis)) % len(concat.outputs[0].shape)
+
+    def stacked(t, split_axis, perm):  # (*batch, heads, L, E): head i is split output i, permuted
+        return t.unflatten(split_axis, (n, -1)).movedim(split_axis, 0).permute([0, *(i + 1 for i in perm)]).movedim(0, -3)
+
+    def fn(q, k, v, scale=1.0):
+        y = _sdpa(*(stacked(t, a, p) for t, a, p in zip((q, k, v), axes, (to_q, to_k, to_v))), scale)
+        y = y.movedim(-3, 0).permute([0, *(i + 1 for i in back)])
+        return y.movedim(0, axis).flatten(axis, axis + 1)
+
+    ops = [op for h in heads for op in h[1]] + splits + [concat]
+    return concat, ops, fn, [s.x for s in splits]
 
 
 def _chain(var, outputs, *types):
@@ -360,24 +419,27 @@ def find_fusions(function):
     step writes the outputs of all the ops it replaces (several for merged GEMMs)."""
     outputs = {id(v) for v in function.outputs}
     fused, absorbed = {}, set()
+
+    def add(anchor, ops, fn, ins, outs=None):
+        if not any(id(o) in absorbed for o in ops):
+            absorbed.update(id(o) for o in ops)
+            fused[id(anchor)] = (fn, ins, anchor.outputs if outs is None else outs)
+
+    for op in function.operations:  # multi-head attention first: it takes the per-head chains
+        match = _multi_head(op, outputs) if op.op_type == "concat" else None
+        if match is not None:
+            add(*_with_views(match, outputs))
     for op in function.operations:
+        match = None
         if id(op) in absorbed:
             continue
-        match = None
         if op.op_type == "softmax":
             match = _attention(op, outputs) or _einsum_attention(op, outputs)
             match = match and _with_views(match, outputs)
         elif op.op_type == "reshape":
             match = _group_norm(op, outputs)
-        if match is None:
-            continue
-        anchor, ops, fn, ins = match
-        if any(id(o) in absorbed for o in ops):
-            continue
-        absorbed.update(id(o) for o in ops)
-        fused[id(anchor)] = (fn, ins, anchor.outputs)
+        if match is not None:
+            add(*match)
     for ops in _gemm_groups(function, absorbed):
-        anchor, ops, fn, ins, outs = _merged_gemm(ops)
-        absorbed.update(id(o) for o in ops)
-        fused[id(anchor)] = (fn, ins, outs)
+        add(*_merged_gemm(ops))
     return fused, absorbed
