@@ -47,13 +47,14 @@ def _sdpa(q, k, v, scale=1.0):
     so those are copied first (a few MB against L^2). A 4-d result is laid out (B, L, H, D) in memory
     (flash and cuDNN give that; otherwise one copy), so merging heads back into channels is a view."""
     lead = q.shape[:-3]
-    if q.dim() > 4:  # the fused kernels take 4-d operands: leading axes as one (a view for size-1 axes)
+    flat = q.dim() > 4 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]  # not when batch axes broadcast
+    if flat:  # the fused kernels take 4-d operands: leading axes as one (a view for size-1 axes)
         q, k, v = (t.flatten(0, -4) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if y.dim() == 4:
         y = y.transpose(1, 2).contiguous().transpose(1, 2)
-    return y.unflatten(0, lead) if len(lead) > 1 else y
+    return y.unflatten(0, lead) if flat else y
 
 
 def _attention(softmax, outputs):
@@ -288,7 +289,8 @@ def _multi_head(concat, outputs):
     axis = int(_scalar(concat.axis)) % len(concat.outputs[0].shape)
 
     def stacked(t, split_axis, perm):  # (*batch, heads, L, E): head i is split output i, permuted
-        return t.unflatten(split_axis, (n, -1)).movedim(split_axis, 0).permute([0, *(i + 1 for i in perm)]).movedim(0, -3)
+        t = t.unflatten(split_axis, (n, -1)).movedim(split_axis, 0)
+        return t.permute([0, *(i + 1 for i in perm)]).movedim(0, -3)
 
     def fn(q, k, v, scale=1.0):
         y = _sdpa(*(stacked(t, a, p) for t, a, p in zip((q, k, v), axes, (to_q, to_k, to_v))), scale)
@@ -351,7 +353,12 @@ def _group_norm(reshape, outputs):
 
 
 def _is_weight(var):
-    return var is not None and var.op is not None and (var.op.op_type == "const" or var.op.op_type.startswith("constexpr_"))
+    op = None if var is None else var.op
+    return op is not None and (op.op_type == "const" or op.op_type.startswith("constexpr_"))
+
+
+def _ints(var):
+    return [] if var is None or var.val is None else [int(i) for i in var.val]
 
 
 def _projection(op):
@@ -363,10 +370,9 @@ def _projection(op):
     if any(v is not None and v.dtype != op.x.dtype for v in (op.weight, bias, op.outputs[0])):
         return None
     if op.op_type == "conv":
-        ints = lambda v: [] if v is None or v.val is None else [int(i) for i in v.val]  # noqa: E731
-        pads = ints(op.pad) if _scalar(op.pad_type) == "custom" else []
+        pads = _ints(op.pad) if _scalar(op.pad_type) == "custom" else []
         if len(op.weight.shape) != 4 or tuple(op.weight.shape[2:]) != (1, 1) or any(pads) or \
-                any(i != 1 for i in ints(op.strides)) or int(_scalar(op.groups) or 1) != 1:
+                any(i != 1 for i in _ints(op.strides)) or int(_scalar(op.groups) or 1) != 1:
             return None
     elif len(op.weight.shape) != 2:
         return None
