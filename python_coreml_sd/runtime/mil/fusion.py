@@ -3,7 +3,9 @@ the single fused PyTorch kernel (used on CUDA by default).
 
 - attention: matmul(q, k, transpose_y) -> softmax(-1) -> matmul(., v) becomes
   F.scaled_dot_product_attention (flash / memory-efficient kernels; no L x L tensor in memory); so does
-  the SPLIT_EINSUM layouts' einsum(q, k) -> softmax(key axis) -> einsum(., v), one head per chain.
+  the SPLIT_EINSUM layouts' einsum(q, k) -> softmax(key axis) -> einsum(., v), one head per chain, and
+  their heads (and SPLIT_EINSUM_V2's query chunks) become one multi-head SDPA; the head reshapes /
+  transposes and the query scale around an attention fold into its step.
 - same-input projections: linears / 1x1 convolutions with constant weights reading one value (an
   attention's q, k, v; cross-attention's k, v) become one GEMM over the weights concatenated at load.
 - group norm: reshape to groups -> mean -> sub -> square -> mean -> add eps -> sqrt -> real_div ->
@@ -247,7 +249,7 @@ def _with_views(match, outputs):
     return anchor, ops, fused, sources
 
 
-def _head(value, concat, outputs):
+def _einsum_result(value, concat, outputs):
     """The einsum attention match whose result is `value`, read by `concat` alone, else None."""
     out = value.op
     if out is None or out.op_type != "einsum" or _only_consumer(value, outputs) is not concat:
@@ -257,24 +259,54 @@ def _head(value, concat, outputs):
     return match if match is not None and match[0] is out else None
 
 
+def _query_chunks(concat, outputs):
+    """SPLIT_EINSUM_V2's query chunks: concat, along the result's queries, of einsum attentions whose
+    queries are one split's parts along the query axis and whose keys and values are shared: one
+    attention over all the queries (each query's row is independent of the others)."""
+    chunks = [_einsum_result(v, concat, outputs) for v in concat.values]
+    if len(chunks) < 2 or any(c is None for c in chunks) or len({c[2].perms for c in chunks}) != 1:
+        return None
+    split, (to_q, _, _, back) = chunks[0][3][0].op, chunks[0][2].perms
+    if split is None or split.op_type != "split" or split.axis.val is None or len(split.outputs) != len(chunks):
+        return None
+    if int(_scalar(split.axis)) % len(split.x.shape) != to_q[-2] or concat.axis.val is None or \
+            int(_scalar(concat.axis)) % len(back) != back.index(len(back) - 2):
+        return None  # not cut along the queries, or not joined along them
+    shared = chunks[0][3][1:]  # the keys and values every chunk reads
+    if any(c[3][0] is not o or _only_consumer(o, outputs) is None or any(a is not b for a, b in zip(c[3][1:], shared))
+           for c, o in zip(chunks, split.outputs)):
+        return None
+    return concat, [op for c in chunks for op in c[1]] + [split, concat], chunks[0][2], [split.x, *shared]
+
+
+def _head(value, concat, outputs):
+    """One head's attention (a match with `perms`) whose result is `value`, read by `concat` alone."""
+    if value.op is not None and value.op.op_type == "concat" and _only_consumer(value, outputs) is concat:
+        return _query_chunks(value.op, outputs)
+    return _einsum_result(value, concat, outputs)
+
+
 def _head_splits(heads, outputs):
-    """For each operand, the split op whose i-th output head i reads (equal parts, all of them read
-    by that head alone), else None."""
+    """For each operand, the split op whose i-th output head i reads (equal parts, each read only inside
+    its head), else None."""
     splits = []
     for j in range(3):
         split = heads[0][3][j].op
         if split is None or split.op_type != "split" or len(split.outputs) != len(heads) or split.axis.val is None:
             return None
-        if len({tuple(o.shape) for o in split.outputs}) != 1 or any(
-                h[3][j] is not o or _only_consumer(o, outputs) is None for h, o in zip(heads, split.outputs)):
+        for h, o in zip(heads, split.outputs):
+            inside = {id(op) for op in h[1]}
+            if h[3][j] is not o or id(o) in outputs or any(id(r) not in inside for r in o.child_ops):
+                return None
+        if len({tuple(o.shape) for o in split.outputs}) != 1:
             return None
         splits.append(split)
     return splits
 
 
 def _multi_head(concat, outputs):
-    """SPLIT_EINSUM(_V2): concat(one einsum attention per head), the heads cut from q, k and v by one
-    split each: one SDPA over the heads stacked as an axis, the heads' chains being parallel (the same
+    """SPLIT_EINSUM(_V2): concat(one einsum attention per head, or its query chunks), the heads cut from
+    q, k and v by one split each: one SDPA over the heads stacked as an axis, the heads' chains being parallel (the same
     subscripts) and independent (each reads only its own parts)."""
     if concat.axis.val is None or _scalar(concat.interleave) or len(concat.values) < 2:
         return None
@@ -431,10 +463,11 @@ def find_fusions(function):
             absorbed.update(id(o) for o in ops)
             fused[id(anchor)] = (fn, ins, anchor.outputs if outs is None else outs)
 
-    for op in function.operations:  # multi-head attention first: it takes the per-head chains
-        match = _multi_head(op, outputs) if op.op_type == "concat" else None
-        if match is not None:
-            add(*_with_views(match, outputs))
+    for kind in (_multi_head, _query_chunks):  # multi-head attention first: it takes the per-head chains
+        for op in function.operations:
+            match = kind(op, outputs) if op.op_type == "concat" else None
+            if match is not None:
+                add(*_with_views(match, outputs))
     for op in function.operations:
         match = None
         if id(op) in absorbed:
