@@ -3,7 +3,11 @@ the single fused PyTorch kernel (used on CUDA by default).
 
 - attention: matmul(q, k, transpose_y) -> softmax(-1) -> matmul(., v) becomes
   F.scaled_dot_product_attention (flash / memory-efficient kernels; no L x L tensor in memory); so does
-  the SPLIT_EINSUM layouts' einsum(q, k) -> softmax(key axis) -> einsum(., v), one head per chain.
+  the SPLIT_EINSUM layouts' einsum(q, k) -> softmax(key axis) -> einsum(., v), one head per chain, and
+  their heads (and SPLIT_EINSUM_V2's query chunks) become one multi-head SDPA; the head reshapes /
+  transposes and the query scale around an attention fold into its step.
+- same-input projections: linears / 1x1 convolutions with constant weights reading one value (an
+  attention's q, k, v; cross-attention's k, v) become one GEMM over the weights concatenated at load.
 - group norm: reshape to groups -> mean -> sub -> square -> mean -> add eps -> sqrt -> real_div ->
   reshape back becomes F.group_norm.
 
@@ -11,7 +15,15 @@ A chain is fused only when its intermediate values feed nothing else, so the pro
 unchanged up to rounding: fused kernels keep intermediates in fp32, where the per-op semantics round
 each intermediate to the op's declared fp16.
 """
+import torch
 import torch.nn.functional as F
+
+
+class Derived:
+    """A constant the plan computes once, at load, as fn(*vars' values) (vars: constants)."""
+
+    def __init__(self, fn, vars):
+        self.fn, self.vars = fn, list(vars)
 
 
 def _only_consumer(var, outputs):
@@ -31,11 +43,20 @@ def _t(x):
     return x.transpose(-1, -2)
 
 
-def _sdpa(q, k, v):
-    """softmax(q k^T) v (no scaling: the programs scale q themselves). Flash and memory-efficient kernels
-    need each operand's last dimension contiguous; transposed views would send SDPA (and Inductor) to
-    the math path, an L x L softmax in memory, so they are copied first (a few MB against L^2)."""
-    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=1.0)
+def _sdpa(q, k, v, scale=1.0):
+    """softmax(scale q k^T) v. Flash and memory-efficient kernels need each operand's last dimension
+    contiguous; other views would send SDPA (and Inductor) to the math path, an L x L softmax in memory,
+    so those are copied first (a few MB against L^2). A 4-d result is laid out (B, L, H, D) in memory
+    (flash and cuDNN give that; otherwise one copy), so merging heads back into channels is a view."""
+    lead = q.shape[:-3]
+    flat = q.dim() > 4 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]  # not when batch axes broadcast
+    if flat:  # the fused kernels take 4-d operands: leading axes as one (a view for size-1 axes)
+        q, k, v = (t.flatten(0, -4) for t in (q, k, v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if y.dim() == 4:
+        y = y.transpose(1, 2).contiguous().transpose(1, 2)
+    return y.unflatten(0, lead) if flat else y
 
 
 def _attention(softmax, outputs):
@@ -67,10 +88,10 @@ def _attention(softmax, outputs):
     else:
         return None
 
-    def fn(a, b, v):
+    def fn(a, b, v, scale=1.0):
         q = _t(a) if q_t else a
         k = b if k_t else _t(b)
-        y = _sdpa(q, k, _t(v) if v_t else v)
+        y = _sdpa(q, k, _t(v) if v_t else v, scale)
         return _t(y) if flip else y
 
     return out, absorbed + [out], fn, [scores.x, scores.y, values]
@@ -160,10 +181,156 @@ def _einsum_attention(softmax, outputs):
     to_v = [v_sub.index(t) for t in (*batch2, k2, channel)]
     back = [[*batch2, q2, channel].index(t) for t in o_sub]
 
-    def fn(x, y, v):
-        return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v)).permute(back)
+    def fn(x, y, v, scale=1.0):
+        return _sdpa(x.permute(to_q), y.permute(to_k), v.permute(to_v), scale).permute(back)
 
+    fn.perms = tuple(map(tuple, (to_q, to_k, to_v, back)))  # for _multi_head
     return out, [scores, softmax, out], fn, [queries, keys, values]
+
+
+def _view(op):
+    """A reshape (to a fixed shape) or transpose as a torch function (a view where strides allow), else None."""
+    if op is None or op.op_type not in ("reshape", "transpose"):
+        return None
+    if op.op_type == "transpose":
+        perm = None if op.perm.val is None else [int(i) for i in op.perm.val]
+        return None if perm is None else (lambda t: t.permute(perm))
+    shape = op.outputs[0].shape
+    return (lambda t: t.reshape(shape)) if all(isinstance(d, int) for d in shape) else None
+
+
+def _scalar_factor(op):
+    """(the other operand, c) of a mul by a constant scalar c, else None."""
+    if op.op_type != "mul":
+        return None
+    for v, other in ((op.y, op.x), (op.x, op.y)):
+        c = _scalar(v) if v.val is not None and getattr(v.val, "size", 1) == 1 else None
+        if isinstance(c, float) and other.val is None:
+            return other, c
+    return None
+
+
+def _apply(t, fns):
+    for f in fns:
+        t = f(t)
+    return t
+
+
+def _with_views(match, outputs):
+    """Folds into an attention step the single-reader reshapes / transposes around it (ORIGINAL's head
+    split and merge) and a constant scalar multiplying the queries or keys (SDPA's scale, applied in fp32
+    rather than rounding q to fp16): the step reads the projections and writes the merged heads through
+    torch views, with no copies where strides allow and fewer steps."""
+    anchor, ops, fn, ins = match
+    pre, sources, scale = [], [], 1.0
+    for i, var in enumerate(ins):
+        views = []
+        while var.op is not None and _only_consumer(var, outputs) is not None:
+            view, factor = _view(var.op), None if i == 2 else _scalar_factor(var.op)
+            if view is None and factor is None:
+                break
+            ops.append(var.op)
+            if view is not None:
+                views.insert(0, view)
+                var = var.op.x
+            else:
+                var, scale = factor[0], scale * factor[1]
+        pre.append(views)
+        sources.append(var)
+    post = []
+    while _view(_only_consumer(anchor.outputs[0], outputs)) is not None:
+        anchor = _only_consumer(anchor.outputs[0], outputs)
+        post.append(_view(anchor))
+        ops.append(anchor)
+
+    def fused(*xs):
+        return _apply(fn(*[_apply(x, views) for x, views in zip(xs, pre)], scale=scale), post)
+
+    return anchor, ops, fused, sources
+
+
+def _einsum_result(value, concat, outputs):
+    """The einsum attention match whose result is `value`, read by `concat` alone, else None."""
+    out = value.op
+    if out is None or out.op_type != "einsum" or _only_consumer(value, outputs) is not concat:
+        return None
+    softmax = next((x.op for x in out.values if x.op is not None and x.op.op_type == "softmax"), None)
+    match = None if softmax is None else _einsum_attention(softmax, outputs)
+    return match if match is not None and match[0] is out else None
+
+
+def _query_chunks(concat, outputs):
+    """SPLIT_EINSUM_V2's query chunks: concat, along the result's queries, of einsum attentions whose
+    queries are one split's parts along the query axis and whose keys and values are shared: one
+    attention over all the queries (each query's row is independent of the others)."""
+    chunks = [_einsum_result(v, concat, outputs) for v in concat.values]
+    if len(chunks) < 2 or any(c is None for c in chunks) or len({c[2].perms for c in chunks}) != 1:
+        return None
+    split, (to_q, _, _, back) = chunks[0][3][0].op, chunks[0][2].perms
+    if split is None or split.op_type != "split" or split.axis.val is None or len(split.outputs) != len(chunks):
+        return None
+    if int(_scalar(split.axis)) % len(split.x.shape) != to_q[-2] or concat.axis.val is None or \
+            int(_scalar(concat.axis)) % len(back) != back.index(len(back) - 2):
+        return None  # not cut along the queries, or not joined along them
+    shared = chunks[0][3][1:]  # the keys and values every chunk reads
+    if any(c[3][0] is not o or _only_consumer(o, outputs) is None or any(a is not b for a, b in zip(c[3][1:], shared))
+           for c, o in zip(chunks, split.outputs)):
+        return None
+    return concat, [op for c in chunks for op in c[1]] + [split, concat], chunks[0][2], [split.x, *shared]
+
+
+def _head(value, concat, outputs):
+    """One head's attention (a match with `perms`) whose result is `value`, read by `concat` alone."""
+    if value.op is not None and value.op.op_type == "concat" and _only_consumer(value, outputs) is concat:
+        return _query_chunks(value.op, outputs)
+    return _einsum_result(value, concat, outputs)
+
+
+def _head_splits(heads, outputs):
+    """For each operand, the split op whose i-th output head i reads (equal parts, each read only inside
+    its head), else None."""
+    splits = []
+    for j in range(3):
+        split = heads[0][3][j].op
+        if split is None or split.op_type != "split" or len(split.outputs) != len(heads) or split.axis.val is None:
+            return None
+        for h, o in zip(heads, split.outputs):
+            inside = {id(op) for op in h[1]}
+            if h[3][j] is not o or id(o) in outputs or any(id(r) not in inside for r in o.child_ops):
+                return None
+        if len({tuple(o.shape) for o in split.outputs}) != 1:
+            return None
+        splits.append(split)
+    return splits
+
+
+def _multi_head(concat, outputs):
+    """SPLIT_EINSUM(_V2): concat(one einsum attention per head, or its query chunks), the heads cut from
+    q, k and v by one split each: one SDPA over the heads stacked as an axis, the heads' chains being parallel (the same
+    subscripts) and independent (each reads only its own parts)."""
+    if concat.axis.val is None or _scalar(concat.interleave) or len(concat.values) < 2:
+        return None
+    heads = [_head(v, concat, outputs) for v in concat.values]
+    if any(h is None for h in heads) or len({h[2].perms for h in heads}) != 1:
+        return None
+    splits = _head_splits(heads, outputs)
+    if splits is None:
+        return None
+    n, (to_q, to_k, to_v, back) = len(heads), heads[0][2].perms
+    axes = [int(_scalar(s.axis)) % len(s.x.shape) for s in splits]
+    axis = int(_scalar(concat.axis)) % len(concat.outputs[0].shape)
+
+    def stacked(t, split_axis, perm):  # (*batch, heads, L, E): head i is split output i, permuted
+        t = t.unflatten(split_axis, (n, -1)).movedim(split_axis, 0)
+        return t.permute([0, *(i + 1 for i in perm)]).movedim(0, -3)
+
+    def fn(q, k, v, scale=1.0):
+        y = _sdpa(*(stacked(t, a, p) for t, a, p in zip((q, k, v), axes, (to_q, to_k, to_v))), scale)
+        y = y.movedim(-3, 0).permute([0, *(i + 1 for i in back)])
+        return y.movedim(0, axis).flatten(axis, axis + 1)
+
+    ops = [op for h in heads for op in h[1]] + splits + [concat]
+    return concat, ops, fn, [s.x for s in splits]
 
 
 def _chain(var, outputs, *types):
@@ -217,25 +384,101 @@ def _group_norm(reshape, outputs):
     return back, [reshape, mean, sub, square, *tail, div, back], fn, [x]
 
 
+def _is_weight(var):
+    op = None if var is None else var.op
+    return op is not None and (op.op_type == "const" or op.op_type.startswith("constexpr_"))
+
+
+def _ints(var):
+    return [] if var is None or var.val is None else [int(i) for i in var.val]
+
+
+def _projection(op):
+    """(x, weight, bias or None) of a linear or a 1x1, stride-1, unpadded, ungrouped convolution whose
+    weight and bias are constants of x's dtype, else None."""
+    bias = op.bias if "bias" in op.inputs else None
+    if op.op_type not in ("linear", "conv") or not _is_weight(op.weight) or (bias is not None and not _is_weight(bias)):
+        return None
+    if any(v is not None and v.dtype != op.x.dtype for v in (op.weight, bias, op.outputs[0])):
+        return None
+    if op.op_type == "conv":
+        pads = _ints(op.pad) if _scalar(op.pad_type) == "custom" else []
+        if len(op.weight.shape) != 4 or tuple(op.weight.shape[2:]) != (1, 1) or any(pads) or \
+                any(i != 1 for i in _ints(op.strides)) or int(_scalar(op.groups) or 1) != 1:
+            return None
+    elif len(op.weight.shape) != 2:
+        return None
+    channels = op.x.shape[1 if op.op_type == "conv" else -1]
+    if not all(isinstance(d, int) for d in op.weight.shape) or op.weight.shape[1] != channels:
+        return None
+    return op.x, op.weight, bias
+
+
+def _merged_gemm(ops):
+    """One GEMM for same-input projections (same op type): weights concatenated along the output
+    channels at load (a missing bias is zeros: adding 0 changes no value), the result split back."""
+    sizes = [int(op.weight.shape[0]) for op in ops]
+    conv = ops[0].op_type == "conv"
+
+    def weights(*ws):
+        return torch.cat([w.reshape(w.shape[0], w.shape[1]) for w in ws])
+
+    ins = [ops[0].x, Derived(weights, [op.weight for op in ops])]
+    biases = [op.bias if "bias" in op.inputs else None for op in ops]
+    if any(b is not None for b in biases):
+        present = [b for b in biases if b is not None]
+
+        def bias(*bs):
+            it = iter(bs)
+            return torch.cat([next(it) if b is not None else bs[0].new_zeros(n) for b, n in zip(biases, sizes)])
+
+        ins.append(Derived(bias, present))
+
+    def fn(x, w, b=None):
+        if conv:  # as ops/nn._pointwise_conv: channels-last GEMM, logically NCHW
+            return tuple(y.movedim(-1, 1) for y in F.linear(x.movedim(1, -1), w, b).split(sizes, -1))
+        return F.linear(x, w, b).split(sizes, -1)
+
+    return ops[0], ops, fn, ins, [op.outputs[0] for op in ops]
+
+
+def _gemm_groups(function, absorbed):
+    """Projections not yet absorbed, grouped by (input var, op type), program order kept."""
+    groups = {}
+    for op in function.operations:
+        match = None if id(op) in absorbed else _projection(op)
+        if match is not None:
+            groups.setdefault((id(match[0]), op.op_type), []).append(op)
+    return [ops for ops in groups.values() if len(ops) > 1]
+
+
 def find_fusions(function):
-    """{id(anchor op): (fn, input vars)} and the ids of every op the fusions absorb."""
+    """{id(anchor op): (fn, input vars, output vars)} and the ids of every op the fusions absorb. The anchor's
+    step writes the outputs of all the ops it replaces (several for merged GEMMs)."""
     outputs = {id(v) for v in function.outputs}
     fused, absorbed = {}, set()
+
+    def add(anchor, ops, fn, ins, outs=None):
+        if not any(id(o) in absorbed for o in ops):
+            absorbed.update(id(o) for o in ops)
+            fused[id(anchor)] = (fn, ins, anchor.outputs if outs is None else outs)
+
+    for kind in (_multi_head, _query_chunks):  # multi-head attention first: it takes the per-head chains
+        for op in function.operations:
+            match = kind(op, outputs) if op.op_type == "concat" else None
+            if match is not None:
+                add(*_with_views(match, outputs))
     for op in function.operations:
+        match = None
         if id(op) in absorbed:
             continue
-        match = None
         if op.op_type == "softmax":
             match = _attention(op, outputs) or _einsum_attention(op, outputs)
+            match = match and _with_views(match, outputs)
         elif op.op_type == "reshape":
             match = _group_norm(op, outputs)
-        if match is None:
-            continue
-        anchor, ops, fn, ins = match
-        if any(id(o) in absorbed for o in ops):
-            continue
-        absorbed.update(id(o) for o in ops)
-        fused[id(anchor)] = (fn, ins)
+        if match is not None:
+            add(*match)
+    for ops in _gemm_groups(function, absorbed):
+        add(*_merged_gemm(ops))
     return fused, absorbed
-
-

@@ -13,7 +13,7 @@ from coremltools.converters.mil.mil import types
 from ...errors import UserError
 from .bounds import check_load_size
 from .dtypes import mil_name, storage_dtype
-from .fusion import find_fusions
+from .fusion import Derived, find_fusions
 from .ops import BUILDERS, NotConstant, OpArgs
 from .ops.registry import STATISTICAL
 
@@ -69,11 +69,13 @@ class _Slots:
         return self.index[key]
 
     def is_constant(self, var):
-        if id(var) in self.values or (var.op is not None and var.op.op_type == "const"):
+        if isinstance(var, Derived) or id(var) in self.values or (var.op is not None and var.op.op_type == "const"):
             return True
         return self.parent is not None and self.parent.is_constant(var)
 
     def constant_tensor(self, var):
+        if isinstance(var, Derived):
+            return self._derived(var)
         key = id(var)
         if key not in self.values and self.parent is not None and self.parent.is_constant(var):
             self.values[key] = self.parent.constant_tensor(var)
@@ -86,6 +88,21 @@ class _Slots:
                 if shared is not None:
                     self.shared[shared] = self.values[key]
         return self.values[key]
+
+    def _derived(self, d):
+        """A fusion's constant made once from constants (merged weights), shared like weights when its
+        sources are; they are read without being kept, so only the merged copy stays on the device."""
+        if id(d) not in self.values:
+            keys = tuple(_shared_key(v) for v in d.vars)
+            key = None if None in keys else ("derived",) + keys
+            value = self.shared.get(key)
+            if value is None:
+                sources = [self.values.get(id(v)) for v in d.vars]
+                value = d.fn(*[_const_to_tensor(v, self.device) if t is None else t for v, t in zip(d.vars, sources)])
+                if key is not None:
+                    self.shared[key] = value
+            self.values[id(d)] = value
+        return self.values[id(d)]
 
     def slot(self, var):
         if self.is_constant(var):
@@ -133,14 +150,15 @@ class _Args(OpArgs):
             return vals if isinstance(v, (tuple, list)) else vals[0]
 
 
-def _finisher(fn, op, device):
-    """Casts each output to its declared dtype; on CPU rounds fp16 results through half precision."""
-    if not all(types.is_tensor(o.sym_type) or types.is_scalar(o.sym_type) for o in op.outputs):
+def _finisher(fn, outputs, device, exact=False):
+    """Casts each output to its declared dtype; on CPU rounds fp16 results through half precision unless
+    `exact` (an op of EXACT_OPS)."""
+    if not all(types.is_tensor(o.sym_type) or types.is_scalar(o.sym_type) for o in outputs):
         return fn  # list values (list ops, loops over lists) pass as they are
     specs = []
-    for out in op.outputs:
+    for out in outputs:
         name = mil_name(out.dtype)
-        rounds = device.type == "cpu" and name == "fp16" and op.op_type not in EXACT_OPS
+        rounds = device.type == "cpu" and name == "fp16" and not exact
         specs.append((storage_dtype(name, device), rounds))
 
     def finish(y, dt, rounds):
@@ -173,11 +191,12 @@ def _build(op, device, slots):
         raise UnsupportedOpError(
             f"op {op.name!r} of type {op.op_type!r}: the MIL runtime does not implement input(s) {ignored}"
         )
-    return _finisher(fn, op, device), list(ins)
+    return _finisher(fn, op.outputs, device, op.op_type in EXACT_OPS), list(ins), list(op.outputs)
 
 
 class Plan:
-    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels (fusion.py).
+    """fuse: rewrite attention and group-norm op chains into single PyTorch kernels and merge same-input
+    projections into one GEMM (fusion.py).
     shared_constants: a dict shared by the plans of one model's input-shape specializations, so
     its weights (and their decompressed constexpr values) sit on the device once."""
 
@@ -194,7 +213,8 @@ class Plan:
                     continue
                 kernel = fused.get(id(op))
                 if kernel is not None:
-                    kernel = (_finisher(kernel[0], op, self.device), list(kernel[1]))
+                    fn, ins, outs = kernel
+                    kernel = (_finisher(fn, outs, self.device), list(ins), list(outs))  # fused: never exact
                 steps.extend(self._compile_op(op, slots, kernel))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
@@ -207,18 +227,18 @@ class Plan:
         decompressed = Plan._shared_decompressed(op, slots)
         if decompressed is not None:
             return []
-        fn, ins = kernel or _build(op, slots.device, slots)
+        fn, ins, out_vars = kernel or _build(op, slots.device, slots)
         if op.op_type not in STATISTICAL and all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
-            check_load_size(op, [v.sym_type for v in op.outputs])
+            check_load_size(op, [v.sym_type for v in out_vars])
             result = fn(*[slots.constant_tensor(v) for v in ins])
-            results = result if len(op.outputs) > 1 else (result,)
-            for var, value in zip(op.outputs, results):
+            results = result if len(out_vars) > 1 else (result,)
+            for var, value in zip(out_vars, results):
                 slots.values[id(var)] = value
                 if op.op_type.startswith("constexpr_") and _shared_key(var) is not None:
                     slots.shared[_shared_key(var)] = value
             return []
         in_slots = tuple(slots.slot(v) for v in ins)
-        outs = [slots.runtime(v) for v in op.outputs]
+        outs = [slots.runtime(v) for v in out_vars]
         return [(fn, in_slots, outs[0] if len(outs) == 1 else tuple(outs))]
 
     @staticmethod
