@@ -31,11 +31,13 @@ class ModelSource:
         entry = self.index.get(component)
         return bool(isinstance(entry, list) and entry and entry[0] is not None and (self.root / component).is_dir())
 
-    def require(self, component: str) -> None:
+    def require(self, component: str, flag: str = None) -> None:
+        """The folder holds `component` of a supported class; `flag`: the --convert-* flag that asked for it (the
+        message says to drop it), None where no flag did (generation: use another model)."""
         if not self.has(component):
+            fix = f"drop {flag} or use a model that has one" if flag else "use a model that has one"
             raise UserError(f"model {self.name!r} has no {component} (no '{component}' folder in {self.root} "
-                            f"or no entry in its model_index.json); drop --convert-{component.replace('_', '-')} "
-                            "or use a model that has one")
+                            f"or no entry in its model_index.json); {fix}")
         cls = (self.index[component] + [None, None])[1]
         if component in MODEL_CLASSES and cls != MODEL_CLASSES[component][1]:
             raise UserError(f"unsupported {component} class {cls!r} in {self.name!r}; supported: "

@@ -150,8 +150,11 @@ def recognise(path: Path, entries: dict, asked_prediction: str = None, global_st
 
 def converters(kind: Kind, arch: dict) -> dict:
     """component -> (which checkpoint tensors it reads, checkpoint -> its diffusers state dict)."""
-    jobs = {"unet": (lambda name: name.startswith(UNET_PREFIX), lambda ck: _convert_unet(ck, arch["unet"])),
-            "vae": (lambda name: name.startswith(VAE_PREFIXES), lambda ck: _convert_vae(ck, arch["vae"]))}
+    from diffusers.loaders import single_file_utils as sfu
+    jobs = {"unet": (lambda name: name.startswith(UNET_PREFIX),
+                     lambda ck: sfu.convert_ldm_unet_checkpoint(ck, arch["unet"])),
+            "vae": (lambda name: name.startswith(VAE_PREFIXES),
+                    lambda ck: sfu.convert_ldm_vae_checkpoint(ck, arch["vae"]))}
     for text in kind.texts:
         jobs[text.folder] = (lambda name, text=text: name.startswith(text.prefix),
                              lambda ck, text=text: _convert_text(ck, text, arch))
@@ -181,31 +184,15 @@ def _mismatch(component: str, converted: dict, model) -> str:
 
 
 def _meta_model(component: str, arch: dict):
+    """The component's model (its class from the component table's MODEL_CLASSES) on the meta device."""
+    import importlib
+
     import torch
+    from transformers import CLIPTextConfig
+    library, name = MODEL_CLASSES[component]
+    cls = getattr(importlib.import_module(library), name)
     with torch.device("meta"):
-        return _build(component, arch)
-
-
-def _build(component: str, arch: dict):
-    if component == "unet":
-        from diffusers import UNet2DConditionModel
-        return UNet2DConditionModel(**arch["unet"])
-    if component == "vae":
-        from diffusers import AutoencoderKL
-        return AutoencoderKL(**arch["vae"])
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-    return cls(CLIPTextConfig(**arch[component]))
-
-
-def _convert_unet(checkpoint: dict, config: dict) -> dict:
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    return convert_ldm_unet_checkpoint(checkpoint, config)
-
-
-def _convert_vae(checkpoint: dict, config: dict) -> dict:
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    return convert_ldm_vae_checkpoint(checkpoint, config)
+        return cls(CLIPTextConfig(**arch[component])) if library == "transformers" else cls(**arch[component])
 
 
 def _convert_text(checkpoint: dict, text: TextLayout, arch: dict) -> dict:
@@ -300,8 +287,6 @@ def materialize(path: Path, allow_pickle: bool = False, asked_prediction: str = 
 def _write_folder(dest: Path, found: Recognised, load) -> None:
     import gc
 
-    import torch
-
     from .random_models import load_clip_tokenizer, scheduler_for
 
     arch = found.architecture
@@ -309,8 +294,7 @@ def _write_folder(dest: Path, found: Recognised, load) -> None:
     for component in found.components:
         keep, convert = jobs[component]
         state = convert(load(keep))
-        with torch.device("meta"):
-            model = _build(component, arch)
+        model = _meta_model(component, arch)
         expected = set(model.state_dict())
         missing = expected - set(state)
         if missing:
@@ -359,6 +343,7 @@ def convert_vae_file(path: Path, dest: Path, base) -> None:
     architecture of the model's VAE (SD's when the model has none)."""
     import torch
     from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     config = dict(base.config("vae")) if base.has("vae") else registry.family("sd1")["architecture"]["vae"]
     entries, load, _ = read_entries(path, allow_pickle=True)  # the caller checked pickles against --allow-pickle
@@ -366,12 +351,12 @@ def convert_vae_file(path: Path, dest: Path, base) -> None:
         model = AutoencoderKL.from_config(config)
     diffusers_layout = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in entries)
     meta = _meta_checkpoint(entries)
-    converted = meta if diffusers_layout else _convert_vae(meta, config)
+    converted = meta if diffusers_layout else convert_ldm_vae_checkpoint(meta, config)
     mismatch = _mismatch("vae", converted, model)
     if mismatch:
         raise UserError(f"--custom-vae-version {path}: not a VAE of this model's architecture ({mismatch})")
     state = load(lambda name: True)
-    state = state if diffusers_layout else _convert_vae(state, config)
+    state = state if diffusers_layout else convert_ldm_vae_checkpoint(state, config)
     model.load_state_dict({k: v.contiguous() for k, v in state.items() if k in model.state_dict()},
                           strict=True, assign=True)
     model.save_pretrained(str(dest), safe_serialization=True)

@@ -73,8 +73,7 @@ def parser_spec() -> argparse.ArgumentParser:
     edits.add_argument("--allow-pickle", action="store_true",
                        help="load pickled files (.ckpt, .pt, .bin) for --model-version, --lora, --textual-inversion, "
                             "--custom-vae-version, as tensors only (torch.load weights_only); only for files you trust")
-    edits.add_argument("--prediction-type", choices=PREDICTION_TYPES,
-                       help=PREDICTION_HELP)
+    edits.add_argument("--prediction-type", choices=PREDICTION_TYPES, help=PREDICTION_HELP)
     shape = p.add_argument_group("shapes")
     shape.add_argument("--latent-h", type=positive_int, help="latent height; image height / 8 (default: model config)")
     shape.add_argument("--latent-w", type=positive_int, help="latent width; image width / 8 (default: model config)")

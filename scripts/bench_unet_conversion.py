@@ -70,8 +70,8 @@ def bench_inputs(unet, latent: int, folder: Path):
     """Our converter's sample inputs: encoder_hidden_states in the (B, C, 1, S) layout (SDXL: the added
     conditions too, text_embeds as wide as the folder's text_encoder_2 pools)."""
     from python_coreml_sd.convert.unet import sample_inputs, text_pooled_width
-    from python_coreml_sd.model_sources import ModelSource
-    return sample_inputs(dict(unet.config), 2, latent, latent, 77, text_pooled_width(ModelSource(str(folder), Path(folder))))
+    from python_coreml_sd.model_sources import resolve
+    return sample_inputs(dict(unet.config), 2, latent, latent, 77, text_pooled_width(resolve(str(folder))))
 
 
 def diffusers_layout(inputs: dict) -> dict:

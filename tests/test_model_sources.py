@@ -99,3 +99,15 @@ def test_components_saved_in_fp16_load_in_fp32(tmp_path, tiny_source):
     source = resolve(str(tmp_path / "m"))
     for module in (source.load_text_encoder(), source.load_safety_checker()):
         assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
+def test_missing_component_message_fits_its_context(tmp_path, tiny_source):
+    """Conversion names the --convert-* flag to drop; generation, which has no such flag, does not."""
+    index = dict(tiny_source.index)
+    del index["safety_checker"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    source = resolve(str(tmp_path))
+    with pytest.raises(UserError, match="drop --convert-safety-checker or use a model"):
+        source.require("safety_checker", "--convert-safety-checker")
+    with pytest.raises(UserError, match=r"model_index.json\); use a model that has one"):
+        source.require("safety_checker")

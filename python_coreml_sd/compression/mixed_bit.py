@@ -186,6 +186,7 @@ def _unet_from_folder(path: Path):
 
 def run(args) -> dict:
     """Analyse, choose, measure and write; returns the recipe document."""
+    from python_coreml_sd.package_io import replace_atomically
     start = time.perf_counter()
     name, module, inputs, layers = load_subject(args)
     _progress(f"model: {name}, {len(layers)} palettizable layers, loaded in {time.perf_counter() - start:.1f} s")
@@ -199,12 +200,12 @@ def run(args) -> dict:
     doc = recipe_document(probe, analysis, args, name, seconds)
     if args.plot:
         doc["curve"], doc["uniform"] = tradeoff_curve(probe, analysis), uniform_points(probe, analysis, args.bits)
-    _write(args.out, args.overwrite, lambda tmp: tmp.write_text(json.dumps(doc, indent=2, default=float)))
+    replace_atomically(lambda tmp: tmp.write_text(json.dumps(doc, indent=2, default=float)), args.out, args.overwrite)
     print(f"recipe: {doc['average_bits']:.2f} bits average, {doc['megabytes']:.2f} MB (fp16 {doc['fp16_megabytes']:.2f} "
           f"MB), PSNR predicted {doc['predicted_psnr']:.1f} / measured {doc['measured_psnr']:.1f} dB -> {args.out}")
     if args.plot:
-        _write(args.plot, args.overwrite, lambda tmp: plot(doc["curve"], doc["uniform"], tmp,
-                                                           title=f"{name} UNet: output PSNR vs weight size"))
+        title = f"{name} UNet: output PSNR vs weight size"
+        replace_atomically(lambda tmp: plot(doc["curve"], doc["uniform"], tmp, title=title), args.plot, args.overwrite)
         print(f"plot -> {args.plot}")
     if args.apply:
         print(f"palettized with the recipe -> {apply_recipe(*args.apply, doc['layers'], overwrite=args.overwrite)}")
@@ -219,12 +220,6 @@ def recipe_document(probe: Probe, analysis, args, name: str, seconds: float) -> 
             "target_bits": args.target_bits, "target_psnr": args.target_psnr, "candidate_bits": list(args.bits),
             "analysis_seconds": seconds, "device": args.device,
             "sensitivity": {n: {str(b): v for b, v in l["psnr"].items()} for n, l in analysis["layers"].items()}}
-
-
-def _write(path: Path, overwrite: bool, build) -> None:
-    from python_coreml_sd.package_io import replace_atomically
-
-    replace_atomically(build, path, overwrite)
 
 
 def _progress(line: str) -> None:

@@ -166,13 +166,25 @@ def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
     """What ``cto.palettize_weights`` does, minus re-running the default optimization pipeline on
     the already-optimized program (the saved package is byte-identical and 3-4x faster to make), plus
     clustering the weights ahead in parallel (``bits_of``: const name or None (every other) -> bits)."""
+    from coremltools.converters.mil.converter import mil_convert
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
     palettizer = PASS_REGISTRY["compression::palettize_weights"]
     palettizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    spec = mlmodel.get_spec()
+    version = max(spec.specificationVersion, IOS16_SPEC_VERSION)
     with _gc_frozen():
-        return _palettize_program(mlmodel, palettizer, plan, bits_of)
+        prog = mil_program(mlmodel, version)
+        planned = list(_planned_weights(prog, palettizer, bits_of))
+        workers = worker_count()
+        if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
+            plan.start(planned, workers)
+        palettizer.apply(prog)
+        return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
+                           compute_units=mlmodel.compute_unit, model_description=spec.description,
+                           skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
 
 
 @contextlib.contextmanager
@@ -189,23 +201,6 @@ def _gc_frozen():
         yield
     finally:
         gc.unfreeze()
-
-
-def _palettize_program(mlmodel, palettizer, plan: LutPlan, bits_of: dict):
-    from coremltools.converters.mil.converter import mil_convert
-    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline
-
-    spec = mlmodel.get_spec()
-    version = max(spec.specificationVersion, IOS16_SPEC_VERSION)
-    prog = mil_program(mlmodel, version)
-    planned = list(_planned_weights(prog, palettizer, bits_of))
-    workers = worker_count()
-    if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
-        plan.start(planned, workers)
-    palettizer.apply(prog)
-    return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
-                       compute_units=mlmodel.compute_unit, model_description=spec.description,
-                       skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
 
 
 def resolve_device(device: str) -> str:

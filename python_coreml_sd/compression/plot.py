@@ -1,40 +1,20 @@
-"""The PSNR-against-size picture of mixed-bit recipes (matplotlib when installed, else Pillow)."""
-from __future__ import annotations
-
+"""The PSNR-against-size picture of mixed-bit recipes, drawn with Pillow."""
 from pathlib import Path
 
 import numpy as np
 
+PSNR_CAP = 80.0  # dB: an exact recipe (inf dB) is drawn at the cap
+
 
 def plot(curve, uniform, path, title="PSNR vs model size"):
-    """PNG of PSNR against size: matplotlib when installed, else drawn with Pillow."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _pillow_plot(curve, uniform, path, title)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([p["megabytes"] for p in curve], [_finite(p["measured_psnr"]) for p in curve], "o-", label="mixed-bit")
-    ax.plot([p["megabytes"] for p in uniform], [_finite(p["measured_psnr"]) for p in uniform], "s--", label="uniform")
-    ax.set_xlabel("weights (MB)"), ax.set_ylabel("output PSNR (dB)"), ax.set_title(title), ax.legend()
-    fig.savefig(path, dpi=100)
-    return Path(path)
-
-
-def _finite(v, cap=80.0):
-    return min(v, cap)
-
-
-def _pillow_plot(curve, uniform, path, title):
+    """PNG of PSNR against size (MB), one line per series: the greedy mixed-bit recipes and the uniform bits."""
     from PIL import Image, ImageDraw
 
     width, height, margin = 720, 460, 60
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     xs = [p["megabytes"] for p in curve + uniform]
-    ys = [_finite(p["measured_psnr"]) for p in curve + uniform]
+    ys = [min(p["measured_psnr"], PSNR_CAP) for p in curve + uniform]
     x0, x1 = min(xs), max(xs) or 1
     y0, y1 = min(ys) - 2, max(ys) + 2
 
@@ -48,7 +28,8 @@ def _pillow_plot(curve, uniform, path, title):
         d.text((at(x, y0)[0] - 12, height - margin + 6), f"{x:.2f}", fill="black")
         d.text((8, at(x0, y)[1] - 6), f"{y:.0f}", fill="black")
     for series, color, label in ((curve, "blue", "mixed-bit (greedy)"), (uniform, "red", "uniform bits")):
-        pts = [at(p["megabytes"], _finite(p["measured_psnr"])) for p in sorted(series, key=lambda p: p["megabytes"])]
+        pts = [at(p["megabytes"], min(p["measured_psnr"], PSNR_CAP))
+               for p in sorted(series, key=lambda p: p["megabytes"])]
         d.line(pts, fill=color, width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)

@@ -22,7 +22,7 @@ def check_request(sources: dict, options: ConversionOptions, components: list) -
 
     for component in components:
         source = sources[component]
-        source.require(TABLE[component].source_folder)
+        source.require(TABLE[component].source_folder, TABLE[component].flag)
         source.check_weights(TABLE[component].source_folder)
         outputs = (unet.unet_output_paths(options, component) if component in UNETS
                    else controlnet.output_paths(options) if component == "controlnet"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..package_io import mil_program, save_mlmodel
-from .common import _deployment_target, brief_program_strings, log
+from .common import _deployment_target, brief_program_strings, flat_inputs, log
 
 BALANCE_WINDOW = 0.05  # accept cuts whose chunk-1 weight share is within 45%..55%
 
@@ -37,19 +37,12 @@ def _is_weight(op) -> bool:
 def _weight_bytes(op) -> int:
     """Bytes of the weights an op reads directly from const/constexpr producers."""
     total = 0
-    for var in _input_vars(op):
+    for var in flat_inputs(op):
         if var.op is not None and _is_weight(var.op):
             total += sum(np.asarray(v.val).nbytes for v in var.op.outputs if v.val is not None)
             total += sum(np.asarray(i.val).nbytes for i in var.op.inputs.values()
                          if hasattr(i, "val") and i.val is not None and var.op.op_type != "const")
     return total
-
-
-def _input_vars(op) -> list:
-    out = []
-    for value in op.inputs.values():
-        out.extend(value if isinstance(value, (list, tuple)) else [value])
-    return out
 
 
 def compute_ops(block) -> list:
@@ -61,7 +54,7 @@ def crossing_counts(ops: list, block_outputs: list) -> np.ndarray:
     index = {id(op): i for i, op in enumerate(ops)}
     last_use = {}
     for i, op in enumerate(ops):
-        for var in _input_vars(op):
+        for var in flat_inputs(op):
             if var.op is not None and id(var.op) in index:
                 last_use[id(var)] = (index[id(var.op)], i)
     for var in block_outputs:
@@ -98,7 +91,7 @@ def crossing_vars(block, cut: int) -> list:
     first = {id(op) for op in ops[:cut] if not _is_input_cast(op, block)}
     seen, result = set(), []
     for op in ops[cut:]:
-        for var in _input_vars(op):
+        for var in flat_inputs(op):
             if var.op is not None and id(var.op) in first and id(var) not in seen:
                 seen.add(id(var))
                 result.append(var)
@@ -106,7 +99,7 @@ def crossing_vars(block, cut: int) -> list:
 
 
 def _drop_unused_inputs(func) -> None:
-    used = {id(v) for op in func.operations for v in _input_vars(op)} | {id(v) for v in func.outputs}
+    used = {id(v) for op in func.operations for v in flat_inputs(op)} | {id(v) for v in func.outputs}
     for name in [n for n, v in func.inputs.items() if id(v) not in used]:
         del func._input_dict[name]
 
@@ -143,10 +136,8 @@ def make_first_chunk(prog, cut: int) -> list:
 
 def make_second_chunk(prog, cut: int) -> list:
     """Cut prog in place to ops[cut:], the crossing tensors becoming inputs of the same names."""
-    from coremltools.converters.mil.mil import Placeholder
-
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil import Placeholder, types
 
     func = prog.functions["main"]
     ops = compute_ops(func)
@@ -194,8 +185,7 @@ def _copy_description(source, mlmodel, chunk: int, crossing: list) -> None:
         target = mlmodel.input_description if name in mlmodel.input_description else mlmodel.output_description
         target[name] = text
     meta = mlmodel.user_defined_metadata
-    for key, value in source.user_defined_metadata.items():
-        meta[key] = value
+    meta.update(source.user_defined_metadata)
     meta["com.python_coreml_sd.component"] = f"{meta.get('com.python_coreml_sd.component', 'unet')}_chunk{chunk}"
     meta["com.python_coreml_sd.chunk"] = f"{chunk}/2"
 

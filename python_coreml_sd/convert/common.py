@@ -85,6 +85,16 @@ def run_passes(prog, pass_names: list) -> None:
     prog.validate(check_essential_scope=True)
 
 
+def flat(value) -> list:
+    """A MIL op input's vars: the value itself, or the vars of a tuple input."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def flat_inputs(op) -> list:
+    """Every var a MIL op reads."""
+    return [var for value in op.inputs.values() for var in flat(value)]
+
+
 def trace(module: torch.nn.Module, example_inputs: tuple):
     # check_trace=False skips a second full forward pass and graph comparison: 4x faster on a full UNet.
     with torch.no_grad():
@@ -145,38 +155,25 @@ def describe(mlmodel, options: ConversionOptions, component: str, descriptions: 
     meta["com.python_coreml_sd.converter_version"] = __version__
     meta["com.python_coreml_sd.compute_precision"] = options.compute_precision
     meta["com.python_coreml_sd.min_deployment_target"] = options.min_deployment_target
-    if is_unet(component):
+    if is_unet(component):  # with the most windows its context takes
         meta["com.python_coreml_sd.attention_implementation"] = options.attention_implementation
+        meta["com.python_coreml_sd.max_prompt_chunks"] = str(options.max_prompt_chunks)
     meta[FLAGS_KEY] = json.dumps(recorded_flags(options, component), sort_keys=True)
-    meta.update(shape_metadata(options, component))
+    if options.latent_sizes:  # the enumerated shapes, for people and bundles (default first)
+        meta["com.python_coreml_sd.latent_sizes"] = format_sizes(options.latent_sizes)
     if options.quantize_nbits:
         meta["com.python_coreml_sd.quantize_nbits"] = str(options.quantize_nbits)
     if options.mixed_bit_recipe and is_unet(component):
         meta["com.python_coreml_sd.mixed_bit_recipe"] = Path(options.mixed_bit_recipe).name
-    meta.update(edit_metadata(options, component))
-
-
-def shape_metadata(options: ConversionOptions, component: str) -> dict:
-    """The enumerated shapes a package takes, for people and bundles: its latent sizes (default first) and, for
-    a UNet, the most text-encoder windows its context takes."""
-    meta = {"com.python_coreml_sd.latent_sizes": format_sizes(options.latent_sizes)} if options.latent_sizes else {}
-    if is_unet(component):
-        meta["com.python_coreml_sd.max_prompt_chunks"] = str(options.max_prompt_chunks)
-    return meta
-
-
-def edit_metadata(options: ConversionOptions, component: str) -> dict:
-    """The model edits a package was made with: each LoRA (file, sha256, scale) on every package, the
-    embeddings on the text encoder's, the replacement VAE on the VAE's."""
+    # The model edits: each LoRA (file, sha256, scale) on every package, the embeddings on the text encoder's,
+    # the replacement VAE on the VAE's.
     from ..model_edits import embedding_records, lora_records
-    meta = {}
     if options.loras:
         meta["com.python_coreml_sd.loras"] = json.dumps(lora_records(options), sort_keys=True)
     if options.textual_inversions and component == "text_encoder":
         meta["com.python_coreml_sd.textual_inversions"] = json.dumps(embedding_records(options), sort_keys=True)
     if options.custom_vae_version and component.startswith("vae"):
         meta["com.python_coreml_sd.custom_vae_version"] = str(options.custom_vae_version)
-    return meta
 
 
 def compress(mlmodel, options: ConversionOptions, component: str):

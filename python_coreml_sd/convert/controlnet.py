@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ..components import SDXL, TABLE, controlled_dims, interface_of, text_pooled_width, with_residuals
+from ..components import SDXL, TABLE, controlled_dims, interface_of, text_pooled_width
 from ..controlnets import resolve_controlnet
 from ..layers.unet import DiffusersControlNet
 from .common import convert_traced_component, kept_existing
-from .unet import DESCRIPTIONS, check_controlled_sizes, example_dims, latent_size, sample_inputs, text_sequence_length
+from .unet import (DESCRIPTIONS, check_controlled_sizes, enumerated_shapes, example_dims, latent_size, sample_inputs,
+                   text_sequence_length)
 
 CONTROLNET_DESCRIPTIONS = {
     **{k: DESCRIPTIONS[k] for k in TABLE["unet"].io(SDXL).inputs},
@@ -40,21 +41,14 @@ def example_inputs(unet_config: dict, batch: int, h: int, w: int, seq_len: int, 
     return inputs
 
 
-def enumerated_shapes(unet_config: dict, inputs: dict, options) -> dict:
-    """The ControlNet inputs' enumerated shapes: each --latent-sizes size (its residuals) by 1..--max-prompt-chunks
-    windows, as the controlled UNet's, so that the two pair variant by variant; {} for one shape."""
-    variants = example_dims(unet_config, inputs).variants(options.sizes_or(unet_config["sample_size"]),
-                                                         options.max_prompt_chunks)
-    return TABLE["controlnet"].enumerated_shapes(with_residuals(variants, unet_config), interface_of(unet_config))
-
-
 def convert_controlnets(source, options) -> list:
     unet_config = source.config("unet")
     batch, (h, w) = 1 if options.unet_batch_one else 2, latent_size(unet_config, options)
     inputs = example_inputs(unet_config, batch, h, w, text_sequence_length(source, options), text_pooled_width(source))
     io = TABLE["controlnet"].io(interface_of(unet_config))
     outputs = io.output_names(example_dims(unet_config, inputs, controlled_dims))
-    enumerated = enumerated_shapes(unet_config, inputs, options)
+    # each --latent-sizes size by 1..--max-prompt-chunks windows, as the controlled UNet's: they pair variant by variant
+    enumerated = enumerated_shapes(unet_config, inputs, options, "controlnet")
     descriptions = {**{k: CONTROLNET_DESCRIPTIONS[k] for k in io.inputs}, **dict.fromkeys(outputs, RESIDUAL_DESCRIPTION)}
     written = []
     for name, out in zip(options.controlnets, output_paths(options)):

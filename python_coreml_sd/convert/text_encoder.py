@@ -4,6 +4,7 @@ SDXL's two encoders (Apple's interface): `hidden_embeds`, the penultimate layer'
 `pooled_outputs`: the pooler output of `text_encoder` (CLIPTextModel), the projected `text_embeds` of
 `text_encoder_2` (CLIPTextModelWithProjection), which the UNet takes as its pooled condition."""
 from collections import OrderedDict
+from functools import partial
 
 import torch
 
@@ -59,11 +60,11 @@ def check_options(source, options) -> None:
                         f"use at most {positions}")
 
 
-def _convert(source, options, component: str, load) -> list:
+def convert_text_encoder(source, options, component: str = "text_encoder") -> list:
     if kept_existing([output_path(options, component)], options, component):
         return [output_path(options, component)]
     family = source.interface
-    wrapper = wrapper_for(load(), family)
+    wrapper = wrapper_for(source.load(component), family)
     length = options.text_token_sequence_length or wrapper.text_encoder.config.max_position_embeddings
     interface = TABLE[component].io(family)
     return convert_traced_component(wrapper, sample_inputs(wrapper.text_encoder, length), list(interface.outputs),
@@ -71,10 +72,5 @@ def _convert(source, options, component: str, load) -> list:
                                     {k: v for k, v in DESCRIPTIONS.items() if k in interface.inputs + interface.outputs})
 
 
-def convert_text_encoder(source, options) -> list:
-    return _convert(source, options, "text_encoder", source.load_text_encoder)
-
-
-def convert_text_encoder_2(source, options) -> list:
-    """SDXL's second text encoder (converted with --convert-text-encoder, as Apple's)."""
-    return _convert(source, options, "text_encoder_2", source.load_text_encoder_2)
+# SDXL's second text encoder (converted with --convert-text-encoder, as Apple's)
+convert_text_encoder_2 = partial(convert_text_encoder, component="text_encoder_2")

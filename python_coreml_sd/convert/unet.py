@@ -15,6 +15,7 @@ import gc
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from ..layers.attention import DEFAULT_QUERY_CHUNK
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
                            check_supported, from_diffusers, query_chunk_plan)
 from .options import IOS18_TARGETS
-from .common import (_deployment_target, brief_program_strings, check_correctness, describe, fresh_op_names,
-                     kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
+from .common import (_deployment_target, brief_program_strings, check_correctness, describe, flat, flat_inputs,
+                     fresh_op_names, kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
 DESCRIPTIONS = {
     "sample": "Noisy latents being denoised, (B, 4, latent height, latent width); an inpainting UNet's (B, 9, ...): "
@@ -164,8 +165,9 @@ def example_dims(config: dict, inputs: dict, dims_of=unet_dims) -> Dims:
 
 
 def enumerated_shapes(config: dict, inputs: dict, options, component: str = "unet") -> dict:
-    """The UNet inputs' enumerated shapes (components.Dims.variants): every --latent-sizes size by every context
-    of 1..--max-prompt-chunks windows; {} for a UNet of one shape. `inputs`: the default shape's example."""
+    """The inputs' enumerated shapes of `component` (a UNet, or the ControlNet steering one; components.Dims.variants):
+    every --latent-sizes size by every context of 1..--max-prompt-chunks windows; {} for one shape. `inputs`: the
+    default shape's example."""
     variants = example_dims(config, inputs).variants(options.sizes_or(config["sample_size"]), options.max_prompt_chunks)
     if controlled(inputs):  # each size its own residuals
         variants = with_residuals(variants, config)
@@ -259,15 +261,10 @@ def convert_unet(source, options, component: str = "unet") -> list:
     return [out, *chunk_mlpackage(out, options)]
 
 
-def convert_refiner(source, options) -> list:
-    """SDXL's refiner UNet (`source` is the --refiner-version model), Apple's names: <model>_refiner.mlpackage."""
-    return convert_unet(source, options, "refiner")
-
-
-def convert_controlled_unet(source, options) -> list:
-    """--unet-support-controlnet: the UNet taking a ControlNet's residuals, Apple's names
-    (<model>_control-unet.mlpackage, Resources: ControlledUnet)."""
-    return convert_unet(source, options, "control-unet")
+# SDXL's refiner UNet (`source`: the --refiner-version model), <model>_refiner.mlpackage; --unet-support-controlnet:
+# the UNet taking a ControlNet's residuals, <model>_control-unet.mlpackage (Resources: ControlledUnet)
+convert_refiner = partial(convert_unet, component="refiner")
+convert_controlled_unet = partial(convert_unet, component="control-unet")
 
 
 def check_recipe(source, options) -> None:
@@ -478,12 +475,8 @@ def _register_streaming_fp16_pass():
         def fp16_overflow(op) -> bool:
             """The stock check, without its per-element index arrays (40 s of a 100 s SD 1.5 UNet
             conversion): does a finite fp32 const input (|x| < 1e38) exceed the fp16 range?"""
-            for value in op.inputs.values():
-                for var in value if isinstance(value, (list, tuple)) else [value]:
-                    if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
-                        if _exceeds_fp16(np.asarray(var.op.val.val)):
-                            return True
-            return False
+            return any(var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
+                       and _exceeds_fp16(np.asarray(var.op.val.val)) for var in flat_inputs(op))
 
         def _check_underflow_to_zero(self, new_var, var):
             # The stock check looks at arrays of fewer than 400 values only, but flattens (copies) every
@@ -512,7 +505,7 @@ def _register_streaming_fp16_pass():
             for param, value in op.inputs.items():
                 if not self.should_cast_parameter(op, param):
                     continue
-                items = [self._fp16_input(var, op) for var in (value if isinstance(value, (list, tuple)) else [value])]
+                items = [self._fp16_input(var, op) for var in flat(value)]
                 if any(new is not old for new, old in zip(items, flat(value))):
                     changed = True
                 inputs[param] = tuple(items) if isinstance(value, (list, tuple)) else items[0]
@@ -567,14 +560,6 @@ def _register_streaming_fp16_pass():
                     block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=const,
                                                       force_replace=True)
                 block.remove_ops([op])
-
-
-def flat(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def flat_inputs(op) -> list:
-    return [var for value in op.inputs.values() for var in flat(value)]
 
 
 def _exceeds_fp16(values: np.ndarray) -> bool:

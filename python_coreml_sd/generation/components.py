@@ -125,8 +125,7 @@ def find_packages(folder: Path, model_version: str = None) -> dict:
 def _one_package(folder: Path, component: str, paths: list, model_version: str) -> Path:
     if len(paths) == 1:
         return paths[0]
-    from ..convert.common import package_name
-    wanted = [p for p in paths if model_version and p.name == package_name(model_version, component)]
+    wanted = [p for p in paths if model_version and p.name == TABLE[component].package_name(model_version)]
     if len(wanted) == 1:
         return wanted[0]
     raise UserError(f"models folder {folder} holds {len(paths)} {component} packages ({', '.join(p.name for p in paths)}); "
@@ -257,19 +256,10 @@ class TorchModel:
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outputs)}
 
-
     def _tensor(self, name, value):
         tensor = torch.as_tensor(np.asarray(value), device=self.device)
         # Token ids stay fp32: fp16 holds integers exactly only up to 2048, CLIP's ids reach 49407.
         return tensor.float() if name == "input_ids" else tensor.to(self.dtype)
-
-
-def names(component: str, family: str = SD, dims: Dims = None) -> tuple:
-    """(input names, output names) of a component in a model family, from the table (with `dims`, the
-    numbered ControlNet residuals too)."""
-    interface = TABLE[component].io(family)
-    dims = dims or Dims(1, 1)
-    return list(interface.input_names(dims)), list(interface.output_names(dims))
 
 
 def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety_checker=True,
@@ -312,7 +302,9 @@ def load_torch(source, latent_hw, device="cpu", dtype=torch.float32, with_safety
         all_dims["refiner"] = xl_dims(dict(refiner_unet.config), dims.unet_batch, *latent_hw, dims.sequence,
                                       text_pooled_width(refiner))
     sizes = tuple(latent_sizes) or (tuple(latent_hw),)
-    return ModelSet({name: Component(TorchModel(module, *names(specs[name], family, dims), device, dtype),
+    io = {name: TABLE[spec].io(family) for name, spec in specs.items()}  # names with the numbered residuals
+    return ModelSet({name: Component(TorchModel(module, io[name].input_names(dims), io[name].output_names(dims),
+                                                device, dtype),
                                      TABLE[specs[name]].input_shapes(all_dims[name], family),
                                      enumerated=declared_shapes(specs[name], all_dims[name], family, sizes,
                                                                 prompt_chunks, unet.config))

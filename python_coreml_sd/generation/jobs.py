@@ -73,14 +73,13 @@ class ParityJob:
         return [Path(self.output_dir) / name for name in self.outputs]
 
 
-def _check_job(requests: list, output_dir: Path, targets: list, overwrite: bool, controlnets=None) -> None:
+def _check_job(requests: list, output_dir: Path, targets: list, overwrite: bool, controlnets: tuple) -> None:
     if not requests:
         raise UserError("nothing to generate: no prompt and seed given")
     for request in requests:
         request.validate()
-    if controlnets is not None:
-        for request in requests:
-            check_control_counts(request, len(controlnets), controlnets)
+    for request in requests:
+        check_control_counts(request, len(controlnets), controlnets)
     check_output_dir(output_dir)
     for target in targets:  # refuse before generating, not after
         if target.exists() and not overwrite:

@@ -50,10 +50,6 @@ def _sizes_text(sizes) -> str:
     return ", ".join(f"{h}x{w}" for h, w in sizes)
 
 
-def _takes_generator(scheduler) -> bool:
-    return "generator" in inspect.signature(scheduler.step).parameters
-
-
 @dataclass
 class GenerationRequest:
     prompt: str
@@ -108,7 +104,13 @@ class GenerationRequest:
             raise UserError(f"--guidance-scale must be a finite number, got {self.guidance_scale}")
         if self.image is not None and self.strength is not None and not 0 < self.strength <= 1:  # also refuses nan
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
-        self._validate_mask()
+        if self.mask is not None and self.image is None:
+            raise UserError("--mask needs --image IMAGE: the picture whose white-masked part is repainted")
+        if self.mask is not None and self.mask.size != self.image.size:
+            raise UserError(f"--mask is {self.mask.size[0]}x{self.mask.size[1]} but --image is {self.image.size[0]}x"
+                            f"{self.image.size[1]}; the mask must cover the image pixel for pixel (white: repaint)")
+        if self.mask is not None and self.refiner_start is not None:
+            raise UserError("--mask with --refiner-start is not supported yet: inpaint with the base alone")
         if self.refiner_start is not None and not 0 < self.refiner_start < 1:  # also refuses nan
             raise UserError(f"--refiner-start must be in (0, 1) (the fraction of the steps the base runs), got "
                             f"{self.refiner_start}")
@@ -116,17 +118,6 @@ class GenerationRequest:
                            ("--target-size", self.target_size)):
             if pair is not None and (len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair)):
                 raise UserError(f"{flag} takes two numbers of at least 0 (height width, or y x), got {pair}")
-
-    def _validate_mask(self):
-        if self.mask is None:
-            return
-        if self.image is None:
-            raise UserError("--mask needs --image IMAGE: the picture whose white-masked part is repainted")
-        if self.mask.size != self.image.size:
-            raise UserError(f"--mask is {self.mask.size[0]}x{self.mask.size[1]} but --image is {self.image.size[0]}x"
-                            f"{self.image.size[1]}; the mask must cover the image pixel for pixel (white: repaint)")
-        if self.refiner_start is not None:
-            raise UserError("--mask with --refiner-start is not supported yet: inpaint with the base alone")
 
 
 # diffusers' default strength with a mask: StableDiffusionInpaintPipeline's 1, StableDiffusionXLInpaintPipeline's
@@ -151,11 +142,6 @@ def check_control_counts(request: GenerationRequest, count: int, names=()) -> No
     if count and scales not in (1, count):
         raise UserError(f"--controlnet-scale: {scales} scales for {count} ControlNets{listed}; pass one scale for all "
                         "or one per ControlNet")
-
-
-def scales_for(request: GenerationRequest, count: int) -> tuple:
-    """Each ControlNet's scale (one given: the same for all)."""
-    return request.controlnet_scale * count if len(request.controlnet_scale) == 1 else request.controlnet_scale
 
 
 @dataclass(frozen=True)
@@ -249,7 +235,8 @@ class StableDiffusionPipeline:
         # With --mask and no --control-image, the one ControlNet is an inpaint ControlNet: the masked image steers it
         conds = ([self.control_condition(image) for image in request.control_image] if request.control_image
                  else [self.inpaint_control_condition(request)])
-        for key, cond, scale in zip(keys, conds, scales_for(request, len(keys))):
+        scales = request.controlnet_scale  # one given: the same for all
+        for key, cond, scale in zip(keys, conds, scales * len(keys) if len(scales) == 1 else scales):
             inputs[control_input("controlnet_cond", key)] = np.concatenate([cond, cond])
             inputs[control_input("controlnet_scale", key)] = np.full((2,), scale, np.float32)
         return inputs
@@ -366,27 +353,21 @@ class StableDiffusionPipeline:
                         for text, c in zip((prompt, negative_prompt), chunks))
         return cond, np.concatenate([uncond, cond])
 
-    def xl_tokenizers(self) -> dict:
-        return {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
-
     def xl_windows(self, texts) -> dict:
         """{text: {encoder: PromptChunks}}: each text's windows for both SDXL tokenizers, all padded to one count
         (the fewest the UNet takes that hold the longest), so the prompt and its negative pair up."""
-        chunks = {text: {name: self.prompt_chunks(text, tokenizer=tokenizer)
-                         for name, tokenizer in self.xl_tokenizers().items()} for text in dict.fromkeys(texts)}
+        tokenizers = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
+        chunks = {text: {name: self.prompt_chunks(text, tokenizer=tokenizer) for name, tokenizer in tokenizers.items()}
+                  for text in dict.fromkeys(texts)}
         count = self.window_count(c.count for per_text in chunks.values() for c in per_text.values())
-        return {text: {name: padded(c, count, self.xl_tokenizers()[name]) for name, c in per_text.items()}
+        return {text: {name: padded(c, count, tokenizers[name]) for name, c in per_text.items()}
                 for text, per_text in chunks.items()}
 
-    def encode_xl(self, text: str, cache: dict = None, windows: dict = None) -> dict:
+    def encode_xl(self, windows: dict) -> dict:
         """SDXL's text conditioning, as diffusers' encode_prompt, window by window as compel and A1111 do: each
         encoder's penultimate states side by side on channels, the windows one after another on the sequence, in
         the UNet's (1, C, 1, S) layout; text_encoder_2's pooled text_embeds (1, P) of the first window.
-        `windows`: {encoder: PromptChunks} (default: this text's own); `cache`: text -> encodings of one generation
-        (the refiner reuses the base's)."""
-        if cache is not None and text in cache:
-            return cache[text]
-        windows = windows or self.xl_windows([text])[text]
+        `windows`: a text's {encoder: PromptChunks} (`xl_windows`)."""
         states, pooled = TABLE["text_encoder_2"].io(SDXL).outputs
         # Prompt weights scale each encoder's states (the pooled embedding stays unweighted, as A1111's).
         hidden, first_pooled = {}, None
@@ -395,20 +376,18 @@ class StableDiffusionPipeline:
                     for ids in chunks.ids]
             hidden[name] = np.concatenate([weighted(out[states], w) for out, w in zip(outs, chunks.weights)], axis=1)
             first_pooled = outs[0][pooled] if name == "text_encoder_2" else first_pooled
-        encoded = {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
-                   "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
-                   "pooled_embeddings": first_pooled.astype(np.float32)}
-        if cache is not None:
-            cache[text] = encoded
-        return encoded
+        return {"text_embeddings": text_to_unet_layout(np.concatenate(list(hidden.values()), axis=-1)),
+                "text_encoder_hidden": hidden["text_encoder"], "text_encoder_2_hidden": hidden["text_encoder_2"],
+                "pooled_embeddings": first_pooled.astype(np.float32)}
 
     def encode_xl_pair(self, request, cache: dict = None) -> tuple:
-        """(conditional, unconditional) encode_xl of the prompt and negative prompt, with as many windows each."""
+        """(conditional, unconditional) encode_xl of the prompt and negative prompt, with as many windows each;
+        `cache`: text -> encodings of one generation (the refiner reuses the base's)."""
         texts = (request.prompt, request.negative_prompt)
-        if cache is not None and all(text in cache for text in texts):  # the refiner's, after the base's
-            return tuple(cache[text] for text in texts)
-        windows = self.xl_windows(texts)
-        return tuple(self.encode_xl(text, cache, windows[text]) for text in texts)
+        cache = {} if cache is None else cache
+        if not all(text in cache for text in texts):  # each distinct text encoded once
+            cache.update((text, self.encode_xl(windows)) for text, windows in self.xl_windows(texts).items())
+        return tuple(cache[text] for text in texts)
 
     def refiner_conditioning(self, request, cache: dict = None) -> tuple:
         """The refiner's (embeddings, added conditions): text_encoder_2's states alone, its pooled embeds, time
@@ -463,11 +442,10 @@ class StableDiffusionPipeline:
             uncond, cond = half(0) if guided else None, half(1)
         return uncond + guidance_scale * (cond - uncond) if guided else cond
 
-    def initial_latents(self, request, scheduler, rng: RandomSource, draws: dict = None):
-        """(latents, timesteps) the loop starts from; `draws` (a dict), when given, receives the draw `noise` and,
-        for img2img, the image's `image_latents` (what a 4-channel UNet's mask blend re-noises)."""
+    def initial_latents(self, request, scheduler, rng: RandomSource, draws: dict):
+        """(latents, timesteps) the loop starts from; `draws` receives the draw `noise` and, for img2img, the
+        image's `image_latents` (what a 4-channel UNet's mask blend re-noises)."""
         shape = (1, self.latent_channels, self.latent_h, self.latent_w)
-        draws = {} if draws is None else draws
         scheduler.set_timesteps(request.num_inference_steps)
         timesteps = scheduler.timesteps
         # diffusers' inpainting at strength 1 starts from noise alone (the image enters through the mask inputs)
@@ -489,17 +467,16 @@ class StableDiffusionPipeline:
         # Draw order as before the moments interface (diagonal_noise, then noise), so a seed keeps its image.
         if "x" not in encoder.input_shapes and "diagonal_noise" in encoder.input_shapes:
             return self._legacy_encoder_latents(request, rng, shape, signal, noise_scale), timesteps
-        moments = encoder.predict(VAE_ENCODER.feed(self.preprocess(request.image)))[VAE_ENCODER.outputs[0]]
-        diagonal_noise, noise = rng.normal(shape), rng.normal(shape)
-        latents = np.float32(self.vae_scaling_factor) * sample_posterior(moments, diagonal_noise)
+        latents = self.encode_image(self.preprocess(request.image), rng)  # draws diagonal_noise, then noise
+        noise = rng.normal(shape)
         draws.update(noise=noise, image_latents=latents)
         return np.float32(signal) * latents + np.float32(noise_scale) * noise, timesteps
 
     def _moments_encoder(self):
         encoder = self.models["vae_encoder"] if "vae_encoder" in self.models else None
         if encoder is None or "x" not in encoder.input_shapes:
-            raise UserError("inpainting needs a VAE encoder with the `x` -> `latent` moments interface; convert it "
-                            "with --convert-vae-encoder")
+            raise UserError("img2img and inpainting need a VAE encoder with the `x` -> `latent` moments interface; "
+                            "convert it with --convert-vae-encoder")
         return encoder
 
     def encode_image(self, image: np.ndarray, rng: RandomSource) -> np.ndarray:
@@ -653,7 +630,8 @@ class StableDiffusionPipeline:
         condition = self.inpaint_condition(request, rng, intermediates) if self.inpaint else None
         blend = (self.mask_blend(request, rng, start_draws, intermediates)
                  if request.mask is not None and not self.inpaint else None)
-        step_kwargs = {"generator": rng.torch_generator()} if _takes_generator(scheduler) else {}
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": rng.torch_generator()} if takes_generator else {}
         stages = [("unet", scheduler, timesteps, embeddings, added)]
         if request.refiner_start is not None:
             base, refiner, refiner_steps = self.split_for_refiner(request, scheduler, timesteps)

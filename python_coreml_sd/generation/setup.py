@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from ..components import TOKENIZER_FILES
-from ..controlnets import controlnet_names
+from ..controlnets import controlnet_names, resolve_controlnet
 from ..errors import UserError
 from ..model_sources import resolve
 from ..runtime import RUNTIME_BACKENDS
@@ -16,11 +16,6 @@ from .pipeline import StableDiffusionPipeline
 PIPELINE_BACKENDS = (*RUNTIME_BACKENDS, "torch")
 
 
-def check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda needs a CUDA GPU and a CUDA build of PyTorch; none is visible, use --device cpu")
-
-
 def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2img=False,
                      model_version=None, controlnets=(), torch_compile=False) -> ModelSet:
     if models_dir is None:
@@ -29,15 +24,6 @@ def converted_models(models_dir, backend, device="cpu", compute_unit="ALL", img2
     # SDXL's text_encoder_2 is required by the pipeline once it sees the UNet's added conditions
     return load_converted(Path(models_dir), backend, device, compute_unit, needed, model_version, controlnets,
                           torch_compile)
-
-
-def reference_models(source, latent_sizes, device="cpu", precision="float32", refiner=None, controlnets=(),
-                     prompt_chunks: int = 1) -> ModelSet:
-    from ..controlnets import resolve_controlnet
-    dtype = {"float32": torch.float32, "float16": torch.float16}[precision]
-    return load_torch(source, latent_sizes[0], device=device, dtype=dtype, refiner=refiner,
-                      controlnets=[resolve_controlnet(name) for name in controlnets], latent_sizes=latent_sizes,
-                      prompt_chunks=prompt_chunks)
 
 
 def build_pipeline(models: ModelSet, source, progress=True, tokenizer=None, models_dir=None) -> StableDiffusionPipeline:
@@ -92,7 +78,8 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
     backend's UNet under torch.compile."""
     if backend not in PIPELINE_BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(PIPELINE_BACKENDS)}")
-    check_device(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda needs a CUDA GPU and a CUDA build of PyTorch; none is visible, use --device cpu")
     if torch_compile and backend != "mil":
         raise UserError(f"--torch-compile compiles the MIL runtime's UNet: it needs --backend mil, not {backend}")
     if models_dir is not None:  # a .zip bundle is extracted (checked, once) into the cache
@@ -104,11 +91,12 @@ def open_pipeline(backend, models_dir=None, model_version="tiny", device="cpu", 
     if backend == "torch":
         latent_sizes, prompt_chunks = (_converted_shapes(models_dir, model_version) if models_dir else
                                        (requested_latent_sizes(source, sizes), 1))
-        refiner = None
-        if refiner_version:
-            from ..convert.sdxl import refiner_source
-            refiner = refiner_source(refiner_version)
-        models = reference_models(source, latent_sizes, device, torch_precision, refiner, controlnets, prompt_chunks)
+        from ..convert.sdxl import refiner_source
+        refiner = refiner_source(refiner_version) if refiner_version else None
+        dtype = {"float32": torch.float32, "float16": torch.float16}[torch_precision]
+        models = load_torch(source, latent_sizes[0], device=device, dtype=dtype,
+                            refiner=refiner, controlnets=[resolve_controlnet(name) for name in controlnets],
+                            latent_sizes=latent_sizes, prompt_chunks=prompt_chunks)
         models.any_prompt_length = models_dir is None  # no package fixes the context's windows
     else:
         models = converted_models(models_dir, backend, device, compute_unit, img2img, model_version, controlnets,
@@ -132,21 +120,15 @@ def requested_latent_sizes(source, sizes) -> tuple:
     return tuple(dict.fromkeys(latent))
 
 
-def _unet_of(models_dir, model_version=None) -> tuple:
-    """(component, path, every package found) of the converted UNet (whole, first chunk, or controlled) the torch
-    backend reads its shapes from."""
-    from .components import find_packages
+def _converted_shapes(models_dir, model_version=None) -> tuple:
+    """(latent sizes, default first; prompt windows) of the converted UNet (whole, first chunk, or controlled),
+    so the reference takes the same."""
+    from .components import _package_inputs, check_inputs, find_packages
     found = find_packages(Path(models_dir), model_version)
     component = next((c for c in ("unet", "unet_chunk1", "control-unet", "control-unet_chunk1") if c in found), None)
     if component is None:
         raise UserError(f"models folder {models_dir} has no UNet package to read the latent size from")
-    return component, found[component], found
-
-
-def _converted_shapes(models_dir, model_version=None) -> tuple:
-    """(latent sizes, default first; prompt windows) of the converted UNet, so the reference takes the same."""
-    from .components import _package_inputs, check_inputs
-    component, path, found = _unet_of(models_dir, model_version)
+    path = found[component]
     shapes, _, enumerated = _package_inputs(path)
     check_inputs(component, path, shapes)
     second = component.replace("_chunk1", "_chunk2")

@@ -300,7 +300,6 @@ class UNet2DConditionModelANE(nn.Module):
             x = block(x, skips, temb, encoder_hidden_states)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
-
     def added_conditions(self, time_ids, text_embeds, flip, shift):
         """SDXL's: each time id's sinusoidal embedding, concatenated after the pooled text embeddings,
         (B, P + N * D, 1, 1), as diffusers' add_time_proj and concat."""

@@ -21,7 +21,6 @@ def load_model(path, backend="mil", device="cpu", compute_unit="ALL", **mil_opti
     """
     if backend == "mil":
         from .mil import MILModel
-
         return MILModel(path, device=device, **mil_options)
     if backend == "coreml":
         return _load_coreml(path, compute_unit)
@@ -30,10 +29,8 @@ def load_model(path, backend="mil", device="cpu", compute_unit="ALL", **mil_opti
 
 def _load_coreml(path, compute_unit):
     if platform.system() != "Darwin":
-        raise UserError(
-            f"backend 'coreml' needs macOS (Core ML runs only on Apple systems); "
-            f"this is {platform.system()}: use backend 'mil'"
-        )
+        raise UserError(f"backend 'coreml' needs macOS (Core ML runs only on Apple systems); this is "
+                        f"{platform.system()}: use backend 'mil'")
     import coremltools as ct
 
     from ..package_check import check_package
