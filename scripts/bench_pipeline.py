@@ -133,6 +133,7 @@ def main():
     source, models = torch_models(folder, models_dir, args.device, precision, args.safety_checker)
     result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
     rows.append(("torch eager", result, warmup))
+    print(f"torch eager: {result.seconds_total:.2f} s / image (warm-up {warmup:.1f} s)", flush=True)
     if not args.no_fast_torch:
         eager_unet = fast_unet(models, args.device)
         label = ("torch, UNet torch.compile + CUDA graph" if args.device == "cuda"
@@ -152,12 +153,14 @@ def main():
             label = "torch, UNet eager + CUDA graph (torch.compile failed)"
             result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
         rows.append((label, result, warmup))
+        print(f"{label}: {result.seconds_total:.2f} s / image (warm-up {warmup:.1f} s)", flush=True)
     del models
     gc.collect()
     for label, torch_compile in [("mil", False)] + ([] if args.no_compiled_mil else [("mil, UNet torch.compile", True)]):
         source, models = mil_models(folder, models_dir, args.device, args.safety_checker, torch_compile)
         result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
         rows.append((label, result, warmup))
+        print(f"{label}: {result.seconds_total:.2f} s / image (warm-up {warmup:.1f} s)", flush=True)
         del models
         gc.collect()
 
