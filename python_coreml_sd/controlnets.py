@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
-from .errors import UserError
+from .errors import UserError, first_line
 from .model_sources import load_diffusers_model, read_json_object
 
 # What a ControlNet shares with the UNet it controls: the shapes of its residuals and of its text input.
@@ -29,7 +29,7 @@ class ControlNetSource:
         try:
             return load_diffusers_model(ControlNetModel, self.root).eval()
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"cannot load ControlNet {self.name!r} from {self.root}: {str(exc).splitlines()[0]}") from exc
+            raise UserError(f"cannot load ControlNet {self.name!r} from {self.root}: {first_line(exc)}") from exc
 
     def check_fits(self, unet_config: dict, model: str) -> None:
         """A UserError unless this is a ControlNetModel made for a UNet of this architecture (SDXL's for SDXL's)."""

@@ -14,3 +14,9 @@ class CheckFailed(Exception):
     """A verification ran and failed (for example PSNR under the threshold): exit code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: Exception, limit: int = 300) -> str:
+    """An exception's first message line for a one-line error (its type's name when the message is empty)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -10,7 +10,7 @@ import logging
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger("python_coreml_sd")
 
@@ -49,7 +49,7 @@ def lora_state_dict(path: Path, allow_pickle: bool = False, xl: bool = False):
         state, alphas = StableDiffusionPipeline.lora_state_dict(tensors)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
         raise UserError(f"LoRA {path} is in no format diffusers reads (diffusers/PEFT or kohya): "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     if not xl and _is_xl(state):
         raise _not_sd(path)
     return state, alphas
@@ -80,11 +80,6 @@ def lora_modules(state: dict, component: str) -> set:
     return {_LORA_SUFFIX.sub("", k) for k in own}
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 def merge_loras(model, component: str, loras: list, model_name: str) -> dict:
     """Merge each (LoraSpec, state, alphas) that has tensors for `component` into `model` in place;
     returns {lora path: (matched, targeted)} module counts. A LoRA whose tensors fit no module, or do
@@ -109,10 +104,10 @@ def merge_loras(model, component: str, loras: list, model_name: str) -> dict:
             if "not found in the base model" in str(exc) or "Target modules" in str(exc):
                 counts[str(spec.path)] = (0, len(targeted))
                 continue
-            raise UserError(f"LoRA {spec.path} does not fit the {component} of {model_name!r}: {_first_line(exc)}") from None
+            raise UserError(f"LoRA {spec.path} does not fit the {component} of {model_name!r}: {first_line(exc)}") from None
         except (RuntimeError, KeyError, TypeError) as exc:  # size mismatch: another family or rank
             raise UserError(f"LoRA {spec.path} does not fit the {component} of {model_name!r} (another model family, "
-                            f"or ranks that differ): {_first_line(exc)}") from None
+                            f"or ranks that differ): {first_line(exc)}") from None
         matched = sum(1 for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A)
         counts[str(spec.path)] = (matched, len(targeted))
         if component == "unet":

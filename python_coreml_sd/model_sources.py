@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import registry
 from .components import MODEL_CLASSES
-from .errors import UserError
+from .errors import UserError, first_line
 
 # The module each model_index.json library's classes are imported from; a tokenizer folder is CLIP's.
 LIBRARY_MODULES = {"stable_diffusion": "diffusers.pipelines.stable_diffusion.safety_checker"}
@@ -71,7 +71,7 @@ class ModelSource:
                 module = cls.from_pretrained(str(folder), dtype=FLOAT32, use_safetensors=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"cannot load {component} of {self.name!r} from {folder}: "
-                            f"{str(exc).splitlines()[0]}") from exc
+                            f"{first_line(exc)}") from exc
         return module.eval() if hasattr(module, "eval") else module
 
     load_unet = functools.partialmethod(load, "unet")
@@ -249,6 +249,6 @@ def _download_from_hub(repo_id: str) -> Path:
         logging.getLogger(__name__).info("fetching %s from the Hugging Face hub", repo_id)
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
     except Exception as exc:  # the hub client raises many kinds: offline, auth, not found
-        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {cause}); "
+        cause = f"{type(exc).__name__}: {first_line(exc)}"
+        raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({cause}); "
                         "check the network and HF_TOKEN, or download the model and pass its folder") from exc

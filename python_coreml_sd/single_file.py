@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import registry
 from .components import MODEL_CLASSES
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger("python_coreml_sd")
 
@@ -261,8 +261,7 @@ def _load_pickle(path: Path) -> tuple:
 
 
 def _unloadable(path: Path, exc: Exception) -> UserError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"{path} cannot be loaded as tensors only ({type(exc).__name__}: {first[:200]}); "
+    return UserError(f"{path} cannot be loaded as tensors only ({type(exc).__name__}: {first_line(exc, 200)}); "
                      "re-save it as .safetensors")
 
 

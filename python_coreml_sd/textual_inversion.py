@@ -7,7 +7,7 @@ Python pipeline and the Swift tokenizer read (python_coreml_sd.tokenizer_files, 
 """
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 A1111_SAFETENSORS_KEY = "emb_params"
 # SDXL embeddings (as distributed, and as diffusers' docs load them): one tensor per text encoder.
@@ -94,6 +94,6 @@ def add_embeddings(text_encoder, tokenizer, specs, allow_pickle: bool = False, p
         try:
             host.load_textual_inversion(vectors.float(), token=token, tokenizer=tokenizer, text_encoder=text_encoder)
         except ValueError as exc:
-            raise UserError(f"textual inversion {spec.path}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"textual inversion {spec.path}: {first_line(exc)}") from None
     vocab = tokenizer.get_vocab()
     return sorted((t for t in vocab if vocab[t] >= before), key=vocab.get)

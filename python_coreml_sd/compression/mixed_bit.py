@@ -40,7 +40,7 @@ from python_coreml_sd.compression.search import (
 from python_coreml_sd.compression.recipes import KEEP_FP16
 from python_coreml_sd.compression.palettize import resolve_device
 from python_coreml_sd.compression.sensitivity import Probe, palettizable_layers
-from python_coreml_sd.errors import UserError
+from python_coreml_sd.errors import UserError, first_line
 
 PROG = "mixed_bit"
 def bit_widths(text: str) -> tuple:
@@ -181,7 +181,7 @@ def _unet_from_folder(path: Path):
     try:
         return UNet2DConditionModel.from_pretrained(str(path), use_safetensors=True).eval()
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot load the UNet in {path}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot load the UNet in {path}: {first_line(exc)}") from exc
 
 
 def run(args) -> dict:
