@@ -44,7 +44,9 @@ def test_every_committed_step_matches_diffusers(script, committed):
         label = f"cases[{i}] {case['kind']} {case['steps']} steps {case['config']['timestep_spacing']}"
         scheduler = script.make(case["kind"], case["config"])
         scheduler.set_timesteps(case["steps"])
-        assert [float(t) for t in scheduler.timesteps] == case["timesteps"], label
+        # Karras sigmas give fractional timesteps through np.log, which numpy dispatches to SIMD kernels by CPU
+        # (this AVX-512 machine: one ulp from the committed 106.41719818 at cases[100]); integers stay exact
+        assert within_ulps(np.asarray(scheduler.timesteps, np.float64), case["timesteps"], ulps=2), label
         if "sigmas" in case:
             assert within_ulps(scheduler.sigmas.numpy(), case["sigmas"]), label
         for k, (model_input, step) in enumerate(script.replay(case)):
