@@ -52,10 +52,10 @@ GENERATION_DEFAULTS = {"guidance_scale": 7.5, "scheduler": "PNDM"}
 
 
 def generation_default(model_version: str, key: str):
-    """What a named model generates with unless told (its family's `guidance_scale` / `scheduler_name`)."""
+    """What a named model generates with unless told: its family's `generation` entry, else the defaults."""
     entry = named_model(model_version) if model_version else None
-    own = family(entry["family"]) if entry else {}
-    return own.get({"scheduler": "scheduler_name"}.get(key, key), GENERATION_DEFAULTS[key])
+    own = family(entry["family"]).get("generation", {}) if entry else {}
+    return own.get(key, GENERATION_DEFAULTS[key])
 
 
 def controlnet_names() -> list:

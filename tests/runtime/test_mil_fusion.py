@@ -174,12 +174,12 @@ def test_einsum_softmax_over_queries_is_not_fused(tmp_path):
 @pytest.mark.parametrize("shape", [(2, 6, 1, 7), (1, 6, 3, 5)])
 def test_pointwise_conv_runs_as_gemm_with_conv_values(shape):
     """1x1 conv as F.linear on a channels-last view: conv2d's values and NCHW shape, with and without bias."""
-    from python_coreml_sd.runtime.mil.ops.nn import _pointwise_conv
+    from python_coreml_sd.runtime.mil.ops.nn import pointwise_conv
 
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(*shape, generator=g), torch.randn(4, 6, 1, 1, generator=g), torch.randn(4, generator=g)
     for bias in (b, None):
-        y = _pointwise_conv(x, w, bias)
+        y = pointwise_conv(x, w, bias)
         assert y.shape == (shape[0], 4, *shape[2:])
         torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, bias), rtol=1e-5, atol=1e-5)
 

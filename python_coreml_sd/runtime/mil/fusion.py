@@ -18,6 +18,8 @@ each intermediate to the op's declared fp16.
 import torch
 import torch.nn.functional as F
 
+from .ops.nn import pointwise_conv
+
 
 class Derived:
     """A constant the plan computes once, at load, as fn(*vars' values) (vars: constants)."""
@@ -434,10 +436,8 @@ def _merged_gemm(ops):
 
         ins.append(Derived(bias, present))
 
-    def fn(x, w, b=None):
-        if conv:  # as ops/nn._pointwise_conv: channels-last GEMM, logically NCHW
-            return tuple(y.movedim(-1, 1) for y in F.linear(x.movedim(1, -1), w, b).split(sizes, -1))
-        return F.linear(x, w, b).split(sizes, -1)
+    def fn(x, w, b=None):  # a 1x1 convolution as the per-op plan runs it: channels-last GEMM, logically NCHW
+        return (pointwise_conv(x, w, b).split(sizes, 1) if conv else F.linear(x, w, b).split(sizes, -1))
 
     return ops[0], ops, fn, ins, [op.outputs[0] for op in ops]
 

@@ -109,7 +109,7 @@ def _conv(a):
     padding = [pads[2 * i] for i in range(nd)] if symmetric else 0
     pre = None if symmetric else _torch_pad(pads)
     if groups == 1 and all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
-        return _pointwise_conv, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
+        return pointwise_conv, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
 
     def fn(x, w, b=None):
         if pre is not None:
@@ -119,7 +119,7 @@ def _conv(a):
     return fn, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
 
 
-def _pointwise_conv(x, w, b=None):
+def pointwise_conv(x, w, b=None):
     """A 1x1 convolution as one GEMM on a channels-last view: F.linear is addmm with the bias fused
     (cuBLAS beats cuDNN's 1x1 convolutions here). Logically NCHW; channels-last in memory."""
     return F.linear(x.movedim(1, -1), w.reshape(w.shape[0], w.shape[1]), b).movedim(-1, 1)
