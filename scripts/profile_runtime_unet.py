@@ -21,10 +21,11 @@ VARIANTS = ("diffusers-eager", "diffusers-compile", "mil-ORIGINAL-fused", "mil-O
 
 
 def diffusers_call(unet, inputs, device, compile_it):
-    model = unet.to(device, torch.float16)
+    dtype = torch.float16 if device == "cuda" else torch.float32  # fp32: what a CPU user runs
+    model = unet.to(device, dtype)
     fn = compiled(model) if compile_it else model
     x = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)]
-    x = [t.to(device, torch.float16).contiguous() for t in x]
+    x = [t.to(device, dtype).contiguous() for t in x]
     return lambda: fn(*x, return_dict=False)[0]
 
 
@@ -38,9 +39,9 @@ def mil_call(path, inputs, device, compile_it):
     return lambda: model.predict_tensors(tensors)
 
 
-def profile(label, call, device, rows, iters):
+def profile(label, call, device, rows, iters, warmup):
     with torch.inference_mode():
-        for _ in range(3):  # compilation, lazy init
+        for _ in range(warmup):
             call()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -66,6 +67,7 @@ def main():
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/bench_runtime_unet"))
     p.add_argument("--rows", type=int, default=25, help="kernels listed per variant")
     p.add_argument("--iters", type=int, default=3, help="profiled calls per variant")
+    p.add_argument("--warmup", type=int, default=3, help="unprofiled calls first (compilation, lazy init)")
     args = p.parse_args()
     unet = bench.build_unet(args.config)
     inputs = bench.mil_inputs(args.config, args.batch)
@@ -80,7 +82,7 @@ def main():
             call = diffusers_call(unet, inputs, args.device, rest[0] == "compile")
         else:
             call = mil_call(bench.package_path(args, rest[0]), inputs, args.device, rest[1] == "compile")
-        profile(variant, call, args.device, args.rows, args.iters)
+        profile(variant, call, args.device, args.rows, args.iters, args.warmup)
         del call
         bench.free(args.device)
         torch._dynamo.reset()

@@ -243,7 +243,8 @@ class MILModel:
     cuda_graph: on CUDA, capture the whole program in a CUDA graph at the first call and replay it
     (removes the per-op launch overhead; inputs are copied into static buffers).
     fuse: run attention and group-norm op chains as single fused kernels (see fusion.py); default
-    on for CUDA, off for CPU, where each fp16 op's result is rounded exactly as the program says.
+    on for CUDA, off for CPU, where each fp16 op's result is then rounded exactly as the program says
+    (fused on the CPU: fp16 ops computed in fp32, unrounded, as Core ML's CPU compute unit does).
     torch_compile: run each plan through torch.compile (Inductor) instead of op by op: the first call
     compiles (minutes for a full-size UNet, less once Inductor's cache holds its kernels), later calls
     run fused kernels; combines with cuda_graph. Falls back to op by op, with a warning, if it fails.

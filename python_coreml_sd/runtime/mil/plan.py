@@ -150,15 +150,15 @@ class _Args(OpArgs):
             return vals if isinstance(v, (tuple, list)) else vals[0]
 
 
-def _finisher(fn, outputs, device, exact=False):
+def _finisher(fn, outputs, device, exact=False, rounding=True):
     """Casts each output to its declared dtype; on CPU rounds fp16 results through half precision unless
-    `exact` (an op of EXACT_OPS)."""
+    `exact` (an op of EXACT_OPS) or not `rounding` (a fused plan)."""
     if not all(types.is_tensor(o.sym_type) or types.is_scalar(o.sym_type) for o in outputs):
         return fn  # list values (list ops, loops over lists) pass as they are
     specs = []
     for out in outputs:
         name = mil_name(out.dtype)
-        rounds = device.type == "cpu" and name == "fp16" and not exact
+        rounds = rounding and device.type == "cpu" and name == "fp16" and not exact
         specs.append((storage_dtype(name, device), rounds))
 
     def finish(y, dt, rounds):
@@ -172,7 +172,7 @@ def _finisher(fn, outputs, device, exact=False):
     return lambda *xs: tuple(finish(y, dt, r) for y, (dt, r) in zip(fn(*xs), specs))
 
 
-def _build(op, device, slots):
+def _build(op, device, slots, rounding=True):
     builder = BUILDERS.get(op.op_type)
     if builder is None:
         raise UnsupportedOpError(f"op {op.name!r} of type {op.op_type!r} is not supported by the MIL runtime")
@@ -191,18 +191,21 @@ def _build(op, device, slots):
         raise UnsupportedOpError(
             f"op {op.name!r} of type {op.op_type!r}: the MIL runtime does not implement input(s) {ignored}"
         )
-    return _finisher(fn, op.outputs, device, op.op_type in EXACT_OPS), list(ins), list(op.outputs)
+    return _finisher(fn, op.outputs, device, op.op_type in EXACT_OPS, rounding), list(ins), list(op.outputs)
 
 
 class Plan:
     """fuse: rewrite attention and group-norm op chains into single PyTorch kernels and merge same-input
-    projections into one GEMM (fusion.py).
+    projections into one GEMM (fusion.py). A fused plan on the CPU also computes fp16 ops in fp32 without
+    rounding each result to fp16 (as Core ML's CPU compute unit runs an fp16 program): those two casts
+    per op were a fifth of a CPU UNet step.
     shared_constants: a dict shared by the plans of one model's input-shape specializations, so
     its weights (and their decompressed constexpr values) sit on the device once."""
 
     def __init__(self, function, device, fuse=False, shared_constants=None):
         self.device = torch.device(device)
         slots = _Slots(self.device, shared_constants)
+        self.rounding = not fuse
         self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
         fused, absorbed = find_fusions(function) if fuse else ({}, set())
         self.num_fused = len(fused)
@@ -214,8 +217,8 @@ class Plan:
                 kernel = fused.get(id(op))
                 if kernel is not None:
                     fn, ins, outs = kernel
-                    kernel = (_finisher(fn, outs, self.device), list(ins), list(outs))  # fused: never exact
-                steps.extend(self._compile_op(op, slots, kernel))
+                    kernel = (_finisher(fn, outs, self.device, rounding=self.rounding), list(ins), list(outs))
+                steps.extend(self._compile_op(op, slots, kernel, self.rounding))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
         self.env_init = slots.env
@@ -223,11 +226,11 @@ class Plan:
         self.num_constants = len(slots.constant)
 
     @staticmethod
-    def _compile_op(op, slots, kernel=None):
+    def _compile_op(op, slots, kernel=None, rounding=True):
         decompressed = Plan._shared_decompressed(op, slots)
         if decompressed is not None:
             return []
-        fn, ins, out_vars = kernel or _build(op, slots.device, slots)
+        fn, ins, out_vars = kernel or _build(op, slots.device, slots, rounding)
         if op.op_type not in STATISTICAL and all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
             check_load_size(op, [v.sym_type for v in out_vars])
             result = fn(*[slots.constant_tensor(v) for v in ins])

@@ -114,6 +114,10 @@ def _conv(a):
     def fn(x, w, b=None):
         if pre is not None:
             x = F.pad(x, pre)
+        if x.numel() < w.numel() and not x.is_contiguous():
+            # A channels-last input (a 1x1 convolution's GEMM made it) would have PyTorch copy the
+            # larger weight to channels-last at every call; copying the input is cheaper.
+            x = x.contiguous()
         return conv(x, w, b, strides, padding, dilations, groups)
 
     return fn, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
@@ -213,19 +217,11 @@ def _l2_pool(a):
     return fn, [a.var("x")]
 
 
-def _param_view(t, rank, axes):
-    shape = [1] * rank
-    for ax, size in zip(axes, t.shape):
-        shape[ax] = size
-    return t.reshape(shape)
-
-
 @op("layer_norm")
 def _layer_norm(a):
     rank = len(a.in_shape())
     axes = sorted(norm_axes(a.ints("axes", list(range(rank))), rank))
     eps = a.scalar("epsilon", 1e-5)
-    trailing = axes == list(range(rank - len(axes), rank))
     norm_shape = [a.in_shape()[i] for i in axes]
     ins = [a.var("x")] + [a.var(n) for n in ("gamma", "beta") if a.has(n)]
     has_g, has_b = a.has("gamma"), a.has("beta")
@@ -235,21 +231,13 @@ def _layer_norm(a):
         b = params[-1] if has_b else None
         return g, b
 
-    if trailing:
-        def fn(x, *params):
-            g, b = split(params)
-            return F.layer_norm(x, norm_shape, g, b, eps)
-    else:
-        def fn(x, *params):
-            g, b = split(params)
-            mean = x.mean(axes, keepdim=True)
-            var = (x - mean).square().mean(axes, keepdim=True)
-            y = (x - mean) * torch.rsqrt(var + eps)
-            if g is not None:
-                y = y * _param_view(g, rank, axes)
-            if b is not None:
-                y = y + _param_view(b, rank, axes)
-            return y
+    last = list(range(rank - len(axes), rank))
+
+    def fn(x, *params):
+        # Axes that are not trailing (the channels of a (B, C, 1, S) layout) are moved last as a view,
+        # so one native kernel runs instead of six elementwise ops; the result is moved back, a view.
+        g, b = split(params)
+        return F.layer_norm(x.movedim(axes, last), norm_shape, g, b, eps).movedim(last, axes)
 
     return fn, ins
 
