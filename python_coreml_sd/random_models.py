@@ -8,33 +8,25 @@ import torch
 
 from . import registry
 from ._version import __version__
+from .components import new_model
 from .model_cache import build_once, cache_root
 
 
 def build_components(family_name: str, seed: int = 0) -> dict:
     """Instantiate every component of a family with weights drawn from `seed` (in this order: UNet, text
     encoder, second text encoder, VAE, safety checker; each only where the family has it)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     entry = registry.family(family_name)
     arch = entry["architecture"]
     torch.manual_seed(seed)
-    components = {"unet": UNet2DConditionModel(**arch["unet"])}
-    if "text_encoder" in arch:
-        components["text_encoder"] = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
-        components["tokenizer"] = load_clip_tokenizer(arch["tokenizer"]["pad_token"])
-    if "text_encoder_2" in arch:  # SDXL's OpenCLIP encoder: penultimate states and projected text_embeds
-        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
-        components["tokenizer_2"] = load_clip_tokenizer(arch["tokenizer_2"]["pad_token"])
-    components["vae"] = AutoencoderKL(**arch["vae"])
+    components = {name: new_model(name, arch).eval() for name in ("unet", "text_encoder", "text_encoder_2", "vae")
+                  if name in arch}
+    for name in ("tokenizer", "tokenizer_2"):  # the second: SDXL's, for its OpenCLIP encoder
+        if name in arch:
+            components[name] = load_clip_tokenizer(arch[name]["pad_token"])
     components["scheduler"] = scheduler_for(entry)
     if "safety_checker" in arch:
         components["safety_checker"], components["feature_extractor"] = _build_safety_checker(
             arch["safety_checker"], arch["text_encoder"])
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae", "safety_checker"):
-        if name in components:
-            components[name].eval()
     return components
 
 
@@ -71,7 +63,7 @@ def _build_safety_checker(arch: dict, text_arch: dict):
         checker.special_care_embeds_weights.fill_(0.5)
     size = arch["vision_config"]["image_size"]
     extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return checker, extractor
+    return checker.eval(), extractor
 
 
 def save_diffusers_folder(components: dict, dest: Path, family_name: str = None) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
-from .components import MODEL_CLASSES
+from .components import MODEL_CLASSES, new_model
 from .errors import UserError, first_line
 
 log = logging.getLogger("python_coreml_sd")
@@ -185,14 +185,9 @@ def _mismatch(component: str, converted: dict, model) -> str:
 
 def _meta_model(component: str, arch: dict):
     """The component's model (its class from the component table's MODEL_CLASSES) on the meta device."""
-    import importlib
-
     import torch
-    from transformers import CLIPTextConfig
-    library, name = MODEL_CLASSES[component]
-    cls = getattr(importlib.import_module(library), name)
     with torch.device("meta"):
-        return cls(CLIPTextConfig(**arch[component])) if library == "transformers" else cls(**arch[component])
+        return new_model(component, arch)
 
 
 def _convert_text(checkpoint: dict, text: TextLayout, arch: dict) -> dict:
