@@ -1,15 +1,12 @@
 """Random-weight Stable Diffusion models of a registry family: the embedded `tiny`, and full-size
 architectures for benchmarks. Real component classes, deterministic weights, no network."""
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from . import registry
-from ._version import __version__
 from .components import new_model
-from .model_cache import build_once, cache_root
+from .model_cache import cached_folder
 
 
 def build_components(family_name: str, seed: int = 0) -> dict:
@@ -95,10 +92,8 @@ def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
     The folder name hashes the architecture and converter version, so a changed registry entry
     builds a fresh folder instead of reusing a stale one. Built in a temp folder, then renamed.
     """
-    spec = json.dumps({"family": registry.family(family_name), "seed": seed, "version": __version__},
-                      sort_keys=True)
-    dest = cache_root() / f"{family_name}-seed{seed}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    return build_once(dest, lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp, family_name))
+    return cached_folder(f"{family_name}-seed{seed}", {"family": registry.family(family_name), "seed": seed},
+                         lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp, family_name))
 
 
 def build_controlnet(entry: dict):
@@ -124,8 +119,6 @@ def build_controlnet(entry: dict):
 def materialized_controlnet_dir(name: str) -> Path:
     """The diffusers folder (config.json, safetensors) of a registry ControlNet, built once into the cache."""
     entry = registry.named_controlnet(name)
-    spec = json.dumps({"controlnet": entry, "family": registry.family(entry["family"]), "version": __version__},
-                      sort_keys=True)
-    dest = cache_root() / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    return build_once(dest, lambda tmp: build_controlnet(entry).save_pretrained(str(tmp), safe_serialization=True),
-                      marker="config.json")
+    return cached_folder(name, {"controlnet": entry, "family": registry.family(entry["family"])},
+                         lambda tmp: build_controlnet(entry).save_pretrained(str(tmp), safe_serialization=True),
+                         marker="config.json")
