@@ -14,8 +14,9 @@ fp16 cast run, freeing each fp32 weight as its fp16 copy is made.
 import gc
 import os
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
+from unittest import mock
 
 import numpy as np
 import torch
@@ -361,7 +362,6 @@ def halve_if_large(value: torch.Tensor) -> torch.Tensor:
     return value.half() if large and not _exceeds_fp16(value.numpy()) else value
 
 
-@contextmanager
 def half_weights_as_constexpr(traced):
     """While `traced` converts from PyTorch, an fp16 weight becomes `constexpr_cast(fp16 -> fp32)`
     instead of an fp16 const: the program stays fp32 as coremltools' passes expect, with half the
@@ -375,8 +375,7 @@ def half_weights_as_constexpr(traced):
     original = getattr(TorchConverter, "_add_const", None)
     if original is None:
         upcast_half_weights(traced)
-        yield
-        return
+        return nullcontext()
 
     def add_const(self, name, val):
         if isinstance(val, torch.Tensor) and val.dtype == torch.float16 and val.numel() >= LARGE_WEIGHT_ELEMENTS:
@@ -384,11 +383,7 @@ def half_weights_as_constexpr(traced):
         else:
             original(self, name, val)
 
-    TorchConverter._add_const = add_const
-    try:
-        yield
-    finally:
-        TorchConverter._add_const = original
+    return mock.patch.object(TorchConverter, "_add_const", add_const)
 
 
 def upcast_half_weights(traced) -> None:
