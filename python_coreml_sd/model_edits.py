@@ -16,18 +16,17 @@ log = logging.getLogger("python_coreml_sd")
 
 
 def source_for(options) -> ModelSource:
-    """The ModelSource of a conversion (or bundle): the model with its edits applied."""
+    """The ModelSource of a conversion (or bundle): the model with its edits applied (their files' existence is
+    checked here only: lora and textual_inversion read them after)."""
     base = resolve(options.model_version, options.allow_pickle, options.prediction_type)
     if not options.edits_model:
         return base
     from .model_cache import cached_folder, folder_fingerprint, sha256_file
 
-    for spec in options.loras:
-        if not Path(spec.path).is_file():
-            raise UserError(f"LoRA file {spec.path} does not exist")
-    for spec in options.textual_inversions:
-        if not Path(spec.path).is_file():
-            raise UserError(f"textual inversion file {spec.path} does not exist")
+    for kind, specs in (("LoRA", options.loras), ("textual inversion", options.textual_inversions)):
+        for spec in specs:
+            if not Path(spec.path).is_file():
+                raise UserError(f"{kind} file {spec.path} does not exist")
     vae = _custom_vae(options, base) if options.custom_vae_version else None
     spec = {
         "base": folder_fingerprint(base.root),
