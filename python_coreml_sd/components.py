@@ -338,6 +338,7 @@ MODEL_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffuse
                  "text_encoder": ("transformers", "CLIPTextModel"),
                  "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
                  "safety_checker": ("stable_diffusion", "StableDiffusionSafetyChecker")}
+TOKENIZER = ("transformers", "CLIPTokenizer")  # the class of every tokenizer folder (SDXL's tokenizer_2 too)
 
 
 def new_model(component: str, architecture: dict):

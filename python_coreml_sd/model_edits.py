@@ -68,7 +68,7 @@ TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # S
 
 
 def _build(dest: Path, base: ModelSource, options, vae) -> None:
-    from .components import SDXL
+    from .components import MODEL_CLASSES, SDXL
     from .model_cache import link_component
 
     index = dict(base.index)
@@ -100,7 +100,7 @@ def _build(dest: Path, base: ModelSource, options, vae) -> None:
         check_counts(options.loras, counts)
     if vae is not None:
         _write_vae(vae, dest / "vae", base)
-        index["vae"] = ["diffusers", "AutoencoderKL"]
+        index["vae"] = list(MODEL_CLASSES["vae"])
     (dest / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
-from .components import MODEL_CLASSES, new_model
+from .components import MODEL_CLASSES, TOKENIZER, new_model
 from .errors import UserError, first_line
 
 log = logging.getLogger("python_coreml_sd")
@@ -324,7 +324,7 @@ def _model_index(found: Recognised, family: dict, scheduler: str) -> dict:
     for component in ("unet", "vae") + tuple(text.folder for text in found.kind.texts):
         index[component] = list(MODEL_CLASSES[component]) if component in found.components else [None, None]
     for text in found.kind.texts:
-        index[text.folder.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+        index[text.folder.replace("text_encoder", "tokenizer")] = list(TOKENIZER)
     index["scheduler"] = ["diffusers", scheduler]
     if "pipeline" not in family:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
