@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..layers.attention import DEFAULT_QUERY_CHUNK
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
                            check_supported, from_diffusers, query_chunk_plan)
-from .options import IOS18_TARGETS
+from .options import IOS18_TARGETS, format_sizes
 from .common import (_deployment_target, brief_program_strings, check_correctness, describe, flat, flat_inputs,
                      fresh_op_names, kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
@@ -124,7 +124,7 @@ def query_chunks(config: dict, options) -> dict:
     for level, (_, count) in plan.items():
         if count is None:
             lengths = ", ".join(f"{h}x{w}: {(h >> level) * (w >> level)}" for h, w in sizes)
-            raise UserError(f"--latent-sizes {','.join(f'{h}x{w}' for h, w in sizes)} with SPLIT_EINSUM_V2: the attention "
+            raise UserError(f"--latent-sizes {format_sizes(sizes)} with SPLIT_EINSUM_V2: the attention "
                             f"at 1/{2 ** level} of the latent has {lengths} queries, which no one number of equal chunks "
                             f"of at most {DEFAULT_QUERY_CHUNK} divides; use sides that are multiples of a higher power "
                             "of 2, or --attention-implementation SPLIT_EINSUM")
