@@ -338,6 +338,21 @@ MODEL_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffuse
                  "text_encoder": ("transformers", "CLIPTextModel"),
                  "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
                  "safety_checker": ("stable_diffusion", "StableDiffusionSafetyChecker")}
+TOKENIZER = ("transformers", "CLIPTokenizer")  # the class of every tokenizer folder (SDXL's tokenizer_2 too)
+
+
+def new_model(component: str, architecture: dict):
+    """A model of the class MODEL_CLASSES names for `component` (not the safety checker), built from its config in
+    a registry `architecture` (CLIP text encoders: a CLIPTextConfig), with the weights the class initialises."""
+    import importlib
+    library, name = MODEL_CLASSES[component]
+    cls = getattr(importlib.import_module(library), name)
+    if library == "transformers":
+        from transformers import CLIPTextConfig
+        return cls(CLIPTextConfig(**architecture[component]))
+    return cls(**architecture[component])
+
+
 UNETS = ("unet", "refiner", "control-unet")  # the components converted by the UNet converter, with their chunks
 # The CLIP BPE tokenizer files a Resources folder carries beside the models (ours, Apple's, Hugging Face's).
 TOKENIZER_FILES = ("vocab.json", "merges.txt")

@@ -23,8 +23,6 @@ _LORA_SUFFIX = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_
 def read_lora(path: Path, allow_pickle: bool = False) -> dict:
     """The tensors of a LoRA file (safetensors, header checked; a pickle only with --allow-pickle)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         if not allow_pickle:
             raise UserError(f"LoRA {path} is not a .safetensors file; pickles are loaded only with --allow-pickle "

@@ -30,7 +30,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("PYTHON_COREML_SD_CACHE", Path.home() / ".cache" / "python_coreml_sd"))
 
 
-def cached_folder(kind: str, spec: dict, build) -> Path:
+def cached_folder(kind: str, spec: dict, build, marker: str = "model_index.json") -> Path:
     """The folder `cache/<kind>-<hash of spec and converter version>`, built once (see `build_once`)."""
     text = json.dumps({"spec": spec, "version": __version__}, sort_keys=True, default=str)
     dest = cache_root() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -39,7 +39,7 @@ def cached_folder(kind: str, spec: dict, build) -> Path:
         build(tmp)
         (tmp / "source.json").write_text(text, encoding="utf-8")
 
-    return build_once(dest, build_with_record)
+    return build_once(dest, build_with_record, marker)
 
 
 def build_once(dest: Path, build, marker: str = "model_index.json") -> Path:

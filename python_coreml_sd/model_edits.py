@@ -16,18 +16,17 @@ log = logging.getLogger("python_coreml_sd")
 
 
 def source_for(options) -> ModelSource:
-    """The ModelSource of a conversion (or bundle): the model with its edits applied."""
+    """The ModelSource of a conversion (or bundle): the model with its edits applied (their files' existence is
+    checked here only: lora and textual_inversion read them after)."""
     base = resolve(options.model_version, options.allow_pickle, options.prediction_type)
     if not options.edits_model:
         return base
     from .model_cache import cached_folder, folder_fingerprint, sha256_file
 
-    for spec in options.loras:
-        if not Path(spec.path).is_file():
-            raise UserError(f"LoRA file {spec.path} does not exist")
-    for spec in options.textual_inversions:
-        if not Path(spec.path).is_file():
-            raise UserError(f"textual inversion file {spec.path} does not exist")
+    for kind, specs in (("LoRA", options.loras), ("textual inversion", options.textual_inversions)):
+        for spec in specs:
+            if not Path(spec.path).is_file():
+                raise UserError(f"{kind} file {spec.path} does not exist")
     vae = _custom_vae(options, base) if options.custom_vae_version else None
     spec = {
         "base": folder_fingerprint(base.root),
@@ -69,7 +68,7 @@ TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # S
 
 
 def _build(dest: Path, base: ModelSource, options, vae) -> None:
-    from .components import SDXL
+    from .components import MODEL_CLASSES, SDXL
     from .model_cache import link_component
 
     index = dict(base.index)
@@ -101,7 +100,7 @@ def _build(dest: Path, base: ModelSource, options, vae) -> None:
         check_counts(options.loras, counts)
     if vae is not None:
         _write_vae(vae, dest / "vae", base)
-        index["vae"] = ["diffusers", "AutoencoderKL"]
+        index["vae"] = list(MODEL_CLASSES["vae"])
     (dest / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 

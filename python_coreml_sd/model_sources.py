@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
-from .components import MODEL_CLASSES
+from .components import MODEL_CLASSES, TOKENIZER
 from .errors import UserError, first_line
 
-# The module each model_index.json library's classes are imported from; a tokenizer folder is CLIP's.
+# The module each model_index.json library's classes are imported from.
 LIBRARY_MODULES = {"stable_diffusion": "diffusers.pipelines.stable_diffusion.safety_checker"}
-TOKENIZER = ("transformers", "CLIPTokenizer")
 
 
 @dataclass

@@ -1,40 +1,29 @@
 """Random-weight Stable Diffusion models of a registry family: the embedded `tiny`, and full-size
 architectures for benchmarks. Real component classes, deterministic weights, no network."""
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from . import registry
-from ._version import __version__
-from .model_cache import build_once, cache_root
+from .components import new_model
+from .model_cache import cached_folder
 
 
 def build_components(family_name: str, seed: int = 0) -> dict:
     """Instantiate every component of a family with weights drawn from `seed` (in this order: UNet, text
     encoder, second text encoder, VAE, safety checker; each only where the family has it)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     entry = registry.family(family_name)
     arch = entry["architecture"]
     torch.manual_seed(seed)
-    components = {"unet": UNet2DConditionModel(**arch["unet"])}
-    if "text_encoder" in arch:
-        components["text_encoder"] = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
-        components["tokenizer"] = load_clip_tokenizer(arch["tokenizer"]["pad_token"])
-    if "text_encoder_2" in arch:  # SDXL's OpenCLIP encoder: penultimate states and projected text_embeds
-        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
-        components["tokenizer_2"] = load_clip_tokenizer(arch["tokenizer_2"]["pad_token"])
-    components["vae"] = AutoencoderKL(**arch["vae"])
+    components = {name: new_model(name, arch).eval() for name in ("unet", "text_encoder", "text_encoder_2", "vae")
+                  if name in arch}
+    for name in ("tokenizer", "tokenizer_2"):  # the second: SDXL's, for its OpenCLIP encoder
+        if name in arch:
+            components[name] = load_clip_tokenizer(arch[name]["pad_token"])
     components["scheduler"] = scheduler_for(entry)
     if "safety_checker" in arch:
         components["safety_checker"], components["feature_extractor"] = _build_safety_checker(
             arch["safety_checker"], arch["text_encoder"])
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae", "safety_checker"):
-        if name in components:
-            components[name].eval()
     return components
 
 
@@ -71,7 +60,7 @@ def _build_safety_checker(arch: dict, text_arch: dict):
         checker.special_care_embeds_weights.fill_(0.5)
     size = arch["vision_config"]["image_size"]
     extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return checker, extractor
+    return checker.eval(), extractor
 
 
 def save_diffusers_folder(components: dict, dest: Path, family_name: str = None) -> None:
@@ -103,10 +92,8 @@ def materialized_model_dir(family_name: str, seed: int = 0) -> Path:
     The folder name hashes the architecture and converter version, so a changed registry entry
     builds a fresh folder instead of reusing a stale one. Built in a temp folder, then renamed.
     """
-    spec = json.dumps({"family": registry.family(family_name), "seed": seed, "version": __version__},
-                      sort_keys=True)
-    dest = cache_root() / f"{family_name}-seed{seed}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    return build_once(dest, lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp, family_name))
+    return cached_folder(f"{family_name}-seed{seed}", {"family": registry.family(family_name), "seed": seed},
+                         lambda tmp: save_diffusers_folder(build_components(family_name, seed), tmp, family_name))
 
 
 def build_controlnet(entry: dict):
@@ -132,8 +119,6 @@ def build_controlnet(entry: dict):
 def materialized_controlnet_dir(name: str) -> Path:
     """The diffusers folder (config.json, safetensors) of a registry ControlNet, built once into the cache."""
     entry = registry.named_controlnet(name)
-    spec = json.dumps({"controlnet": entry, "family": registry.family(entry["family"]), "version": __version__},
-                      sort_keys=True)
-    dest = cache_root() / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    return build_once(dest, lambda tmp: build_controlnet(entry).save_pretrained(str(tmp), safe_serialization=True),
-                      marker="config.json")
+    return cached_folder(name, {"controlnet": entry, "family": registry.family(entry["family"])},
+                         lambda tmp: build_controlnet(entry).save_pretrained(str(tmp), safe_serialization=True),
+                         marker="config.json")

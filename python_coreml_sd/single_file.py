@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
-from .components import MODEL_CLASSES
+from .components import MODEL_CLASSES, TOKENIZER, new_model
 from .errors import UserError, first_line
 
 log = logging.getLogger("python_coreml_sd")
@@ -185,14 +185,9 @@ def _mismatch(component: str, converted: dict, model) -> str:
 
 def _meta_model(component: str, arch: dict):
     """The component's model (its class from the component table's MODEL_CLASSES) on the meta device."""
-    import importlib
-
     import torch
-    from transformers import CLIPTextConfig
-    library, name = MODEL_CLASSES[component]
-    cls = getattr(importlib.import_module(library), name)
     with torch.device("meta"):
-        return cls(CLIPTextConfig(**arch[component])) if library == "transformers" else cls(**arch[component])
+        return new_model(component, arch)
 
 
 def _convert_text(checkpoint: dict, text: TextLayout, arch: dict) -> dict:
@@ -329,7 +324,7 @@ def _model_index(found: Recognised, family: dict, scheduler: str) -> dict:
     for component in ("unet", "vae") + tuple(text.folder for text in found.kind.texts):
         index[component] = list(MODEL_CLASSES[component]) if component in found.components else [None, None]
     for text in found.kind.texts:
-        index[text.folder.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+        index[text.folder.replace("text_encoder", "tokenizer")] = list(TOKENIZER)
     index["scheduler"] = ["diffusers", scheduler]
     if "pipeline" not in family:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)

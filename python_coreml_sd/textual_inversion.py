@@ -16,8 +16,6 @@ XL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 def read_embedding(path: Path, allow_pickle: bool = False):
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"textual inversion file {path} does not exist")
     if path.suffix == ".safetensors":
         from .weights import read_safetensors
         return read_safetensors(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from ._version import __version__
 from .components import FLAGGED, TABLE
-from .console import OneLineErrorParser, fail, positive_int, quiet_third_party, run_cli
+from .console import OneLineErrorParser, positive_int, quiet_third_party, run_cli
 from .compression.palettize import GRANULARITIES, SUPPORTED_NBITS
 from .convert import ConversionOptions, convert
 from .convert.options import DEPLOYMENT_TARGETS, EmbeddingSpec, LoraSpec, parse_latent_sizes
@@ -149,14 +149,8 @@ def options_from_args(args) -> ConversionOptions:
         "textual_inversions": tuple(EmbeddingSpec.parse(v) for v in args.textual_inversion)})
 
 
-def requested_components(args) -> list:
-    return [c for c in COMPONENTS if getattr(args, f"convert_{c}")]
-
-
 def main(argv=None) -> int:
     args = parser_spec().parse_args(argv)
-    if not requested_components(args):
-        fail(PROG, "nothing to convert; pass at least one --convert-* flag (see --help)", 2)
     quiet_third_party(args.verbose)
     return run_cli(PROG, lambda: run(args))
 
@@ -165,7 +159,7 @@ def run(args) -> int:
     from .bundle import plan_bundle
     options = options_from_args(args)
     plan = plan_bundle(options, args.bundle_resources_for_swift_cli, args.bundle_packages, args.zip)  # fail fast
-    paths = convert(options, requested_components(args))
+    paths = convert(options, [c for c in COMPONENTS if getattr(args, f"convert_{c}")])  # none: convert refuses
     if plan:
         plan.build(paths)
     print(f"done: {len(paths)} package(s) in {args.o}", file=sys.stderr)

@@ -23,16 +23,12 @@ NOT_MODEL_FLAGS = {"output_dir", "overwrite", "check_output_correctness", "psnr_
 CHUNK = 1 << 20
 
 
-def is_palettized(options) -> bool:
-    return bool(getattr(options, "quantize_nbits", None) or getattr(options, "mixed_bit_recipe", None))
-
-
 def zip_name(options, kind: str) -> str:
     """Named like the published archives: coreml-<model>[-palettized]_<attention>_<compiled|packages>.zip."""
     path = Path(options.model_version).expanduser()
     model = path.resolve().name if path.exists() else options.model_version.rstrip("/").split("/")[-1]
-    palettized = "-palettized" if is_palettized(options) else ""
-    return f"coreml-{model}{palettized}_{options.attention_implementation.lower()}_{kind}.zip"
+    palettized = getattr(options, "quantize_nbits", None) or getattr(options, "mixed_bit_recipe", None)
+    return f"coreml-{model}{'-palettized' if palettized else ''}_{options.attention_implementation.lower()}_{kind}.zip"
 
 
 def model_flags(options) -> dict:

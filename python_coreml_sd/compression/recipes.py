@@ -30,10 +30,6 @@ CAST_SUFFIXES = ("_to_fp16", "_to_fp32")
 LEGACY_PREFIX = "unet."  # what the analysis of the traced wrapper used to write
 
 
-def canonical_name(name: str) -> str:
-    return name[len(LEGACY_PREFIX):] if name.startswith(LEGACY_PREFIX) else name
-
-
 def recipe_layers(recipe) -> dict:
     """{canonical layer name: bits} from a recipe file's dict (with "layers") or a plain mapping."""
     layers = recipe.get("layers", recipe) if isinstance(recipe, dict) else None
@@ -46,7 +42,7 @@ def recipe_layers(recipe) -> dict:
                         f"use one of {', '.join(map(str, RECIPE_BITS))} (16 keeps fp16)")
     out = {}
     for key, bits in layers.items():
-        name = canonical_name(key)
+        name = key.removeprefix(LEGACY_PREFIX)
         if out.get(name, bits) != bits:
             raise UserError(f"mixed-bit recipe gives {name!r} two bit widths ({out[name]} and {bits})")
         out[name] = int(bits)

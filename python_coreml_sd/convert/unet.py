@@ -14,8 +14,9 @@ fp16 cast run, freeing each fp32 weight as its fp16 copy is made.
 import gc
 import os
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
+from unittest import mock
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..layers.attention import DEFAULT_QUERY_CHUNK
 from ..layers.unet import (ControlledUNetANE, DiffusersControlledUNet, DiffusersUNet, UNet2DConditionModelANE,
                            check_supported, from_diffusers, query_chunk_plan)
-from .options import IOS18_TARGETS
+from .options import IOS18_TARGETS, format_sizes
 from .common import (_deployment_target, brief_program_strings, check_correctness, describe, flat, flat_inputs,
                      fresh_op_names, kept_existing, log, output_path, run_passes, save_converted, tensor_types, trace)
 
@@ -123,7 +124,7 @@ def query_chunks(config: dict, options) -> dict:
     for level, (_, count) in plan.items():
         if count is None:
             lengths = ", ".join(f"{h}x{w}: {(h >> level) * (w >> level)}" for h, w in sizes)
-            raise UserError(f"--latent-sizes {','.join(f'{h}x{w}' for h, w in sizes)} with SPLIT_EINSUM_V2: the attention "
+            raise UserError(f"--latent-sizes {format_sizes(sizes)} with SPLIT_EINSUM_V2: the attention "
                             f"at 1/{2 ** level} of the latent has {lengths} queries, which no one number of equal chunks "
                             f"of at most {DEFAULT_QUERY_CHUNK} divides; use sides that are multiples of a higher power "
                             "of 2, or --attention-implementation SPLIT_EINSUM")
@@ -361,7 +362,6 @@ def halve_if_large(value: torch.Tensor) -> torch.Tensor:
     return value.half() if large and not _exceeds_fp16(value.numpy()) else value
 
 
-@contextmanager
 def half_weights_as_constexpr(traced):
     """While `traced` converts from PyTorch, an fp16 weight becomes `constexpr_cast(fp16 -> fp32)`
     instead of an fp16 const: the program stays fp32 as coremltools' passes expect, with half the
@@ -375,8 +375,7 @@ def half_weights_as_constexpr(traced):
     original = getattr(TorchConverter, "_add_const", None)
     if original is None:
         upcast_half_weights(traced)
-        yield
-        return
+        return nullcontext()
 
     def add_const(self, name, val):
         if isinstance(val, torch.Tensor) and val.dtype == torch.float16 and val.numel() >= LARGE_WEIGHT_ELEMENTS:
@@ -384,11 +383,7 @@ def half_weights_as_constexpr(traced):
         else:
             original(self, name, val)
 
-    TorchConverter._add_const = add_const
-    try:
-        yield
-    finally:
-        TorchConverter._add_const = original
+    return mock.patch.object(TorchConverter, "_add_const", add_const)
 
 
 def upcast_half_weights(traced) -> None:

@@ -294,7 +294,7 @@ class StableDiffusionPipeline:
         sizes = {(8 * h, 8 * w): (h, w) for h, w in self.latent_sizes}
         if wanted not in sizes:
             raise UserError(f"--height {wanted[0]} --width {wanted[1]}: the models take "
-                            f"{', '.join(f'{h}x{w}' for h, w in sizes)} pixels (height x width); pass one of them, or "
+                            f"{_sizes_text(sizes)} pixels (height x width); pass one of them, or "
                             "reconvert with --latent-sizes")
         self.latent_h, self.latent_w = sizes[wanted]
 

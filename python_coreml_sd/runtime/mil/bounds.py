@@ -5,8 +5,8 @@ evaluated at load: by coremltools' value inference while it reads the program, t
 folding. A package of a few bytes can ask for `fill([27000, 27000])` (2.9 GB). The output shape is
 known from type inference before anything is computed, so each such op is checked first.
 """
-import contextlib
 import math
+from unittest import mock
 
 import numpy as np
 
@@ -42,11 +42,9 @@ def check_load_size(op, sym_types) -> None:
 
 
 def _inputs_known(op) -> bool:
-    values = [v for v in op.get_flattened_inputs()]
-    return all(getattr(v, "val", None) is not None for v in values)
+    return all(getattr(v, "val", None) is not None for v in op.get_flattened_inputs())
 
 
-@contextlib.contextmanager
 def bounded_value_inference():
     """coremltools' loader with value inference refused for outputs over the bound. Its `_auto_val`
     is patched for the duration of the load (the loader builds ops through it, one at a time); a
@@ -60,8 +58,4 @@ def bounded_value_inference():
             check_load_size(self, output_types)
         return original(self, output_types)
 
-    Operation._auto_val = bounded
-    try:
-        yield
-    finally:
-        Operation._auto_val = original
+    return mock.patch.object(Operation, "_auto_val", bounded)

@@ -4,6 +4,7 @@ import os
 import warnings
 from collections import Counter, OrderedDict, namedtuple
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -86,7 +87,6 @@ def _function_name(spec, function_name):
 _EPSILON_OPS = frozenset(("batch_norm", "instance_norm", "layer_norm"))
 
 
-@contextlib.contextmanager
 def _scalar_epsilon_of_any_float_dtype():
     """coremltools' reader, accepting a scalar const `epsilon` whose float dtype differs from the
     parameters' (its value is read as a Python float, so the dtype changes nothing here)."""
@@ -102,11 +102,7 @@ def _scalar_epsilon_of_any_float_dtype():
             return original(self, op_name, op_type, {"epsilon": eps})
         return original(self, op_name, op_type, candidate_kvs)
 
-    InputSpec.validate_inputs = validate
-    try:
-        yield
-    finally:
-        InputSpec.validate_inputs = original
+    return mock.patch.object(InputSpec, "validate_inputs", validate)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ def _generator(a):
 
 def _sampler(a, draw):
     """draw(shape, generator) -> fp32 tensor; the shape is a constant or a run-time input."""
-    gen, dev = _generator(a), a.device
+    gen = _generator(a)
     if a.var("shape").val is None:
         return (lambda s: draw(tuple(int(d) for d in s.tolist()), gen())), [a.var("shape")]
     shape = tuple(a.ints("shape"))

@@ -125,16 +125,13 @@ def _concat(a):
     if not a.scalar("interleave", False):
         return (lambda *xs: torch.cat(xs, axis)), values
     out_shape = a.out_shape
-    rank = len(out_shape)
-    axis = axis + rank if axis < 0 else axis
+    axis %= len(out_shape)
     return (lambda *xs: torch.stack(xs, axis + 1).reshape(out_shape)), values
 
 
 @op("split")
 def _split(a):
-    rank = len(a.in_shape())
-    axis = int(a.scalar("axis"))
-    axis = axis + rank if axis < 0 else axis
+    axis = int(a.scalar("axis")) % len(a.in_shape())
     a.covers("num_splits", "split_sizes")  # both are reflected in the declared output shapes
     sizes = [s[axis] for s in a.out_shapes()]
     return (lambda x: torch.split(x, sizes, axis)), [a.var("x")]
@@ -231,9 +228,7 @@ def _gather(a):
 
 @op("gather_along_axis")
 def _gather_along_axis(a):
-    rank = len(a.in_shape())
-    axis = int(a.scalar("axis", 0))
-    axis = axis + rank if axis < 0 else axis
+    axis = int(a.scalar("axis", 0)) % len(a.in_shape())
     size = a.in_shape()[axis]
     a.covers("validate_indices")
     return (lambda x, idx: torch.gather(x, axis, _wrap(idx, size))), [a.var("x"), a.var("indices")]
