@@ -158,8 +158,9 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from .bundle import plan_bundle
     options = options_from_args(args)
-    plan = plan_bundle(options, args.bundle_resources_for_swift_cli, args.bundle_packages, args.zip)  # fail fast
-    paths = convert(options, [c for c in COMPONENTS if getattr(args, f"convert_{c}")])  # none: convert refuses
+    components = [c for c in COMPONENTS if getattr(args, f"convert_{c}")]  # none: convert refuses at once
+    plan = plan_bundle(options, args.bundle_resources_for_swift_cli, args.bundle_packages, args.zip) if components else None
+    paths = convert(options, components)
     if plan:
         plan.build(paths)
     print(f"done: {len(paths)} package(s) in {args.o}", file=sys.stderr)
