@@ -111,11 +111,13 @@ def _conv(a):
     if groups == 1 and all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
         return pointwise_conv, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
 
+    on_cpu = torch.device(a.device).type == "cpu"
+
     def fn(x, w, b=None):
         if pre is not None:
             x = F.pad(x, pre)
-        if x.numel() < w.numel() and not x.is_contiguous():
-            # A channels-last input (a 1x1 convolution's GEMM made it) would have PyTorch copy the
+        if on_cpu and x.numel() < w.numel() and not x.is_contiguous():
+            # A channels-last input (a 1x1 convolution's GEMM made it) would have oneDNN copy the
             # larger weight to channels-last at every call; copying the input is cheaper.
             x = x.contiguous()
         return conv(x, w, b, strides, padding, dilations, groups)
@@ -217,6 +219,13 @@ def _l2_pool(a):
     return fn, [a.var("x")]
 
 
+def _param_view(t, rank, axes):
+    shape = [1] * rank
+    for ax, size in zip(axes, t.shape):
+        shape[ax] = size
+    return t.reshape(shape)
+
+
 @op("layer_norm")
 def _layer_norm(a):
     rank = len(a.in_shape())
@@ -232,12 +241,24 @@ def _layer_norm(a):
         return g, b
 
     last = list(range(rank - len(axes), rank))
-
-    def fn(x, *params):
-        # Axes that are not trailing (the channels of a (B, C, 1, S) layout) are moved last as a view,
-        # so one native kernel runs instead of six elementwise ops; the result is moved back, a view.
-        g, b = split(params)
-        return F.layer_norm(x.movedim(axes, last), norm_shape, g, b, eps).movedim(last, axes)
+    if axes == last or torch.device(a.device).type == "cpu":
+        def fn(x, *params):
+            # Axes that are not trailing (the channels of a (B, C, 1, S) layout) are moved last as a view
+            # on the CPU, so one native kernel runs instead of six elementwise ops (on CUDA those six fuse
+            # better under torch.compile, where the moved layout costs a copy).
+            g, b = split(params)
+            return F.layer_norm(x.movedim(axes, last), norm_shape, g, b, eps).movedim(last, axes)
+    else:
+        def fn(x, *params):
+            g, b = split(params)
+            mean = x.mean(axes, keepdim=True)
+            var = (x - mean).square().mean(axes, keepdim=True)
+            y = (x - mean) * torch.rsqrt(var + eps)
+            if g is not None:
+                y = y * _param_view(g, rank, axes)
+            if b is not None:
+                y = y + _param_view(b, rank, axes)
+            return y
 
     return fn, ins
 
