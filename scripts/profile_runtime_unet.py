@@ -39,7 +39,7 @@ def mil_call(path, inputs, device, compile_it):
     return lambda: model.predict_tensors(tensors)
 
 
-def profile(label, call, device, rows, iters, warmup):
+def profile(label, call, device, rows, iters, warmup, by_shape=False):
     with torch.inference_mode():
         for _ in range(warmup):
             call()
@@ -47,14 +47,16 @@ def profile(label, call, device, rows, iters, warmup):
             torch.cuda.synchronize()
         activities = [torch.profiler.ProfilerActivity.CPU]
         activities += [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else []
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=by_shape) as prof:
             for _ in range(iters):
                 call()
             if device == "cuda":
                 torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"\n### {label} ({iters} calls)\n", flush=True)
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+    table = prof.key_averages(group_by_input_shape=by_shape).table(
+        sort_by=key, row_limit=rows, max_name_column_width=70, max_shapes_column_width=90)
+    print(table, flush=True)
 
 
 def main():
@@ -68,6 +70,7 @@ def main():
     p.add_argument("--rows", type=int, default=25, help="kernels listed per variant")
     p.add_argument("--iters", type=int, default=3, help="profiled calls per variant")
     p.add_argument("--warmup", type=int, default=3, help="unprofiled calls first (compilation, lazy init)")
+    p.add_argument("--by-shape", action="store_true", help="one row per kernel and input shapes")
     args = p.parse_args()
     unet = bench.build_unet(args.config)
     inputs = bench.mil_inputs(args.config, args.batch)
@@ -82,7 +85,7 @@ def main():
             call = diffusers_call(unet, inputs, args.device, rest[0] == "compile")
         else:
             call = mil_call(bench.package_path(args, rest[0]), inputs, args.device, rest[1] == "compile")
-        profile(variant, call, args.device, args.rows, args.iters, args.warmup)
+        profile(variant, call, args.device, args.rows, args.iters, args.warmup, args.by_shape)
         del call
         bench.free(args.device)
         torch._dynamo.reset()
