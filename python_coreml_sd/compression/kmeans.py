@@ -468,3 +468,20 @@ def _take_chunked(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
     for start in range(0, len(codes), _CHUNK):
         np.take(table, codes[start : start + _CHUNK], out=out[start : start + _CHUNK])
     return out
+
+
+def pack_bits(elements: np.ndarray, nbits: int) -> np.ndarray:
+    """uint8 bytes of unsigned ``elements`` (each < 2**nbits), packed least significant bit first:
+    coremltools' ``pack_elements_into_bits`` layout, byte for byte. Written here because that one
+    unpacks every element into eight bytes of bits and re-packs them (30 ns a value: a third of a
+    6-bit SD 1.5 palettization); this ORs whole groups of elements into uint32 words (about 1 ns)."""
+    values = np.asarray(elements).reshape(-1)
+    group = np.lcm(nbits, 8) // nbits  # elements per whole number of bytes (at most 24 bits)
+    padded = np.zeros(-(-len(values) // group) * group, dtype=np.uint32)
+    padded[: len(values)] = values
+    words = np.zeros(len(padded) // group, dtype="<u4")  # little-endian: bytes in stream order
+    for i in range(group):
+        words |= padded[i::group] << np.uint32(i * nbits)
+    nbytes = group * nbits // 8
+    packed = words.view(np.uint8).reshape(-1, 4)[:, :nbytes].reshape(-1)  # little-endian words
+    return packed[: -(-len(values) * nbits // 8)].copy()

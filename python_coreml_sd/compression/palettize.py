@@ -21,10 +21,11 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
-from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, palettize_array
+from python_coreml_sd.compression.kmeans import SUPPORTED_NBITS, cluster_fp16, pack_bits, palettize_array
 from python_coreml_sd.compression.recipes import KEEP_FP16, recipe_to_const_names
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.lut import lut_iOS16, lut_iOS18
@@ -170,6 +171,7 @@ def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.optimize import _utils as optimize_utils
 
     palettizer = PASS_REGISTRY["compression::palettize_weights"]
     palettizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
@@ -181,10 +183,23 @@ def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
         workers = worker_count()
         if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
             plan.start(planned, workers)
-        palettizer.apply(prog)
+        packer = _fast_packer(optimize_utils.pack_elements_into_bits)
+        with mock.patch.object(optimize_utils, "pack_elements_into_bits", packer):
+            palettizer.apply(prog)
         return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
                            compute_units=mlmodel.compute_unit, model_description=spec.description,
                            skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
+
+
+def _fast_packer(original):
+    """coremltools' index packer `original`, the same bytes 10x faster (kmeans.pack_bits); what is
+    not valid unsigned indices goes to `original`, for its checks and messages."""
+    def pack(elements: np.ndarray, nbits: int) -> np.ndarray:
+        if not np.issubdtype(elements.dtype, np.unsignedinteger) or elements.max(initial=0) >= 1 << nbits:
+            return original(elements, nbits)
+        return pack_bits(elements, nbits)
+
+    return pack
 
 
 @contextlib.contextmanager

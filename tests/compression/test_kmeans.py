@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from python_coreml_sd.compression.kmeans import (Histogram, assign, exact_kmeans_sorted, kmeans_1d, kmeans_sorted,
-                                                 palettize_array, sse)
+                                                 pack_bits, palettize_array, sse)
 
 
 def brute_force_sse(x, w, k):
@@ -158,3 +158,15 @@ def test_rejects_bad_input():
             palettize_array(np.array([1.0, bad], dtype=np.float32), 2)
     with pytest.raises(ValueError):
         palettize_array(np.ones(10, dtype=np.float16), 5)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("length", [1, 3, 7, 8, 25, 4099])
+def test_pack_bits_gives_coremltools_bytes(nbits, length):
+    from coremltools.optimize._utils import pack_elements_into_bits
+
+    elements = np.random.default_rng(length).integers(0, 1 << nbits, length).astype(np.uint8)
+    expected = pack_elements_into_bits(elements, nbits)
+    packed = pack_bits(elements, nbits)
+    assert packed.dtype == np.uint8 and packed.shape == expected.shape
+    assert packed.tobytes() == expected.tobytes()
