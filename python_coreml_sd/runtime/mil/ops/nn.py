@@ -244,8 +244,8 @@ def _layer_norm(a):
     if axes == last or torch.device(a.device).type == "cpu":
         def fn(x, *params):
             # Axes that are not trailing (the channels of a (B, C, 1, S) layout) are moved last as a view
-            # on the CPU, so one native kernel runs instead of six elementwise ops (on CUDA those six fuse
-            # better under torch.compile, where the moved layout costs a copy).
+            # on the CPU, so one native kernel runs instead of six elementwise ops. CUDA keeps the six-op
+            # form its benchmarks measured (the moved view made no difference there: 7.37-7.40 ms a step).
             g, b = split(params)
             return F.layer_norm(x.movedim(axes, last), norm_shape, g, b, eps).movedim(last, axes)
     else:
