@@ -16,7 +16,7 @@ one) take the component table's shapes, with the added conditions ``time_ids`` a
 the model's text_encoder_2 pools; a bare SDXL UNet folder is refused (its pooled width is not in its config).
 
     python -m python_coreml_sd.compression.mixed_bit --model-version tiny --target-bits 3 \\
-        --out recipe.json [--plot recipe.png] [--apply SRC.mlpackage DST.mlpackage]
+        --out recipe.json [--plot recipe.png] [--scores scores.json] [--apply SRC.mlpackage DST.mlpackage]
     python -m python_coreml_sd.torch2coreml --model-version tiny --convert-unet --mixed-bit-recipe recipe.json
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from python_coreml_sd.compression.search import (
     tradeoff_curve, uniform_points)
 from python_coreml_sd.compression.recipes import KEEP_FP16
 from python_coreml_sd.compression.palettize import resolve_device
-from python_coreml_sd.compression.sensitivity import Probe, palettizable_layers
+from python_coreml_sd.compression.sensitivity import Probe, ScoreFile, palettizable_layers
 from python_coreml_sd.errors import UserError, first_line
 
 PROG = "mixed_bit"
@@ -83,6 +83,10 @@ def parser_spec() -> argparse.ArgumentParser:
                         "available); it measures one forward pass, then uses smaller batches, then fewer "
                         "workers, until its estimate fits")
     p.add_argument("--out", type=Path, required=True, help="recipe JSON to write")
+    p.add_argument("--scores", type=Path, metavar="FILE",
+                   help="keep each layer's scores in this JSON file as they are measured; a later run on the same "
+                        "model and sample inputs (after an interruption, or for another target) reads them instead "
+                        "of measuring again, on either device")
     p.add_argument("--plot", type=Path, help="PNG of PSNR vs model size (measures 16 more recipes)")
     p.add_argument("--apply", nargs=2, type=Path, metavar=("SRC", "DST"),
                    help="also palettize SRC.mlpackage into DST with the recipe")
@@ -111,6 +115,10 @@ def check_args(args) -> None:
         raise UserError(f"--target-bits must be between 1 and {KEEP_FP16}, got {args.target_bits:g}")
     if args.max_memory is not None and not args.max_memory > 0:
         raise UserError(f"--max-memory must be a positive number of GB, got {args.max_memory:g}")
+    if args.scores is not None:
+        _check_writable_file("--scores", args.scores)
+        if args.scores.exists():
+            ScoreFile.read(args.scores)  # a broken file fails here, before the model loads
     outputs = [("--out", args.out), ("--plot", args.plot)] + ([("--apply DST", args.apply[1])] if args.apply else [])
     for flag, path in outputs:
         if path is not None:
@@ -123,10 +131,14 @@ def check_args(args) -> None:
 
 
 def _check_output(flag: str, path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir() and not overwrite:
+        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
+    _check_writable_file(flag, path)
+
+
+def _check_writable_file(flag: str, path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file path")
-    if path.exists() and not overwrite:
-        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: folder {parent} does not exist or is not writable")
@@ -193,7 +205,8 @@ def run(args) -> dict:
     probe = Probe(module, inputs, layers, args.bits, args.batch)
     start = time.perf_counter()
     max_memory = None if args.max_memory is None else int(args.max_memory * 1e9)
-    analysis = sensitivity(probe, args.device, args.workers, log=_progress, max_memory=max_memory)
+    analysis = sensitivity(probe, args.device, args.workers, log=_progress, max_memory=max_memory,
+                           score_file=args.scores)
     seconds = time.perf_counter() - start
     print(f"pre-analysis: {len(layers)} layers x {len(args.bits)} bit widths in {seconds:.1f} s "
           f"({args.device}, batch {probe.batch})", flush=True)

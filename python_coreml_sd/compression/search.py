@@ -29,9 +29,9 @@ def make_probe(module, inputs, layers: dict | None = None, bits=CANDIDATE_BITS, 
 
 
 def sensitivity(probe: Probe, device: str = "cpu", workers: int | None = None, log=print,
-                max_memory: int | None = None) -> dict:
+                max_memory: int | None = None, score_file: Path | None = None) -> dict:
     """{"reference_peak": .., "layers": {name: {"params": n, "psnr": {bits: dB}}}}."""
-    scores = analyse(probe, device, workers, log, max_memory=max_memory)
+    scores = analyse(probe, device, workers, log, max_memory=max_memory, score_file=score_file)
     return {"reference_peak": float(np.abs(probe.reference).max()),
             "layers": {n: {"params": int(probe.layers[n].weight.numel()), "psnr": scores[n]} for n in scores}}
 

@@ -23,6 +23,7 @@ against the untouched fp32 module, on one set of sample inputs. How it is made f
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,8 +35,9 @@ import torch
 from python_coreml_sd.compression.kmeans import Histogram, kmeans_sorted, stored_lut
 from python_coreml_sd.compression.palettize import WEIGHT_THRESHOLD, worker_count
 from python_coreml_sd.compression.recipes import KEEP_FP16
-from python_coreml_sd.errors import UserError
+from python_coreml_sd.errors import UserError, first_line
 from python_coreml_sd.metrics import psnr
+from python_coreml_sd.package_io import replace_atomically
 
 LAYER_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
 
@@ -170,36 +172,100 @@ def _exact_cuda_math():
 
 
 def analyse(probe: Probe, device: str = "cpu", workers: int | None = None, log=print,
-            score_in_workers: bool | None = None, max_memory: int | None = None) -> dict:
+            score_in_workers: bool | None = None, max_memory: int | None = None,
+            score_file: Path | None = None) -> dict:
     """{layer: {bits: PSNR}} for every layer of the probe, in the probe's layer order.
 
     The probe's module must be on the CPU. CPU: workers cluster and score groups of layers (the
     default, ``score_in_workers``); otherwise (CUDA) they only cluster, then the probe moves to
     ``device`` and scores everything here. CPU scoring first trims the batch, then workers, to what
     ``fit_memory`` says fits ``max_memory`` bytes (default: the memory this machine has available).
+    With ``score_file`` (``ScoreFile``), layers scored there before are read, not measured, and each
+    group's scores are added to it as they come.
     """
     workers = worker_count() if workers is None else workers
     names = list(probe.layers)
-    scores = {}
     in_workers = score_in_workers if score_in_workers is not None else device == "cpu"
     if in_workers:
         workers, probe.batch = fit_memory(probe, workers, max_memory, log)
-    groups = _groups(names, max(1, probe.batch // max(1, len(probe.bits))))
+    else:
+        _cluster(probe, names, workers, log)
+        probe.to(device)
+    saved = ScoreFile(score_file, probe.reference) if score_file is not None else None
+    scores = saved.known(names, probe.bits) if saved else {}
+    if scores and log:
+        log(f"{len(scores)} of {len(names)} layers' scores read from {score_file}")
+    groups = _groups([n for n in names if n not in scores], max(1, probe.batch // max(1, len(probe.bits))))
     if in_workers:
-        for _, (group_scores, palettes) in _in_workers(probe, _sensitivity_task, groups, workers):
-            probe.palettes.update(palettes)
-            scores.update(_logged(group_scores, log, offset=len(scores)))
-        return scores
+        results = (result for _, result in _in_workers(probe, _sensitivity_task, groups, workers))
+    else:
+        results = ((probe.sensitivity(group), {}) for group in groups)
+    for group_scores, palettes in results:
+        probe.palettes.update(palettes)
+        scores.update(_logged(group_scores, log, offset=len(scores)))
+        if saved:
+            saved.add(group_scores)
+    unclustered = [n for n in names if n not in probe.palettes]
+    if in_workers and unclustered:  # layers whose scores were read: the recipes still need their palettes
+        _cluster(probe, unclustered, workers, log)
+    return {n: scores[n] for n in names}
+
+
+def _cluster(probe: Probe, names: list, workers: int, log) -> None:
     start = time.perf_counter()
     for _, palettes in _in_workers(probe, _palettes_task, [[n] for n in names], workers):
         probe.palettes.update(palettes)
     if log:
         log(f"clustered {len(names)} layers x {len(probe.bits)} bit widths in {time.perf_counter() - start:.1f} s "
             f"({workers} worker processes)")
-    probe.to(device)
-    for group in groups:
-        scores.update(_logged(probe.sensitivity(group), log, offset=len(scores)))
-    return scores
+
+
+class ScoreFile:
+    """Per-layer scores kept in a JSON file as they are measured, so that an interrupted analysis, or
+    another recipe of the same model, measures no layer twice. The file knows its model by a sample of
+    the untouched output on the sample inputs: within float rounding (a CPU run resumes on CUDA), and far
+    outside it for other weights or inputs, which are refused. A layer counts as scored when the file has
+    every bit width asked for."""
+
+    SAMPLE = 4096
+
+    def __init__(self, path: Path, reference: np.ndarray):
+        self.path = Path(path)
+        flat = reference.reshape(-1).astype(np.float64)
+        self.sample = flat[::max(1, flat.size // self.SAMPLE)][:self.SAMPLE]
+        self.layers = {}
+        if self.path.exists():
+            sample, self.layers = self.read(self.path)
+            peak = np.abs(self.sample).max()
+            if sample.shape != self.sample.shape or np.abs(sample - self.sample).max() > 1e-3 * peak:
+                raise UserError(f"{self.path} holds the scores of another model or other sample inputs; "
+                                "give another path or delete it")
+
+    @staticmethod
+    def read(path: Path) -> tuple:
+        """(reference sample, {layer: {bits: PSNR}}) of a scores file, or a UserError naming it."""
+        try:
+            doc = json.loads(Path(path).read_text())
+            layers = {str(n): {str(b): float(v) for b, v in by_bits.items()} for n, by_bits in doc["layers"].items()}
+            return np.asarray(doc["reference_sample"], dtype=np.float64), layers
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path} is not a scores file of this analysis ({first_line(exc)}); "
+                            "give another path or delete it")
+
+    def known(self, names, bits) -> dict:
+        """{layer: {bits: PSNR}} for the layers of ``names`` scored at every width of ``bits``."""
+        found = {}
+        for name in names:
+            by_bits = self.layers.get(name, {})
+            if all(str(b) in by_bits for b in bits):
+                found[name] = {b: by_bits[str(b)] for b in bits}
+        return found
+
+    def add(self, scores: dict) -> None:
+        for name, by_bits in scores.items():
+            self.layers.setdefault(name, {}).update({str(b): float(s) for b, s in by_bits.items()})
+        doc = {"reference_sample": self.sample.tolist(), "layers": self.layers}
+        replace_atomically(lambda tmp: tmp.write_text(json.dumps(doc)), self.path, overwrite=True)
 
 
 def fit_memory(probe: Probe, workers: int, max_memory: int | None = None, log=print) -> tuple:

@@ -95,6 +95,8 @@ def no_analysis(monkeypatch):
     (["--unet-dir", "{tmp}"], "is not a diffusers UNet folder"),
     (["--out", "{tmp}/no/such/folder/r.json"], "does not exist or is not writable"),
     (["--out", "{tmp}"], "is a folder"),
+    (["--scores", "{tmp}"], "--scores {tmp} is a folder"),
+    (["--scores", "{tmp}/no/such/folder/s.json"], "does not exist or is not writable"),
     (["--apply", "{tmp}/missing.mlpackage", "{tmp}/dst.mlpackage"], "is not an .mlpackage"),
     (["--plot", "{tmp}/plot.jpg"], "name it *.png"),
     (["--bits", "5"], "bit widths must be among"),
@@ -106,7 +108,7 @@ def test_bad_input_is_one_line_before_the_analysis(capsys, tmp_path, no_analysis
     argv = [a.format(tmp=tmp_path) for a in argv]
     defaults = ["--target-bits", "3"] if "--target-bits" not in argv else []
     defaults += ["--out", str(tmp_path / "r.json")] if "--out" not in argv else []
-    assert_one_line(*run_cli(capsys, mixed_bit.main, *argv, *defaults), "mixed_bit", fragment)
+    assert_one_line(*run_cli(capsys, mixed_bit.main, *argv, *defaults), "mixed_bit", fragment.format(tmp=tmp_path))
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "dst.mlpackage").exists()
 
 
@@ -116,6 +118,27 @@ def test_existing_recipe_is_kept_without_overwrite(capsys, tmp_path, no_analysis
     code, err = run_cli(capsys, mixed_bit.main, "--target-bits", "3", "--out", str(out))
     assert_one_line(code, err, "mixed_bit", "exists; pass --overwrite")
     assert out.read_text() == "precious" and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_broken_scores_file_is_one_line_before_the_analysis(capsys, tmp_path, no_analysis):
+    scores = tmp_path / "s.json"
+    scores.write_text("{not json")
+    code, err = run_cli(capsys, mixed_bit.main, "--target-bits", "3", "--out", str(tmp_path / "r.json"),
+                        "--scores", str(scores))
+    assert_one_line(code, err, "mixed_bit", f"{scores} is not a scores file of this analysis")
+    assert scores.read_text() == "{not json" and not (tmp_path / "r.json").exists()
+
+
+def test_a_second_target_reads_the_scores_of_the_first(capsys, tmp_path):
+    scores, first, second = tmp_path / "s.json", tmp_path / "r1.json", tmp_path / "r2.json"
+    for out, target in ((first, "3.5"), (second, "3")):
+        assert mixed_bit.main(["--config", "tiny", "--bits", "4,2", "--target-bits", target, "--out", str(out),
+                               "--scores", str(scores)]) == 0
+    err = capsys.readouterr().err
+    assert "90 of 90 layers' scores read from" in err and err.count("scores read from") == 1
+    one, two = (json.loads(f.read_text()) for f in (first, second))
+    assert one["sensitivity"] == two["sensitivity"] and one["average_bits"] > two["average_bits"]
+    assert len(json.loads(scores.read_text())["layers"]) == 90
 
 
 def test_missing_target_is_one_line(capsys, tmp_path, no_analysis):

@@ -85,6 +85,57 @@ def test_workers_and_paths_agree(tiny):
     assert runs[0][name][1] < runs[0][name][4]
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_a_score_file_resumes_an_interrupted_analysis(tiny, tmp_path, monkeypatch):
+    """Scores are saved group by group; an analysis stopped after two groups measures only the rest on the
+    next run (on either path), and ends with the uninterrupted scores."""
+    model, inputs, layers = tiny
+    subset = dict(list(layers.items())[:7])
+    scores_file = tmp_path / "scores.json"
+    whole = analyse(Probe(model, inputs, subset, (4, 1), batch=4), workers=1, log=None)  # groups of two layers
+    measured = []
+    real = Probe.sensitivity
+
+    def stops_at_the_third_group(self, names):
+        if len(measured) == 4:
+            raise Interrupted
+        measured.extend(names)
+        return real(self, names)
+
+    monkeypatch.setattr(Probe, "sensitivity", stops_at_the_third_group)
+    with pytest.raises(Interrupted):
+        analyse(Probe(model, inputs, subset, (4, 1), batch=4), workers=1, log=None, score_file=scores_file)
+    assert set(json.loads(scores_file.read_text())["layers"]) == set(measured) == set(list(subset)[:4])
+    measured.clear()
+    said = []
+    resumed = analyse(Probe(model, inputs, subset, (4, 1), batch=4), workers=1, log=said.append,
+                      score_in_workers=False, score_file=scores_file)
+    assert measured == list(subset)[4:] and said[1] == f"4 of 7 layers' scores read from {scores_file}"
+    assert list(resumed) == list(subset)
+    for name in subset:
+        assert_same_db([resumed[name][b] for b in (4, 1)], [whole[name][b] for b in (4, 1)])
+    measured.clear()  # every width asked for is in the file now: nothing is measured, a subset of widths neither
+    probe = Probe(model, inputs, subset, (1,), batch=4)
+    assert analyse(probe, workers=1, log=None, score_file=scores_file) == {n: {1: resumed[n][1]} for n in subset}
+    assert measured == [] and set(probe.palettes) == set(subset)  # palettes made all the same, for the recipes
+
+
+def test_a_score_file_of_another_model_is_refused(tiny, tmp_path):
+    model, inputs, layers = tiny
+    subset = dict(list(layers.items())[:2])
+    scores_file = tmp_path / "scores.json"
+    analyse(Probe(model, inputs, subset, (2,)), workers=1, log=None, score_file=scores_file)
+    other_inputs = {k: v + 0.5 if v.is_floating_point() else v for k, v in inputs.items()}
+    with pytest.raises(UserError, match="holds the scores of another model or other sample inputs"):
+        analyse(Probe(model, other_inputs, subset, (2,)), workers=1, log=None, score_file=scores_file)
+    scores_file.write_text('{"layers": {}}')
+    with pytest.raises(UserError, match=r"is not a scores file of this analysis \('reference_sample'\)"):
+        analyse(Probe(model, inputs, subset, (2,)), workers=1, log=None, score_file=scores_file)
+
+
 linux_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
 
 
