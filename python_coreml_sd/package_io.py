@@ -7,14 +7,17 @@ half-written file, and an existing output is replaced only when the caller allow
 Every package is also made reproducible (`make_reproducible`): the same inputs and flags give
 byte-identical files, on another day too when SOURCE_DATE_EPOCH is set.
 """
+import contextlib
 import datetime
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from unittest import mock
 
 from .errors import UserError
 
@@ -190,6 +193,21 @@ def read_program(spec, weights_dir: str, specification_version: int = None):
         raise UserError(f"a Core ML '{spec.WhichOneof('Type')}' model is not an ML Program")
     return load(spec, specification_version=specification_version or spec.specificationVersion,
                 file_weights_dir=weights_dir)
+
+
+@contextlib.contextmanager
+def unprinted_programs():
+    """coremltools' pass pipelines log the whole program before and after each pipeline at DEBUG level,
+    through f-strings built whatever the level: six texts of SDXL's UNet, 13 s of a palettization. Unless
+    coremltools logs at DEBUG, a program's text is a placeholder while this is active."""
+    from coremltools import _logger
+    from coremltools.converters.mil.mil.program import Program
+
+    if _logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    with mock.patch.object(Program, "__str__", lambda self, *args, **kwargs: "<program text: DEBUG logging only>"):
+        yield
 
 
 def mil_program(mlmodel, specification_version: int = None):

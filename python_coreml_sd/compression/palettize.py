@@ -30,7 +30,7 @@ from python_coreml_sd.compression.recipes import KEEP_FP16, recipe_to_const_name
 from python_coreml_sd.errors import UserError
 from python_coreml_sd.lut import lut_iOS16, lut_iOS18
 from python_coreml_sd.package_check import check_package
-from python_coreml_sd.package_io import mil_program, save_mlmodel
+from python_coreml_sd.package_io import mil_program, save_mlmodel, unprinted_programs
 
 # Same default as coremltools: tensors of at most this many elements (biases, norms) stay fp16.
 WEIGHT_THRESHOLD = 2048
@@ -184,11 +184,11 @@ def _apply_palettizer(mlmodel, config, plan: LutPlan, bits_of: dict):
         if workers > 1 and sum(w.size for w, _ in planned) >= PARALLEL_MIN_VALUES:
             plan.start(planned, workers)
         packer = _fast_packer(optimize_utils.pack_elements_into_bits)
-        with mock.patch.object(optimize_utils, "pack_elements_into_bits", packer):
+        with mock.patch.object(optimize_utils, "pack_elements_into_bits", packer), unprinted_programs():
             palettizer.apply(prog)
-        return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
-                           compute_units=mlmodel.compute_unit, model_description=spec.description,
-                           skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
+            return mil_convert(prog, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
+                               compute_units=mlmodel.compute_unit, model_description=spec.description,
+                               skip_model_load=True, pass_pipeline=PassPipeline.EMPTY)
 
 
 def _fast_packer(original):
