@@ -16,6 +16,7 @@ KMeans on the rest (or on everything, if its kmeans1d cannot be imported). The b
 kmeans1d is missing, and counts which backend each coremltools call used (the "k-means backend" row).
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -171,15 +172,18 @@ def child(which: str, src: Path, dst: Path, nbits: int) -> None:
     print(json.dumps({"wall_s": time.perf_counter() - t0, "kmeans_backends": counts}))
 
 
-def run_ours(src, work, nbits, originals):
+def run_ours(src, work, nbits):
+    """Our pass in a child, while this process holds no weights (the same start as coremltools' child)."""
     dst = work / "ours.mlpackage"
-    wall = palettize_in_child("ours", src, dst, nbits)["wall_s"]
+    return dst, {"wall_s": palettize_in_child("ours", src, dst, nbits)["wall_s"]}
+
+
+def ours_stats(originals, dst, nbits):
     t0 = time.perf_counter()
     for w in originals.values():
         palettize_array(w, nbits)
     kmeans_only = time.perf_counter() - t0
-    decoded = lut_weights(ct_model(dst))
-    return dst, {"wall_s": wall, "kmeans_only_s": kmeans_only, **snr_stats(originals, decoded)}
+    return {"kmeans_only_s": kmeans_only, **snr_stats(originals, lut_weights(ct_model(dst)))}
 
 
 def ct_model(path):
@@ -211,12 +215,14 @@ def coremltools_sample(originals, nbits, count, max_fraction=1.0):
     return seconds, elements, snrs, counts
 
 
-def run_coremltools(src, work, nbits, originals):
+def run_coremltools(src, work, nbits):
+    """coremltools' pass in a child, then its weights against the fp16 ones (read again here: this process
+    holds none while the child runs, which needs about 22 GB for SDXL)."""
     dst = work / "coremltools.mlpackage"
     child = palettize_in_child("coremltools", src, dst, nbits)
     decoded = lut_weights(ct_model(dst))
     print(f"coremltools k-means backend: {describe_backends(child['kmeans_backends'])}", flush=True)
-    return dst, {**child, **snr_stats(originals, decoded)}
+    return dst, {**child, **snr_stats(large_consts(src), decoded)}
 
 
 def main(argv=None):
@@ -260,13 +266,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     src, subject = fp16_source(args, work, source)
     result["convert_s"] = time.perf_counter() - t0
+    print(f"converted {result['config']} in {result['convert_s']:.0f}s", flush=True)
+    ours_pkg, result["ours"] = run_ours(src, work, args.nbits)
     originals = large_consts(src)
     result["tensors"] = len(originals)
     result["elements"] = int(sum(w.size for w in originals.values()))
-    print(f"converted {result['config']}: {len(originals)} weights > {WEIGHT_THRESHOLD} elements,"
-          f" {result['elements'] / 1e6:.1f} M values, {result['convert_s']:.0f}s", flush=True)
-
-    ours_pkg, result["ours"] = run_ours(src, work, args.nbits, originals)
+    print(f"{len(originals)} weights > {WEIGHT_THRESHOLD} elements, {result['elements'] / 1e6:.1f} M values", flush=True)
+    result["ours"].update(ours_stats(originals, ours_pkg, args.nbits))
     print("ours:", json.dumps({k: v for k, v in result["ours"].items() if k != "snr_db"}), flush=True)
 
     seconds, elements, snrs, counts = coremltools_sample(originals, args.nbits, args.sample, args.max_sample_fraction)
@@ -277,14 +283,16 @@ def main(argv=None):
     print(f"coremltools k-means estimate for the whole model: {estimate:.0f}s", flush=True)
     ct_pkg = None
     if estimate <= args.cap_minutes * 60:
-        ct_pkg, result["coremltools"] = run_coremltools(src, work, args.nbits, originals)
+        del originals
+        gc.collect()
+        ct_pkg, result["coremltools"] = run_coremltools(src, work, args.nbits)
         result["ours"]["worse_tensors"] = worse_count(result["ours"]["snr_db"], result["coremltools"]["snr_db"])
         result["coremltools"]["worse_tensors"] = worse_count(result["coremltools"]["snr_db"], result["ours"]["snr_db"])
     else:
         result["coremltools"] = {"wall_s_estimated": estimate, "capped": True, "kmeans_backends": counts}
     # Output PSNR last, after the weights are released: a full-size SDXL module in fp32 (10 GB) beside them and a
     # palettizer child would not fit in 24 GiB.
-    del originals
+    originals = None
     result["output_psnr_by"] = args.output_psnr
     model, inputs = subject()
     psnr_args = (testbed.numpy_inputs(inputs), args.output_psnr, model, inputs)

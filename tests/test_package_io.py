@@ -58,3 +58,27 @@ def test_temp_outputs_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     prepare_output_dir(tmp_path)
     assert not stale.exists() and not stale_file.exists()
     assert ours.exists() and unrelated.exists() and str(os.getpid()) in ours.name
+
+
+def test_program_text_is_built_only_when_coremltools_logs_at_debug(tmp_path):
+    """coremltools' pipelines format the whole program into DEBUG log lines whatever the level; inside
+    unprinted_programs the text is a placeholder, unless DEBUG logging is on, and the real text after."""
+    import logging
+
+    from coremltools import _logger
+
+    from python_coreml_sd.package_io import mil_program, unprinted_programs
+
+    prog = mil_program(fresh_model(tmp_path))
+    text = str(prog)
+    assert "main" in text and len(text) > 200
+    with unprinted_programs():
+        assert str(prog) == f"{prog}" == "<program text: DEBUG logging only>"
+    assert str(prog) == text
+    level = _logger.level
+    _logger.setLevel(logging.DEBUG)
+    try:
+        with unprinted_programs():
+            assert str(prog) == text
+    finally:
+        _logger.setLevel(level)

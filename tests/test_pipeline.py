@@ -229,6 +229,7 @@ def test_torch_compile_runs_the_unet_compiled_with_the_same_image(pipes, tiny_mo
     and the picture is the uncompiled one (fused fp32 kernels aside)."""
     compiled = open_pipeline("mil", tiny_models_dir, progress=False, torch_compile=True)
     assert compiled.models["unet"].model._torch_compile
+    assert pipes["mil"].models["unet"].model._fuse and not pipes["mil"].models["vae_decoder"].model._fuse
     assert not compiled.models["vae_decoder"].model._torch_compile
     request = GenerationRequest(prompt="a lighthouse at dusk", seed=7, num_inference_steps=2)
     with warnings.catch_warnings():
