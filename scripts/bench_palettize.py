@@ -186,6 +186,18 @@ def ours_stats(originals, dst, nbits):
     return {"kmeans_only_s": kmeans_only, **snr_stats(originals, lut_weights(ct_model(dst)))}
 
 
+def release_memory() -> None:
+    """Give freed weights back to the system: coremltools' reader allocates them with malloc, whose heap keeps
+    them after ``del`` (5.1 GB of SDXL's stayed in this process's RSS; malloc_trim brings it to 0.4 GB)."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def ct_model(path):
     import coremltools as ct
 
@@ -284,7 +296,7 @@ def main(argv=None):
     ct_pkg = None
     if estimate <= args.cap_minutes * 60:
         del originals
-        gc.collect()
+        release_memory()
         ct_pkg, result["coremltools"] = run_coremltools(src, work, args.nbits)
         result["ours"]["worse_tensors"] = worse_count(result["ours"]["snr_db"], result["coremltools"]["snr_db"])
         result["coremltools"]["worse_tensors"] = worse_count(result["coremltools"]["snr_db"], result["ours"]["snr_db"])
