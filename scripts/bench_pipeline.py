@@ -20,10 +20,10 @@ Rows:
   mil, UNet torch.compile              the same with the pipeline's --torch-compile (the MIL runtime's UNet
                                        under torch.compile, then the CUDA graph on CUDA)
 Each row: one 2-step warm-up image (compilation, graph capture, lazy init; reported as "warm-up s"), then
-one timed image.
+--repeat timed images, made in interleaved rounds (one image of every row per round; all rows' models are
+held at once), median shown.
 """
 import argparse
-import gc
 import os
 import sys
 import time
@@ -75,19 +75,9 @@ def mil_models(folder, models_dir, device, safety_checker, torch_compile=False):
     return resolve(str(folder)), models
 
 
-def fast_unet(models, device):
-    """Swap the UNet for torch.compile + CUDA graph (CUDA) or torch.compile (CPU). Returns the label."""
-    from python_coreml_sd.generation.components import Component
-    from torch_baselines import FastTorchModel
-
-    unet = models["unet"]
-    graph = device == "cuda"
-    models.components["unet"] = Component(FastTorchModel(unet.model, compile_module=True, cuda_graph=graph),
-                                          unet.input_shapes)
-    return unet
-
-
-def time_pipeline(models, source, steps, device, safety_checker):
+def warmed_pipeline(models, source, device, safety_checker):
+    """The pipeline of one row, after one 2-step image (compilation, graph capture, lazy init). Returns
+    (pipeline, warm-up seconds)."""
     import torch
     from python_coreml_sd.generation.pipeline import GenerationRequest
     from python_coreml_sd.generation.setup import build_pipeline
@@ -96,12 +86,23 @@ def time_pipeline(models, source, steps, device, safety_checker):
         raise SystemExit(f"safety checker {'missing' if safety_checker else 'present'} on one side")
     pipe = build_pipeline(models, source, progress=False)
     start = time.perf_counter()
-    pipe.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=2))  # warm-up
+    pipe.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=2))
     if device == "cuda":
         torch.cuda.synchronize()
-    warmup = time.perf_counter() - start
-    result = pipe.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=steps))
-    return result, warmup
+    return pipe, time.perf_counter() - start
+
+
+def timed_rounds(pipes: list, steps: int, repeat: int) -> list:
+    """Each pipeline's results of `repeat` timed images, made in rounds (one image of every row per round),
+    so that a change of machine load during the run touches every row alike."""
+    from python_coreml_sd.generation.pipeline import GenerationRequest
+
+    results = [[] for _ in pipes]
+    for round_ in range(repeat):
+        for pipe, out in zip(pipes, results):
+            out.append(pipe.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=steps)))
+        print(f"round {round_ + 1}/{repeat}: " + ", ".join(f"{r[-1].seconds_total:.2f} s" for r in results), flush=True)
+    return results
 
 
 def main():
@@ -115,11 +116,10 @@ def main():
     parser.add_argument("--no-fast-torch", action="store_true", help="skip the torch.compile (+ CUDA graph) row")
     parser.add_argument("--no-compiled-mil", action="store_true", help="skip the mil, UNet torch.compile row")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/python_coreml_sd_bench"))
+    parser.add_argument("--repeat", type=int, default=3, help="timed images per row (median shown; default 3)")
     args = parser.parse_args()
-    import numpy as np
     import python_coreml_sd
     from python_coreml_sd.console import quiet_third_party
-    from python_coreml_sd.metrics import psnr
     quiet_third_party()
     print(f"python_coreml_sd from {Path(python_coreml_sd.__file__).parent}", flush=True)
     from python_coreml_sd import registry
@@ -128,53 +128,65 @@ def main():
         args.safety_checker = False
     folder, models_dir = prepare(args.family, args.work_dir, args.attention, args.safety_checker)
     precision = "float16" if args.device == "cuda" else "float32"
-    rows = []  # (label, result, warm-up s)
+    rows = []  # (label, pipeline, warm-up s): every row held at once, for interleaved timing
 
     source, models = torch_models(folder, models_dir, args.device, precision, args.safety_checker)
-    result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
-    rows.append(("torch eager", result, warmup))
-    print(f"torch eager: {result.seconds_total:.2f} s / image (warm-up {warmup:.1f} s)", flush=True)
+    rows.append(("torch eager", *warmed_pipeline(models, source, args.device, args.safety_checker)))
     if not args.no_fast_torch:
-        eager_unet = fast_unet(models, args.device)
-        label = ("torch, UNet torch.compile + CUDA graph" if args.device == "cuda"
-                 else "torch, UNet torch.compile")
-        try:
-            result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
-        except Exception as exc:
-            if args.device != "cuda":
-                raise
-            print(f"{label} failed ({type(exc).__name__}: {exc}); falling back to eager + CUDA graph", flush=True)
-            from python_coreml_sd.generation.components import Component
-            from torch_baselines import FastTorchModel
-            import torch
-            torch._dynamo.reset()
-            models.components["unet"] = Component(FastTorchModel(eager_unet.model, compile_module=False),
-                                                  eager_unet.input_shapes)
-            label = "torch, UNet eager + CUDA graph (torch.compile failed)"
-            result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
-        rows.append((label, result, warmup))
-        print(f"{label}: {result.seconds_total:.2f} s / image (warm-up {warmup:.1f} s)", flush=True)
-    del models
-    gc.collect()
+        rows.append(fast_torch_row(models, source, args))
     for label, torch_compile in [("mil", False)] + ([] if args.no_compiled_mil else [("mil, UNet torch.compile", True)]):
         source, models = mil_models(folder, models_dir, args.device, args.safety_checker, torch_compile)
-        result, warmup = time_pipeline(models, source, args.steps, args.device, args.safety_checker)
-        rows.append((label, result, warmup))
-        print(f"{label}: {result.seconds_total:.2f} s / image (warm-up {warmup:.1f} s)", flush=True)
-        del models
-        gc.collect()
+        rows.append((label, *warmed_pipeline(models, source, args.device, args.safety_checker)))
+    for label, _, warmup in rows:
+        print(f"{label}: ready (warm-up {warmup:.1f} s)", flush=True)
+    results = timed_rounds([pipe for _, pipe, _ in rows], args.steps, args.repeat)
+    print_table(args, precision, [(label, warmup, res) for (label, _, warmup), res in zip(rows, results)])
 
-    reference = np.asarray(rows[0][1].image, np.float32)
-    size = rows[0][1].image.size
+
+def fast_torch_row(eager_models, source, args):
+    """The torch row with the UNet under torch.compile (+ CUDA graph on CUDA), on a copy of the eager row's
+    ModelSet (the modules are shared). On CUDA a failed compile falls back to eager + CUDA graph, and says so."""
+    from python_coreml_sd.generation.components import Component, ModelSet
+    from torch_baselines import FastTorchModel
+
+    models = ModelSet(dict(eager_models.components), eager_models.any_prompt_length)
+    unet = eager_models["unet"]
+    graph = args.device == "cuda"
+    label = "torch, UNet torch.compile + CUDA graph" if graph else "torch, UNet torch.compile"
+    models.components["unet"] = Component(FastTorchModel(unet.model, compile_module=True, cuda_graph=graph),
+                                          unet.input_shapes)
+    try:
+        return (label, *warmed_pipeline(models, source, args.device, args.safety_checker))
+    except Exception as exc:
+        if not graph:
+            raise
+        print(f"{label} failed ({type(exc).__name__}: {exc}); falling back to eager + CUDA graph", flush=True)
+        import torch
+        torch._dynamo.reset()
+        models.components["unet"] = Component(FastTorchModel(unet.model, compile_module=False), unet.input_shapes)
+        return ("torch, UNet eager + CUDA graph (torch.compile failed)",
+                *warmed_pipeline(models, source, args.device, args.safety_checker))
+
+
+def print_table(args, precision, rows):
+    """rows: (label, warm-up s, [results of the timed images]); the first row is the reference."""
+    import statistics
+    import numpy as np
+    from python_coreml_sd.metrics import psnr
+
+    reference = np.asarray(rows[0][2][0].image, np.float32)
+    size = rows[0][2][0].image.size
     checker = "safety checker on both sides" if args.safety_checker else "no safety checker on either side"
     print(f"\n{args.family}, {size[0]}x{size[1]}, {args.steps} steps, PNDM, {args.device}, torch {precision}, "
-          f"converted fp16 ({args.attention}), {checker}")
+          f"converted fp16 ({args.attention}), {checker}; median of {args.repeat} images per row, timed in interleaved rounds")
     print("| backend | s / image | s / step | vs torch eager | warm-up s | image PSNR vs torch eager |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, result, warmup in rows:
-        agreement = "" if label == "torch eager" else f"{psnr(reference, np.asarray(result.image, np.float32)):.1f} dB"
-        print(f"| {label} | {result.seconds_total:.2f} | {result.seconds_per_step:.4f} | "
-              f"{result.seconds_total / rows[0][1].seconds_total:.2f}x | {warmup:.1f} | {agreement} |")
+    ref_s = statistics.median(r.seconds_total for r in rows[0][2])
+    for label, warmup, results in rows:
+        seconds = statistics.median(r.seconds_total for r in results)
+        per_step = statistics.median(r.seconds_per_step for r in results)
+        agreement = "" if label == "torch eager" else f"{psnr(reference, np.asarray(results[0].image, np.float32)):.1f} dB"
+        print(f"| {label} | {seconds:.2f} | {per_step:.4f} | {seconds / ref_s:.2f}x | {warmup:.1f} | {agreement} |")
 
 
 if __name__ == "__main__":
