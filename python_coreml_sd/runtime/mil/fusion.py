@@ -18,14 +18,9 @@ each intermediate to the op's declared fp16.
 import torch
 import torch.nn.functional as F
 
-from .ops.nn import pointwise_conv
-
-
-class Derived:
-    """A constant the plan computes once, at load, as fn(*vars' values) (vars: constants)."""
-
-    def __init__(self, fn, vars):
-        self.fn, self.vars = fn, list(vars)
+from .ops import onednn
+from .ops.nn import can_prepack, gemm_rows, packed_pointwise_conv, pointwise_conv
+from .ops.registry import Derived, is_weight
 
 
 def _only_consumer(var, outputs):
@@ -386,11 +381,6 @@ def _group_norm(reshape, outputs):
     return back, [reshape, mean, sub, square, *tail, div, back], fn, [x]
 
 
-def _is_weight(var):
-    op = None if var is None else var.op
-    return op is not None and (op.op_type == "const" or op.op_type.startswith("constexpr_"))
-
-
 def _ints(var):
     return [] if var is None or var.val is None else [int(i) for i in var.val]
 
@@ -399,7 +389,7 @@ def _projection(op):
     """(x, weight, bias or None) of a linear or a 1x1, stride-1, unpadded, ungrouped convolution whose
     weight and bias are constants of x's dtype, else None."""
     bias = op.bias if "bias" in op.inputs else None
-    if op.op_type not in ("linear", "conv") or not _is_weight(op.weight) or (bias is not None and not _is_weight(bias)):
+    if op.op_type not in ("linear", "conv") or not is_weight(op.weight) or (bias is not None and not is_weight(bias)):
         return None
     if any(v is not None and v.dtype != op.x.dtype for v in (op.weight, bias, op.outputs[0])):
         return None
@@ -416,16 +406,20 @@ def _projection(op):
     return op.x, op.weight, bias
 
 
-def _merged_gemm(ops):
+def _merged_gemm(ops, prepack=False):
     """One GEMM for same-input projections (same op type): weights concatenated along the output
-    channels at load (a missing bias is zeros: adding 0 changes no value), the result split back."""
+    channels at load (a missing bias is zeros: adding 0 changes no value), the result split back.
+    prepack: the merged weight laid out for oneDNN where it can be (ops/onednn.py)."""
     sizes = [int(op.weight.shape[0]) for op in ops]
-    conv = ops[0].op_type == "conv"
+    conv, x = ops[0].op_type == "conv", ops[0].x
+    axis = 1 if conv else -1
+    rows = gemm_rows(x.shape, axis) if prepack and can_prepack("cpu", x, ops[0].weight, [o.outputs[0] for o in ops]) else None
 
     def weights(*ws):
-        return torch.cat([w.reshape(w.shape[0], w.shape[1]) for w in ws])
+        w = torch.cat([w.reshape(w.shape[0], w.shape[1]) for w in ws])
+        return w if rows is None else onednn.pack_linear(w, rows)
 
-    ins = [ops[0].x, Derived(weights, [op.weight for op in ops])]
+    ins = [x, Derived(weights, [op.weight for op in ops], ("merged", rows))]
     biases = [op.bias if "bias" in op.inputs else None for op in ops]
     if any(b is not None for b in biases):
         present = [b for b in biases if b is not None]
@@ -436,8 +430,13 @@ def _merged_gemm(ops):
 
         ins.append(Derived(bias, present))
 
-    def fn(x, w, b=None):  # a 1x1 convolution as the per-op plan runs it: channels-last GEMM, logically NCHW
-        return (pointwise_conv(x, w, b).split(sizes, 1) if conv else F.linear(x, w, b).split(sizes, -1))
+    if rows is not None:
+        gemm = packed_pointwise_conv if conv else onednn.linear
+    else:  # a 1x1 convolution as the per-op plan runs it: channels-last GEMM, logically NCHW
+        gemm = pointwise_conv if conv else F.linear
+
+    def fn(x, w, b=None):
+        return gemm(x, w, b).split(sizes, axis)
 
     return ops[0], ops, fn, ins, [op.outputs[0] for op in ops]
 
@@ -452,7 +451,7 @@ def _gemm_groups(function, absorbed):
     return [ops for ops in groups.values() if len(ops) > 1]
 
 
-def find_fusions(function):
+def find_fusions(function, prepack=False):
     """{id(anchor op): (fn, input vars, output vars)} and the ids of every op the fusions absorb. The anchor's
     step writes the outputs of all the ops it replaces (several for merged GEMMs)."""
     outputs = {id(v) for v in function.outputs}
@@ -480,5 +479,5 @@ def find_fusions(function):
         if match is not None:
             add(*match)
     for ops in _gemm_groups(function, absorbed):
-        add(*_merged_gemm(ops))
+        add(*_merged_gemm(ops, prepack))
     return fused, absorbed

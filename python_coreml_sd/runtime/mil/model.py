@@ -244,6 +244,7 @@ class MILModel:
     torch_compile: run each plan through torch.compile (Inductor) instead of op by op: the first call
     compiles (minutes for a full-size UNet, less once Inductor's cache holds its kernels), later calls
     run fused kernels; combines with cuda_graph. Falls back to op by op, with a warning, if it fails.
+    Without it, on the CPU, constant convolution and linear weights are laid out for oneDNN at load.
     max_shapes: for inputs with flexible shapes (RangeDim / EnumeratedShapes), how many input-shape
     specializations stay compiled (least recently used dropped; weights are shared between them).
     """
@@ -304,7 +305,8 @@ class MILModel:
 
     def _compile(self, function):
         try:
-            return Plan(function, self.device, fuse=self._fuse, shared_constants=self._shared_constants)
+            return Plan(function, self.device, fuse=self._fuse, shared_constants=self._shared_constants,
+                        prepack=not self._torch_compile)
         except UnsupportedOpError as e:
             raise UnsupportedOpError(f"{self.path}: {e}") from None
         except UserError as e:  # a folded op over the load-time allocation bound

@@ -13,9 +13,9 @@ from coremltools.converters.mil.mil import types
 from ...errors import UserError
 from .bounds import check_load_size
 from .dtypes import mil_name, storage_dtype
-from .fusion import Derived, find_fusions
+from .fusion import find_fusions
 from .ops import BUILDERS, NotConstant, OpArgs
-from .ops.registry import STATISTICAL
+from .ops.registry import STATISTICAL, Derived
 
 # Ops whose fp16 output equals an fp16 input element (or a copy), so CPU fp32 compute needs no
 # rounding back to fp16.
@@ -60,6 +60,7 @@ class _Slots:
         self.shared = {} if shared is None else shared
         self.parent = parent
         self.captures = []  # vars of enclosing scopes the block reads, in slot order
+        self.derived = []  # the Derived constants whose ids key `values` and `index`
 
     def runtime(self, var):
         key = id(var)
@@ -90,11 +91,13 @@ class _Slots:
         return self.values[key]
 
     def _derived(self, d):
-        """A fusion's constant made once from constants (merged weights), shared like weights when its
-        sources are; they are read without being kept, so only the merged copy stays on the device."""
+        """A fusion's or a builder's constant made once from constants (merged or prepacked weights),
+        shared like weights when its sources are; they are read without being kept, so only the derived
+        copy stays on the device. `d` is kept alive with the slots: they are keyed by id."""
         if id(d) not in self.values:
+            self.derived.append(d)
             keys = tuple(_shared_key(v) for v in d.vars)
-            key = None if None in keys else ("derived",) + keys
+            key = None if None in keys else ("derived", d.tag) + keys
             value = self.shared.get(key)
             if value is None:
                 sources = [self.values.get(id(v)) for v in d.vars]
@@ -131,8 +134,8 @@ def _const_to_tensor(var, device):
 
 
 class _Args(OpArgs):
-    def __init__(self, operation, device, slots):
-        super().__init__(operation, device)
+    def __init__(self, operation, device, slots, prepack=False):
+        super().__init__(operation, device, prepack)
         self._slots = slots
 
     def block(self, i):
@@ -172,11 +175,11 @@ def _finisher(fn, outputs, device, exact=False, rounding=True):
     return lambda *xs: tuple(finish(y, dt, r) for y, (dt, r) in zip(fn(*xs), specs))
 
 
-def _build(op, device, slots, rounding=True):
+def _build(op, device, slots, rounding=True, prepack=False):
     builder = BUILDERS.get(op.op_type)
     if builder is None:
         raise UnsupportedOpError(f"op {op.name!r} of type {op.op_type!r} is not supported by the MIL runtime")
-    args = _Args(op, device, slots)
+    args = _Args(op, device, slots, prepack)
     try:
         fn, ins = builder(args)
     except NotConstant as e:
@@ -200,14 +203,17 @@ class Plan:
     rounding each result to fp16 (as Core ML's CPU compute unit runs an fp16 program): those two casts
     per op were a fifth of a CPU UNet step.
     shared_constants: a dict shared by the plans of one model's input-shape specializations, so
-    its weights (and their decompressed constexpr values) sit on the device once."""
+    its weights (and their decompressed constexpr values) sit on the device once.
+    prepack: on the CPU, lay constant convolution and linear weights out for oneDNN at load (ops/onednn.py);
+    not for a plan torch.compile traces (Inductor packs its own, and Dynamo takes no oneDNN tensors)."""
 
-    def __init__(self, function, device, fuse=False, shared_constants=None):
+    def __init__(self, function, device, fuse=False, shared_constants=None, prepack=False):
         self.device = torch.device(device)
         slots = _Slots(self.device, shared_constants)
         self.rounding = not fuse
+        self.prepack = prepack and self.device.type == "cpu"
         self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
-        fused, absorbed = find_fusions(function) if fuse else ({}, set())
+        fused, absorbed = find_fusions(function, self.prepack) if fuse else ({}, set())
         self.num_fused = len(fused)
         steps = []
         with torch.no_grad():
@@ -218,7 +224,7 @@ class Plan:
                 if kernel is not None:
                     fn, ins, outs = kernel
                     kernel = (_finisher(fn, outs, self.device, rounding=self.rounding), list(ins), list(outs))
-                steps.extend(self._compile_op(op, slots, kernel, self.rounding))
+                steps.extend(self._compile_op(op, slots, kernel, self.rounding, self.prepack))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
         self.env_init = slots.env
@@ -226,11 +232,11 @@ class Plan:
         self.num_constants = len(slots.constant)
 
     @staticmethod
-    def _compile_op(op, slots, kernel=None, rounding=True):
+    def _compile_op(op, slots, kernel=None, rounding=True, prepack=False):
         decompressed = Plan._shared_decompressed(op, slots)
         if decompressed is not None:
             return []
-        fn, ins, out_vars = kernel or _build(op, slots.device, slots, rounding)
+        fn, ins, out_vars = kernel or _build(op, slots.device, slots, rounding, prepack)
         if op.op_type not in STATISTICAL and all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
             check_load_size(op, [v.sym_type for v in out_vars])
             result = fn(*[slots.constant_tensor(v) for v in ins])

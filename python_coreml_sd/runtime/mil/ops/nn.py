@@ -5,7 +5,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import norm_axes, op
+from ..dtypes import mil_name, storage_dtype
+from . import onednn
+from .registry import Derived, is_weight, norm_axes, op, static
 
 
 def _compute_dtype(a, names):
@@ -31,11 +33,42 @@ def _cast_all(dt, xs):
     return xs if dt is None else [x if x is None else x.to(dt) for x in xs]
 
 
+def can_prepack(device, x, weight, others=()):
+    """oneDNN prepacking (onednn.py) applies on `device`: available, the CPU, a constant weight, a known
+    input shape, and fp32 storage for x, the weight and `others` (bias, result)."""
+    device = torch.device(device)
+    if not (onednn.AVAILABLE and device.type == "cpu" and is_weight(weight) and static(x.shape)):
+        return False
+    return all(storage_dtype(mil_name(v.dtype), device) == torch.float32 for v in (x, weight, *others))
+
+
+def _prepackable(a):
+    others = [a.var("bias")] if a.has("bias") else []
+    return a.prepack and can_prepack(a.device, a.var("x"), a.var("weight"), others + list(a.op.outputs))
+
+
+def gemm_rows(shape, channel_axis):
+    """Rows of the GEMM a linear (channels last) or 1x1 convolution (channels at axis 1) makes of `shape`."""
+    return int(np.prod(shape)) // int(shape[channel_axis])
+
+
+def packed_linear_weight(w, rows):
+    """The Derived constant of a linear's (or a 1x1 convolution's) weight laid out for oneDNN."""
+    return Derived(lambda t: onednn.pack_linear(t.reshape(t.shape[0], t.shape[1]), rows), [w], ("linear", rows))
+
+
+def packed_pointwise_conv(x, packed, b=None):
+    """pointwise_conv on a packed_linear_weight."""
+    return onednn.linear(x.movedim(1, -1), packed, b).movedim(-1, 1)
+
+
 @op("linear")
 def _linear(a):
     dt = _compute_dtype(a, ("x", "weight", "bias"))
-    ins = [a.var("x"), a.var("weight")] + ([a.var("bias")] if a.has("bias") else [])
-    return (lambda x, w, b=None: F.linear(*_cast_all(dt, [x, w, b]))), ins
+    bias = [a.var("bias")] if a.has("bias") else []
+    if dt is None and _prepackable(a):
+        return onednn.linear, [a.var("x"), packed_linear_weight(a.var("weight"), gemm_rows(a.in_shape(), -1))] + bias
+    return (lambda x, w, b=None: F.linear(*_cast_all(dt, [x, w, b]))), [a.var("x"), a.var("weight")] + bias
 
 
 @op("matmul")
@@ -108,8 +141,14 @@ def _conv(a):
     symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
     padding = [pads[2 * i] for i in range(nd)] if symmetric else 0
     pre = None if symmetric else _torch_pad(pads)
+    bias = [a.var("bias")] if a.has("bias") else []
     if groups == 1 and all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
-        return pointwise_conv, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
+        if _prepackable(a):
+            return packed_pointwise_conv, [a.var("x"), packed_linear_weight(w, gemm_rows(a.in_shape(), 1))] + bias
+        return pointwise_conv, [a.var("x"), w] + bias
+    if nd == 2 and pre is None and _prepackable(a) and onednn.conv_worth_packing(w.shape, a.in_shape()):
+        fn, packed = _packed_conv(w, padding, strides, dilations, groups, a.in_shape())
+        return fn, [a.var("x"), packed] + bias
 
     on_cpu = torch.device(a.device).type == "cpu"
 
@@ -122,7 +161,14 @@ def _conv(a):
             x = x.contiguous()
         return conv(x, w, b, strides, padding, dilations, groups)
 
-    return fn, [a.var("x"), w] + ([a.var("bias")] if a.has("bias") else [])
+    return fn, [a.var("x"), w] + bias
+
+
+def _packed_conv(w, padding, strides, dilations, groups, input_shape):
+    """(fn, the packed weight) of a 2-d convolution on oneDNN's layout, packed for `input_shape`."""
+    settings = (tuple(padding), tuple(strides), tuple(dilations), groups)
+    packed = Derived(lambda t: onednn.pack_conv(t, *settings, input_shape), [w], ("conv",) + settings + (input_shape,))
+    return (lambda x, pw, b=None: onednn.conv(x, pw, b, *settings)), packed
 
 
 def pointwise_conv(x, w, b=None):

@@ -26,14 +26,29 @@ def op(*names):
     return register
 
 
+class Derived:
+    """A constant the plan computes once, at load, as fn(*vars' values) (vars: constants). `tag` tells
+    apart derivations of the same vars (it joins their key when input-shape specializations share them)."""
+
+    def __init__(self, fn, vars, tag=None):
+        self.fn, self.vars, self.tag = fn, list(vars), tag
+
+
+def is_weight(var):
+    """A const, or a constexpr's result (decompressed at load): a constant a Derived may read."""
+    op = None if var is None else var.op
+    return op is not None and (op.op_type == "const" or op.op_type.startswith("constexpr_"))
+
+
 class NotConstant(Exception):
     """An attribute the runtime needs at build time is computed at run time."""
 
 
 class OpArgs:
-    def __init__(self, operation, device):
+    def __init__(self, operation, device, prepack=False):
         self.op = operation
         self.device = device
+        self.prepack = prepack  # CPU: constant weights may be laid out for oneDNN at load (onednn.py)
         self.type = operation.op_type
         self.name = operation.name
         self.accessed = set()
