@@ -53,3 +53,30 @@ def test_no_packed_weights_for_torch_compile(convnet_package):
 def test_conv_packing_rule():
     assert onednn.conv_worth_packing((1280, 1280, 3, 3), (2, 1280, 16, 16))
     assert not onednn.conv_worth_packing((320, 960, 3, 3), (2, 960, 64, 64))
+
+
+def test_palettized_weights_are_packed_and_not_kept_twice(convnet_package, tmp_path):
+    """A palettized weight is decompressed at load, then packed: the model keeps the packed copy only
+    (its indices and decompressed values are not held for later specializations)."""
+    import coremltools as ct
+
+    path, x, _ = convnet_package
+    config = ct.optimize.coreml.OptimizationConfig(global_config=ct.optimize.coreml.OpPalettizerConfig(
+        mode="uniform", nbits=4, weight_threshold=0))
+    compressed = ct.optimize.coreml.palettize_weights(ct.models.MLModel(str(path), skip_model_load=True), config)
+    compressed.save(str(tmp_path / "c.mlpackage"))
+    ct.optimize.coreml.decompress_weights(compressed).save(str(tmp_path / "d.mlpackage"))
+    model = MILModel(tmp_path / "c.mlpackage")
+    assert "constexpr_lut_to_dense" in model.op_types and len(_packed_constants(model)) == 3
+    read = {id(t) for t in model.plan.env_init if t is not None}
+    assert model._shared_constants and all(id(t) in read for t in model._shared_constants.values())
+    got = list(model.predict({"x": x.numpy()}).values())[0]
+    want = _run_op_by_op(MILModel(tmp_path / "d.mlpackage", torch_compile=True).plan, x)  # F.conv2d / F.linear
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def _run_op_by_op(plan, x):
+    """A plan's steps run eagerly (a torch_compile model's plan: no packed weights), without compiling it."""
+    env = list(plan.env_init)
+    env[plan.input_slots["x"]] = x
+    return plan.run(env)[0].numpy()

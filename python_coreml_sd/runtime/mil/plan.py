@@ -61,6 +61,7 @@ class _Slots:
         self.parent = parent
         self.captures = []  # vars of enclosing scopes the block reads, in slot order
         self.derived = []  # the Derived constants whose ids key `values` and `index`
+        self.created = []  # keys of the shared constants made by these slots
 
     def runtime(self, var):
         key = id(var)
@@ -87,7 +88,7 @@ class _Slots:
             else:
                 self.values[key] = _const_to_tensor(var, self.device)
                 if shared is not None:
-                    self.shared[shared] = self.values[key]
+                    self.share(shared, self.values[key])
         return self.values[key]
 
     def _derived(self, d):
@@ -103,9 +104,22 @@ class _Slots:
                 sources = [self.values.get(id(v)) for v in d.vars]
                 value = d.fn(*[_const_to_tensor(v, self.device) if t is None else t for v, t in zip(d.vars, sources)])
                 if key is not None:
-                    self.shared[key] = value
+                    self.share(key, value)
             self.values[id(d)] = value
         return self.values[id(d)]
+
+    def share(self, key, value):
+        self.shared[key] = value
+        self.created.append(key)
+
+    def prune_shared(self):
+        """Drops the shared constants made here that no step reads (a palettized weight's indices and
+        decompressed values once a prepacked or merged copy replaced them): the model would otherwise
+        hold them for its lifetime. Another specialization that needs one makes it again."""
+        read = {id(t) for t in self.env if t is not None}
+        for key in self.created:
+            if key in self.shared and id(self.shared[key]) not in read:
+                del self.shared[key]
 
     def slot(self, var):
         if self.is_constant(var):
@@ -230,6 +244,7 @@ class Plan:
         self.env_init = slots.env
         self.steps = self._with_frees(steps)
         self.num_constants = len(slots.constant)
+        slots.prune_shared()
 
     @staticmethod
     def _compile_op(op, slots, kernel=None, rounding=True, prepack=False):
@@ -244,7 +259,7 @@ class Plan:
             for var, value in zip(out_vars, results):
                 slots.values[id(var)] = value
                 if op.op_type.startswith("constexpr_") and _shared_key(var) is not None:
-                    slots.shared[_shared_key(var)] = value
+                    slots.share(_shared_key(var), value)
             return []
         in_slots = tuple(slots.slot(v) for v in ins)
         outs = [slots.runtime(v) for v in out_vars]
