@@ -26,10 +26,10 @@ AVAILABLE = _ops_present()
 
 
 def conv_worth_packing(weight_shape, input_shape):
-    """Measured on 2 cores of an AVX-512 AMD EPYC (SD 1.5 UNet shapes, scripts/bench_onednn_prepack.py): prepacking takes
-    0.41-0.76x of the time where the weight holds at least as many elements as the input activation (the
-    reorder it saves is then the larger copy), and 1.08-1.25x on large activations with few output
-    channels, where oneDNN's per-call choice of layout is the better one."""
+    """Measured on 2 cores of an AVX-512 AMD EPYC (SD 1.5 UNet shapes, scripts/bench_onednn_prepack.py):
+    prepacking takes 0.41-0.76x of the time where the weight holds at least as many elements as the input
+    activation (the reorder it saves is then the larger copy), and 1.08-1.25x on large activations with
+    few output channels, where oneDNN's per-call choice of layout is the better one."""
     return math.prod(int(d) for d in weight_shape) >= math.prod(int(d) for d in input_shape)
 
 
