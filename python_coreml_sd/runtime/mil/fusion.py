@@ -413,7 +413,8 @@ def _merged_gemm(ops, prepack=False):
     sizes = [int(op.weight.shape[0]) for op in ops]
     conv, x = ops[0].op_type == "conv", ops[0].x
     axis = 1 if conv else -1
-    rows = gemm_rows(x.shape, axis) if prepack and can_prepack("cpu", x, ops[0].weight, [o.outputs[0] for o in ops]) else None
+    packable = prepack and can_prepack("cpu", x, ops[0].weight, [o.outputs[0] for o in ops])
+    rows = gemm_rows(x.shape, axis) if packable else None
 
     def weights(*ws):
         w = torch.cat([w.reshape(w.shape[0], w.shape[1]) for w in ws])
