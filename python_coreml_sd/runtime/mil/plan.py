@@ -51,8 +51,9 @@ class _Slots:
     """parent: the slots of the enclosing scope, for a nested block (cond / while_loop): the
     block reads the enclosing scope's constants as its own, and its other values as captures."""
 
-    def __init__(self, device, shared=None, parent=None):
+    def __init__(self, device, shared=None, parent=None, prepack=False):
         self.device = device
+        self.prepack = prepack  # builders may lay constant weights out for oneDNN (ops/onednn.py)
         self.index = {}
         self.env = []
         self.constant = set()
@@ -148,8 +149,8 @@ def _const_to_tensor(var, device):
 
 
 class _Args(OpArgs):
-    def __init__(self, operation, device, slots, prepack=False):
-        super().__init__(operation, device, prepack)
+    def __init__(self, operation, device, slots):
+        super().__init__(operation, device, slots.prepack)
         self._slots = slots
 
     def block(self, i):
@@ -189,11 +190,11 @@ def _finisher(fn, outputs, device, exact=False, rounding=True):
     return lambda *xs: tuple(finish(y, dt, r) for y, (dt, r) in zip(fn(*xs), specs))
 
 
-def _build(op, device, slots, rounding=True, prepack=False):
+def _build(op, device, slots, rounding=True):
     builder = BUILDERS.get(op.op_type)
     if builder is None:
         raise UnsupportedOpError(f"op {op.name!r} of type {op.op_type!r} is not supported by the MIL runtime")
-    args = _Args(op, device, slots, prepack)
+    args = _Args(op, device, slots)
     try:
         fn, ins = builder(args)
     except NotConstant as e:
@@ -223,9 +224,9 @@ class Plan:
 
     def __init__(self, function, device, fuse=False, shared_constants=None, prepack=False):
         self.device = torch.device(device)
-        slots = _Slots(self.device, shared_constants)
-        self.rounding = not fuse
         self.prepack = prepack and self.device.type == "cpu"
+        slots = _Slots(self.device, shared_constants, prepack=self.prepack)
+        self.rounding = not fuse
         self.input_slots = {name: slots.runtime(var) for name, var in function.inputs.items()}
         fused, absorbed = find_fusions(function, self.prepack) if fuse else ({}, set())
         self.num_fused = len(fused)
@@ -238,7 +239,7 @@ class Plan:
                 if kernel is not None:
                     fn, ins, outs = kernel
                     kernel = (_finisher(fn, outs, self.device, rounding=self.rounding), list(ins), list(outs))
-                steps.extend(self._compile_op(op, slots, kernel, self.rounding, self.prepack))
+                steps.extend(self._compile_op(op, slots, kernel, self.rounding))
         self.output_names = [v.name for v in function.outputs]
         self.output_slots = [slots.slot(v) for v in function.outputs]
         self.env_init = slots.env
@@ -247,11 +248,11 @@ class Plan:
         slots.prune_shared()
 
     @staticmethod
-    def _compile_op(op, slots, kernel=None, rounding=True, prepack=False):
+    def _compile_op(op, slots, kernel=None, rounding=True):
         decompressed = Plan._shared_decompressed(op, slots)
         if decompressed is not None:
             return []
-        fn, ins, out_vars = kernel or _build(op, slots.device, slots, rounding, prepack)
+        fn, ins, out_vars = kernel or _build(op, slots.device, slots, rounding)
         if op.op_type not in STATISTICAL and all(slots.is_constant(v) for v in ins):  # folded here, at load: bounded like coremltools' folding
             check_load_size(op, [v.sym_type for v in out_vars])
             result = fn(*[slots.constant_tensor(v) for v in ins])
